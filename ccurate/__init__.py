@@ -1,0 +1,3 @@
+"""ccurate: Creative-Commons image-text datasets for latent diffusion."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Embedded demo corpus and its loopback server."""

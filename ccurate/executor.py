@@ -1,0 +1,152 @@
+"""Executors run a stage over shards: resumable through completion markers.
+
+The unit of work is a `ShardTask`: one input shard -> one output shard. A task
+whose output marker exists is skipped (its stats are read from the marker); an
+unfinished one is cleared and redone, so a run killed at any moment finishes on
+rerun with nothing lost and nothing duplicated. The markers live on the shared
+filesystem, so the local and Ray executors can resume each other's runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from ccurate.progress import Progress
+from ccurate.shardio import (
+    ShardWriter,
+    clear_shard,
+    is_done,
+    iter_samples,
+    read_marker,
+)
+from ccurate.stage import Stage, StageStats, timed_process
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Map input shard `src` to output shard `dst` (both prefixes)."""
+
+    src: str
+    dst: str
+
+
+def run_task(stage: Stage, task: ShardTask) -> StageStats:
+    """Process one shard with a stage that is already set up; publish atomically."""
+    if is_done(task.dst):
+        stats = StageStats.from_json(read_marker(task.dst))
+        stats.skipped_shards = 1
+        return stats
+    clear_shard(task.dst)
+    stats = StageStats(stage.name, shards=1)
+    writer = ShardWriter(task.dst)
+    t0 = time.perf_counter()
+    try:
+        for batch in iter_samples(task.src, batch_size=stage.batch_size):
+            stats.n_in += len(batch)
+            for sample in timed_process(stage, batch, stats):
+                writer.write(sample)
+    except BaseException:
+        writer.abort()
+        raise
+    stats.seconds = time.perf_counter() - t0
+    writer.commit(stats.to_json())
+    return stats
+
+
+# -- worker-process state: one set-up stage per process, reused for every shard --
+_WORKER_STAGE: Stage | None = None
+
+
+def _init_worker(stage: Stage) -> None:
+    global _WORKER_STAGE
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    stage.setup()
+    _WORKER_STAGE = stage
+
+
+def _run_in_worker(task: ShardTask) -> StageStats:
+    assert _WORKER_STAGE is not None, "worker not initialised"
+    return run_task(_WORKER_STAGE, task)
+
+
+class Executor(ABC):
+    """Runs the tasks of one stage; returns the summed stats."""
+
+    @abstractmethod
+    def map(self, stage: Stage, tasks: list[ShardTask], label: str | None = None) -> StageStats:
+        ...
+
+    @abstractmethod
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run a driver-side step (e.g. a global dedup plan) where the executor sees fit."""
+
+
+class LocalExecutor(Executor):
+    """Processes on this machine. `workers=1` runs in-process (easy to debug)."""
+
+    def __init__(self, workers: int = 1, progress: bool = True) -> None:
+        self.workers = max(1, workers)
+        self.progress = progress
+
+    def map(self, stage: Stage, tasks: list[ShardTask], label: str | None = None) -> StageStats:
+        total = StageStats(stage.name)
+        todo = [t for t in tasks if not is_done(t.dst)]
+        for t in tasks:
+            if is_done(t.dst):
+                total.add(run_task(stage, t))  # reads the marker only
+        if not todo:
+            return total
+        bar = Progress(label or stage.name, total=len(todo), enabled=self.progress)
+        workers = self._workers_for(stage, len(todo))
+        if workers == 1:
+            stage.setup()
+            try:
+                for t in todo:
+                    total.add(run_task(stage, t))
+                    bar.advance()
+            finally:
+                stage.teardown()
+        else:
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(stage,)
+            ) as pool:
+                futures = [pool.submit(_run_in_worker, t) for t in todo]
+                for fut in as_completed(futures):
+                    total.add(fut.result())
+                    bar.advance()
+        bar.close()
+        return total
+
+    def _workers_for(self, stage: Stage, n_tasks: int) -> int:
+        # GPU stages get one worker per visible GPU at most; CPU stages share the cores.
+        n = min(self.workers, n_tasks)
+        if stage.resources.gpus > 0:
+            n = min(n, max(1, _visible_gpus()))
+        return max(1, n)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        fn()
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # pragma: no cover - torch missing or broken
+        return 0
+
+
+def tasks_for(inputs: Iterable[str | Path], out_dir: str | Path) -> list[ShardTask]:
+    """One task per input shard; the output keeps the input's shard name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [ShardTask(str(p), str(out_dir / Path(p).name)) for p in inputs]

@@ -1,0 +1,1 @@
+"""ccurate stage package."""
