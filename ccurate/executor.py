@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -77,15 +77,41 @@ def _run_in_worker(task: ShardTask) -> StageStats:
 
 
 class Executor(ABC):
-    """Runs the tasks of one stage; returns the summed stats."""
+    """Runs the tasks of one stage; returns the summed stats.
 
-    @abstractmethod
+    The shared part lives here so every executor resumes the same way: tasks
+    whose marker exists are skipped, the stage's global `prepare` step runs
+    once when anything is left to do, and only then are shards mapped.
+    """
+
+    progress: bool = True
+
     def map(self, stage: Stage, tasks: list[ShardTask], label: str | None = None) -> StageStats:
-        ...
+        total = StageStats(stage.name)
+        todo: list[ShardTask] = []
+        for t in tasks:
+            if is_done(t.dst):
+                total.add(run_task(stage, t))  # reads the marker only
+            else:
+                todo.append(t)
+        if not todo:
+            return total
+        if tasks:
+            scratch = Path(tasks[0].dst).parent / "_prepare"
+            scratch.mkdir(parents=True, exist_ok=True)
+            stage.prepare([t.src for t in tasks], str(scratch))
+        bar = Progress(label or stage.name, total=len(todo), enabled=self.progress)
+        try:
+            for stats in self._run(stage, todo):
+                total.add(stats)
+                bar.advance()
+        finally:
+            bar.close()
+        return total
 
     @abstractmethod
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run a driver-side step (e.g. a global dedup plan) where the executor sees fit."""
+    def _run(self, stage: Stage, todo: list[ShardTask]) -> Iterator[StageStats]:
+        """Run the unfinished tasks, yielding each one's stats as it completes."""
 
 
 class LocalExecutor(Executor):
@@ -95,35 +121,23 @@ class LocalExecutor(Executor):
         self.workers = max(1, workers)
         self.progress = progress
 
-    def map(self, stage: Stage, tasks: list[ShardTask], label: str | None = None) -> StageStats:
-        total = StageStats(stage.name)
-        todo = [t for t in tasks if not is_done(t.dst)]
-        for t in tasks:
-            if is_done(t.dst):
-                total.add(run_task(stage, t))  # reads the marker only
-        if not todo:
-            return total
-        bar = Progress(label or stage.name, total=len(todo), enabled=self.progress)
+    def _run(self, stage: Stage, todo: list[ShardTask]) -> Iterator[StageStats]:
         workers = self._workers_for(stage, len(todo))
         if workers == 1:
             stage.setup()
             try:
                 for t in todo:
-                    total.add(run_task(stage, t))
-                    bar.advance()
+                    yield run_task(stage, t)
             finally:
                 stage.teardown()
-        else:
-            ctx = get_context("spawn")
-            with ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(stage,)
-            ) as pool:
-                futures = [pool.submit(_run_in_worker, t) for t in todo]
-                for fut in as_completed(futures):
-                    total.add(fut.result())
-                    bar.advance()
-        bar.close()
-        return total
+            return
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(stage,)
+        ) as pool:
+            futures = [pool.submit(_run_in_worker, t) for t in todo]
+            for fut in as_completed(futures):
+                yield fut.result()
 
     def _workers_for(self, stage: Stage, n_tasks: int) -> int:
         # GPU stages get one worker per visible GPU at most; CPU stages share the cores.
@@ -131,9 +145,6 @@ class LocalExecutor(Executor):
         if stage.resources.gpus > 0:
             n = min(n, max(1, _visible_gpus()))
         return max(1, n)
-
-    def call(self, fn: Callable[[], None]) -> None:
-        fn()
 
 
 def _visible_gpus() -> int:

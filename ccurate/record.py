@@ -54,9 +54,7 @@ class LicenseEvidence:
 
     @staticmethod
     def arrow_type() -> pa.DataType:
-        return pa.struct(
-            [("scope", pa.string()), ("kind", pa.string()), ("value", pa.string())]
-        )
+        return pa.struct([("scope", pa.string()), ("kind", pa.string()), ("value", pa.string())])
 
 
 @dataclass
@@ -132,9 +130,7 @@ class Sample:
 
     def record(self, decision: Decision) -> None:
         """Record one filter's decision and scores (and drop on a negative verdict)."""
-        self.decisions.append(
-            Decision(decision.filter, decision.keep, decision.reason)
-        )
+        self.decisions.append(Decision(decision.filter, decision.keep, decision.reason))
         for name, value in decision.scores.items():
             self.scores[f"{decision.filter}.{name}"] = float(value)
         if not decision.keep:
@@ -152,10 +148,7 @@ class Sample:
             if f.name == "license_evidence":
                 value = [asdict(e) for e in value]
             elif f.name == "decisions":
-                value = [
-                    {"filter": d.filter, "keep": d.keep, "reason": d.reason}
-                    for d in value
-                ]
+                value = [{"filter": d.filter, "keep": d.keep, "reason": d.reason} for d in value]
             elif f.name == "scores":
                 value = list(value.items())
             row[f.name] = value

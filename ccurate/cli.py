@@ -1,0 +1,232 @@
+"""The `ccurate` command line: one command per step, `run` for all, `demo` for the tour.
+
+Exit codes: 0 success, 1 unexpected error, 2 bad config or usage, 3 a step
+cannot run yet (e.g. its input step is unfinished), 4 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from ccurate import __version__
+
+console = Console(stderr=True)
+out = Console()
+
+EXIT_ERROR, EXIT_CONFIG, EXIT_NOT_READY, EXIT_LOCKED = 1, 2, 3, 4
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first argument may be a config file: `ccurate train CONFIG`
+    runs its default command, while `ccurate train precompute ...` runs a subcommand."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    name="ccurate",
+    help="Build Creative-Commons image-text datasets for latent diffusion, and train on them.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+train_app = typer.Typer(
+    cls=DefaultCommandGroup,
+    help="Train a latent diffusion model on a release: `ccurate train CONFIG`, or a tool below.",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+
+ConfigArg = Annotated[Path, typer.Argument(help="pipeline config (TOML)", show_default=False)]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", "-w", help="worker processes (overrides [run].workers)")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"ccurate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    """ccurate: ingest -> filter -> dedup -> caption -> shard -> train."""
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Turn known failures into clear messages and exit codes instead of tracebacks."""
+    from ccurate.config import ConfigError
+    from ccurate.pipeline import PipelineError
+
+    try:
+        return fn()
+    except ConfigError as err:
+        console.print(f"[red]config error[/red]: {err}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    except PipelineError as err:
+        console.print(f"[red]cannot run[/red]: {err}")
+        raise typer.Exit(EXIT_NOT_READY) from None
+
+
+def _pipeline(
+    config: Path, workers: int | None, executor: str | None = None, address: str | None = None
+) -> Any:
+    from ccurate.config import load_config
+    from ccurate.pipeline import Pipeline
+
+    cfg = load_config(config)
+    if workers is not None:
+        cfg.run.workers = workers
+    if executor is not None:
+        cfg.run.executor = executor
+    if address is not None:
+        cfg.run.ray_address = address
+    return Pipeline(cfg, _executor(cfg))
+
+
+def _executor(cfg: Any) -> Any:
+    from ccurate.executor import LocalExecutor
+
+    if cfg.run.executor == "ray":
+        from ccurate.ray_executor import RayExecutor
+
+        return RayExecutor(address=cfg.run.ray_address)
+    return LocalExecutor(cfg.run.workers)
+
+
+def _run_steps(config: Path, steps: list[str], workers: int | None, **kw: Any) -> None:
+    from ccurate.summary import print_summary
+
+    def go() -> None:
+        pipe = _pipeline(config, workers, **kw)
+        results = pipe.run(steps)
+        print_summary(results, out)
+        for r in results:
+            for k in ("release",):
+                if k in r.outputs:
+                    out.print(f"{k}: {r.outputs[k]}")
+
+    _guard(go)
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    workers: WorkersOpt = None,
+    steps: Annotated[str | None, typer.Option(help="comma-separated steps (default: all)")] = None,
+    executor: Annotated[
+        str | None, typer.Option(help="local or ray (overrides [run].executor)")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+) -> None:
+    """Run every step (ingest, filter, dedup, caption, shard, train); resumes where it stopped."""
+    chosen = steps.split(",") if steps else []
+    _run_steps(config, chosen, workers, executor=executor, address=address)
+
+
+@app.command()
+def ingest(config: ConfigArg, workers: WorkersOpt = None) -> None:
+    """Read sources (URL lists, pages, WARCs) and download images with licence evidence."""
+    _run_steps(config, ["ingest"], workers)
+
+
+@app.command("filter")
+def filter_(config: ConfigArg, workers: WorkersOpt = None) -> None:
+    """Apply licence, quality, watermark and safety filters, then dedup."""
+    _run_steps(config, ["filter", "dedup"], workers)
+
+
+@app.command()
+def caption(config: ConfigArg, workers: WorkersOpt = None) -> None:
+    """Write BLIP-2 synthetic captions (skipped, loudly, when no model is configured)."""
+    _run_steps(config, ["caption"], workers)
+
+
+@app.command()
+def shard(config: ConfigArg) -> None:
+    """Publish a release: webdataset shards by licence split, manifest, ATTRIBUTION, card."""
+    _run_steps(config, ["shard"], None)
+
+
+@train_app.command("run")
+def train_run(config: ConfigArg) -> None:
+    """Train the latent diffusion model of [train] on the latest release."""
+    _run_steps(config, ["train"], None)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="where the corpus, work and release go")
+    ] = Path("demo-out"),
+    workers: WorkersOpt = 2,
+    caption_model: Annotated[
+        str | None,
+        typer.Option(help="BLIP-2 weights (hub id or local dir); without it captioning is skipped"),
+    ] = None,
+    train_steps: Annotated[int, typer.Option(help="tiny-model training steps")] = 20,
+) -> None:
+    """Generate the embedded demo corpus, serve it on loopback, and run every step on it."""
+    from ccurate.demo.run import run_demo
+
+    _guard(
+        lambda: run_demo(
+            out_dir,
+            workers=workers or 2,
+            caption_model=caption_model,
+            train_steps=train_steps,
+            console=out,
+        )
+    )
+
+
+def _register_stage_commands() -> None:
+    """Stage folders add their own commands (licences, catalog queries, training tools)."""
+    import importlib
+
+    for module, target in [
+        ("ccurate.filters.cli", app),
+        ("ccurate.shards.cli", app),
+        ("ccurate.train.cli", train_app),
+        ("ccurate.rebuild_cli", app),
+    ]:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            continue
+        mod.register(target)
+
+
+_register_stage_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

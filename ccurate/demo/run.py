@@ -1,0 +1,147 @@
+"""`ccurate demo`: generate the corpus, serve it on loopback, run every step, check the result."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from ccurate.config import PipelineConfig, parse_config
+from ccurate.demo.corpus import DemoCorpus, generate, load
+from ccurate.demo.server import serve_directory
+
+# What each planted problem may be dropped for; `keep` means it must survive.
+EXPECTED_REASONS: dict[str, set[str]] = {
+    "license": {"license_unknown", "license_not_allowed", "license_conflict"},
+    "duplicate": {"duplicate_exact", "duplicate_near"},
+    "watermark": {"watermark"},
+    "too_small": {"too_small"},
+    "broken": {"decode_error", "not_an_image"},
+}
+
+
+def demo_config(
+    corpus: DemoCorpus,
+    base_url: str,
+    out: Path,
+    workers: int,
+    caption_model: str | None,
+    train_steps: int,
+) -> PipelineConfig:
+    """The demo's pipeline config: every stage on, tuned to the corpus, private fetch allowed."""
+    data: dict[str, Any] = {
+        "run": {
+            "name": "demo",
+            "work_dir": str(out / "work"),
+            "release_dir": str(out / "releases"),
+            "release_name": "demo-v1",
+            "workers": workers,
+            "partition_size": 64,
+        },
+        "sources": [{"type": "pages", "urls": [base_url + p for p in corpus.pages]}],
+        "ingest": {"allow_private": True, "image_size": 256},
+        "dedup": {"radius": 6},
+        "caption": {"model": caption_model},
+        "shards": {"samples_per_shard": 64},
+        "train": {"preset": "tiny", "steps": train_steps},
+    }
+    return parse_config(data, "demo")
+
+
+@dataclass
+class DemoCheck:
+    """How the run treated each planted image, compared with what was planted."""
+
+    outcomes: dict[str, tuple[str, str | None]] = field(
+        default_factory=dict
+    )  # url path -> (status, reason)
+    wrong: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.wrong
+
+
+def final_outcomes(work: Path) -> dict[str, tuple[str, str | None]]:
+    """url -> ("kept", None) or ("dropped", reason), from every step's shards."""
+    result: dict[str, tuple[str, str | None]] = {}
+    for p in sorted(work.glob("*/*.dropped.parquet")) + sorted(
+        work.glob("00_plan/planned-dropped.parquet")
+    ):
+        t = pq.read_table(p, columns=["url", "drop_reason"])
+        for url, reason in zip(t["url"].to_pylist(), t["drop_reason"].to_pylist(), strict=True):
+            result[url] = ("dropped", reason)
+    kept = sorted((work / "40_caption").glob("*.parquet"))
+    kept = [p for p in kept if not p.name.endswith(".dropped.parquet")]
+    if kept:
+        urls = pa.concat_tables([pq.read_table(p, columns=["url"]) for p in kept])[
+            "url"
+        ].to_pylist()
+        for url in urls:
+            result[url] = ("kept", None)
+    return result
+
+
+def check_demo(corpus: DemoCorpus, base_url: str, work: Path) -> DemoCheck:
+    outcomes = final_outcomes(work)
+    check = DemoCheck()
+    for img in corpus.images:
+        status, reason = outcomes.get(base_url + img.path, ("missing", None))
+        check.outcomes[img.path] = (status, reason)
+        if img.expected == "keep":
+            if status != "kept":
+                check.wrong.append(f"{img.path}: expected kept, got {status} {reason}")
+        elif status != "dropped" or reason not in EXPECTED_REASONS[img.expected]:
+            check.wrong.append(f"{img.path}: expected {img.expected} drop, got {status} {reason}")
+    return check
+
+
+def run_demo(
+    out: Path,
+    workers: int = 2,
+    caption_model: str | None = None,
+    train_steps: int = 20,
+    console: Console | None = None,
+) -> DemoCheck:
+    """Start fresh, run every step on the loopback corpus, print the summary and the check."""
+    from ccurate.pipeline import Pipeline
+    from ccurate.summary import print_summary
+
+    console = console or Console()
+    out = Path(out).resolve()
+    corpus_dir = out / "corpus"
+    corpus = load(corpus_dir) if (corpus_dir / "truth.json").exists() else generate(corpus_dir)
+    for stale in ("work", "releases"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    console.print(
+        f"demo corpus: {len(corpus.images)} images on {len(corpus.pages)} pages in {corpus_dir}"
+    )
+    with serve_directory(corpus_dir) as base_url:
+        console.print(f"serving it on {base_url} (loopback only)")
+        cfg = demo_config(corpus, base_url, out, workers, caption_model, train_steps)
+        pipe = Pipeline(cfg)
+        results = pipe.run()
+        check = check_demo(corpus, base_url, Path(cfg.run.work_dir))
+    print_summary(results, console)
+    expected = Counter(i.expected for i in corpus.images)
+    caught = Counter(
+        i.expected
+        for i in corpus.images
+        if (check.outcomes[i.path][0] == "kept") == (i.expected == "keep")
+    )
+    console.print(
+        "planted vs caught: "
+        + ", ".join(f"{k} {caught[k]}/{v}" for k, v in sorted(expected.items()))
+    )
+    for line in check.wrong[:20]:
+        console.print(f"[yellow]mismatch[/yellow] {line}")
+    for r in results:
+        for k, v in r.outputs.items():
+            console.print(f"{k}: {v}")
+    return check

@@ -1,0 +1,43 @@
+"""The end-of-run summary table: per step, in / kept / dropped by reason / time / throughput."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from ccurate.pipeline import StepResult
+
+
+def summary_table(results: Sequence[StepResult]) -> Table:
+    table = Table(title="ccurate run summary", show_lines=False)
+    for col, justify in [
+        ("step", "left"),
+        ("in", "right"),
+        ("kept", "right"),
+        ("dropped", "right"),
+        ("drop reasons", "left"),
+        ("time", "right"),
+        ("throughput", "right"),
+    ]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        s = r.stats
+        reasons = ", ".join(f"{k} {v}" for k, v in s.drops.most_common())
+        rate = s.n_in / r.wall_seconds if r.wall_seconds > 0 else 0.0
+        resumed = f" ({s.skipped_shards} shards resumed)" if s.skipped_shards else ""
+        table.add_row(
+            r.step,
+            str(s.n_in),
+            str(s.n_kept),
+            str(s.n_dropped),
+            reasons or "-",
+            f"{r.wall_seconds:.1f}s{resumed}",
+            f"{rate:.1f}/s",
+        )
+    return table
+
+
+def print_summary(results: Sequence[StepResult], console: Console | None = None) -> None:
+    (console or Console(stderr=False)).print(summary_table(results))
