@@ -120,9 +120,9 @@ def _run_steps(config: Path, steps: list[str], workers: int | None, **kw: Any) -
         results = pipe.run(steps)
         print_summary(results, out)
         for r in results:
-            for k in ("release",):
-                if k in r.outputs:
-                    out.print(f"{k}: {r.outputs[k]}")
+            if "release" in r.outputs:
+                out.print(f"release: {r.outputs['release']}")
+        out.print(f"report: {pipe.report_path}")
 
     _guard(go)
 

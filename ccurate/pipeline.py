@@ -61,6 +61,7 @@ class Pipeline:
         self.executor = executor or LocalExecutor(cfg.run.workers)
         self.work = Path(cfg.run.work_dir)
         self.results: list[StepResult] = []
+        self.report_path: Path | None = None
 
     # -- paths ---------------------------------------------------------------
     def step_dir(self, step: str) -> Path:
@@ -202,6 +203,9 @@ class Pipeline:
                 continue
             getattr(self, step)()
         self.write_summary()
+        from ccurate.report import write_report
+
+        self.report_path = write_report(self.work)
         return self.results
 
     def run_info(self) -> dict[str, Any]:

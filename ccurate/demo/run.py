@@ -144,4 +144,5 @@ def run_demo(
     for r in results:
         for k, v in r.outputs.items():
             console.print(f"{k}: {v}")
+    console.print(f"report: {pipe.report_path}")
     return check

@@ -1,0 +1,138 @@
+"""Run the same stages on a Ray cluster, unchanged.
+
+CPU stages run as Ray tasks over shards; stages that declare GPUs run on an
+actor pool whose actors load their models once (fractional GPU requests come
+straight from the stage's declared `Resources`). Task workers also keep one
+set-up stage per process, so CPU stages with models (OCR, NSFW) load them once
+per worker, not per shard. Failed shards are retried; completion markers on
+the shared filesystem are the same ones the local executor writes, so a run
+can resume on either executor.
+
+Ray is an optional extra: importing this module is the only place that
+imports `ray`, and the local executor never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+from ccurate.executor import Executor, ShardTask, run_task
+from ccurate.stage import Stage, StageStats
+
+# stage fingerprint -> set-up stage, per Ray worker process
+_STAGE_CACHE: dict[str, Stage] = {}
+
+
+def _fingerprint(stage: Stage) -> str:
+    return hashlib.sha256(pickle.dumps(stage)).hexdigest()
+
+
+def _cached_stage(blob: bytes, fingerprint: str) -> Stage:
+    stage = _STAGE_CACHE.get(fingerprint)
+    if stage is None:
+        stage = pickle.loads(blob)
+        stage.setup()
+        _STAGE_CACHE[fingerprint] = stage
+    return stage
+
+
+def _shard_task(blob: bytes, fingerprint: str, task: ShardTask) -> StageStats:
+    return run_task(_cached_stage(blob, fingerprint), task)
+
+
+class _StageActor:
+    """Holds one set-up stage (e.g. a captioning model on a GPU) for many shards."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.stage: Stage = pickle.loads(blob)
+        self.stage.setup()
+
+    def run(self, task: ShardTask) -> StageStats:
+        return run_task(self.stage, task)
+
+
+class RayExecutor(Executor):
+    """Executor over a Ray cluster (`address=None` starts or joins a local one)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        max_retries: int = 3,
+        actors: int | None = None,
+        progress: bool = True,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.address = address
+        self.max_retries = max_retries
+        self.actors = actors
+        self.progress = progress
+        self.init_kwargs = init_kwargs or {}
+
+    def _ray(self) -> Any:
+        try:
+            import ray
+        except ModuleNotFoundError as err:  # pragma: no cover - depends on the install
+            raise RuntimeError(
+                "the Ray executor needs the 'ray' extra: pip install 'ccurate[ray]'"
+            ) from err
+        if not ray.is_initialized():
+            ray.init(address=self.address, **self.init_kwargs)
+        return ray
+
+    def _run(self, stage: Stage, todo: list[ShardTask]) -> Iterator[StageStats]:
+        ray = self._ray()
+        res = stage.resources
+        blob = pickle.dumps(stage)
+        if res.gpus > 0:
+            yield from self._run_actors(ray, blob, res.cpus, res.gpus, todo)
+            return
+        fn = ray.remote(num_cpus=res.cpus, max_retries=self.max_retries, retry_exceptions=True)(
+            _shard_task
+        )
+        blob_ref = ray.put(blob)
+        fp = _fingerprint(stage)
+        pending = {fn.remote(blob_ref, fp, t): t for t in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                yield ray.get(ref)
+
+    def _run_actors(
+        self, ray: Any, blob: bytes, cpus: float, gpus: float, todo: list[ShardTask]
+    ) -> Iterator[StageStats]:
+        total_gpus = float(ray.cluster_resources().get("GPU", 0))
+        n = self.actors or (max(1, int(total_gpus / gpus)) if total_gpus else 1)
+        n = max(1, min(n, len(todo)))
+        actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus if total_gpus else 0, max_restarts=2)(
+            _StageActor
+        )
+        actors = [actor_cls.remote(blob) for _ in range(n)]
+        queue = list(todo)
+        attempts: dict[ShardTask, int] = {}
+        running: dict[Any, tuple[Any, ShardTask]] = {}
+
+        def submit(actor: Any) -> None:
+            if queue:
+                task = queue.pop(0)
+                running[actor.run.remote(task)] = (actor, task)
+
+        for a in actors:
+            submit(a)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                actor, task = running.pop(ref)
+                try:
+                    stats = ray.get(ref)
+                except Exception:
+                    attempts[task] = attempts.get(task, 0) + 1
+                    if attempts[task] > self.max_retries:
+                        raise
+                    queue.append(task)  # retry the shard, on whichever actor frees first
+                else:
+                    yield stats
+                submit(actor)
