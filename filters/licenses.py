@@ -1,0 +1,651 @@
+"""Licence evidence -> one normalised licence: SPDX id, family, version, port, permissions.
+
+The worst bug this project can have is a wrong "commercial OK", so a string
+becomes a licence only when it *is* one of the forms below; everything else is
+unknown (None), and a string naming two different licences is a conflict.
+
+Recognised forms (all table-driven, see the tables below):
+
+- creativecommons.org URLs: http/https, with or without `www`, scheme-less or
+  protocol-relative, trailing slash or not, `deed`, `deed.xx`, `legalcode`,
+  `legalcode.xx`, `legalcode.txt`, `rdf`, a query or fragment; ports such as
+  `/licenses/by-sa/3.0/de/`; CC0 (`/publicdomain/zero/1.0/`), the Public Domain
+  Mark (`/publicdomain/mark/1.0/`), the retired PDDC (`/licenses/publicdomain/`);
+  the licence buttons on i.creativecommons.org / licensebuttons.net. The host
+  must be exactly creativecommons.org (or www.), and the version/port/file part
+  must be a real one: `creativecommons.org.evil.com`, `/about/`, `/by/9.9/`,
+  `/by/4.0/de/` (4.0 has no ports) are unknown.
+- Flickr API licence ids as `flickr:N` (0-10).
+- Wikimedia Commons `License` / `LicenseShortName` / `UsageTerms` values
+  (`cc-by-sa-3.0-de`, `CC BY-SA 4.0`, `cc-zero`, `pd`, `Public domain`,
+  `cc-by-sa-3.0,2.5,2.0,1.0` -> the highest version, `NonFree` -> ARR).
+- Names, in free text too: "Attribution-NonCommercial-ShareAlike 2.0",
+  "CC BY-NC 4.0", "Creative Commons Attribution 4.0 International", German,
+  Spanish and French element names, SPDX ids (`CC-BY-SA-3.0-DE`, `CC0-1.0`,
+  `LicenseRef-...`). A name needs a version (attribution must link the exact
+  licence); only CC0 and the Public Domain Mark, which have one version, may
+  omit it. Abbreviated names ("BY-SA 4.0") need a "CC"/"Creative Commons"
+  prefix; the long form may start with "Attribution".
+- Rights reserved: "All rights reserved" and its translations, "royalty
+  free", "rights managed", "editorial use only" are explicit ARR. A bare
+  copyright notice ("©", "(c)", "Copyright 2020 X") is ARR with
+  `notice_only=True`: a CC licence in the same evidence wins over it (a CC
+  work still carries its author's copyright notice), and a CC mention we
+  cannot read (e.g. a name without version) turns it into unknown, not ARR.
+
+Ids: the SPDX id where the SPDX licence list has one (checked against the list:
+all generic CC BY* versions, CC-SA-1.0, CC0-1.0, CC-PDM-1.0, CC-PDDC and the few
+ports SPDX lists, e.g. CC-BY-3.0-DE, CC-BY-SA-2.0-UK, CC-BY-2.5-AU, CC-BY-3.0-US,
+CC-BY-SA-3.0-IGO). Rule for the rest: `LicenseRef-` + the id SPDX would use,
+e.g. `LicenseRef-CC-BY-SA-2.5-ES`, `LicenseRef-CC-NC-1.0`. Non-CC statements:
+`LicenseRef-All-Rights-Reserved`, `LicenseRef-Public-Domain`,
+`LicenseRef-US-Government-Work`, `LicenseRef-Flickr-No-Known-Copyright-Restrictions`.
+Note: recent SPDX lists have `CC-PDM-1.0`; `LicenseRef-PDM-1.0` is read as an alias.
+Every id we emit normalises back to the same `LicenseInfo`.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+REASONS: dict[str, str] = {
+    "license_unknown": "no licence evidence, or none we can read as a licence",
+    "license_conflict": "the evidence names two different licences",
+    "license_not_allowed": "a known licence the policy excludes (all rights reserved, "
+    "NC under `commercial`, ND unless allowed, non-CC public-domain claims unless allowed)",
+    "attribution_incomplete": "a licence requiring attribution without author, source page "
+    "or licence URL",
+}
+
+
+@dataclass(frozen=True)
+class LicenseInfo:
+    """One normalised licence and what it allows or requires.
+
+    `open` is True for a CC licence or public-domain tool/statement; `notice_only`
+    marks ARR read from a bare copyright notice (weaker than "All rights reserved").
+    """
+
+    spdx: str
+    family: str
+    version: str | None
+    port: str | None
+    url: str | None
+    commercial: bool
+    derivatives: bool
+    attribution: bool
+    share_alike: bool
+    open: bool
+    name: str
+    notice_only: bool = False
+
+
+# --------------------------------------------------------------------------
+# Creative Commons licence families (by their elements)
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Family:
+    family: str  # "CC-BY-NC-SA"
+    code: str  # URL path code "by-nc-sa"
+    legacy: bool  # the 1.0-only licences without BY (and their odd URL codes)
+
+
+_FAMILIES: dict[frozenset[str], _Family] = {
+    frozenset({"BY"}): _Family("CC-BY", "by", False),
+    frozenset({"BY", "SA"}): _Family("CC-BY-SA", "by-sa", False),
+    frozenset({"BY", "ND"}): _Family("CC-BY-ND", "by-nd", False),
+    frozenset({"BY", "NC"}): _Family("CC-BY-NC", "by-nc", False),
+    frozenset({"BY", "NC", "SA"}): _Family("CC-BY-NC-SA", "by-nc-sa", False),
+    frozenset({"BY", "NC", "ND"}): _Family("CC-BY-NC-ND", "by-nc-nd", False),
+    # version 1.0 only: licences without attribution
+    frozenset({"SA"}): _Family("CC-SA", "sa", True),
+    frozenset({"NC"}): _Family("CC-NC", "nc", True),
+    frozenset({"ND"}): _Family("CC-ND", "nd", True),
+    frozenset({"NC", "SA"}): _Family("CC-NC-SA", "nc-sa", True),
+    frozenset({"NC", "ND"}): _Family("CC-NC-ND", "nd-nc", True),
+}
+_URL_CODES: dict[str, frozenset[str]] = {f.code: k for k, f in _FAMILIES.items()}
+_URL_CODES["by-nd-nc"] = frozenset({"BY", "NC", "ND"})  # the 1.0 spelling
+
+_VERSIONS = ("1.0", "2.0", "2.1", "2.5", "3.0", "4.0")
+
+# Jurisdiction ports CC published (path segment after the version).
+# fmt: off
+_PORTS = frozenset([
+    "ar", "at", "au", "az", "be", "bg", "br", "ca", "ch", "cl", "cn", "co", "cr", "cz", "de",
+    "dk", "ec", "ee", "eg", "es", "fi", "fr", "ge", "gr", "gt", "hk", "hr", "hu", "ie", "igo",
+    "il", "in", "it", "jo", "jp", "kr", "lu", "mk", "mt", "mx", "my", "nl", "no", "nz", "pe",
+    "ph", "pl", "pr", "pt", "ro", "rs", "scotland", "se", "si", "sg", "sk", "th", "tw", "ug",
+    "uk", "us", "ve", "vn", "za",
+])
+# Ported CC licences that have an SPDX id (SPDX licence list 3.26); others get LicenseRef-.
+_SPDX_PORTED = frozenset([
+    "CC-BY-2.5-AU", "CC-BY-3.0-AT", "CC-BY-3.0-AU", "CC-BY-3.0-DE", "CC-BY-3.0-IGO",
+    "CC-BY-3.0-NL", "CC-BY-3.0-US", "CC-BY-NC-3.0-DE", "CC-BY-NC-ND-3.0-DE", "CC-BY-NC-ND-3.0-IGO",
+    "CC-BY-NC-SA-2.0-DE", "CC-BY-NC-SA-2.0-FR", "CC-BY-NC-SA-2.0-UK", "CC-BY-NC-SA-3.0-DE",
+    "CC-BY-NC-SA-3.0-IGO", "CC-BY-ND-3.0-DE", "CC-BY-SA-2.0-UK", "CC-BY-SA-2.1-JP",
+    "CC-BY-SA-3.0-AT", "CC-BY-SA-3.0-DE", "CC-BY-SA-3.0-IGO",
+])
+# fmt: on
+
+_CC = "https://creativecommons.org"
+
+
+def cc_license(
+    elements: Iterable[str], version: str, port: str | None = None
+) -> LicenseInfo | None:
+    """The CC licence with these elements (BY, NC, SA, ND), version and port, if it exists."""
+    elems = frozenset(elements)
+    fam = _FAMILIES.get(elems)
+    port = port.lower() if port else None
+    if fam is None or version not in _VERSIONS or (port is not None and port not in _PORTS):
+        return None
+    if fam.legacy and version != "1.0":
+        return None
+    if version == "4.0" and port is not None:  # 4.0 is international only
+        return None
+    if version == "2.1" and port is None:  # 2.1 exists only as ports
+        return None
+    base = f"{fam.family}-{version}" + (f"-{port.upper()}" if port else "")
+    if port is None and (not fam.legacy or fam.family == "CC-SA"):
+        spdx = base
+    else:
+        spdx = base if base in _SPDX_PORTED else f"LicenseRef-{base}"
+    code = "by-nd-nc" if fam.family == "CC-BY-NC-ND" and version == "1.0" else fam.code
+    label = fam.family.removeprefix("CC-")
+    return LicenseInfo(
+        spdx=spdx,
+        family=fam.family,
+        version=version,
+        port=port,
+        url=f"{_CC}/licenses/{code}/{version}/" + (f"{port}/" if port else ""),
+        commercial="NC" not in elems,
+        derivatives="ND" not in elems,
+        attribution="BY" in elems,
+        share_alike="SA" in elems,
+        open=True,
+        name=f"CC {label} {version}" + (f" {port.upper()}" if port else ""),
+    )
+
+
+Perms = tuple[bool, bool, bool, bool]  # commercial, derivatives, attribution, open
+_FREE: Perms = (True, True, False, True)
+_NONE: Perms = (False, False, False, False)
+
+
+def _fixed(
+    spdx: str,
+    family: str,
+    name: str,
+    perms: Perms,
+    url: str | None = None,
+    version: str | None = None,
+) -> LicenseInfo:
+    commercial, derivatives, attribution, open_ = perms
+    return LicenseInfo(
+        spdx, family, version, None, url, commercial, derivatives, attribution, False, open_, name
+    )
+
+
+# fmt: off
+# CC public-domain tools
+CC0 = _fixed("CC0-1.0", "CC0", "CC0 1.0", _FREE, f"{_CC}/publicdomain/zero/1.0/", "1.0")
+PDM = _fixed("CC-PDM-1.0", "PDM", "Public Domain Mark 1.0", _FREE, f"{_CC}/publicdomain/mark/1.0/",
+             "1.0")
+PDDC = _fixed("CC-PDDC", "PDDC", "Public Domain Dedication and Certification", _FREE,
+              f"{_CC}/licenses/publicdomain/")
+# Non-CC statements; permissions we cannot vouch for are read conservatively (False).
+ARR = _fixed("LicenseRef-All-Rights-Reserved", "ARR", "All rights reserved", _NONE)
+NOTICE = replace(ARR, notice_only=True)
+PD = _fixed("LicenseRef-Public-Domain", "PD", "Public domain", _FREE)
+US_GOV = _fixed("LicenseRef-US-Government-Work", "US-GOV", "United States Government Work", _FREE)
+NKCR = _fixed("LicenseRef-Flickr-No-Known-Copyright-Restrictions", "NKCR",
+              "No known copyright restrictions", (False, False, True, False))
+# fmt: on
+
+
+def _cc_or_fail(elements: Iterable[str], version: str) -> LicenseInfo:
+    info = cc_license(elements, version)
+    if info is None:  # pragma: no cover - guards the static table below
+        raise ValueError(f"bad licence table entry {elements} {version}")
+    return info
+
+
+# flickr.photos.licenses.getInfo ids (../shared/fixtures/real/README.md)
+FLICKR: dict[int, LicenseInfo] = {
+    0: ARR,
+    1: _cc_or_fail({"BY", "NC", "SA"}, "2.0"),
+    2: _cc_or_fail({"BY", "NC"}, "2.0"),
+    3: _cc_or_fail({"BY", "NC", "ND"}, "2.0"),
+    4: _cc_or_fail({"BY"}, "2.0"),
+    5: _cc_or_fail({"BY", "SA"}, "2.0"),
+    6: _cc_or_fail({"BY", "ND"}, "2.0"),
+    7: NKCR,
+    8: US_GOV,
+    9: CC0,
+    10: PDM,
+}
+
+# --------------------------------------------------------------------------
+# URLs
+# --------------------------------------------------------------------------
+_CC_HOSTS = frozenset({"creativecommons.org", "www.creativecommons.org"})
+_BUTTON_HOSTS = frozenset({"i.creativecommons.org", "licensebuttons.net"})
+_TAIL = re.compile(r"(?:deed|legalcode)(?:\.[a-z]{2,3}(?:[_-][a-z0-9]{2,8})*)?|legalcode\.txt|rdf")
+_BUTTON = re.compile(r"\d{1,3}x\d{1,3}\.png")
+_URL_LIKE = re.compile(r"(?:[a-z][a-z0-9+.-]*:)?//|(?:[\w-]+\.)+[a-z]{2,}(?::\d+)?/", re.I)
+# A URL inside text must start the text or follow a space, bracket or quote: not
+# `evil.com/?u=https://creativecommons.org/...` nor `evil.com/creativecommons.org/...`.
+_URL_IN_TEXT = re.compile(
+    r"(?<![^\s(\[<\"'>])(?:(?:https?:)?//|(?:www\.)?creativecommons\.org/)[^\s<>\"'`]*", re.I
+)
+
+
+def _tail_ok(rest: Sequence[str], pattern: re.Pattern[str] = _TAIL) -> bool:
+    return not rest or (len(rest) == 1 and pattern.fullmatch(rest[0]) is not None)
+
+
+def _cc_path(segs: list[str], button: bool = False) -> LicenseInfo | None:
+    """`licenses/<code>/<version>/[<port>/][deed...]`, `publicdomain/(zero|mark)/1.0/`."""
+    tail = _BUTTON if button else _TAIL
+    kind, rest = (segs[0], segs[1:]) if segs else ("", [])
+    if kind in (("p",) if button else ("publicdomain",)):
+        if rest[:2] == ["zero", "1.0"] and _tail_ok(rest[2:], tail):
+            return CC0
+        if rest[:2] == ["mark", "1.0"] and _tail_ok(rest[2:], tail):
+            return PDM
+        return None
+    if kind != ("l" if button else "licenses"):
+        return None
+    if not button and rest[:1] == ["publicdomain"] and _tail_ok(rest[1:]):
+        return PDDC
+    if len(rest) < 2 or rest[0] not in _URL_CODES:
+        return None
+    elems, version, rest = _URL_CODES[rest[0]], rest[1], rest[2:]
+    port = None
+    if rest and rest[0] in _PORTS:
+        port, rest = rest[0], rest[1:]
+    if not _tail_ok(rest, tail):
+        return None
+    return cc_license(elems, version, port)
+
+
+def parse_url(url: str) -> LicenseInfo | None:
+    """The licence a creativecommons.org URL (or licence button) names, else None."""
+    s = url.strip().strip("<>\"'")
+    if s.startswith("//"):
+        s = "https:" + s
+    elif "://" not in s:
+        s = "https://" + s
+    try:
+        parts = urlsplit(s)
+        host = (parts.hostname or "").rstrip(".")
+        has_userinfo = parts.username is not None or parts.password is not None
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or has_userinfo:
+        return None
+    segs = [p for p in parts.path.lower().split("/") if p]
+    if host in _CC_HOSTS:
+        return _cc_path(segs)
+    if host in _BUTTON_HOSTS:
+        return _cc_path(segs, button=True)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Names: a small grammar over word tokens
+# --------------------------------------------------------------------------
+Phrase = tuple[str, ...]
+
+# fmt: off
+_ELEMENT_NAMES: dict[str, list[str]] = {  # English, German, Spanish, French
+    "BY": ["by", "attribution", "namensnennung", "reconocimiento", "atribución", "atribucion",
+           "paternité", "paternite"],
+    "NC": ["nc", "noncommercial", "non commercial", "nichtkommerziell", "nicht kommerziell",
+           "nocomercial", "no comercial", "pas d utilisation commerciale"],
+    "SA": ["sa", "sharealike", "share alike", "weitergabe unter gleichen bedingungen",
+           "compartirigual", "compartir igual", "partage dans les mêmes conditions",
+           "partage des conditions initiales à l identique"],
+    "ND": ["nd", "noderivs", "noderivatives", "no derivatives", "no derivs", "no derivative works",
+           "keine bearbeitung", "keine bearbeitungen", "sinobraderivada", "sin obra derivada",
+           "sinderivadas", "sin derivadas", "pas de modification"],
+}
+# fmt: on
+_ELEMENTS: dict[Phrase, str] = {
+    tuple(name.split()): element for element, names in _ELEMENT_NAMES.items() for name in names
+}
+# An unprefixed name must start with a long attribution word ("Attribution-ShareAlike 4.0").
+_LONG_BY = frozenset(p[0] for p, e in _ELEMENTS.items() if e == "BY" and p != ("by",))
+_BEFORE_VERSION = frozenset({"license", "licence", "lizenz", "licencia", "public", "version", "v"})
+_TRAILING = frozenset(
+    {
+        "license",
+        "licence",
+        "lizenz",
+        "licencia",
+        "public",
+        "deed",
+        "legal",
+        "code",
+        "legalcode",
+        "migrated",
+        "unported",
+        "generic",
+        "international",
+        "universal",
+    }
+)
+# "CC0 1.0 Universal Public Domain Dedication": the words after a tool's name.
+_TOOL_TRAILING = _TRAILING | {"public", "domain", "dedication", "waiver"}
+# fmt: off
+_PORT_WORDS: dict[str, str | None] = {
+    "unported": None, "generic": None, "international": None, "universal": None,
+    "germany": "de", "deutschland": "de", "austria": "at", "österreich": "at",
+    "switzerland": "ch", "schweiz": "ch", "netherlands": "nl", "nederland": "nl",
+    "united states": "us", "england and wales": "uk", "england wales": "uk",
+    "scotland": "scotland", "france": "fr", "spain": "es", "españa": "es", "italy": "it",
+    "italia": "it", "japan": "jp", "australia": "au", "igo": "igo", "canada": "ca",
+    "brazil": "br", "brasil": "br", "poland": "pl", "polska": "pl", "portugal": "pt",
+    "belgium": "be", "ireland": "ie", "new zealand": "nz", "argentina": "ar", "chile": "cl",
+    "mexico": "mx", "méxico": "mx", "china mainland": "cn", "taiwan": "tw", "hong kong": "hk",
+    "south korea": "kr", "korea": "kr", "singapore": "sg", "india": "in", "israel": "il",
+    "greece": "gr", "sweden": "se", "norway": "no", "denmark": "dk", "finland": "fi",
+    "czech republic": "cz", "hungary": "hu", "croatia": "hr", "serbia": "rs",
+    "slovenia": "si", "romania": "ro", "south africa": "za", "philippines": "ph",
+}
+# fmt: on
+_PORT_NAMES: dict[Phrase, str | None] = {tuple(k.split()): v for k, v in _PORT_WORDS.items()}
+_VERSION = re.compile(r"\d(?:\.\d)?")
+
+# Fixed phrases (longest tried first at each position).
+_PHRASES: dict[Phrase, LicenseInfo | None] = {
+    ("no", "known", "copyright", "restrictions"): NKCR,
+    ("united", "states", "government", "work"): US_GOV,
+    ("us", "government", "work"): US_GOV,
+    ("u", "s", "government", "work"): US_GOV,
+    ("public", "domain", "dedication", "and", "certification"): PDDC,
+    ("public", "domain"): PD,
+    # neutral: CC slogans and non-CC "free" claims are no licence by themselves
+    ("some", "rights", "reserved"): None,
+    ("no", "rights", "reserved"): None,
+    ("copyrighted", "free", "use"): None,
+    ("copyright", "free"): None,
+}
+_HINT_PHRASES = frozenset({("some", "rights", "reserved"), ("no", "rights", "reserved")})
+
+_TOKEN = re.compile(r"\d+(?:\.\d+)*|[^\W\d_]+")
+_TAGS = re.compile(r"<[^>]{0,2000}>")
+
+# Rights reserved, on lower-cased text. Explicit ARR vs a bare copyright notice.
+_ARR_TEXT = re.compile(
+    r"all\s+rights\s+reserved|alle\s+rechte\s+vorbehalten|tous\s+droits\s+r[ée]serv[ée]s"
+    r"|todos\s+los\s+derechos\s+reservados|tutti\s+i\s+diritti\s+riservati"
+    r"|todos\s+os\s+direitos\s+reservados|alle\s+rechten\s+voorbehouden"
+    r"|все\s+права\s+защищены|版权所有|版權所有|無断転載"
+    r"|\broyalty[\s-]+free\b|\brights[\s-]+managed\b|\beditorial\s+use\s+only\b"
+)
+_NOTICE_TEXT = re.compile(r"©|\(c\)|\bcopyright\b|\bcopr\.")
+_NEUTRAL_TEXT = re.compile(
+    r"no\s+known\s+copyright\s+restrictions|copyrighted\s+free\s+use|copyright\s+free"
+)
+_ANY_URL = re.compile(r"\S*(?://|\b(?:[\w-]+\.)+[a-z]{2,}(?::\d+)?/)\S*", re.I)
+_SPACE = re.compile(r"\s")
+_FLICKR = re.compile(r"flickr\s*:\s*(\d{1,3})", re.I)
+_WIKI_PD = re.compile(r"pd(?:[-_ ](?!mark\b)[\w.-]+)?", re.I)
+_NONFREE = re.compile(r"non[-_ ]?free", re.I)
+
+
+@dataclass
+class _Match:
+    end: int
+    info: LicenseInfo | None
+    # a CC mention we could not read as a licence: its family ("CC-BY-NC") when the
+    # elements are known, else "CC"; see `resolve`
+    hint: str | None = None
+
+
+def _phrase_at(tokens: Sequence[str], i: int, table: Iterable[Phrase]) -> Phrase | None:
+    best: Phrase | None = None
+    for p in table:
+        if tuple(tokens[i : i + len(p)]) == p and (best is None or len(p) > len(best)):
+            best = p
+    return best
+
+
+def _skip(tokens: Sequence[str], j: int, words: frozenset[str]) -> int:
+    while j < len(tokens) and tokens[j] in words:
+        j += 1
+    return j
+
+
+def _versions(tokens: Sequence[str], j: int) -> tuple[list[str], int]:
+    out: list[str] = []
+    while j < len(tokens) and _VERSION.fullmatch(tokens[j]):
+        out.append(tokens[j] if "." in tokens[j] else tokens[j] + ".0")
+        j += 1
+    return out, j
+
+
+def _match_tool(tokens: Sequence[str], i: int, j: int, prefixed: bool) -> _Match | None:
+    """CC0, the Public Domain Mark and PDDC by name (they have a single version)."""
+    n = len(tokens)
+    tool: LicenseInfo | None = None
+    k = j
+    if j < n and (tokens[j] == "cczero" or (prefixed and tokens[j] in ("0", "zero"))):
+        tool, k = CC0, j + 1
+    elif prefixed and j < n and tokens[j] == "pddc":
+        tool, k = PDDC, j + 1
+    else:
+        p = _phrase_at(tokens, j, [("pdm",), ("pd", "mark"), ("public", "domain", "mark")])
+        if p is not None:
+            tool, k = PDM, j + len(p)
+            explicit = prefixed or p == ("public", "domain", "mark")
+            vers, _ = _versions(tokens, k)
+            if not explicit and not vers:
+                return None
+    if tool is None:
+        return None
+    vers, k = _versions(tokens, _skip(tokens, k, _BEFORE_VERSION))
+    if any(v != tool.version for v in vers):
+        return _Match(i + 1, None, hint=tool.family)
+    return _Match(_skip(tokens, k, _TOOL_TRAILING), tool)
+
+
+def _match_cc(tokens: Sequence[str], i: int) -> _Match | None:
+    """A CC licence name starting at token i."""
+    n = len(tokens)
+    j, prefixed = i, False
+    if tokens[i : i + 2] == ["creative", "commons"]:
+        j, prefixed = i + 2, True
+    elif tokens[i] == "cc":
+        j, prefixed = i + 1, True
+    tool = _match_tool(tokens, i, j, prefixed)
+    if tool is not None:
+        return tool
+    if not prefixed and tokens[i] not in _LONG_BY:
+        return None
+    elems: list[str] = []
+    while j < n and (p := _phrase_at(tokens, j, _ELEMENTS)) is not None:
+        elems.append(_ELEMENTS[p])
+        j += len(p)
+    if not elems:
+        return None
+    j = _skip(tokens, j, _BEFORE_VERSION)
+    vers, j = _versions(tokens, j)
+    fam = _FAMILIES.get(frozenset(elems)) if len(set(elems)) == len(elems) else None
+    hint = fam.family if fam else "CC"
+    if not vers or fam is None:  # "CC BY-NC" (no version), "CC BY BY 4.0"
+        return _Match(i + 1, None, hint=hint if prefixed else None)
+    port: str | None = None
+    if j < n:
+        pn = _phrase_at(tokens, j, _PORT_NAMES)
+        if pn is not None:
+            port, j = _PORT_NAMES[pn], j + len(pn)
+        elif tokens[j] in _PORTS and (
+            j + 1 == n or tokens[j + 1] in _TRAILING or _phrase_at(tokens, j + 1, _PORT_NAMES)
+        ):  # "CC BY 3.0 DE", "CC BY-SA 2.0 UK: England & Wales"; not "CC BY 4.0 in 2019"
+            port, j = tokens[j], j + 1
+    j = _skip(tokens, j, _TRAILING)
+    found = [x for v in vers if (x := cc_license(elems, v, port)) is not None]
+    if not found:  # "CC BY 9.9", "CC BY 4.0 DE"
+        return _Match(j, None, hint=hint)
+    return _Match(j, max(found, key=_rank))
+
+
+def _match_phrase(tokens: Sequence[str], i: int) -> _Match | None:
+    p = _phrase_at(tokens, i, _PHRASES)
+    if p is None:
+        return None
+    return _Match(i + len(p), _PHRASES[p], hint="CC" if p in _HINT_PHRASES else None)
+
+
+# Words a match can start with (a fast pre-check; the matchers decide).
+_STARTS = frozenset(
+    {"creative", "cc", "cczero", "pdm", "pd", "public"} | _LONG_BY | {p[0] for p in _PHRASES}
+)
+
+
+def _walk(tokens: Sequence[str]) -> tuple[list[LicenseInfo], set[str]]:
+    found: list[LicenseInfo] = []
+    hints: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        if tokens[i] not in _STARTS:
+            i += 1
+            continue
+        m = _match_cc(tokens, i) or _match_phrase(tokens, i)
+        if m is None:
+            i += 1
+            continue
+        if m.hint:
+            hints.add(m.hint)
+        if m.info is not None:
+            found.append(m.info)
+        i = max(m.end, i + 1)
+    return found, hints
+
+
+# --------------------------------------------------------------------------
+# Putting it together
+# --------------------------------------------------------------------------
+_PD_TOOLS = frozenset({"CC0", "PDM", "PDDC"})
+
+
+def _rank(info: LicenseInfo) -> tuple[tuple[int, ...], bool]:
+    """Among one family, prefer the highest version, then the more specific (ported) one."""
+    version = tuple(int(x) for x in (info.version or "0").split("."))
+    return version, info.port is not None
+
+
+def resolve(
+    infos: Iterable[LicenseInfo], hints: Iterable[str] = ()
+) -> tuple[LicenseInfo | None, str | None]:
+    """One licence from everything read at one evidence level, or (None, drop reason).
+
+    A bare copyright notice yields to any other licence, a generic "public
+    domain" to a CC public-domain tool (CC0, PDM, PDDC); otherwise two different
+    families are a conflict (even two permissive ones: we cannot tell which the
+    author meant). Within one family the highest version, then a port, wins.
+    `hints` are CC mentions we could not read as a licence: a family ("CC BY-NC"
+    without version) must agree with the licence found, and any hint keeps a
+    bare notice from being read as "all rights reserved" (it is then unknown).
+    """
+    infos, hints = list(infos), set(hints)
+    strong = [x for x in infos if not x.notice_only]
+    if any(x.family in _PD_TOOLS for x in strong):  # "Public Domain (CC0)"
+        strong = [x for x in strong if x.family != "PD"]
+    if strong:
+        families = {x.family for x in strong} | (hints - {"CC"})
+        if len(families) > 1:
+            return None, "license_conflict"
+        return max(strong, key=_rank), None
+    if infos and not hints:
+        return NOTICE, None
+    return None, "license_unknown"
+
+
+def _clean(evidence: str) -> str:
+    s = unicodedata.normalize("NFKC", html.unescape(evidence or ""))
+    s = re.sub(r"[\u2010-\u2015\u2212]", "-", s)
+    return s.strip().strip("\"'")
+
+
+def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
+    """Everything one string says: the licences named in it, and unreadable CC mentions.
+
+    `resolve` turns this into one licence; the filter resolves the readings of
+    all items at one evidence level together.
+    """
+    s = _clean(evidence)
+    if not s:
+        return [], set()
+    if m := _FLICKR.fullmatch(s):
+        info = FLICKR.get(int(m.group(1)))
+        return ([info] if info else []), set()
+    if _NONFREE.fullmatch(s):
+        return [ARR], set()
+    if _WIKI_PD.fullmatch(s):
+        return [PD], set()
+    if _URL_LIKE.match(s) and not _SPACE.search(s):
+        info = parse_url(s)
+        return ([info] if info else []), set()
+    found: list[LicenseInfo] = []
+    for m in _URL_IN_TEXT.finditer(s):
+        info = parse_url(m.group(0).rstrip(".,;:!?)]}"))
+        if info is not None:
+            found.append(info)
+    # names are read from the words around URLs, never from a URL's path or query
+    text = _ANY_URL.sub(" ", _TAGS.sub(" ", _URL_IN_TEXT.sub(" ", s))).lower()
+    named, hints = _walk(_TOKEN.findall(text))
+    found += named
+    rest = _NEUTRAL_TEXT.sub(" ", re.sub(r"[-_/]+", " ", text))
+    if _ARR_TEXT.search(rest):
+        found.append(ARR)
+    elif _NOTICE_TEXT.search(rest):
+        found.append(NOTICE)
+    return found, hints
+
+
+def analyse(evidence: str) -> tuple[LicenseInfo | None, str | None]:
+    """(licence, None), or (None, "license_unknown" | "license_conflict") for one string."""
+    return resolve(*read(evidence))
+
+
+def normalize(evidence: str) -> LicenseInfo | None:
+    """The one licence this evidence names, or None when unknown or contradictory."""
+    return analyse(evidence)[0]
+
+
+def explain(evidence: str) -> dict[str, Any]:
+    """What `ccurate licenses explain` prints: id, permissions, reason under the default policy."""
+    from ccurate.filters.license_filter import LicenseConfig, policy_reason
+
+    info, problem = analyse(evidence)
+    reason = problem if info is None else policy_reason(info, LicenseConfig.model_validate({}))
+    return {
+        "evidence": evidence,
+        "license": info.spdx if info else None,
+        "reason": reason,
+        "commercial": info.commercial if info else None,
+        "derivatives": info.derivatives if info else None,
+        "attribution": info.attribution if info else None,
+    }
+
+
+def all_licenses() -> list[LicenseInfo]:
+    """Every licence this module can emit (for tests and documentation)."""
+    out: list[LicenseInfo] = [CC0, PDM, PDDC, ARR, PD, US_GOV, NKCR]
+    for elems in _FAMILIES:
+        for v in _VERSIONS:
+            for port in (None, *sorted(_PORTS)):
+                info = cc_license(elems, v, port)
+                if info is not None:
+                    out.append(info)
+    return out

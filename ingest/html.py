@@ -1,0 +1,629 @@
+"""Images, alt text, licence evidence and opt-outs from one HTML page.
+
+Why this module exists: a web page is the only place that says *which* licence
+applies to *which* image. We record every piece of evidence raw and with its
+scope (image < container < page), most specific first, and leave
+normalisation and policy to the licence filter. A page licence (e.g.
+Wikipedia's CC BY-SA for its text) is page-scoped evidence, never the image's
+own licence.
+
+Parser: selectolax's lexbor backend (measured in `bench/html_parsers.py`).
+`extract_images` never raises: a page that cannot be parsed comes back with
+no images and `error` set, so callers record a `page_error` and go on.
+
+Attribution decisions (documented here because the shard writer relies on them):
+- `Sample.author` comes only from markup tied to the image: ccREL
+  `cc:attributionName`, `rel="author"` / `dc:creator` / `itemprop=author` in
+  its container, or a figcaption credit line ("Photo by X", "Credit: X").
+- `<meta name="author">` names the page's author, not the photographer, so it
+  goes to `sample.extra["page_author"]`, never to `Sample.author`.
+- `Sample.title`: img `title`, else ccREL `dct:title` / figcaption of its
+  container, else the page `<title>`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+from resiliparse.parse.encoding import bytes_to_str, detect_encoding, map_encoding_to_html5
+from selectolax.lexbor import LexborHTMLParser, LexborNode
+
+from ccurate.record import LicenseEvidence, Sample, make_key
+
+REASONS: dict[str, str] = {
+    "optout_meta_robots": "page has <meta name=robots|<ua>> with noai/noimageai",
+    "optout_tdmrep": "page reserves TDM rights (<meta name=tdm-reservation content=1>)",
+}
+
+EVIDENCE_KINDS: dict[str, str] = {
+    "rel_license": "<a|area rel=license href> (XHTML/HTML5 licence link)",
+    "link_rel_license": "<link rel=license href> in the document head",
+    "cc_link": "a link to creativecommons.org/licenses|publicdomain without rel=license",
+    "ccrel": "ccREL/RDFa licence (rel|property cc:license/dct:license) tied to the image or its "
+    "about= block",
+    "schema_license": "schema.org microdata itemprop=license (e.g. Google's ImageObject licence)",
+    "meta_license": "<meta name=license|dcterms.license|dc.rights-like content> in the head",
+    "text": "a textual rights mark (All rights reserved, ©, Copyright 2020) near the image or "
+    "in the footer",
+}
+
+# keys of `PageExtract.skipped`
+SKIPS: dict[str, str] = {
+    "empty_src": "<img> with no usable src/srcset/lazy-load attribute",
+    "data_uri": "<img> whose only candidates are data: URIs",
+    "bad_url": "<img> URL that is not http(s) after resolution, or over MAX_URL_LEN",
+    "duplicate_in_page": "the same image URL again on the same page (the first one is kept)",
+}
+
+LAZY_SRC_ATTRS = ("data-src", "data-lazy-src", "data-original")
+SRCSET_ATTRS = ("srcset", "data-srcset", "data-lazy-srcset")
+MAX_URL_LEN = 8192
+MAX_TEXT = 2000  # alt/title/author longer than this are cut (giant attributes on junk pages)
+MAX_SNIPPET = 200
+MAX_CONTAINER_DEPTH = 8
+_CONTAINER_CLASSES = {"wp-caption", "thumbinner", "gallerybox", "gallery-item", "wp-block-image"}
+_WS = re.compile(r"\s+")
+_RIGHTS = re.compile(
+    r"all\s+rights\s+reserved|alle\s+rechte\s+vorbehalten|tous\s+droits\s+r[ée]serv[ée]s"
+    r"|todos\s+los\s+derechos\s+reservados|tutti\s+i\s+diritti\s+riservati"
+    r"|todos\s+os\s+direitos\s+reservados|alle\s+rechten\s+voorbehouden"
+    r"|все\s+права\s+защищены|版权所有|版權所有|無断転載|©|&copy;"
+    r"|\(c\)\s*(?:19|20)\d\d|\bcopyright\s*(?:©|\(c\)|(?:19|20)\d\d)",
+    re.IGNORECASE,
+)
+_CREDIT = re.compile(
+    r"(?:photo(?:graph)?|image|picture|foto|illustration|credit)s?\s*(?:credit)?\s*(?:by|:)\s*"
+    r"([^|;\n(),]{1,120})",
+    re.IGNORECASE,
+)
+_CC_HOST = re.compile(r"^(?:[a-z0-9-]+\.)*creativecommons\.org$", re.IGNORECASE)
+_CC_PATH = re.compile(r"^/(?:licenses|licences|publicdomain)/", re.IGNORECASE)
+_OPTOUT_TOKENS = {"noai", "noimageai"}
+_META_LICENSE_NAMES = {"license", "dcterms.license", "dc.license", "dct.license"}
+_META_RIGHTS_NAMES = {"copyright", "rights", "dc.rights", "dcterms.rights", "dct.rights"}
+_FOOTER_SEL = (
+    "footer, [role=contentinfo], [id*=footer], [class*=footer], [id*=copyright], [class*=copyright]"
+)
+
+
+@dataclass
+class PageExtract:
+    """What one page yields: its images (kept; see `samples()`) plus page-level facts.
+
+    `optout` is the page's opt-out reason or None; images are returned kept so
+    the caller decides (`samples()` applies the drop). `skipped` counts `<img>`
+    elements that produced no sample, by the reasons in `SKIPS`.
+    """
+
+    images: list[Sample]
+    optout: str | None = None
+    page_license_evidence: list[LicenseEvidence] = field(default_factory=list)
+    title: str | None = None
+    n_img: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    error: str | None = None
+
+    def samples(self, by: str = "ingest") -> list[Sample]:
+        """The images, each dropped with the page's opt-out reason when it has one."""
+        if self.optout:
+            for s in self.images:
+                s.drop(self.optout, by)
+        return self.images
+
+
+# --------------------------------------------------------------------------- helpers
+def clean_text(value: str | None, limit: int = MAX_TEXT) -> str | None:
+    """Collapse whitespace; None stays None, an empty attribute stays ''."""
+    if value is None:
+        return None
+    return _WS.sub(" ", value).strip()[:limit]
+
+
+def _norm_url(raw: str | None, base: str) -> str | None:
+    """Absolute http(s) URL without fragment, or None. Never raises."""
+    if not raw:
+        return None
+    raw = raw.strip().replace("\t", "").replace("\n", "").replace("\r", "")
+    if not raw or len(raw) > MAX_URL_LEN:
+        return None
+    try:
+        absu = urljoin(base, raw) if base else raw
+        parts = urlsplit(absu)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    if parts.fragment:
+        absu = urlunsplit(parts._replace(fragment=""))
+    return absu
+
+
+def _abs_or_raw(raw: str, base: str) -> str:
+    """Evidence values: absolute when they resolve, else the raw string (faithful)."""
+    return _norm_url(raw, base) or raw.strip()
+
+
+def parse_srcset(value: str | None) -> list[tuple[str, float, str]]:
+    """`srcset` -> [(url, size, "w"|"x")], following the HTML spec's tokeniser.
+
+    URLs may contain commas (CDN transforms like `c_fill,w_100`): a URL is a run
+    of non-space characters and only trailing commas end it.
+    """
+    out: list[tuple[str, float, str]] = []
+    if not value:
+        return out
+    s, i, n = value, 0, len(value)
+    while i < n:
+        while i < n and (s[i].isspace() or s[i] == ","):
+            i += 1
+        if i >= n:
+            break
+        j = i
+        while j < n and not s[j].isspace():
+            j += 1
+        url = s[i:j]
+        i = j
+        desc = ""
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            depth = 0
+            k = i
+            while k < n and (s[k] != "," or depth > 0):
+                if s[k] == "(":
+                    depth += 1
+                elif s[k] == ")":
+                    depth = max(0, depth - 1)
+                k += 1
+            desc = s[i:k].strip()
+            i = k + 1
+        if not url:
+            continue
+        size, unit = 1.0, "x"
+        for tok in desc.split():
+            try:
+                if tok[-1:] in ("w", "x", "W", "X"):
+                    size, unit = float(tok[:-1]), tok[-1].lower()
+            except ValueError:
+                continue
+        out.append((url, size, unit))
+    return out
+
+
+def _srcset_ranked(candidates: list[tuple[str, float, str]]) -> list[str]:
+    """Largest first: width descriptors beat density ones when both are present."""
+    usable = [c for c in candidates if not c[0].lower().startswith("data:")]
+    w = [c for c in usable if c[2] == "w"]
+    pool = w or usable
+    ranked = sorted(enumerate(pool), key=lambda ic: (-ic[1][1], ic[0]))
+    return [c[0] for _, c in ranked]
+
+
+def _tokens(value: str | None) -> list[str]:
+    return (value or "").lower().split()
+
+
+def _is_license_rel(value: str | None) -> bool:
+    """`license`, `cc:license`, `dct:license`, ... in a rel/property list."""
+    return any(t == "license" or t.endswith(":license") for t in _tokens(value))
+
+
+def is_cc_url(url: str) -> bool:
+    """A creativecommons.org licence or public-domain tool URL (deeds included)."""
+    if "creativecommons" not in url.lower():
+        return False
+    try:
+        p = urlsplit(url.strip())
+    except ValueError:
+        return False
+    host = (p.hostname or "").lower()
+    return bool(_CC_HOST.match(host)) and bool(_CC_PATH.match(p.path or ""))
+
+
+def _snippet(text: str) -> str | None:
+    """The rights mark with a little context, or None when the text has none."""
+    m = _RIGHTS.search(text)
+    if not m:
+        return None
+    start = max(0, m.start() - 60)
+    end = min(len(text), m.end() + 100)
+    if start > 0:
+        sp = text.find(" ", start)
+        start = sp + 1 if 0 <= sp < m.start() else start
+    if end < len(text):
+        sp = text.rfind(" ", m.end(), end)
+        end = sp if sp > m.end() else end
+    return text[start:end].strip()[:MAX_SNIPPET]
+
+
+def _text(node: LexborNode) -> str:
+    return _WS.sub(" ", node.text(deep=True, separator=" ", strip=False)).strip()
+
+
+def _decode(html: bytes, encoding: str | None) -> str:
+    """BOM, then the declared (HTTP) charset, then <meta charset>, then uchardet."""
+    enc = None
+    if html.startswith(codecs.BOM_UTF8):
+        enc = "utf-8"
+    elif html.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        enc = "utf-16"
+    if enc is None and encoding:
+        # WHATWG label mapping (gb2312 -> gbk, latin1 -> cp1252); unknown labels -> None
+        enc = map_encoding_to_html5(encoding.strip().strip("\"'"), fallback_utf8=False)
+    if enc is None:
+        enc = detect_encoding(html, from_html_meta=True) or "utf-8"
+    try:
+        return bytes_to_str(html, enc)
+    except (LookupError, UnicodeError, TypeError):
+        return html.decode("utf-8", "replace")
+
+
+def meta_optout(name: str, content: str, user_agent_token: str = "ccurate") -> str | None:
+    """Opt-out reason carried by one `<meta name content>` pair, or None."""
+    name = name.strip().lower()
+    if name in ("robots", user_agent_token.strip().lower()):
+        toks = {t.strip() for t in re.split(r"[,\s]+", content.lower())}
+        if toks & _OPTOUT_TOKENS:
+            return "optout_meta_robots"
+    if name == "tdm-reservation" and content.strip() == "1":
+        return "optout_tdmrep"
+    return None
+
+
+# --------------------------------------------------------------------------- extraction
+_CONTAINER_TYPES = re.compile(
+    r"stillimage|imageobject|photograph|visualartwork|mediaobject|cc:work|foaf:image", re.I
+)
+_AUTHOR_TOKENS = {"author", "creator", "dc:creator", "dct:creator", "dcterms:creator"}
+_TITLE_TOKENS = {"dc:title", "dct:title", "dcterms:title"}
+
+
+def _ancestors(node: LexborNode, depth: int = MAX_CONTAINER_DEPTH) -> list[LexborNode]:
+    out: list[LexborNode] = []
+    cur = node.parent
+    while cur is not None and len(out) < depth and cur.tag not in ("body", "html", "-document"):
+        out.append(cur)
+        cur = cur.parent
+    return out
+
+
+class _Page:
+    """One parsed page: page-level facts and who owns each licence node, computed once.
+
+    A *container* is an element that ties markup to the images inside it: a
+    `<figure>`, a WordPress/MediaWiki caption box, a ccREL block (`xmlns:cc`,
+    `typeof` cc:Work/StillImage, `about` naming an image inside it) or a
+    schema.org ImageObject/Photograph `itemscope`. Page-wide wrappers (an
+    `itemscope` WebPage, Drupal's `about="/node/1"`) are deliberately not
+    containers: their licence links are page evidence. A licence node belongs
+    to its nearest container that holds an image; nodes with no owner are page
+    evidence.
+    """
+
+    def __init__(self, tree: LexborHTMLParser, page_url: str, ua_token: str) -> None:
+        self.tree = tree
+        self.page_url = page_url
+        base_node = tree.css_first("base[href]")
+        base_href = base_node.attributes.get("href") if base_node is not None else None
+        self.base = (_norm_url(base_href, page_url) or page_url) if base_href else page_url
+        title_node = tree.css_first("title")
+        self.title = (clean_text(title_node.text()) or None) if title_node is not None else None
+        self.optout: str | None = None
+        self.page_author: str | None = None
+        self.evidence: list[LicenseEvidence] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._is_box: dict[int, bool] = {}
+        self._has_img: dict[int, bool] = {}
+        # container mem_id -> marked nodes it owns (licence links, attribution, titles)
+        self.owned: dict[int, list[LexborNode]] = {}
+        self._read_meta(ua_token)
+        self._read_marked_nodes()
+        self._read_footer()
+
+    # ---- containers
+    def is_container(self, node: LexborNode) -> bool:
+        mid = node.mem_id
+        hit = self._is_box.get(mid)
+        if hit is None:
+            hit = self._container_test(node)
+            self._is_box[mid] = hit
+        return hit
+
+    def _container_test(self, node: LexborNode) -> bool:
+        if node.tag == "figure":
+            return True
+        attrs = node.attributes
+        if "xmlns:cc" in attrs or _CONTAINER_TYPES.search(attrs.get("typeof") or ""):
+            return True
+        if "itemscope" in attrs and _CONTAINER_TYPES.search(attrs.get("itemtype") or ""):
+            return True
+        if set((attrs.get("class") or "").lower().split()) & _CONTAINER_CLASSES:
+            return True
+        about = attrs.get("about")
+        if about is not None:
+            target = _norm_url(about, self.base)
+            if target:
+                for img in node.css("img"):
+                    if target in {_norm_url(c, self.base) for c in _image_candidates(img)}:
+                        return True
+        return False
+
+    def containers_of(self, node: LexborNode, depth: int = MAX_CONTAINER_DEPTH) -> list[LexborNode]:
+        return [a for a in _ancestors(node, depth) if self.is_container(a)]
+
+    def _owner(self, node: LexborNode) -> LexborNode | None:
+        for box in self.containers_of(node, depth=64):
+            mid = box.mem_id
+            has = self._has_img.get(mid)
+            if has is None:
+                has = box.css_first("img") is not None
+                self._has_img[mid] = has
+            if has:
+                return box
+        return None
+
+    # ---- page-level facts
+    def _add(self, ev: LicenseEvidence) -> None:
+        if ev.value and (ev.kind, ev.value) not in self._seen:
+            self._seen.add((ev.kind, ev.value))
+            self.evidence.append(ev)
+
+    def _read_meta(self, ua_token: str) -> None:
+        for m in self.tree.css("meta[name]"):
+            name = (m.attributes.get("name") or "").strip().lower()
+            content = m.attributes.get("content") or ""
+            reason = meta_optout(name, content, ua_token)
+            if reason and self.optout != "optout_meta_robots":
+                self.optout = reason  # both drop; robots is the more explicit signal
+            if name == "author" and content.strip() and self.page_author is None:
+                self.page_author = clean_text(content)
+            elif name in _META_LICENSE_NAMES and content.strip():
+                self._add(LicenseEvidence("page", "meta_license", _abs_or_raw(content, self.base)))
+            elif name in _META_RIGHTS_NAMES and content.strip():
+                self._add(LicenseEvidence("page", "text", clean_text(content, MAX_SNIPPET) or ""))
+
+    def _read_marked_nodes(self) -> None:
+        for node in self.tree.css("link[rel][href]"):
+            if _is_license_rel(node.attributes.get("rel")):
+                href = node.attributes.get("href") or ""
+                self._add(LicenseEvidence("page", "link_rel_license", _abs_or_raw(href, self.base)))
+        marked = (
+            "body [rel], body [property], body [itemprop], "
+            "body a[href*=creativecommons i], body area[href*=creativecommons i]"
+        )
+        for node in self.tree.css(marked):
+            if node.tag == "img":
+                continue  # an img's own attributes are read with the image
+            kind = _marked_kind(node)
+            if kind is None:
+                continue
+            owner = self._owner(node)
+            if owner is not None:
+                self.owned.setdefault(owner.mem_id, []).append(node)
+            elif kind in ("rel_license", "cc_link", "schema_license", "ccrel"):
+                self._add(LicenseEvidence("page", kind, _abs_or_raw(_attr_value(node), self.base)))
+
+    def _read_footer(self) -> None:
+        chosen: set[int] = set()
+        found = False
+        for node in self.tree.css(_FOOTER_SEL):
+            if node.tag in ("html", "body"):
+                continue
+            if any(a.mem_id in chosen for a in _ancestors(node, 64)):
+                continue  # inside a footer already read
+            chosen.add(node.mem_id)
+            snip = _snippet(_text(node))
+            if snip:
+                found = True
+                self._add(LicenseEvidence("page", "text", snip))
+        if not found and not chosen:
+            # no footer element at all: the end of the body is where sites put "©"
+            body = self.tree.body
+            if body is not None:
+                snip = _snippet(_text(body)[-1500:])
+                if snip:
+                    self._add(LicenseEvidence("page", "text", snip))
+
+
+def _marked_kind(node: LexborNode) -> str | None:
+    """What a node says, if anything we record: a licence form or an attribution role."""
+    a = node.attributes
+    rel, prop, item = a.get("rel"), a.get("property"), a.get("itemprop")
+    if _is_license_rel(rel) or _is_license_rel(prop):
+        return "ccrel" if ":" in f"{rel or ''} {prop or ''}" else "rel_license"
+    if "license" in _tokens(item):
+        return "schema_license"
+    if node.tag in ("a", "area") and is_cc_url(a.get("href") or ""):
+        return "cc_link"
+    toks = set(_tokens(rel)) | set(_tokens(prop)) | set(_tokens(item))
+    if "cc:attributionname" in toks or "cc:attributionurl" in toks:
+        return "attribution"
+    if toks & _AUTHOR_TOKENS:
+        return "author"
+    if toks & _TITLE_TOKENS:
+        return "title"
+    return None
+
+
+def _image_candidates(img: LexborNode) -> list[str]:
+    """Candidate URLs of one <img>, best first (largest srcset entry, lazy attrs, src)."""
+    attrs = img.attributes
+    cands: list[tuple[str, float, str]] = []
+    for a in SRCSET_ATTRS:
+        cands.extend(parse_srcset(attrs.get(a)))
+    parent = img.parent
+    if not cands and parent is not None and parent.tag == "picture":
+        for source in parent.css("source"):
+            for a in SRCSET_ATTRS:
+                cands.extend(parse_srcset(source.attributes.get(a)))
+    ranked = _srcset_ranked(cands)
+    for a in (*LAZY_SRC_ATTRS, "src"):
+        v = (attrs.get(a) or "").strip()
+        if v:
+            ranked.append(v)
+    if not ranked and any(c[0].lower().startswith("data:") for c in cands):
+        ranked.append("data:")
+    return ranked
+
+
+def _attr_value(node: LexborNode) -> str:
+    a = node.attributes
+    return a.get("href") or a.get("resource") or a.get("content") or a.get("src") or ""
+
+
+def _alt(img: LexborNode) -> str | None:
+    """The alt text; a bare `alt` attribute (decorative image) is '' not None."""
+    attrs = img.attributes
+    if "alt" not in attrs:
+        return None
+    return clean_text(attrs.get("alt") or "")
+
+
+def _node_text(node: LexborNode) -> str | None:
+    return clean_text(node.attributes.get("content") or _text(node)) or None
+
+
+def _image_facts(
+    img: LexborNode, url: str, raw_cands: list[str], page: _Page
+) -> tuple[list[LicenseEvidence], str | None, str | None, dict[str, object]]:
+    """Evidence tied to one image (image scope, then container), its author, title, extras."""
+    base = page.base
+    ev: list[LicenseEvidence] = []
+    seen: set[tuple[str, str, str]] = set()
+    extra: dict[str, object] = {}
+
+    def add(scope: str, kind: str, value: str) -> None:
+        if value and (scope, kind, value) not in seen:
+            seen.add((scope, kind, value))
+            ev.append(LicenseEvidence(scope, kind, value))
+
+    attrs = img.attributes
+    # 1) the img element itself: RDFa/microdata licence on the img, rights marks in alt/title
+    for a in ("rel", "property"):
+        if _is_license_rel(attrs.get(a)):
+            val = attrs.get("resource") or attrs.get("href") or attrs.get("content") or ""
+            add("image", "ccrel", _abs_or_raw(val, base))
+    if "license" in _tokens(attrs.get("itemprop")):
+        add("image", "schema_license", _abs_or_raw(attrs.get("content") or "", base))
+    for a in ("title", "alt"):
+        snip = _snippet(clean_text(attrs.get(a)) or "")
+        if snip:
+            add("image", "text", snip)
+
+    author: str | None = None
+    title: str | None = clean_text(attrs.get("title")) or None
+    boxes = page.containers_of(img)
+    own = {url} | {u for c in raw_cands if (u := _norm_url(c, base))}
+    # 2) containers, nearest first: licence nodes each owns, then attribution
+    for depth, box in enumerate(boxes):
+        about = box.attributes.get("about")
+        box_ccrel = "xmlns:cc" in box.attributes or about is not None
+        about_is_img = about is not None and _norm_url(about, base) in own
+        scope = "image" if about_is_img else "container"
+        for node in page.owned.get(box.mem_id, []):
+            kind = _marked_kind(node)
+            na = node.attributes
+            if kind in ("rel_license", "ccrel", "schema_license", "cc_link"):
+                if kind == "rel_license" and box_ccrel:
+                    kind = "ccrel"
+                add(scope, kind, _abs_or_raw(_attr_value(node), base))
+            elif kind == "attribution":
+                toks = set(_tokens(na.get("property"))) | set(_tokens(na.get("rel")))
+                if author is None and "cc:attributionname" in set(_tokens(na.get("property"))):
+                    author = _node_text(node)
+                if "cc:attributionurl" in toks and "attribution_url" not in extra:
+                    href = na.get("href") or na.get("resource") or ""
+                    if href.strip():
+                        extra["attribution_url"] = _abs_or_raw(href, base)
+            elif kind == "author" and author is None:
+                author = _node_text(node)
+            elif kind == "title" and title is None:
+                title = _node_text(node)
+        if depth == 0:
+            caption_node = box.css_first("figcaption, .wp-caption-text, .thumbcaption")
+            caption = _text(caption_node) if caption_node is not None else ""
+            if author is None and caption:
+                m = _CREDIT.search(caption)
+                if m:
+                    author = clean_text(m.group(1)) or None
+            snip = _snippet(_text(box))
+            if snip:
+                add("container", "text", snip)
+            if title is None and caption:
+                title = clean_text(caption) or None
+    if page.page_author:
+        extra["page_author"] = page.page_author
+    for a in ("width", "height"):
+        v = (attrs.get(a) or "").strip().removesuffix("px")
+        if v.isdigit() and len(v) < 7:
+            extra[f"html_{a}"] = int(v)
+    return ev, author, title or page.title, extra
+
+
+def extract_images(
+    html: bytes | str,
+    page_url: str,
+    *,
+    user_agent_token: str = "ccurate",
+    encoding: str | None = None,
+) -> PageExtract:
+    """Every `<img>` of a page as a `Sample`, with evidence, attribution and the page's opt-out.
+
+    `encoding` is the HTTP charset when known (it outranks `<meta charset>`).
+    Never raises: a page that cannot be decoded or parsed returns no images and
+    `error` set. The same image URL twice on a page keeps the first occurrence
+    as is (nothing of the repeats, e.g. another alt text, is merged into it);
+    repeats are counted in `skipped["duplicate_in_page"]` and on the kept
+    sample as `extra["repeats_in_page"]` (repeated images are often logos).
+    """
+    try:
+        text = _decode(html, encoding) if isinstance(html, bytes | bytearray) else html
+        try:
+            tree = LexborHTMLParser(text)
+        except UnicodeError:  # lone surrogates in a str input
+            tree = LexborHTMLParser(text.encode("utf-8", "replace").decode("utf-8"))
+        page = _Page(tree, page_url, user_agent_token)
+        out = PageExtract(
+            images=[],
+            optout=page.optout,
+            page_license_evidence=list(page.evidence),
+            title=page.title,
+        )
+        seen: dict[str, Sample] = {}
+        for img in tree.css("img"):
+            out.n_img += 1
+            cands = _image_candidates(img)
+            if not cands:
+                out.skipped["empty_src"] += 1
+                continue
+            url = next((u for c in cands if (u := _norm_url(c, page.base))), None)
+            if url is None:
+                non_data = [c for c in cands if not c.lower().startswith("data:")]
+                out.skipped["bad_url" if non_data else "data_uri"] += 1
+                continue
+            first = seen.get(url)
+            if first is not None:
+                # nothing of the repeat is merged into the first; the count is noted on both
+                out.skipped["duplicate_in_page"] += 1
+                first.extra["repeats_in_page"] = int(first.extra.get("repeats_in_page", 0)) + 1
+                continue
+            ev, author, title, extra = _image_facts(img, url, cands, page)
+            seen[url] = sample = Sample(
+                key=make_key(url, page_url),
+                url=url,
+                page_url=page_url,
+                alt_text=_alt(img),
+                license_evidence=[*ev, *(LicenseEvidence(**vars(e)) for e in page.evidence)],
+                author=author,
+                title=title,
+                source_url=page_url,
+                extra=extra,
+            )
+            out.images.append(sample)
+        return out
+    except Exception as exc:  # a broken page must not stop a crawl
+        return PageExtract(images=[], error=f"{type(exc).__name__}: {exc}"[:500])

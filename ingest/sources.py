@@ -1,0 +1,660 @@
+"""Ingest sources (URL lists, WARC files, page lists) and the plan that partitions them.
+
+A *source* turns some input into `Sample` records: image URLs to fetch (URL
+lists, images found in WARC pages) or HTML pages to fetch and parse (page
+lists, `mime="text/html"`). `plan_sources` streams every source into fixed-size
+parquet partitions that the downloader consumes; the plan is deterministic and
+published with a marker, so a rerun returns the same partitions.
+
+Conventions follow img2dataset: `url_col` (default "url"), `caption_col`
+(default "caption", read into `alt_text`), every other column carried into
+`sample.extra`. Decisions:
+
+- An input column whose name is a `Sample` field (e.g. `status`, `title`) is
+  carried as `input_<name>` so it cannot overwrite the record's own field.
+- A row without a usable http(s) URL still becomes a record, dropped as
+  `bad_url` (a JSON line that does not parse: `bad_row`), keyed by file and row
+  so keys stay unique; `extra` gets `source_file` and `source_row`.
+- Reading is streamed: parquet by row batches, csv/tsv/jsonl (optionally
+  `.gz`) line by line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globmod
+import gzip
+import hashlib
+import io
+import json
+import re
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import IO, Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ccurate.ingest.warc import iter_warc
+from pydantic import Field
+
+from ccurate.configbase import Section
+from ccurate.record import LicenseEvidence, Sample, make_key, samples_to_table
+from ccurate.shardio import atomic_path, write_json_atomic, write_partition
+from ccurate.stage import StageStats
+
+REASONS: dict[str, str] = {
+    "bad_url": "input row without a usable http(s) URL (empty, not a string, other scheme)",
+    "bad_row": "input line that could not be parsed (invalid JSON, not an object)",
+    "duplicate_url": "the same (url, page_url) again in the plan: the first one is kept",
+}
+
+PLANNED_MARKER = "_PLANNED"
+PLANNED_DROPPED = "planned-dropped.parquet"  # no .done marker: list_shards() skips it
+PARTITION_FMT = "part-{:05d}"
+_PART_RE = re.compile(r"^\.?part-\d{5}\.(parquet|done)")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_SAMPLE_FIELDS = {f.name for f in fields(Sample)}
+_FORMATS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+_DEFAULT_CAPTION = "caption"
+
+
+class UrlListSource(Section):
+    """A list of image URLs (img2dataset style): parquet, csv, tsv or jsonl (+ .gz)."""
+
+    type: Literal["urls"] = "urls"
+    path: str = ""  # a file, a directory of such files, or a glob
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    url_col: str = "url"
+    caption_col: str | None = _DEFAULT_CAPTION  # missing column tolerated only for the default
+    license_col: str | None = None  # -> LicenseEvidence(scope="input", kind="column", value)
+    page_url_col: str | None = None
+    extra_cols: list[str] | None = None  # None: carry every other column; []: none
+
+
+class WarcSource(Section):
+    """WARC files (Common Crawl): images of every HTML response."""
+
+    type: Literal["warc"] = "warc"
+    path: str = ""  # a .warc/.warc.gz file, a directory of them, or a glob
+    user_agent_token: str = "ccurate"  # <meta name="ccurate" content="noai"> opts out too
+
+
+class PageListSource(Section):
+    """HTML pages to fetch; the downloader parses them with `extract_images`."""
+
+    type: Literal["pages"] = "pages"
+    urls: list[str] = Field(default_factory=list)
+    path: str | None = None  # text file (optionally .gz): one URL a line, '#' comments
+
+
+Source = Annotated[UrlListSource | WarcSource | PageListSource, Field(discriminator="type")]
+
+
+# --------------------------------------------------------------------------- helpers
+def _label(src: Section) -> str:
+    path = getattr(src, "path", None)
+    kind = getattr(src, "type", "?")
+    return f"{kind} source {path!r}" if path else f"{kind} source"
+
+
+def is_http_url(url: object) -> bool:
+    """An absolute http(s) URL with a host (what the downloader can fetch)."""
+    if not isinstance(url, str) or not url.strip():
+        return False
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
+
+
+def _expand(label: str, path: str, suffixes: tuple[str, ...], what: str) -> list[Path]:
+    """A file, a directory (its files with `suffixes`), or a glob -> sorted files."""
+    if not path:
+        raise ValueError(f"{label}: `path` is empty; expected {what}")
+    if _GLOB_CHARS.search(path):
+        files = sorted(Path(p) for p in globmod.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise ValueError(f"{label}: glob {path!r} matches no file; expected {what}")
+        return files
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(suffixes))
+        if not files:
+            raise ValueError(f"{label}: directory {path!r} holds no {'/'.join(suffixes)} file")
+        return files
+    if not p.is_file():
+        raise ValueError(f"{label}: file {path!r} not found; expected {what}")
+    return [p]
+
+
+def _format_of(label: str, path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.name.lower().removesuffix(".gz")
+    for suffix, kind in _FORMATS.items():
+        if name.endswith(suffix):
+            return kind
+    raise ValueError(
+        f"{label}: cannot tell the format of {path.name!r} from its suffix; expected one of "
+        f"{sorted(_FORMATS)} (optionally .gz) or set `format`"
+    )
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.name.lower().endswith(".gz"):
+        return io.TextIOWrapper(
+            gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline=""
+        )
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+
+
+# --------------------------------------------------------------------------- URL lists
+class _Rows:
+    """The rows of one URL-list file, streamed, after its columns were checked."""
+
+    def __init__(self, src: UrlListSource, path: Path) -> None:
+        self.src, self.path = src, path
+        self.label = _label(src)
+        self.fmt = _format_of(self.label, path, src.format)
+
+    def _check(self, columns: list[str]) -> None:
+        src, cols = self.src, set(columns)
+        want = [
+            ("url_col", src.url_col),
+            ("license_col", src.license_col),
+            ("page_url_col", src.page_url_col),
+        ]
+        if src.caption_col is not None and src.caption_col != _DEFAULT_CAPTION:
+            want.append(("caption_col", src.caption_col))
+        for opt, col in want:
+            if col is not None and col not in cols:
+                raise ValueError(
+                    f"{self.label}: column {col!r} ({opt}) not found in {self.path.name}; "
+                    f"columns are {sorted(cols)[:50]}; set `{opt}` to one of them"
+                )
+        for col in src.extra_cols or []:
+            if col not in cols:
+                raise ValueError(
+                    f"{self.label}: column {col!r} (extra_cols) not found in {self.path.name}; "
+                    f"columns are {sorted(cols)[:50]}"
+                )
+
+    def __iter__(self) -> Generator[tuple[int, dict[str, Any] | None], None, None]:
+        """(row index, row) pairs; a row that cannot be parsed comes as (index, None)."""
+        try:
+            if self.fmt == "parquet":
+                yield from self._parquet()
+            elif self.fmt == "jsonl":
+                yield from self._jsonl()
+            else:
+                yield from self._csv("\t" if self.fmt == "tsv" else ",")
+        except (OSError, EOFError, pa.ArrowException, csv.Error, UnicodeError) as exc:
+            raise ValueError(f"{self.label}: cannot read {self.path} as {self.fmt}: {exc}") from exc
+
+    def _parquet(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        pf = pq.ParquetFile(self.path)
+        self._check(pf.schema_arrow.names)
+        columns = None
+        if self.src.extra_cols is not None:
+            wanted = [
+                self.src.url_col,
+                self.src.caption_col,
+                self.src.license_col,
+                self.src.page_url_col,
+                *self.src.extra_cols,
+            ]
+            columns = [c for c in dict.fromkeys(wanted) if c and c in pf.schema_arrow.names]
+        i = 0
+        for batch in pf.iter_batches(batch_size=4096, columns=columns):
+            for row in batch.to_pylist():
+                yield i, row
+                i += 1
+
+    def _csv(self, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        with _open_text(self.path) as fh:
+            reader = csv.DictReader(fh, delimiter=delimiter)
+            if reader.fieldnames is None:
+                return  # an empty file: no header, no rows
+            self._check(list(reader.fieldnames))
+            for i, row in enumerate(reader):
+                overflow = row.pop(None, None)
+                out: dict[str, Any] = dict(row)
+                if overflow:
+                    out["csv_overflow"] = delimiter.join(str(v) for v in overflow)
+                yield i, out
+
+    def _jsonl(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        checked = False
+        with _open_text(self.path) as fh:
+            i = 0
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    yield i, None
+                    i += 1
+                    continue
+                if not checked:
+                    self._check(list(obj))  # jsonl has no header: the first object stands for it
+                    checked = True
+                yield i, obj
+                i += 1
+
+
+def _carry(name: str) -> str:
+    return f"input_{name}" if name in _SAMPLE_FIELDS else name
+
+
+def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | None) -> Sample:
+    if row is None:
+        s = Sample(
+            key=make_key(f"bad-row:{path}:{i}"),
+            url="",
+            extra={"source_file": str(path), "source_row": i},
+        )
+        s.drop("bad_row", "ingest")
+        return s
+    used = {src.url_col, src.caption_col, src.license_col, src.page_url_col}
+    raw_url = row.get(src.url_col)
+    page = row.get(src.page_url_col) if src.page_url_col else None
+    page_url = page.strip() if isinstance(page, str) and page.strip() else None
+    caption = row.get(src.caption_col) if src.caption_col else None
+    evidence: list[LicenseEvidence] = []
+    if src.license_col:
+        lic = row.get(src.license_col)
+        if lic is not None and str(lic).strip():
+            evidence.append(LicenseEvidence("input", "column", str(lic).strip()))
+    keep_cols = src.extra_cols
+    extra = {
+        _carry(k): v
+        for k, v in row.items()
+        if k not in used and (keep_cols is None or k in keep_cols)
+    }
+    ok = is_http_url(raw_url)
+    url = raw_url.strip() if isinstance(raw_url, str) else ("" if raw_url is None else str(raw_url))
+    s = Sample(
+        key=make_key(url, page_url) if ok else make_key(f"bad-row:{path}:{i}"),
+        url=url,
+        page_url=page_url,
+        alt_text=caption if caption is None or isinstance(caption, str) else str(caption),
+        license_evidence=evidence,
+        source_url=page_url,
+        extra=extra,
+    )
+    if not ok:
+        s.extra.update(source_file=str(path), source_row=i)
+        s.drop("bad_url", "ingest")
+    return s
+
+
+def iter_url_list(src: UrlListSource) -> Iterator[Sample]:
+    for path in _expand(
+        _label(src),
+        src.path,
+        tuple(_FORMATS) + tuple(f"{k}.gz" for k in _FORMATS),
+        "a parquet/csv/tsv/jsonl file, a directory of them, or a glob",
+    ):
+        for i, row in _Rows(src, path):
+            yield _row_sample(src, path, i, row)
+
+
+# --------------------------------------------------------------------------- pages, WARCs
+def _page_sample(url: str, where: str, i: int) -> Sample:
+    url = url.strip()
+    if is_http_url(url):
+        return Sample(key=make_key(url), url=url, page_url=url, source_url=url, mime="text/html")
+    s = Sample(
+        key=make_key(f"bad-row:{where}:{i}"),
+        url=url,
+        mime="text/html",
+        extra={"source_file": where, "source_row": i},
+    )
+    s.drop("bad_url", "ingest")
+    return s
+
+
+def iter_pages(src: PageListSource) -> Iterator[Sample]:
+    for i, url in enumerate(src.urls):
+        yield _page_sample(url, "urls", i)
+    if src.path is not None:
+        for path in _expand(
+            _label(src),
+            src.path,
+            (".txt", ".txt.gz"),
+            "a text file of page URLs (one a line), a directory or a glob",
+        ):
+            try:
+                with _open_text(path) as fh:
+                    i = 0
+                    for line in fh:
+                        line = line.strip()
+                        if not line or line.startswith("#"):
+                            continue
+                        yield _page_sample(line, str(path), i)
+                        i += 1
+            except (OSError, EOFError, UnicodeError) as exc:
+                raise ValueError(f"{_label(src)}: cannot read {path}: {exc}") from exc
+
+
+def iter_warcs(src: WarcSource, stats: Counter[str] | None = None) -> Iterator[Sample]:
+    for path in _expand(
+        _label(src),
+        src.path,
+        (".warc", ".warc.gz"),
+        "a .warc/.warc.gz file, a directory of them, or a glob",
+    ):
+        yield from iter_warc(path, stats=stats, user_agent_token=src.user_agent_token)
+
+
+def iter_source(
+    src: UrlListSource | WarcSource | PageListSource, stats: Counter[str] | None = None
+) -> Iterator[Sample]:
+    """The records of one source, streamed. Bad config raises ValueError naming source and cause.
+
+    `stats` (optional) collects WARC counters (see `ccurate.ingest.warc.STATS`).
+    """
+    if isinstance(src, UrlListSource):
+        return iter_url_list(src)
+    if isinstance(src, WarcSource):
+        return iter_warcs(src, stats)
+    if isinstance(src, PageListSource):
+        return iter_pages(src)
+    raise ValueError(f"unknown source type {type(src).__name__}; expected urls, warc or pages")
+
+
+def check_source(src: UrlListSource | WarcSource | PageListSource) -> None:
+    """Fail fast on bad config: files exist, formats are known, URL-list columns are there."""
+    if isinstance(src, UrlListSource):
+        for path in _expand(
+            _label(src),
+            src.path,
+            tuple(_FORMATS) + tuple(f"{k}.gz" for k in _FORMATS),
+            "a parquet/csv/tsv/jsonl file, a directory of them, or a glob",
+        ):
+            rows = _Rows(src, path).__iter__()
+            try:
+                next(rows, None)  # reads the header (or first object) and checks the columns
+            finally:
+                rows.close()
+    elif isinstance(src, WarcSource):
+        _expand(
+            _label(src),
+            src.path,
+            (".warc", ".warc.gz"),
+            "a .warc/.warc.gz file, a directory of them, or a glob",
+        )
+    elif isinstance(src, PageListSource) and src.path is not None:
+        _expand(
+            _label(src),
+            src.path,
+            (".txt", ".txt.gz"),
+            "a text file of page URLs (one a line), a directory or a glob",
+        )
+
+
+# --------------------------------------------------------------------------- the plan
+class _KeySet:
+    """Keys seen so far at 8 bytes each: a small hash set spilled into a sorted uint64 array."""
+
+    def __init__(self, spill: int = 1 << 20) -> None:
+        self.spill = spill
+        self.recent: set[int] = set()
+        self.frozen = np.empty(0, dtype=np.uint64)
+
+    def add(self, key: str) -> bool:
+        """True when the key is new (and now recorded)."""
+        k = int(key, 16)
+        if k in self.recent:
+            return False
+        if self.frozen.size:
+            i = int(np.searchsorted(self.frozen, np.uint64(k)))
+            if i < self.frozen.size and int(self.frozen[i]) == k:
+                return False
+        self.recent.add(k)
+        if len(self.recent) >= self.spill:
+            fresh = np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))
+            self.frozen = np.union1d(self.frozen, fresh)
+            self.recent.clear()
+        return True
+
+
+def _coerce_extras(samples: list[Sample]) -> None:
+    """Make every extra column single-typed (JSON strings where Python types mix)."""
+    kinds: dict[str, set[type]] = {}
+    for s in samples:
+        for k, v in s.extra.items():
+            if v is not None:
+                kinds.setdefault(k, set()).add(type(v))
+    mixed = {k for k, t in kinds.items() if len(t) > 1 or t & {dict, list}}
+    for s in samples:
+        for k in mixed & s.extra.keys():
+            v = s.extra[k]
+            if v is not None and not isinstance(v, str):
+                s.extra[k] = json.dumps(v, default=str, ensure_ascii=False)
+
+
+def _safe_table(samples: list[Sample]) -> pa.Table:
+    try:
+        return samples_to_table(samples)
+    except (pa.ArrowException, TypeError, ValueError):
+        _coerce_extras(samples)
+        return samples_to_table(samples)
+
+
+def _unify(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for all chunks: same-typed columns keep their type, conflicts become string."""
+    order: list[str] = []
+    types: dict[str, list[pa.DataType]] = {}
+    for sch in schemas:
+        for f in sch:
+            if f.name not in types:
+                order.append(f.name)
+                types[f.name] = []
+            if not pa.types.is_null(f.type):
+                types[f.name].append(f.type)
+    out = []
+    for name in order:
+        ts = types[name]
+        t = ts[0] if ts and all(x == ts[0] for x in ts) else (pa.null() if not ts else pa.string())
+        out.append(pa.field(name, t))
+    return pa.schema(out)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = []
+    for f in schema:
+        if f.name not in table.column_names:
+            cols.append(pa.nulls(len(table), f.type))
+            continue
+        col = table.column(f.name)
+        if col.type != f.type:
+            try:
+                col = col.cast(f.type)
+            except (pa.ArrowException, NotImplementedError):
+                col = pa.array(
+                    [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()],
+                    type=f.type,
+                )
+        cols.append(col)
+    return pa.table(cols, schema=schema)
+
+
+class _DroppedSink:
+    """Dropped plan records, spilled in chunks and merged into one parquet at the end."""
+
+    def __init__(self, out_dir: Path, chunk: int) -> None:
+        self.tmp = out_dir / ".planned-dropped.tmp"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.chunk = max(1, chunk)
+        self.buf: list[Sample] = []
+        self.files: list[Path] = []
+        self.count = 0
+
+    def add(self, s: Sample) -> None:
+        self.buf.append(s)
+        self.count += 1
+        if len(self.buf) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            f = self.tmp / f"{len(self.files):05d}.parquet"
+            pq.write_table(_safe_table(self.buf), f)
+            self.files.append(f)
+            self.buf = []
+
+    def finish(self, path: Path) -> None:
+        self.flush()
+        if not self.files:
+            with atomic_path(path) as tmp:
+                pq.write_table(samples_to_table([]), tmp, compression="zstd")
+        else:
+            schema = _unify([pq.read_schema(f) for f in self.files])
+            with atomic_path(path) as tmp:
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+                try:
+                    for f in self.files:
+                        for batch in pq.ParquetFile(f).iter_batches(batch_size=self.chunk):
+                            writer.write_table(_conform(pa.Table.from_batches([batch]), schema))
+                finally:
+                    writer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fingerprint(sources: Iterable[Section], partition_size: int) -> str:
+    spec = json.dumps(
+        {"sources": [s.model_dump(mode="json") for s in sources], "partition_size": partition_size},
+        sort_keys=True,
+    )
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _clear_plan(out_dir: Path) -> None:
+    """Remove what an unfinished earlier plan left (only files with our names)."""
+    for p in out_dir.iterdir():
+        if (
+            _PART_RE.match(p.name)
+            or p.name == PLANNED_DROPPED
+            or p.name.startswith(f".{PLANNED_DROPPED}")
+        ):
+            p.unlink()
+    shutil.rmtree(out_dir / ".planned-dropped.tmp", ignore_errors=True)
+
+
+def plan_sources(
+    sources: list[UrlListSource | WarcSource | PageListSource],
+    out_dir: str | Path,
+    partition_size: int = 1000,
+) -> list[str]:
+    """Stream all sources into parquet partitions `out_dir/part-00000...`; return their prefixes.
+
+    Partitions hold only records to fetch (each with a `.done` marker, so
+    `ccurate.shardio.list_shards(out_dir)` finds them). Dropped records
+    (`bad_url`, `bad_row`, `duplicate_url`, WARC opt-outs and page errors) go to
+    `out_dir/planned-dropped.parquet`. Keys are unique across the plan: a
+    repeated (url, page_url) is dropped as `duplicate_url`. The marker
+    `_PLANNED` (json: partitions with counts, drops, per-source counts) is
+    written last; when it exists the recorded partitions are returned without
+    reading any source. A marker from different sources is an error.
+    """
+    if partition_size < 1:
+        raise ValueError(f"partition_size must be >= 1, got {partition_size}")
+    out = Path(out_dir)
+    fp = _fingerprint(sources, partition_size)
+    marker = out / PLANNED_MARKER
+    if marker.exists():
+        with open(marker) as fh:
+            done = json.load(fh)
+        if done.get("config") != fp:
+            raise ValueError(
+                f"{out} already holds a plan of other sources or partition size "
+                f"(marker {marker}); plan into a fresh directory or delete it"
+            )
+        return [str(out / p["name"]) for p in done["partitions"]]
+    for src in sources:
+        check_source(src)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_plan(out)
+
+    keys = _KeySet()
+    dropped = _DroppedSink(out, partition_size)
+    drops: Counter[str] = Counter()
+    warc_stats: Counter[str] = Counter()
+    parts: list[dict[str, Any]] = []
+    per_source: list[dict[str, Any]] = []
+    buf: list[Sample] = []
+
+    def flush() -> None:
+        name = PARTITION_FMT.format(len(parts))
+        prefix = out / name
+        try:
+            write_partition(prefix, buf)
+        except (pa.ArrowException, TypeError, ValueError):
+            _coerce_extras(buf)
+            write_partition(prefix, buf)
+        stats = StageStats("plan", n_in=len(buf), n_kept=len(buf), shards=1)
+        write_json_atomic(f"{prefix}.done", stats.to_json())
+        parts.append({"name": name, "count": len(buf)})
+        buf.clear()
+
+    for src in sources:
+        n = n_todo = 0
+        for s in iter_source(src, warc_stats):
+            n += 1
+            if not keys.add(s.key):
+                # keys stay unique across partitions and side file: the repeat is re-keyed and
+                # points at the first record; a record dropped for another reason keeps it
+                if s.kept:
+                    s.drop("duplicate_url", "ingest")
+                s.duplicate_of = s.key
+                s.key = make_key(f"dup:{s.key}:{drops.total()}")
+            if not s.kept:
+                drops[s.drop_reason or "dropped"] += 1
+                dropped.add(s)
+                continue
+            n_todo += 1
+            buf.append(s)
+            if len(buf) >= partition_size:
+                flush()
+        per_source.append({"source": _label(src), "records": n, "to_fetch": n_todo})
+    if buf:
+        flush()
+    dropped.finish(out / PLANNED_DROPPED)
+    write_json_atomic(
+        marker,
+        {
+            "version": 1,
+            "config": fp,
+            "partition_size": partition_size,
+            "partitions": parts,
+            "prefixes": [p["name"] for p in parts],
+            "counts": [p["count"] for p in parts],
+            "total": sum(p["count"] for p in parts),
+            "drops": dict(sorted(drops.items())),
+            "dropped": dropped.count,
+            "dropped_file": PLANNED_DROPPED,
+            "sources": per_source,
+            "warc": dict(sorted(warc_stats.items())),
+        },
+    )
+    return [str(out / p["name"]) for p in parts]

@@ -1,0 +1,210 @@
+"""Images from the HTML responses of WARC files (Common Crawl), streamed with FastWARC.
+
+One record is in memory at a time (its payload capped at `MAX_PAGE_BYTES`),
+so memory stays flat whatever the file size. Decisions:
+
+- Opted-out pages (`<meta name=robots content=noai>`, TDMRep, `X-Robots-Tag`)
+  still yield their images, already dropped with the reason, so the opt-out is
+  counted per image in the run report.
+- A record that cannot be used (payload shorter than its declared length, i.e.
+  a clipped file; an unreadable record; a parser failure; a broken archive
+  mid-file) yields one dropped *page record* with reason `page_error`
+  (key `make_key(page_url)`, `mime="text/html"`, the cause in
+  `extra["error"]`) and iteration goes on with the next record. Pass a
+  `Counter` as `stats` to also get per-file counts (see `STATS`).
+- Responses that are not HTML or not 2xx are skipped and counted: they are not
+  image candidates.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from ccurate.ingest.html import extract_images
+from ccurate.ingest.optout import tdm_header_reserved, x_robots_optout
+from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+from ccurate.record import Sample, make_key
+
+REASONS: dict[str, str] = {
+    "page_error": "a WARC record or page that could not be read or parsed (clipped, corrupt)",
+    "optout_meta_robots": "the page's <meta name=robots> says noai/noimageai",
+    "optout_tdmrep": "TDM rights reserved (<meta name=tdm-reservation content=1> or the header)",
+    "optout_x_robots_tag": "the response's X-Robots-Tag header says noai/noimageai",
+}
+
+STATS: dict[str, str] = {
+    "responses": "response records seen",
+    "html_pages": "HTML 2xx responses parsed",
+    "non_html": "responses skipped: not text/html or xhtml",
+    "non_2xx": "responses skipped: HTTP status not 2xx",
+    "page_error": "records skipped with a dropped page record",
+    "payload_truncated": "pages parsed although the crawler truncated them (WARC-Truncated)",
+    "optout_pages": "pages whose images were all dropped for an opt-out",
+    "images": "image samples yielded (kept or dropped)",
+    "img_skipped": "<img> elements without a usable URL or repeated on their page",
+}
+
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
+_CHARSET = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
+
+
+def _dechunk(data: bytes) -> bytes:
+    """Undo HTTP/1.1 chunked transfer coding (raw captures such as wget's keep it)."""
+    out = bytearray()
+    pos = 0
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            raise ValueError("chunked body without a chunk-size line")
+        size = int(data[pos:eol].split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            return bytes(out)
+        start = eol + 2
+        out += data[start : start + size]
+        if start + size > len(data):
+            raise ValueError("chunked body ends inside a chunk")
+        pos = start + size + 2
+
+
+def _decode_payload(body: bytes, transfer: str, encoding: str, cap: int) -> bytes:
+    """The HTML bytes of a payload stored with its HTTP transfer/content coding.
+
+    Common Crawl stores decoded payloads (and renames the headers), so this only
+    matters for raw captures. Decompression is capped at `cap` bytes (a bomb
+    gives a prefix, not an out-of-memory).
+    """
+    if "chunked" in transfer.lower():
+        body = _dechunk(body)
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return body
+    if enc in ("gzip", "x-gzip", "deflate"):
+        wbits = 47 if enc != "deflate" else 15  # 47: gzip or zlib header, auto-detected
+        try:
+            return zlib.decompressobj(wbits).decompress(body, cap)
+        except zlib.error:
+            if enc == "deflate":  # raw deflate without zlib header, as some servers send
+                return zlib.decompressobj(-15).decompress(body, cap)
+            raise
+    raise ValueError(f"unsupported Content-Encoding {encoding!r}")
+
+
+def _page_error(page_url: str, warc: Path, offset: int | None, why: str) -> Sample:
+    s = Sample(
+        key=make_key(page_url),
+        url=page_url,
+        page_url=page_url,
+        source_url=page_url,
+        mime="text/html",
+        extra={"warc_file": warc.name, "warc_offset": offset, "error": why[:500]},
+    )
+    s.drop("page_error", "ingest")
+    return s
+
+
+def iter_warc(
+    path: str | Path,
+    *,
+    stats: Counter[str] | None = None,
+    user_agent_token: str = "ccurate",
+    max_page_bytes: int = MAX_PAGE_BYTES,
+) -> Iterator[Sample]:
+    """Every image of every HTML response in a `.warc` / `.warc.gz`, page URL = WARC-Target-URI.
+
+    Images carry `extra["warc_file"]` and `extra["warc_offset"]` (the record's
+    offset in the file) so each sample can be traced back to its capture.
+    Raises `ValueError` only when the file cannot be opened at all.
+    """
+    path = Path(path)
+    st: Counter[str] = stats if stats is not None else Counter()
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed in finally; the generator may be abandoned
+    except OSError as exc:
+        raise ValueError(f"WARC file {path}: cannot open ({exc})") from exc
+    offset: int | None = None
+    page_url = path.resolve().as_uri()
+    try:
+        records = ArchiveIterator(fh, record_types=WarcRecordType.response, parse_http=True)
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                break
+            except Exception as exc:  # a corrupt archive ends this file only
+                st["page_error"] += 1
+                where = f"{path.resolve().as_uri()}#offset={offset}"
+                yield _page_error(where, path, offset, f"archive unreadable after record: {exc}")
+                break
+            st["responses"] += 1
+            offset = record.stream_pos
+            page_url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
+            if not page_url:
+                page_url = f"{path.resolve().as_uri()}#offset={offset}"
+            try:
+                http = record.http_headers
+                status = http.status_code if http is not None else None
+                ctype = (http.get("Content-Type") or "") if http is not None else ""
+                if status is None or not 200 <= int(status) < 300:
+                    st["non_2xx"] += 1
+                    continue
+                mime = ctype.lower().split(";")[0].strip()
+                if mime not in _HTML_TYPES:
+                    ident = (record.headers.get("WARC-Identified-Payload-Type") or "").lower()
+                    if mime or ident not in _HTML_TYPES:
+                        st["non_html"] += 1
+                        continue
+                expected = int(record.content_length)
+                body = record.reader.read(min(expected, max_page_bytes))
+                if len(body) < min(expected, max_page_bytes):
+                    st["page_error"] += 1
+                    why = f"truncated record: {len(body)} of {expected} payload bytes"
+                    yield _page_error(page_url, path, offset, why)
+                    continue
+                assert http is not None
+                x_robots = list(http.get_multiple("X-Robots-Tag"))
+                tdm_header = {"tdm-reservation": list(http.get_multiple("tdm-reservation"))}
+                body = _decode_payload(
+                    body,
+                    http.get("Transfer-Encoding") or "",
+                    http.get("Content-Encoding") or "",
+                    max_page_bytes,
+                )
+            except Exception as exc:  # one bad record must not end the file
+                st["page_error"] += 1
+                yield _page_error(page_url, path, offset, f"{type(exc).__name__}: {exc}")
+                continue
+            m = _CHARSET.search(ctype)
+            page = extract_images(
+                body,
+                page_url,
+                user_agent_token=user_agent_token,
+                encoding=m.group(1) if m else None,
+            )
+            if page.error:
+                st["page_error"] += 1
+                yield _page_error(page_url, path, offset, page.error)
+                continue
+            st["html_pages"] += 1
+            if record.headers.get("WARC-Truncated"):
+                st["payload_truncated"] += 1
+            # header opt-outs (the downloader's own rules, ingest.optout) outrank the page's
+            if x_robots_optout(x_robots, user_agent_token):
+                page.optout = "optout_x_robots_tag"
+            elif tdm_header_reserved(tdm_header):
+                page.optout = "optout_tdmrep"
+            if page.optout:
+                st["optout_pages"] += 1
+            st["img_skipped"] += sum(page.skipped.values())
+            for s in page.samples():
+                s.extra["warc_file"] = path.name
+                s.extra["warc_offset"] = offset
+                st["images"] += 1
+                yield s
+    finally:
+        fh.close()

@@ -1,0 +1,575 @@
+"""HTML/WARC parsing and structured licence metadata (ingest.html, ingest.warc, ingest.metadata)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from ccurate.ingest.html import (
+    MAX_TEXT,
+    PageExtract,
+    extract_images,
+    parse_srcset,
+)
+from ccurate.ingest.metadata import flickr_evidence, wikimedia_evidence
+from ccurate.ingest.warc import REASONS as WARC_REASONS
+from ccurate.ingest.warc import iter_warc
+from fastwarc.warc import ArchiveIterator, WarcRecordType
+from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+from ccurate.record import LicenseEvidence, make_key
+
+PAGE = "https://example.org/blog/post.html"
+BY_SA_4 = "https://creativecommons.org/licenses/by-sa/4.0/"
+BY_4 = "https://creativecommons.org/licenses/by/4.0/"
+
+
+def ev(sample_or_page) -> list[tuple[str, str, str]]:
+    items = (
+        sample_or_page.page_license_evidence
+        if isinstance(sample_or_page, PageExtract)
+        else sample_or_page.license_evidence
+    )
+    return [(e.scope, e.kind, e.value) for e in items]
+
+
+def one(html: str, url: str = PAGE, **kw):
+    page = extract_images(html, url, **kw)
+    assert page.error is None
+    return page
+
+
+def by_url(page: PageExtract) -> dict:
+    return {s.url: s for s in page.images}
+
+
+# --------------------------------------------------------------------------- real WARCs
+class _StdlibImgs(HTMLParser):
+    """An independent reading of <img> start tags to cross-check lexbor: count and alt texts."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.n = 0
+        self.alts: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.n += 1
+            a = dict(attrs)
+            if (a.get("src") or "").strip() and (a.get("alt") or "").strip():
+                self.alts.add(" ".join((a.get("alt") or "").split()))
+
+
+def test_wikipedia_page_licence_is_page_scope_not_image(real_fixtures: Path):
+    st: Counter[str] = Counter()
+    path = real_fixtures / "cc-main-2024-22-wikipedia-escopete.warc.gz"
+    samples = list(iter_warc(path, stats=st))
+    assert st["html_pages"] == 1 and st["page_error"] == 0
+    assert samples and all(s.kept for s in samples)
+    page_url = "https://an.wikipedia.org/wiki/Escopete"
+    for s in samples:
+        assert s.page_url == page_url and s.source_url == page_url
+        assert s.key == make_key(s.url, page_url)
+        assert s.url.startswith(("https://", "http://"))
+        scopes = {e.scope for e in s.license_evidence}
+        assert scopes == {"page"}, (s.url, ev(s))  # CC BY-SA is the page's, not the image's
+        assert ("page", "link_rel_license", f"{BY_SA_4}deed.an") in ev(s)
+        assert ("page", "cc_link", BY_SA_4) in ev(s)
+        assert s.extra["warc_file"] == "cc-main-2024-22-wikipedia-escopete.warc.gz"
+    # README: 9 img[alt] (the attribute, empty ones included)
+    assert sum(s.alt_text is not None for s in samples) == 9
+    urls = by_url_list(samples)
+    # srcset: the 2x candidate wins, protocol-relative URLs become https
+    escudo = next(s for s in samples if "Escudo_de_Escopete" in s.url)
+    assert escudo.url.startswith("https://upload.wikimedia.org/") and "/140px-" in escudo.url
+    assert escudo.alt_text == "Escudo d'armas"  # entity decoded
+    assert len(urls) == len(set(urls))
+    assert all(s.title for s in samples)
+
+
+def by_url_list(samples) -> list[str]:
+    return [s.url for s in samples]
+
+
+def test_cc_main_excerpt_finds_every_img_and_alt(real_fixtures: Path):
+    path = real_fixtures / "cc-main-2020-34-excerpt.warc.gz"
+    # an independent reading with the stdlib parser over the same pages, page by page
+    ref: dict[str, _StdlibImgs] = {}
+    with open(path, "rb") as fh:
+        for rec in ArchiveIterator(fh, record_types=WarcRecordType.response, parse_http=True):
+            body = rec.reader.read()
+            p = _StdlibImgs()
+            p.feed(bytes_to_str(body, detect_encoding(body, from_html_meta=True) or "utf-8"))
+            ref[rec.headers.get("WARC-Target-URI") or ""] = p
+    assert len(ref) == 16
+    st: Counter[str] = Counter()
+    samples = list(iter_warc(path, stats=st))
+    assert st["responses"] == 16 and st["html_pages"] == 16 and st["page_error"] == 0
+    # every <img> is a sample or counted as skipped (empty src, repeated on its page)
+    assert st["images"] + st["img_skipped"] == sum(p.n for p in ref.values()) > 100
+    assert st["images"] == len(samples)
+    # the alt texts found are the stdlib's, page by page; one missing only where its image
+    # URL repeats on the page (the first occurrence is kept, another alt is not merged in)
+    for page_url, p in ref.items():
+        found = {s.alt_text for s in samples if s.page_url == page_url and s.alt_text}
+        assert found <= p.alts, page_url
+        if found != p.alts:
+            assert any(s.extra.get("repeats_in_page") for s in samples if s.page_url == page_url)
+    assert sum(len(p.alts) for p in ref.values()) > 20
+    alts = {s.alt_text for s in samples}
+    assert "Стратегия пожарной безопасности" in alts  # windows-1251 page decoded
+    assert "用心专注，服务专业" in alts  # gb2312 page decoded
+    assert all(s.extra["warc_offset"] is not None for s in samples)
+
+
+def test_clipped_response_is_recorded_not_raised(real_fixtures: Path):
+    st: Counter[str] = Counter()
+    out = list(iter_warc(real_fixtures / "clipped-response.warc.gz", stats=st))
+    assert st["page_error"] == 1 and st["html_pages"] == 0
+    assert len(out) == 1
+    rec = out[0]
+    assert not rec.kept and rec.drop_reason == "page_error" and rec.drop_reason in WARC_REASONS
+    assert rec.mime == "text/html" and rec.url.startswith("http://www.houstonpress.com/")
+    assert "truncated" in rec.extra["error"]
+
+
+# --------------------------------------------------------------------------- synthetic WARCs
+def _warc_record(uri: str, status: str, headers: dict[str, str], body: bytes) -> bytes:
+    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    block = head.encode() + b"\r\n" + body
+    warc = (
+        "WARC/1.0\r\nWARC-Type: response\r\n"
+        f"WARC-Record-ID: <urn:uuid:{random.Random(uri).getrandbits(64):032x}>\r\n"
+        "WARC-Date: 2024-05-01T00:00:00Z\r\n"
+        f"WARC-Target-URI: {uri}\r\n"
+        "Content-Type: application/http; msgtype=response\r\n"
+        f"Content-Length: {len(block)}\r\n\r\n"
+    )
+    return warc.encode() + block + b"\r\n\r\n"
+
+
+def test_warc_optouts_status_types_and_plain_warc(tmp_path: Path):
+    html = b'<html><head>%s</head><body><img src="/a.jpg" alt="A"><img src="/b.jpg"></body></html>'
+    recs = [
+        _warc_record("http://s.test/ok", "200 OK", {"Content-Type": "text/html"}, html % b""),
+        _warc_record(
+            "http://s.test/robots",
+            "200 OK",
+            {"Content-Type": "text/html; charset=utf-8"},
+            html % b'<meta name="robots" content="index, NoAI">',
+        ),
+        _warc_record(
+            "http://s.test/tdm",
+            "200 OK",
+            {"Content-Type": "text/html"},
+            html % b'<meta name="tdm-reservation" content="1">',
+        ),
+        _warc_record(
+            "http://s.test/xr",
+            "200 OK",
+            {"Content-Type": "text/html", "X-Robots-Tag": "noimageai"},
+            html % b"",
+        ),
+        _warc_record(
+            "http://s.test/xr-other",
+            "200 OK",
+            {"Content-Type": "text/html", "X-Robots-Tag": "otherbot: noai"},
+            html % b"",
+        ),
+        _warc_record(
+            "http://s.test/tdmh",
+            "200 OK",
+            {"Content-Type": "text/html", "tdm-reservation": "1"},
+            html % b"",
+        ),
+        _warc_record("http://s.test/img.png", "200 OK", {"Content-Type": "image/png"}, b"\x89PNG"),
+        _warc_record("http://s.test/moved", "301 Moved", {"Location": "/ok"}, b""),
+    ]
+    plain = tmp_path / "x.warc"
+    plain.write_bytes(b"".join(recs))
+    gz = tmp_path / "x.warc.gz"
+    gz.write_bytes(b"".join(gzip.compress(r) for r in recs))
+    for path in (plain, gz):
+        st: Counter[str] = Counter()
+        out = list(iter_warc(path, stats=st))
+        assert st["non_html"] == 1 and st["non_2xx"] == 1 and st["optout_pages"] == 4
+        reasons = {
+            (str(s.page_url).rsplit("/", 1)[1], s.url.rsplit("/", 1)[1]): s.drop_reason for s in out
+        }
+        assert reasons == {
+            ("ok", "a.jpg"): None,
+            ("ok", "b.jpg"): None,
+            ("robots", "a.jpg"): "optout_meta_robots",
+            ("robots", "b.jpg"): "optout_meta_robots",
+            ("tdm", "a.jpg"): "optout_tdmrep",
+            ("tdm", "b.jpg"): "optout_tdmrep",
+            ("xr", "a.jpg"): "optout_x_robots_tag",
+            ("xr", "b.jpg"): "optout_x_robots_tag",
+            ("xr-other", "a.jpg"): None,  # addressed to another bot
+            ("xr-other", "b.jpg"): None,
+            ("tdmh", "a.jpg"): "optout_tdmrep",
+            ("tdmh", "b.jpg"): "optout_tdmrep",
+        }
+        assert all(s.url.startswith("http://s.test/") for s in out)
+
+
+def test_warc_raw_captures_with_http_codings(tmp_path: Path):
+    html = b'<html><body><img src="/z.jpg" alt="zipped"></body></html>'
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (html[:20], html[20:])) + b"0\r\n\r\n"
+    recs = [
+        _warc_record(
+            "http://r.test/gz",
+            "200 OK",
+            {"Content-Type": "text/html", "Content-Encoding": "gzip"},
+            gzip.compress(html),
+        ),
+        _warc_record(
+            "http://r.test/ch",
+            "200 OK",
+            {"Content-Type": "text/html", "Transfer-Encoding": "chunked"},
+            chunked,
+        ),
+        _warc_record(
+            "http://r.test/br",
+            "200 OK",
+            {"Content-Type": "text/html", "Content-Encoding": "br"},
+            b"\x0b\x02\x80",
+        ),
+        _warc_record(
+            "http://r.test/badgz",
+            "200 OK",
+            {"Content-Type": "text/html", "Content-Encoding": "gzip"},
+            b"not gzip",
+        ),
+    ]
+    path = tmp_path / "raw.warc"
+    path.write_bytes(b"".join(recs))
+    out = {str(s.page_url).rsplit("/", 1)[1]: s for s in iter_warc(path)}
+    assert out["gz"].url == "http://r.test/z.jpg" and out["gz"].alt_text == "zipped"
+    assert out["ch"].url == "http://r.test/z.jpg" and out["ch"].alt_text == "zipped"
+    for bad in ("br", "badgz"):
+        assert out[bad].drop_reason == "page_error" and out[bad].url == f"http://r.test/{bad}"
+
+
+def test_warc_garbage_tail_and_missing_file(tmp_path: Path):
+    good = _warc_record(
+        "http://s.test/p", "200 OK", {"Content-Type": "text/html"}, b'<img src="x.jpg">'
+    )
+    path = tmp_path / "bad.warc.gz"
+    path.write_bytes(gzip.compress(good) + random.Random(1).randbytes(5000))
+    out = list(iter_warc(path))  # must not raise
+    assert [s.url for s in out if s.kept] == ["http://s.test/x.jpg"]
+    with pytest.raises(ValueError, match=r"nope\.warc"):
+        list(iter_warc(tmp_path / "nope.warc"))
+
+
+# --------------------------------------------------------------------------- evidence placement
+def test_figure_rel_license_is_container_and_comes_first():
+    html = """<html><head><title>Blog</title>
+    <link rel="license" href="/site-license"></head><body>
+    <figure><img src="a.jpg" alt="A cat" title="Cat on a mat">
+      <figcaption>Photo by Jane Doe,
+        <a rel="license" href="https://creativecommons.org/licenses/by/4.0/">CC BY 4.0</a>
+      </figcaption>
+    </figure>
+    <p><img src="b.jpg" alt="other"></p>
+    <footer><a href="https://creativecommons.org/licenses/by-nc/4.0/">site CC BY-NC</a></footer>
+    </body></html>"""
+    page = one(html)
+    imgs = by_url(page)
+    a = imgs["https://example.org/blog/a.jpg"]
+    b = imgs["https://example.org/blog/b.jpg"]
+    assert ev(a)[0] == ("container", "rel_license", "https://creativecommons.org/licenses/by/4.0/")
+    assert ev(a)[1:] == ev(page)
+    assert a.author == "Jane Doe" and a.title == "Cat on a mat" and a.alt_text == "A cat"
+    assert ev(page) == [
+        ("page", "link_rel_license", "https://example.org/site-license"),
+        ("page", "cc_link", "https://creativecommons.org/licenses/by-nc/4.0/"),
+    ]
+    # the figure's licence is not the other image's, nor the page's
+    assert ev(b) == ev(page)
+    assert b.author is None and b.title == "Blog"
+
+
+def test_ccrel_about_the_image_is_image_scope_with_attribution():
+    html = """<body><div xmlns:cc="http://creativecommons.org/ns#" about="https://cdn.example.org/p/1.jpg">
+      <img src="https://cdn.example.org/p/1.jpg">
+      <a rel="cc:attributionURL" property="cc:attributionName"
+         href="https://example.org/~ann">Ann Author</a>
+      <a rel="license" href="http://creativecommons.org/licenses/by-sa/3.0/">CC BY-SA</a>
+    </div>
+    <div xmlns:cc="http://creativecommons.org/ns#"><img src="2.jpg">
+      <span property="cc:license" resource="http://creativecommons.org/licenses/by/2.0/"></span>
+      <span property="dct:title">Sunset</span></div></body>"""
+    imgs = by_url(one(html))
+    first = imgs["https://cdn.example.org/p/1.jpg"]
+    assert ev(first) == [("image", "ccrel", "http://creativecommons.org/licenses/by-sa/3.0/")]
+    assert first.author == "Ann Author"
+    assert first.extra["attribution_url"] == "https://example.org/~ann"
+    second = imgs["https://example.org/blog/2.jpg"]
+    assert ev(second) == [("container", "ccrel", "http://creativecommons.org/licenses/by/2.0/")]
+    assert second.title == "Sunset"
+
+
+def test_ccrel_attributes_on_the_img_element():
+    html = (
+        '<img src="x.jpg" xmlns:cc="http://creativecommons.org/ns#" rel="license" '
+        'resource="https://creativecommons.org/licenses/by/4.0/">'
+    )
+    (s,) = one(html).images
+    assert ev(s) == [("image", "ccrel", "https://creativecommons.org/licenses/by/4.0/")]
+
+
+def test_page_level_forms_and_public_domain_tools():
+    html = """<html><head><link rel="License" href="https://creativecommons.org/publicdomain/zero/1.0/">
+    <meta name="author" content="Site Owner"></head>
+    <body><div itemscope itemtype="https://schema.org/WebPage">
+      <img src="x.jpg">
+      <p>Text under <a rel="license nofollow" href="https://creativecommons.org/licenses/by/4.0/deed.de">BY</a>.</p>
+    </div>
+    <div id="foot">Old photos: <a href="https://creativecommons.org/publicdomain/mark/1.0/">PDM</a>
+    <a href="https://example.org/creativecommons-info">not a licence</a></div></body></html>"""
+    page = one(html)
+    assert ev(page) == [
+        ("page", "link_rel_license", "https://creativecommons.org/publicdomain/zero/1.0/"),
+        ("page", "rel_license", "https://creativecommons.org/licenses/by/4.0/deed.de"),
+        ("page", "cc_link", "https://creativecommons.org/publicdomain/mark/1.0/"),
+    ]
+    (s,) = page.images
+    assert ev(s) == ev(page)  # a page-wide itemscope is no image container
+    assert s.author is None and s.extra["page_author"] == "Site Owner"
+
+
+def test_rights_text_near_image_and_in_footer():
+    html = """<body>
+    <div class="wp-caption"><img src="a.jpg">
+      <p class="wp-caption-text">© 2021 Max Muster. Credit: Max Muster</p></div>
+    <img src="b.jpg" alt="Skyline (c) 2019 Foo">
+    <footer><p>Copyright 2024 ACME Inc. All rights reserved.</p>
+      <a href="/privacy">Copyright policy</a></footer>
+    </body>"""
+    page = one(html)
+    imgs = by_url(page)
+    a = imgs["https://example.org/blog/a.jpg"]
+    b = imgs["https://example.org/blog/b.jpg"]
+    assert ev(a)[0][:2] == ("container", "text") and "© 2021 Max Muster" in ev(a)[0][2]
+    assert a.author == "Max Muster"
+    assert ev(b)[0][:2] == ("image", "text") and "(c) 2019 Foo" in ev(b)[0][2]
+    (pg,) = ev(page)
+    assert pg[:2] == ("page", "text") and "All rights reserved" in pg[2]
+
+
+def test_no_evidence_at_all():
+    page = one("<html><head><title>T</title></head><body><p>Hi</p><img src=x.jpg></body></html>")
+    (s,) = page.images
+    assert s.license_evidence == [] and page.page_license_evidence == []
+    assert s.title == "T" and s.author is None and s.alt_text is None
+
+
+def test_schema_org_imageobject_licence():
+    html = """<body><div itemscope itemtype="https://schema.org/ImageObject">
+      <img itemprop="contentUrl" src="p.jpg"><link itemprop="license" href="https://creativecommons.org/licenses/by/4.0/">
+      <span itemprop="creator">Pat</span></div></body>"""
+    (s,) = one(html).images
+    assert ev(s) == [
+        ("container", "schema_license", "https://creativecommons.org/licenses/by/4.0/")
+    ]
+    assert s.author == "Pat"
+
+
+def test_nested_figures_do_not_lend_their_licence():
+    html = """<body><figure class="gallery">
+      <figure><img src="1.jpg"><a rel="license" href="https://creativecommons.org/licenses/by/4.0/">by</a></figure>
+      <figure><img src="2.jpg"></figure>
+      <a rel="license" href="https://creativecommons.org/licenses/by-sa/4.0/">gallery</a></figure></body>"""
+    imgs = by_url(one(html))
+    assert ev(imgs["https://example.org/blog/1.jpg"]) == [
+        ("container", "rel_license", "https://creativecommons.org/licenses/by/4.0/"),
+        ("container", "rel_license", "https://creativecommons.org/licenses/by-sa/4.0/"),
+    ]
+    assert ev(imgs["https://example.org/blog/2.jpg"]) == [
+        ("container", "rel_license", "https://creativecommons.org/licenses/by-sa/4.0/"),
+    ]
+
+
+# --------------------------------------------------------------------------- image URLs
+def test_srcset_lazy_load_base_and_skips():
+    html = """<html><head><base href="https://static.example.net/assets/"></head><body>
+    <img src="small.jpg"
+      srcset="small.jpg 320w, https://img.example.net/c_fill,w_1200/big.jpg 1200w, mid.jpg 800w">
+    <img src="data:image/gif;base64,R0lGOD" data-src="lazy1.jpg">
+    <img src="blank.gif" data-srcset="l2-1x.jpg 1x, l2-2x.jpg 2x">
+    <img data-lazy-src="lazy3.jpg"><img data-original="//cdn.example.net/lazy4.jpg#frag">
+    <picture><source srcset="pic.webp 2x, pic-small.webp 1x" type="image/webp"><img></picture>
+    <img src="data:image/png;base64,AAAA"><img src=""><img>
+    <img src="javascript:alert(1)"><img src="mid.jpg"><img src="small.jpg">
+    </body></html>"""
+    page = one(html, "https://example.org/a/b.html")
+    assert [s.url for s in page.images] == [
+        "https://img.example.net/c_fill,w_1200/big.jpg",
+        "https://static.example.net/assets/lazy1.jpg",
+        "https://static.example.net/assets/l2-2x.jpg",
+        "https://static.example.net/assets/lazy3.jpg",
+        "https://cdn.example.net/lazy4.jpg",
+        "https://static.example.net/assets/pic.webp",
+        "https://static.example.net/assets/mid.jpg",
+        "https://static.example.net/assets/small.jpg",
+    ]
+    assert page.skipped == Counter({"data_uri": 1, "empty_src": 2, "bad_url": 1})
+    assert page.n_img == len(page.images) + sum(page.skipped.values())
+    assert all(s.page_url == "https://example.org/a/b.html" for s in page.images)
+
+
+def test_duplicate_image_in_page_keeps_first():
+    page = one('<img src="x.jpg" alt="first"><img src="./x.jpg" alt="second"><img src="x.jpg#y">')
+    (s,) = page.images
+    assert s.alt_text == "first" and page.skipped["duplicate_in_page"] == 2
+    assert s.extra["repeats_in_page"] == 2
+
+
+def test_parse_srcset_tokeniser():
+    # per the HTML spec a comma inside a URL does not split it (CDN transforms)
+    assert parse_srcset("a.jpg, b.jpg 2x,c,d.jpg 100w") == [
+        ("a.jpg", 1.0, "x"),
+        ("b.jpg", 2.0, "x"),
+        ("c,d.jpg", 100.0, "w"),
+    ]
+    assert parse_srcset("u(1,2).jpg 10w, v.jpg 20w") == [
+        ("u(1,2).jpg", 10.0, "w"),
+        ("v.jpg", 20.0, "w"),
+    ]
+    assert parse_srcset("  ") == [] and parse_srcset(None) == []
+    assert parse_srcset("x.jpg bogus, y.jpg 3q") == [("x.jpg", 1.0, "x"), ("y.jpg", 1.0, "x")]
+
+
+# --------------------------------------------------------------------------- robustness
+@pytest.mark.parametrize(
+    "html",
+    [
+        random.Random(7).randbytes(20000),
+        b"",
+        "<html><body><div><img src='a.jpg' alt='x'><p><figure><img src=b.jpg <a href=",
+        "<img src=a.jpg alt='" + "x" * 1_000_000 + "'>",
+        "<img src='" + "a" * 100_000 + ".jpg'>",
+        b'<meta charset="utf-8"><img src="\xff\xfe.jpg" alt="caf\xe9 \xc3(">',
+        "<img src=a.jpg alt='\udcff lone surrogate'>",
+        "<" * 5000 + "img src=x.jpg>",
+        b"\x00\x00<img\x00 src=a.jpg>",
+    ],
+)
+def test_malformed_html_never_raises(html):
+    page = extract_images(html, PAGE)
+    assert isinstance(page, PageExtract)
+    for s in page.images:
+        assert s.url.startswith("http") and len(s.url) <= 8192
+        assert s.alt_text is None or len(s.alt_text) <= MAX_TEXT
+
+
+def test_bad_page_url_and_encoding_labels():
+    page = extract_images(
+        b"<img src=a.jpg><img src='https://x.test/b.jpg'>", "not a url", encoding="bogus-charset"
+    )
+    assert page.error is None and [s.url for s in page.images] == ["https://x.test/b.jpg"]
+    latin = "<img src=a.jpg alt='Café'>".encode("latin-1")
+    (s,) = extract_images(latin, PAGE, encoding="ISO-8859-1").images
+    assert s.alt_text == "Café"
+
+
+# --------------------------------------------------------------------------- opt-outs
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ('<meta name="robots" content="noai">', "optout_meta_robots"),
+        ('<meta name="ROBOTS" content="index,follow,noimageai">', "optout_meta_robots"),
+        ('<meta name="ccurate" content="NoAI">', "optout_meta_robots"),
+        ('<meta name="otherbot" content="noai">', None),
+        ('<meta name="robots" content="noindex, nofollow">', None),
+        ('<meta name="tdm-reservation" content="1">', "optout_tdmrep"),
+        ('<meta name="tdm-reservation" content="0">', None),
+        (
+            '<meta name="tdm-reservation" content="1"><meta name="robots" content="noai">',
+            "optout_meta_robots",
+        ),
+    ],
+)
+def test_meta_optouts(meta, expected):
+    page = one(f"<html><head>{meta}</head><body><img src=a.jpg></body></html>")
+    assert page.optout == expected
+    assert all(s.kept for s in page.images)  # extract leaves the decision to the caller
+    samples = page.samples()
+    assert [s.drop_reason for s in samples] == [expected]
+    assert all(s.kept == (expected is None) for s in samples)
+
+
+def test_user_agent_token_is_configurable():
+    html = '<meta name="mybot" content="noai"><img src=a.jpg>'
+    assert one(html).optout is None
+    assert one(html, user_agent_token="MyBot").optout == "optout_meta_robots"
+
+
+# --------------------------------------------------------------------------- metadata
+def test_wikimedia_extmetadata(real_fixtures: Path):
+    info = json.loads((real_fixtures / "wikimedia_commons_imageinfo.json").read_text())
+    ext = info["imageinfo"][0]["extmetadata"]
+    evidence, attribution = wikimedia_evidence(ext)
+    assert evidence == [
+        LicenseEvidence("metadata", "wikimedia", "https://creativecommons.org/licenses/by-sa/4.0"),
+        LicenseEvidence("metadata", "wikimedia", "cc-by-sa-4.0"),
+    ]
+    assert attribution["author"] == "PtrQs"  # HTML link stripped
+    assert attribution["attribution"] == "Photo by PtrQs"
+    assert attribution["attribution_required"] is True
+    assert attribution["credit"] == "Own work"
+    assert attribution["title"] == "20120925 PlozevetBretagne LoneTree DSC07971 PtrQs"
+    assert attribution["license_name"] == "CC BY-SA 4.0"
+
+
+def test_wikimedia_fallbacks_and_flat_values():
+    evidence, attribution = wikimedia_evidence(
+        {"LicenseShortName": "Public domain", "Artist": "A &amp; B", "NonFree": "true"}
+    )
+    assert [e.value for e in evidence] == ["Public domain", "NonFree"]
+    assert attribution["author"] == "A & B" and attribution["attribution_required"] is None
+    assert wikimedia_evidence({}) == ([], wikimedia_evidence({})[1])
+    with pytest.raises(ValueError):
+        wikimedia_evidence(["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+def test_flickr_evidence():
+    assert flickr_evidence(4) == LicenseEvidence("metadata", "flickr", "flickr:4")
+    assert flickr_evidence(" 10 ").value == "flickr:10"
+    assert flickr_evidence("0").value == "flickr:0"
+    for bad in ("CC BY 2.0", "-1", "", True, 4.5):
+        with pytest.raises(ValueError):
+            flickr_evidence(bad)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- bench
+def test_html_parser_bench_runs(real_fixtures: Path):
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "bench" / "html_parsers.py"),
+            "--rounds",
+            "1",
+            "--fixtures",
+            str(real_fixtures),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT html_parsers ")
+    kv = dict(item.split("=", 1) for item in last.split()[2:])
+    assert kv["lexbor_imgs"] == kv["stdlib_imgs"]  # both parsers see the same <img> elements
+    assert float(kv["lexbor_vs_stdlib"]) > 0
