@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ccurate.ingest.html import clean_text
 from selectolax.lexbor import LexborHTMLParser
 
+from ccurate.ingest.html import clean_text
 from ccurate.record import LicenseEvidence
 
 # The Flickr API's `license` ids (flickr.photos.licenses.getInfo). For reading

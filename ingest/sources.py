@@ -40,10 +40,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ccurate.ingest.warc import iter_warc
 from pydantic import Field
 
 from ccurate.configbase import Section
+from ccurate.ingest.warc import iter_warc
 from ccurate.record import LicenseEvidence, Sample, make_key, samples_to_table
 from ccurate.shardio import atomic_path, write_json_atomic, write_partition
 from ccurate.stage import StageStats

@@ -24,10 +24,10 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from ccurate.ingest.html import extract_images
-from ccurate.ingest.optout import tdm_header_reserved, x_robots_optout
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
+from ccurate.ingest.html import extract_images
+from ccurate.ingest.optout import tdm_header_reserved, x_robots_optout
 from ccurate.record import Sample, make_key
 
 REASONS: dict[str, str] = {

@@ -1,0 +1,178 @@
+"""SSRF guard: decide which addresses a URL may be fetched from, before connecting.
+
+A crawler that follows URLs from the web must not be steered into the
+operator's own network (cloud metadata at 169.254.169.254, admin panels on
+10.x, services on localhost). We resolve the host name ourselves, refuse it if
+*any* of its addresses is private, loopback, link-local, multicast, reserved or
+unspecified (a name with one public and one private record is a rebinding
+trick), and hand the checked addresses to the HTTP client, which connects to
+exactly those: the name is never resolved a second time, so there is no
+time-of-check/time-of-use gap. Every redirect hop goes through the same check.
+
+`allow_private=True` (tests, the loopback demo, the benchmark) skips the
+address check but keeps the scheme check and still pins the connection to the
+resolved address. `allow_networks` is the narrower opt-in: only the listed
+CIDRs (e.g. `127.0.0.0/8` for a loopback demo) are let through, every other
+non-public address is still refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+ALLOWED_SCHEMES = ("http", "https")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class Blocked(Exception):
+    """The URL may not be fetched; `reason` is an ingest drop reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Target:
+    """A URL split into what the client needs, with the addresses it may connect to."""
+
+    url: str
+    scheme: str
+    host: str  # lower-case host name or literal, without brackets
+    port: int
+    path: str  # path + query, never empty
+    addresses: tuple[str, ...]
+
+    @property
+    def origin(self) -> str:
+        default = DEFAULT_PORTS[self.scheme]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}" + ("" if self.port == default else f":{self.port}")
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+
+def is_public_address(addr: str) -> bool:
+    """True for globally routable unicast addresses (IPv4-mapped IPv6 is unwrapped)."""
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+        ip = ip.sixtofour
+    return bool(
+        ip.is_global
+        and not ip.is_multicast
+        and not ip.is_private
+        and not ip.is_loopback
+        and not ip.is_link_local
+        and not ip.is_reserved
+        and not ip.is_unspecified
+    )
+
+
+def split_url(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path) or `Blocked('bad_scheme')` for anything but http(s)."""
+    try:
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in ALLOWED_SCHEMES:
+            raise Blocked("bad_scheme", f"scheme {scheme!r} in {url[:100]!r}")
+        host = (parts.hostname or "").rstrip(".")
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as e:  # bad port, bad IPv6 literal
+        raise Blocked("bad_scheme", f"unparsable URL {url[:100]!r}: {e}") from None
+    if not host:
+        raise Blocked("bad_scheme", f"no host in {url[:100]!r}")
+    try:
+        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        raise Blocked("bad_scheme", f"bad host name in {url[:100]!r}") from None
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    # requote spaces and non-ASCII so the request line stays valid
+    path = "".join(c if 33 <= ord(c) < 127 else _pct(c) for c in path)
+    return scheme, host.lower(), port, path
+
+
+def _pct(c: str) -> str:
+    return "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+
+
+class Resolver:
+    """getaddrinfo with a small TTL cache, shared by the threads of one worker.
+
+    Failures are cached briefly too, so a batch with a thousand URLs on a
+    dead host costs one lookup, not a thousand.
+    """
+
+    def __init__(self, ttl: float = 300.0, negative_ttl: float = 30.0) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self._cache: dict[tuple[str, int], tuple[float, tuple[str, ...] | OSError]] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, host: str, port: int) -> tuple[str, ...]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get((host, port))
+        if hit is not None and hit[0] > now:
+            if isinstance(hit[1], OSError):
+                raise hit[1]
+            return hit[1]
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:  # gaierror is an OSError
+            with self._lock:
+                self._cache[(host, port)] = (now + self.negative_ttl, e)
+            raise
+        addrs = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+        with self._lock:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[(host, port)] = (now + self.ttl, addrs)
+        return addrs
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _allowed(addr: str, networks: tuple[Network, ...]) -> bool:
+    if is_public_address(addr):
+        return True
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+def check_url(
+    url: str,
+    resolver: Resolver,
+    allow_private: bool = False,
+    allow_networks: tuple[Network, ...] = (),
+) -> Target:
+    """Parse, resolve and vet one URL; raises `Blocked` or `OSError` (DNS failure).
+
+    Returns the addresses the client must connect to (public ones, or in
+    `allow_networks`, unless `allow_private`).
+    """
+    scheme, host, port, path = split_url(url)
+    addrs = resolver.resolve(host, port)
+    if not addrs:
+        raise OSError(f"no address for {host}")
+    if not allow_private:
+        bad = [a for a in addrs if not _allowed(a, allow_networks)]
+        if bad:
+            raise Blocked("ssrf_blocked", f"{host} resolves to non-public {bad[0]}")
+    return Target(url, scheme, host, port, path, addrs)

@@ -1,0 +1,233 @@
+"""Machine-readable opt-outs: X-Robots-Tag, TDMRep and robots.txt, checked before we keep a byte.
+
+What counts as an opt-out (all on by default, each can be switched off in
+`IngestConfig`, and each recorded as its own drop reason):
+
+- `X-Robots-Tag` response header with `noai` or `noimageai` (configurable
+  list), either for every bot (`X-Robots-Tag: noai`) or for our token
+  (`X-Robots-Tag: ccurate: noai`); directives addressed to another bot
+  (`otherbot: noai`) do not apply to us. -> `optout_x_robots_tag`
+- TDMRep (W3C TDM Reservation Protocol): a `tdm-reservation: 1` response
+  header, a `<meta name="tdm-reservation" content="1">` in the page (found by
+  `ingest.html`), or a matching rule with `"tdm-reservation": 1` in the
+  origin's `/.well-known/tdmrep.json` (fetched once per origin, cached for the
+  run). Rules are tried in file order and the first whose `location` pattern
+  matches decides; patterns use robots.txt syntax (`*` any run, trailing `$`
+  end of path). -> `optout_tdmrep`
+- robots.txt for our user-agent token, fetched once per origin and cached
+  (`urllib.robotparser`, which applies the first matching rule of the
+  group). As Google does: 2xx is parsed; any 4xx means there is no
+  robots.txt (everything allowed); 429 and 5xx mean "disallow everything on
+  this host for this run". If robots.txt cannot be reached at all (timeout,
+  connection error) the host's URLs take that transient reason, so a retry
+  run picks them up. The body is read up to 512 KiB, like Google. ->
+  `optout_robots_txt`
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.robotparser
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+# valued robots directives whose ":" is not a user-agent prefix
+_VALUED_DIRECTIVES = {
+    "unavailable_after",
+    "max-snippet",
+    "max-image-preview",
+    "max-video-preview",
+}
+_UA_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+ROBOTS_MAX_BYTES = 512 * 1024
+TDMREP_MAX_BYTES = 256 * 1024
+
+
+def x_robots_optout(
+    values: Iterable[str], token: str, directives: Iterable[str] = ("noai", "noimageai")
+) -> bool:
+    """True if any X-Robots-Tag header value opts out of AI use for everyone or for `token`.
+
+    Handles several header lines, comma-separated directives and the
+    `botname: directive, directive` form (the bot name applies to the
+    directives that follow it in the same header value).
+    """
+    wanted = {d.lower() for d in directives}
+    me = token.lower()
+    for value in values:
+        current: str | None = None  # None: applies to every bot
+        for raw in value.split(","):
+            item = raw.strip()
+            if not item:
+                continue
+            if ":" in item:
+                head, rest = item.split(":", 1)
+                head = head.strip().lower()
+                if head in _VALUED_DIRECTIVES:
+                    continue
+                if not _UA_NAME.match(head):
+                    continue  # e.g. the time of an unavailable_after date
+                current = head
+                item = rest.strip()
+                if not item:
+                    continue
+            if item.lower() in wanted and (current is None or current == me):
+                return True
+    return False
+
+
+def tdm_header_reserved(headers: Mapping[str, list[str]]) -> bool:
+    """A `tdm-reservation: 1` response header reserves TDM rights (TDMRep HTTP technique)."""
+    return any(v.strip() == "1" for v in headers.get("tdm-reservation", []))
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    anchored = pattern.endswith("$")
+    body = pattern[:-1] if anchored else pattern
+    rx = ".*".join(re.escape(part) for part in body.split("*"))
+    return re.compile(rx + ("$" if anchored else ""))
+
+
+@dataclass(frozen=True)
+class TdmRule:
+    location: re.Pattern[str]
+    reserved: bool
+
+
+def parse_tdmrep(body: bytes) -> list[TdmRule]:
+    """Rules of a `/.well-known/tdmrep.json` file; malformed files or entries give no rules."""
+    try:
+        data = json.loads(body.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(data, list):
+        return []
+    rules: list[TdmRule] = []
+    for entry in data:
+        if not isinstance(entry, dict) or "location" not in entry:
+            continue
+        loc = str(entry["location"])
+        if loc.startswith(("http://", "https://")):
+            loc = urlsplit(loc).path or "/"
+        if not loc.startswith(("/", "*")):
+            loc = "/" + loc
+        reserved = str(entry.get("tdm-reservation", "0")).strip() in ("1", "true", "True")
+        rules.append(TdmRule(_pattern_regex(loc), reserved))
+    return rules
+
+
+def tdmrep_reserved(rules: list[TdmRule], path: str) -> bool:
+    """First rule whose location matches `path` (path + query) decides."""
+    for rule in rules:
+        if rule.location.match(path):
+            return rule.reserved
+    return False
+
+
+@dataclass(frozen=True)
+class PolicyFetch:
+    """What fetching a policy file gave: the final status and body, or a failure reason."""
+
+    status: int | None
+    body: bytes = b""
+    reason: str | None = None  # set when no HTTP status was obtained (timeout, ...)
+
+
+@dataclass
+class _OriginPolicy:
+    ready: threading.Event
+    robots: urllib.robotparser.RobotFileParser | None = None
+    robots_all: bool | None = None  # True allow all, False disallow all, None: parsed
+    unreachable: str | None = None  # transient reason when robots.txt could not be fetched
+    tdm_rules: list[TdmRule] | None = None
+
+
+PolicyFetcher = Callable[[str, int], PolicyFetch]
+"""`fetch(url, max_bytes) -> PolicyFetch`, supplied by the HTTP client (redirects, SSRF guard)."""
+
+
+class OriginPolicies:
+    """Per-origin robots.txt and tdmrep.json, fetched once (single-flight) and cached for the run.
+
+    Thread-safe: the first thread that needs an origin fetches its files;
+    the others wait for it instead of fetching again.
+    """
+
+    def __init__(
+        self,
+        fetch: PolicyFetcher,
+        token: str,
+        robots: bool = True,
+        tdmrep: bool = True,
+        max_origins: int = 200_000,
+    ) -> None:
+        self.fetch = fetch
+        self.token = token
+        self.robots = robots
+        self.tdmrep = tdmrep
+        self.max_origins = max_origins
+        self._lock = threading.Lock()
+        self._origins: dict[str, _OriginPolicy] = {}
+        self.fetches = 0
+
+    def check(self, origin: str, path: str) -> str | None:
+        """Drop reason for fetching `origin` + `path`, or None if allowed."""
+        if not (self.robots or self.tdmrep):
+            return None
+        pol = self._get(origin)
+        if self.robots:
+            if pol.unreachable is not None:
+                return pol.unreachable
+            if pol.robots_all is False:
+                return "optout_robots_txt"
+            if pol.robots is not None and not pol.robots.can_fetch(self.token, origin + path):
+                return "optout_robots_txt"
+        if self.tdmrep and pol.tdm_rules and tdmrep_reserved(pol.tdm_rules, path):
+            return "optout_tdmrep"
+        return None
+
+    def _get(self, origin: str) -> _OriginPolicy:
+        with self._lock:
+            pol = self._origins.get(origin)
+            mine = pol is None
+            if pol is None:
+                if len(self._origins) >= self.max_origins:
+                    self._origins.clear()
+                pol = _OriginPolicy(threading.Event())
+                self._origins[origin] = pol
+        if mine:
+            try:
+                self._load(origin, pol)
+            finally:
+                pol.ready.set()
+        else:
+            pol.ready.wait()
+        return pol
+
+    def _load(self, origin: str, pol: _OriginPolicy) -> None:
+        if self.robots:
+            self.fetches += 1
+            got = self.fetch(origin + "/robots.txt", ROBOTS_MAX_BYTES)
+            if got.status is None:
+                if got.reason in ("timeout", "connection_error"):
+                    pol.unreachable = got.reason
+                else:  # blocked redirect, bad body...: as if there were no robots.txt
+                    pol.robots_all = True
+            elif 200 <= got.status < 300:
+                parser = urllib.robotparser.RobotFileParser()
+                parser.parse(got.body.decode("utf-8", "replace").splitlines())
+                pol.robots = parser
+            elif got.status == 429 or got.status >= 500:
+                pol.robots_all = False
+            else:  # 3xx left after redirects, 4xx: no robots.txt
+                pol.robots_all = True
+        if self.tdmrep and pol.unreachable is None:
+            self.fetches += 1
+            got = self.fetch(origin + "/.well-known/tdmrep.json", TDMREP_MAX_BYTES)
+            if got.status is not None and 200 <= got.status < 300:
+                pol.tdm_rules = parse_tdmrep(got.body)
+            else:
+                pol.tdm_rules = []

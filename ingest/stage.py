@@ -1,0 +1,440 @@
+"""IngestStage: planned records in, downloaded + normalised image samples (or drops) out.
+
+Input records come from `ingest.sources`:
+- image records (`mime` is not HTML): fetch the URL, check opt-outs, decode,
+  validate, resize, hash. A record that already carries `image` bytes (e.g.
+  from a WARC capture) skips the fetch and is only decoded and resized.
+- page records (`mime == "text/html"`): fetch the page, honour its header and
+  meta opt-outs, extract its images with `ingest.html.extract_images`, then
+  fetch those images in the same batch. A page that fails, opts out or holds
+  no image is returned dropped with its reason; a good page is replaced by its
+  images (which inherit the page record's input evidence and extra columns).
+
+Every input ends in exactly one status: its sample (or its page's samples)
+kept, or dropped with one of `REASONS`. Work runs on a per-worker thread pool
+(`threads`), hosts interleaved so per-host limits do not idle the pool; at
+most one batch of bodies is in memory, each body bounded by `max_bytes`.
+
+`plan_retry(out_dir)` re-plans the transient failures of a finished run
+(`timeout`, `connection_error`, `http_408`, `http_429`, `http_5xx`) that
+have not succeeded since, without touching what was downloaded.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+from ccurate.ingest.config import IngestConfig
+from ccurate.ingest.fetch import FetchOptions, HttpClient
+from ccurate.ingest.guard import Resolver, Target
+from ccurate.ingest.images import (
+    ImageDrop,
+    ImageOptions,
+    PixelBudget,
+    configure_pillow,
+    process_image,
+)
+from ccurate.ingest.optout import (
+    OriginPolicies,
+    PolicyFetch,
+    tdm_header_reserved,
+    x_robots_optout,
+)
+from ccurate.record import KEEP, LicenseEvidence, Sample, make_key
+from ccurate.shardio import list_shards, read_dropped, read_index
+from ccurate.stage import Resources, Stage
+
+STAGE = "ingest"
+HTML_MIMES = ("text/html", "application/xhtml+xml")
+IMAGE_ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5"
+PAGE_ACCEPT = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"
+
+REASONS: dict[str, str] = {
+    "http_<code>": "the server answered with this non-2xx status (after retries for 408/429/5xx)",
+    "timeout": "connect/read/total timeout, after retries",
+    "connection_error": "DNS failure, refused or reset connection, TLS or protocol error",
+    "too_many_redirects": "more than max_redirects hops, or a redirect loop",
+    "too_large": "body (or decompressed body) above max_bytes / max_page_bytes",
+    "not_an_image": "the bytes are no raster image (HTML, SVG, text, empty), whatever the "
+    "content type said; also an image URL answered with text/html",
+    "decode_error": "an image signature but truncated or corrupt data",
+    "decompression_bomb": "width x height above max_pixels (checked before decoding)",
+    "optout_x_robots_tag": "X-Robots-Tag noai/noimageai for all bots or for our token",
+    "optout_meta_robots": "the page's <meta name=robots|ccurate> says noai/noimageai",
+    "optout_tdmrep": "TDMRep: tdm-reservation header or meta, or /.well-known/tdmrep.json rule",
+    "optout_robots_txt": "robots.txt disallows our token (or answered 429/5xx: disallow all)",
+    "ssrf_blocked": "the host resolves to a private/loopback/link-local/multicast/reserved "
+    "address (first URL or any redirect hop)",
+    "bad_scheme": "not http(s), or no parsable host",
+    "page_error": "the page is not HTML, or its HTML could not be parsed",
+    "page_no_images": "the page was fetched and allowed but holds no usable image",
+    "image_too_small": "smaller side below min_image_size (off by default)",
+    "image_too_large": "larger side above max_image_size (off by default)",
+    "image_bad_aspect": "aspect ratio above max_aspect_ratio (off by default)",
+}
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_408", "http_429"})
+
+
+def is_transient(reason: str | None) -> bool:
+    """Failures worth retrying later: the same request may succeed another time."""
+    if not reason:
+        return False
+    if reason in TRANSIENT_REASONS:
+        return True
+    return len(reason) == 8 and reason.startswith("http_5") and reason[5:].isdigit()
+
+
+def _host(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _interleave(items: list[tuple[int, Sample]]) -> list[tuple[int, Sample]]:
+    """Round-robin over hosts so a batch dominated by one host does not queue on its limit."""
+    by_host: OrderedDict[str, list[tuple[int, Sample]]] = OrderedDict()
+    for item in items:
+        by_host.setdefault(_host(item[1].url), []).append(item)
+    if len(by_host) <= 1:
+        return items
+    queues = [list(reversed(v)) for v in by_host.values()]
+    out: list[tuple[int, Sample]] = []
+    while queues:
+        nxt = []
+        for q in queues:
+            out.append(q.pop())
+            if q:
+                nxt.append(q)
+        queues = nxt
+    return out
+
+
+HashFn = Callable[[Image.Image], tuple[str, str]]
+
+
+def _load_hasher() -> HashFn | None:
+    """`ccurate.filters.hashing.compute_hashes` if that module exists (written separately)."""
+    try:
+        from ccurate.filters.hashing import compute_hashes
+    except ModuleNotFoundError as e:
+        if e.name in ("ccurate.filters.hashing", "ccurate.filters"):
+            return None
+        raise
+    fn: HashFn = compute_hashes
+    return fn
+
+
+class IngestStage(Stage):
+    """Fetch + decode + resize planned records (see module doc); a source stage."""
+
+    name: ClassVar[str] = STAGE
+    preserves_keys: ClassVar[bool] = False
+
+    def __init__(self, config: IngestConfig | None = None) -> None:
+        self.config = config or IngestConfig()
+        self.batch_size = self.config.batch_size
+        self._client: HttpClient | None = None
+        self._policies: OriginPolicies | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._budget: PixelBudget | None = None
+        self._hasher: HashFn | None = None
+        self._image_opt = ImageOptions(
+            image_size=self.config.image_size,
+            resize_mode=self.config.resize_mode,
+            resize_only_if_bigger=self.config.resize_only_if_bigger,
+            output_format=self.config.output_format,
+            encode_quality=self.config.encode_quality,
+            keep_original=self.config.keep_original,
+            max_pixels=self.config.max_pixels,
+            min_image_size=self.config.min_image_size,
+            max_image_size=self.config.max_image_size,
+            max_aspect_ratio=self.config.max_aspect_ratio,
+            jpeg_draft=self.config.jpeg_draft,
+            jpeg_draft_factor=self.config.jpeg_draft_factor,
+            resize_filter=self.config.resize_filter,
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, memory_gb=2.0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for k in ("_client", "_policies", "_pool", "_budget", "_hasher"):
+            state[k] = None
+        return state
+
+    def setup(self) -> None:
+        if self._client is not None:
+            return
+        c = self.config
+        configure_pillow(c.max_pixels)
+        self._client = HttpClient(
+            FetchOptions.from_config(c, c.threads),
+            Resolver(),
+        )
+        self._policies = OriginPolicies(
+            self._fetch_policy_file, c.robots_token, c.respect_robots_txt, c.respect_tdmrep
+        )
+        self._pool = ThreadPoolExecutor(c.threads, thread_name_prefix="ingest")
+        self._budget = PixelBudget(c.decode_pixel_budget)
+        self._hasher = _load_hasher()
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._client is not None:
+            self._client.close()
+        self._client = self._policies = self._pool = self._budget = None
+
+    def describe(self) -> dict[str, Any]:
+        d = self.config.model_dump()
+        d["hashes"] = self._hasher is not None if self._client is not None else None
+        return d
+
+    # -- batch ----------------------------------------------------------------
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        if self._pool is None:
+            self.setup()
+        pool = self._pool
+        assert pool is not None
+        results: list[list[Sample]] = [[] for _ in batch]
+        page_images: dict[int, list[Sample]] = {}
+        # completions arrive on a queue: O(1) per finished job (futures.wait is O(pending))
+        done: queue.SimpleQueue[tuple[str, int, int, Future[Any]]] = queue.SimpleQueue()
+        outstanding = 0
+
+        def submit(fn: Callable[[Sample], Any], s: Sample, kind: str, i: int, j: int) -> None:
+            nonlocal outstanding
+            outstanding += 1
+            fut = pool.submit(fn, s)
+            fut.add_done_callback(lambda f: done.put((kind, i, j, f)))
+
+        images: list[tuple[int, Sample]] = []
+        for i, s in enumerate(batch):
+            if (s.mime or "").split(";")[0].strip().lower() in HTML_MIMES:
+                submit(self._page, s, "page", i, 0)
+            else:
+                images.append((i, s))
+        for i, s in _interleave(images):
+            submit(self._image, s, "image", i, 0)
+        while outstanding:
+            kind, i, j, fut = done.get()
+            outstanding -= 1
+            value = fut.result()
+            if kind == "image":
+                results[i] = [value]
+            elif kind == "page_image":
+                page_images[i][j] = value
+            elif isinstance(value, Sample):  # page dropped
+                results[i] = [value]
+            else:
+                page_images[i] = list(value)
+                for j2, img in _interleave(list(enumerate(value))):
+                    submit(self._image, img, "page_image", i, j2)
+        for i, imgs in page_images.items():
+            results[i] = imgs
+        return [s for group in results for s in group]
+
+    # -- one image ----------------------------------------------------------
+    def _image(self, s: Sample) -> Sample:
+        assert self._client is not None
+        c = self.config
+        body = s.image
+        if body is None:
+            res = self._client.get(
+                s.url,
+                accept=IMAGE_ACCEPT,
+                max_bytes=c.max_bytes,
+                hop_check=self._hop_check,
+                header_check=self._image_headers,
+            )
+            if not res.ok:
+                assert res.reason is not None
+                s.drop(res.reason, STAGE)
+                return s
+            body = res.body
+        try:
+            out = process_image(body, self._image_opt, self._budget)
+            hashes = self._hasher(out.image) if self._hasher is not None else None
+        except ImageDrop as e:
+            s.image = None
+            s.drop(e.reason, STAGE)
+            return s
+        s.image = out.data
+        s.mime = out.mime
+        s.width, s.height = out.width, out.height
+        s.original_width, s.original_height = out.original_width, out.original_height
+        s.sha256 = out.sha256
+        if hashes is not None:
+            s.pixel_sha256, s.phash = hashes
+        return s
+
+    def _hop_check(self, target: Target) -> str | None:
+        if self._policies is None:
+            return None
+        return self._policies.check(target.origin, target.path)
+
+    def _optout_headers(self, headers: dict[str, list[str]]) -> str | None:
+        c = self.config
+        if c.respect_x_robots_tag and x_robots_optout(
+            headers.get("x-robots-tag", []), c.robots_token, c.optout_directives
+        ):
+            return "optout_x_robots_tag"
+        if c.respect_tdmrep and tdm_header_reserved(headers):
+            return "optout_tdmrep"
+        return None
+
+    def _image_headers(self, status: int, headers: dict[str, list[str]]) -> str | None:
+        reason = self._optout_headers(headers)
+        if reason is not None:
+            return reason
+        ctype = (headers.get("content-type") or [""])[-1].split(";")[0].strip().lower()
+        if ctype in HTML_MIMES:
+            return "not_an_image"  # a soft-404 page: not worth downloading
+        return None
+
+    def _fetch_policy_file(self, url: str, max_bytes: int) -> PolicyFetch:
+        assert self._client is not None
+        res = self._client.get(
+            url,
+            accept="text/plain,application/json,*/*;q=0.5",
+            max_bytes=max_bytes,
+            truncate=True,
+            gzip_ok=True,
+        )
+        if res.ok:
+            return PolicyFetch(res.status, res.body)
+        if res.status is not None and res.reason == f"http_{res.status}":
+            return PolicyFetch(res.status)
+        return PolicyFetch(None, reason=res.reason)
+
+    # -- one page -------------------------------------------------------------
+    def _page(self, page: Sample) -> Sample | list[Sample]:
+        assert self._client is not None
+        c = self.config
+        res = self._client.get(
+            page.url,
+            accept=PAGE_ACCEPT,
+            max_bytes=c.max_page_bytes,
+            hop_check=self._hop_check,
+            header_check=lambda status, headers: self._optout_headers(headers),
+            gzip_ok=True,
+        )
+        if not res.ok:
+            assert res.reason is not None
+            page.drop(res.reason, STAGE)
+            return page
+        head = res.body[:512].lstrip().lower()
+        if res.content_type not in HTML_MIMES and not (
+            head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--"))
+        ):
+            page.drop("page_error", STAGE)
+            return page
+        from ccurate.ingest.html import extract_images  # written alongside; imported lazily
+
+        charset = None
+        for part in (res.header("content-type") or "").split(";")[1:]:
+            k, _, v = part.partition("=")
+            if k.strip().lower() == "charset" and v.strip():
+                charset = v.strip().strip('"')
+        try:
+            extract = extract_images(
+                res.body, res.url, user_agent_token=c.robots_token, encoding=charset
+            )
+        except Exception:
+            page.drop("page_error", STAGE)
+            return page
+        if extract.error:
+            page.drop("page_error", STAGE)
+            return page
+        optout = extract.optout
+        if optout == "optout_meta_robots" and c.respect_meta_robots:
+            page.drop(optout, STAGE)
+            return page
+        if optout == "optout_tdmrep" and c.respect_tdmrep:
+            page.drop(optout, STAGE)
+            return page
+        images: list[Sample] = []
+        seen: set[str] = set()
+        page_evidence = list(extract.page_license_evidence)
+        for img in extract.images:
+            if img.key in seen or img.key == page.key:
+                continue
+            seen.add(img.key)
+            _inherit(img, page, page_evidence)
+            images.append(img)
+        if not images:
+            page.drop("page_no_images", STAGE)
+            return page
+        return images
+
+
+def _inherit(img: Sample, page: Sample, page_evidence: list[LicenseEvidence]) -> None:
+    """Give an extracted image the page's evidence and the page record's input columns."""
+    have = {(e.scope, e.kind, e.value) for e in img.license_evidence}
+    for e in [*page_evidence, *page.license_evidence]:
+        if (e.scope, e.kind, e.value) not in have:
+            img.license_evidence.append(e)
+            have.add((e.scope, e.kind, e.value))
+    for k, v in page.extra.items():
+        img.extra.setdefault(k, v)
+    if img.page_url is None:
+        img.page_url = page.url
+
+
+def _resolve_page(last: dict[str, Sample | None], url: str, page_url: str | None) -> None:
+    """An image extracted from a page means the page itself got through (its key is the page's)."""
+    if page_url and url != page_url:
+        last[make_key(page_url)] = None
+
+
+def plan_retry(ingest_out_dir: str | Path) -> list[Sample]:
+    """Records of a finished ingest output whose last outcome was a transient drop.
+
+    Walks the finished shards oldest first (by completion marker time), so a
+    key that failed, was retried and then succeeded or failed permanently is
+    not planned again; successes are never re-planned. A page counts as
+    done once any image extracted from it is recorded (pages are keyed by
+    `make_key(page_url)`; a page whose redirect changed its URL is not
+    recognised and is fetched again). The records come back
+    as planned input (kept, no image; page records keep `mime="text/html"`),
+    ready to be written with `shardio.write_partition` and ingested again.
+    """
+    shards = list_shards(ingest_out_dir, done_only=True)
+    shards.sort(key=lambda p: (Path(f"{p}.done").stat().st_mtime, str(p)))
+    last: dict[str, Sample | None] = {}
+    for prefix in shards:
+        for row in read_index(prefix, columns=["key", "url", "page_url"]).to_pylist():
+            last[row["key"]] = None
+            _resolve_page(last, row["url"], row["page_url"])
+        for rb in read_dropped(prefix).to_batches(max_chunksize=1024):
+            for row in rb.to_pylist():
+                s = Sample.from_row(row)
+                if s.dropped_by == STAGE and is_transient(s.drop_reason):
+                    last[s.key] = s
+                else:
+                    last[s.key] = None
+                _resolve_page(last, s.url, s.page_url)
+    out: list[Sample] = []
+    for rec in last.values():
+        if rec is None:
+            continue
+        s = rec
+        s.status = KEEP
+        s.drop_reason = s.dropped_by = None
+        s.image = None
+        if (s.mime or "").split(";")[0] not in HTML_MIMES:
+            s.mime = None
+        out.append(s)
+    return out

@@ -1,0 +1,664 @@
+"""Ingest downloader end to end against a loopback server: every URL ends in one documented status.
+
+Covers HTTP behaviour (retries, Retry-After, redirects, timeouts, caps),
+opt-outs (X-Robots-Tag, TDMRep header/meta/well-known, robots.txt, meta
+robots), the SSRF guard, the page path, pooling/limits and `plan_retry`.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import time
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from ccurate.executor import ShardTask, run_task
+from ccurate.ingest.config import IngestConfig
+from ccurate.ingest.guard import Blocked, Resolver, check_url, is_public_address
+from ccurate.ingest.optout import parse_tdmrep, tdmrep_reserved, x_robots_optout
+from ccurate.ingest.stage import REASONS, IngestStage, is_transient, plan_retry
+from ccurate.record import Sample, make_key
+from ccurate.shardio import read_dropped, read_index, write_partition
+from tests.httpserver import Reply, TestServer, serve
+
+FAST: dict[str, Any] = dict(
+    connect_timeout=1.0,
+    read_timeout=0.5,
+    total_timeout=4.0,
+    retries=1,
+    backoff_base=0.05,
+    threads=8,
+    image_size=64,
+)
+
+
+def jpeg(w: int = 120, h: int = 90, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+JPEG = jpeg()
+HTML = b"<!doctype html><html><head><title>t</title></head><body><p>hello</p></body></html>"
+
+
+def img_reply(**kw) -> Reply:
+    return Reply(body=JPEG, content_type="image/jpeg", **kw)
+
+
+def rec(url: str, **kw) -> Sample:
+    return Sample(key=make_key(url), url=url, **kw)
+
+
+def page_rec(url: str) -> Sample:
+    return Sample(key=make_key(url), url=url, page_url=url, mime="text/html")
+
+
+def run(records: list[Sample], **cfg) -> list[Sample]:
+    settings = {"allow_private": True, **FAST, **cfg}
+    stage = IngestStage(IngestConfig(**settings))
+    stage.setup()
+    try:
+        return stage.process(records)
+    finally:
+        stage.teardown()
+
+
+def one(url: str, **cfg) -> Sample:
+    out = run([rec(url)], **cfg)
+    assert len(out) == 1
+    return out[0]
+
+
+def assert_documented(samples: list[Sample]) -> None:
+    for s in samples:
+        if not s.kept:
+            assert s.dropped_by == "ingest"
+            reason = s.drop_reason or ""
+            assert reason in REASONS or reason.startswith("http_"), reason
+
+
+@pytest.fixture()
+def srv():
+    with serve() as ts:
+        yield ts
+
+
+# ----------------------------------------------------------------- success path
+def test_success_fills_the_record(srv: TestServer):
+    url = srv.route("/a.jpg", img_reply())
+    s = one(url, user_agent="ccurate-test/1 (+mailto:x@y)")
+    assert s.kept, s.drop_reason
+    assert s.mime == "image/jpeg"
+    assert (s.original_width, s.original_height) == (120, 90)
+    assert (s.width, s.height) == (85, 64)  # keep_ratio: smaller side -> 64
+    import hashlib
+
+    assert s.sha256 == hashlib.sha256(JPEG).hexdigest()
+    assert Image.open(io.BytesIO(s.image or b"")).size == (85, 64)
+    assert "ccurate-test/1 (+mailto:x@y)" in srv.user_agents
+    assert srv.hits["/robots.txt"] == 1 and srv.hits["/.well-known/tdmrep.json"] == 1
+
+
+def test_hashes_follow_the_hashing_module(srv: TestServer):
+    import importlib.util
+
+    url = srv.route("/h.jpg", img_reply())
+    s = one(url)
+    assert s.kept
+    if importlib.util.find_spec("ccurate.filters.hashing") is None:
+        assert s.pixel_sha256 is None and s.phash is None
+    else:
+        assert s.pixel_sha256 and len(s.pixel_sha256) == 64
+        assert s.phash and len(s.phash) == 16
+
+
+def test_octet_stream_image_is_judged_by_its_bytes(srv: TestServer):
+    url = srv.route("/b", Reply(body=JPEG, content_type="application/octet-stream"))
+    assert one(url).kept
+
+
+def test_keep_alive_connections_are_reused(srv: TestServer):
+    urls = [srv.route(f"/k{i}.jpg", img_reply()) for i in range(12)]
+    out = run(
+        [rec(u) for u in urls],
+        per_host_connections=2,
+        respect_robots_txt=False,
+        respect_tdmrep=False,
+    )
+    assert all(s.kept for s in out)
+    assert srv.connections <= 2
+
+
+def test_per_host_concurrency_limit(srv: TestServer):
+    urls = [srv.route(f"/c{i}.jpg", img_reply(hold=0.1)) for i in range(8)]
+    out = run([rec(u) for u in urls], per_host_connections=2, threads=8)
+    assert all(s.kept for s in out)
+    assert srv.max_in_flight <= 2
+
+
+def test_per_host_rate_limit(srv: TestServer):
+    urls = [srv.route(f"/r{i}.jpg", img_reply()) for i in range(5)]
+    t0 = time.monotonic()
+    out = run(
+        [rec(u) for u in urls], per_host_rate=20.0, respect_robots_txt=False, respect_tdmrep=False
+    )
+    assert all(s.kept for s in out)
+    assert time.monotonic() - t0 >= 0.19  # 5 requests, 50 ms apart
+
+
+def test_output_order_and_pickling(srv: TestServer):
+    urls = [srv.route(f"/o{i}.jpg", img_reply()) for i in range(6)]
+    stage = IngestStage(IngestConfig(allow_private=True, **FAST))
+    stage.setup()
+    try:
+        clone = pickle.loads(pickle.dumps(stage))  # picklable even after setup
+        out = clone.process([rec(u) for u in urls])
+    finally:
+        stage.teardown()
+        clone.teardown()
+    assert [s.url for s in out] == urls
+
+
+# ----------------------------------------------------------------- HTTP errors
+def test_404_is_not_retried(srv: TestServer):
+    url = srv.route("/missing.jpg", Reply(404, b"nope"))
+    s = one(url)
+    assert s.drop_reason == "http_404"
+    assert srv.hits["/missing.jpg"] == 1
+
+
+def test_5xx_then_success(srv: TestServer):
+    url = srv.route("/flaky.jpg", [Reply(503), Reply(502), img_reply()])
+    s = one(url, retries=2)
+    assert s.kept, s.drop_reason
+    assert srv.hits["/flaky.jpg"] == 3
+
+
+def test_5xx_gives_up_after_retries(srv: TestServer):
+    url = srv.route("/down.jpg", Reply(500))
+    s = one(url, retries=1)
+    assert s.drop_reason == "http_500"
+    assert srv.hits["/down.jpg"] == 2
+
+
+def test_429_honours_retry_after(srv: TestServer):
+    url = srv.route("/busy.jpg", [Reply(429, headers=[("Retry-After", "1")]), img_reply()])
+    t0 = time.monotonic()
+    s = one(url, backoff_base=0.01)
+    assert s.kept, s.drop_reason
+    assert time.monotonic() - t0 >= 0.95
+    assert srv.hits["/busy.jpg"] == 2
+
+
+def test_429_with_long_retry_after_gives_up_now(srv: TestServer):
+    url = srv.route("/later.jpg", Reply(429, headers=[("Retry-After", "3600")]))
+    t0 = time.monotonic()
+    s = one(url)
+    assert s.drop_reason == "http_429"
+    assert time.monotonic() - t0 < 2.0
+    assert srv.hits["/later.jpg"] == 1
+
+
+def test_redirect_chain_is_followed(srv: TestServer):
+    srv.route("/r1", Reply(301, headers=[("Location", "/r2")]))
+    srv.route("/r2", Reply(302, headers=[("Location", srv.url("/r3"))]))
+    srv.route("/r3", Reply(307, headers=[("Location", "final.jpg")]))
+    srv.route("/final.jpg", img_reply())
+    s = one(srv.url("/r1"))
+    assert s.kept, s.drop_reason
+    assert s.url == srv.url("/r1")  # the record keeps the URL it was planned with
+
+
+def test_redirect_loop(srv: TestServer):
+    srv.route("/loop1", Reply(302, headers=[("Location", "/loop2")]))
+    srv.route("/loop2", Reply(302, headers=[("Location", "/loop1")]))
+    assert one(srv.url("/loop1")).drop_reason == "too_many_redirects"
+
+
+def test_redirect_chain_too_long(srv: TestServer):
+    for i in range(5):
+        srv.route(f"/hop{i}", Reply(301, headers=[("Location", f"/hop{i + 1}")]))
+    srv.route("/hop5", img_reply())
+    assert one(srv.url("/hop0"), max_redirects=3).drop_reason == "too_many_redirects"
+    assert one(srv.url("/hop0"), max_redirects=5).kept
+
+
+def test_slow_headers_time_out(srv: TestServer):
+    url = srv.route("/slow.jpg", img_reply(delay=1.5))
+    t0 = time.monotonic()
+    s = one(url, read_timeout=0.3, retries=0)
+    assert s.drop_reason == "timeout"
+    assert time.monotonic() - t0 < 1.4
+
+
+def test_trickled_body_hits_total_timeout(srv: TestServer):
+    url = srv.route("/drip.jpg", Reply(body=b"x" * 100, content_type="image/jpeg", trickle=0.05))
+    t0 = time.monotonic()
+    s = one(url, read_timeout=0.5, total_timeout=1.0, retries=0)
+    assert s.drop_reason == "timeout"
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_trickled_status_line_hits_total_timeout(srv: TestServer):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Padding: " + b"a" * 200
+    url = srv.route("/loris.jpg", Reply(raw_trickle=head, trickle=0.02))
+    t0 = time.monotonic()
+    s = one(url, read_timeout=0.5, total_timeout=1.0, retries=0)
+    assert s.drop_reason == "timeout"
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_body_over_cap_by_content_length(srv: TestServer):
+    url = srv.route("/big.jpg", Reply(body=b"\xff" * 50_000, content_type="image/jpeg"))
+    assert one(url, max_bytes=10_000).drop_reason == "too_large"
+
+
+def test_body_over_cap_when_chunked(srv: TestServer):
+    url = srv.route(
+        "/bigc.jpg", Reply(body=b"\xff" * 300_000, content_type="image/jpeg", chunked=True)
+    )
+    assert one(url, max_bytes=100_000).drop_reason == "too_large"
+
+
+def test_chunked_image_within_cap(srv: TestServer):
+    url = srv.route("/chunked.jpg", img_reply(chunked=True))
+    assert one(url).kept
+
+
+def test_connection_refused():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    out = one(f"http://127.0.0.1:{port}/x.jpg", retries=0)
+    assert out.drop_reason == "connection_error"
+
+
+def test_server_hangs_up(srv: TestServer):
+    url = srv.route("/hangup.jpg", Reply(hang_up=True))
+    assert one(url, retries=0).drop_reason == "connection_error"
+
+
+def test_unknown_host_is_a_connection_error():
+    assert one("http://no-such-host.invalid/x.jpg", retries=0).drop_reason == "connection_error"
+
+
+# ----------------------------------------------------------------- content checks
+def test_html_content_type_is_not_an_image(srv: TestServer):
+    url = srv.route("/soft404.jpg", Reply(body=HTML, content_type="text/html"))
+    assert one(url).drop_reason == "not_an_image"
+
+
+def test_html_served_as_image(srv: TestServer):
+    url = srv.route("/liar.jpg", Reply(body=HTML, content_type="image/jpeg"))
+    assert one(url).drop_reason == "not_an_image"
+
+
+def test_truncated_jpeg_is_a_decode_error(srv: TestServer):
+    url = srv.route("/trunc.jpg", Reply(body=JPEG[: len(JPEG) // 3], content_type="image/jpeg"))
+    assert one(url).drop_reason == "decode_error"
+
+
+def test_bomb_header_is_refused(srv: TestServer):
+    from tests.test_ingest_download_images import bomb_png
+
+    url = srv.route("/bomb.png", Reply(body=bomb_png(100_000, 100_000), content_type="image/png"))
+    assert one(url).drop_reason == "decompression_bomb"
+
+
+def test_optional_size_filters_only_when_configured(srv: TestServer):
+    url = srv.route("/tiny.jpg", Reply(body=jpeg(20, 10), content_type="image/jpeg"))
+    assert one(url).kept  # default: the quality filter decides
+    assert one(url, min_image_size=32).drop_reason == "image_too_small"
+    assert one(url, max_aspect_ratio=1.5).drop_reason == "image_bad_aspect"
+
+
+# ----------------------------------------------------------------- opt-outs
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([("X-Robots-Tag", "noai")], "optout_x_robots_tag"),
+        ([("X-Robots-Tag", "noindex, noimageai")], "optout_x_robots_tag"),
+        ([("X-Robots-Tag", "ccurate: noai")], "optout_x_robots_tag"),
+        (
+            [("X-Robots-Tag", "otherbot: noai"), ("X-Robots-Tag", "noimageai")],
+            "optout_x_robots_tag",
+        ),
+        ([("X-Robots-Tag", "otherbot: noai")], None),
+        ([("X-Robots-Tag", "noindex")], None),
+        ([("tdm-reservation", "1")], "optout_tdmrep"),
+        ([("tdm-reservation", "0")], None),
+    ],
+)
+def test_header_optouts(srv: TestServer, headers, reason):
+    url = srv.route("/o.jpg", img_reply(headers=headers))
+    s = one(url)
+    assert s.drop_reason == reason
+    assert s.kept == (reason is None)
+
+
+def test_header_optouts_can_be_switched_off(srv: TestServer):
+    url = srv.route(
+        "/o.jpg", img_reply(headers=[("X-Robots-Tag", "noai"), ("tdm-reservation", "1")])
+    )
+    assert one(url, respect_x_robots_tag=False, respect_tdmrep=False).kept
+
+
+def test_x_robots_parser_edge_cases():
+    assert x_robots_optout(["CCurate: NoAI"], "ccurate")
+    assert not x_robots_optout(
+        ["unavailable_after: 25 Jun 2010 15:00:00 PST, otherbot: noai"], "ccurate"
+    )
+    assert x_robots_optout(["otherbot: nofollow, noai, ccurate: noimageai"], "ccurate")
+    assert not x_robots_optout(["max-image-preview:large"], "ccurate")
+    assert x_robots_optout(["noindex"], "ccurate", directives=["noindex"])
+
+
+def test_robots_txt_disallow_is_honoured_and_cached(srv: TestServer):
+    srv.route(
+        "/robots.txt",
+        Reply(
+            body=b"User-agent: ccurate\nDisallow: /private/\n\nUser-agent: *\nDisallow: /\n",
+            content_type="text/plain",
+        ),
+    )
+    urls = [srv.route(f"/private/{i}.jpg", img_reply()) for i in range(3)]
+    urls += [srv.route(f"/public/{i}.jpg", img_reply()) for i in range(3)]
+    out = run([rec(u) for u in urls])
+    assert [s.drop_reason for s in out[:3]] == ["optout_robots_txt"] * 3
+    assert all(s.kept for s in out[3:])
+    assert srv.hits["/robots.txt"] == 1
+    assert not any(srv.hits[f"/private/{i}.jpg"] for i in range(3))
+
+
+def test_robots_txt_for_other_bots_does_not_apply(srv: TestServer):
+    srv.route(
+        "/robots.txt", Reply(body=b"User-agent: otherbot\nDisallow: /\n", content_type="text/plain")
+    )
+    assert one(srv.route("/x.jpg", img_reply())).kept
+
+
+def test_robots_txt_5xx_disallows_the_host_and_4xx_allows(srv: TestServer):
+    srv.route("/robots.txt", Reply(503))
+    assert one(srv.route("/x.jpg", img_reply()), retries=0).drop_reason == "optout_robots_txt"
+    srv.routes["/robots.txt"] = Reply(403)
+    assert one(srv.url("/x.jpg")).kept
+    srv.routes["/robots.txt"] = Reply(404)
+    assert one(srv.url("/x.jpg")).kept
+    assert one(srv.url("/x.jpg"), respect_robots_txt=False).kept
+
+
+def test_tdmrep_well_known_rules(srv: TestServer):
+    srv.route(
+        "/.well-known/tdmrep.json",
+        Reply(
+            body=b'[{"location": "/free/*", "tdm-reservation": 0},'
+            b' {"location": "/tdm/*", "tdm-reservation": 1, "tdm-policy": "https://p/x"}]',
+            content_type="application/json",
+        ),
+    )
+    urls = [srv.route(f"/tdm/{i}.jpg", img_reply()) for i in range(2)]
+    urls += [srv.route(f"/free/{i}.jpg", img_reply()) for i in range(2)]
+    out = run([rec(u) for u in urls])
+    assert [s.drop_reason for s in out] == ["optout_tdmrep", "optout_tdmrep", None, None]
+    assert srv.hits["/.well-known/tdmrep.json"] == 1
+
+
+def test_tdmrep_pattern_matching():
+    rules = parse_tdmrep(
+        b'[{"location": "/a/*.jpg$", "tdm-reservation": 1},'
+        b' {"location": "/", "tdm-reservation": 0}, {"bad": 1}]'
+    )
+    assert tdmrep_reserved(rules, "/a/b/c.jpg")
+    assert not tdmrep_reserved(rules, "/a/b/c.jpg?x=1")
+    assert not tdmrep_reserved(rules, "/b/c.jpg")
+    assert parse_tdmrep(b"not json") == []
+    assert parse_tdmrep(b'{"location": "/"}') == []
+
+
+# ----------------------------------------------------------------- SSRF guard
+def test_loopback_is_refused_by_default(srv: TestServer):
+    url = srv.route("/a.jpg", img_reply())
+    s = one(url, allow_private=False)
+    assert s.drop_reason == "ssrf_blocked"
+    assert srv.hits["/a.jpg"] == 0 and srv.connections == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:9/x.jpg",
+        "http://2130706433:9/x.jpg",  # 127.0.0.1 as a number
+        "http://[::1]:9/x.jpg",
+        "http://[::ffff:127.0.0.1]:9/x.jpg",
+        "http://10.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://192.168.1.1/x.jpg",
+        "http://224.0.0.1/x.jpg",
+        "http://0.0.0.0/x.jpg",
+    ],
+)
+def test_private_targets_are_blocked_without_connecting(url: str):
+    with pytest.raises(Blocked) as e:
+        check_url(url, Resolver(), allow_private=False)
+    assert e.value.reason == "ssrf_blocked"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://x/y.jpg",
+        "data:image/png;base64,AA",
+        "javascript:alert(1)",
+        "http:///nohost.jpg",
+        "",
+    ],
+)
+def test_bad_schemes(url: str):
+    s = one(url)
+    assert s.drop_reason == "bad_scheme"
+
+
+def test_public_address_classification():
+    assert is_public_address("8.8.8.8") and is_public_address("2606:4700:4700::1111")
+    for a in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.0.1",
+        "169.254.1.1",
+        "100.64.0.1",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:10.0.0.1",
+        "239.1.1.1",
+        "0.0.0.0",
+    ]:
+        assert not is_public_address(a), a
+
+
+def test_redirect_to_private_address_is_blocked(srv: TestServer):
+    # loopback allowed as a narrow opt-in; the redirect hop to 10.0.0.1 is still refused
+    srv.route("/go", Reply(302, headers=[("Location", "http://10.0.0.1/secret.jpg")]))
+    srv.route("/meta", Reply(302, headers=[("Location", "http://169.254.169.254/latest/")]))
+    srv.route("/file", Reply(302, headers=[("Location", "file:///etc/passwd")]))
+    out = run(
+        [rec(srv.url("/go")), rec(srv.url("/meta")), rec(srv.url("/file"))],
+        allow_private=False,
+        allow_networks=["127.0.0.0/8"],
+    )
+    assert [s.drop_reason for s in out] == ["ssrf_blocked", "ssrf_blocked", "bad_scheme"]
+
+
+# ----------------------------------------------------------------- pages
+def _page(body: str) -> bytes:
+    return f"<!doctype html><html><head><title>P</title></head><body>{body}</body></html>".encode()
+
+
+def test_page_expands_into_its_images(srv: TestServer):
+    srv.route("/img/ok.jpg", img_reply())
+    page = srv.route(
+        "/p.html",
+        Reply(
+            body=_page(
+                '<img src="/img/ok.jpg" alt="a red thing"><img src="img/missing.jpg" alt="gone">'
+                '<img src="/img/ok.jpg" alt="twice">'
+            ),
+            content_type="text/html; charset=utf-8",
+        ),
+    )
+    pr = page_rec(page)
+    pr.extra["source"] = "test-list"
+    out = run([pr])
+    assert len(out) == 2
+    ok, missing = out
+    assert ok.kept and ok.url == srv.url("/img/ok.jpg") and ok.alt_text == "a red thing"
+    assert ok.page_url == page and ok.extra.get("source") == "test-list"
+    assert missing.drop_reason == "http_404"
+    assert_documented(out)
+
+
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        ('<meta name="robots" content="noai, noimageai">', "optout_meta_robots"),
+        ('<meta name="ccurate" content="noimageai">', "optout_meta_robots"),
+        ('<meta name="tdm-reservation" content="1">', "optout_tdmrep"),
+        ('<meta name="otherbot" content="noai">', None),
+    ],
+)
+def test_page_meta_optouts(srv: TestServer, head: str, reason: str | None):
+    srv.route("/img/ok.jpg", img_reply())
+    body = f'<!doctype html><html><head>{head}</head><body><img src="/img/ok.jpg"></body></html>'
+    page = srv.route("/m.html", Reply(body=body.encode(), content_type="text/html"))
+    out = run([page_rec(page)])
+    assert len(out) == 1
+    assert out[0].drop_reason == reason
+    if reason is not None:
+        assert out[0].url == page and srv.hits["/img/ok.jpg"] == 0
+
+
+def test_page_header_optouts_and_failures(srv: TestServer):
+    srv.route("/img/ok.jpg", img_reply())
+    body = _page('<img src="/img/ok.jpg">')
+    pages = [
+        srv.route(
+            "/xr.html",
+            Reply(body=body, content_type="text/html", headers=[("X-Robots-Tag", "noai")]),
+        ),
+        srv.route(
+            "/tdm.html",
+            Reply(body=body, content_type="text/html", headers=[("tdm-reservation", "1")]),
+        ),
+        srv.route("/gone.html", Reply(410, b"gone")),
+        srv.route("/notpage.html", Reply(body=JPEG, content_type="image/jpeg")),
+        srv.route("/empty.html", Reply(body=_page("<p>no images</p>"), content_type="text/html")),
+    ]
+    out = run([page_rec(p) for p in pages])
+    assert [s.drop_reason for s in out] == [
+        "optout_x_robots_tag",
+        "optout_tdmrep",
+        "http_410",
+        "page_error",
+        "page_no_images",
+    ]
+    assert [s.url for s in out] == pages
+    assert srv.hits["/img/ok.jpg"] == 0
+    assert_documented(out)
+
+
+def test_mixed_batch_every_input_has_one_status(srv: TestServer):
+    srv.route("/img/ok.jpg", img_reply())
+    page = srv.route(
+        "/p.html", Reply(body=_page('<img src="/img/ok.jpg">'), content_type="text/html")
+    )
+    records = [
+        rec(srv.route("/a.jpg", img_reply())),
+        page_rec(page),
+        rec(srv.url("/nothing.jpg")),
+        rec("ftp://x/y"),
+    ]
+    out = run(records)
+    assert [s.drop_reason for s in out] == [None, None, "http_404", "bad_scheme"]
+    assert out[1].page_url == page
+
+
+def test_prefetched_bytes_skip_the_network():
+    s = rec("http://example.invalid/x.jpg")
+    s.image = JPEG
+    out = run([s], allow_private=False)
+    assert out[0].kept and out[0].width == 85
+
+
+# ----------------------------------------------------------------- retry planning
+def test_plan_retry_replans_only_transient_failures(srv: TestServer, tmp_path):
+    srv.route("/good.jpg", img_reply())
+    srv.route("/flaky.jpg", Reply(503))
+    srv.route("/gone.jpg", Reply(404))
+    srv.route("/slow.jpg", img_reply(delay=1.0))
+    flaky_page = srv.route("/fp.html", Reply(500))
+    records = [rec(srv.url(p)) for p in ("/good.jpg", "/flaky.jpg", "/gone.jpg", "/slow.jpg")]
+    records.append(page_rec(flaky_page))
+    write_partition(tmp_path / "in" / "shard-00000", records)
+    stage = IngestStage(
+        IngestConfig(allow_private=True, **{**FAST, "retries": 0, "read_timeout": 0.3})
+    )
+    stage.setup()
+    try:
+        run_task(
+            stage,
+            ShardTask(str(tmp_path / "in" / "shard-00000"), str(tmp_path / "out" / "shard-00000")),
+        )
+        dropped = {
+            r["url"]: r["drop_reason"]
+            for r in read_dropped(tmp_path / "out" / "shard-00000").to_pylist()
+        }
+        assert dropped == {
+            srv.url("/flaky.jpg"): "http_503",
+            srv.url("/gone.jpg"): "http_404",
+            srv.url("/slow.jpg"): "timeout",
+            flaky_page: "http_500",
+        }
+        retry = plan_retry(tmp_path / "out")
+        assert sorted(s.url for s in retry) == sorted(
+            [srv.url("/flaky.jpg"), srv.url("/slow.jpg"), flaky_page]
+        )
+        assert all(s.kept and s.image is None and s.drop_reason is None for s in retry)
+        assert {s.url: s.mime for s in retry}[flaky_page] == "text/html"
+        # the server recovers; the retry run downloads only the failures
+        srv.routes["/flaky.jpg"] = img_reply()
+        srv.routes["/slow.jpg"] = img_reply()
+        srv.routes["/fp.html"] = Reply(
+            body=_page('<img src="/good.jpg">'), content_type="text/html"
+        )
+        good_hits = srv.hits["/good.jpg"]
+        write_partition(tmp_path / "in" / "shard-retry-00000", retry)
+        time.sleep(0.02)  # distinct marker times
+        run_task(
+            stage,
+            ShardTask(
+                str(tmp_path / "in" / "shard-retry-00000"),
+                str(tmp_path / "out" / "shard-retry-00000"),
+            ),
+        )
+    finally:
+        stage.teardown()
+    kept = read_index(tmp_path / "out" / "shard-retry-00000").column("url").to_pylist()
+    assert sorted(kept) == sorted(
+        [srv.url("/flaky.jpg"), srv.url("/slow.jpg"), srv.url("/good.jpg")]
+    )
+    assert srv.hits["/good.jpg"] == good_hits + 1  # once, as the retried page's image
+    assert plan_retry(tmp_path / "out") == []
+
+
+def test_transient_classification():
+    for r in ["timeout", "connection_error", "http_429", "http_503", "http_500", "http_408"]:
+        assert is_transient(r), r
+    for bad in ["http_404", "http_403", "optout_robots_txt", "not_an_image", None, "http_5"]:
+        assert not is_transient(bad), bad

@@ -1,0 +1,259 @@
+"""Decode/validate/resize of downloaded bodies: odd modes, orientation, bombs, resize modes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ccurate.ingest.images import ImageDrop, ImageOptions, configure_pillow, process_image
+
+configure_pillow(ImageOptions().max_pixels)
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(w: int, h: int) -> bytes:
+    """A tiny, valid-looking PNG whose header claims w x h pixels."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    chunks = _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def photo(w: int = 400, h: int = 300, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], -1)
+    noise = rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+OPT = ImageOptions(image_size=64)
+
+
+def test_plain_jpeg_keep_ratio():
+    data = _save(photo(400, 300), "JPEG", quality=90)
+    r = process_image(data, OPT)
+    assert (r.width, r.height) == (85, 64)
+    assert (r.original_width, r.original_height) == (400, 300)
+    assert r.mime == "image/jpeg" and decode(r.data).size == (85, 64)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [
+        ("keep_ratio", (85, 64)),
+        ("keep_ratio_largest", (64, 48)),
+        ("center_crop", (64, 64)),
+        ("border", (64, 64)),
+        ("no", (400, 300)),
+    ],
+)
+def test_resize_modes(mode: str, size: tuple[int, int]):
+    data = _save(photo(400, 300), "PNG")
+    r = process_image(data, ImageOptions(image_size=64, resize_mode=mode))
+    assert (r.width, r.height) == size
+    if mode == "border":
+        px = np.asarray(decode(r.data).convert("RGB"))
+        assert px[:4].max() < 20 and px[-4:].max() < 20  # black bands top and bottom
+        assert px[32].mean() > 40
+
+
+def test_small_images_are_upscaled_unless_only_if_bigger():
+    data = _save(photo(40, 30), "PNG")
+    assert process_image(data, OPT).height == 64
+    r = process_image(data, ImageOptions(image_size=64, resize_only_if_bigger=True))
+    assert (r.width, r.height) == (40, 30)
+
+
+def test_output_formats():
+    data = _save(photo(100, 100), "JPEG")
+    for fmt, mime, pil in [("png", "image/png", "PNG"), ("webp", "image/webp", "WEBP")]:
+        r = process_image(data, ImageOptions(image_size=32, output_format=fmt, encode_quality=80))
+        assert r.mime == mime and decode(r.data).format == pil
+
+
+def test_jpeg_draft_matches_full_decode():
+    data = _save(photo(1024, 768, seed=3), "JPEG", quality=92)
+    fast = process_image(data, ImageOptions(image_size=256, output_format="png"))
+    slow = process_image(data, ImageOptions(image_size=256, output_format="png", jpeg_draft=False))
+    assert (fast.width, fast.height) == (slow.width, slow.height) == (341, 256)
+    a = np.asarray(decode(fast.data), np.float64)
+    b = np.asarray(decode(slow.data), np.float64)
+    psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
+    assert psnr > 40, psnr
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (200, 100), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 100, 100))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    data = _save(img, "JPEG", exif=exif.tobytes(), quality=95)
+    r = process_image(data, ImageOptions(image_size=50, resize_mode="keep_ratio"))
+    assert (r.original_width, r.original_height) == (100, 200)
+    assert (r.width, r.height) == (50, 100)
+    px = np.asarray(decode(r.data))
+    assert px[10, 25, 2] > 200 and px[10, 25, 0] < 60  # top is blue after rotation
+    assert px[90, 25, 0] > 200
+
+
+def test_cmyk_jpeg():
+    data = _save(Image.new("CMYK", (80, 80), (0, 255, 255, 0)), "JPEG")
+    r = process_image(data, OPT)
+    px = np.asarray(decode(r.data))
+    assert px[32, 32, 0] > 200 and px[32, 32, 1] < 60 and px[32, 32, 2] < 60  # red
+
+
+def test_16bit_grey_is_rescaled_not_clipped():
+    arr = np.full((80, 80), 32768, np.uint16)
+    data = _save(Image.fromarray(arr), "PNG")
+    r = process_image(data, OPT)
+    px = np.asarray(decode(r.data))
+    assert 120 <= int(px[32, 32, 0]) <= 135
+
+
+def test_palette_with_transparency_goes_on_white():
+    img = Image.new("P", (80, 80), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    img.paste(1, (0, 0, 40, 80))
+    data = _save(img, "PNG", transparency=0)
+    r = process_image(data, OPT)
+    px = np.asarray(decode(r.data))
+    assert px[32, 5].tolist()[0] > 200 and px[32, 5, 1] < 60  # red half
+    assert px[32, 60].min() > 230  # transparent half -> white, not black
+
+
+def test_rgba_alpha_goes_on_white():
+    img = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
+    img.paste((0, 128, 0, 255), (40, 0, 80, 80))
+    r = process_image(_save(img, "PNG"), OPT)
+    px = np.asarray(decode(r.data))
+    assert px[32, 5].min() > 230 and px[32, 60, 1] > 100
+
+
+def test_animated_gif_keeps_first_frame():
+    frames = [Image.new("RGB", (60, 60), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    data = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    r = process_image(data, OPT)
+    px = np.asarray(decode(r.data))
+    assert px[30, 30, 0] > 200 and px[30, 30, 2] < 60
+
+
+def test_grey_and_bilevel():
+    cases: list[tuple[str, int | tuple[int, int]]] = [("L", 128), ("1", 1), ("LA", (100, 255))]
+    for mode, color in cases:
+        r = process_image(_save(Image.new(mode, (70, 70), color), "PNG"), OPT)
+        assert decode(r.data).mode == "RGB"
+
+
+def test_bombs_are_refused_before_decoding():
+    with pytest.raises(ImageDrop) as e:
+        process_image(bomb_png(100_000, 100_000), OPT)
+    assert e.value.reason == "decompression_bomb"
+    with pytest.raises(ImageDrop) as e:
+        process_image(bomb_png(3000, 3000), ImageOptions(image_size=64, max_pixels=1_000_000))
+    assert e.value.reason == "decompression_bomb"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "not_an_image"),
+        (b"<!doctype html><html></html>", "not_an_image"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "not_an_image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "decode_error"),
+        (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "decode_error"),
+    ],
+)
+def test_not_images_and_broken_images(data: bytes, reason: str):
+    with pytest.raises(ImageDrop) as e:
+        process_image(data, OPT)
+    assert e.value.reason == reason
+
+
+def test_truncated_files_are_decode_errors():
+    for fmt in ("JPEG", "PNG"):
+        data = _save(photo(200, 200), fmt)
+        with pytest.raises(ImageDrop) as e:
+            process_image(data[: len(data) // 2], OPT)
+        assert e.value.reason == "decode_error", fmt
+
+
+def test_keep_original_stores_the_downloaded_bytes():
+    data = _save(photo(300, 200), "PNG")
+    r = process_image(data, ImageOptions(image_size=64, keep_original=True))
+    assert r.data == data and r.mime == "image/png" and (r.width, r.height) == (300, 200)
+
+
+def test_size_filters():
+    data = _save(photo(300, 60), "PNG")
+    cases = [
+        (ImageOptions(min_image_size=100), "image_too_small"),
+        (ImageOptions(max_image_size=200), "image_too_large"),
+        (ImageOptions(max_aspect_ratio=3.0), "image_bad_aspect"),
+    ]
+    for opt, reason in cases:
+        with pytest.raises(ImageDrop) as e:
+            process_image(data, opt)
+        assert e.value.reason == reason
+    assert process_image(data, ImageOptions(image_size=32)).original_width == 300
+
+
+@pytest.mark.parametrize("filt", ["area", "lanczos", "bicubic"])
+def test_resize_filters_agree(filt: str):
+    data = _save(photo(400, 300, seed=5), "PNG")
+    ref = process_image(
+        data, ImageOptions(image_size=64, output_format="png", resize_filter="lanczos")
+    )
+    r = process_image(data, ImageOptions(image_size=64, output_format="png", resize_filter=filt))
+    assert (r.width, r.height) == (ref.width, ref.height) == (85, 64)
+    diff = np.abs(np.asarray(decode(r.data), float) - np.asarray(decode(ref.data), float))
+    assert diff.mean() < 6.0
+
+
+def test_pixel_budget_serialises_big_images_only():
+    import threading
+    import time
+
+    from ccurate.ingest.images import PixelBudget
+
+    budget = PixelBudget(100)
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def work(px: int) -> None:
+        with budget.hold(px):
+            with lock:
+                seen.add(budget.used)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=work, args=(60,)) for _ in range(4)]
+    threads.append(threading.Thread(target=work, args=(500,)))  # above the budget: alone
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert seen == {60, 500} and budget.used == 0  # never two at once over the budget
+    small = PixelBudget(1000)
+    with small.hold(10), small.hold(10):  # ordinary images do not wait for each other
+        assert small.used == 20
