@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+
 from ccurate.filters.licenses import explain
 
 

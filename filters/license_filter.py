@@ -39,10 +39,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from ccurate.filters.licenses import REASONS, LicenseInfo, normalize, read, resolve
 from pydantic import Field, field_validator
 
 from ccurate.configbase import Section
+from ccurate.filters.licenses import REASONS, LicenseInfo, normalize, read, resolve
 from ccurate.record import Decision, LicenseEvidence, Sample
 from ccurate.stage import Filter
 

@@ -8,6 +8,9 @@ from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ccurate.filters.licenses import (
     FLICKR,
     REASONS,
@@ -18,8 +21,6 @@ from ccurate.filters.licenses import (
     normalize,
     parse_url,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # The Creative Commons ids of the SPDX licence list (3.26), copied from the list itself.
 SPDX_CC_IDS = set(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
-from ccurate.filters.cli import register
 from typer.testing import CliRunner
+
+from ccurate.filters.cli import register
 
 KEYS = ["evidence", "license", "reason", "commercial", "derivatives", "attribution"]
 

@@ -6,10 +6,10 @@ import json
 import re
 
 import pytest
-from ccurate.filters.license_filter import LicenseConfig, LicenseFilter, release_split
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from pydantic import ValidationError
 
+from ccurate.filters.license_filter import LicenseConfig, LicenseFilter, release_split
 from ccurate.record import LicenseEvidence, Sample, make_key, samples_to_table, table_to_samples
 from ccurate.stage import FilterStage
 

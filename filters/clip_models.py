@@ -1,0 +1,344 @@
+"""open_clip loading shared by the CLIP-score and aesthetic filters.
+
+Weights are user-supplied (nothing is downloaded by the tests or the demo), as
+one string:
+
+- ``hf-hub:org/repo`` — an open_clip repo (config + weights), read from the
+  Hugging Face cache when ``HF_HUB_OFFLINE=1``;
+- a folder holding ``open_clip_config.json`` and a checkpoint (or ``local-dir:<folder>``);
+- a checkpoint file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``) for the architecture
+  named by ``model`` (e.g. ``ViT-L-14``);
+- an open_clip pretrained tag of that architecture (e.g. ``openai``), from the cache.
+
+A configured source that cannot be found is an error naming the expected path
+and how to fetch it; a filter whose weights are not configured is off and says
+so once. Loaded models are cached per process, so the CLIP-score and aesthetic
+filters share one ViT-L/14 when they name the same weights, and image
+embeddings are cached per image bytes so the two do not encode an image twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ccurate.filters.images import DecodeError, decode_rgb
+
+log = logging.getLogger("ccurate.filters")
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+HF_PREFIX = "hf-hub:"
+LOCAL_PREFIX = "local-dir:"
+
+_off_logged: set[str] = set()
+_off_lock = threading.Lock()
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Configured weights are missing: the message names the path and how to fetch them."""
+
+
+def log_off_once(key: str, message: str) -> None:
+    """Log that a model-backed filter is off (once per process and filter)."""
+    with _off_lock:
+        if key in _off_logged:
+            return
+        _off_logged.add(key)
+    log.warning(message)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _fetch_hint(repo: str) -> str:
+    return (
+        f"fetch it on a machine with network: `hf download {repo}` (or "
+        f"`huggingface-cli download {repo} --local-dir <folder>` and configure that folder)"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """What `open_clip.create_model` gets: a model name (maybe with schema) + pretrained."""
+
+    model_name: str
+    pretrained: str | None
+    describe: str
+
+
+def resolve_clip_source(model: str, weights: str, key: str) -> ClipSource:
+    """Map the user's weights string to open_clip arguments; missing local paths raise.
+
+    `key` is the config key (e.g. ``filters.clip_score.weights``) named in errors.
+    """
+    w = weights.strip()
+    if w.startswith(HF_PREFIX):
+        return ClipSource(w, None, w)
+    if w.startswith(LOCAL_PREFIX):
+        w = w[len(LOCAL_PREFIX) :]
+    path = Path(w).expanduser()
+    if path.is_dir():
+        cfg = path / "open_clip_config.json"
+        if not cfg.is_file():
+            raise WeightsNotFoundError(
+                f"{key} = {weights!r}: folder has no open_clip_config.json (expected {cfg}); "
+                "point it at an open_clip export (config + open_clip_model.safetensors) "
+                f"or at a checkpoint file for model {model!r}"
+            )
+        return ClipSource(f"{LOCAL_PREFIX}{path}", None, str(path))
+    if path.is_file():
+        return ClipSource(model, str(path), str(path))
+    import open_clip
+
+    if model in open_clip.list_models() and w in open_clip.list_pretrained_tags_by_model(model):
+        return ClipSource(model, w, f"{model}/{w}")
+    raise WeightsNotFoundError(
+        f"{key} = {weights!r}: no such file or folder (expected {path.resolve()}) and not an "
+        f"open_clip tag of {model!r}. Put the weights there, e.g. "
+        f"`hf download laion/CLIP-ViT-L-14-laion2B-s32B-b82K --local-dir {path}`, "
+        "or set it to 'hf-hub:<org>/<repo>' with the repo in the local Hugging Face cache"
+    )
+
+
+@dataclass
+class ClipModel:
+    """A loaded open_clip model with its eval transform and tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+    device: torch.device
+    embed_dim: int
+    source: str
+    _emb_cache: OrderedDict[int, tuple[bytes, np.ndarray]] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    cache_size: int = 4096
+
+    @torch.inference_mode()
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """L2-normalised image embeddings, float32 [n, d]."""
+        if not images:
+            return np.zeros((0, self.embed_dim), np.float32)
+        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        feats = self.model.encode_image(batch)  # type: ignore[operator]
+        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised text embeddings, float32 [n, d]."""
+        if not texts:
+            return np.zeros((0, self.embed_dim), np.float32)
+        tokens = self.tokenizer(texts).to(self.device)
+        feats = self.model.encode_text(tokens)  # type: ignore[operator]
+        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32)
+
+    def image_embeddings(
+        self, datas: list[bytes | None], batch_size: int = 32
+    ) -> list[np.ndarray | None]:
+        """Embeddings of encoded images (None where undecodable), cached per bytes object."""
+        out: list[np.ndarray | None] = [None] * len(datas)
+        todo: list[tuple[int, bytes, Image.Image]] = []
+        for i, data in enumerate(datas):
+            if not data:
+                continue
+            with self._lock:
+                hit = self._emb_cache.get(id(data))
+            if hit is not None and hit[0] is data:
+                out[i] = hit[1]
+                continue
+            try:
+                todo.append((i, data, decode_rgb(data)))
+            except DecodeError:
+                continue
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            embs = self.encode_images([im for _, _, im in chunk])
+            with self._lock:
+                for (i, data, _), emb in zip(chunk, embs, strict=True):
+                    out[i] = emb
+                    self._emb_cache[id(data)] = (data, emb)
+                while len(self._emb_cache) > self.cache_size:
+                    self._emb_cache.popitem(last=False)
+        return out
+
+
+_loaded: dict[tuple[str, str | None, str], ClipModel] = {}
+_load_lock = threading.Lock()
+
+
+def load_clip(model: str, weights: str, device: str = "auto", key: str = "weights") -> ClipModel:
+    """Load (once per process) the CLIP model named by `model` + `weights`."""
+    src = resolve_clip_source(model, weights, key)
+    dev = resolve_device(device)
+    cache_key = (src.model_name, src.pretrained, str(dev))
+    with _load_lock:
+        if cache_key in _loaded:
+            return _loaded[cache_key]
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        try:
+            clip = open_clip.create_model(
+                src.model_name,
+                src.pretrained,
+                device=dev,
+                pretrained_text=False,
+                require_pretrained=True,
+            )
+        except Exception as e:
+            state = "HF_HUB_OFFLINE=1, so only" if hub_offline() else "looked in"
+            where = f"({state} the Hugging Face cache {hub_cache()})"
+            if src.model_name.startswith(HF_PREFIX):
+                hint = _fetch_hint(src.model_name[len(HF_PREFIX) :])
+            elif src.pretrained and not Path(src.pretrained).exists():  # an open_clip tag
+                hint = (
+                    "open_clip fetches tags into that cache; on a machine with network run "
+                    f"`python -c \"import open_clip; open_clip.create_model('{src.model_name}', "
+                    f"pretrained='{src.pretrained}')\"` and copy the cache, or configure a "
+                    "checkpoint file"
+                )
+            else:
+                raise
+            raise WeightsNotFoundError(
+                f"{key} = {weights!r}: CLIP weights could not be loaded {where}: {e}. {hint}"
+            ) from e
+        clip.eval()
+        tokenizer = open_clip.get_tokenizer(src.model_name)
+        preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
+        embed_dim = _probe_dim(clip, preprocess, dev)
+        loaded = ClipModel(clip, preprocess, tokenizer, dev, embed_dim, src.describe)
+        _loaded[cache_key] = loaded
+        return loaded
+
+
+def _probe_dim(
+    clip: Any, preprocess: Callable[[Image.Image], torch.Tensor], dev: torch.device
+) -> int:
+    with torch.inference_mode():
+        x = preprocess(Image.new("RGB", (32, 32))).unsqueeze(0).to(dev)
+        return int(clip.encode_image(x).shape[-1])
+
+
+class AestheticMLP(torch.nn.Module):
+    """LAION improved-aesthetic-predictor head on L2-normalised CLIP ViT-L/14 embeddings.
+
+    Same layout as the released ``sac+logos+ava1-l14-linearMSE.pth`` (keys
+    ``layers.{0,2,4,6,7}.*``): 768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts
+    and no activations, regressing a 1-10 rating.
+    """
+
+    def __init__(self, input_size: int = 768) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.input_size = input_size
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _hub_file(spec: str, key: str) -> Path:
+    """``hf-hub:org/repo/path/in/repo`` -> local file (cache only when offline)."""
+    from huggingface_hub import hf_hub_download
+
+    parts = spec[len(HF_PREFIX) :].split("/", 2)
+    if len(parts) < 3:
+        raise ValueError(f"{key} = {spec!r}: expected 'hf-hub:<org>/<repo>/<file>'")
+    repo, filename = "/".join(parts[:2]), parts[2]
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:
+        state = "HF_HUB_OFFLINE=1, so only" if hub_offline() else "looked in"
+        raise WeightsNotFoundError(
+            f"{key} = {spec!r}: {filename} of {repo} is not available ({state} the Hugging Face "
+            f"cache {hub_cache()}): {e}. Fetch it on a machine with network: "
+            f"`hf download {repo} {filename}`"
+        ) from e
+
+
+def weights_file(spec: str, key: str, fetch_hint: str) -> Path:
+    """A local weights file from a path or ``hf-hub:org/repo/file``; missing is an error."""
+    if spec.startswith(HF_PREFIX):
+        return _hub_file(spec, key)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"{key} = {spec!r}: no such file (expected {path.resolve()}). {fetch_hint}"
+        )
+    return path
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from .safetensors or a torch pickle (weights only)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path), device="cpu")
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+AESTHETIC_HINT = (
+    "The LAION improved-aesthetic-predictor head is 'sac+logos+ava1-l14-linearMSE.pth' from "
+    "github.com/christophschuhmann/improved-aesthetic-predictor (fetch it on a machine with "
+    "network and put it at that path)"
+)
+
+
+def load_aesthetic_mlp(spec: str, key: str, device: torch.device) -> AestheticMLP:
+    """The aesthetic head; its input size comes from the checkpoint."""
+    sd = load_state_dict_file(weights_file(spec, key, AESTHETIC_HINT))
+    first = sd.get("layers.0.weight")
+    if first is None:
+        raise ValueError(
+            f"{key} = {spec!r}: not an improved-aesthetic-predictor checkpoint "
+            f"(no layers.0.weight; keys: {sorted(sd)[:6]})"
+        )
+    mlp = AestheticMLP(int(first.shape[1]))
+    mlp.load_state_dict(sd, strict=True)
+    return mlp.to(device).eval()
+
+
+def unload_all() -> None:
+    """Drop cached models (tests; a worker that wants its memory back)."""
+    with _load_lock:
+        _loaded.clear()

@@ -1,0 +1,80 @@
+"""Decode `sample.image` once for the pixel filters (quality, watermark, safety, CLIP).
+
+Several filters of one chain look at the same pixels. `FilterStage` runs them
+filter by filter over a batch, so a small cache keyed on the identity of the
+bytes object lets them share one decode per sample without touching the record.
+The cache holds a reference to the bytes, so an id cannot be reused while cached;
+a replaced `sample.image` (face blurring) is a new object and misses.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+
+from PIL import Image
+
+MAX_CACHE_PIXELS = 64 * 1024 * 1024
+"""Pixel budget of the cache (~192 MB RGB): a default batch of 64 at 1024^2 fits."""
+
+_cache: OrderedDict[int, tuple[bytes, Image.Image]] = OrderedDict()
+_cache_pixels = 0
+_lock = threading.Lock()
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image Pillow can decode (the filters drop `decode_error`)."""
+
+
+def decode_rgb(data: bytes | None) -> Image.Image:
+    """The image as RGB (alpha composited on white). Shared: callers must not mutate it."""
+    global _cache_pixels
+    if not data:
+        raise DecodeError("no image bytes")
+    key = id(data)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None and hit[0] is data:
+            _cache.move_to_end(key)
+            return hit[1]
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        rgb = _to_rgb(im)
+    except Exception as e:  # Pillow raises many types for bad input
+        raise DecodeError(f"{type(e).__name__}: {e}") from e
+    with _lock:
+        _cache[key] = (data, rgb)
+        _cache_pixels += rgb.width * rgb.height
+        while _cache_pixels > MAX_CACHE_PIXELS and len(_cache) > 1:
+            _, (_, old) = _cache.popitem(last=False)
+            _cache_pixels -= old.width * old.height
+    return rgb
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def image_format(data: bytes) -> str | None:
+    """Pillow's format name (JPEG, PNG, ...) read from the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format
+    except Exception:
+        return None
+
+
+def clear_cache() -> None:
+    """Forget cached decodes (tests, or a worker that wants its memory back)."""
+    global _cache_pixels
+    with _lock:
+        _cache.clear()
+        _cache_pixels = 0

@@ -1,0 +1,334 @@
+"""NSFW filtering with NudeNet, and optional face blurring of the stored image.
+
+NudeNet's detector (YOLO-style ONNX, `320n.onnx`, ships in the nudenet wheel)
+is run through our own onnxruntime session so we control threads and batch
+several images per call. Preprocessing reproduces `NudeDetector.detect` (pad
+to a square at the bottom/right, resize to 320, /255) including its channel
+order: nudenet 3.4.2 swaps a 3-channel BGR image with COLOR_RGBA2BGR and then
+again in blobFromImage, so the network sees BGR; we feed BGR too, so our scores
+equal NudeDetector's (and thresholds calibrated on it carry over). Each anchor is
+assigned its best class (as NudeNet does); `nsfw` is the highest score of an
+anchor whose class is one of `classes` (the exposed classes by default), 0 when
+none, and `person` the highest face score.
+
+A sample drops `nsfw` when `nsfw >= threshold_alone`, or when `nsfw >=
+threshold` and a person is seen (`person >= person_min`). The second rule exists
+because the small 320 px detector fires on round bright blobs: on the demo's
+procedural landscapes (no people) the sun scores up to 0.79 as
+FEMALE_BREAST_EXPOSED, with face scores <= 0.34, and a plain 0.5 threshold drops
+~10% of them. Set `threshold_alone = threshold` for the plain rule.
+
+Face blurring (off by default) uses the same detections' FACE_FEMALE/FACE_MALE
+boxes — a learned detector that ships in the wheel, stronger than OpenCV's Haar
+cascade, which is the alternative (`face_detector = "haar"`). Faces are
+Gaussian-blurred in place and the image is re-encoded in its own format;
+`sha256`/`pixel_sha256`/`phash` keep describing the downloaded file
+(provenance, exact dedup). Scores: `faces` (found) and `faces_blurred`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+from pydantic import Field, field_validator
+
+from ccurate.configbase import Section
+from ccurate.filters.images import DecodeError, decode_rgb
+from ccurate.record import Decision, Sample
+from ccurate.stage import Filter, Resources
+
+log = logging.getLogger("ccurate.filters")
+
+REASONS: dict[str, str] = {
+    "decode_error": "the image bytes could not be decoded",
+    "nsfw": "NudeNet's highest exposed-class score >= safety.threshold_alone, or >= "
+    "safety.threshold with a face >= safety.person_min",
+}
+
+LABELS: list[str] = [
+    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
+    "BELLY_COVERED", "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE",
+    "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
+    "BUTTOCKS_COVERED",
+]  # fmt: skip
+"""NudeNet 3.4's class order (the ONNX output rows 4..21)."""
+
+EXPOSED: list[str] = [
+    "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED",
+]  # fmt: skip
+"""Default NSFW classes; exposed belly/feet/armpits/male chest are beach photos, not NSFW."""
+
+FACES = ("FACE_FEMALE", "FACE_MALE")
+
+
+class SafetyConfig(Section):
+    """[filters.safety]: NudeNet NSFW threshold and optional face blurring."""
+
+    enabled: bool = True
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # `nsfw` that drops with a person
+    threshold_alone: Annotated[float, Field(ge=0.0, le=1.0)] = 0.85  # `nsfw` that drops alone
+    person_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.4  # face score that is a person
+    classes: list[str] = Field(default_factory=lambda: list(EXPOSED))
+    model_path: str | None = None  # default: the 320n.onnx inside the nudenet wheel
+    resolution: Annotated[int, Field(ge=32, le=2048)] = 320  # the model's input side
+    threads: Annotated[int, Field(ge=0)] = 1  # onnxruntime intra-op threads; 0 = all cores
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    blur_faces: bool = False
+    face_detector: Literal["nudenet", "haar"] = "nudenet"
+    face_min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.35
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95  # re-encoding after blurring
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(LABELS))
+        if unknown:
+            raise ValueError(f"unknown NudeNet classes {unknown}; known: {LABELS}")
+        return v
+
+
+def default_model_path() -> Path:
+    import nudenet
+
+    return Path(nudenet.__file__).resolve().parent / "320n.onnx"
+
+
+class NudeNetScorer:
+    """NudeNet's ONNX detector with batched, NudeDetector-equivalent pre/post-processing."""
+
+    def __init__(self, model_path: str | None = None, resolution: int = 320, threads: int = 1):
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        self.resolution = resolution
+        self.threads = threads
+        self._session: Any = None
+
+    def setup(self) -> None:
+        if self._session is not None:
+            return
+        if not self.model_path.is_file():
+            raise FileNotFoundError(
+                f"safety.model_path: NudeNet model not found at {self.model_path} "
+                "(the default 320n.onnx ships in the nudenet wheel: pip install nudenet==3.4.2)"
+            )
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(self.model_path), opts, providers=["CPUExecutionProvider"]
+        )
+        self._input = self._session.get_inputs()[0].name
+
+    def _blob(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        h, w = rgb.shape[:2]
+        side = max(h, w)
+        square = np.zeros((side, side, 3), np.uint8)
+        square[:h, :w] = rgb[:, :, ::-1]  # BGR, as NudeDetector feeds it (see module doc)
+        r = self.resolution
+        small = cv2.resize(square, (r, r), interpolation=cv2.INTER_LINEAR)
+        return small.transpose(2, 0, 1).astype(np.float32) / 255.0, side / r
+
+    def raw(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Per image: (anchors [N, 4 + classes] in model coordinates, scale to pixels)."""
+        self.setup()
+        blobs = [self._blob(im) for im in images]
+        out = self._session.run(None, {self._input: np.stack([b for b, _ in blobs])})[0]
+        return [(out[i].T, blobs[i][1]) for i in range(len(images))]
+
+    @staticmethod
+    def class_max(anchors: np.ndarray) -> dict[str, float]:
+        """Highest score per class over anchors assigned to that class (NudeNet's argmax)."""
+        cls = anchors[:, 4:]
+        best = cls.argmax(axis=1)
+        score = cls.max(axis=1)
+        out: dict[str, float] = {}
+        for k, label in enumerate(LABELS[: cls.shape[1]]):
+            sel = score[best == k]
+            out[label] = float(sel.max()) if sel.size else 0.0
+        return out
+
+    @staticmethod
+    def boxes(
+        anchors: np.ndarray, scale: float, labels: tuple[str, ...], min_score: float
+    ) -> list[tuple[int, int, int, int, float]]:
+        """NMS'd (x, y, w, h, score) in pixels of the anchors whose best class is in `labels`."""
+        cls = anchors[:, 4:]
+        best = cls.argmax(axis=1)
+        score = cls.max(axis=1)
+        ids = [LABELS.index(lab) for lab in labels]
+        sel = np.where(np.isin(best, ids) & (score >= min_score))[0]
+        if sel.size == 0:
+            return []
+        cx, cy, bw, bh = (anchors[sel, j] * scale for j in range(4))
+        rects = [[float(x - w / 2), float(y - h / 2), float(w), float(h)]
+                 for x, y, w, h in zip(cx, cy, bw, bh, strict=True)]  # fmt: skip
+        keep = cv2.dnn.NMSBoxes(rects, [float(s) for s in score[sel]], min_score, 0.45)
+        out = []
+        for i in np.asarray(keep).reshape(-1):
+            x, y, w, h = rects[int(i)]
+            out.append((round(x), round(y), round(w), round(h), float(score[sel][int(i)])))
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def _haar() -> cv2.CascadeClassifier:
+    path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"  # type: ignore[attr-defined]
+    return cv2.CascadeClassifier(path)
+
+
+def haar_faces(rgb: np.ndarray) -> list[tuple[int, int, int, int, float]]:
+    """OpenCV's shipped frontal-face Haar cascade (the non-learned alternative)."""
+    cascade = _haar()
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    found = cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(20, 20))
+    return [(int(x), int(y), int(w), int(h), 1.0) for x, y, w, h in found]
+
+
+def blur_regions(
+    arr: np.ndarray, boxes: list[tuple[int, int, int, int, float]]
+) -> tuple[np.ndarray, int]:
+    """Strong Gaussian blur over each box grown by 15% (colour channels only; alpha kept)."""
+    out = arr.copy()
+    n = 0
+    h, w = arr.shape[:2]
+    for x, y, bw, bh, _ in boxes:
+        gx, gy = int(0.15 * bw), int(0.15 * bh)
+        x0, y0 = max(0, x - gx), max(0, y - gy)
+        x1, y1 = min(w, x + bw + gx), min(h, y + bh + gy)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            continue
+        roi = out[y0:y1, x0:x1, :3]
+        sigma = max(2.0, max(x1 - x0, y1 - y0) / 6.0)
+        out[y0:y1, x0:x1, :3] = cv2.GaussianBlur(roi, (0, 0), sigmaX=sigma, sigmaY=sigma)
+        n += 1
+    return out, n
+
+
+def reencode_blurred(
+    data: bytes, boxes: list[tuple[int, int, int, int, float]], jpeg_quality: int = 95
+) -> tuple[bytes, str, int]:
+    """Blur `boxes` and re-encode in the image's own format -> (bytes, mime, boxes blurred)."""
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = im.format or "PNG"
+        im.load()
+        has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+        src = im.convert("RGBA" if has_alpha else "RGB")
+    arr, n = blur_regions(np.asarray(src), boxes)
+    if n == 0:
+        return data, Image.MIME.get(fmt, "image/png"), 0
+    blurred = Image.fromarray(arr)
+    buf = io.BytesIO()
+    try:
+        if fmt == "JPEG":
+            blurred.convert("RGB").save(buf, "JPEG", quality=jpeg_quality)
+        elif fmt == "GIF":
+            blurred.convert("RGB").quantize(256).save(buf, "GIF")
+        elif fmt == "WEBP":
+            blurred.save(buf, "WEBP", quality=jpeg_quality)
+        else:
+            blurred.save(buf, fmt)
+    except (OSError, KeyError, ValueError):
+        fmt = "PNG"
+        buf = io.BytesIO()
+        blurred.save(buf, "PNG")
+    return buf.getvalue(), Image.MIME.get(fmt, "image/png"), n
+
+
+class SafetyFilter(Filter):
+    """Drops `nsfw`; with `blur_faces`, blurs faces in the kept images it passes."""
+
+    name: ClassVar[str] = "safety"
+
+    def __init__(self, cfg: SafetyConfig | None = None) -> None:
+        self.cfg = cfg or SafetyConfig()
+        self._scorer: NudeNetScorer | None = None
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=float(max(1, self.cfg.threads)), memory_gb=0.5)
+
+    def setup(self) -> None:
+        if self.cfg.enabled and self._scorer is None:
+            self._scorer = NudeNetScorer(self.cfg.model_path, self.cfg.resolution, self.cfg.threads)
+            self._scorer.setup()
+
+    def teardown(self) -> None:
+        self._scorer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_scorer": None}
+
+    def nsfw_score(self, class_max: dict[str, float]) -> float:
+        return max((class_max.get(c, 0.0) for c in self.cfg.classes), default=0.0)
+
+    def is_nsfw(self, nsfw: float, person: float) -> bool:
+        c = self.cfg
+        return nsfw >= c.threshold_alone or (nsfw >= c.threshold and person >= c.person_min)
+
+    def decide(self, sample: Sample) -> Decision:
+        return self.decide_batch([sample])[0]
+
+    def decide_batch(self, samples: list[Sample]) -> list[Decision]:
+        if not self.cfg.enabled:
+            return [self.keep() for _ in samples]
+        self.setup()
+        scorer = self._scorer
+        assert scorer is not None
+        arrays: list[np.ndarray | None] = []
+        for s in samples:
+            try:
+                arrays.append(np.asarray(decode_rgb(s.image)))
+            except DecodeError:
+                arrays.append(None)
+        ok = [i for i, a in enumerate(arrays) if a is not None]
+        raw: dict[int, tuple[np.ndarray, float]] = {}
+        for start in range(0, len(ok), self.cfg.batch_size):
+            idx = ok[start : start + self.cfg.batch_size]
+            for i, r in zip(idx, scorer.raw([arrays[i] for i in idx]), strict=True):  # type: ignore[misc]
+                raw[i] = r
+        out: list[Decision] = []
+        for i, s in enumerate(samples):
+            arr = arrays[i]
+            if arr is None:
+                out.append(self.reject("decode_error"))
+                continue
+            anchors, scale = raw[i]
+            class_max = scorer.class_max(anchors)
+            nsfw = self.nsfw_score(class_max)
+            person = max(class_max.get(f, 0.0) for f in FACES)
+            scores = {"nsfw": nsfw, "person": person}
+            if self.is_nsfw(nsfw, person):
+                out.append(self.reject("nsfw", **scores))
+                continue
+            if self.cfg.blur_faces:
+                scores.update(self._blur(s, arr, anchors, scale))
+            out.append(self.keep(**scores))
+        return out
+
+    def _blur(
+        self, sample: Sample, arr: np.ndarray, anchors: np.ndarray, scale: float
+    ) -> dict[str, float]:
+        if self.cfg.face_detector == "haar":
+            faces = haar_faces(arr)
+        else:
+            faces = NudeNetScorer.boxes(anchors, scale, FACES, self.cfg.face_min_score)
+        blurred = 0
+        if faces and sample.image:
+            data, mime, blurred = reencode_blurred(sample.image, faces, self.cfg.jpeg_quality)
+            if blurred:
+                sample.image, sample.mime = data, mime
+        return {"faces": float(len(faces)), "faces_blurred": float(blurred)}
+
+    def describe(self) -> dict[str, Any]:
+        return self.cfg.model_dump()

@@ -1,0 +1,506 @@
+"""Dedup: hashes, exact near search, grouping, the global plan, the stage via the executor."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ccurate.executor import LocalExecutor, tasks_for
+from ccurate.filters.dedup import (
+    DECISIONS_FILE,
+    REASONS,
+    DedupConfig,
+    DedupStage,
+    keep_rank,
+    leader_groups,
+    license_rank,
+    near_pairs,
+)
+from ccurate.filters.hashing import compute_hashes, dhash, hamming, hex_to_u64, phash, u64_to_hex
+from ccurate.record import Sample, make_key
+from ccurate.shardio import ShardWriter, iter_samples, read_dropped, read_index
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# --------------------------------------------------------------------------- helpers
+
+
+def photo(seed: int, w: int = 256, h: int = 192) -> Image.Image:
+    """A smooth, noisy colour field: distinct seeds give pHashes >= 16 bits apart."""
+    rng = np.random.default_rng(seed)
+    grid = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8))
+    a = np.asarray(grid.resize((w, h), Image.Resampling.BICUBIC), np.float64)
+    a = a + rng.normal(0, 4, a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def encode(im: Image.Image, fmt: str = "PNG", quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        im.save(buf, fmt, quality=quality)
+    else:
+        im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def sample(name: str, data: bytes, license: str = "cc-by-4.0", hashes: bool = True) -> Sample:
+    url = f"http://img.test/{name}"
+    s = Sample(
+        key=make_key(url),
+        url=url,
+        image=data,
+        mime="image/jpeg" if data[:2] == b"\xff\xd8" else "image/png",
+        license=license,
+    )
+    if not hashes and not data.startswith((b"\xff\xd8", b"\x89PNG\r", b"II*")):
+        return s  # undecodable on purpose
+    im = Image.open(io.BytesIO(data))
+    s.width, s.height = im.width, im.height
+    if hashes:
+        s.sha256 = hashlib.sha256(data).hexdigest()
+        s.pixel_sha256, s.phash = compute_hashes(im)
+    return s
+
+
+def write_shard(prefix: Path, samples: list[Sample]) -> str:
+    w = ShardWriter(prefix)
+    for s in samples:
+        w.write(s)
+    w.commit({})
+    return str(prefix)
+
+
+def plan(
+    tmp: Path, shards: list[list[Sample]], **cfg: object
+) -> tuple[DedupStage, dict[str, dict]]:
+    prefixes = [write_shard(tmp / "in" / f"shard-{i:05d}", s) for i, s in enumerate(shards)]
+    stage = DedupStage(DedupConfig(**cfg))  # type: ignore[arg-type]
+    stage.prepare(prefixes, str(tmp / "scratch"))
+    assert stage.decisions_path is not None
+    rows = pq.read_table(stage.decisions_path).to_pylist()
+    return stage, {r["key"]: r for r in rows}
+
+
+def jpeg_copy(im: Image.Image, scale: float = 0.5, q: int = 70) -> bytes:
+    small = im.resize((int(im.width * scale), int(im.height * scale)), Image.Resampling.BICUBIC)
+    return encode(small, "JPEG", q)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def grace_hopper() -> Image.Image | None:
+    import matplotlib
+
+    p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    return Image.open(p).convert("RGB") if p.exists() else None
+
+
+def test_phash_dhash_agree_with_imagehash_on_real_photo() -> None:
+    import imagehash
+
+    real = grace_hopper()
+    images = [photo(s, 640, 480) for s in range(6)] + ([real] if real else [])
+    for im in images:
+        assert hamming(phash(im), str(imagehash.phash(im))) <= 2
+        assert hamming(dhash(im), str(imagehash.dhash(im))) <= 4
+        assert len(phash(im)) == 16 and len(dhash(im)) == 16
+    if real is not None:  # the real photo: resized + recompressed copy stays close
+        copy = Image.open(io.BytesIO(jpeg_copy(real, 0.5, 40)))
+        assert hamming(phash(real), phash(copy)) <= 4
+
+
+def test_compute_hashes_pixels_vs_bytes() -> None:
+    im = photo(1)
+    png, tiff = encode(im, "PNG"), encode(im, "TIFF")
+    assert hashlib.sha256(png).digest() != hashlib.sha256(tiff).digest()
+    a = compute_hashes(Image.open(io.BytesIO(png)))
+    b = compute_hashes(Image.open(io.BytesIO(tiff)))
+    assert a == b  # same pixels, same hashes
+    other = np.asarray(im).copy()
+    other[0, 0, 0] ^= 1
+    c = compute_hashes(Image.fromarray(other))
+    assert c[0] != a[0] and c[1] == a[1]  # one pixel: new pixel hash, same perceptual hash
+    assert compute_hashes(im.convert("RGBA"))[0] == a[0]
+
+
+def test_hamming_and_hex_codes() -> None:
+    assert hamming("0000000000000000", "ffffffffffffffff") == 64
+    assert hamming("8000000000000001", "0000000000000000") == 2
+    codes, ok = hex_to_u64(
+        ["ffffffffffffffff", None, "xyz", "00000000000000FF", "0123456789abcdef"]
+    )
+    assert ok.tolist() == [True, False, False, True, True]
+    assert [u64_to_hex(c) for c in codes[[0, 3, 4]]] == [
+        "ffffffffffffffff",
+        "00000000000000ff",
+        "0123456789abcdef",
+    ]
+    sliced = pa.chunked_array([pa.array(["aa" * 8, "bb" * 8, "cc" * 8]).slice(1)])
+    assert [u64_to_hex(c) for c in hex_to_u64(sliced)[0]] == ["bb" * 8, "cc" * 8]
+
+
+# --------------------------------------------------------------------------- search and grouping
+
+
+def _brute(q: np.ndarray, x: np.ndarray, r: int, self_join: bool) -> set[tuple[int, int, int]]:
+    import faiss
+
+    idx = faiss.IndexBinaryFlat(64)
+    idx.add(x.view(np.uint8).reshape(-1, 8))
+    lims, dist, ids = idx.range_search(q.view(np.uint8).reshape(-1, 8), r + 1)  # strict <
+    out = set()
+    for i in range(len(q)):
+        for j, d in zip(ids[lims[i] : lims[i + 1]], dist[lims[i] : lims[i + 1]], strict=True):
+            if not self_join or j > i:
+                out.add((i, int(j), int(d)))
+    return out
+
+
+@pytest.mark.parametrize("radius", [0, 2, 4, 5, 8, 11])
+def test_near_pairs_exact_against_faiss_bruteforce(radius: int) -> None:
+    rng = np.random.default_rng(radius)
+    x = rng.integers(0, 2**64 - 1, 2000, dtype=np.uint64, endpoint=True)
+    for _ in range(400):  # planted neighbours at 0..12 bits
+        a, b = rng.integers(0, len(x), 2)
+        v = x[a]
+        for bit in rng.choice(64, rng.integers(0, 13), replace=False):
+            v ^= np.uint64(1) << np.uint64(bit)
+        x[b] = v
+    i, j, d = near_pairs(x, radius, threads=2)
+    assert set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True)) == _brute(x, x, radius, True)
+    q = x[:300]
+    i, j, d = near_pairs(q, radius, index=x[100:])
+    assert set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True)) == _brute(
+        q, x[100:], radius, False
+    )
+
+
+def test_leader_groups_do_not_chain() -> None:
+    # 0~1 (2 bits), 1~2 (2 bits), 0 !~ 2 (4 bits) at radius 2; 3~4 a plain pair
+    far = 0xFFFF << 40
+    codes = np.array([0b0000, 0b0011, 0b1111, far, far | 1], dtype=np.uint64)
+    i, j, d = near_pairs(codes, 2)
+    lead, dist = leader_groups(len(codes), i, j, d, np.arange(len(codes)))
+    assert lead.tolist() == [0, 0, 2, 3, 3]
+    assert dist.tolist() == [0, 2, 0, 0, 1]
+    # a better-ranked middle takes both ends
+    lead, _ = leader_groups(len(codes), i, j, d, np.array([1, 0, 2, 4, 3]))
+    assert lead.tolist() == [1, 1, 1, 4, 4]
+
+
+def test_license_rank_and_keep_rank() -> None:
+    order = [
+        "cc0-1.0",
+        "CC-BY-4.0",
+        "cc-by-sa-4.0",
+        "by-nd",
+        "cc_by_nc_2.0",
+        "CC BY-NC-SA 3.0",
+        "cc-by-nc-nd-4.0",
+        None,
+    ]
+    ranks = [license_rank(x) for x in order]
+    assert ranks == sorted(ranks) and ranks[0] == 0 and ranks[-1] == 9
+    assert license_rank("pdm-1.0") == 0 and license_rank("all-rights-reserved") == 9
+    # the licence filter's SPDX-style ids
+    spdx = [
+        "CC-PDM-1.0",
+        "LicenseRef-Public-Domain",
+        "LicenseRef-CC-BY-2.0-DE",
+        "CC-SA-1.0",
+        "CC-BY-ND-3.0-DE",
+        "LicenseRef-CC-BY-NC-SA-2.0-FR",
+        "LicenseRef-All-Rights-Reserved",
+    ]
+    assert [license_rank(x) for x in spdx] == [0, 0, 1, 2, 3, 5, 9]
+    lic, px = np.array([1, 0, 1]), np.array([10, 5, 20])
+    sh, row = np.zeros(3, np.int64), np.arange(3)
+    assert np.argsort(keep_rank(lic, px, sh, row, "best_license")).tolist() == [1, 2, 0]
+    assert np.argsort(keep_rank(lic, px, sh, row, "highest_resolution")).tolist() == [2, 0, 1]
+    assert np.argsort(keep_rank(lic, px, sh, row, "earliest")).tolist() == [0, 1, 2]
+
+
+def test_config_rejects_unknown_and_bad_values() -> None:
+    with pytest.raises(ValueError):
+        DedupConfig(radius=-1)
+    with pytest.raises(ValueError):
+        DedupConfig(hash="md5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        DedupConfig(nope=1)  # type: ignore[call-arg]
+    assert set(REASONS) == {
+        "duplicate_exact",
+        "duplicate_near",
+        "duplicate_semantic",
+        "contaminated",
+    }
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_plan_exact_near_distinct_and_counts(tmp_path: Path) -> None:
+    a, b, c = photo(10), photo(11), photo(12)
+    a_png = encode(a)
+    s_a = sample("a.png", a_png)
+    s_a_bytes = sample("a-again.png", a_png)  # same bytes, other URL
+    s_a_tiff = sample("a.tiff", encode(a, "TIFF"))  # same pixels, other bytes
+    s_a_small = sample("a-small.jpg", jpeg_copy(a))  # resized + JPEG q70
+    s_b = sample("b.png", encode(b))
+    s_b_small = sample("b-small.jpg", jpeg_copy(b, 0.6, 50))
+    s_c = sample("c.png", encode(c))
+    _, d = plan(tmp_path, [[s_a, s_b, s_a_small], [s_a_bytes, s_c, s_a_tiff, s_b_small]])
+
+    assert d[s_a.key]["action"] == "keep" and d[s_a.key]["group_size"] == 4
+    for dup, why in (
+        (s_a_bytes, "duplicate_exact"),
+        (s_a_tiff, "duplicate_exact"),
+        (s_a_small, "duplicate_near"),
+    ):
+        assert d[dup.key]["action"] == "drop"
+        assert d[dup.key]["reason"] == why
+        assert d[dup.key]["duplicate_of"] == s_a.key
+    assert d[s_a_bytes.key]["hamming"] == 0
+    assert 0 <= d[s_a_small.key]["hamming"] <= DedupConfig().radius
+    assert d[s_b.key]["group_size"] == 2 and d[s_b_small.key]["duplicate_of"] == s_b.key
+    assert s_c.key not in d  # distinct and nothing computed: not even listed
+    summary = json.loads((tmp_path / "scratch" / "dedup_summary.json").read_text())
+    assert summary["drops"]["duplicate_exact"] == 2 and summary["drops"]["duplicate_near"] == 2
+    assert summary["kept"] == 3
+
+
+def test_keep_policy_best_license_and_highest_resolution(tmp_path: Path) -> None:
+    a = photo(20, 512, 384)
+    big = sample("big.png", encode(a), license="cc-by-nc-4.0")
+    small_cc0 = sample("small.jpg", jpeg_copy(a, 0.5), license="cc0-1.0")
+    mid_by = sample("mid.jpg", jpeg_copy(a, 0.75, 85), license="CC-BY-4.0")
+    shards = [[big, mid_by], [small_cc0]]
+    _, d = plan(tmp_path / "lic", shards)
+    assert d[small_cc0.key]["action"] == "keep" and d[small_cc0.key]["group_size"] == 3
+    assert {d[big.key]["duplicate_of"], d[mid_by.key]["duplicate_of"]} == {small_cc0.key}
+    _, d = plan(tmp_path / "res", shards, keep="highest_resolution")
+    assert d[big.key]["action"] == "keep"
+    assert d[small_cc0.key]["duplicate_of"] == big.key
+    _, d = plan(tmp_path / "early", [[mid_by, big], [small_cc0]], keep="earliest")
+    assert d[mid_by.key]["action"] == "keep"
+
+
+def test_decontamination_and_previous_runs(tmp_path: Path) -> None:
+    ev, prev, fresh = photo(30), photo(31), photo(32)
+    eval_dir = tmp_path / "evalset"
+    eval_dir.mkdir()
+    pq.write_table(  # an evaluation set index: only pHashes and keys
+        pa.table({"key": ["eval-0001"], "phash": [phash(ev)]}), eval_dir / "eval.parquet"
+    )
+    (eval_dir / "loose.jpg").write_bytes(encode(photo(33), "JPEG"))  # plain image files work too
+    prev_data = encode(prev)
+    prev_shard = write_shard(tmp_path / "release1" / "shard-00000", [sample("p.png", prev_data)])
+    s_ev = sample("ev.jpg", jpeg_copy(ev, 0.5, 60))
+    s_loose = sample("loose-copy.png", encode(photo(33)))
+    s_prev = sample("again.png", prev_data)
+    s_fresh = sample("fresh.png", encode(fresh))
+    _, d = plan(
+        tmp_path,
+        [[s_ev, s_prev, s_fresh, s_loose]],
+        against=[str(eval_dir)],
+        previous=[str(Path(prev_shard).parent)],
+    )
+    assert d[s_ev.key]["reason"] == "contaminated" and d[s_ev.key]["duplicate_of"] == "eval-0001"
+    assert d[s_loose.key]["reason"] == "contaminated"
+    assert d[s_loose.key]["duplicate_of"].endswith("loose.jpg")
+    assert d[s_prev.key]["reason"] == "duplicate_exact"
+    assert d[s_prev.key]["duplicate_of"] == sample("p.png", prev_data).key
+    assert s_fresh.key not in d
+    with pytest.raises(FileNotFoundError):
+        plan(tmp_path / "x", [[s_fresh]], against=[str(tmp_path / "missing")])
+
+
+def test_prepare_is_idempotent_and_order_free(tmp_path: Path) -> None:
+    imgs = [photo(40 + i) for i in range(4)]
+    shards = [
+        [sample(f"o{i}.png", encode(im)) for i, im in enumerate(imgs)],
+        [sample(f"c{i}.jpg", jpeg_copy(im, 0.5 + 0.1 * i)) for i, im in enumerate(imgs)],
+        [sample(f"x{i}.png", encode(im)) for i, im in enumerate(imgs[:2])],
+    ]
+    prefixes = [write_shard(tmp_path / "in" / f"shard-{i:05d}", s) for i, s in enumerate(shards)]
+    stage = DedupStage(DedupConfig())
+    stage.prepare(prefixes, str(tmp_path / "s1"))
+    first = pq.read_table(stage.decisions_path)
+    stage.prepare(prefixes, str(tmp_path / "s1"))  # reuse (fingerprint)
+    stage2 = DedupStage(DedupConfig())
+    stage2.prepare(prefixes[::-1], str(tmp_path / "s2"))  # recomputed, other input order
+    second = pq.read_table(stage2.decisions_path)
+    assert first.num_rows == 10  # 4 keepers + 6 drops
+    assert first.equals(second)
+    (tmp_path / "s1" / DECISIONS_FILE).unlink()
+    stage.prepare(prefixes, str(tmp_path / "s1"))
+    assert pq.read_table(stage.decisions_path).equals(first)
+
+
+def test_missing_hashes_are_computed_from_images(tmp_path: Path) -> None:
+    a = photo(50)
+    s1 = sample("a.png", encode(a), hashes=False)
+    s2 = sample("a.jpg", jpeg_copy(a), hashes=False)
+    s3 = sample("broken.png", b"\x89PNG not really", hashes=False)
+    _, d = plan(tmp_path, [[s1, s2, s3]])
+    assert d[s2.key]["reason"] == "duplicate_near" and d[s2.key]["duplicate_of"] == s1.key
+    assert d[s1.key]["phash"] == phash(a)
+    assert d[s3.key]["sha256"] == hashlib.sha256(b"\x89PNG not really").hexdigest()
+    assert d[s3.key]["phash"] is None and d[s3.key]["action"] == "keep"
+    summary = json.loads((tmp_path / "scratch" / "dedup_summary.json").read_text())
+    assert summary["undecodable"] == 1 and summary["hashes_computed"] == 3
+
+
+def test_stage_through_local_executor(tmp_path: Path) -> None:
+    a, b = photo(60), photo(61)
+    s_a = sample("a.png", encode(a))
+    s_a2 = sample("a2.png", encode(a))
+    s_a3 = sample("a3.jpg", jpeg_copy(a), hashes=False)
+    s_b = sample("b.png", encode(b))
+    prefixes = [
+        write_shard(tmp_path / "in" / "shard-00000", [s_a, s_b]),
+        write_shard(tmp_path / "in" / "shard-00001", [s_a2, s_a3]),
+    ]
+    stage = DedupStage(DedupConfig())
+    with pytest.raises(RuntimeError, match="prepare"):
+        stage.setup()
+    tasks = tasks_for(prefixes, tmp_path / "out")  # the executor runs prepare itself
+    stats = LocalExecutor(workers=1, progress=False).map(stage, tasks)
+    assert stats.n_in == 4 and stats.n_kept == 2
+    assert dict(stats.drops) == {"duplicate_exact": 1, "duplicate_near": 1}
+    kept = {s.key: s for t in tasks for batch in iter_samples(t.dst) for s in batch}
+    assert set(kept) == {s_a.key, s_b.key}
+    assert kept[s_a.key].duplicate_count == 3 and kept[s_b.key].duplicate_count == 1
+    assert kept[s_a.key].decisions[-1].filter == "dedup" and kept[s_a.key].decisions[-1].keep
+    assert kept[s_a.key].image == s_a.image
+    dropped = {r["key"]: r for t in tasks for r in read_dropped(t.dst).to_pylist()}
+    assert dropped[s_a2.key]["duplicate_of"] == s_a.key
+    assert dropped[s_a2.key]["drop_reason"] == "duplicate_exact"
+    assert dropped[s_a3.key]["drop_reason"] == "duplicate_near"
+    assert dropped[s_a3.key]["dropped_by"] == "dedup"
+    assert dropped[s_a3.key]["phash"] is not None  # filled from the plan
+    assert 0 <= dict(dropped[s_a3.key]["scores"])["dedup.hamming"] <= DedupConfig().radius
+    assert read_index(tasks[0].dst).num_rows == 2
+    # rerun: every shard is done, nothing recomputed
+    again = LocalExecutor(workers=1, progress=False).map(stage, tasks)
+    assert again.skipped_shards == 2 and again.n_dropped == 2
+
+
+def test_repeated_key_follows_first_copy(tmp_path: Path) -> None:
+    a = photo(75)
+    first = sample("a.png", encode(a))
+    again = sample("a.png", encode(a))  # same URL ingested into another shard
+    other = sample("a-copy.png", encode(a), license="cc0-1.0")
+    _, d = plan(tmp_path, [[first], [again, other]])
+    assert set(d) == {first.key, other.key}
+    assert d[first.key]["duplicate_of"] == other.key  # one decision per key, never self
+    summary = json.loads((tmp_path / "scratch" / "dedup_summary.json").read_text())
+    assert summary["repeated_keys"] == 1 and summary["drops"]["duplicate_exact"] == 1
+
+
+def test_empty_input_plans_nothing(tmp_path: Path) -> None:
+    ev = tmp_path / "ev.parquet"
+    pq.write_table(pa.table({"key": ["e"], "phash": ["0" * 16]}), ev)
+    stage, d = plan(tmp_path, [[]], against=[str(ev)], previous=[str(ev)])
+    assert d == {}
+    stage.setup()
+    assert stage.process([]) == []
+
+
+def test_disabled_stage_passes_through(tmp_path: Path) -> None:
+    s = sample("a.png", encode(photo(70)))
+    stage = DedupStage(DedupConfig(enabled=False))
+    stage.prepare([write_shard(tmp_path / "shard-00000", [s])], str(tmp_path / "scratch"))
+    assert stage.decisions_path is None
+    stage.setup()
+    out = stage.process([s])
+    assert out[0].kept and out[0].decisions == []
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+def test_semantic_groups_on_synthetic_embeddings() -> None:
+    from ccurate.filters.semantic import semantic_groups
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, 32)).astype(np.float32)
+    dups = base[:20] + rng.normal(scale=0.05, size=(20, 32)).astype(np.float32)  # cos ~ 0.999
+    far = base[20:30] + rng.normal(scale=1.0, size=(10, 32)).astype(np.float32)  # cos ~ 0.7
+    emb = np.concatenate([base, dups, far])
+    groups = semantic_groups(emb, n_clusters=8, eps=0.02)
+    pairs = {(g[0], m) for g in groups for m in g[1:]}
+    assert pairs == {(i, 200 + i) for i in range(20)}
+    assert groups == semantic_groups(emb, n_clusters=8, eps=0.02)  # deterministic
+    # no chaining: b is close to a and c, but a and c are not close
+    a = np.array([1.0, 0.0])
+    c = np.array([np.cos(0.5), np.sin(0.5)])
+    b = np.array([np.cos(0.25), np.sin(0.25)])
+    assert semantic_groups(np.stack([a, b, c]), 1, eps=1 - np.cos(0.3)) == [[0, 1]]
+
+
+def _tiny_clip(tmp: Path) -> tuple[str, str]:
+    import open_clip
+    import torch
+
+    cfg = tmp / "ccurate-tiny-clip.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "embed_dim": 16,
+                "vision_cfg": {
+                    "image_size": 32,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 8,
+                },
+                "text_cfg": {
+                    "context_length": 8,
+                    "vocab_size": 64,
+                    "width": 16,
+                    "heads": 2,
+                    "layers": 1,
+                },
+            }
+        )
+    )
+    open_clip.add_model_config(str(cfg))
+    torch.manual_seed(0)
+    model = open_clip.create_model("ccurate-tiny-clip", pretrained=None)
+    weights = tmp / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    return str(cfg), str(weights)
+
+
+def test_semantic_stage_with_tiny_clip(tmp_path: Path) -> None:
+    cfg_path, weights = _tiny_clip(tmp_path)
+    a = photo(80)
+    s1 = sample("a.png", encode(a), license="cc-by-sa-4.0")
+    s2 = sample("a.tiff", encode(a, "TIFF"), license="cc0-1.0")  # same pixels: cosine 1
+    s3 = sample("b.png", encode(photo(81)))
+    common = dict(
+        exact=False,
+        near=False,
+        semantic=True,
+        semantic_model="ccurate-tiny-clip",
+        semantic_model_config=cfg_path,
+        semantic_eps=1e-5,
+    )
+    _, d = plan(tmp_path, [[s1, s2, s3]], semantic_weights=weights, **common)
+    assert d[s1.key]["reason"] == "duplicate_semantic" and d[s1.key]["duplicate_of"] == s2.key
+    assert d[s1.key]["cosine"] >= 1 - 1e-5 and d[s2.key]["group_size"] == 2
+    assert s3.key not in d
+    with pytest.raises(ValueError, match="semantic_weights"):
+        plan(tmp_path / "noweights", [[s1]], **common)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        plan(tmp_path / "missing", [[s1]], semantic_weights=str(tmp_path / "nope.pt"), **common)

@@ -1,0 +1,257 @@
+"""Watermark filter: real rapidocr on overlaid procedural photos, the cue scoring, LAION's head."""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ccurate.filters import clip_models
+from ccurate.filters.clip_models import WeightsNotFoundError
+from ccurate.filters.watermark import (
+    REASONS,
+    OcrBox,
+    WatermarkConfig,
+    WatermarkFilter,
+    brand_match,
+    build_watermark_model,
+    ocr_cues,
+    repeat_count,
+    substring_distance,
+)
+from ccurate.record import Sample
+from ccurate.stage import FilterStage
+
+FONTS = sorted(glob.glob("/usr/share/fonts/**/DejaVuSans*.ttf", recursive=True))
+
+
+def font(size: int, bold: bool = True) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    want = [f for f in FONTS if f.endswith("Bold.ttf") == bold] or FONTS
+    return ImageFont.truetype(want[0], size) if want else ImageFont.load_default(size=size)
+
+
+def photo(w: int = 448, h: int = 336, seed: int = 0) -> Image.Image:
+    """A photographic-looking scene: sky gradient, textured ground, multi-scale noise."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, h)[:, None, None]
+    img = np.broadcast_to(np.array([70, 120, 200]) * (1 - y) + np.array([210, 215, 230]) * y,
+                          (h, w, 3)).astype(np.float32)  # fmt: skip
+    tex = np.zeros((h, w), np.float32)
+    for s, amp in ((4, 60), (16, 30), (64, 15)):
+        small = rng.random((max(2, h // s), max(2, w // s))).astype(np.float32)
+        tex += amp * np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
+    ridge = (0.55 + 0.08 * np.sin(np.linspace(0, 7, w)))[None, :] * h
+    ground = np.arange(h)[:, None] > ridge
+    img = np.where(ground[..., None], np.array([60, 95, 40]) + tex[..., None], img)
+    return Image.fromarray(np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8))
+
+
+def overlay(im: Image.Image, text: str, size: int, opacity: float, angle: float = 0.0,
+            tiled: bool = False, where: str = "center") -> Image.Image:  # fmt: skip
+    w, h = im.size
+    big = int(math.hypot(w, h)) + 2
+    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    f = font(size)
+    x0, y0, x1, y1 = (int(v) for v in d.textbbox((0, 0), text, font=f))
+    tw, th = x1 - x0, y1 - y0
+    fill = (255, 255, 255, int(255 * opacity))
+    if tiled:
+        for row, yy in enumerate(range(0, big, th * 3)):
+            for xx in range(-(row % 2) * tw // 2, big, int(tw * 1.6)):
+                d.text((xx, yy), text, font=f, fill=fill)
+    else:
+        cx, cy = big // 2, big // 2
+        if where == "bottom-right":
+            cx, cy = big // 2 + w // 2 - tw // 2 - 10, big // 2 + h // 2 - th - 10
+        d.text((cx - tw // 2 - x0, cy - th // 2 - y0), text, font=f, fill=fill)
+    layer = layer.rotate(angle, resample=Image.Resampling.BICUBIC)
+    left, top = (big - w) // 2, (big - h) // 2
+    layer = layer.crop((left, top, left + w, top + h))
+    return Image.alpha_composite(im.convert("RGBA"), layer).convert("RGB")
+
+
+def sign(im: Image.Image, text: str) -> Image.Image:
+    """Scene text: an opaque sign board with a word."""
+    out = im.copy()
+    d = ImageDraw.Draw(out)
+    f = font(34)
+    x0, y0, x1, y1 = (int(v) for v in d.textbbox((0, 0), text, font=f))
+    px, py = 40, 200
+    board = [px - 10, py - 8, px + x1 - x0 + 10, py + y1 - y0 + 8]
+    d.rounded_rectangle(board, 8, fill=(120, 30, 20))
+    d.text((px - x0, py - y0), text, font=f, fill=(250, 240, 220))
+    return out
+
+
+def sample(im: Image.Image, key: str = "k") -> Sample:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92)
+    return Sample(key=key, url=f"https://example.org/{key}.jpg", image=buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def wm() -> WatermarkFilter:
+    f = WatermarkFilter(WatermarkConfig())
+    f.setup()  # rapidocr loads once for the module
+    return f
+
+
+# ---- real OCR ---------------------------------------------------------------------------------
+
+
+def test_large_shutterstock_overlay_is_dropped(wm: WatermarkFilter) -> None:
+    s = sample(overlay(photo(seed=1), "shutterstock", 44, 0.6))
+    FilterStage([wm]).process([s])
+    assert not s.kept and s.drop_reason == "watermark" and s.dropped_by == "watermark"
+    assert s.scores["watermark.ocr_brand"] == 1.0
+    assert s.scores["watermark.pwatermark_ocr"] >= 0.9
+    assert s.scores["watermark.ocr_text_area"] > 0.0 and s.scores["watermark.ocr_boxes"] >= 1
+
+
+def test_clean_photo_is_kept(wm: WatermarkFilter) -> None:
+    s = sample(photo(seed=2))
+    FilterStage([wm]).process([s])
+    assert s.kept
+    assert s.scores["watermark.pwatermark_ocr"] < wm.cfg.ocr_threshold
+    assert s.scores["watermark.ocr_brand"] == 0.0
+
+
+def test_non_brand_scene_text_is_read_but_kept(wm: WatermarkFilter) -> None:
+    s = sample(sign(photo(seed=3), "BAKERY"))
+    d = wm.decide(s)
+    assert d.keep, d.scores
+    assert d.scores["ocr_boxes"] >= 1  # the word was seen, and judged not a watermark
+    assert d.scores["pwatermark_ocr"] < wm.cfg.ocr_threshold
+
+
+def test_tiled_rotated_semi_transparent_text_is_dropped(wm: WatermarkFilter) -> None:
+    d = wm.decide(sample(overlay(photo(seed=4), "PROOF", 30, 0.45, angle=30, tiled=True)))
+    assert not d.keep and d.reason == "watermark"
+    assert d.scores["ocr_repeat"] >= 3
+
+
+def test_copyright_line_in_a_corner_is_dropped(wm: WatermarkFilter) -> None:
+    d = wm.decide(sample(overlay(photo(seed=5), "© 2021 Jane Doe", 26, 0.7, where="bottom-right")))
+    assert not d.keep and d.scores["ocr_copyright"] == 1.0
+
+
+def test_undecodable_is_decode_error(wm: WatermarkFilter) -> None:
+    d = wm.decide(Sample(key="x", url="u", image=b"\xff\xd8 truncated"))
+    assert not d.keep and d.reason == "decode_error" and "decode_error" in REASONS
+
+
+# ---- cue scoring without OCR ----------------------------------------------------------------
+
+
+def box(x: float, y: float, w: float, h: float, text: str) -> OcrBox:
+    return OcrBox(np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float32), text, 0.9)
+
+
+CFG = WatermarkConfig()
+
+
+def test_brand_matching_is_fuzzy_for_long_names_only() -> None:
+    assert brand_match("Shutterstck", CFG.brands)  # faint text loses a letter
+    assert brand_match("ettyimag", CFG.brands)  # cut at both ends
+    assert brand_match("stock.adobe.com", CFG.brands)
+    assert brand_match("IN STOCK", CFG.brands) is None  # not 'istock'
+    assert brand_match("Gettysburg", CFG.brands) is None  # short names: whole words only
+    assert brand_match("Getty", CFG.brands) and brand_match("alamy.com", CFG.brands)
+    assert brand_match("alarm", CFG.brands) is None  # not 'alamy'
+    assert substring_distance("watermark", "nwatermak!") == 1
+
+
+def test_cue_weights() -> None:
+    def p(*boxes: OcrBox) -> float:
+        return ocr_cues(list(boxes), 640, 480, CFG)["pwatermark_ocr"]
+
+    assert p() == 0.0
+    assert p(box(10, 10, 80, 20, "OPEN")) < 0.5  # a small sign word
+    assert p(box(250, 220, 140, 40, "OPEN")) < 0.5  # even a big central one
+    assert p(box(500, 440, 120, 20, "© Jane Doe")) >= 0.5
+    assert p(box(500, 440, 120, 20, "www.janedoe.com")) >= 0.5
+    assert p(box(10, 10, 120, 20, "2011 Main St")) < 0.5  # an address, not a credit
+    assert p(box(210, 215, 220, 50, "2015 John Smith")) >= 0.5  # © lost, large and central
+    assert p(box(500, 440, 120, 20, "alamy")) >= 0.9
+    assert p(box(10, 10, 100, 20, "sample")) < 0.5  # weak word alone
+    assert p(box(200, 200, 240, 60, "SAMPLE")) >= 0.5  # weak word, large and central
+    tiles = [box(x, y, 90, 20, "PROOF") for x, y in ((0, 0), (200, 100), (400, 200))]
+    assert p(*tiles) >= 0.8
+    assert repeat_count(["johnsmithphoto", "hnsmithph", "smithphoto", "x"]) == 3
+
+
+# ---- LAION's classifier ---------------------------------------------------------------------
+
+
+def test_laion_head_layout_matches_watermark_model_v1() -> None:
+    sd = build_watermark_model("efficientnet_b3").state_dict()
+    heads = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("classifier.")}
+    assert heads == {
+        "classifier.0.weight": (625, 1536), "classifier.0.bias": (625,),
+        "classifier.3.weight": (256, 625), "classifier.3.bias": (256,),
+        "classifier.5.weight": (2, 256), "classifier.5.bias": (2,),
+    }  # fmt: skip
+    assert "conv_stem.weight" in sd
+
+
+@pytest.fixture(scope="module")
+def tiny_wm_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_watermark_model("test_efficientnet")
+    path = tmp_path_factory.mktemp("wm") / "watermark_model_v1.pt"
+    torch.save(model.state_dict(), path)
+    return path, model.eval()
+
+
+def test_model_pwatermark_is_recorded_and_thresholded(tiny_wm_weights) -> None:
+    path, ref = tiny_wm_weights
+    cfg = WatermarkConfig(ocr=False, model_weights=str(path), model_arch="test_efficientnet",
+                          device="cpu", model_threshold=1.0)  # fmt: skip
+    f = pickle.loads(pickle.dumps(WatermarkFilter(cfg)))
+    im = photo(300, 200, seed=6)
+    d = f.decide(sample(im))
+    assert d.keep and 0.0 <= d.scores["pwatermark"] <= 1.0 and "pwatermark_ocr" not in d.scores
+    # same probability as the saved network on LAION's preprocessing (256x256, ImageNet norm)
+    dec = Image.open(io.BytesIO(sample(im).image or b"")).convert("RGB")
+    dec = dec.resize((256, 256), Image.Resampling.BILINEAR)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = (np.asarray(dec, np.float32) / 255 - mean) / std
+    with torch.no_grad():
+        inp = torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None]
+        want = torch.softmax(ref(inp), 1)[0, 0]
+    assert d.scores["pwatermark"] == pytest.approx(float(want), abs=1e-4)
+    strict = WatermarkFilter(cfg.model_copy(update={"model_threshold": 0.0}))
+    d2 = strict.decide(sample(im))
+    assert not d2.keep and d2.reason == "watermark"
+
+
+def test_model_off_without_weights_and_missing_weights_error(tmp_path, caplog) -> None:
+    clip_models._off_logged.discard("watermark_model")
+    with caplog.at_level(logging.WARNING, logger="ccurate.filters"):
+        f = WatermarkFilter(WatermarkConfig())
+    assert f.model_off_reason and "filters.watermark.model_weights" in caplog.text
+    assert "OCR detector stays on" in caplog.text
+    missing = tmp_path / "models" / "watermark_model_v1.pt"
+    with pytest.raises(WeightsNotFoundError) as e:
+        WatermarkFilter(WatermarkConfig(model_weights=str(missing)))
+    assert str(missing) in str(e.value) and "LAION-5B-WatermarkDetection" in str(e.value)
+
+
+def test_demo_corpus_planted_watermarks(wm: WatermarkFilter) -> None:
+    """The demo's planted stock overlays are dropped; its clean scenes are kept."""
+    from ccurate.demo import corpus
+
+    planted = [sample(corpus.watermark(corpus.landscape(50_000 + k, 480, 360), k), f"w{k}")
+               for k in range(3)]  # fmt: skip
+    clean = [sample(corpus.landscape(k, 480, 360), f"c{k}") for k in range(3)]
+    FilterStage([wm]).process(planted + clean)
+    assert [s.drop_reason for s in planted] == ["watermark"] * 3
+    assert all(s.kept for s in clean), [s.scores for s in clean]
