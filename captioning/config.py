@@ -2,10 +2,82 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, model_validator
+
 from ccurate.configbase import Section
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+"""The checkpoint LAVIS's `blip2_opt` captioner uses (set `[caption] model` to enable it)."""
+
+KNOWN_MODELS = (
+    "Salesforce/blip2-opt-2.7b",
+    "Salesforce/blip2-opt-6.7b",
+    "Salesforce/blip2-opt-2.7b-coco",
+    "Salesforce/blip2-opt-6.7b-coco",
+    "Salesforce/blip2-flan-t5-xl",
+    "Salesforce/blip2-flan-t5-xxl",
+    "Salesforce/blip2-flan-t5-xl-coco",
+)
+"""Hub ids the stage is written for; any BLIP-2 checkpoint in the HF format loads."""
 
 
 class CaptionConfig(Section):
-    """Which BLIP-2 weights to use and how to decode. No model -> the stage is skipped, loudly."""
+    """Which BLIP-2 weights to use and how to decode. No model -> the stage is skipped, loudly.
+
+    Defaults follow LAVIS's BLIP-2 captioning where that is cheap (prompt
+    "a photo of", at most 30 new tokens, at least 1) but decode greedily: LAVIS's
+    5-beam search costs ~5x for a small gain; `num_beams = 5` restores it.
+    """
 
     model: str | None = None
+    """Hub id (e.g. "Salesforce/blip2-opt-2.7b") or a local directory holding the weights."""
+    model_id: str | None = None
+    """Name recorded in `caption_model` when `model` is a directory (default: from its config)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None = "main". Recorded as the resolved commit."""
+    local_files_only: bool = False
+    """Never touch the network (also implied by HF_HUB_OFFLINE=1)."""
+
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """"auto" = bfloat16 on GPUs that have it, else float16; float32 on CPU."""
+
+    prompt: str = "a photo of"
+    num_beams: int = Field(default=1, ge=1)
+    do_sample: bool = False
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    temperature: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    """Seed for sampling, so reruns give the same captions."""
+    max_new_tokens: int = Field(default=30, ge=1)
+    min_new_tokens: int = Field(default=1, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    length_penalty: float = 1.0
+    num_captions: int = Field(default=1, ge=1)
+    """Captions per image. The first goes to `caption`; when > 1, all of them (first
+    included, best first) go to `sample.extra["captions"]` as a list of strings."""
+
+    batch_size: int | None = Field(default=None, ge=1)
+    """Images per GPU batch; None = sized from free GPU memory (halved on OOM)."""
+    max_batch_size: int = Field(default=512, ge=1)
+    decode_workers: int | None = Field(default=None, ge=1)
+    """Threads that decode and resize JPEGs ahead of the GPU; None = min(12, cores - 1)."""
+    fast_decode: bool = True
+    """Greedy OPT decoding with a static KV cache (CUDA graphs on GPU) instead of HF generate."""
+    cuda_graphs: bool = True
+
+    cache_dir: str | None = None
+    """Caption cache folder (parquet parts); the pipeline uses <work>/catalog/caption_cache."""
+    cache_flush_rows: int = Field(default=2048, ge=1)
+    """New cache rows kept in memory before a part file is written (and at teardown/exit)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptionConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must be <= max_new_tokens")
+        if self.num_captions > self.num_beams and not self.do_sample:
+            raise ValueError("num_captions > 1 needs num_beams >= num_captions or do_sample = true")
+        return self

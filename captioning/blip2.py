@@ -1,0 +1,601 @@
+"""BLIP-2 loading (hub id or local directory, offline-aware) and batched caption generation.
+
+Loading: a hub id resolves through the Hugging Face cache (`HF_HUB_OFFLINE=1`
+or `local_files_only` never touch the network); a directory is used as it is.
+Missing weights raise `MissingWeightsError` naming the expected location and
+the command that fetches them - there is no fallback model.
+
+Generation keeps the GPU busy: JPEG decode + resize run on a thread pool ahead
+of the GPU (PIL releases the GIL), uint8 pixels travel to the device pinned and
+are normalised there, the vision encoder + Q-Former run in sub-batches as soon
+as their images are decoded, and the language model decodes the whole GPU
+batch at once (`fastgen.GreedyOPT` for greedy OPT, HF `generate` otherwise).
+An out-of-memory error halves the batch size (sticky) and retries; a single
+image that still does not fit gets no caption, and the shard goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ccurate.captioning.config import DEFAULT_MODEL, CaptionConfig
+
+log = logging.getLogger("ccurate.captioning")
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ENCODE_BATCH = 128
+"""Images per vision-encoder call: big enough for full GEMMs, small enough to start early."""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """BLIP-2 weights are not where the config says; the message says how to fetch them."""
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    path: Path
+    model_id: str
+    revision: str
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, but at call time (tests set it late)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def fetch_command(model_id: str, local_dir: str | Path | None = None) -> str:
+    cmd = f"hf download {model_id}"
+    if local_dir is not None:
+        cmd += f" --local-dir {local_dir}"
+    return cmd
+
+
+def _hub_cache_dir(model_id: str) -> Path:
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    return Path(cache) / ("models--" + model_id.replace("/", "--"))
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        next(path.glob(pat), None) is not None for pat in WEIGHT_PATTERNS
+    )
+
+
+def _local_revision(path: Path) -> str:
+    """The commit a directory was downloaded at, or a short hash of its contents."""
+    meta = path / ".cache" / "huggingface" / "download" / "config.json.metadata"
+    if meta.is_file():
+        first = meta.read_text().splitlines()[:1]
+        if first and re.fullmatch(r"[0-9a-f]{40}", first[0].strip()):
+            return first[0].strip()
+    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return path.name
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for pat in WEIGHT_PATTERNS:
+        for f in sorted(path.glob(pat)):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "local-" + h.hexdigest()[:12]
+
+
+def _local_model_id(path: Path, configured: str | None) -> str:
+    if configured:
+        return configured
+    try:
+        name = json.loads((path / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    if isinstance(name, str) and HUB_ID.match(name) and not Path(name).exists():
+        return name
+    return path.name
+
+
+def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
+    """Find the weights of `cfg.model` on disk (downloading only when online and allowed)."""
+    if cfg.model is None:
+        raise ValueError("no caption model configured")
+    spec = cfg.model
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not _has_weights(local):
+            hint = cfg.model_id or DEFAULT_MODEL
+            raise MissingWeightsError(
+                f"no BLIP-2 weights in {local.resolve()} (expected config.json and "
+                f"*.safetensors there). Fetch them with: "
+                f"{fetch_command(hint, local.resolve())}"
+            )
+        path = local.resolve()
+        return ResolvedWeights(path, _local_model_id(path, cfg.model_id), _local_revision(path))
+    if not HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise MissingWeightsError(
+            f"no BLIP-2 weights at {local.resolve()} (directory does not exist). Fetch them "
+            f"with: {fetch_command(cfg.model_id or DEFAULT_MODEL, local.resolve())}"
+        )
+    offline = cfg.local_files_only or hub_offline()
+    from huggingface_hub import snapshot_download
+
+    try:
+        snap = snapshot_download(
+            spec,
+            revision=cfg.revision,
+            local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"],
+        )
+    except Exception as exc:
+        where = _hub_cache_dir(spec)
+        why = "HF_HUB_OFFLINE=1 / local_files_only and not cached" if offline else str(exc)
+        raise MissingWeightsError(
+            f"BLIP-2 weights {spec!r}"
+            f"{'@' + cfg.revision if cfg.revision else ''} not found ({why}); expected in the "
+            f"Hugging Face cache at {where}. Fetch them with: {fetch_command(spec)}  "
+            f'(or `{fetch_command(spec, "<dir>")}` and set [caption] model = "<dir>")'
+        ) from exc
+    path = Path(snap)
+    if not _has_weights(path):
+        raise MissingWeightsError(
+            f"the cached snapshot {path} of {spec!r} has no safetensors weights; fetch them "
+            f"with: {fetch_command(spec)}"
+        )
+    return ResolvedWeights(path, spec, _local_revision(path))
+
+
+def decoding_tag(cfg: CaptionConfig) -> str:
+    """The decoding settings as they appear in `caption_model` and the cache key."""
+    if cfg.do_sample:
+        parts = [f"sample(top_p={cfg.top_p:g},temp={cfg.temperature:g},seed={cfg.seed})"]
+    elif cfg.num_beams > 1:
+        parts = [f"beam{cfg.num_beams}"]
+        if cfg.length_penalty != 1.0:
+            parts.append(f"lp{cfg.length_penalty:g}")
+    else:
+        parts = ["greedy"]
+    parts.append(f"max{cfg.max_new_tokens}")
+    if cfg.min_new_tokens:
+        parts.append(f"min{cfg.min_new_tokens}")
+    if cfg.repetition_penalty != 1.0:
+        parts.append(f"rep{cfg.repetition_penalty:g}")
+    if cfg.num_captions > 1:
+        parts.append(f"n{cfg.num_captions}")
+    parts.append(f"prompt={cfg.prompt}")
+    return "|".join(parts)
+
+
+def caption_model_tag(model_id: str, revision: str, cfg: CaptionConfig) -> str:
+    """E.g. "Salesforce/blip2-opt-2.7b@51572668...|greedy|max30|min1|prompt=a photo of"."""
+    return f"{model_id}@{revision}|{decoding_tag(cfg)}"
+
+
+def pick_device(spec: str) -> torch.device:
+    """ "auto"/"cuda": one GPU per worker - LOCAL_RANK if set, else the pool worker's number.
+
+    Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so it sees cuda:0.
+    """
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda:"):
+        return torch.device(spec)
+    if spec not in {"auto", "cuda"}:
+        raise ValueError(f"unknown device {spec!r} (auto, cpu, cuda, cuda:N)")
+    if not torch.cuda.is_available():
+        if spec == "cuda":
+            raise RuntimeError("[caption] device = cuda but no CUDA device is visible")
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    if os.environ.get("LOCAL_RANK", "").isdigit():
+        index = int(os.environ["LOCAL_RANK"])
+    else:
+        ident = multiprocessing.current_process()._identity
+        index = ident[0] - 1 if ident else 0
+    return torch.device(f"cuda:{index % n}")
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec != "auto":
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+            spec
+        ]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF marker without decoding; None if not found."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h = int.from_bytes(data[i + 5 : i + 7], "big")
+            w = int.from_bytes(data[i + 7 : i + 9], "big")
+            return (w, h) if w and h else None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _cv2_decode(data: bytes, height: int, width: int) -> np.ndarray | None:
+    """RGB uint8 via OpenCV, which holds no GIL while it decodes; None if it cannot.
+
+    Large JPEGs are decoded at a reduced DCT scale no smaller than twice the
+    target (PIL's `draft` rule): several times cheaper, same bicubic result in
+    practice. EXIF orientation is ignored, as BLIP's image processor does.
+    """
+    import cv2
+
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    size = jpeg_size(data)
+    if size is not None:
+        scale = min(size[0] // (2 * width), size[1] // (2 * height))
+        for factor, reduced in (
+            (8, cv2.IMREAD_REDUCED_COLOR_8),
+            (4, cv2.IMREAD_REDUCED_COLOR_4),
+            (2, cv2.IMREAD_REDUCED_COLOR_2),
+        ):
+            if scale >= factor:
+                flags = reduced | cv2.IMREAD_IGNORE_ORIENTATION
+                break
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+        return None
+    rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
+
+
+def load_image(data: bytes, height: int, width: int, resample: int) -> np.ndarray | None:
+    """Decode + RGB + resize to the model's input size -> uint8 HWC; None when undecodable.
+
+    Runs on the decode threads, next to the thread that launches GPU work: both
+    steps hold no GIL while they compute (OpenCV decode, PIL resize), so decoding
+    does not starve the launcher. The resize is PIL's antialiased bicubic, as in
+    BLIP's image processor. Formats OpenCV lacks (GIF, ...) go through PIL.
+    """
+    from PIL import Image
+
+    try:
+        arr = _cv2_decode(data, height, width)
+        if arr is not None:
+            rgb = Image.fromarray(arr)
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("RGB", (width * 2, height * 2))
+                rgb = im.convert("RGB")
+        rgb = rgb.resize((width, height), resample=resample)
+        return np.asarray(rgb, dtype=np.uint8)
+    except Exception as exc:  # corrupt or unsupported bytes: no caption, the run goes on
+        log.warning("caption: cannot decode image (%s)", exc)
+        return None
+
+
+def _image_size(size: Any) -> tuple[int, int]:
+    """(height, width) from an image processor's `size` (dict, SizeDict or int)."""
+    if isinstance(size, int):
+        return size, size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+    h = get("height") or get("shortest_edge")
+    w = get("width") or get("shortest_edge")
+    if not h or not w:
+        raise ValueError(f"unsupported image processor size {size!r}")
+    return int(h), int(w)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class Blip2Captioner:
+    """A loaded BLIP-2 + processor on one device, with decoding settings from the config."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        cfg: CaptionConfig,
+        model_id: str,
+        revision: str,
+        device: torch.device | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_id = model_id
+        self.revision = revision
+        self.tag = caption_model_tag(model_id, revision, cfg)
+        self.device = device or next(model.parameters()).device
+        self.dtype = next(model.language_model.parameters()).dtype
+        mc = model.config
+        self.decoder_only = bool(mc.use_decoder_only_language_model)
+
+        ip = processor.image_processor
+        self.height, self.width = _image_size(ip.size)
+        resample = getattr(ip, "resample", 3)
+        self.resample = int(resample) if isinstance(resample, int) else 3  # PIL BICUBIC
+        rescale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0
+        mean = np.asarray(ip.image_mean if getattr(ip, "do_normalize", True) else [0, 0, 0])
+        std = np.asarray(ip.image_std if getattr(ip, "do_normalize", True) else [1, 1, 1])
+        # pixel*rescale normalised = pixel*scale - shift
+        self._scale = torch.tensor(rescale / std, dtype=torch.float32, device=self.device)
+        self._shift = torch.tensor(mean / std, dtype=torch.float32, device=self.device)
+        self._scale = self._scale.view(1, 3, 1, 1)
+        self._shift = self._shift.view(1, 3, 1, 1)
+
+        image_token = mc.image_token_index
+        if image_token is None:
+            image_token = self.tokenizer.convert_tokens_to_ids("<image>")
+        text_ids = self.tokenizer(cfg.prompt, add_special_tokens=True)["input_ids"]
+        ids = [int(image_token)] * int(mc.num_query_tokens) + [int(t) for t in text_ids]
+        self.prompt_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        self.image_pos = torch.nonzero(self.prompt_ids == int(image_token)).flatten()
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else mc.text_config.eos_token_id
+        eos_list = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        self.eos_ids = [int(e) for e in eos_list]
+        pad = gen.pad_token_id if gen.pad_token_id is not None else mc.text_config.pad_token_id
+        self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
+
+        self.fast: Any = None
+        if self._fast_possible():
+            from ccurate.captioning.fastgen import GreedyOPT
+
+            self.fast = GreedyOPT(
+                model.language_model, self.eos_ids, self.pad_id, use_graphs=cfg.cuda_graphs
+            )
+        self.batch_size = cfg.batch_size or self._auto_batch_size()
+        workers = cfg.decode_workers or max(1, min(12, (os.cpu_count() or 2) - 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-decode")
+        self.failed = 0
+
+    # ---- construction -----------------------------------------------------
+    @classmethod
+    def load(cls, cfg: CaptionConfig) -> Blip2Captioner:
+        """Resolve the weights, load model + processor on the configured device and dtype."""
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        weights = resolve_weights(cfg)
+        device = pick_device(cfg.device)
+        dtype = pick_dtype(cfg.dtype, device)
+        log.info(
+            "caption: loading %s from %s on %s (%s)", weights.model_id, weights.path, device, dtype
+        )
+        model: Any = Blip2ForConditionalGeneration.from_pretrained(
+            weights.path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        )
+        # HF keeps the Q-Former in fp32; LAVIS runs it under fp16 autocast. One dtype
+        # throughout keeps the GEMMs on tensor cores and matches LAVIS.
+        model.to(device=device, dtype=dtype).eval()
+        processor = Blip2Processor.from_pretrained(weights.path, local_files_only=True)
+        return cls(model, processor, cfg, weights.model_id, weights.revision, device)
+
+    def _fast_possible(self) -> bool:
+        from ccurate.captioning.fastgen import supports
+
+        c = self.cfg
+        return (
+            c.fast_decode
+            and self.decoder_only
+            and c.num_beams == 1
+            and not c.do_sample
+            and c.num_captions == 1
+            and supports(self.model)
+        )
+
+    def _auto_batch_size(self) -> int:
+        """Largest power of two whose activations + KV cache fit in 70% of free memory."""
+        cap = self.cfg.max_batch_size
+        if self.device.type != "cuda":
+            return min(cap, 16)
+        mc = self.model.config
+        el = torch.finfo(self.dtype).bits // 8
+        v, t = mc.vision_config, mc.text_config
+        n_vis = (int(v.image_size) // int(v.patch_size)) ** 2 + 1
+        vision = n_vis * (2 * int(v.intermediate_size) + 4 * int(v.hidden_size)) * el
+        vision = vision * min(ENCODE_BATCH, cap) // cap  # encoded in sub-batches
+        seq = len(self.prompt_ids) + self.cfg.max_new_tokens
+        layers = int(getattr(t, "num_hidden_layers", getattr(t, "num_layers", 32)))
+        hidden = int(getattr(t, "hidden_size", getattr(t, "d_model", 2560)))
+        ffn = int(getattr(t, "ffn_dim", getattr(t, "d_ff", 4 * hidden)))
+        beams = max(self.cfg.num_beams, self.cfg.num_captions)
+        kv = 2 * layers * seq * hidden * el * beams
+        prefill = len(self.prompt_ids) * (4 * hidden + 2 * ffn) * el * beams
+        logits = int(getattr(t, "vocab_size", 50272)) * 4 * 3 * beams
+        per_image = vision + kv + prefill + logits
+        free, _ = torch.cuda.mem_get_info(self.device)
+        fit = max(1, int(free * 0.7 // per_image))
+        size = 1 << (min(fit, cap).bit_length() - 1)
+        log.info(
+            "caption: GPU batch %d (%.1f MB/image, %.1f GB free)",
+            size,
+            per_image / 2**20,
+            free / 2**30,
+        )
+        return size
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.fast is not None:
+            self.fast.reset()
+
+    # ---- the work ---------------------------------------------------------
+    def caption(self, images: Sequence[bytes | None]) -> list[list[str] | None]:
+        """Captions (num_captions per image, best first) for encoded images; None = failed."""
+        n = len(images)
+        out: list[list[str] | None] = [None] * n
+        futures: list[Future[np.ndarray | None] | None] = [None] * n
+        submitted = 0
+
+        def submit_until(end: int) -> None:
+            nonlocal submitted
+            while submitted < min(end, n):
+                data = images[submitted]
+                if data is not None:
+                    futures[submitted] = self._pool.submit(
+                        load_image, data, self.height, self.width, self.resample
+                    )
+                submitted += 1
+
+        pos = 0
+        with torch.inference_mode():
+            while pos < n:
+                end = min(n, pos + self.batch_size)
+                submit_until(end + 2 * self.batch_size)  # decode two batches ahead
+                chunk = futures[pos:end]
+                out[pos:end] = self._run_chunk(chunk)
+                pos = end
+        return out
+
+    def _run_chunk(
+        self, futs: Sequence[Future[np.ndarray | None] | None]
+    ) -> list[list[str] | None]:
+        """One GPU batch with OOM back-off: halve (sticky) and retry the two halves."""
+        oom = False
+        try:
+            return self._run_batch(futs)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            oom = True  # handled below, outside `except`, so the traceback's tensors are freed
+        assert oom
+        if self.fast is not None:
+            self.fast.reset()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(futs) <= 1:
+            self.failed += len(futs)
+            log.error("caption: out of memory on a single image; left without caption")
+            return [None] * len(futs)
+        half = len(futs) // 2
+        if half < self.batch_size:
+            log.warning("caption: out of memory at batch %d; retrying at %d", len(futs), half)
+            self.batch_size = half
+        out: list[list[str] | None] = []
+        while len(out) < len(futs):  # pieces of the (possibly shrinking) batch size
+            out += self._run_chunk(futs[len(out) : len(out) + self.batch_size])
+        return out
+
+    def _run_batch(
+        self, futs: Sequence[Future[np.ndarray | None] | None]
+    ) -> list[list[str] | None]:
+        rows: list[int] = []
+        parts: list[torch.Tensor] = []
+        pending: list[np.ndarray] = []
+        enc = min(ENCODE_BATCH, max(1, self.batch_size))
+        for i, fut in enumerate(futs):
+            arr = fut.result() if fut is not None else None
+            if arr is None:
+                self.failed += 1
+                continue
+            rows.append(i)
+            pending.append(arr)
+            if len(pending) == enc:  # start the GPU on what is decoded while the rest decodes
+                parts.append(self.encode(self._stack(pending)))
+                pending = []
+        if pending:
+            parts.append(self.encode(self._stack(pending)))
+        result: list[list[str] | None] = [None] * len(futs)
+        if not rows:
+            return result
+        texts = self.generate(torch.cat(parts) if len(parts) > 1 else parts[0])
+        for i, caps in zip(rows, texts, strict=True):
+            result[i] = caps
+        return result
+
+    def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        shape = (len(arrays), *arrays[0].shape)
+        pin = self.device.type == "cuda"
+        buf = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        np.stack(arrays, out=buf.numpy())
+        return buf
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> language-model input embeddings [B, P, D] (image + prompt)."""
+        m = self.model
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x * self._scale - self._shift).to(self.dtype)
+        image_embeds = m.vision_model(pixel_values=x, return_dict=True).last_hidden_state
+        queries = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        q = m.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(
+                image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+            ),
+            return_dict=True,
+        ).last_hidden_state
+        lang = m.language_projection(q.to(image_embeds.dtype))
+        prompt = m.get_input_embeddings()(self.prompt_ids)  # [P, D]
+        embeds = prompt.unsqueeze(0).repeat(lang.shape[0], 1, 1)
+        embeds[:, self.image_pos] = lang.to(embeds.dtype)
+        result: torch.Tensor = embeds
+        return result
+
+    def generate(self, embeds: torch.Tensor) -> list[list[str]]:
+        """Decode captions for one GPU batch of prompt embeddings (the expensive call)."""
+        c = self.cfg
+        b, p, _ = embeds.shape
+        if self.fast is not None:
+            tokens = self.fast.generate(
+                embeds,
+                self.prompt_ids,
+                max_new_tokens=c.max_new_tokens,
+                min_new_tokens=c.min_new_tokens,
+                repetition_penalty=c.repetition_penalty,
+            )
+        else:
+            kwargs: dict[str, Any] = {
+                "inputs_embeds": embeds,
+                "attention_mask": torch.ones(b, p, dtype=torch.long, device=embeds.device),
+                "max_new_tokens": c.max_new_tokens,
+                "min_new_tokens": c.min_new_tokens,
+                "num_beams": c.num_beams,
+                "do_sample": c.do_sample,
+                "repetition_penalty": c.repetition_penalty,
+                "num_return_sequences": c.num_captions,
+            }
+            if c.num_beams > 1:
+                kwargs["length_penalty"] = c.length_penalty
+            if c.do_sample:
+                kwargs.update(top_p=c.top_p, temperature=c.temperature)
+                torch.manual_seed(c.seed)
+            if self.decoder_only:
+                kwargs["input_ids"] = self.prompt_ids.unsqueeze(0).expand(b, -1)
+            tokens = self.model.language_model.generate(**kwargs)
+            if self.decoder_only:
+                tokens = tokens[:, p:]
+        texts = self._decode(tokens.cpu().tolist())
+        n = c.num_captions
+        return [texts[i * n : (i + 1) * n] for i in range(b)]
+
+    def _decode(self, seqs: list[list[int]]) -> list[str]:
+        eos = set(self.eos_ids)
+        cut = []
+        for seq in seqs:
+            end = next((j for j, t in enumerate(seq) if t in eos), len(seq))
+            cut.append(seq[:end])
+        texts: list[str] = self.tokenizer.batch_decode(cut, skip_special_tokens=True)
+        return [t.strip() for t in texts]

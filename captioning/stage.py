@@ -1,0 +1,159 @@
+"""CaptionStage: adds a BLIP-2 synthetic caption to every kept sample (alt text is kept).
+
+Each captioned sample gets `caption` (the best caption), `caption_model`
+("<model id>@<revision>|<decoding settings>", see `blip2.caption_model_tag`) and,
+when `num_captions > 1`, `extra["captions"]`: the list of all captions, best
+first (so `captions[0] == caption`). Dropped samples pass through untouched;
+a sample whose image cannot be decoded keeps `caption = None`, counted in the
+log at teardown. With no model configured the stage says so once, at
+construction, and passes every sample through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, ClassVar
+
+from ccurate.captioning.config import DEFAULT_MODEL, CaptionConfig
+from ccurate.record import Sample
+from ccurate.stage import Resources, Stage
+
+log = logging.getLogger("ccurate.captioning")
+
+SKIP_MESSAGE = (
+    "captioning skipped: [caption] model is not set, so no BLIP-2 weights are loaded and "
+    "samples pass through with caption = None. To caption, set [caption] model = "
+    f'"{DEFAULT_MODEL}" (or a local directory) after fetching the weights with '
+    f"`hf download {DEFAULT_MODEL}`."
+)
+
+
+class CaptionStage(Stage):
+    """BLIP-2 captions for kept samples; batched on one GPU per worker, cached by image hash."""
+
+    name: ClassVar[str] = "caption"
+    preserves_keys: ClassVar[bool] = True
+
+    def __init__(self, cfg: CaptionConfig | None = None) -> None:
+        self.cfg = cfg or CaptionConfig()
+        self._captioner: Any = None
+        self._cache: Any = None
+        self._attached = False
+        self.counts = {"captioned": 0, "cache_hits": 0, "failed": 0, "no_image": 0}
+        if self.cfg.model is None:
+            log.warning(SKIP_MESSAGE)
+
+    @property
+    def skipped(self) -> bool:
+        return self.cfg.model is None
+
+    @property
+    def resources(self) -> Resources:
+        if self.skipped:
+            return Resources()
+        cpus = float(self.cfg.decode_workers or 4)
+        if self.cfg.device == "cpu":
+            return Resources(cpus=cpus, memory_gb=8.0)
+        import torch
+
+        if self.cfg.device.startswith("cuda") or torch.cuda.is_available():
+            return Resources(cpus=cpus, gpus=1.0, memory_gb=16.0)
+        return Resources(cpus=cpus, memory_gb=8.0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_captioner"] = None
+        state["_cache"] = None
+        state["_attached"] = False
+        return state
+
+    def attach(self, captioner: Any) -> None:
+        """Use an already loaded `Blip2Captioner` (benchmarks, tests) instead of loading one."""
+        self._captioner = captioner
+        self._attached = True
+
+    def setup(self) -> None:
+        if self.skipped:
+            return
+        if self._captioner is None:
+            from ccurate.captioning.blip2 import Blip2Captioner
+
+            self._captioner = Blip2Captioner.load(self.cfg)
+        # read enough samples per call that decode of the first GPU batch is a small share
+        self.batch_size = max(256, 4 * int(self._captioner.batch_size))
+        if self.cfg.cache_dir and self._cache is None:
+            from ccurate.captioning.cache import CaptionCache
+
+            self._cache = CaptionCache(
+                self.cfg.cache_dir, self._captioner.tag, self.cfg.cache_flush_rows
+            )
+            self._cache.load()
+
+    def teardown(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        if self._captioner is not None:
+            log.info("caption: %s", self.counts)
+            if not self._attached:
+                self._captioner.close()
+                self._captioner = None
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        if self.skipped:
+            return batch
+        if self._captioner is None:
+            raise RuntimeError("CaptionStage.setup() must run before process()")
+        tag = self._captioner.tag
+        todo: list[tuple[Sample, str | None]] = []
+        for s in batch:
+            if not s.kept:
+                continue
+            if s.image is None:
+                self.counts["no_image"] += 1
+                continue
+            sha = hashlib.sha256(s.image).hexdigest() if self._cache is not None else None
+            hit = self._cache.get(sha) if sha is not None else None
+            if hit is not None:
+                self._apply(s, hit, tag)
+                self.counts["cache_hits"] += 1
+            else:
+                todo.append((s, sha))
+        if todo:
+            results = self._captioner.caption([s.image for s, _ in todo])
+            for (s, sha), caps in zip(todo, results, strict=True):
+                if not caps:
+                    self.counts["failed"] += 1
+                    continue
+                self._apply(s, caps, tag)
+                self.counts["captioned"] += 1
+                if sha is not None:
+                    self._cache.put(sha, caps)
+        return batch
+
+    def _apply(self, sample: Sample, captions: list[str], tag: str) -> None:
+        sample.caption = captions[0]
+        sample.caption_model = tag
+        if self.cfg.num_captions > 1:
+            sample.extra["captions"] = list(captions)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.cfg
+        if self.skipped:
+            return {"skipped": True, "reason": "no [caption] model configured"}
+        from ccurate.captioning.blip2 import decoding_tag
+
+        return {
+            "model": c.model,
+            "caption_model": self._captioner.tag if self._captioner is not None else None,
+            "decoding": decoding_tag(c),
+            "num_beams": c.num_beams,
+            "do_sample": c.do_sample,
+            "max_new_tokens": c.max_new_tokens,
+            "min_new_tokens": c.min_new_tokens,
+            "repetition_penalty": c.repetition_penalty,
+            "num_captions": c.num_captions,
+            "prompt": c.prompt,
+            "cache_dir": c.cache_dir,
+        }
