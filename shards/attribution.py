@@ -1,0 +1,132 @@
+"""Licence families, licence names and links, and CC attribution lines.
+
+CC BY terms (4.0 §3(a)) ask for the creator, a copyright/licence notice with a
+link to the licence, the source, and an indication of modifications. Each
+published sample gets one such line (TASL: title, author, source, licence), in
+its json record, the manifest and the release's ATTRIBUTION file.
+
+The split of a licence into release families belongs to the licence filter
+(`ccurate.filters.license_filter.release_split`), and so do licence names and
+deed URLs (`ccurate.filters.licenses.normalize`); local fallbacks with the same
+policy are used where that module cannot be imported.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+
+def _fallback_release_split(license_id: str) -> str | None:
+    """Same policy as the licence filter's: commercial use allowed -> commercial, NC ->
+    noncommercial (ND goes by its NC element: the filter decides whether ND is admitted),
+    anything that is not an open licence -> None."""
+    lid = license_id.strip().upper().removeprefix("LICENSEREF-")
+    if lid.startswith("CC0") or lid in {"PDM-1.0", "CC-PDM-1.0", "PUBLIC-DOMAIN"}:
+        return "commercial"
+    m = re.fullmatch(r"CC-BY((?:-NC)?(?:-SA|-ND)?)-\d\.\d(?:-[A-Z]+)?", lid)
+    if not m:
+        return None
+    return "noncommercial" if "NC" in m.group(1) else "commercial"
+
+
+@lru_cache(maxsize=4096)
+def _info(license_id: str) -> Any:
+    """The licence filter's `LicenseInfo` (name, url) when that module is there."""
+    try:
+        from ccurate.filters.licenses import normalize
+    except ImportError:  # pragma: no cover - other contributor's module
+        return None
+    try:
+        return normalize(license_id)
+    except Exception:  # a parser bug must not stop a release; we fall back to our names
+        return None
+
+
+release_split: Callable[[str], str | None]
+try:  # owned by the licence filter; fallback until it lands
+    from ccurate.filters.license_filter import release_split as _release_split
+
+    release_split = _release_split
+    SPLIT_SOURCE = "ccurate.filters.license_filter.release_split"
+except ImportError:  # pragma: no cover - depends on the other contributor's module
+    release_split = _fallback_release_split
+    SPLIT_SOURCE = "ccurate.shards.attribution._fallback_release_split"
+
+_VERSION_SUFFIX = {"1.0": "Generic", "2.0": "Generic", "2.5": "Generic", "3.0": "Unported"}
+_ELEMENT_NAMES = {
+    "BY": "Attribution",
+    "NC": "NonCommercial",
+    "SA": "ShareAlike",
+    "ND": "NoDerivatives",
+}
+
+
+def license_name(license_id: str) -> str:
+    """Readable licence name, e.g. `CC-BY-SA-4.0` -> "CC BY-SA 4.0 (Creative Commons ...)"."""
+    lid = license_id.strip()
+    up = lid.upper().removeprefix("LICENSEREF-")
+    if up.startswith("CC0"):
+        return "CC0 1.0 Universal (Public Domain Dedication)"
+    if up in {"PDM-1.0", "CC-PDM-1.0"}:
+        return "Public Domain Mark 1.0"
+    m = re.fullmatch(r"CC-(BY(?:-NC)?(?:-SA|-ND)?)-(\d\.\d)(?:-([A-Z]+))?", up)
+    if not m:
+        info = _info(lid)
+        return str(info.name) if info is not None and info.name else lid
+    elements, version, port = m.group(1), m.group(2), m.group(3)
+    long = "-".join(_ELEMENT_NAMES[e] for e in elements.split("-"))
+    if elements.endswith("ND") and version != "4.0":
+        long = long.replace("NoDerivatives", "NoDerivs")
+    suffix = port or ("International" if version == "4.0" else _VERSION_SUFFIX.get(version, ""))
+    short = f"CC {elements} {version}" + (f" {port}" if port else "")
+    return f"{short} (Creative Commons {long} {version} {suffix})".replace(" )", ")")
+
+
+def license_link(license_id: str, recorded_url: str | None = None) -> str | None:
+    """Canonical deed URL for a licence id; the recorded URL when the id has no known deed."""
+    info = _info(license_id)
+    if info is not None and info.url:
+        return str(info.url)
+    up = license_id.strip().upper().removeprefix("LICENSEREF-")
+    if up.startswith("CC0"):
+        return "https://creativecommons.org/publicdomain/zero/1.0/"
+    if up in {"PDM-1.0", "CC-PDM-1.0"}:
+        return "https://creativecommons.org/publicdomain/mark/1.0/"
+    m = re.fullmatch(r"CC-(BY(?:-NC)?(?:-SA|-ND)?)-(\d\.\d)(?:-([A-Z]+))?", up)
+    if not m:
+        return recorded_url
+    path = f"{m.group(1).lower()}/{m.group(2)}/"
+    if m.group(3):
+        path += f"{m.group(3).lower()}/"
+    return f"https://creativecommons.org/licenses/{path}"
+
+
+def modifications(rec: dict[str, Any], reencoded_as: str | None) -> list[str]:
+    """What we changed relative to the source image (CC BY asks to indicate it)."""
+    mods: list[str] = []
+    ow, oh = rec.get("original_width"), rec.get("original_height")
+    w, h = rec.get("width"), rec.get("height")
+    if ow and oh and w and h and (ow, oh) != (w, h):
+        mods.append("resized")
+    if reencoded_as:
+        mods.append(f"converted to {reencoded_as.upper()}")
+    return mods
+
+
+def attribution_line(rec: dict[str, Any], mods: list[str]) -> str:
+    """One TASL credit line: "Title" by Author, source URL, licence name (link), modified: ..."""
+    title = (rec.get("title") or "").strip()
+    author = (rec.get("author") or "").strip()
+    source = rec.get("source_url") or rec.get("page_url") or rec.get("url")
+    lid = rec.get("license") or "unknown licence"
+    link = license_link(lid, rec.get("license_url"))
+    parts = [f'"{title}"' if title else "Untitled"]
+    parts.append(f"by {author}" if author else "by unknown author")
+    parts.append(f"source: {source}")
+    lic = license_name(lid)
+    parts.append(f"licence: {lic} <{link}>" if link else f"licence: {lic}")
+    parts.append(f"modified: {', '.join(mods)}" if mods else "not modified")
+    return " — ".join(parts)

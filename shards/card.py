@@ -1,0 +1,242 @@
+"""The dataset card (README.md of a release), rendered from the release's own numbers.
+
+Every number in the card comes from the summary that the release writer
+gathered while writing (also published as release.json) or from the dropped
+side outputs of the run; what the run did not record is said to be
+"not recorded", never left blank or guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from .attribution import license_name
+
+
+def count_drops(dropped: list[str]) -> dict[str, Any]:
+    """Drop counts per reason and per stage from the `.dropped.parquet` side outputs."""
+    by_reason: Counter[str] = Counter()
+    by_stage: dict[str, Counter[str]] = defaultdict(Counter)
+    for path in dropped:
+        p = path if str(path).endswith(".parquet") else f"{path}.dropped.parquet"
+        schema = pq.read_schema(p)
+        cols = [c for c in ("drop_reason", "dropped_by") if c in schema.names]
+        t = pq.read_table(p, columns=cols)
+        reasons = t.column("drop_reason").to_pylist() if "drop_reason" in cols else [None] * len(t)
+        stages = t.column("dropped_by").to_pylist() if "dropped_by" in cols else [None] * len(t)
+        for r, st in zip(reasons, stages, strict=True):
+            by_reason[r or "unknown"] += 1
+            by_stage[st or "unknown"][r or "unknown"] += 1
+    return {
+        "total": sum(by_reason.values()),
+        "files": len(dropped),
+        "by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "by_stage": {
+            st: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+            for st, c in sorted(by_stage.items())
+        },
+    }
+
+
+def _pct(n: int, d: int) -> str:
+    return f"{100.0 * n / d:.1f}%" if d else "n/a (0 samples)"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    if not rows:
+        return "_none_\n"
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def _json_block(obj: Any) -> str:
+    return "```json\n" + json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n```\n"
+
+
+def render_card(s: dict[str, Any]) -> str:
+    """Markdown card for the summary `s` built by the release writer."""
+    ri: dict[str, Any] = s.get("run_info") or {}
+    run_cfg: dict[str, Any] = ri.get("config") or {}  # the pipeline passes its whole config
+
+    def setting(key: str) -> Any:
+        return ri.get(key) or run_cfg.get(key)
+
+    cfg: dict[str, Any] = s["config"]
+    n = s["published_samples"]
+    lines: list[str] = []
+    add = lines.append
+    add(f"# ccurate release `{s['release']}`\n")
+    add(
+        "Creative-Commons image-text pairs for training text-to-image (latent diffusion) "
+        "models, curated by the ccurate pipeline: licence-checked, filtered, deduplicated, "
+        "captioned, with per-image attribution.\n"
+    )
+    add(f"- Release date: {s['date']}")
+    for k in ("run_id", "started_at", "finished_at"):
+        if ri.get(k):
+            add(f"- Run {k.replace('_', ' ')}: {ri[k]}")
+    add(f"- Samples published: {n} (of {s['input_samples']} kept by the curation run)")
+    add(f"- Shards: {s['shards']} webdataset tar files, {_human_bytes(s['image_bytes'])} of images")
+    add(f"- Image format: {cfg['image_format']} ({s['reencoded']} images re-encoded to it)\n")
+
+    add("## Splits\n")
+    add(
+        "Splits follow licence families (as in CommonCatalog): `commercial` holds works whose "
+        "licence allows commercial use (CC0, Public Domain Mark, CC BY, BY-SA, and BY-ND where "
+        "the licence policy admitted ND), `noncommercial` the NC ones (BY-NC, BY-NC-SA, ...). "
+        f"Assignment: `{s['split_policy']}`."
+        + (
+            " Commercial works are also included in `noncommercial` (superset)."
+            if cfg.get("noncommercial_includes_commercial")
+            else ""
+        )
+        + "\n"
+    )
+    add(
+        _table(
+            ["split", "samples", "shards"],
+            [[k, v, s["shards_per_split"].get(k, 0)] for k, v in s["rows_per_split"].items()],
+        )
+    )
+    if s["rows_per_bucket"]:
+        add(f"Resolution buckets (short side lower bounds {cfg['resolution_buckets']}):\n")
+        add(_table(["split/bucket", "samples"], [[k, v] for k, v in s["rows_per_bucket"].items()]))
+
+    add("## Licences\n")
+    add(
+        _table(
+            ["licence", "name", "samples", "share"],
+            [[k, license_name(k), v, _pct(v, n)] for k, v in s["per_license"].items()],
+        )
+    )
+    add(
+        "Every image is credited in `ATTRIBUTION` (title, author, source, licence with link, "
+        f"modifications). Modifications: {s['resized']} images were resized before release, "
+        f"{s['reencoded']} re-encoded.\n"
+    )
+
+    add("## Text\n")
+    add(f"Caption policy for `{{key}}.txt`: `{cfg['caption_source']}`.\n")
+    add(
+        _table(
+            ["text source", "samples", "share"],
+            [[k, v, _pct(v, n)] for k, v in s["caption_source"].items()],
+        )
+    )
+    models = s["caption_model"]
+    if models:
+        add("Synthetic caption model(s):\n")
+        add(_table(["model", "samples"], [[f"`{k}`", v] for k, v in models.items()]))
+    else:
+        add("No published sample uses a synthetic caption.\n")
+    if setting("caption"):
+        add("Captioning settings (from the run):\n")
+        add(_json_block(setting("caption")))
+
+    add("## How samples were selected\n")
+    drops = s["drops"]
+    add(
+        f"The curation run dropped {drops['total']} records (counted from "
+        f"{drops['files']} dropped side outputs); reasons:\n"
+    )
+    add(_table(["reason", "records"], [[f"`{k}`", v] for k, v in drops["by_reason"].items()]))
+    if drops["by_stage"]:
+        rows = [[st, f"`{r}`", c] for st, rs in drops["by_stage"].items() for r, c in rs.items()]
+        add("Per stage:\n")
+        add(_table(["stage", "reason", "records"], rows))
+    stages = s.get("stages") or []
+    if stages:
+        add("Stage counts:\n")
+        add(
+            _table(
+                ["stage", "in", "kept", "dropped"],
+                [
+                    [st.get("stage"), st.get("in"), st.get("kept"), st.get("dropped")]
+                    for st in stages
+                ],
+            )
+        )
+    if s["excluded"]:
+        add("Kept by the run but not published here:\n")
+        add(_table(["reason", "samples"], [[f"`{k}`", v] for k, v in s["excluded"].items()]))
+        if s["not_releasable_license"]:
+            add("Not releasable by licence (no split admits it):\n")
+            add(
+                _table(
+                    ["licence", "samples"], [[k, v] for k, v in s["not_releasable_license"].items()]
+                )
+            )
+    filters = setting("filters")
+    add("### Filters and thresholds\n")
+    if filters:
+        add(_json_block(filters))
+    else:
+        add("Not recorded: the run passed no filter settings.\n")
+    if setting("dedup"):
+        add("Deduplication settings:\n")
+        add(_json_block(setting("dedup")))
+    add(f"Exact duplicates merged into published samples: {s['duplicates_merged']}.\n")
+
+    add("## Known limitations\n")
+    add(
+        f"- Licence evidence: {s['page_evidence']} of {n} published samples "
+        f"({_pct(s['page_evidence'], n)}) were admitted on page-level evidence (a licence "
+        "stated for the whole page, not the image). Such a licence may not cover an embedded "
+        "image; check the source before reuse where it matters."
+    )
+    add(
+        "- Licences are as declared by the sources; ccurate records the evidence "
+        "(`license_evidence`, `license_rule` in each json) but cannot verify authorship."
+    )
+    add(
+        "- Bias: Creative-Commons web images over-represent some hosts, regions, languages and "
+        "subjects (photography of places and objects; few people); alt text is often terse or "
+        "SEO text, and synthetic captions inherit the captioning model's biases and errors."
+    )
+    add(
+        "- Safety and quality filters are automatic and imperfect: expect some false "
+        "negatives (unwanted images kept) and false positives (good images dropped).\n"
+    )
+
+    add("## Files and loading\n")
+    add(
+        "- `<split>/[res-N/]<split>-NNNNNN.tar`: webdataset shards; per sample "
+        f"`{{key}}.{cfg['image_format']}`, `{{key}}.txt`, `{{key}}.json` (full record)"
+        + (", `{key}.alt.txt`" if cfg["caption_source"] == "both" else "")
+        + "; `.parquet` index (img2dataset columns) and `.stats.json` per shard."
+    )
+    add("- `manifest.parquet`: every published sample with split, shard and byte offset.")
+    add("- `excluded.parquet`: kept samples not published, with the reason.")
+    add("- `release.json`: the numbers of this card. Verify with `sha256sum -c SHA256SUMS`.\n")
+    per_split = s["shards_per_split"]
+    if per_split and not s["rows_per_bucket"]:
+        split, k = next(iter(per_split.items()))
+        urls = f"{split}/{split}-{{000000..{k - 1:06d}}}.tar"
+        add("```python")
+        add("import webdataset as wds")
+        add(
+            f'ds = wds.WebDataset("{urls}").decode("pil")'
+            f'.to_tuple("{cfg["image_format"]}", "txt", "json")'
+        )
+        add("```")
+    return "\n".join(lines) + "\n"
+
+
+def load_summary(release_dir: str | Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((Path(release_dir) / "release.json").read_text())
+    return data

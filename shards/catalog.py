@@ -1,0 +1,379 @@
+"""The catalog: every URL and sample ever seen, and which releases hold it (embedded DuckDB).
+
+Lives in `catalog_dir/catalog.duckdb`. Tables:
+
+- `runs(run_id, recorded_at, kept, dropped, kept_shards, dropped_files)`
+- `samples(key, url, page_url, status, drop_reason, dropped_by, duplicate_of, hashes,
+  license..., license_decision, width, height, caption_model, first_run, last_run)`:
+  the latest state of every sample; `first_run` is kept from the first sighting
+- `sample_runs(run_id, key, status, drop_reason, dropped_by)`: the full history
+- `releases(name, path, recorded_at, samples, rows, sha256sums)`,
+  `release_samples(release, key, split, shard, offset, license)`,
+  `release_excluded(release, key, reason, detail)`
+
+Views (per connection, rebuilt on open and after each record): `manifests` over
+every recorded release's manifest.parquet, `caption_cache` over
+`catalog_dir/caption_cache/*.parquet` when present, `sample_releases`
+(samples + the list of releases holding each).
+
+Single writer: DuckDB lets one process open the file read-write; the driver
+records runs and releases. Other processes (the CLI) open it `read_only=True`
+while no writer holds it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from .release import SUCCESS, is_release
+
+LICENSE_REASONS = (
+    "license_unknown",
+    "license_conflict",
+    "license_not_allowed",
+    "attribution_incomplete",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  run_id VARCHAR PRIMARY KEY, recorded_at TIMESTAMP, kept BIGINT, dropped BIGINT,
+  kept_shards INTEGER, dropped_files INTEGER);
+CREATE TABLE IF NOT EXISTS samples (
+  key VARCHAR PRIMARY KEY, url VARCHAR, page_url VARCHAR, status VARCHAR,
+  drop_reason VARCHAR, dropped_by VARCHAR, duplicate_of VARCHAR,
+  sha256 VARCHAR, pixel_sha256 VARCHAR, phash VARCHAR,
+  license VARCHAR, license_url VARCHAR, license_rule VARCHAR, license_decision VARCHAR,
+  width INTEGER, height INTEGER, caption_model VARCHAR,
+  first_run VARCHAR, last_run VARCHAR);
+CREATE TABLE IF NOT EXISTS sample_runs (
+  run_id VARCHAR, key VARCHAR, status VARCHAR, drop_reason VARCHAR, dropped_by VARCHAR,
+  PRIMARY KEY (run_id, key));
+CREATE TABLE IF NOT EXISTS releases (
+  name VARCHAR PRIMARY KEY, path VARCHAR, recorded_at TIMESTAMP, samples BIGINT, rows BIGINT,
+  sha256sums VARCHAR);
+CREATE TABLE IF NOT EXISTS release_samples (
+  release VARCHAR, key VARCHAR, split VARCHAR, shard VARCHAR, "offset" BIGINT, license VARCHAR);
+CREATE TABLE IF NOT EXISTS release_excluded (
+  release VARCHAR, key VARCHAR, reason VARCHAR, detail VARCHAR);
+"""
+
+_OBS_COLUMNS = (
+    "key, url, page_url, status, drop_reason, dropped_by, duplicate_of, sha256, pixel_sha256, "
+    "phash, license, license_url, license_rule, width, height, caption_model"
+)
+
+
+def _lit(s: str | Path) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _list(paths: list[str]) -> str:
+    return "[" + ", ".join(_lit(p) for p in paths) + "]"
+
+
+class Catalog:
+    """DuckDB catalog of runs, samples and releases; see the module doc for tables and views."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        path = Path(path)
+        if path.suffix == ".duckdb":
+            self.dir, self.db = path.parent, path
+        else:
+            self.dir, self.db = path, path / "catalog.duckdb"
+        if read_only and not self.db.exists():
+            raise FileNotFoundError(f"no catalog at {self.db} (record a run first)")
+        if not read_only:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self.con = duckdb.connect(str(self.db), read_only=read_only)
+        if not read_only:
+            self.con.execute(_SCHEMA)
+        self._refresh_views()
+
+    # ---- lifecycle -------------------------------------------------------
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _refresh_views(self) -> None:
+        paths = [
+            str(Path(p) / "manifest.parquet")
+            for (p,) in self.con.execute("SELECT path FROM releases ORDER BY name").fetchall()
+            if (Path(p) / "manifest.parquet").exists()
+        ]
+        if paths:
+            self.con.execute(
+                f"CREATE OR REPLACE TEMP VIEW manifests AS "
+                f"SELECT * FROM read_parquet({_list(paths)}, union_by_name=true)"
+            )
+        else:
+            self.con.execute(
+                "CREATE OR REPLACE TEMP VIEW manifests AS SELECT * FROM release_samples WHERE false"
+            )
+        cache = self.dir / "caption_cache"
+        if cache.is_dir() and any(cache.glob("*.parquet")):
+            self.con.execute(
+                f"CREATE OR REPLACE TEMP VIEW caption_cache AS SELECT * FROM "
+                f"read_parquet({_lit(cache / '*.parquet')}, union_by_name=true)"
+            )
+        self.con.execute(
+            "CREATE OR REPLACE TEMP VIEW sample_releases AS SELECT s.*, "
+            "coalesce(r.releases, []) AS releases FROM samples s LEFT JOIN ("
+            "SELECT key, list(DISTINCT release ORDER BY release) AS releases "
+            "FROM release_samples GROUP BY key) r USING (key)"
+        )
+
+    # ---- recording (the driver only) -------------------------------------
+    def record_run(
+        self, kept_prefixes: list[str], dropped_paths: list[str], run_id: str
+    ) -> dict[str, int]:
+        """Record every kept and dropped record of a run; rerunning the same run_id replaces it."""
+        parts = []
+        if kept_prefixes:
+            kept = _list([f"{p}.parquet" for p in kept_prefixes])
+            parts.append(
+                "SELECT key, url, page_url, 'ok' AS status, NULL::VARCHAR AS drop_reason, "
+                "NULL::VARCHAR AS dropped_by, duplicate_of, sha256, pixel_sha256, phash, license, "
+                "license_url, license_rule, width, height, caption_model "
+                f"FROM read_parquet({kept}, union_by_name=true)"
+            )
+        if dropped_paths:
+            parts.append(
+                f"SELECT {_OBS_COLUMNS} "
+                f"FROM read_parquet({_list(dropped_paths)}, union_by_name=true)"
+            )
+        rid = _lit(run_id)
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"DELETE FROM sample_runs WHERE run_id = {rid}")
+            con.execute(f"DELETE FROM runs WHERE run_id = {rid}")
+            if parts:
+                con.execute(
+                    "CREATE OR REPLACE TEMP TABLE _obs AS SELECT * FROM ("
+                    + " UNION ALL ".join(parts)
+                    + ") QUALIFY row_number() OVER (PARTITION BY key "
+                    "ORDER BY (status = 'ok') DESC, drop_reason) = 1"
+                )
+            else:
+                con.execute(
+                    "CREATE OR REPLACE TEMP TABLE _obs AS SELECT * EXCLUDE "
+                    "(license_decision, first_run, last_run) FROM samples WHERE false"
+                )
+            reasons = ", ".join(_lit(r) for r in LICENSE_REASONS)
+            con.execute(
+                "INSERT INTO samples SELECT key, url, page_url, status, drop_reason, dropped_by, "
+                "duplicate_of, sha256, pixel_sha256, phash, license, license_url, license_rule, "
+                f"CASE WHEN drop_reason IN ({reasons}) THEN drop_reason "
+                "WHEN status = 'ok' OR license IS NOT NULL THEN 'accepted' ELSE NULL END, "
+                f"width, height, caption_model, {rid}, {rid} FROM _obs "
+                "ON CONFLICT (key) DO UPDATE SET url = excluded.url, page_url = excluded.page_url, "
+                "status = excluded.status, drop_reason = excluded.drop_reason, "
+                "dropped_by = excluded.dropped_by, duplicate_of = excluded.duplicate_of, "
+                "sha256 = excluded.sha256, pixel_sha256 = excluded.pixel_sha256, "
+                "phash = excluded.phash, license = excluded.license, "
+                "license_url = excluded.license_url, license_rule = excluded.license_rule, "
+                "license_decision = excluded.license_decision, width = excluded.width, "
+                "height = excluded.height, caption_model = excluded.caption_model, "
+                "last_run = excluded.last_run"
+            )
+            con.execute(
+                f"INSERT INTO sample_runs SELECT {rid}, key, status, drop_reason, dropped_by "
+                "FROM _obs"
+            )
+            kept_n, dropped_n = con.execute(
+                "SELECT count(*) FILTER (WHERE status = 'ok'), "
+                "count(*) FILTER (WHERE status <> 'ok') FROM _obs"
+            ).fetchall()[0]
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    datetime.now(UTC).replace(tzinfo=None),
+                    kept_n,
+                    dropped_n,
+                    len(kept_prefixes),
+                    len(dropped_paths),
+                ],
+            )
+            con.execute("DROP TABLE _obs")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return {"kept": int(kept_n), "dropped": int(dropped_n)}
+
+    def record_release(self, release_dir: str | Path) -> str:
+        """Record a published release (its manifest and exclusions); returns its name."""
+        root = Path(release_dir).resolve()
+        if not is_release(root):
+            raise ValueError(f"{root} is not a complete release (no {SUCCESS})")
+        meta = json.loads((root / SUCCESS).read_text())
+        name = str(meta["release"])
+        man = _lit(root / "manifest.parquet")
+        excl = root / "excluded.parquet"
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table, col in (
+                ("releases", "name"),
+                ("release_samples", "release"),
+                ("release_excluded", "release"),
+            ):
+                con.execute(f"DELETE FROM {table} WHERE {col} = ?", [name])
+            con.execute(
+                'INSERT INTO release_samples SELECT ?, key, split, shard, "offset", license '
+                f"FROM read_parquet({man})",
+                [name],
+            )
+            if excl.exists():
+                con.execute(
+                    "INSERT INTO release_excluded SELECT ?, key, reason, detail "
+                    f"FROM read_parquet({_lit(excl)})",
+                    [name],
+                )
+            rows = con.execute(
+                "SELECT count(*), count(DISTINCT key) FROM release_samples WHERE release = ?",
+                [name],
+            ).fetchall()[0]
+            con.execute(
+                "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    name,
+                    str(root),
+                    datetime.now(UTC).replace(tzinfo=None),
+                    rows[1],
+                    rows[0],
+                    meta.get("sha256sums"),
+                ],
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        self._refresh_views()
+        return name
+
+    # ---- reading ---------------------------------------------------------
+    def query(self, sql: str) -> pa.Table:
+        """Run SQL over the tables and views; the result as an Arrow table."""
+        rel = self.con.sql(sql)
+        if rel is None:
+            return pa.table({})
+        return rel.to_arrow_table()
+
+    def stats(self) -> dict[str, Any]:
+        def counts(sql: str) -> dict[str, int]:
+            return {str(k): int(v) for k, v in self.con.execute(sql).fetchall()}
+
+        one = self.con.execute("SELECT count(*), count(DISTINCT url) FROM samples").fetchall()[0]
+        out: dict[str, Any] = {
+            "samples": int(one[0]),
+            "urls": int(one[1]),
+            "runs": int(self.con.execute("SELECT count(*) FROM runs").fetchall()[0][0]),
+            "by_status": counts(
+                "SELECT status, count(*) FROM samples GROUP BY 1 ORDER BY 2 DESC, 1"
+            ),
+            "drop_reasons": counts(
+                "SELECT drop_reason, count(*) FROM samples WHERE status <> 'ok' "
+                "GROUP BY 1 ORDER BY 2 DESC, 1"
+            ),
+            "licenses": counts(
+                "SELECT coalesce(license, 'none'), count(*) FROM samples "
+                "GROUP BY 1 ORDER BY 2 DESC, 1"
+            ),
+            "releases": counts("SELECT name, samples FROM releases ORDER BY name"),
+        }
+        try:
+            out["caption_cache_rows"] = int(
+                self.con.execute("SELECT count(*) FROM caption_cache").fetchall()[0][0]
+            )
+        except duckdb.Error:
+            out["caption_cache_rows"] = None
+        return out
+
+    def _release_files(self, release: str | Path) -> tuple[str, Path]:
+        """(name, directory) of a release given by recorded name or by path."""
+        p = Path(release)
+        if (p / "manifest.parquet").exists():
+            name = json.loads((p / SUCCESS).read_text())["release"] if is_release(p) else p.name
+            return str(name), p
+        row = self.con.execute(
+            "SELECT path FROM releases WHERE name = ?", [str(release)]
+        ).fetchall()
+        if not row:
+            raise KeyError(f"unknown release {release!r}: not recorded and not a release directory")
+        return str(release), Path(row[0][0])
+
+    def diff_table(self, release_a: str | Path, release_b: str | Path) -> pa.Table:
+        """Per key: change (added/removed/moved/unchanged), splits in a and b, and why."""
+        _, da = self._release_files(release_a)
+        _, db = self._release_files(release_b)
+
+        def excluded(d: Path) -> str:
+            e = d / "excluded.parquet"
+            if e.exists():
+                return f"SELECT key, reason FROM read_parquet({_lit(e)})"
+            return "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS reason WHERE false"
+
+        sql = f"""
+        WITH a AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits
+                   FROM read_parquet({_lit(da / "manifest.parquet")}) GROUP BY key),
+             b AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits
+                   FROM read_parquet({_lit(db / "manifest.parquet")}) GROUP BY key),
+             ea AS ({excluded(da)}), eb AS ({excluded(db)}),
+             prior AS (SELECT key, arg_max(drop_reason, run_id) AS reason FROM sample_runs
+                       WHERE status <> 'ok' GROUP BY key),
+             j AS (SELECT coalesce(a.key, b.key) AS key, a.splits AS split_a, b.splits AS split_b,
+                   CASE WHEN a.key IS NULL THEN 'added' WHEN b.key IS NULL THEN 'removed'
+                        WHEN a.splits <> b.splits THEN 'moved' ELSE 'unchanged' END AS change
+                   FROM a FULL OUTER JOIN b ON a.key = b.key)
+        SELECT j.key, j.change, j.split_a, j.split_b,
+          CASE
+            WHEN j.change = 'removed' THEN coalesce(
+              'excluded:' || eb.reason,
+              CASE WHEN s.status = 'dropped' THEN 'dropped:' || s.drop_reason END,
+              CASE WHEN s.key IS NOT NULL THEN 'not_in_release_inputs' END,
+              'unknown')
+            WHEN j.change = 'added' THEN coalesce(
+              'was_excluded:' || ea.reason, 'previously_dropped:' || p.reason, 'new')
+            WHEN j.change = 'moved' THEN 'licence_family_changed'
+          END AS why
+        FROM j LEFT JOIN samples s ON s.key = j.key LEFT JOIN ea ON ea.key = j.key
+          LEFT JOIN eb ON eb.key = j.key LEFT JOIN prior p ON p.key = j.key
+        ORDER BY j.change, j.key
+        """
+        return self.con.sql(sql).to_arrow_table()
+
+    def diff(self, release_a: str | Path, release_b: str | Path) -> dict[str, Any]:
+        """Summary of `diff_table`: counts per change and, for added/removed, per reason."""
+        name_a, _ = self._release_files(release_a)
+        name_b, _ = self._release_files(release_b)
+        rows = self.diff_table(release_a, release_b).to_pylist()
+        out: dict[str, Any] = {"a": name_a, "b": name_b}
+        for change in ("added", "removed", "moved", "unchanged"):
+            out[change] = sum(1 for r in rows if r["change"] == change)
+        for change in ("added", "removed"):
+            why: dict[str, int] = {}
+            for r in rows:
+                if r["change"] == change:
+                    why[r["why"]] = why.get(r["why"], 0) + 1
+            out[f"{change}_why"] = dict(sorted(why.items(), key=lambda kv: (-kv[1], kv[0])))
+        return out

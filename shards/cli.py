@@ -1,0 +1,113 @@
+"""CLI commands of the shards area: catalog query/stats, release export and diff.
+
+`register(app)` adds them to the main `ccurate` Typer app. The catalog is
+opened read-only here (the pipeline driver is its only writer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ccurate.config import RunConfig
+
+from .catalog import Catalog
+
+# [run].catalog_dir, default <work_dir>/catalog: where the pipeline records runs
+_DEFAULT_CATALOG = RunConfig.model_validate({}).catalog
+CatalogOpt = Annotated[Path, typer.Option("--catalog", help="catalog directory")]
+
+
+def _print_table(t: pa.Table, as_json: bool, title: str | None = None) -> None:
+    if as_json:
+        typer.echo(json.dumps(t.to_pylist(), default=str, ensure_ascii=False))
+        return
+    table = Table(title=title)
+    for name in t.column_names:
+        table.add_column(name)
+    for row in t.to_pylist():
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    Console().print(table)
+
+
+def _print_dict(d: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(d, default=str, ensure_ascii=False, indent=1))
+        return
+    table = Table(show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    for k, v in d.items():
+        table.add_row(k, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `query`, `stats`, `export` and `diff` to the ccurate app."""
+
+    @app.command("query")
+    def query_cmd(
+        sql: Annotated[
+            str, typer.Argument(help="SQL over samples, runs, releases, manifests, ...")
+        ],
+        catalog: CatalogOpt = _DEFAULT_CATALOG,
+        as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
+    ) -> None:
+        """Run SQL against the catalog (read-only)."""
+        with Catalog(catalog, read_only=True) as cat:
+            _print_table(cat.query(sql), as_json)
+
+    @app.command("stats")
+    def stats_cmd(
+        catalog: CatalogOpt = _DEFAULT_CATALOG,
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+    ) -> None:
+        """Counts of samples, URLs, statuses, drop reasons, licences and releases."""
+        with Catalog(catalog, read_only=True) as cat:
+            _print_dict(cat.stats(), as_json)
+
+    @app.command("export")
+    def export_cmd(
+        release: Annotated[Path, typer.Argument(help="release directory")],
+        out: Annotated[Path, typer.Option("--out", help="output directory")],
+        fmt: Annotated[str, typer.Option("--format", help="export format: mds")] = "mds",
+        split: Annotated[
+            list[str] | None, typer.Option("--split", help="splits (default all)")
+        ] = None,
+        size_limit: Annotated[int, typer.Option(help="MDS shard size limit, bytes")] = 1 << 26,
+        overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    ) -> None:
+        """Export a release to another training format (MosaicML Streaming MDS)."""
+        if fmt != "mds":
+            raise typer.BadParameter(f"unknown format {fmt!r} (supported: mds)")
+        from .mds import export_mds
+
+        done = export_mds(
+            release, out, splits=split or None, size_limit=size_limit, overwrite=overwrite
+        )
+        for name, path in done.items():
+            typer.echo(f"{name}: {path}")
+
+    @app.command("diff")
+    def diff_cmd(
+        release_a: Annotated[str, typer.Argument(help="release name (recorded) or directory")],
+        release_b: Annotated[str, typer.Argument(help="release name (recorded) or directory")],
+        catalog: CatalogOpt = _DEFAULT_CATALOG,
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+        keys: Annotated[bool, typer.Option("--keys", help="list every changed key")] = False,
+    ) -> None:
+        """What was added to / removed from a release, and why."""
+        with Catalog(catalog, read_only=True) as cat:
+            if keys:
+                t = cat.diff_table(release_a, release_b)
+                mask = pc.not_equal(t.column("change"), "unchanged")
+                _print_table(t.filter(mask), as_json)
+            else:
+                _print_dict(cat.diff(release_a, release_b), as_json)

@@ -1,0 +1,318 @@
+"""What a published sample looks like: its json record, text, index and manifest rows.
+
+The `{key}.json` of a release is type-stable: every record has the same keys
+and every field one JSON type (missing text is "", every score name of the
+release is present, missing scores are null). Loaders that infer a schema from
+the first few rows (HF `datasets`' webdataset builder infers it from 5) then
+read every shard; with nulls in the first rows they fail on the first string.
+The parquet files keep real nulls under fixed Arrow schemas.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from ccurate.record import Sample
+from ccurate.shardio import EXT_MIME, MIME_EXT
+
+from .attribution import attribution_line, license_link, license_name, modifications
+from .config import ShardsConfig
+
+# img2dataset's per-shard parquet columns first, then ours
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("sha256", pa.string()),
+        ("exif", pa.string()),
+        ("page_url", pa.string()),
+        ("source_url", pa.string()),
+        ("alt_text", pa.string()),
+        ("synthetic_caption", pa.string()),
+        ("caption_model", pa.string()),
+        ("caption_source", pa.string()),
+        ("license", pa.string()),
+        ("license_url", pa.string()),
+        ("license_family", pa.string()),
+        ("author", pa.string()),
+        ("title", pa.string()),
+        ("attribution", pa.string()),
+        ("modified", pa.string()),
+        ("mime", pa.string()),
+        ("image_bytes", pa.int64()),
+        ("image_sha256", pa.string()),
+        ("pixel_sha256", pa.string()),
+        ("phash", pa.string()),
+        ("duplicate_count", pa.int32()),
+        ("offset", pa.int64()),
+    ]
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("release", pa.string()),
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("bucket", pa.string()),
+        ("shard", pa.string()),
+        ("offset", pa.int64()),
+        ("license", pa.string()),
+        ("license_url", pa.string()),
+        ("license_family", pa.string()),
+        ("attribution", pa.string()),
+        ("sha256", pa.string()),
+        ("image_sha256", pa.string()),
+        ("pixel_sha256", pa.string()),
+        ("phash", pa.string()),
+        ("url", pa.string()),
+        ("page_url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption_source", pa.string()),
+    ]
+)
+
+EXCLUDED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("license", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def choose_text(policy: str, caption: str | None, alt: str | None) -> tuple[str, str]:
+    """(text for `{key}.txt`, where it came from); fallbacks are recorded, never silent."""
+    cap = (caption or "").strip()
+    alt_s = (alt or "").strip()
+    if policy == "alt_text":
+        if alt_s:
+            return alt_s, "alt_text"
+        return (cap, "synthetic_fallback") if cap else ("", "none")
+    if cap:
+        return cap, "synthetic"
+    return (alt_s, "alt_text_fallback") if alt_s else ("", "none")
+
+
+def prepare_image(
+    data: bytes, mime: str | None, cfg: ShardsConfig
+) -> tuple[bytes, str | None, tuple[int, int] | None]:
+    """(member bytes, format re-encoded to or None, decoded size when we decoded it).
+
+    Stored bytes are copied untouched when their type is the configured one, so
+    a release never loses quality to a needless re-encode.
+    """
+    if MIME_EXT.get(mime or "") == cfg.image_format:
+        return data, None, None
+    with Image.open(io.BytesIO(data)) as im:
+        im.seek(0)
+        im.load()
+        size = im.size
+        out = io.BytesIO()
+        if cfg.image_format == "jpg":
+            rgb = _flatten(im)
+            rgb.save(out, format="JPEG", quality=cfg.jpeg_quality, optimize=False)
+        elif cfg.image_format == "webp":
+            conv = (
+                im
+                if im.mode in ("RGB", "RGBA")
+                else im.convert("RGBA" if _has_alpha(im) else "RGB")
+            )
+            conv.save(out, format="WEBP", quality=cfg.webp_quality, method=4)
+        else:
+            conv = (
+                im
+                if im.mode in ("RGB", "RGBA", "L", "LA")
+                else im.convert("RGBA" if _has_alpha(im) else "RGB")
+            )
+            conv.save(out, format="PNG", optimize=False)
+    return out.getvalue(), cfg.image_format, size
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def _flatten(im: Image.Image) -> Image.Image:
+    """RGB for JPEG: transparent areas composited on white, not black."""
+    if im.mode == "RGB":
+        return im
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+def mime_of(fmt: str) -> str:
+    return EXT_MIME[fmt]
+
+
+def _s(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def _f(v: float | None) -> float | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _extra_value(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def build_record(
+    s: Sample,
+    *,
+    family: str,
+    text: str,
+    text_source: str,
+    image: bytes,
+    image_sha256: str,
+    reencoded_as: str | None,
+    size: tuple[int, int],
+    fmt: str,
+    score_names: list[str],
+    extra_names: list[str],
+) -> dict[str, Any]:
+    """The published `{key}.json`: the full record, type-stable (see module doc)."""
+    width, height = size
+    base = {
+        "width": width,
+        "height": height,
+        "original_width": s.original_width or width,
+        "original_height": s.original_height or height,
+    }
+    lid = s.license or ""
+    mods = modifications(base, reencoded_as)
+    rec: dict[str, Any] = {
+        "key": s.key,
+        "url": s.url,
+        "page_url": _s(s.page_url),
+        "source_url": _s(s.source_url or s.page_url or s.url),
+        "text": text,
+        "caption_source": text_source,
+        "alt_text": _s(s.alt_text),
+        "caption": _s(s.caption),
+        "caption_model": _s(s.caption_model),
+        "license": lid,
+        "license_name": license_name(lid),
+        "license_url": _s(s.license_url or license_link(lid)),
+        "license_deed": _s(license_link(lid, s.license_url)),
+        "license_rule": _s(s.license_rule),
+        "license_family": family,
+        "license_evidence": [
+            {"scope": _s(e.scope), "kind": _s(e.kind), "value": _s(e.value)}
+            for e in s.license_evidence
+        ],
+        "author": _s(s.author),
+        "title": _s(s.title),
+        "attribution": "",
+        "modified": bool(mods),
+        "modifications": ", ".join(mods),
+        "mime": mime_of(fmt),
+        **base,
+        "image_bytes": len(image),
+        "sha256": _s(s.sha256),
+        "image_sha256": image_sha256,
+        "pixel_sha256": _s(s.pixel_sha256),
+        "phash": _s(s.phash),
+        "scores": {n: _f(s.scores.get(n)) for n in score_names},
+        "decisions": [
+            {"filter": d.filter, "keep": bool(d.keep), "reason": _s(d.reason)} for d in s.decisions
+        ],
+        "duplicate_count": int(s.duplicate_count or 1),
+        "extra": {n: _extra_value(s.extra.get(n)) for n in extra_names},
+    }
+    rec["attribution"] = attribution_line(
+        {**rec, "source_url": s.source_url, "page_url": s.page_url}, mods
+    )
+    return rec
+
+
+def index_row(rec: dict[str, Any], offset: int) -> dict[str, Any]:
+    """One row of a shard's parquet index (img2dataset columns + ours), real nulls."""
+
+    def n(v: str) -> str | None:
+        return v or None
+
+    return {
+        "key": rec["key"],
+        "url": rec["url"],
+        "caption": rec["text"],
+        "width": rec["width"],
+        "height": rec["height"],
+        "original_width": rec["original_width"],
+        "original_height": rec["original_height"],
+        "status": "success",
+        "error_message": None,
+        "sha256": n(rec["sha256"]),
+        "exif": None,
+        "page_url": n(rec["page_url"]),
+        "source_url": n(rec["source_url"]),
+        "alt_text": n(rec["alt_text"]),
+        "synthetic_caption": n(rec["caption"]),
+        "caption_model": n(rec["caption_model"]),
+        "caption_source": rec["caption_source"],
+        "license": rec["license"],
+        "license_url": n(rec["license_url"]),
+        "license_family": rec["license_family"],
+        "author": n(rec["author"]),
+        "title": n(rec["title"]),
+        "attribution": rec["attribution"],
+        "modified": n(rec["modifications"]),
+        "mime": rec["mime"],
+        "image_bytes": rec["image_bytes"],
+        "image_sha256": rec["image_sha256"],
+        "pixel_sha256": n(rec["pixel_sha256"]),
+        "phash": n(rec["phash"]),
+        "duplicate_count": rec["duplicate_count"],
+        "offset": offset,
+    }
+
+
+def manifest_row(
+    release: str, rec: dict[str, Any], split: str, bucket: str, shard: str, offset: int
+) -> dict[str, Any]:
+    return {
+        "release": release,
+        "key": rec["key"],
+        "split": split,
+        "bucket": bucket,
+        "shard": shard,
+        "offset": offset,
+        "license": rec["license"],
+        "license_url": rec["license_url"] or None,
+        "license_family": rec["license_family"],
+        "attribution": rec["attribution"],
+        "sha256": rec["sha256"] or None,
+        "image_sha256": rec["image_sha256"],
+        "pixel_sha256": rec["pixel_sha256"] or None,
+        "phash": rec["phash"] or None,
+        "url": rec["url"],
+        "page_url": rec["page_url"] or None,
+        "width": rec["width"],
+        "height": rec["height"],
+        "caption_source": rec["caption_source"],
+    }

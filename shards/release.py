@@ -1,0 +1,595 @@
+"""Publish the kept samples of a run as a versioned, self-describing release.
+
+Layout of `out_root/<name>/`:
+
+    <split>/[res-<N>/]<split>-<n:06d>.tar          webdataset: {key}.<ext> {key}.txt {key}.json
+    <split>/[res-<N>/]<split>-<n:06d>.parquet      img2dataset-compatible index (+ our columns)
+    <split>/[res-<N>/]<split>-<n:06d>.stats.json   per-shard counts (img2dataset keys)
+    manifest.parquet    one row per published (sample, split): shard, byte offset, licence, ...
+    excluded.parquet    kept samples that were not published, with the reason
+    ATTRIBUTION         credits grouped by licence (CC BY §3(a) terms)
+    README.md           dataset card, every number from the data
+    release.json        the card's numbers, machine-readable
+    SHA256SUMS          `sha256sum -c` over every file above
+    _SUCCESS            written last; readers check it
+
+Publishing is atomic: everything is built in `out_root/.tmp-<name>-<pid>` and
+renamed to `out_root/<name>` only when complete, so the final name never holds
+a half release. A lock file (`out_root/.release.lock`, flock) makes one writer
+per out_root; the kernel drops it when a writer dies, so a rerun knows any
+`.tmp-<name>-*` left behind is stale, removes it and builds again. Output bytes
+depend only on the inputs, the config, the name and run_info (no timestamps in
+tar members, no timings in files), so a rerun gives the same SHA256SUMS.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ccurate.record import METADATA_SCHEMA, Sample
+from ccurate.shardio import is_done, iter_samples, read_marker, tar_member
+
+from .attribution import SPLIT_SOURCE, license_link, license_name, release_split
+from .card import count_drops, render_card
+from .config import ShardsConfig
+from .manifest import (
+    EXCLUDED_SCHEMA,
+    INDEX_SCHEMA,
+    MANIFEST_SCHEMA,
+    build_record,
+    choose_text,
+    index_row,
+    manifest_row,
+    prepare_image,
+)
+
+SUCCESS = "_SUCCESS"
+SUMS = "SHA256SUMS"
+LOCK = ".release.lock"
+# test hook: seconds to sleep after each closed shard (lets a test SIGKILL a writer mid-release)
+PAUSE_ENV = "CCURATE_SHARDS_PAUSE_AFTER_SHARD"
+_BLOCK = 512
+
+
+def is_release(path: str | Path) -> bool:
+    """A directory is a release only with its `_SUCCESS` marker."""
+    return (Path(path) / SUCCESS).is_file()
+
+
+def bucket_for(short_side: int, buckets: list[int]) -> str:
+    """`res-<largest bound <= short side>`; `res-0` below the first bound; "" without buckets."""
+    if not buckets:
+        return ""
+    chosen = 0
+    for b in buckets:
+        if short_side >= b:
+            chosen = b
+    return f"res-{chosen}"
+
+
+def _member_size(n: int) -> int:
+    return _BLOCK + (n + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+class _ShardSink:
+    """The open shard of one (split, bucket) directory; rolls over by samples or bytes."""
+
+    def __init__(self, root: Path, split: str, bucket: str, cfg: ShardsConfig) -> None:
+        self.root = root
+        self.split = split
+        self.bucket = bucket
+        self.cfg = cfg
+        self.rel_dir = Path(split, bucket) if bucket else Path(split)
+        (root / self.rel_dir).mkdir(parents=True, exist_ok=True)
+        self.number = 0
+        self.closed: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._licenses: Counter[str] = Counter()
+        self._sources: Counter[str] = Counter()
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:06d}"
+
+    def add(self, members: list[tuple[str, bytes]], rec: dict[str, Any]) -> tuple[str, int]:
+        """Write one sample's members; returns (tar path relative to the release, offset)."""
+        need = sum(_member_size(len(d)) for _, d in members)
+        if self._tar is not None and self._rows:
+            full = len(self._rows) >= self.cfg.samples_per_shard
+            over = bool(self.cfg.shard_max_bytes) and (
+                self._tar.offset + need + 2 * _BLOCK > self.cfg.shard_max_bytes
+            )
+            if full or over:
+                self.close()
+        if self._tar is None:
+            path = self.root / self.rel_dir / f"{self.name}.tar"
+            self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        offset = self._tar.offset
+        for member_name, data in members:
+            tar_member(self._tar, member_name, data)
+        self._rows.append(index_row(rec, offset))
+        self._licenses[rec["license"]] += 1
+        self._sources[rec["caption_source"]] += 1
+        return str(self.rel_dir / f"{self.name}.tar"), offset
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tar = None
+        base = self.root / self.rel_dir / self.name
+        _fsync_file(base.with_suffix(".tar"))
+        pq.write_table(
+            pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA),
+            base.with_suffix(".parquet"),
+            compression="zstd",
+        )
+        stats = {
+            "shard": f"{self.rel_dir / self.name}.tar",
+            "split": self.split,
+            "bucket": self.bucket,
+            "samples": len(self._rows),
+            # img2dataset's stats keys, for tools that read them
+            "count": len(self._rows),
+            "successes": len(self._rows),
+            "failed_to_download": 0,
+            "failed_to_resize": 0,
+            "status_dict": {"success": len(self._rows)},
+            "tar_bytes": base.with_suffix(".tar").stat().st_size,
+            "first_key": self._rows[0]["key"],
+            "last_key": self._rows[-1]["key"],
+            "licenses": dict(sorted(self._licenses.items())),
+            "caption_source": dict(sorted(self._sources.items())),
+        }
+        (self.root / self.rel_dir / f"{self.name}.stats.json").write_text(
+            json.dumps(stats, indent=1, sort_keys=True) + "\n"
+        )
+        self.closed.append(stats)
+        self._rows = []
+        self._licenses = Counter()
+        self._sources = Counter()
+        self.number += 1
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:
+            time.sleep(float(pause))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _writer_lock(out_root: Path) -> Iterator[None]:
+    """One release writer per out_root; released by the kernel if the writer dies."""
+    fd = os.open(out_root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RuntimeError(
+                f"another release writer is running in {out_root} (holds {LOCK})"
+            ) from e
+        yield
+    finally:
+        os.close(fd)
+
+
+def next_version(out_root: str | Path) -> str:
+    """`v{N}`: one past the highest complete `v<int>` release under out_root."""
+    out_root = Path(out_root)
+    best = 0
+    if out_root.exists():
+        for p in out_root.iterdir():
+            m = re.fullmatch(r"v(\d+)", p.name)
+            if m and is_release(p):
+                best = max(best, int(m.group(1)))
+    return f"v{best + 1}"
+
+
+def _scan_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Score names and extra column names over all inputs (parquet only, no images)."""
+    scores: set[str] = set()
+    extras: set[str] = set()
+    base = set(METADATA_SCHEMA.names)
+    for prefix in inputs:
+        if not is_done(prefix):
+            raise ValueError(f"input shard {prefix} is unfinished (no .done marker)")
+        pf = pq.ParquetFile(f"{prefix}.parquet")
+        extras.update(n for n in pf.schema_arrow.names if n not in base)
+        col = pf.read(columns=["scores"]).column("scores")
+        for chunk in col.chunks:
+            keys = chunk.keys if isinstance(chunk, pa.MapArray) else None
+            if keys is not None and len(keys):
+                scores.update(str(k) for k in pc.unique(keys).to_pylist() if k is not None)
+    return sorted(scores), sorted(extras)
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def _release_date(run_info: dict[str, Any]) -> str:
+    for k in ("release_date", "date", "finished_at"):
+        if run_info.get(k):
+            return str(run_info[k])[:10]
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%d")
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def write_release(
+    inputs: list[str],
+    dropped: list[str],
+    out_root: str | Path,
+    cfg: ShardsConfig,
+    *,
+    name: str | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> Path:
+    """Build a release from the final kept shards and publish it atomically.
+
+    `inputs` are the kept shard prefixes (order matters for shard contents),
+    `dropped` the `.dropped.parquet` paths of every stage (drop counts for the
+    card), `run_info` the run's settings (filters, thresholds, caption model,
+    stage stats, dates) for the card. Returns `out_root/<name>`; an existing
+    complete release of that name is returned untouched. The card's date is
+    `run_info["release_date" | "date" | "finished_at"]`, else SOURCE_DATE_EPOCH,
+    else today (UTC): pass one for byte-identical rebuilds on another day.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(out_root):
+        name = name or next_version(out_root)
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"bad release name {name!r}")
+        final = out_root / name
+        if final.exists():
+            if is_release(final):
+                return final
+            raise FileExistsError(f"{final} exists but is not a complete release (no {SUCCESS})")
+        for stale in out_root.glob(f".tmp-{name}-*"):
+            shutil.rmtree(stale)
+        tmp = out_root / f".tmp-{name}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            _build(tmp, inputs, dropped, cfg, name, stable_run_info(run_info or {}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 leaves it: the next run removes it
+            raise
+        os.rename(tmp, final)
+        _fsync_dir(out_root)
+        return final
+
+
+VOLATILE = frozenset({"seconds", "wall_seconds", "elapsed", "elapsed_seconds"})
+
+
+def stable_run_info(info: Any) -> Any:
+    """run_info without timings: they differ between reruns and would change the release bytes."""
+    if isinstance(info, dict):
+        return {k: stable_run_info(v) for k, v in info.items() if k not in VOLATILE}
+    if isinstance(info, list | tuple):
+        return [stable_run_info(v) for v in info]
+    return info
+
+
+class _Tally:
+    """The release's numbers, gathered while writing (they feed the card and release.json)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.published_keys = 0
+        self.rows_per_split: Counter[str] = Counter()
+        self.rows_per_bucket: Counter[str] = Counter()
+        self.per_license: Counter[str] = Counter()
+        self.per_family: Counter[str] = Counter()
+        self.caption_source: Counter[str] = Counter()
+        self.caption_model: Counter[str] = Counter()
+        self.excluded: Counter[str] = Counter()
+        self.not_releasable_license: Counter[str] = Counter()
+        self.page_evidence = 0
+        self.resized = 0
+        self.reencoded = 0
+        self.duplicates_merged = 0
+        self.image_bytes = 0
+
+
+def _build(
+    tmp: Path,
+    inputs: list[str],
+    dropped: list[str],
+    cfg: ShardsConfig,
+    name: str,
+    run_info: dict[str, Any],
+) -> None:
+    score_names, extra_names = _scan_inputs(inputs)
+    work = tmp / ".work"
+    (work / "attribution").mkdir(parents=True)
+    sinks: dict[tuple[str, str], _ShardSink] = {}
+    tally = _Tally()
+    seen: set[str] = set()
+    excluded_rows: list[dict[str, Any]] = []
+    attrib_files: dict[str, Any] = {}
+    manifest_writer = pq.ParquetWriter(
+        tmp / "manifest.parquet", MANIFEST_SCHEMA, compression="zstd"
+    )
+    manifest_buf: list[dict[str, Any]] = []
+
+    def exclude(s: Sample, reason: str, detail: str = "") -> None:
+        tally.excluded[reason] += 1
+        excluded_rows.append(
+            {"key": s.key, "url": s.url, "license": s.license, "reason": reason, "detail": detail}
+        )
+
+    try:
+        for prefix in inputs:
+            for batch in iter_samples(prefix):
+                for s in batch:
+                    tally.seen += 1
+                    if s.key in seen:
+                        exclude(s, "duplicate_key", prefix)
+                        continue
+                    seen.add(s.key)
+                    family = release_split(s.license) if s.license else None
+                    if family is None:
+                        tally.not_releasable_license[s.license or "none"] += 1
+                        exclude(s, "not_releasable", s.license or "")
+                        continue
+                    targets = [family]
+                    if cfg.noncommercial_includes_commercial and family == "commercial":
+                        targets.append("noncommercial")
+                    targets = [t for t in targets if t in cfg.splits]
+                    if not targets:
+                        exclude(s, "split_not_published", family)
+                        continue
+                    if s.image is None:
+                        exclude(s, "image_missing")
+                        continue
+                    try:
+                        data, reencoded, decoded = prepare_image(s.image, s.mime, cfg)
+                        size = (
+                            (s.width, s.height)
+                            if s.width and s.height
+                            else decoded or _image_size(s.image)
+                        )
+                    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                        exclude(s, "image_error", f"{type(e).__name__}: {e}"[:300])
+                        continue
+                    text, text_source = choose_text(cfg.caption_source, s.caption, s.alt_text)
+                    rec = build_record(
+                        s,
+                        family=family,
+                        text=text,
+                        text_source=text_source,
+                        image=data,
+                        image_sha256=hashlib.sha256(data).hexdigest(),
+                        reencoded_as=reencoded,
+                        size=(int(size[0]), int(size[1])),
+                        fmt=cfg.image_format,
+                        score_names=score_names,
+                        extra_names=extra_names,
+                    )
+                    members = [(f"{s.key}.{cfg.image_format}", data)]
+                    members.append((f"{s.key}.txt", text.encode()))
+                    if cfg.caption_source == "both":
+                        members.append((f"{s.key}.alt.txt", rec["alt_text"].encode()))
+                    members.append((f"{s.key}.json", json.dumps(rec, ensure_ascii=False).encode()))
+                    bucket = bucket_for(min(rec["width"], rec["height"]), cfg.resolution_buckets)
+                    for split in targets:
+                        sink = sinks.get((split, bucket))
+                        if sink is None:
+                            sink = sinks[(split, bucket)] = _ShardSink(tmp, split, bucket, cfg)
+                        shard, offset = sink.add(members, rec)
+                        manifest_buf.append(manifest_row(name, rec, split, bucket, shard, offset))
+                        tally.rows_per_split[split] += 1
+                        if bucket:
+                            tally.rows_per_bucket[f"{split}/{bucket}"] += 1
+                    if len(manifest_buf) >= 10_000:
+                        manifest_writer.write_table(
+                            pa.Table.from_pylist(manifest_buf, schema=MANIFEST_SCHEMA)
+                        )
+                        manifest_buf = []
+                    lid = rec["license"]
+                    fh = attrib_files.get(lid)
+                    if fh is None:
+                        fh = attrib_files[lid] = open(  # noqa: SIM115 - closed below
+                            work / "attribution" / f"{len(attrib_files):05d}.txt", "w"
+                        )
+                    fh.write(f"- {rec['attribution']}\n")
+                    tally.published_keys += 1
+                    tally.per_license[lid] += 1
+                    tally.per_family[family] += 1
+                    tally.caption_source[text_source] += 1
+                    if text_source == "synthetic" or text_source == "synthetic_fallback":
+                        tally.caption_model[rec["caption_model"] or "unrecorded"] += 1
+                    if rec["license_rule"].endswith("@page"):
+                        tally.page_evidence += 1
+                    if "resized" in rec["modifications"]:
+                        tally.resized += 1
+                    if reencoded:
+                        tally.reencoded += 1
+                    if rec["duplicate_count"] > 1:
+                        tally.duplicates_merged += rec["duplicate_count"] - 1
+                    tally.image_bytes += len(data)
+        for sink in sinks.values():
+            sink.close()
+        if manifest_buf:
+            manifest_writer.write_table(pa.Table.from_pylist(manifest_buf, schema=MANIFEST_SCHEMA))
+    finally:
+        manifest_writer.close()
+        for fh in attrib_files.values():
+            fh.close()
+
+    pq.write_table(
+        pa.Table.from_pylist(excluded_rows, schema=EXCLUDED_SCHEMA),
+        tmp / "excluded.parquet",
+        compression="zstd",
+    )
+    _write_attribution(tmp / "ATTRIBUTION", name, attrib_files, work / "attribution", tally)
+    shutil.rmtree(work)
+
+    shard_stats = [st for sink in sinks.values() for st in sink.closed]
+    summary = _summary(name, cfg, tally, shard_stats, dropped, inputs, run_info)
+    (tmp / "release.json").write_text(
+        json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n"
+    )
+    (tmp / "README.md").write_text(render_card(summary))
+    sums = _sha256sums(tmp)
+    (tmp / SUMS).write_text(sums)
+    success = {
+        "release": name,
+        "samples": tally.published_keys,
+        "sha256sums": hashlib.sha256(sums.encode()).hexdigest(),
+    }
+    (tmp / SUCCESS).write_text(json.dumps(success, sort_keys=True) + "\n")
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            _fsync_file(p)
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+
+
+def _write_attribution(
+    path: Path, name: str, files: dict[str, Any], folder: Path, tally: _Tally
+) -> None:
+    """Credits grouped by licence (sorted by licence id), entries in publication order."""
+    with open(path, "w") as out:
+        out.write(f"ATTRIBUTION — release {name}\n\n")
+        out.write(
+            "Every image in this release is credited below, grouped by licence: title, author,\n"
+            "source, licence name with a link to its deed, and whether we modified it.\n"
+            "CC0 and Public Domain Mark works need no credit; they are listed as a courtesy.\n"
+        )
+        for lid in sorted(files):
+            link = license_link(lid)
+            out.write(f"\n## {license_name(lid)}\n")
+            out.write(f"Licence id: {lid}; deed: {link or 'see each entry'}; ")
+            out.write(f"{tally.per_license[lid]} works\n\n")
+            with open(files[lid].name) as fh:
+                shutil.copyfileobj(fh, out)
+
+
+def _summary(
+    name: str,
+    cfg: ShardsConfig,
+    tally: _Tally,
+    shard_stats: list[dict[str, Any]],
+    dropped: list[str],
+    inputs: list[str],
+    run_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the card says, as data (also written as release.json)."""
+    stages = run_info.get("stages")
+    if isinstance(stages, dict):  # the pipeline gives {step: stats}
+        stages = [{"stage": k, **v} if isinstance(v, dict) else v for k, v in stages.items()]
+    if not stages:
+        stages = [read_marker(p) for p in inputs if is_done(p)]
+        stages = _sum_stage_markers(stages)
+
+    def top(c: Counter[str]) -> dict[str, int]:
+        return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    return {
+        "release": name,
+        "date": _release_date(run_info),
+        "config": cfg.model_dump(),
+        "split_policy": SPLIT_SOURCE,
+        "input_samples": tally.seen,
+        "published_samples": tally.published_keys,
+        "rows_per_split": top(tally.rows_per_split),
+        "rows_per_bucket": top(tally.rows_per_bucket),
+        "per_license": top(tally.per_license),
+        "per_family": top(tally.per_family),
+        "caption_source": top(tally.caption_source),
+        "caption_model": top(tally.caption_model),
+        "excluded": top(tally.excluded),
+        "not_releasable_license": top(tally.not_releasable_license),
+        "page_evidence": tally.page_evidence,
+        "resized": tally.resized,
+        "reencoded": tally.reencoded,
+        "duplicates_merged": tally.duplicates_merged,
+        "image_bytes": tally.image_bytes,
+        "shards": len(shard_stats),
+        "shards_per_split": top(Counter(st["split"] for st in shard_stats)),
+        "drops": count_drops(dropped),
+        "stages": stages,
+        "run_info": run_info,
+    }
+
+
+def _sum_stage_markers(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last stage's shard markers summed (a fallback when run_info has no stage stats)."""
+    total: dict[str, dict[str, Any]] = {}
+    for m in markers:
+        if "stage" not in m:
+            continue
+        t = total.setdefault(
+            m["stage"], {"stage": m["stage"], "in": 0, "kept": 0, "dropped": 0, "drops": Counter()}
+        )
+        t["in"] += int(m.get("in", 0))
+        t["kept"] += int(m.get("kept", 0))
+        t["dropped"] += int(m.get("dropped", 0))
+        t["drops"].update(m.get("drops", {}))
+    return [{**t, "drops": dict(sorted(t["drops"].items()))} for t in total.values()]
+
+
+def _sha256sums(root: Path) -> str:
+    """`sha256sum -c` format over every file except SHA256SUMS and _SUCCESS, sorted paths."""
+    lines = []
+    for p in sorted(root.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or rel in (SUMS, SUCCESS):
+            continue
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        lines.append(f"{h.hexdigest()}  {rel}\n")
+    return "".join(lines)
+
+
+def verify(release_dir: str | Path) -> list[str]:
+    """Paths whose hash differs from SHA256SUMS (empty list: the release is intact)."""
+    root = Path(release_dir)
+    bad = []
+    for line in (root / SUMS).read_text().splitlines():
+        digest, rel = line.split("  ", 1)
+        h = hashlib.sha256((root / rel).read_bytes()).hexdigest() if (root / rel).exists() else ""
+        if h != digest:
+            bad.append(rel)
+    return bad

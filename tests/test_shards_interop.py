@@ -1,0 +1,189 @@
+"""Other tools read our releases: webdataset, HF datasets, DuckDB, img2dataset-style, MDS."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ccurate.shards.config import ShardsConfig
+from ccurate.shards.mds import export_mds, read_mds
+from ccurate.shards.read import iter_tar, release_shards
+from ccurate.shards.release import write_release
+from ccurate.shards.synth import make_inputs
+
+IMG2DATASET_COLUMNS = [
+    "key",
+    "url",
+    "caption",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "status",
+    "error_message",
+    "sha256",
+    "exif",
+]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("interop")
+    kept, dropped = make_inputs(root / "in", n_shards=2, per_shard=12)
+    return write_release(
+        kept,
+        dropped,
+        root / "out",
+        ShardsConfig(samples_per_shard=5),
+        name="v1",
+        run_info={"date": "2025-06-01"},
+    )
+
+
+def _manifest(release: Path, split: str) -> list[dict]:
+    return [
+        r for r in pq.read_table(release / "manifest.parquet").to_pylist() if r["split"] == split
+    ]
+
+
+def test_webdataset_reads_shards(release: Path) -> None:
+    import webdataset as wds
+
+    urls = [str(p) for p in release_shards(release, "commercial")]
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil")
+    seen = []
+    for s in ds:
+        assert isinstance(s["jpg"], Image.Image) and s["jpg"].size[0] > 0
+        assert isinstance(s["txt"], str) and isinstance(s["json"], dict)
+        assert s["json"]["key"] == s["__key__"]
+        assert s["txt"] == s["json"]["text"]
+        seen.append(s["__key__"])
+    assert seen == [r["key"] for r in _manifest(release, "commercial")]
+
+
+def test_hf_datasets_loads_shards(release: Path, tmp_path: Path) -> None:
+    import datasets
+
+    urls = [str(p) for p in release_shards(release, "noncommercial")]
+    ds = datasets.load_dataset(
+        "webdataset", data_files={"train": urls}, split="train", cache_dir=str(tmp_path / "hf")
+    )
+    man = _manifest(release, "noncommercial")
+    assert len(ds) == len(man)
+    assert isinstance(ds.features["jpg"], datasets.Image)
+    row = ds[len(ds) - 1]  # a late row: the schema inferred from the first rows must hold
+    assert row["__key__"] == man[-1]["key"]
+    assert isinstance(row["jpg"], Image.Image)
+    assert row["json"]["license"] == man[-1]["license"]
+    assert row["txt"] == row["json"]["text"]
+    assert [r["__key__"] for r in ds] == [r["key"] for r in man]
+
+
+def test_duckdb_reads_every_parquet(release: Path) -> None:
+    files = sorted(release.rglob("*.parquet"))
+    assert {f.name for f in files} >= {"manifest.parquet", "excluded.parquet"}
+    con = duckdb.connect()
+    for f in files:
+        n = con.execute(f"SELECT count(*) FROM read_parquet('{f}')").fetchone()
+        assert n is not None and n[0] == pq.read_metadata(f).num_rows
+    idx = con.execute(
+        f"SELECT count(*), count(DISTINCT key) FROM read_parquet('{release}/*/*-*.parquet')"
+    ).fetchone()
+    man = pq.read_metadata(release / "manifest.parquet").num_rows
+    assert idx == (man, man)
+
+
+def test_img2dataset_style_index(release: Path) -> None:
+    for tar in release_shards(release):
+        t = pq.read_table(tar.with_suffix(".parquet"))
+        assert t.column_names[: len(IMG2DATASET_COLUMNS)] == IMG2DATASET_COLUMNS
+        keys = [k for k, _ in iter_tar(tar)]
+        assert t["key"].to_pylist() == keys
+        assert set(t["status"].to_pylist()) == {"success"}
+        stats = json.loads(Path(str(tar.with_suffix("")) + ".stats.json").read_text())
+        assert stats["count"] == stats["successes"] == len(keys)
+        assert stats["status_dict"] == {"success": len(keys)}
+        for (_key, fields), row in zip(iter_tar(tar), t.to_pylist(), strict=True):
+            im = Image.open(io.BytesIO(fields["jpg"]))
+            assert (row["width"], row["height"]) == im.size
+            assert row["caption"] == fields["txt"].decode()
+
+
+def test_mds_export_roundtrip(release: Path, tmp_path: Path) -> None:
+    out = export_mds(release, tmp_path / "mds", size_limit=8_000)
+    assert set(out) == {"commercial", "noncommercial"}
+    for split, d in out.items():
+        index = json.loads((d / "index.json").read_text())
+        assert index["version"] == 2 and len(index["shards"]) > 1  # size limit splits shards
+        for info in index["shards"]:
+            raw = (d / info["raw_data"]["basename"]).stat().st_size
+            assert raw == info["raw_data"]["bytes"]
+            assert info["column_names"] == sorted(info["column_names"])
+        rows = list(read_mds(d))
+        man = _manifest(release, split)
+        assert [r["key"] for r in rows] == [m["key"] for m in man]
+        for r, m in zip(rows, man, strict=True):
+            assert r["image"].size == (m["width"], m["height"])
+            assert r["json"]["license"] == r["license"] == m["license"]
+    with pytest.raises(FileExistsError):
+        export_mds(release, tmp_path / "mds")
+
+
+def test_mds_with_real_package_if_installed(release: Path, tmp_path: Path) -> None:
+    streaming = pytest.importorskip("streaming")
+    out = export_mds(release, tmp_path / "mds", splits=["commercial"])
+    ds = streaming.LocalDataset(local=str(tmp_path / "mds"), split="commercial")
+    man = _manifest(release, "commercial")
+    assert len(ds) == len(man) and ds[0]["key"] == man[0]["key"]
+    assert out["commercial"].exists()
+
+
+def test_fast_expander_matches_webdataset(release: Path) -> None:
+    import webdataset as wds
+
+    from ccurate.shards.read import tar_samples
+
+    urls = [str(p) for p in release_shards(release)]
+    stock = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    ours = list(wds.DataPipeline(wds.SimpleShardList(urls), tar_samples))
+    assert len(ours) == len(stock) > 0
+    assert ours == stock
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_iter_members_reads_tar_formats(tmp_path: Path, fmt: int) -> None:
+    from ccurate.shards.read import iter_members
+
+    path = tmp_path / "x.tar"
+    names = ["a.txt", "dir/b.jpg", "d" * 60 + "/" + "e" * 60 + ".json"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["x" * 150 + ".txt", "ünïcode-ключ.txt"]
+    with tarfile.open(path, "w", format=fmt) as tf:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for i, n in enumerate(names):
+            data = bytes([i]) * (i * 700 + 1)
+            info = tarfile.TarInfo(n)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        want = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]  # type: ignore[union-attr]
+    assert list(iter_members(path)) == want
+    raw = bytearray(path.read_bytes())
+    raw[600] ^= 0xFF  # inside the second header
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        list(iter_members(bad))
