@@ -1,0 +1,255 @@
+"""The trainer's shard stream: determinism, resume, rank balance, captions, buckets."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ccurate.shardio import tar_member
+from ccurate.train import data as tdata
+from ccurate.train.data import (
+    DataError,
+    Decoder,
+    MemberReader,
+    ShardDataset,
+    StreamSpec,
+    TrainLoader,
+    find_shards,
+    load_npy,
+    make_buckets,
+    nearest_bucket,
+    pick_caption,
+)
+from ccurate.train.models import ByteTokenizer
+from ccurate.train.synthetic import write_image_release
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _loader(
+    shards,
+    batch=3,
+    rank=0,
+    world=1,
+    workers=0,
+    state=None,
+    buckets=None,
+    policy="synthetic",
+    buffer=16,
+    seed=7,
+):
+    spec = StreamSpec(tuple(shards), seed=seed, shuffle_shards=True, shuffle_buffer=buffer)
+    dec = Decoder("image", 16, 16, policy, 0.5, seed, ByteTokenizer(24))
+    ds = ShardDataset(spec, dec, batch, rank, world, workers, buckets, 1)
+    total = sum(tdata.count_samples(s) for s in shards)
+    return TrainLoader(ds, max(1, total // (batch * world)), state=state)
+
+
+def _take(loader, n):
+    out = []
+    for _ in range(n):
+        b = next(loader)
+        loader.mark(b)
+        out.append(b)
+    return out
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("release")
+    keys = write_image_release(root, [5, 9, 2, 7], resolution=16, bad_keys=["00100003"])
+    return root, keys
+
+
+def test_find_shards_sorted_and_ignores_hidden(tmp_path):
+    write_image_release(tmp_path / "b", [1])
+    write_image_release(tmp_path / "a", [1])
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "x.tar").write_bytes(b"")
+    (tmp_path / "a" / ".shard-1.tar").write_bytes(b"")
+    found = find_shards(tmp_path)
+    assert [Path(p).parent.name for p in found] == ["a", "b"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \.tar shards"):
+        find_shards(tmp_path / "empty")
+    with pytest.raises(DataError, match="no such shard"):
+        find_shards(tmp_path / "missing.tar")
+
+
+def test_stream_is_deterministic_and_covers_each_epoch(release):
+    root, keys = release
+    shards = find_shards(root)
+    a = [k for b in _take(_loader(shards, batch=1), len(keys)) for k in b["keys"]]
+    b = [k for b in _take(_loader(shards, batch=1), len(keys)) for k in b["keys"]]
+    assert a == b
+    assert sorted(a) == sorted(keys)  # one data epoch = every sample once
+    c = [k for b in _take(_loader(shards, batch=1, seed=8), len(keys)) for k in b["keys"]]
+    assert c != a and sorted(c) == sorted(keys)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_neither_repeats_nor_skips(release, workers):
+    root, _ = release
+    shards = find_shards(root)
+    n, k = 11, 4  # crosses data-epoch boundaries (23 samples, batch 3)
+    full = [b["keys"] for b in _take(_loader(shards, workers=workers), n)]
+    first = _loader(shards, workers=workers)
+    part = [b["keys"] for b in _take(first, k)]
+    state = json.loads(json.dumps(first.state()))  # what a checkpoint stores
+    first.close()
+    rest = [b["keys"] for b in _take(_loader(shards, workers=workers, state=state), n - k)]
+    assert part + rest == full
+
+
+def test_resume_skips_without_reading_members(release, monkeypatch):
+    root, _ = release
+    shards = find_shards(root)
+    first = _loader(shards)
+    _take(first, 6)
+    state = first.state()
+    reads = Counter()
+    real = MemberReader.read
+
+    def counting(self, m):
+        reads[m.size > 0] += 1
+        return real(self, m)
+
+    monkeypatch.setattr(MemberReader, "read", counting)
+    _take(_loader(shards, state=state), 2)
+    # only the 2 x 3 samples handed out are read (json + txt + image each)
+    assert sum(reads.values()) == 2 * 3 * 3
+
+
+def test_bucketed_resume_and_shapes(release):
+    root, _ = release
+    shards = find_shards(root)
+    buckets = make_buckets(16, 4, 2.0)
+    full = _take(_loader(shards, batch=2, buckets=buckets), 8)
+    for b in full:
+        h, w = b["pixels"].shape[-2:]
+        assert (h, w) in buckets and b["pixels"].shape[0] == 2
+    assert len({tuple(b["pixels"].shape[-2:]) for b in full}) > 1  # several aspect buckets
+    first = _loader(shards, batch=2, buckets=buckets)
+    _take(first, 3)
+    rest = _take(_loader(shards, batch=2, buckets=buckets, state=first.state()), 5)
+    assert [b["keys"] for b in rest] == [b["keys"] for b in full[3:]]
+
+
+def test_every_rank_gets_the_same_number_of_batches(tmp_path):
+    keys = write_image_release(tmp_path, [1, 13, 2, 6, 1], resolution=16)  # very uneven
+    shards = find_shards(tmp_path)
+    world, batch = 2, 2
+    loaders = [_loader(shards, batch=batch, rank=r, world=world, buffer=4) for r in range(world)]
+    assert loaders[0].epoch_batches == len(keys) // (batch * world) == loaders[1].epoch_batches
+    seen: list[list[str]] = [[], []]
+    for _epoch in range(3):
+        counts = []
+        for r, ld in enumerate(loaders):
+            got = list(ld.epoch())
+            counts.append(len(got))
+            seen[r].extend(k for b in got for k in b["keys"])
+        assert counts == [loaders[0].epoch_batches] * world
+    # within one data epoch the ranks read disjoint shards
+    assert not set(seen[0][:4]) & set(seen[1][:4])
+    assert set(seen[0]) | set(seen[1]) <= set(keys)
+
+
+def test_fewer_shards_than_slots_split_by_sample(tmp_path):
+    keys = write_image_release(tmp_path, [10], resolution=16)
+    shards = find_shards(tmp_path)
+    got = [
+        [
+            k
+            for b in _take(_loader(shards, batch=1, rank=r, world=2, workers=0), 5)
+            for k in b["keys"]
+        ]
+        for r in range(2)
+    ]
+    assert not set(got[0]) & set(got[1])
+    assert sorted(got[0] + got[1]) == sorted(keys)
+
+
+def test_pick_caption_policies():
+    rec = {"caption": "a dog on grass", "alt_text": "IMG_0001 dog"}
+    assert pick_caption(rec, "txt", "synthetic") == ("a dog on grass", "synthetic")
+    assert pick_caption(rec, "txt", "alt_text") == ("IMG_0001 dog", "alt_text")
+    assert pick_caption({"caption": ""}, "from txt", "synthetic") == ("from txt", "txt")
+    assert pick_caption({"caption": "c"}, None, "alt_text") == ("c", "synthetic")
+    assert pick_caption({}, None, "mix") == ("", "empty")
+    draws = [tdata.unit_hash(0, 0, f"k{i}", "caption") for i in range(4000)]
+    sources = Counter(pick_caption(rec, None, "mix", 0.3, u)[1] for u in draws)
+    assert 0.25 < sources["synthetic"] / 4000 < 0.35
+
+
+@pytest.mark.parametrize(
+    "policy,prefix", [("synthetic", "a synthetic caption"), ("alt_text", "alt text")]
+)
+def test_caption_source_and_bad_images(release, policy, prefix):
+    root, keys = release
+    shards = find_shards(root)
+    batches = _take(_loader(shards, batch=1, policy=policy), len(keys))
+    caps = [b["captions"][0] for b in batches]
+    assert all(c.startswith(prefix) for c in caps)
+    tok = ByteTokenizer(24)
+    assert torch.equal(batches[0]["input_ids"], tok(caps[:1]))
+    bad = [b for b in batches if b["bad"]]
+    assert [b["keys"][0] for b in bad] == ["00100003"]  # counted, batch shape kept
+    assert all(
+        b["pixels"].shape == (1, 3, 16, 16) and b["pixels"].dtype == torch.uint8 for b in batches
+    )
+
+
+def test_buckets_geometry():
+    buckets = make_buckets(512, 64, 2.0)
+    assert all(h % 64 == 0 and w % 64 == 0 for h, w in buckets)
+    assert all(0.75 * 512**2 <= h * w <= 512**2 for h, w in buckets)
+    assert (512, 512) in buckets
+    h, w = nearest_bucket(1920, 1080, buckets)
+    assert w > h
+    h, w = nearest_bucket(600, 1200, buckets)
+    assert h > w
+
+
+def test_pickled_npy_member_is_refused(tmp_path):
+    arr = np.array([{"evil": 1}], dtype=object)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    with pytest.raises(DataError, match="refused"):
+        load_npy(buf.getvalue(), "k")
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w") as tf:
+        tar_member(tf, "k.latent.npy", buf.getvalue())
+        tar_member(tf, "k.emb.npy", buf.getvalue())
+    dec = Decoder("latent", 8, 8)
+    raw = next(tdata.iter_tar(str(path)))
+    with pytest.raises(DataError, match="refused"):
+        dec.decode([raw], 0, MemberReader())
+
+
+def test_tar_grouping_with_directories(tmp_path):
+    path = tmp_path / "d.tar"
+    with tarfile.open(path, "w") as tf:
+        for key in ("x/a1", "x/a2"):
+            tar_member(tf, f"{key}.txt", b"t")
+            tar_member(tf, f"{key}.json", b"{}")
+    got = list(tdata.iter_tar(str(path)))
+    assert [(r.key, sorted(r.members)) for r in got] == [
+        ("a1", ["json", "txt"]),
+        ("a2", ["json", "txt"]),
+    ]
+    lazy = next(itertools.islice(tdata.iter_tar(str(path)), 1))
+    assert lazy.members["txt"].data is None  # local shards: nothing read yet

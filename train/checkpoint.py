@@ -1,0 +1,176 @@
+"""Training checkpoints: safetensors + json only, so loading one never runs pickled code.
+
+Layout of `checkpoints/step-00001000/` (published by renaming a finished temp dir):
+
+- `unet/` and `unet_ema/`: diffusers layout (`config.json` +
+  `diffusion_pytorch_model.safetensors`), loadable with `from_pretrained`;
+- `optimizer.safetensors`: every optimizer state tensor, named `state.<param>.<name>`;
+- `state.json`: step, optimizer structure (param groups, non-tensor state),
+  each rank's data position, config and the loss of the last interval.
+
+`checkpoints/latest.json` names the newest one and is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ccurate.shardio import write_json_atomic
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+FORMAT = "ccurate-train-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit this run."""
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def optimizer_to_flat(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into named tensors and a json-able structure."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = []
+    for g in state_dict["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_flat(
+    tensors: dict[str, torch.Tensor], structure: dict[str, Any]
+) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        _, idx, field = name.split(".", 2)
+        state.setdefault(int(idx), {})[field] = t
+    for idx, entry in structure.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entry)
+    groups = []
+    for g in structure["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    unet_state: dict[str, torch.Tensor],
+    unet_config: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write a checkpoint atomically and point `latest.json` at it; prune old ones."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        for sub, weights in (("unet", unet_state), ("unet_ema", ema_state)):
+            if weights is None:
+                continue
+            (tmp / sub).mkdir(parents=True)
+            save_file(_cpu_state(weights), str(tmp / sub / WEIGHTS))
+            with open(tmp / sub / "config.json", "w") as fh:
+                json.dump(unet_config, fh, indent=1, default=str)
+        tensors, structure = optimizer_to_flat(optimizer_state)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        doc = dict(state, format=FORMAT, step=step, optimizer=structure, ema=ema_state is not None)
+        with open(tmp / "state.json", "w") as fh:
+            json.dump(doc, fh, indent=1, default=str)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    write_json_atomic(root / "latest.json", {"step": step, "path": final.name})
+    prune_checkpoints(root, keep)
+    return final
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    done = sorted(p for p in Path(root).glob("step-*") if p.is_dir())
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out_dir: str | Path, resume: str) -> Path | None:
+    """`latest` -> the newest checkpoint under `out_dir/checkpoints` (None if none); else a path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        root = Path(out_dir) / "checkpoints"
+        pointer = root / "latest.json"
+        if pointer.exists():
+            with open(pointer) as fh:
+                path = root / json.load(fh)["path"]
+            if path.is_dir():
+                return path
+        done = sorted(p for p in root.glob("step-*") if p.is_dir())
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / "state.json").exists():
+        raise CheckpointError(f"no checkpoint at {path} (expected {path / 'state.json'})")
+    return path
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]
+    unet: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:  # e.g. a pickle under a .safetensors name
+        raise CheckpointError(f"{path} is not a valid safetensors file (refused): {exc}") from exc
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; only safetensors and json are parsed, never a pickle."""
+    path = Path(path)
+    try:
+        with open(path / "state.json") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable state.json: {exc}") from exc
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+    unet = _load_tensors(path / "unet" / WEIGHTS)
+    ema = _load_tensors(path / "unet_ema" / WEIGHTS) if state.get("ema") else None
+    opt = optimizer_from_flat(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+    return Checkpoint(path, state, unet, ema, opt)

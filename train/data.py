@@ -1,0 +1,696 @@
+"""Streams release shards (or precomputed latent shards) into training batches.
+
+The stream is a pure function of (seed, data epoch, slot), where a *slot* is one
+DataLoader worker of one rank (`slot = rank * workers + worker`):
+
+- every data epoch the shard list is permuted with the seed and the epoch, the
+  same way on every rank; with at least as many shards as slots each slot takes
+  every n-th shard, otherwise every slot reads all shards and keeps every n-th
+  sample (skipping the others at the tar-member level);
+- a seeded shuffle buffer mixes samples within the slot's epoch;
+- batches are cut from the slot's endless concatenation of epochs, so no rank
+  ever runs dry: every rank yields the same number of batches per training
+  epoch (`with_epoch` semantics) and DDP never hangs at an epoch end.
+
+A position is therefore just `(data epoch, samples consumed in it)` per slot
+(`(epoch, batches emitted)` with aspect buckets, whose leftovers are dropped at
+each epoch end). A resumed run replays the slot's epoch *lazily*: local tars are
+scanned header by header and members are read only when a sample is used, so
+skipping costs no image reads and no decoding. The DataLoader's round-robin over
+workers is preserved by rotating worker ids by the number of batches consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LATENT_MANIFEST = "latents.json"
+LATENT_FORMAT = "ccurate-latents/1"
+MAX_EMPTY_EPOCHS = 8
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the requested run (no shards, too few samples, bad files)."""
+
+
+# ---- shard discovery ---------------------------------------------------------
+
+
+def find_shards(data: str | Path | Sequence[str | Path]) -> list[str]:
+    """Tar shards of a release: a directory (globbed `**/*.tar`), a file, a URL or a list.
+
+    Hidden files (temporaries of unfinished shards) are ignored; the order is
+    sorted, so every rank sees the same list.
+    """
+    items: list[str | Path] = [data] if isinstance(data, (str, Path)) else list(data)
+    out: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                str(p)
+                for p in path.glob("**/*.tar")
+                if not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            out.extend(found)
+        elif path.exists():
+            out.append(str(path))
+        elif isinstance(item, str) and ("://" in item or item.startswith("pipe:") or "{" in item):
+            from webdataset.shardlists import expand_urls
+
+            out.extend(expand_urls(item))
+        else:
+            raise DataError(f"no such shard or directory: {item}")
+    if not out:
+        raise DataError(f"no .tar shards found in {data}")
+    return out
+
+
+def find_manifest(data: str | Path | Sequence[str | Path]) -> Path | None:
+    """The `latents.json` of a precomputed latent release, if `data` is one."""
+    items: list[str | Path] = [data] if isinstance(data, (str, Path)) else list(data)
+    if not items:
+        return None
+    first = Path(items[0])
+    candidates = [first] if first.is_dir() else list(first.parents)[:3]
+    for c in candidates:
+        if (c / LATENT_MANIFEST).exists():
+            return c / LATENT_MANIFEST
+    return None
+
+
+def split_key(name: str) -> tuple[str | None, str | None]:
+    """webdataset's key/suffix convention: the key ends at the first dot of the basename."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, ext = base_plus_ext(name)
+    return key, (ext.lower() if ext else ext)
+
+
+def count_samples(shard: str) -> int:
+    """Samples in a shard: its parquet index or completion marker if present, else a header scan."""
+    prefix = shard[: -len(".tar")] if shard.endswith(".tar") else shard
+    if os.path.exists(prefix + ".parquet"):
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(prefix + ".parquet").metadata.num_rows)
+    marker = prefix + ".done"
+    if os.path.exists(marker):
+        with open(marker) as fh:
+            stats = json.load(fh)
+        if isinstance(stats, dict) and isinstance(stats.get("samples"), int):
+            return int(stats["samples"])
+    return sum(1 for _ in iter_tar(shard))
+
+
+# ---- lazy tar reading ----------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One tar member: where its bytes are (local shards) or the bytes themselves (streams)."""
+
+    shard: str
+    offset: int
+    size: int
+    data: bytes | None = None
+
+
+@dataclass
+class RawSample:
+    """A sample before decoding: key and members, nothing read yet for local shards."""
+
+    key: str
+    shard: str
+    members: dict[str, Member] = field(default_factory=dict)
+
+
+class MemberReader:
+    """Reads member bytes by offset, keeping a few shard files open (one per worker)."""
+
+    def __init__(self, max_open: int = 16) -> None:
+        self.max_open = max_open
+        self._files: OrderedDict[str, BinaryIO] = OrderedDict()
+
+    def read(self, m: Member) -> bytes:
+        if m.data is not None:
+            return m.data
+        fh = self._files.get(m.shard)
+        if fh is None:
+            fh = open(m.shard, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
+            self._files[m.shard] = fh
+            if len(self._files) > self.max_open:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(m.shard)
+        fh.seek(m.offset)
+        data = fh.read(m.size)
+        if len(data) != m.size:
+            raise DataError(f"{m.shard}: truncated member at offset {m.offset}")
+        return data
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def iter_tar(url: str) -> Iterator[RawSample]:
+    """Samples of one shard in tar order, members grouped by key.
+
+    Local files are scanned header by header (`r:` seeks over the data); other
+    URLs (http, `pipe:`) are streamed through webdataset's `gopen` and read eagerly.
+    """
+    local = os.path.exists(url)
+    if local:
+        tf = tarfile.open(url, "r:")  # noqa: SIM115 - closed below
+        eager = False
+    else:
+        from webdataset import gopen
+
+        stream = gopen(url, "rb")
+        tf = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - closed below
+        eager = True
+    current: RawSample | None = None
+    current_full = ""
+    try:
+        while True:
+            info = tf.next()
+            if info is None:
+                break
+            cast(Any, tf).members.clear()  # do not accumulate headers of big shards
+            if not info.isreg():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            if base.startswith("__") or base.startswith("."):
+                continue
+            key, ext = split_key(info.name)
+            if key is None or ext is None:
+                continue
+            if current is None or current_full != key:
+                if current is not None:
+                    yield current
+                current, current_full = RawSample(key.rsplit("/", 1)[-1], url), key
+            data = None
+            if eager:
+                fh = tf.extractfile(info)
+                data = fh.read() if fh is not None else b""
+            current.members[ext] = Member(url, info.offset_data, info.size, data)
+        if current is not None:
+            yield current
+    finally:
+        tf.close()
+
+
+# ---- the deterministic per-slot stream ------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What fixes the sample order: shards, seed, shuffling."""
+
+    shards: tuple[str, ...]
+    seed: int = 0
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000
+
+
+def epoch_shard_order(spec: StreamSpec, epoch: int) -> list[str]:
+    order = list(spec.shards)
+    if spec.shuffle_shards:
+        random.Random(f"{spec.seed}:{epoch}:shards").shuffle(order)
+    return order
+
+
+def slot_raw(spec: StreamSpec, slot: int, n_slots: int, epoch: int) -> Iterator[RawSample]:
+    """This slot's share of one data epoch, before shuffling."""
+    order = epoch_shard_order(spec, epoch)
+    if len(order) >= n_slots:
+        for shard in order[slot::n_slots]:
+            yield from iter_tar(shard)
+        return
+    i = 0  # fewer shards than slots: split by sample
+    for shard in order:
+        for raw in iter_tar(shard):
+            if i % n_slots == slot:
+                yield raw
+            i += 1
+
+
+def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Classic reservoir shuffle; deterministic for a given rng state."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        out, buf[j] = buf[j], item
+        yield out
+    rng.shuffle(buf)
+    yield from buf
+
+
+def slot_epoch(spec: StreamSpec, slot: int, n_slots: int, epoch: int) -> Iterator[RawSample]:
+    rng = random.Random(f"{spec.seed}:{epoch}:{slot}:{n_slots}:samples")
+    return shuffle_buffer(slot_raw(spec, slot, n_slots, epoch), spec.shuffle_buffer, rng)
+
+
+Position = tuple[int, int]  # (data epoch, samples consumed) or (data epoch, batches emitted)
+
+
+def fixed_batches(
+    spec: StreamSpec, slot: int, n_slots: int, batch_size: int, start: Position = (0, 0)
+) -> Iterator[tuple[list[RawSample], Position]]:
+    """Batches of `batch_size` over the slot's endless stream; position = next sample."""
+    epoch, skip = start
+    pending: list[RawSample] = []
+    empty = 0
+    while True:
+        n = 0
+        for i, raw in enumerate(slot_epoch(spec, slot, n_slots, epoch)):
+            n += 1
+            if i < skip:
+                continue
+            pending.append(raw)
+            if len(pending) == batch_size:
+                yield pending, (epoch, i + 1)
+                pending = []
+        empty = empty + 1 if n == 0 else 0
+        if empty >= MAX_EMPTY_EPOCHS:
+            raise DataError(
+                f"slot {slot}/{n_slots} got no samples in {empty} data epochs: "
+                f"too few samples for {n_slots} loader slots; use fewer workers or ranks"
+            )
+        epoch, skip = epoch + 1, 0
+
+
+def bucket_batches(
+    spec: StreamSpec,
+    slot: int,
+    n_slots: int,
+    batch_size: int,
+    bucket_of: Callable[[RawSample], tuple[int, int]],
+    start: Position = (0, 0),
+) -> Iterator[tuple[list[RawSample], Position, tuple[int, int]]]:
+    """Batches of one aspect bucket each; leftovers are dropped at each epoch end."""
+    epoch, skip = start
+    empty = 0
+    while True:
+        buckets: dict[tuple[int, int], list[RawSample]] = {}
+        emitted = 0
+        for raw in slot_epoch(spec, slot, n_slots, epoch):
+            b = bucket_of(raw)
+            group = buckets.setdefault(b, [])
+            group.append(raw)
+            if len(group) == batch_size:
+                del buckets[b]
+                emitted += 1
+                if emitted > skip:
+                    yield group, (epoch, emitted), b
+        empty = empty + 1 if emitted == 0 else 0
+        if empty >= MAX_EMPTY_EPOCHS:
+            raise DataError(
+                f"slot {slot}/{n_slots} filled no aspect bucket in {empty} data epochs: "
+                "too few samples per bucket; lower batch_size or disable aspect_buckets"
+            )
+        epoch, skip = epoch + 1, 0
+
+
+# ---- resolution ------------------------------------------------------------------
+
+
+def make_buckets(resolution: int, multiple: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """(height, width) pairs of about resolution² pixels, sides multiples of `multiple`."""
+    area = resolution * resolution
+    out: set[tuple[int, int]] = set()
+    w = multiple
+    while w <= resolution * max_aspect:
+        h = max(multiple, int(area / w) // multiple * multiple)
+        if max(h / w, w / h) <= max_aspect:
+            out.add((h, w))
+        w += multiple
+    return sorted(out)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    aspect = math.log(max(width, 1) / max(height, 1))
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+
+
+def resize_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """Cover (height, width) keeping the aspect ratio, then centre-crop: HWC uint8."""
+    if img.format == "JPEG":
+        img.draft("RGB", (width, height))  # decode at a reduced scale when far larger
+    img = img.convert("RGB")
+    scale = max(width / img.width, height / img.height)
+    nw, nh = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    return np.asarray(img, dtype=np.uint8)
+
+
+# ---- captions ----------------------------------------------------------------------
+
+
+def unit_hash(*parts: Any) -> float:
+    """A deterministic uniform in [0, 1) from the parts (no process-dependent hashing)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def pick_caption(
+    record: dict[str, Any], txt: str | None, policy: str, mix: float = 0.5, u: float = 0.0
+) -> tuple[str, str]:
+    """(caption, source) per policy: `synthetic` (json `caption`), `alt_text`, or `mix`.
+
+    Falls back to the other field and then to the `.txt` member when the wanted
+    one is empty; `u` is the sample's uniform draw that decides `mix`.
+    """
+    synthetic = (record.get("caption") or "").strip()
+    alt = (record.get("alt_text") or "").strip()
+    text = (txt or "").strip()
+    if policy == "synthetic":
+        order = [("synthetic", synthetic), ("txt", text), ("alt_text", alt)]
+    elif policy == "alt_text":
+        order = [("alt_text", alt), ("txt", text), ("synthetic", synthetic)]
+    elif policy == "mix":
+        first = ("synthetic", synthetic) if u < mix else ("alt_text", alt)
+        second = ("alt_text", alt) if u < mix else ("synthetic", synthetic)
+        order = [first, second, ("txt", text)]
+    else:
+        raise ValueError(f"unknown caption policy {policy!r}")
+    for source, value in order:
+        if value:
+            return value, source
+    return "", "empty"
+
+
+# ---- decoding ----------------------------------------------------------------------
+
+
+@dataclass
+class Decoder:
+    """Turns raw samples into a batch: pixels + token ids, or latents + text embeddings."""
+
+    mode: str  # "image" or "latent"
+    height: int
+    width: int
+    caption_source: str = "synthetic"
+    caption_mix: float = 0.5
+    seed: int = 0
+    tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None
+
+    def record(self, raw: RawSample, reader: MemberReader) -> dict[str, Any]:
+        m = raw.members.get("json")
+        if m is None:
+            return {}
+        try:
+            rec = json.loads(reader.read(m))
+        except (ValueError, UnicodeDecodeError):
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def text(self, raw: RawSample, reader: MemberReader) -> str | None:
+        m = raw.members.get("txt")
+        return reader.read(m).decode("utf-8", "replace") if m is not None else None
+
+    def _image(self, raw: RawSample, reader: MemberReader, h: int, w: int) -> np.ndarray:
+        for ext in IMAGE_EXTS:
+            m = raw.members.get(ext)
+            if m is not None:
+                with Image.open(io.BytesIO(reader.read(m))) as img:
+                    return resize_crop(img, h, w)
+        raise DataError(f"{raw.key}: no image member ({', '.join(raw.members)})")
+
+    def decode(
+        self,
+        group: list[RawSample],
+        epoch: int,
+        reader: MemberReader,
+        hw: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
+        h, w = hw or (self.height, self.width)
+        if self.mode == "latent":
+            return self._decode_latent(group, epoch, reader)
+        images: list[np.ndarray | None] = []
+        captions: list[str] = []
+        bad: list[str] = []
+        for raw in group:
+            rec = self.record(raw, reader)
+            u = unit_hash(self.seed, epoch, raw.key, "caption")
+            captions.append(
+                pick_caption(rec, self.text(raw, reader), self.caption_source, self.caption_mix, u)[
+                    0
+                ]
+            )
+            try:
+                images.append(self._image(raw, reader, h, w))
+            except Exception:  # undecodable image: keep the batch shape, count it
+                images.append(None)
+                bad.append(raw.key)
+        good = next((im for im in images if im is not None), None)
+        if good is None:
+            good = np.zeros((h, w, 3), np.uint8)
+        pixels = np.stack([im if im is not None else good for im in images])
+        out: dict[str, Any] = {
+            "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+            "keys": [r.key for r in group],
+            "bad": bad,
+        }
+        if self.tokenizer is not None:
+            out["input_ids"] = self.tokenizer(captions)
+        out["captions"] = captions
+        return out
+
+    def _decode_latent(
+        self, group: list[RawSample], epoch: int, reader: MemberReader
+    ) -> dict[str, Any]:
+        latents, embs = [], []
+        for raw in group:
+            latents.append(load_npy(reader.read(_need(raw, "latent.npy")), raw.key))
+            u = unit_hash(self.seed, epoch, raw.key, "caption")
+            want = {"synthetic": "emb.npy", "alt_text": "alt.npy"}.get(self.caption_source)
+            if want is None:  # mix
+                want = "emb.npy" if u < self.caption_mix else "alt.npy"
+            m = raw.members.get(want) or raw.members.get("emb.npy") or raw.members.get("alt.npy")
+            if m is None:
+                raise DataError(f"{raw.shard}: sample {raw.key} has no text embedding member")
+            embs.append(load_npy(reader.read(m), raw.key))
+        return {
+            "latents": torch.from_numpy(np.stack(latents)),
+            "emb": torch.from_numpy(np.stack(embs)),
+            "keys": [r.key for r in group],
+            "bad": [],
+        }
+
+
+def _need(raw: RawSample, ext: str) -> Member:
+    m = raw.members.get(ext)
+    if m is None:
+        raise DataError(f"{raw.shard}: sample {raw.key} has no .{ext} member")
+    return m
+
+
+def load_npy(data: bytes, key: str = "") -> np.ndarray:
+    """An `.npy` member; object arrays (pickles) are refused."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{key}: refused .npy member (pickled or malformed): {exc}") from exc
+
+
+def bucket_reader(
+    mode: str, buckets: Sequence[tuple[int, int]], vae_factor: int
+) -> Callable[[RawSample, MemberReader], tuple[int, int]]:
+    """How a raw sample finds its bucket cheaply: json sizes, else the image header."""
+
+    def bucket_of(raw: RawSample, reader: MemberReader) -> tuple[int, int]:
+        rec: dict[str, Any] = {}
+        m = raw.members.get("json")
+        if m is not None:
+            try:
+                rec = json.loads(reader.read(m))
+            except ValueError:
+                rec = {}
+        if mode == "latent":
+            lat = rec.get("latent_hw")
+            if lat:
+                return int(lat[0]) * vae_factor, int(lat[1]) * vae_factor
+            arr = load_npy(reader.read(_need(raw, "latent.npy")), raw.key)
+            return int(arr.shape[-2]) * vae_factor, int(arr.shape[-1]) * vae_factor
+        w, h = rec.get("width"), rec.get("height")
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            for ext in IMAGE_EXTS:
+                im = raw.members.get(ext)
+                if im is not None:
+                    try:
+                        with Image.open(io.BytesIO(reader.read(im))) as img:
+                            w, h = img.size
+                    except Exception:
+                        w, h = 1, 1
+                    break
+            else:
+                w, h = 1, 1
+        return nearest_bucket(int(w), int(h), buckets)
+
+    return bucket_of
+
+
+# ---- the dataset and the loader ------------------------------------------------------
+
+
+class ShardDataset(IterableDataset[dict[str, Any]]):
+    """One rank's endless batch stream; batching happens in the workers (`batch_size=None`)."""
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        decoder: Decoder,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        buckets: Sequence[tuple[int, int]] | None = None,
+        vae_factor: int = 1,
+        start: dict[int, Position] | None = None,
+        rotate: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+        self.num_workers = num_workers
+        self.buckets = list(buckets) if buckets else None
+        self.vae_factor = vae_factor
+        self.start = dict(start or {})
+        self.rotate = rotate
+
+    @property
+    def n_logical(self) -> int:
+        return max(1, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        nw = self.n_logical
+        lw = (physical + self.rotate) % nw
+        slot, n_slots = self.rank * nw + lw, self.world * nw
+        start = self.start.get(lw, (0, 0))
+        reader = MemberReader()
+        try:
+            if self.buckets is None:
+                for group, pos in fixed_batches(self.spec, slot, n_slots, self.batch_size, start):
+                    batch = self.decoder.decode(group, pos[0], reader)
+                    batch["pos"] = [lw, pos[0], pos[1]]
+                    yield batch
+            else:
+                of = bucket_reader(self.decoder.mode, self.buckets, self.vae_factor)
+                for group, pos, hw in bucket_batches(
+                    self.spec, slot, n_slots, self.batch_size, lambda r: of(r, reader), start
+                ):
+                    batch = self.decoder.decode(group, pos[0], reader, hw)
+                    batch["pos"] = [lw, pos[0], pos[1]]
+                    yield batch
+        finally:
+            reader.close()
+
+
+class TrainLoader:
+    """A rank's loader: endless, with a fixed epoch length and a resumable position.
+
+    `state()` is what a checkpoint stores; `TrainLoader(..., state=...)` resumes
+    from it. Positions are taken from the batches actually handed out, never from
+    what the workers prefetched.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        epoch_batches: int,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.epoch_batches = max(1, epoch_batches)
+        self.batches = 0
+        self.positions: dict[int, Position] = {}
+        if state:
+            self.batches = int(state["batches"])
+            self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["workers"].items()}
+        dataset.start = dict(self.positions)
+        dataset.rotate = self.batches % dataset.n_logical
+        self.dataset = dataset
+        nw = dataset.num_workers
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=nw,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if nw > 0 else None,
+            persistent_workers=False,
+        )
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next batch; it counts as consumed only once passed to `mark`."""
+        if self._it is None:
+            self._it = iter(self.loader)
+        return next(self._it)
+
+    def mark(self, batch: dict[str, Any]) -> None:
+        """Record `batch` as consumed (the trainer calls this when the step uses it)."""
+        lw, epoch, n = batch.pop("pos")
+        self.positions[int(lw)] = (int(epoch), int(n))
+        self.batches += 1
+
+    def epoch(self) -> Iterator[dict[str, Any]]:
+        """Exactly `epoch_batches` batches: the same count on every rank."""
+        for _ in range(self.epoch_batches):
+            batch = next(self)
+            self.mark(batch)
+            yield batch
+
+    @property
+    def epoch_index(self) -> int:
+        return self.batches // self.epoch_batches
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "workers": {str(k): list(v) for k, v in sorted(self.positions.items())},
+            "num_workers": self.dataset.num_workers,
+            "batch_size": self.dataset.batch_size,
+        }
+
+    def close(self) -> None:
+        self._it = None  # the DataLoader iterator shuts its workers down when collected

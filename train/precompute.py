@@ -1,0 +1,272 @@
+"""`precompute`: run the VAE and text encoder once over a release, write latent shards.
+
+Training from latents skips JPEG decoding, resizing and the VAE/text-encoder
+forward passes on every epoch. Each input shard gives one output shard with the
+same relative name, holding per sample:
+
+- `{key}.latent.npy`  VAE posterior moments (mean ‖ std along channels), float16,
+  unscaled: the trainer samples `mean + std·ε` and applies `scaling_factor`;
+- `{key}.emb.npy`     text-encoder hidden states of the synthetic caption, float16;
+- `{key}.alt.npy`     the same for the alt text (caption policy `alt_text` / `mix`);
+- `{key}.json`        the release record, plus the captions used and `latent_hw`.
+
+`latents.json` (written last) names the models, resolution and the empty-caption
+embedding (`uncond.npy`) used for caption dropout. Shards are published
+atomically with a `.done` marker, so a rerun skips finished ones and redoes the
+rest; under `torchrun` each rank takes every world-th shard. Undecodable samples
+are left out and counted with their reason in the marker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ccurate.progress import Progress
+from ccurate.shardio import (
+    atomic_path,
+    clear_shard,
+    is_done,
+    read_marker,
+    tar_member,
+    write_json_atomic,
+)
+from ccurate.train.config import TrainConfig
+from ccurate.train.data import (
+    IMAGE_EXTS,
+    LATENT_FORMAT,
+    LATENT_MANIFEST,
+    Decoder,
+    MemberReader,
+    RawSample,
+    find_shards,
+    iter_tar,
+    make_buckets,
+    nearest_bucket,
+    pick_caption,
+)
+from ccurate.train.models import (
+    build_text_encoder,
+    build_vae,
+    place,
+    resolve_refs,
+    vae_scale_factor,
+)
+from ccurate.train.presets import get_preset
+
+REASONS = {
+    "decode_error": "the image member could not be decoded",
+    "no_image": "the sample has no image member",
+}
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _out_name(shard: str, release: Path | None) -> str:
+    if release is not None and release.is_dir():
+        try:
+            return str(Path(shard).resolve().relative_to(release.resolve()))
+        except ValueError:
+            pass
+    return Path(shard).name
+
+
+class _Encoder:
+    """The frozen models of one precompute run."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dtype = (
+            torch.bfloat16
+            if device.type == "cuda" and cfg.mixed_precision == "bf16"
+            else torch.float32
+        )
+        self.vae = place(build_vae(cfg), device, self.dtype)
+        self.text = place(build_text_encoder(cfg), device, self.dtype)
+        self.factor = vae_scale_factor(self.vae)
+
+    @torch.no_grad()
+    def latents(self, pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device, self.dtype) / 127.5 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        moments = torch.cat([dist.mean, dist.std], dim=1).float()
+        return moments.cpu().numpy().astype(np.float16)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> np.ndarray:
+        return self.text.encode(texts, self.device).float().cpu().numpy().astype(np.float16)
+
+
+def _process_shard(
+    enc: _Encoder,
+    cfg: TrainConfig,
+    src: str,
+    dst: Path,
+    resolution: int,
+    buckets: list[tuple[int, int]] | None,
+) -> dict[str, Any]:
+    """One input shard -> one latent shard (+ marker). Returns the marker's stats."""
+    prefix = Path(str(dst)[: -len(".tar")])
+    clear_shard(prefix)
+    want_alt = cfg.caption_source in ("alt_text", "mix")
+    want_syn = cfg.caption_source in ("synthetic", "mix")
+    decoder = Decoder(
+        "image", resolution, resolution, cfg.caption_source, cfg.caption_mix, cfg.seed
+    )
+    reader = MemberReader()
+    stats: dict[str, Any] = {"samples": 0, "dropped": {}, "source": src}
+    pending: list[tuple[RawSample, dict[str, Any], np.ndarray, str, str]] = []
+
+    def flush(tf: tarfile.TarFile) -> None:
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, _, px, _, _) in enumerate(pending):
+            by_shape.setdefault(px.shape, []).append(i)
+        lat: dict[int, np.ndarray] = {}
+        for idx in by_shape.values():
+            out = enc.latents(np.stack([pending[i][2] for i in idx]))
+            for j, i in enumerate(idx):
+                lat[i] = out[j]
+        syn = enc.texts([p[3] for p in pending]) if want_syn else None
+        alt = enc.texts([p[4] for p in pending]) if want_alt else None
+        for i, (raw, rec, _, syn_text, alt_text) in enumerate(pending):
+            rec = dict(rec)
+            rec.update(
+                key=rec.get("key", raw.key),
+                train_caption=syn_text,
+                train_alt_text=alt_text,
+                latent_hw=list(lat[i].shape[-2:]),
+            )
+            tar_member(tf, f"{raw.key}.latent.npy", _npy(lat[i]))
+            if syn is not None:
+                tar_member(tf, f"{raw.key}.emb.npy", _npy(syn[i]))
+            if alt is not None:
+                tar_member(tf, f"{raw.key}.alt.npy", _npy(alt[i]))
+            tar_member(
+                tf, f"{raw.key}.json", json.dumps(rec, ensure_ascii=False, default=str).encode()
+            )
+            stats["samples"] += 1
+        pending.clear()
+
+    with atomic_path(dst) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for raw in iter_tar(src):
+            rec = decoder.record(raw, reader)
+            txt = decoder.text(raw, reader)
+            syn_text = pick_caption(rec, txt, "synthetic")[0]
+            alt_text = pick_caption(rec, txt, "alt_text")[0]
+            if not any(ext in raw.members for ext in IMAGE_EXTS):
+                stats["dropped"]["no_image"] = stats["dropped"].get("no_image", 0) + 1
+                continue
+            h = w = resolution
+            try:
+                if buckets is not None:
+                    wh = (rec.get("width"), rec.get("height"))
+                    if not all(isinstance(v, int) and v > 0 for v in wh):
+                        from PIL import Image
+
+                        ext = next(e for e in IMAGE_EXTS if e in raw.members)
+                        with Image.open(io.BytesIO(reader.read(raw.members[ext]))) as im:
+                            wh = im.size
+                    h, w = nearest_bucket(int(wh[0]), int(wh[1]), buckets)  # type: ignore[arg-type]
+                pixels = decoder._image(raw, reader, h, w)
+            except Exception:
+                stats["dropped"]["decode_error"] = stats["dropped"].get("decode_error", 0) + 1
+                continue
+            pending.append((raw, rec, pixels, syn_text, alt_text))
+            if len(pending) >= cfg.precompute_batch:
+                flush(tf)
+        if pending:
+            flush(tf)
+    reader.close()
+    write_json_atomic(f"{prefix}.done", stats)
+    return stats
+
+
+def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str | Path) -> list[str]:
+    """Write latent shards for `release` under `out_dir`; returns this rank's shard paths.
+
+    Resumable: shards with a `.done` marker are kept as they are.
+    """
+    import torch.distributed as dist
+
+    from ccurate.train.loop import init_distributed
+
+    ctx = init_distributed(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = find_shards(release)
+    rel_root = Path(release) if isinstance(release, (str, Path)) else None
+    preset = get_preset(cfg.preset)
+    resolution = cfg.resolution or preset.resolution
+    buckets = (
+        make_buckets(resolution, preset.size_multiple, cfg.max_aspect)
+        if cfg.aspect_buckets
+        else None
+    )
+    enc = _Encoder(cfg, ctx.device)
+    mine = [s for i, s in enumerate(shards) if i % ctx.world == ctx.rank]
+    written: list[str] = []
+    totals: dict[str, Any] = {"samples": 0, "dropped": {}}
+    bar = Progress("precompute", total=len(mine), enabled=ctx.rank == 0)
+    try:
+        for src in mine:
+            dst = out / _out_name(src, rel_root)
+            if dst.suffix != ".tar":
+                dst = dst.with_suffix(".tar")
+            prefix = str(dst)[: -len(".tar")]
+            stats = (
+                read_marker(prefix)
+                if is_done(prefix)
+                else _process_shard(enc, cfg, src, dst, resolution, buckets)
+            )
+            totals["samples"] += int(stats.get("samples", 0))
+            for k, v in stats.get("dropped", {}).items():
+                totals["dropped"][k] = totals["dropped"].get(k, 0) + v
+            written.append(str(dst))
+            bar.advance()
+        bar.close()
+        if ctx.world > 1:
+            dist.barrier()
+        if ctx.rank == 0:
+            refs = resolve_refs(cfg)
+            uncond = enc.texts([""])[0]
+            with atomic_path(out / "uncond.npy") as tmp:
+                tmp.write_bytes(_npy(uncond))
+            write_json_atomic(
+                out / LATENT_MANIFEST,
+                {
+                    "format": LATENT_FORMAT,
+                    "preset": cfg.preset,
+                    "vae": refs["vae"],
+                    "text_encoder": refs["text_encoder"],
+                    "text_layer": cfg.text_layer,
+                    "resolution": resolution,
+                    "aspect_buckets": cfg.aspect_buckets,
+                    "scaling_factor": float(enc.vae.config.scaling_factor),
+                    "vae_scale_factor": enc.factor,
+                    "latent_channels": int(enc.vae.config.latent_channels),
+                    "moments": True,
+                    "caption_source": cfg.caption_source,
+                    "text_dim": int(uncond.shape[-1]),
+                    "uncond": "uncond.npy",
+                    "source": [str(s) for s in shards]
+                    if len(shards) <= 64
+                    else f"{len(shards)} shards",
+                    "samples": totals["samples"] if ctx.world == 1 else None,
+                    "dropped": totals["dropped"] if ctx.world == 1 else None,
+                },
+            )
+    finally:
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return written
