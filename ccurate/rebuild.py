@@ -1,0 +1,1303 @@
+"""Scheduled incremental rebuilds: the latest sources + what is known -> a new release.
+
+A rebuild is one *generation* `work/gen-NNNN/`, holding the usual step folders
+for the new work only:
+
+    _GEN.json            number, start time, release name (fixed at creation)
+    takedowns.jsonl      the takedown list as it was when the generation began
+    00_sources/          the full plan of the configured sources (`plan_sources`)
+    00_plan/             what this generation fetches: records never attempted,
+                         transient failures whose retry is due, records due a refetch
+    10_ingest .. 40_caption   the pipeline's steps on that plan (`Pipeline`)
+    previous.parquet     hashes of the current release input (dedup's `previous`):
+                         new copies of released images are dropped as duplicates
+    45_recheck/          opt-out re-check of released samples checked too long ago
+    50_release_input/    the *gate*: last generation's release input + this one's
+                         captioned shards, minus takedowns, opt-outs, superseded records
+    ledger.parquet       per key: last outcome, when, attempts, last opt-out check
+    retry.parquet        transient failures still to retry (full records)
+    diff.json / .parquet added, removed (by reason), changed (which fields)
+    rebuild.json         what this generation did; `_DONE` marks it finished
+
+Each step is resumable (markers, as everywhere in ccurate): a killed rebuild
+finishes on rerun, in the same generation. Stages run on any `Executor`
+(local or Ray). Captions are reused through the caption cache (keyed by image
+hash and model), and a released sample is never re-filtered: only new or
+changed records go through the expensive stages.
+
+Removed samples (takedowns, opt-outs) are persisted in the catalog directory
+(`ccurate.takedown`), so they never come back: later plans skip their keys and
+the gate drops their bytes, pixels and near copies anywhere.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from ccurate.configbase import Section
+from ccurate.executor import Executor, ShardTask
+from ccurate.record import Decision, Sample, samples_to_table
+from ccurate.shardio import list_shards, write_json_atomic, write_table_atomic
+from ccurate.stage import Resources, Stage, StageStats
+from ccurate.takedown import (
+    DEFAULT_RADIUS,
+    MATCH_COLUMNS,
+    REMOVAL_SCHEMA,
+    REMOVALS_DIR,
+    Blocklist,
+    TakedownEntry,
+    TakedownList,
+    load_entries,
+    load_removals,
+    match_index,
+    write_removals,
+)
+
+if TYPE_CHECKING:
+    from ccurate.config import PipelineConfig
+    from ccurate.pipeline import Pipeline
+
+log = logging.getLogger("ccurate.rebuild")
+
+LOCK_FILE = ".rebuild.lock"
+GEN_FMT = "gen-{:04d}"
+GEN_META = "_GEN.json"
+GEN_DONE = "_DONE"
+RELEASE_INPUT = "50_release_input"
+RECHECK = "45_recheck"
+
+REASONS: dict[str, str] = {
+    "superseded": "an older record of a key fetched again in this generation (the new record "
+    "replaces it; the diff reports what changed)",
+    "<filter reason>": "an older record whose refetch is now dropped by a filter or dedup "
+    "(e.g. license_not_allowed: the licence changed): withdrawn with the new reason",
+    "optout_*": "an older record whose refetch or re-check found an opt-out",
+    "takedown": "see ccurate.takedown.REASONS",
+}
+
+
+class RebuildConfig(Section):
+    """When to retry, re-check and refetch, and how to name releases ([rebuild] in the TOML)."""
+
+    retry_after_hours: float = Field(default=24.0, ge=0.0)
+    """Transient failures (timeout, connection_error, http_408/429/5xx) are fetched
+    again by the first rebuild at least this long after the failure."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Give up on a URL after this many transient failures in a row."""
+    recheck_optout_days: float | None = Field(default=30.0, ge=0.0)
+    """Re-check the opt-out signals (X-Robots-Tag, TDMRep, robots.txt, the page's meta
+    robots) of released samples last checked longer ago than this. None: never."""
+    recheck_threads: int = Field(default=16, ge=1, le=1024)
+    refetch_after_days: float | None = Field(default=None, ge=0.0)
+    """Fetch records again (pages and images) after this long, to catch changed licences
+    and captions; None: a record fetched successfully is never fetched again."""
+    takedown_radius: int = Field(default=DEFAULT_RADIUS, ge=0, le=32)
+    """pHash bits within which near copies of takedowns and removals are dropped."""
+    release_name: str = "{name}-r{gen:04d}"
+    """Release name per generation; fields: name ([run] name), gen, date (YYYYMMDD)."""
+    publish_unchanged: bool = False
+    """Publish a release even when nothing was added, removed or changed."""
+    report: bool = True
+    """Write the HTML run report of the generation's new work (`gen-NNNN/report.html`)."""
+
+    @field_validator("release_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            out = v.format(name="x", gen=1, date="20260101")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"bad release_name template {v!r}: {e}") from None
+        if "{gen" not in v:
+            raise ValueError("release_name must contain {gen} (one release per generation)")
+        if "/" in out or out.startswith("."):
+            raise ValueError(f"release_name {v!r} gives a bad directory name {out!r}")
+        return v
+
+
+class RebuildLocked(RuntimeError):
+    """Another rebuild of the same work directory holds the lock."""
+
+    def __init__(self, path: Path, pid: str | None) -> None:
+        who = f"pid {pid}" if pid else "a process whose pid is not recorded yet"
+        super().__init__(
+            f"another rebuild of this dataset is running: {path} is locked by {who}; "
+            "wait for it to finish (the lock is released when that process exits)"
+        )
+        self.path = path
+        self.pid = pid
+
+
+@contextmanager
+def rebuild_lock(work_dir: str | Path) -> Iterator[Path]:
+    """One rebuild per work directory (`fcntl.flock`; the kernel releases it if we die)."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 64, 0).decode(errors="replace").strip() or None
+            raise RebuildLocked(path, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def load_rebuild_config(path: str | Path) -> tuple[PipelineConfig, RebuildConfig]:
+    """The pipeline config plus its `[rebuild]` table (validated like every section)."""
+    from ccurate.config import load_config
+
+    cfg = load_config(path)
+    return cfg, cfg.rebuild
+
+
+# --------------------------------------------------------------------------- generations
+
+
+@dataclass
+class Generation:
+    number: int
+    dir: Path
+    started_at: float
+    release_name: str
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / GEN_DONE).exists()
+
+    def step(self, name: str) -> Path:
+        return self.dir / name
+
+    def info(self) -> dict[str, Any]:
+        p = self.dir / "rebuild.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+
+def generations(work_dir: str | Path) -> list[Generation]:
+    """Every generation with its metadata, oldest first."""
+    out = []
+    work = Path(work_dir)
+    if not work.exists():
+        return []
+    for d in sorted(work.glob("gen-[0-9][0-9][0-9][0-9]")):
+        meta = d / GEN_META
+        if not meta.exists():
+            continue
+        m = json.loads(meta.read_text())
+        out.append(Generation(int(m["generation"]), d, float(m["started_at"]), m["release"]))
+    return out
+
+
+def _open_generation(
+    work: Path, cfg: PipelineConfig, rcfg: RebuildConfig, now: float
+) -> tuple[Generation, Generation | None]:
+    """(this generation, the last finished one): resume an unfinished one or start the next."""
+    gens = generations(work)
+    done = [g for g in gens if g.done]
+    prev = done[-1] if done else None
+    if gens and not gens[-1].done:
+        gen = gens[-1]
+        log.info("resuming unfinished generation %s", gen.dir.name)
+        return gen, prev
+    n = gens[-1].number + 1 if gens else 1
+    d = work / GEN_FMT.format(n)
+    if d.exists():  # a generation that died before writing its metadata
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    date = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+    name = rcfg.release_name.format(name=cfg.run.name, gen=n, date=date)
+    snapshot = d / "takedowns.jsonl"
+    entries = TakedownList(cfg.run.catalog).load()  # validated: a bad list stops here
+    with open(snapshot, "w") as fh:
+        for e in entries:
+            fh.write(e.model_dump_json(exclude_none=True) + "\n")
+    write_json_atomic(d / GEN_META, {"generation": n, "started_at": now, "release": name})
+    return Generation(n, d, now, name), prev
+
+
+# --------------------------------------------------------------------------- ledger
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("outcome", pa.string()),  # ok | dropped | transient
+        ("reason", pa.string()),
+        ("at", pa.float64()),  # epoch seconds of the last fetch attempt
+        ("attempts", pa.int32()),  # fetch attempts so far
+        ("checked_at", pa.float64()),  # last time its opt-out signals were seen allowing us
+    ]
+)
+
+
+class Ledger:
+    """What every key's last fetch gave, looked up vectorised (sorted uint64 keys).
+
+    Keys are 16 hex digits (`make_key`), so 100M keys fit in 800 MB of uint64
+    plus their columns; lookups are `np.searchsorted` over a batch.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        from ccurate.filters.hashing import hex_to_u64
+
+        self.table = table
+        codes, ok = hex_to_u64(table.column("key"))
+        order = np.argsort(codes[ok], kind="stable")
+        self.rows = np.flatnonzero(ok)[order]
+        self.codes = codes[ok][order]
+        self.outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
+        self.reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
+        self.at = np.asarray(table.column("at").fill_null(0).to_numpy(), np.float64)
+        self.attempts = np.asarray(table.column("attempts").fill_null(0).to_numpy(), np.int64)
+        self.checked_at = np.asarray(table.column("checked_at").fill_null(0).to_numpy(), np.float64)
+
+    @classmethod
+    def load(cls, gen: Generation | None) -> Ledger:
+        path = gen.dir / "ledger.parquet" if gen is not None else None
+        if path is None or not path.exists():
+            return cls(LEDGER_SCHEMA.empty_table())
+        return cls(pq.read_table(path, schema=LEDGER_SCHEMA))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def find(self, keys: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
+        """Row of each key in the ledger table, -1 when unknown."""
+        from ccurate.filters.hashing import hex_to_u64
+
+        codes, ok = hex_to_u64(keys if not isinstance(keys, list) else pa.array(keys, pa.string()))
+        if not len(self.codes):
+            return np.full(len(codes), -1, np.int64)
+        pos = np.clip(np.searchsorted(self.codes, codes), 0, len(self.codes) - 1)
+        found = ok & (self.codes[pos] == codes)
+        return np.where(found, self.rows[pos], -1)
+
+
+def _due(
+    ledger: Ledger, idx: np.ndarray, rcfg: RebuildConfig, now: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(new, retry due, retry waiting or given up, refetch due) masks for ledger rows `idx`."""
+    known = idx >= 0
+    safe = np.where(known, idx, 0)
+    outcome = ledger.outcome[safe] if len(ledger) else np.array([None] * len(idx), object)
+    at = ledger.at[safe] if len(ledger) else np.zeros(len(idx))
+    attempts = ledger.attempts[safe] if len(ledger) else np.zeros(len(idx), np.int64)
+    transient = known & (outcome == "transient")
+    retry_due = (
+        transient & (at <= now - rcfg.retry_after_hours * 3600.0) & (attempts < rcfg.max_attempts)
+    )
+    refetch = np.zeros(len(idx), bool)
+    if rcfg.refetch_after_days is not None:
+        refetch = known & ~transient & (at <= now - rcfg.refetch_after_days * 86400.0)
+    return ~known, retry_due, transient & ~retry_due, refetch
+
+
+# --------------------------------------------------------------------------- planning
+
+PLAN_MARKER = "_PLANNED"
+
+
+def _write_parts(out: Path, tables: Iterator[pa.Table], size: int) -> list[str]:
+    """Re-chunk record tables into `part-NNNNN` partitions with `.done` markers."""
+    parts: list[str] = []
+    buf: list[pa.Table] = []
+    n = 0
+
+    def flush() -> None:
+        nonlocal buf, n
+        if not n:
+            return
+        t = pa.concat_tables(buf, promote_options="permissive")
+        prefix = out / f"part-{len(parts):05d}"
+        for lo in range(0, t.num_rows, size):
+            chunk = t.slice(lo, size)
+            prefix = out / f"part-{len(parts):05d}"
+            write_table_atomic(f"{prefix}.parquet", chunk)
+            stats = StageStats("plan", n_in=chunk.num_rows, n_kept=chunk.num_rows, shards=1)
+            write_json_atomic(f"{prefix}.done", stats.to_json())
+            parts.append(str(prefix))
+        buf, n = [], 0
+
+    for t in tables:
+        if t.num_rows == 0:
+            continue
+        buf.append(t)
+        n += t.num_rows
+        if n >= size:
+            flush()
+    flush()
+    return parts
+
+
+def _set_dropped(t: pa.Table, reason: str, by: str) -> pa.Table:
+    n = t.num_rows
+    for name, value in (("status", "dropped"), ("drop_reason", reason), ("dropped_by", by)):
+        col = pa.array([value] * n, pa.string())
+        if name in t.column_names:
+            t = t.set_column(t.column_names.index(name), name, col)
+        else:
+            t = t.append_column(name, col)
+    return t
+
+
+def plan_generation(
+    cfg: PipelineConfig,
+    rcfg: RebuildConfig,
+    gen: Generation,
+    prev: Generation | None,
+    ledger: Ledger,
+    block: Blocklist,
+    now: float,
+) -> tuple[list[str], dict[str, Any]]:
+    """This generation's partitions to fetch, and the counts behind the choice.
+
+    From the full source plan: keys never attempted, transient failures whose
+    retry is due, records due a refetch; plus the pending retries of image
+    records found on pages (`retry.parquet` of the last generation). Removed
+    keys are skipped; records matching a URL, page or domain takedown are not
+    fetched at all (dropped here as `takedown`).
+    """
+    from ccurate.ingest.sources import PLANNED_DROPPED, plan_sources
+
+    out = gen.step("00_plan")
+    marker = out / PLAN_MARKER
+    if marker.exists():
+        m = json.loads(marker.read_text())
+        return [str(out / p) for p in m["partitions"]], m["counts"]
+    out.mkdir(parents=True, exist_ok=True)
+    full = plan_sources(list(cfg.sources), gen.step("00_sources"), cfg.run.partition_size)
+    url_block = Blocklist(
+        urls=block.urls, pages=block.pages, domains=block.domains, keys=block.keys
+    )
+    counts: Counter[str] = Counter()
+    dropped: list[pa.Table] = []
+    planned_keys: set[str] = set()
+
+    def select(t: pa.Table, origin: str) -> pa.Table:
+        idx = ledger.find(t.column("key"))
+        new, retry, waiting, refetch = _due(ledger, idx, rcfg, now)
+        counts[f"{origin}_records"] += t.num_rows
+        counts["new"] += int(new.sum())
+        counts["retry_due"] += int(retry.sum())
+        counts["retry_waiting_or_given_up"] += int(waiting.sum())
+        counts["refetch_due"] += int(refetch.sum())
+        take = new | retry | refetch
+        counts["already_done"] += int((~take & ~waiting).sum())
+        if planned_keys:
+            seen = np.array([k in planned_keys for k in t.column("key").to_pylist()], bool)
+            take &= ~seen
+        t = t.filter(pa.array(take))
+        if t.num_rows == 0 or not len(url_block):
+            return t
+        hits = match_index(t.select([c for c in MATCH_COLUMNS if c in t.column_names]), url_block)
+        if not hits.num_rows:
+            return t
+        blocked = pc.is_in(t.column("key"), value_set=hits.column("key"))
+        gone = t.filter(blocked)
+        removed = np.array([k in block.keys for k in gone.column("key").to_pylist()], bool)
+        counts["removed_skipped"] += int(removed.sum())
+        counts["takedown_not_fetched"] += int((~removed).sum())
+        if (~removed).any():
+            dropped.append(_set_dropped(gone.filter(pa.array(~removed)), "takedown", "takedown"))
+        return t.filter(pc.invert(blocked))
+
+    def source_tables() -> Iterator[pa.Table]:
+        for prefix in full:
+            t = select(pq.read_table(f"{prefix}.parquet"), "source")
+            planned_keys.update(t.column("key").to_pylist())
+            yield t
+        if prev is not None and (prev.dir / "retry.parquet").exists():
+            t = pq.read_table(prev.dir / "retry.parquet")
+            t = select(t, "pending_retry")
+            planned_keys.update(t.column("key").to_pylist())
+            yield t
+
+    parts = _write_parts(out, source_tables(), cfg.run.partition_size)
+    # plan-level drops of keys never seen before (bad_url, duplicate_url...), and takedowns
+    src_drops = gen.step("00_sources") / PLANNED_DROPPED
+    if src_drops.exists():
+        t = pq.read_table(src_drops)
+        if t.num_rows:
+            t = t.filter(pa.array(ledger.find(t.column("key")) < 0))
+            dropped.insert(0, t)
+    drop_table = (
+        pa.concat_tables(dropped, promote_options="permissive") if dropped else samples_to_table([])
+    )
+    write_table_atomic(out / PLANNED_DROPPED, drop_table)
+    counts["planned"] = sum(pq.read_metadata(f"{p}.parquet").num_rows for p in parts)
+    counts["plan_dropped"] = drop_table.num_rows
+    result = dict(sorted(counts.items()))
+    write_json_atomic(marker, {"partitions": [Path(p).name for p in parts], "counts": result})
+    return parts, result
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+class ReleaseGateStage(Stage):
+    """Drops, from the release input, what the gate decided (takedowns, opt-outs, superseded).
+
+    Decisions are computed once per generation on the driver (`gate_decisions`)
+    and loaded by each worker in `setup`. `previous=True` marks the stage that
+    reads last generation's release input: only there are superseded records
+    dropped (the new record with the same key comes from this generation).
+    """
+
+    name: ClassVar[str] = "takedown"
+    preserves_keys: ClassVar[bool] = True
+    batch_size: int = 256
+
+    def __init__(self, decisions_path: str, previous: bool) -> None:
+        self.decisions_path = decisions_path
+        self.previous = previous
+        self._decisions: dict[str, tuple[str, str, str]] | None = None
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, memory_gb=1.0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_decisions"] = None
+        return state
+
+    def setup(self) -> None:
+        t = pq.read_table(self.decisions_path)
+        self._decisions = {
+            k: (r, d, s)
+            for k, r, d, s in zip(
+                t.column("key").to_pylist(),
+                t.column("reason").to_pylist(),
+                t.column("detail").to_pylist(),
+                t.column("scope").to_pylist(),
+                strict=True,
+            )
+        }
+
+    def teardown(self) -> None:
+        self._decisions = None
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        if self._decisions is None:
+            self.setup()
+        assert self._decisions is not None
+        for s in batch:
+            d = self._decisions.get(s.key) if s.kept else None
+            if d is None:
+                continue
+            reason, detail, scope = d
+            if scope == "previous" and not self.previous:
+                continue
+            s.extra["removed_because"] = detail
+            by = "takedown" if reason == "takedown" or reason.startswith("optout_") else "rebuild"
+            s.record(Decision(by, False, reason))
+        return batch
+
+    def describe(self) -> dict[str, Any]:
+        return {"decisions": self.decisions_path, "previous": self.previous}
+
+
+GATE_SCHEMA = pa.schema(
+    [("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("scope", pa.string())]
+)
+
+
+def _index(prefixes: list[str], columns: list[str]) -> pa.Table:
+    tables = []
+    for p in prefixes:
+        names = pq.read_schema(f"{p}.parquet").names
+        t = pq.read_table(f"{p}.parquet", columns=[c for c in columns if c in names])
+        for c in columns:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        tables.append(t.select(columns).cast(pa.schema([(c, pa.string()) for c in columns])))
+    if not tables:
+        return pa.schema([(c, pa.string()) for c in columns]).empty_table()
+    return pa.concat_tables(tables)
+
+
+def _dropped_duplicates(catalog_dir: Path, extra: list[str]) -> pa.Table:
+    """Samples dropped as duplicates (catalog history + this generation): a URL takedown of
+    one of them must also remove the released copy it was merged into."""
+    tables = []
+    db = catalog_dir / "catalog.duckdb"
+    if db.exists():
+        try:
+            from ccurate.shards.catalog import Catalog
+
+            with Catalog(catalog_dir, read_only=True) as cat:
+                t = cat.query(
+                    "SELECT key, url, page_url, NULL::VARCHAR AS author, sha256, pixel_sha256, "
+                    "phash FROM samples WHERE status <> 'ok' AND duplicate_of IS NOT NULL"
+                )
+            tables.append(t.cast(pa.schema([(c, pa.string()) for c in MATCH_COLUMNS])))
+        except Exception as e:  # a busy or foreign catalog must not stop a rebuild
+            log.warning("catalog %s not read for takedown expansion: %s", db, e)
+    for path in extra:
+        t = pq.read_table(path)
+        if "duplicate_of" not in t.column_names or t.num_rows == 0:
+            continue
+        t = t.filter(pc.is_valid(t.column("duplicate_of")))
+        for c in MATCH_COLUMNS:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        tables.append(
+            t.select(MATCH_COLUMNS).cast(pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]))
+        )
+    if not tables:
+        return pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]).empty_table()
+    return pa.concat_tables(tables)
+
+
+def gate_decisions(
+    out: Path,
+    old_inputs: list[str],
+    new_inputs: list[str],
+    entries: list[TakedownEntry],
+    removals: pa.Table,
+    optouts: dict[str, str],
+    superseded: dict[str, str],
+    dup_tables: pa.Table,
+    radius: int,
+) -> pa.Table:
+    """Decide, over every release-input candidate, what is dropped and why; write `out`."""
+    block = Blocklist()
+    block.add_entries(entries, radius)
+    block.add_removals(removals, radius)
+    for key, reason in optouts.items():
+        block.keys.setdefault(key, (reason, "opt-out found by the re-check"))
+    # URL-level takedowns of samples merged away as duplicates: block their images too
+    if dup_tables.num_rows and (block.urls or block.pages or block.domains or block.authors):
+        direct = Blocklist(urls=block.urls, pages=block.pages, domains=block.domains)
+        hits = match_index(dup_tables, direct, radius)
+        if hits.num_rows:
+            matched = dup_tables.filter(
+                pc.is_in(dup_tables.column("key"), value_set=hits.column("key"))
+            )
+            for r in matched.to_pylist():
+                why = ("takedown", f"image of {r['key']} {r['url']} (dropped duplicate)")
+                for h in (r["sha256"], r["pixel_sha256"]):
+                    if h:
+                        block.hashes.setdefault(h, why)
+                if r["phash"]:
+                    block.codes.append((r["phash"], radius, *why))
+    table = _index([*old_inputs, *new_inputs], MATCH_COLUMNS)
+    hits = match_index(table, block, radius)
+    rows: dict[str, tuple[str, str, str]] = {}
+    for k, r, d in zip(
+        hits.column("key").to_pylist(),
+        hits.column("reason").to_pylist(),
+        hits.column("detail").to_pylist(),
+        strict=True,
+    ):
+        rows[k] = (r, d, "all")
+    for k, r in superseded.items():
+        if k not in rows:
+            detail = (
+                "fetched again in this generation"
+                if r == "superseded"
+                else (f"fetched again: now {r}")
+            )
+            rows[k] = (r, detail, "previous")
+    result = pa.table(
+        {
+            "key": pa.array(list(rows), pa.string()),
+            "reason": pa.array([v[0] for v in rows.values()], pa.string()),
+            "detail": pa.array([v[1] for v in rows.values()], pa.string()),
+            "scope": pa.array([v[2] for v in rows.values()], pa.string()),
+        },
+        schema=GATE_SCHEMA,
+    )
+    write_table_atomic(out, result)
+    return result
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def _outcomes(gen: Generation) -> dict[str, tuple[str, str | None, str | None]]:
+    """key -> (final status, reason, dropped_by) of every record this generation fetched."""
+    out: dict[str, tuple[str, str | None, str | None]] = {}
+    for step in ("10_ingest", "20_filter", "30_dedup", "40_caption"):
+        d = gen.step(step)
+        for p in sorted(d.glob("*.dropped.parquet")) if d.exists() else []:
+            t = pq.read_table(p, columns=["key", "drop_reason", "dropped_by"])
+            for k, r, by in zip(
+                t.column("key").to_pylist(),
+                t.column("drop_reason").to_pylist(),
+                t.column("dropped_by").to_pylist(),
+                strict=True,
+            ):
+                out[k] = ("dropped", r, by)
+    for p in list_shards(gen.step("40_caption")):
+        for k in pq.read_table(f"{p}.parquet", columns=["key"]).column("key").to_pylist():
+            out[k] = ("ok", None, None)
+    return out
+
+
+def _superseded(
+    old_inputs: list[str], outcomes: dict[str, tuple[str, str | None, str | None]]
+) -> dict[str, str]:
+    """What happens to released keys fetched again (a refetch or a retry of the same key).
+
+    The new record's verdict stands: kept -> the old record is `superseded`;
+    dropped by a filter or dedup (e.g. the licence changed) -> the old record is
+    withdrawn with that reason. A fetch failure keeps the old record (a CC
+    licence is not withdrawn by a timeout or a dead link), except an opt-out.
+    """
+    out: dict[str, str] = {}
+    if not outcomes:
+        return out
+    for k in _index(old_inputs, ["key"]).column("key").to_pylist():
+        got = outcomes.get(k)
+        if got is None:
+            continue
+        status, reason, by = got
+        if status == "ok":
+            out[k] = "superseded"
+        elif reason and (reason.startswith("optout_") or by != "ingest"):
+            out[k] = reason
+    return out
+
+
+def _ingest_observed(gen: Generation) -> pa.Table:
+    """key, url, page_url, drop_reason of every record ingest output in this generation."""
+    tables = []
+    cols = ["key", "url", "page_url", "drop_reason"]
+    d = gen.step("10_ingest")
+    for p in list_shards(d):
+        t = pq.read_table(f"{p}.parquet", columns=["key", "url", "page_url"])
+        tables.append(t.append_column("drop_reason", pa.nulls(t.num_rows, pa.string())))
+        t = pq.read_table(f"{p}.dropped.parquet", columns=cols)
+        tables.append(t)
+    if not tables:
+        return pa.schema([(c, pa.string()) for c in cols]).empty_table()
+    return pa.concat_tables([t.cast(pa.schema([(c, pa.string()) for c in cols])) for t in tables])
+
+
+def _update_ledger(
+    gen: Generation,
+    prev: Generation | None,
+    ledger: Ledger,
+    planned: list[str],
+    rechecked_ok: list[str],
+    now: float,
+    max_attempts: int,
+) -> pa.Table:
+    """The cumulative ledger after this generation (written to `gen/ledger.parquet`), and the
+    transient failures still worth retrying (`gen/retry.parquet`)."""
+    from ccurate.ingest.stage import is_transient
+
+    observed = _ingest_observed(gen)
+    rows: dict[str, tuple[str, str | None]] = {}
+    for prefix in planned:  # planned records that produced no record of their own: pages
+        for k in pq.read_table(f"{prefix}.parquet", columns=["key"]).column("key").to_pylist():
+            rows[k] = ("ok", None)
+    for k, r in zip(
+        observed.column("key").to_pylist(), observed.column("drop_reason").to_pylist(), strict=True
+    ):
+        if r is None:
+            rows[k] = ("ok", None)
+        else:
+            rows[k] = ("transient" if is_transient(r) else "dropped", r)
+    plan_drops = gen.step("00_plan") / "planned-dropped.parquet"
+    if plan_drops.exists():
+        t = pq.read_table(plan_drops, columns=["key", "drop_reason"])
+        for k, r in zip(
+            t.column("key").to_pylist(), t.column("drop_reason").to_pylist(), strict=True
+        ):
+            rows.setdefault(k, ("dropped", r))
+    keys = list(rows)
+    idx = ledger.find(keys)
+    old_attempts = np.where(idx >= 0, ledger.attempts[np.maximum(idx, 0)] if len(ledger) else 0, 0)
+    outcome = [v[0] for v in rows.values()]
+    attempts = [
+        int(a) + 1 if o == "transient" and i >= 0 and ledger.outcome[i] == "transient" else 1
+        for a, o, i in zip(old_attempts.tolist(), outcome, idx.tolist(), strict=True)
+    ]
+    delta = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "outcome": pa.array(outcome, pa.string()),
+            "reason": pa.array([v[1] for v in rows.values()], pa.string()),
+            "at": pa.array([gen.started_at] * len(keys), pa.float64()),
+            "attempts": pa.array(attempts, pa.int32()),
+            "checked_at": pa.array([gen.started_at] * len(keys), pa.float64()),
+        },
+        schema=LEDGER_SCHEMA,
+    )
+    old = ledger.table
+    if rechecked_ok and old.num_rows:
+        checked = pc.is_in(old.column("key"), value_set=pa.array(rechecked_ok, pa.string()))
+        old = old.set_column(
+            old.column_names.index("checked_at"),
+            "checked_at",
+            pc.if_else(checked, pa.scalar(now, pa.float64()), old.column("checked_at")),
+        )
+    if keys and old.num_rows:
+        old = old.filter(pc.invert(pc.is_in(old.column("key"), value_set=delta.column("key"))))
+    table = pa.concat_tables([old.cast(LEDGER_SCHEMA), delta])
+    write_table_atomic(gen.dir / "ledger.parquet", table)
+    # transient image records to retry later (pages are retried from their source)
+    pending: list[pa.Table] = []
+    for p in list_shards(gen.step("10_ingest")):
+        t = pq.read_table(f"{p}.dropped.parquet")
+        if t.num_rows:
+            mask = [is_transient(r) for r in t.column("drop_reason").to_pylist()]
+            t = t.filter(pa.array(mask, pa.bool_()))
+        if t.num_rows:
+            pending.append(_as_planned(t))
+    if prev is not None and (prev.dir / "retry.parquet").exists():
+        t = pq.read_table(prev.dir / "retry.parquet")
+        done = set(keys)
+        rows_in = ledger.find(t.column("key"))
+        tries = np.where(
+            rows_in >= 0, ledger.attempts[np.maximum(rows_in, 0)] if len(ledger) else 0, 0
+        )
+        alive = [
+            k not in done and int(a) < max_attempts
+            for k, a in zip(t.column("key").to_pylist(), tries.tolist(), strict=True)
+        ]
+        t = t.filter(pa.array(alive, pa.bool_()))  # retried now, or given up: not carried
+        if t.num_rows:
+            pending.insert(0, t)
+    retry = (
+        pa.concat_tables(pending, promote_options="permissive") if pending else samples_to_table([])
+    )
+    if retry.num_rows:  # one row per key, the latest
+        ks = retry.column("key").to_pylist()
+        last = {k: i for i, k in enumerate(ks)}
+        retry = retry.take(pa.array(sorted(last.values()), pa.int64()))
+    write_table_atomic(gen.dir / "retry.parquet", retry)
+    return table
+
+
+def _as_planned(t: pa.Table) -> pa.Table:
+    """Dropped ingest records back into planned input: kept, no image, no reason."""
+    if "image" in t.column_names:
+        t = t.drop_columns(["image"])
+    n = t.num_rows
+    for name, value in (("status", "ok"), ("drop_reason", None), ("dropped_by", None)):
+        col = pa.array([value] * n, pa.string())
+        t = (
+            t.set_column(t.column_names.index(name), name, col)
+            if name in t.column_names
+            else t.append_column(name, col)
+        )
+    html = pc.fill_null(pc.starts_with(pc.fill_null(t.column("mime"), ""), "text/html"), False)
+    t = t.set_column(
+        t.column_names.index("mime"),
+        "mime",
+        pc.if_else(html, t.column("mime"), pa.scalar(None, pa.string())),
+    )
+    return t
+
+
+# --------------------------------------------------------------------------- opt-out re-check
+
+
+def _recheck(
+    executor: Executor,
+    cfg: PipelineConfig,
+    rcfg: RebuildConfig,
+    gen: Generation,
+    old_inputs: list[str],
+    ledger: Ledger,
+    skip: set[str],
+    now: float,
+) -> tuple[dict[str, str], list[str], dict[str, int]]:
+    """(opted-out key -> reason, keys seen allowing us, counts) for released samples due."""
+    from ccurate.takedown import OptoutRecheckStage
+
+    counts: Counter[str] = Counter()
+    if rcfg.recheck_optout_days is None or not old_inputs:
+        return {}, [], {}
+    base = gen.step(RECHECK)
+    marker = base / "in" / PLAN_MARKER
+    if marker.exists():
+        parts = [str(base / "in" / p) for p in json.loads(marker.read_text())["partitions"]]
+    else:
+        idx_cols = ["key", "url", "page_url"]
+
+        def due_tables() -> Iterator[pa.Table]:
+            for p in old_inputs:
+                t = pq.read_table(f"{p}.parquet", columns=idx_cols)
+                rows = ledger.find(t.column("key"))
+                checked = np.where(
+                    rows >= 0, ledger.checked_at[np.maximum(rows, 0)] if len(ledger) else 0.0, 0.0
+                )
+                due = checked <= now - rcfg.recheck_optout_days * 86400.0  # type: ignore[operator]
+                if skip:
+                    due &= np.array([k not in skip for k in t.column("key").to_pylist()], bool)
+                counts["due"] += int(due.sum())
+                counts["not_due"] += int((~due).sum())
+                yield t.filter(pa.array(due))
+
+        (base / "in").mkdir(parents=True, exist_ok=True)
+        parts = _write_parts(base / "in", due_tables(), max(1, cfg.run.partition_size))
+        write_json_atomic(
+            marker, {"partitions": [Path(p).name for p in parts], "counts": dict(counts)}
+        )
+    if not parts:
+        return {}, [], dict(counts)
+    out_dir = base / "out"
+    tasks = [ShardTask(p, str(out_dir / Path(p).name)) for p in parts]
+    stats = executor.map(
+        OptoutRecheckStage(cfg.ingest, rcfg.recheck_threads), tasks, label="optout recheck"
+    )
+    counts["checked"] = stats.n_in
+    optouts: dict[str, str] = {}
+    ok: list[str] = []
+    for t in tasks:
+        d = pq.read_table(f"{t.dst}.dropped.parquet", columns=["key", "drop_reason"])
+        for k, r in zip(
+            d.column("key").to_pylist(), d.column("drop_reason").to_pylist(), strict=True
+        ):
+            optouts[k] = r
+            counts[r] += 1
+        kept = pq.read_table(f"{t.dst}.parquet")
+        if "optout_recheck" in kept.column_names:
+            for k, o in zip(
+                kept.column("key").to_pylist(),
+                kept.column("optout_recheck").to_pylist(),
+                strict=True,
+            ):
+                counts[f"result_{(o or 'ok').split(':')[0]}"] += 1
+                if o is None or not o.startswith("transient"):
+                    ok.append(k)
+    return optouts, ok, dict(counts)
+
+
+# --------------------------------------------------------------------------- diff
+
+DIFF_FIELDS = [
+    "url",
+    "page_url",
+    "license",
+    "license_url",
+    "author",
+    "title",
+    "alt_text",
+    "caption",
+    "caption_model",
+    "sha256",
+]
+
+
+def _parquet_list(files: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
+def diff_release_inputs(
+    old_inputs: list[str],
+    new_inputs: list[str],
+    gate_dropped: list[str],
+    prev_ledger: Path | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Added, removed (by reason) and changed (by field) between two release inputs.
+
+    Written as `diff.parquet` (one row per key that differs) and `diff.json`
+    (counts and a few example keys per group). DuckDB does the join, so it
+    scales past memory.
+    """
+    import duckdb
+
+    con = duckdb.connect()
+    cols = ", ".join(f"CAST({c} AS VARCHAR) AS {c}" for c in ["key", *DIFF_FIELDS])
+    empty = ", ".join(f"NULL::VARCHAR AS {c}" for c in ["key", *DIFF_FIELDS])
+
+    def rel(files: list[str]) -> str:
+        if not files:
+            return f"SELECT {empty} WHERE false"
+        paths = [f"{p}.parquet" for p in files]
+        return f"SELECT {cols} FROM read_parquet({_parquet_list(paths)}, union_by_name=true)"
+
+    gate = (
+        f"SELECT key, any_value(drop_reason) AS reason, any_value(removed_because) AS detail "
+        f"FROM read_parquet({_parquet_list(gate_dropped)}, union_by_name=true) GROUP BY key"
+        if gate_dropped
+        else "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail "
+        "WHERE false"
+    )
+    if gate_dropped and not any("removed_because" in pq.read_schema(p).names for p in gate_dropped):
+        gate = gate.replace("any_value(removed_because)", "NULL::VARCHAR")
+    ledger = (
+        f"SELECT key, outcome, reason FROM read_parquet('{prev_ledger}')"
+        if prev_ledger is not None and prev_ledger.exists()
+        else "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS outcome, NULL::VARCHAR AS reason "
+        "WHERE false"
+    )
+    changed = ", ".join(
+        f"CASE WHEN o.{c} IS DISTINCT FROM n.{c} THEN '{c}' END" for c in DIFF_FIELDS
+    )
+    sql = f"""
+    WITH o AS ({rel(old_inputs)}), n AS ({rel(new_inputs)}), g AS ({gate}), l AS ({ledger}),
+    j AS (
+      SELECT coalesce(n.key, o.key) AS key,
+             CASE WHEN o.key IS NULL THEN 'added' WHEN n.key IS NULL THEN 'removed'
+                  ELSE 'changed' END AS change,
+             concat_ws(',', {changed}) AS fields,
+             coalesce(n.url, o.url) AS url
+      FROM o FULL OUTER JOIN n ON o.key = n.key)
+    SELECT j.key, j.change,
+      CASE WHEN j.change = 'removed' THEN coalesce(g.reason, 'unknown')
+           WHEN j.change = 'added' THEN CASE WHEN l.key IS NULL THEN 'new'
+                ELSE 'previously_' || l.outcome || coalesce(':' || l.reason, '') END
+      END AS reason,
+      CASE WHEN j.change = 'changed' THEN j.fields END AS fields,
+      CASE WHEN j.change = 'removed' THEN g.detail END AS detail,
+      j.url
+    FROM j LEFT JOIN g ON g.key = j.key LEFT JOIN l ON l.key = j.key
+    WHERE j.change <> 'changed' OR j.fields <> ''
+    ORDER BY j.change, j.key
+    """
+    table = con.sql(sql).to_arrow_table()
+    n_new = con.sql(f"SELECT count(*) FROM ({rel(new_inputs)})").fetchall()[0][0]
+    con.close()
+    write_table_atomic(out_dir / "diff.parquet", table)
+    rows = table.to_pylist()
+    by: dict[str, Counter[str]] = {"added": Counter(), "removed": Counter(), "changed": Counter()}
+    examples: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+    for r in rows:
+        c = r["change"]
+        if c == "changed":
+            for f in (r["fields"] or "").split(","):
+                by[c][f] += 1
+        else:
+            by[c][r["reason"] or "unknown"] += 1
+        if len(examples[c]) < 20:
+            examples[c].append(r["key"])
+    summary = {
+        "added": sum(1 for r in rows if r["change"] == "added"),
+        "removed": sum(1 for r in rows if r["change"] == "removed"),
+        "changed": sum(1 for r in rows if r["change"] == "changed"),
+        "added_by_reason": dict(by["added"].most_common()),
+        "removed_by_reason": dict(by["removed"].most_common()),
+        "changed_fields": dict(by["changed"].most_common()),
+        "samples": int(n_new),
+        "examples": examples,
+    }
+    write_json_atomic(out_dir / "diff.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- the rebuild
+
+
+@dataclass
+class RebuildResult:
+    generation: int
+    dir: Path
+    release: Path | None
+    info: dict[str, Any]
+
+
+def _gen_pipeline(
+    cfg: PipelineConfig, gen: Generation, executor: Executor, previous_ref: Path | None
+) -> Pipeline:
+    from ccurate.pipeline import Pipeline
+
+    g = cfg.model_copy(deep=True)
+    g.run.work_dir = str(gen.dir)
+    g.run.catalog_dir = str(cfg.run.catalog)
+    g.run.train_dir = str(cfg.run.train_out)
+    if previous_ref is not None:
+        g.dedup.previous = [*cfg.dedup.previous, str(previous_ref)]
+    return Pipeline(g, executor)
+
+
+def _previous_reference(gen: Generation, old_inputs: list[str]) -> Path | None:
+    """Hashes of the current release input minus the keys fetched again now (written once)."""
+    if not old_inputs:
+        return None
+    path = gen.dir / "previous.parquet"
+    if path.exists():
+        return path
+    t = _index(old_inputs, ["key", "sha256", "pixel_sha256", "phash"])
+    seen = _ingest_observed(gen).column("key")
+    if len(seen):
+        t = t.filter(pc.invert(pc.is_in(t.column("key"), value_set=seen)))
+    write_table_atomic(path, t)
+    return path
+
+
+def _map_gate(
+    executor: Executor, gen: Generation, decisions: Path, old: list[str], new: list[str]
+) -> StageStats:
+    out = gen.step(RELEASE_INPUT)
+    out.mkdir(parents=True, exist_ok=True)
+    total = StageStats("takedown")
+    old_tasks = [ShardTask(p, str(out / Path(p).name)) for p in old]
+    new_tasks = [ShardTask(p, str(out / f"g{gen.number:04d}-{Path(p).name}")) for p in new]
+    for tasks, previous in ((old_tasks, True), (new_tasks, False)):
+        if tasks:
+            total.add(
+                executor.map(ReleaseGateStage(str(decisions), previous), tasks, label="takedown")
+            )
+    write_json_atomic(out / "_COMPLETE", {"shards": len(old) + len(new), "stats": total.to_json()})
+    return total
+
+
+def _removal_path(gen: Generation, catalog: Path) -> Path:
+    stamp = datetime.fromtimestamp(gen.started_at, UTC).strftime("%Y%m%dT%H%M%S")
+    return catalog / REMOVALS_DIR / f"{stamp}-{gen.dir.name}.parquet"
+
+
+def _removals_from_gate(gen: Generation, catalog: Path) -> Path | None:
+    """Persist what the gate removed for a takedown or an opt-out (never to come back)."""
+    files = sorted(gen.step(RELEASE_INPUT).glob("*.dropped.parquet"))
+    rows = []
+    for f in files:
+        t = pq.read_table(f)
+        for r in t.to_pylist():
+            reason = r.get("drop_reason") or ""
+            if reason == "takedown" or reason.startswith("optout_"):
+                rows.append(
+                    {
+                        "key": r["key"],
+                        "url": r.get("url"),
+                        "page_url": r.get("page_url"),
+                        "sha256": r.get("sha256"),
+                        "pixel_sha256": r.get("pixel_sha256"),
+                        "phash": r.get("phash"),
+                        "reason": reason,
+                        "detail": r.get("removed_because"),
+                        "generation": gen.number,
+                        "removed_at": datetime.fromtimestamp(gen.started_at, UTC).isoformat(),
+                    }
+                )
+    path = _removal_path(gen, catalog)
+    if not rows:
+        return None
+    write_removals(path, pa.Table.from_pylist(rows, schema=REMOVAL_SCHEMA))
+    return path
+
+
+def rebuild(
+    cfg: PipelineConfig,
+    rcfg: RebuildConfig | None = None,
+    executor: Executor | None = None,
+    now: float | None = None,
+) -> RebuildResult:
+    """Run one incremental rebuild (see the module doc). Raises `RebuildLocked` when another
+    rebuild of the same work directory is running, `PipelineError` when nothing can run."""
+    from ccurate.executor import LocalExecutor
+    from ccurate.pipeline import PipelineError
+
+    rcfg = rcfg or RebuildConfig()
+    executor = executor or LocalExecutor(cfg.run.workers)
+    work = Path(cfg.run.work_dir)
+    if not cfg.sources:
+        raise PipelineError("no [[sources]] configured: nothing to rebuild from")
+    with rebuild_lock(work):
+        now = time.time() if now is None else now
+        gen, prev = _open_generation(work, cfg, rcfg, now)
+        now = gen.started_at  # a resumed generation keeps its clock: same plan, same answers
+        return _run_generation(cfg, rcfg, executor, gen, prev, now)
+
+
+def _run_generation(
+    cfg: PipelineConfig,
+    rcfg: RebuildConfig,
+    executor: Executor,
+    gen: Generation,
+    prev: Generation | None,
+    now: float,
+) -> RebuildResult:
+    t0 = time.perf_counter()
+    catalog = Path(cfg.run.catalog)
+    entries = load_entries(gen.dir / "takedowns.jsonl")
+    this_removals = [_removal_path(gen, catalog)]
+    removals = load_removals(catalog, exclude=this_removals)
+    ledger = Ledger.load(prev)
+    block = Blocklist()
+    block.add_entries(entries, rcfg.takedown_radius)
+    block.add_removals(removals, rcfg.takedown_radius)
+
+    # 1. plan and the pipeline on the new work only
+    planned, plan_counts = plan_generation(cfg, rcfg, gen, prev, ledger, block, now)
+    old_inputs = [str(p) for p in list_shards(prev.step(RELEASE_INPUT))] if prev else []
+    steps: dict[str, Any] = {}
+    pipe = None
+    if planned:
+        from ccurate.ingest.stage import IngestStage
+
+        pipe = _gen_pipeline(cfg, gen, executor, None)
+        if not (gen.step("10_ingest") / "_COMPLETE").exists():
+            pipe.map_step("ingest", IngestStage(cfg.ingest), planned)
+        ref = _previous_reference(gen, old_inputs)
+        pipe = _gen_pipeline(cfg, gen, executor, ref)
+        pipe.filter()
+        pipe.dedup()
+        pipe.caption()
+        pipe.write_summary()
+        if rcfg.report:
+            from ccurate.report import write_report
+
+            write_report(gen.dir)
+        steps = {r.step: r.to_json() for r in pipe.results}
+        ing = gen.step("10_ingest") / "_COMPLETE"
+        if ing.exists():
+            steps = {"ingest": json.loads(ing.read_text())["stats"], **steps}
+    new_inputs = [str(p) for p in list_shards(gen.step("40_caption"))] if planned else []
+
+    # 2. opt-out re-check of released samples, then the gate over everything
+    outcomes = _outcomes(gen) if planned else {}
+    superseded = _superseded(old_inputs, outcomes)
+    optouts, rechecked_ok, recheck_counts = _recheck(
+        executor, cfg, rcfg, gen, old_inputs, ledger, set(outcomes), now
+    )
+    decisions_path = gen.step("50_gate") / "decisions.parquet"
+    if decisions_path.exists():
+        decisions = pq.read_table(decisions_path)
+    else:
+        dup_files = sorted(str(p) for p in gen.step("30_dedup").glob("*.dropped.parquet"))
+        decisions = gate_decisions(
+            decisions_path,
+            old_inputs,
+            new_inputs,
+            entries,
+            removals,
+            optouts,
+            superseded,
+            _dropped_duplicates(catalog, dup_files),
+            rcfg.takedown_radius,
+        )
+    gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs)
+    removal_path = _removals_from_gate(gen, catalog)
+
+    # 3. diff, release, catalog, ledger
+    release_inputs = [str(p) for p in list_shards(gen.step(RELEASE_INPUT))]
+    gate_dropped = sorted(str(p) for p in gen.step(RELEASE_INPUT).glob("*.dropped.parquet"))
+    diff = diff_release_inputs(
+        old_inputs,
+        release_inputs,
+        gate_dropped,
+        prev.dir / "ledger.parquet" if prev else None,
+        gen.dir,
+    )
+    last_release = _last_release(gen.dir.parent, gen)
+    changed = bool(diff["added"] or diff["removed"] or diff["changed"])
+    release: Path | None = None
+    if changed or last_release is None or rcfg.publish_unchanged:
+        release = _publish(
+            cfg, gen, release_inputs, _gen_dropped(gen), steps, diff, decisions.num_rows
+        )
+    _record_catalog(cfg, gen, release_inputs, _gen_dropped(gen), release)
+    _update_ledger(gen, prev, ledger, planned, rechecked_ok, now, rcfg.max_attempts)
+    info = {
+        "generation": gen.number,
+        "started_at": datetime.fromtimestamp(gen.started_at, UTC).isoformat(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "plan": plan_counts,
+        "fetched_records": int(steps.get("ingest", {}).get("in", 0)),
+        "steps": steps,
+        "recheck": recheck_counts,
+        "gate": gate_stats.to_json(),
+        "removals_file": str(removal_path) if removal_path else None,
+        "diff": {k: v for k, v in diff.items() if k != "examples"},
+        "release": str(release) if release else None,
+        "release_name": gen.release_name if release else None,
+        "latest_release": str(release or last_release) if (release or last_release) else None,
+        "published": release is not None,
+    }
+    write_json_atomic(gen.dir / "rebuild.json", info)
+    write_json_atomic(gen.dir / GEN_DONE, {"finished_at": time.time()})
+    log.info("rebuild %s done: %s", gen.dir.name, info["diff"])
+    return RebuildResult(gen.number, gen.dir, release, info)
+
+
+def _last_release(work: Path, current: Generation) -> Path | None:
+    for g in reversed(generations(work)):
+        if g.number >= current.number or not g.done:
+            continue
+        rel = g.info().get("release")
+        if rel:
+            return Path(rel)
+    return None
+
+
+def _gen_dropped(gen: Generation) -> list[str]:
+    """This generation's side outputs of dropped records: plan, steps, and the gate."""
+    paths = []
+    plan_drops = gen.step("00_plan") / "planned-dropped.parquet"
+    if plan_drops.exists():
+        paths.append(str(plan_drops))
+    for step in ("10_ingest", "20_filter", "30_dedup", "40_caption", RELEASE_INPUT):
+        paths += sorted(str(p) for p in gen.step(step).glob("*.dropped.parquet"))
+    return paths
+
+
+def _publish(
+    cfg: PipelineConfig,
+    gen: Generation,
+    inputs: list[str],
+    dropped: list[str],
+    steps: dict[str, Any],
+    diff: dict[str, Any],
+    n_decisions: int,
+) -> Path:
+    from ccurate.shards.release import write_release
+
+    run_info = {
+        "config": json.loads(cfg.model_dump_json()),
+        "stages": steps,
+        "rebuild": {
+            "generation": gen.number,
+            "diff": {k: v for k, v in diff.items() if k != "examples"},
+            "gate_decisions": n_decisions,
+        },
+        "release_date": datetime.fromtimestamp(gen.started_at, UTC).strftime("%Y-%m-%d"),
+    }
+    return write_release(
+        inputs, dropped, cfg.run.release_dir, cfg.shards, name=gen.release_name, run_info=run_info
+    )
+
+
+def _record_catalog(
+    cfg: PipelineConfig,
+    gen: Generation,
+    inputs: list[str],
+    dropped: list[str],
+    release: Path | None,
+) -> None:
+    """Record this generation's delta (its new kept records and every drop), and the release.
+
+    Only the delta: the catalog keeps every sample's latest state, so a rebuild
+    costs the catalog what it fetched, not the size of the dataset.
+    """
+    from ccurate.shards.catalog import Catalog
+
+    mine = [p for p in inputs if Path(p).name.startswith(f"g{gen.number:04d}-")]
+    catalog = Catalog(cfg.run.catalog)
+    try:
+        catalog.record_run(mine, dropped, run_id=gen.release_name)
+        if release is not None:
+            catalog.record_release(release)
+    finally:
+        catalog.close()
