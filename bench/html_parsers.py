@@ -21,9 +21,10 @@ from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ccurate.ingest.html import extract_images
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+from ccurate.ingest.html import extract_images
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIXTURES = ROOT.parent / "shared" / "fixtures" / "real"

@@ -1,0 +1,293 @@
+"""Read throughput of release shards: webdataset loaders vs raw tar reading, and decode+augment.
+
+Builds a release of synthetic photo-like JPEGs (short side 256, about 1.7 bits
+per pixel like real 256-px web JPEGs) with the real release writer, or reads
+`--release DIR`; warms the page cache, then measures (best of --repeat):
+
+- raw:   Python's `tarfile` walking the same shards, reading every member (the anchor)
+- stock: `webdataset.WebDataset(shards)` yielding grouped samples (no decode)
+- ours:  the same webdataset pipeline with `ccurate.shards.read.tar_samples` as
+         its tar expander (headers parsed from an mmap instead of `tarfile`)
+- decode_aug: what a trainer's loader does per sample: JPEG decode, random
+  resized crop to 256 (scale 0.08-1, ratio 3/4-4/3), horizontal flip, CHW uint8
+  tensor (`--float` adds the /255 float conversion). Per core for each decoder
+  found (OpenCV, torchvision.io, PIL, simplejpeg if installed), measured in CPU
+  seconds so that other load on a shared machine does not count; then the best
+  decoder through a `wds.WebLoader` with `--workers` processes, wall clock.
+
+Ends with `RESULT shard_read ours_samples_s=… raw_samples_s=… ratio=… decode_aug_samples_s=…`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import random
+import resource
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
+
+from ccurate.shards.config import ShardsConfig
+from ccurate.shards.read import release_shards, tar_samples
+from ccurate.shards.release import write_release
+from ccurate.shards.synth import make_inputs
+
+SIZE = 256
+SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
+FLOAT = False
+
+Aug = Callable[[bytes, random.Random], torch.Tensor]
+
+
+def build_release(root: Path, n: int, per_shard: int) -> Path:
+    shards = max(1, n // per_shard)
+    kept, dropped = make_inputs(
+        root / "in",
+        n_shards=shards,
+        per_shard=per_shard,
+        size=(320, SIZE),
+        dropped_per_shard=0,
+        noise=6.0,
+    )
+    cfg = ShardsConfig(samples_per_shard=per_shard)
+    return write_release(kept, dropped, root / "out", cfg, name="bench", run_info={"date": "-"})
+
+
+def best_rate(fn: Callable[[], int], repeat: int, clock: Callable[[], float]) -> tuple[float, int]:
+    best = 0.0
+    count = 0
+    for _ in range(repeat):
+        t0 = clock()
+        count = fn()
+        best = max(best, count / max(clock() - t0, 1e-9))
+    return best, count
+
+
+# ---- plain reading -------------------------------------------------------------
+def raw_read(urls: list[str]) -> int:
+    """Anchor: every member's bytes via tarfile; samples counted by their json member."""
+    n = 0
+    for u in urls:
+        with tarfile.open(u, "r:") as tf:
+            for m in tf:
+                fh = tf.extractfile(m)
+                if fh is not None:
+                    fh.read()
+                    if m.name.endswith(".json"):
+                        n += 1
+    return n
+
+
+def stock_read(urls: list[str]) -> int:
+    return sum(1 for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def ours_pipeline(urls: list[str], *stages: Any) -> wds.DataPipeline:
+    return wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tar_samples, *stages)
+
+
+def ours_read(urls: list[str]) -> int:
+    return sum(1 for _ in ours_pipeline(urls))
+
+
+# ---- decode + augment ------------------------------------------------------------
+def crop_params(h: int, w: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, without a tensor (same distribution)."""
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(*SCALE)
+        ar = math.exp(rng.uniform(math.log(RATIO[0]), math.log(RATIO[1])))
+        cw = round(math.sqrt(target * ar))
+        ch = round(math.sqrt(target / ar))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def _finish_hwc(arr: np.ndarray, rng: random.Random) -> torch.Tensor:
+    """Crop+resize (OpenCV), flip, HWC uint8 -> CHW tensor view."""
+    i, j, h, w = crop_params(arr.shape[0], arr.shape[1], rng)
+    interp = cv2.INTER_AREA if h > SIZE and w > SIZE else cv2.INTER_LINEAR
+    out = cv2.resize(arr[i : i + h, j : j + w], (SIZE, SIZE), interpolation=interp)
+    if rng.random() < 0.5:
+        out = cv2.flip(out, 1)
+    t = torch.from_numpy(out).permute(2, 0, 1)
+    return t.float().div_(255) if FLOAT else t
+
+
+def aug_opencv(data: bytes, rng: random.Random) -> torch.Tensor:
+    """cv2.imdecode (OpenCV's bundled libjpeg-turbo), crop + resize + flip in OpenCV."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if arr is None:
+        raise ValueError("not a decodable image")
+    return _finish_hwc(arr, rng)
+
+
+def aug_torchvision(data: bytes, rng: random.Random) -> torch.Tensor:
+    img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    i, j, h, w = crop_params(img.shape[1], img.shape[2], rng)
+    out = F.resized_crop(img, i, j, h, w, [SIZE, SIZE], antialias=True)
+    if rng.random() < 0.5:
+        out = out.flip(-1)
+    return out.float().div_(255) if FLOAT else out
+
+
+def aug_pil(data: bytes, rng: random.Random) -> torch.Tensor:
+    """PIL, with draft mode (libjpeg scales by 1/2..1/8 when the crop is that much larger)."""
+    im = Image.open(io.BytesIO(data))
+    w0, h0 = im.size
+    i, j, h, w = crop_params(h0, w0, rng)
+    factor = min(h, w) // SIZE
+    if factor >= 2:
+        im.draft("RGB", (w0 // factor, h0 // factor))
+        fx, fy = im.size[0] / w0, im.size[1] / h0
+        i, j, h, w = int(i * fy), int(j * fx), max(1, int(h * fy)), max(1, int(w * fx))
+    box = (j, i, j + w, i + h)
+    out = im.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box)
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    t = torch.frombuffer(bytearray(out.tobytes()), dtype=torch.uint8).view(SIZE, SIZE, 3)
+    t = t.permute(2, 0, 1)
+    return t.float().div_(255) if FLOAT else t
+
+
+AUGS: dict[str, Aug] = {
+    "opencv": aug_opencv,
+    "torchvision": aug_torchvision,
+    "pil": aug_pil,
+}
+try:  # optional: not a project dependency (fast IDCT + fast upsampling)
+    import simplejpeg
+
+    def aug_simplejpeg(data: bytes, rng: random.Random) -> torch.Tensor:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True)
+        return _finish_hwc(arr, rng)
+
+    AUGS["simplejpeg"] = aug_simplejpeg
+except ImportError:
+    pass
+
+
+class MapAug:
+    """Picklable map step for loader workers: (image tensor, caption)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rng = random.Random(0)
+
+    def __call__(self, s: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        cv2.setNumThreads(1)
+        return AUGS[self.name](s["jpg"], self.rng), s["txt"].decode()
+
+
+def decode_one_core(urls: list[str], aug: Aug) -> int:
+    rng = random.Random(0)
+    n = 0
+    for s in ours_pipeline(urls):
+        aug(s["jpg"], rng)
+        n += 1
+    return n
+
+
+def _decode_run(urls: list[str], aug: Aug) -> Callable[[], int]:
+    return lambda: decode_one_core(urls, aug)
+
+
+def decode_loader(urls: list[str], name: str, workers: int, batch: int) -> tuple[int, float]:
+    """Samples through a WebLoader and the CPU seconds its worker processes used."""
+    ds = ours_pipeline(urls, wds.map(MapAug(name)), wds.batched(batch, partial=True))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    loader = wds.WebLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4)
+    n = sum(len(b[1]) for b in loader)
+    del loader
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return n, cpu
+
+
+def main(argv: list[str] | None = None) -> None:
+    global FLOAT
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--per-shard", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--float", action="store_true", help="convert to float tensors in [0, 1]")
+    ap.add_argument("--release", type=Path, help="read this release instead of building one")
+    args = ap.parse_args(argv)
+    FLOAT = args.float
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+    tmp: str | None = None
+    if args.release:
+        release = args.release
+    else:
+        tmp = tempfile.mkdtemp(prefix="shard_read-")
+        t0 = time.perf_counter()
+        release = build_release(Path(tmp), args.samples, args.per_shard)
+        print(f"built release {release} in {time.perf_counter() - t0:.1f} s")
+    try:
+        urls = [str(p) for p in release_shards(release)]
+        total = sum(os.path.getsize(u) for u in urls)
+        raw_read(urls)  # warm the page cache: every reader then reads from memory
+        wall = time.perf_counter
+        raw, n = best_rate(lambda: raw_read(urls), args.repeat, wall)
+        stock, n2 = best_rate(lambda: stock_read(urls), args.repeat, wall)
+        ours, n3 = best_rate(lambda: ours_read(urls), args.repeat, wall)
+        assert n == n2 == n3, (n, n2, n3)
+        print(f"{n} samples in {len(urls)} shards, {total / n / 1024:.1f} KiB/sample on disk")
+        print(f"raw tarfile read     : {raw:9.0f} samples/s")
+        print(f"webdataset (stock)   : {stock:9.0f} samples/s  ratio {stock / raw:.2f}")
+        print(f"webdataset + ours    : {ours:9.0f} samples/s  ratio {ours / raw:.2f}")
+
+        per_core: dict[str, float] = {}
+        for name, fn in AUGS.items():
+            rate, _ = best_rate(_decode_run(urls, fn), max(1, args.repeat - 1), time.process_time)
+            per_core[name] = rate
+            print(f"decode+aug, 1 core   : {rate:9.0f} samples/s per CPU-second  [{name}]")
+        best = max(per_core, key=lambda k: per_core[k])
+        t0 = time.perf_counter()
+        m, cpu = decode_loader(urls, best, args.workers, 64)
+        loader_wall = m / (time.perf_counter() - t0)
+        loader_cpu = m / cpu * args.workers if cpu else 0.0
+        assert m == n, (m, n)
+        print(
+            f"decode+aug, loader   : {loader_wall:9.0f} samples/s wall, "
+            f"{loader_cpu:.0f} samples/s on {args.workers} free cores (CPU time) [{best}]"
+        )
+        print(f"load average         : {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(
+            f"RESULT shard_read ours_samples_s={ours:.0f} raw_samples_s={raw:.0f} "
+            f"ratio={ours / raw:.3f} stock_wds_samples_s={stock:.0f} "
+            f"stock_ratio={stock / raw:.3f} decode_aug_samples_s={loader_wall:.0f} "
+            f"decode_aug_cpu_samples_s={loader_cpu:.0f} "
+            f"decode_aug_1core_samples_s={per_core[best]:.0f} decoder={best} "
+            f"workers={args.workers}"
+        )
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
