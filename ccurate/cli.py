@@ -11,14 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
+from typer._click.core import Context  # typer vendors its own click
 from typer.core import TyperGroup
 
 from ccurate import __version__
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths in messages stay copyable
 out = Console()
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_NOT_READY, EXIT_LOCKED = 1, 2, 3, 4
@@ -30,7 +30,7 @@ class DefaultCommandGroup(TyperGroup):
 
     default_command = "run"
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
@@ -99,10 +99,11 @@ def _pipeline(
         cfg.run.executor = executor
     if address is not None:
         cfg.run.ray_address = address
-    return Pipeline(cfg, _executor(cfg))
+    return Pipeline(cfg, make_executor(cfg))
 
 
-def _executor(cfg: Any) -> Any:
+def make_executor(cfg: Any) -> Any:
+    """The executor a config asks for (Ray is imported only when chosen)."""
     from ccurate.executor import LocalExecutor
 
     if cfg.run.executor == "ray":
@@ -200,21 +201,15 @@ def demo(
 
 def _register_stage_commands() -> None:
     """Stage folders add their own commands (licences, catalog queries, training tools)."""
-    import importlib
+    from ccurate import rebuild_cli
+    from ccurate.filters import cli as filters_cli
+    from ccurate.shards import cli as shards_cli
+    from ccurate.train import cli as train_cli
 
-    for module, target in [
-        ("ccurate.filters.cli", app),
-        ("ccurate.shards.cli", app),
-        ("ccurate.train.cli", train_app),
-        ("ccurate.rebuild_cli", app),
-    ]:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        mod.register(target)
+    filters_cli.register(app)
+    shards_cli.register(app)
+    rebuild_cli.register(app)
+    train_cli.add_commands(train_app)
 
 
 _register_stage_commands()

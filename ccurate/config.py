@@ -20,6 +20,7 @@ from ccurate.configbase import Section
 from ccurate.filters.config import DedupConfig, FiltersConfig
 from ccurate.ingest.config import IngestConfig
 from ccurate.ingest.sources import Source
+from ccurate.rebuild import RebuildConfig
 from ccurate.shards.config import ShardsConfig
 from ccurate.train.config import TrainConfig
 
@@ -50,14 +51,15 @@ class RunConfig(Section):
 class PipelineConfig(Section):
     """The whole run: sources, then one section per stage."""
 
-    run: RunConfig = Field(default_factory=RunConfig)
+    run: RunConfig = Field(default_factory=lambda: RunConfig())
     sources: list[Source] = Field(default_factory=list)
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    filters: FiltersConfig = Field(default_factory=FiltersConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
-    caption: CaptionConfig = Field(default_factory=CaptionConfig)
-    shards: ShardsConfig = Field(default_factory=ShardsConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    ingest: IngestConfig = Field(default_factory=lambda: IngestConfig())
+    filters: FiltersConfig = Field(default_factory=lambda: FiltersConfig())
+    dedup: DedupConfig = Field(default_factory=lambda: DedupConfig())
+    caption: CaptionConfig = Field(default_factory=lambda: CaptionConfig())
+    shards: ShardsConfig = Field(default_factory=lambda: ShardsConfig())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    rebuild: RebuildConfig = Field(default_factory=lambda: RebuildConfig())
 
 
 class ConfigError(ValueError):
@@ -104,7 +106,8 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> None:
     def fix(p: str | None) -> str | None:
         if p is None or "://" in p:
             return p
-        return str(p if Path(p).is_absolute() else (base / p))
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else base / path)
 
     run = cfg.run
     run.work_dir = fix(run.work_dir) or run.work_dir
@@ -114,3 +117,38 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> None:
     for src in cfg.sources:
         if getattr(src, "path", None):
             src.path = fix(src.path)
+    if cfg.caption.cache_dir:
+        cfg.caption.cache_dir = fix(cfg.caption.cache_dir)
+    # model weights given as local paths (hub ids such as "org/name" are left alone)
+    for section, name in _WEIGHT_PATHS:
+        owner: Any = cfg
+        for part in section.split("."):
+            owner = getattr(owner, part)
+        value = getattr(owner, name)
+        if isinstance(value, str) and _looks_local(value, base):
+            setattr(owner, name, fix(value))
+
+
+# (section, field) of every setting that may name a local weights file or folder
+_WEIGHT_PATHS = [
+    ("filters.clip_score", "weights"),
+    ("filters.aesthetic", "weights"),
+    ("filters.aesthetic", "clip_weights"),
+    ("filters.watermark", "model_weights"),
+    ("filters.safety", "model_path"),
+    ("caption", "model"),
+    ("train", "unet"),
+    ("train", "vae"),
+    ("train", "text_encoder"),
+]
+
+
+def _looks_local(value: str, base: Path) -> bool:
+    """A path, not a hub id or tag: ./ ../ ~ prefixes, a weights suffix, or it exists there."""
+    if not value or value == "scratch" or value.startswith(("hf-hub:", "http://", "https://", "/")):
+        return False
+    return (
+        value.startswith(("./", "../", "~"))
+        or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".onnx"))
+        or (base / value).exists()
+    )

@@ -83,7 +83,8 @@ class Pipeline:
         return [str(p) for p in done]
 
     # -- steps ---------------------------------------------------------------
-    def _map(self, step: str, stage: Stage, inputs: list[str]) -> StepResult:
+    def map_step(self, step: str, stage: Stage, inputs: list[str]) -> StepResult:
+        """Run `stage` over `inputs` into the step's directory; `_COMPLETE` marks it whole."""
         t0 = time.perf_counter()
         out_dir = self.step_dir(step)
         complete = out_dir / "_COMPLETE"
@@ -104,22 +105,25 @@ class Pipeline:
 
         if not self.cfg.sources:
             raise PipelineError("no [[sources]] configured: nothing to ingest")
-        planned = plan_sources(
-            list(self.cfg.sources), self.step_dir("plan"), self.cfg.run.partition_size
-        )
-        return self._map("ingest", IngestStage(self.cfg.ingest), [str(p) for p in planned])
+        try:
+            planned = plan_sources(
+                list(self.cfg.sources), self.step_dir("plan"), self.cfg.run.partition_size
+            )
+        except ValueError as err:  # e.g. sources changed under an existing work directory
+            raise PipelineError(str(err)) from None
+        return self.map_step("ingest", IngestStage(self.cfg.ingest), [str(p) for p in planned])
 
     def filter(self) -> StepResult:
         from ccurate.filters.chain import build_filter_stage
 
-        return self._map(
+        return self.map_step(
             "filter", build_filter_stage(self.cfg.filters), self.finished_inputs("filter")
         )
 
     def dedup(self) -> StepResult:
         from ccurate.filters.dedup import DedupStage
 
-        return self._map("dedup", DedupStage(self.cfg.dedup), self.finished_inputs("dedup"))
+        return self.map_step("dedup", DedupStage(self.cfg.dedup), self.finished_inputs("dedup"))
 
     def caption(self) -> StepResult:
         from ccurate.captioning.stage import CaptionStage
@@ -127,7 +131,7 @@ class Pipeline:
         cap = self.cfg.caption
         if cap.cache_dir is None:
             cap = cap.model_copy(update={"cache_dir": str(self.cfg.run.catalog / "caption_cache")})
-        return self._map("caption", CaptionStage(cap), self.finished_inputs("caption"))
+        return self.map_step("caption", CaptionStage(cap), self.finished_inputs("caption"))
 
     def dropped_outputs(self) -> list[str]:
         """Every side output of dropped samples, across steps (for counts and reports)."""
@@ -209,11 +213,15 @@ class Pipeline:
         return self.results
 
     def run_info(self) -> dict[str, Any]:
-        """What the dataset card needs to explain the run: settings and stats so far."""
-        return {
-            "config": json.loads(self.cfg.model_dump_json()),
-            "stages": {r.step: r.to_json() for r in self.results},
-        }
+        """What the dataset card needs to explain the run: settings and the stats of every
+        finished step (from its `_COMPLETE` marker when it ran in an earlier invocation)."""
+        stages: dict[str, Any] = {}
+        for step in ["ingest", "filter", "dedup", "caption"]:
+            marker = self.step_dir(step) / "_COMPLETE"
+            if marker.exists():
+                stages[step] = json.loads(marker.read_text()).get("stats", {})
+        stages.update({r.step: r.to_json() for r in self.results})
+        return {"config": json.loads(self.cfg.model_dump_json()), "stages": stages}
 
     def write_summary(self) -> Path:
         path = self.work / "summary.json"

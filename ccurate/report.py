@@ -27,9 +27,9 @@ def _thumb(data: bytes | None, size: int = 128) -> str | None:
     if not data:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (size, size))
-            im = im.convert("RGB")
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.draft("RGB", (size, size))
+            im = opened.convert("RGB")
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
@@ -141,11 +141,11 @@ def write_report(
     for prefix in list_shards(final):
         for batch in iter_samples(prefix, batch_size=32):
             for s in batch:
-                src = _thumb(s.image)
-                if src and len(kept_cells) < kept_examples:
+                thumb = _thumb(s.image)
+                if thumb and len(kept_cells) < kept_examples:
                     label = s.caption or s.alt_text or ""
                     kept_cells.append(
-                        f"<div class='cell'><img src='{src}'><br>{html.escape(s.license or '?')}"
+                        f"<div class='cell'><img src='{thumb}'><br>{html.escape(s.license or '?')}"
                         f"<br>{html.escape(label[:80])}</div>"
                     )
             if len(kept_cells) >= kept_examples:
@@ -158,8 +158,8 @@ def write_report(
     for reason, rows in sorted(drop_examples.items()):
         parts.append(f"<h3>{html.escape(reason)} ({drop_counts[reason]})</h3><div class='grid'>")
         for row in rows:
-            src = _thumb(row.get("image"))
-            img = f"<img src='{src}'>" if src else "<div style='height:128px'>no image</div>"
+            thumb = _thumb(row.get("image"))
+            img = f"<img src='{thumb}'>" if thumb else "<div style='height:128px'>no image</div>"
             parts.append(
                 f"<div class='cell'>{img}<br>{html.escape(str(row.get('url'))[-60:])}</div>"
             )

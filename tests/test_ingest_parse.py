@@ -12,6 +12,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from fastwarc.warc import ArchiveIterator, WarcRecordType
+from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
 from ccurate.ingest.html import (
     MAX_TEXT,
     PageExtract,
@@ -21,9 +24,6 @@ from ccurate.ingest.html import (
 from ccurate.ingest.metadata import flickr_evidence, wikimedia_evidence
 from ccurate.ingest.warc import REASONS as WARC_REASONS
 from ccurate.ingest.warc import iter_warc
-from fastwarc.warc import ArchiveIterator, WarcRecordType
-from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-
 from ccurate.record import LicenseEvidence, make_key
 
 PAGE = "https://example.org/blog/post.html"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from pydantic import TypeAdapter, ValidationError
+
 from ccurate.ingest.sources import (
     PLANNED_DROPPED,
     PLANNED_MARKER,
@@ -22,8 +24,6 @@ from ccurate.ingest.sources import (
     iter_source,
     plan_sources,
 )
-from pydantic import TypeAdapter, ValidationError
-
 from ccurate.record import make_key, table_to_samples
 from ccurate.shardio import iter_samples, list_shards
 

@@ -34,8 +34,12 @@ def test_ray_matches_local_and_resumes_local_markers(tmp_path: Path, ray_local):
     from ccurate.ray_executor import RayExecutor
 
     inputs = _inputs(tmp_path)
-    LocalExecutor(1, progress=False).map(FilterStage([_OddDropper()]), tasks_for(inputs, tmp_path / "a"))
-    stats = RayExecutor(progress=False).map(FilterStage([_OddDropper()]), tasks_for(inputs, tmp_path / "b"))
+    LocalExecutor(1, progress=False).map(
+        FilterStage([_OddDropper()]), tasks_for(inputs, tmp_path / "a")
+    )
+    stats = RayExecutor(progress=False).map(
+        FilterStage([_OddDropper()]), tasks_for(inputs, tmp_path / "b")
+    )
     assert (stats.n_in, stats.n_kept, stats.n_dropped) == (12, 6, 6)
     for p in sorted((tmp_path / "a").iterdir()):
         if p.name.endswith((".tar", ".parquet")):

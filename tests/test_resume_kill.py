@@ -23,7 +23,7 @@ def _write_config(path: Path, base_url: str, pages: list[str], work: Path) -> No
         f"""
 [run]
 work_dir = "{work}"
-release_dir = "{work.parent / 'releases'}"
+release_dir = "{work.parent / "releases"}"
 workers = 1
 partition_size = 2
 
@@ -66,16 +66,24 @@ def test_sigkill_mid_ingest_then_rerun_gives_identical_shards(tmp_path: Path):
         pages = corpus.pages
         # the uninterrupted reference run
         _write_config(tmp_path / "a.toml", base, pages, tmp_path / "a" / "work")
-        subprocess.run(_ccurate("run", str(tmp_path / "a.toml"), "--steps", STEPS),
-                       check=True, env=env, capture_output=True)
+        subprocess.run(
+            _ccurate("run", str(tmp_path / "a.toml"), "--steps", STEPS),
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         reference = _shard_files(tmp_path / "a" / "work")
         assert any(k.startswith("10_ingest/") for k in reference)
 
         # the killed run: SIGKILL as soon as the first ingest shard is published
         work_b = tmp_path / "b" / "work"
         _write_config(tmp_path / "b.toml", base, pages, work_b)
-        proc = subprocess.Popen(_ccurate("run", str(tmp_path / "b.toml"), "--steps", STEPS),
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _ccurate("run", str(tmp_path / "b.toml"), "--steps", STEPS),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 300
         while time.time() < deadline and not list((work_b / "10_ingest").glob("*.done")):
             time.sleep(0.02)
@@ -86,8 +94,12 @@ def test_sigkill_mid_ingest_then_rerun_gives_identical_shards(tmp_path: Path):
         assert done and len(done) < len(planned), "the kill must land mid-stage"
 
         # rerun: finishes the job; nothing lost, nothing duplicated
-        rerun = subprocess.run(_ccurate("run", str(tmp_path / "b.toml"), "--steps", STEPS),
-                               env=env, capture_output=True, text=True)
+        rerun = subprocess.run(
+            _ccurate("run", str(tmp_path / "b.toml"), "--steps", STEPS),
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert "resumed" in rerun.stdout
     assert _shard_files(work_b) == reference

@@ -8,6 +8,7 @@ Usage: python tools/mypy_check.py [folder-or-file ...]   (default: everything)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ MAPPING = {
 
 def build_tree() -> Path:
     tree = ROOT / "build" / "mypy"
+    shutil.rmtree(tree, ignore_errors=True)  # fresh each time: no links to deleted files
     pkg = tree / "ccurate"
     pkg.mkdir(parents=True, exist_ok=True)
     for entry in (ROOT / "ccurate").iterdir():
@@ -42,8 +44,8 @@ def build_tree() -> Path:
 
 def main(argv: list[str]) -> int:
     tree = build_tree()
-    targets: list[str] = []
-    for arg in argv or [*MAPPING.values()]:
+    targets: list[str] = [] if argv else [str(tree / "ccurate")]
+    for arg in argv:
         rel = Path(arg).resolve().relative_to(ROOT)
         parts = rel.parts
         mapped = next((t for t, f in MAPPING.items() if parts and parts[0] == f), None)

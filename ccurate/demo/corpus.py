@@ -32,7 +32,7 @@ LICENSE_STYLES: list[tuple[str, str | None]] = [
     ("by-4.0-figure", "CC-BY-4.0"),
     ("by-sa-2.0-page", "CC-BY-SA-2.0"),
     ("cc0-page", "CC0-1.0"),
-    ("pdm-page", "LicenseRef-PDM-1.0"),
+    ("pdm-page", "CC-PDM-1.0"),
     ("by-nc-nd-3.0-page", None),
     ("all-rights-reserved", None),
     ("none", None),
@@ -118,7 +118,11 @@ def landscape(seed: int, width: int, height: int) -> Image.Image:
         img = np.where(mask[..., None], colour[None, None, :] * shade[..., None], img)
     # textured ground
     ground_y = min(h - 1, int((horizon + 0.2) * h))
-    tex = _smooth_noise(rng, h, w, 6) * 0.6 + _smooth_noise(rng, h, w, 40) * 0.4
+    tex = (
+        _smooth_noise(rng, h, w, 2) * 0.35
+        + _smooth_noise(rng, h, w, 6) * 0.35
+        + _smooth_noise(rng, h, w, 40) * 0.3
+    )
     ground = rng.uniform([40, 70, 20], [140, 150, 90])
     gmask = yy >= ground_y + 10 * np.sin(xx / w * rng.uniform(2, 8))
     img = np.where(gmask[..., None], ground[None, None, :] * (0.6 + 0.6 * tex[..., None]), img)
@@ -135,7 +139,7 @@ def landscape(seed: int, width: int, height: int) -> Image.Image:
     light = 0.75 + 0.35 * ((xx / w - 0.5) * lx + (yy / h - 0.5) * ly)
     img = img * light[..., None]
     # grain
-    img = img + rng.normal(0, 4, img.shape)
+    img = img + rng.normal(0, 7, img.shape)
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(pil)
     for _ in range(int(rng.integers(3, 9))):  # trees, rocks, huts
@@ -148,7 +152,7 @@ def landscape(seed: int, width: int, height: int) -> Image.Image:
             draw.ellipse([ox - s, oy - s * 0.6, ox + s, oy + s * 0.6], fill=fill)
     if rng.random() < 0.5:
         pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return pil.filter(ImageFilter.GaussianBlur(0.7))
+    return pil.filter(ImageFilter.GaussianBlur(0.4))
 
 
 def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
