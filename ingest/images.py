@@ -235,7 +235,12 @@ def _resize(img: Image.Image, opt: ImageOptions) -> Image.Image:
     dims = _scaled_dims(w, h, opt)
     if dims is not None and dims != (w, h):
         down = dims[0] <= w and dims[1] <= h
-        if down and opt.resize_filter == "area":
+        k = w // dims[0]
+        if down and opt.resize_filter == "area" and (w, h) == (dims[0] * k, dims[1] * k):
+            # integer factor (the usual case after JPEG draft): Pillow's box reduce is
+            # exactly cv2's INTER_AREA here, and 2x faster (no numpy round trip)
+            img = img.reduce(k)
+        elif down and opt.resize_filter == "area":
             import cv2  # lazily: the driver process never resizes
 
             # cv2's SIMD area average (img2dataset's default), ~2x faster than Pillow's Lanczos

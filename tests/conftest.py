@@ -12,11 +12,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-REAL = REPO.parent / "shared" / "fixtures" / "real"
+REAL = Path(os.environ.get("CCURATE_REAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "real"))
 
 
 @pytest.fixture(scope="session")
 def real_fixtures() -> Path:
+    """The real-data fixtures beside the repo (../shared/fixtures/real). A clone without them
+    skips these tests with the reason shown; CCURATE_REQUIRE_FIXTURES=1 makes that a failure."""
     if not REAL.exists():
-        pytest.fail(f"real fixtures missing at {REAL} (they ship beside the repo in ../shared)")
+        msg = f"real fixtures missing at {REAL} (they ship beside the repo in ../shared)"
+        if os.environ.get("CCURATE_REQUIRE_FIXTURES") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
     return REAL

@@ -257,3 +257,22 @@ def test_pixel_budget_serialises_big_images_only():
     small = PixelBudget(1000)
     with small.hold(10), small.hold(10):  # ordinary images do not wait for each other
         assert small.used == 20
+
+
+def test_integer_factor_area_resize_equals_cv2_inter_area():
+    import cv2
+
+    from ccurate.ingest.images import ImageOptions, _resize
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)
+    out = _resize(Image.fromarray(arr, "RGB"), ImageOptions(image_size=192))  # short side
+    want = cv2.resize(arr, (256, 192), interpolation=cv2.INTER_AREA)
+    assert out.size == (256, 192)
+    assert np.array_equal(np.asarray(out), want)
+    # a non-integer factor still goes through cv2's area filter
+    odd = _resize(Image.fromarray(arr, "RGB"), ImageOptions(image_size=256))
+    assert odd.size == (341, 256)
+    assert np.array_equal(
+        np.asarray(odd), cv2.resize(arr, (341, 256), interpolation=cv2.INTER_AREA)
+    )

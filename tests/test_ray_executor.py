@@ -49,3 +49,39 @@ def test_ray_matches_local_and_resumes_local_markers(tmp_path: Path, ray_local):
     Path(tasks[2].dst + ".done").unlink()
     stats = RayExecutor(progress=False).map(FilterStage([_OddDropper()]), tasks)
     assert stats.skipped_shards == 2 and stats.n_in == 12
+
+
+def test_ray_and_local_pipelines_publish_the_same_release(tmp_path: Path, ray_local):
+    """The whole pipeline (ingest over loopback HTTP .. release) on both executors."""
+    from ccurate.config import PipelineConfig
+    from ccurate.demo.corpus import generate
+    from ccurate.demo.run import demo_config
+    from ccurate.demo.server import serve_directory
+    from ccurate.pipeline import Pipeline
+    from ccurate.ray_executor import RayExecutor
+
+    corpus = generate(tmp_path / "corpus", n_images=40, per_page=8, seed=3)
+
+    def run(name: str, executor: object, base_url: str) -> tuple[Path, PipelineConfig]:
+        cfg = demo_config(corpus, base_url, tmp_path / name, 2, None, 1)
+        cfg.train.enabled = False
+        Pipeline(cfg, executor).run()  # type: ignore[arg-type]
+        return Path(cfg.run.release_dir) / "demo-v1", cfg
+
+    with serve_directory(tmp_path / "corpus") as base_url:
+        local, _ = run("local", LocalExecutor(2, progress=False), base_url)
+        remote, cfg = run("ray", RayExecutor(progress=False), base_url)
+    sums = {
+        name: dict(
+            reversed(line.split("  ", 1)) for line in (root / "SHA256SUMS").read_text().splitlines()
+        )
+        for name, root in (("local", local), ("ray", remote))
+    }
+    data = [p for p in sums["local"] if p.endswith((".tar", ".parquet"))]
+    assert any(p.endswith(".tar") for p in data) and "manifest.parquet" in data
+    for path in data:
+        assert sums["ray"].get(path) == sums["local"][path], path
+    assert set(sums["ray"]) == set(sums["local"])
+    # the work shards agree too, and every step finished on Ray
+    for step in ("10_ingest", "20_filter", "30_dedup", "40_caption"):
+        assert (Path(cfg.run.work_dir) / step / "_COMPLETE").exists()

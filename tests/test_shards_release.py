@@ -35,6 +35,7 @@ from ccurate.shards.release import (
     write_release,
 )
 from ccurate.shards.synth import make_inputs, synth_image
+from tests.conftest import REAL
 
 RUN_INFO = {
     "date": "2025-06-01",
@@ -42,7 +43,6 @@ RUN_INFO = {
     "filters": {"quality": {"min_clip": 0.2, "min_side": 32}, "license": {"policy": "commercial"}},
     "caption": {"model": "tiny-blip2-test", "max_new_tokens": 20},
 }
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"
 
 
 @pytest.fixture(scope="module")
