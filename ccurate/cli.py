@@ -144,9 +144,20 @@ def run(
 
 
 @app.command()
-def ingest(config: ConfigArg, workers: WorkersOpt = None) -> None:
+def ingest(
+    config: ConfigArg,
+    workers: WorkersOpt = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="fetch again the transient failures (timeout, connection_error, http_408, "
+            "http_429, http_5xx) of the finished ingest; successes are not downloaded again",
+        ),
+    ] = False,
+) -> None:
     """Read sources (URL lists, pages, WARCs) and download images with licence evidence."""
-    _run_steps(config, ["ingest"], workers)
+    _run_steps(config, ["retry"] if retry_failed else ["ingest"], workers)
 
 
 @app.command("filter")
@@ -169,7 +180,7 @@ def shard(config: ConfigArg) -> None:
 
 @train_app.command("run")
 def train_run(config: ConfigArg) -> None:
-    """Train the latent diffusion model of [train] on the latest release."""
+    """Train the latent diffusion model configured in the `train` section on the latest release."""
     _run_steps(config, ["train"], None)
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from ccurate.config import PipelineConfig
 from ccurate.executor import Executor, LocalExecutor, tasks_for
 from ccurate.shardio import list_shards, write_json_atomic
@@ -83,17 +85,28 @@ class Pipeline:
         return [str(p) for p in done]
 
     # -- steps ---------------------------------------------------------------
-    def map_step(self, step: str, stage: Stage, inputs: list[str]) -> StepResult:
-        """Run `stage` over `inputs` into the step's directory; `_COMPLETE` marks it whole."""
+    def map_step(
+        self, step: str, stage: Stage, inputs: list[str], name: str | None = None
+    ) -> StepResult:
+        """Run `stage` over `inputs` into the step's directory; `_COMPLETE` marks it whole.
+
+        With `name` (a pass that adds shards to a finished step, e.g. "retry") the
+        step stays complete throughout and the pass's stats are appended to the marker."""
         t0 = time.perf_counter()
         out_dir = self.step_dir(step)
         complete = out_dir / "_COMPLETE"
-        if complete.exists():
+        if complete.exists() and name is None:
             complete.unlink()  # the inputs may have grown; recheck every shard
-        stats = self.executor.map(stage, tasks_for(inputs, out_dir), label=step)
-        stats.stage = step
-        write_json_atomic(complete, {"shards": len(inputs), "stats": stats.to_json()})
-        return self._record(StepResult(step, stats, time.perf_counter() - t0))
+        stats = self.executor.map(stage, tasks_for(inputs, out_dir), label=name or step)
+        stats.stage = name or step
+        if name is None:
+            write_json_atomic(complete, {"shards": len(inputs), "stats": stats.to_json()})
+        else:
+            marker = json.loads(complete.read_text())
+            passes = [p for p in marker.get(name, []) if p["shard"] not in inputs]
+            passes.append({"shard": inputs[0], "stats": stats.to_json()})
+            write_json_atomic(complete, {**marker, name: passes})
+        return self._record(StepResult(name or step, stats, time.perf_counter() - t0))
 
     def _record(self, result: StepResult) -> StepResult:
         self.results.append(result)
@@ -112,6 +125,40 @@ class Pipeline:
         except ValueError as err:  # e.g. sources changed under an existing work directory
             raise PipelineError(str(err)) from None
         return self.map_step("ingest", IngestStage(self.cfg.ingest), [str(p) for p in planned])
+
+    def retry_failed(self) -> StepResult:
+        """Fetch again the transient ingest failures (timeouts, connection errors, 408, 429,
+        5xx) of a finished ingest, without touching what was downloaded.
+
+        The records go to a new ingest shard `retry-NNNN`; the older drop rows of the same
+        keys are then removed from their shards' side outputs (the newest outcome of a key
+        is its only one), and the dedup and caption steps are cleared so the next run
+        redoes them over the grown input (filter only runs on the new shard; captions come
+        from the cache). Killed at any point, rerunning finishes the same retry."""
+        from ccurate.ingest.stage import IngestStage, plan_retry
+        from ccurate.shardio import is_done, write_partition
+
+        ing = self.step_dir("ingest")
+        if not (ing / "_COMPLETE").exists():
+            raise PipelineError("retry-failed needs a finished ingest: run 'ccurate ingest' first")
+        retry_dir = self.step_dir("plan") / "retries"
+        retry_dir.mkdir(parents=True, exist_ok=True)
+        done_retries = sorted(retry_dir.glob("retry-*.parquet"))
+        pending = [p for p in done_retries if not is_done(ing / p.name[: -len(".parquet")])]
+        if pending:
+            prefix = retry_dir / pending[0].name[: -len(".parquet")]
+        else:
+            records = plan_retry(ing)
+            if not records:
+                _supersede_ingest_drops(ing)
+                return self._record(StepResult("retry", StageStats("retry"), 0.0))
+            prefix = retry_dir / f"retry-{len(done_retries) + 1:04d}"
+            write_partition(prefix, records)
+        result = self.map_step("ingest", IngestStage(self.cfg.ingest), [str(prefix)], "retry")
+        _supersede_ingest_drops(ing)
+        for step in ("dedup", "caption"):
+            _clear_step(self.step_dir(step))
+        return result
 
     def filter(self) -> StepResult:
         from ccurate.filters.chain import build_filter_stage
@@ -201,11 +248,11 @@ class Pipeline:
     # -- whole runs ------------------------------------------------------------
     def run(self, steps: list[str] | None = None) -> list[StepResult]:
         for step in steps or STEPS:
-            if step not in STEPS:
+            if step not in STEPS and step != "retry":
                 raise PipelineError(f"unknown step {step!r}; expected one of {', '.join(STEPS)}")
             if step == "train" and not self.cfg.train.enabled:
                 continue
-            getattr(self, step)()
+            getattr(self, "retry_failed" if step == "retry" else step)()
         self.write_summary()
         from ccurate.report import write_report
 
@@ -219,7 +266,10 @@ class Pipeline:
         for step in ["ingest", "filter", "dedup", "caption"]:
             marker = self.step_dir(step) / "_COMPLETE"
             if marker.exists():
-                stages[step] = json.loads(marker.read_text()).get("stats", {})
+                done = json.loads(marker.read_text())
+                stages[step] = done.get("stats", {})
+                for i, p in enumerate(done.get("retry", []), 1):
+                    stages[f"retry-{i}"] = p["stats"]
         stages.update({r.step: r.to_json() for r in self.results})
         return {"config": json.loads(self.cfg.model_dump_json()), "stages": stages}
 
@@ -227,3 +277,40 @@ class Pipeline:
         path = self.work / "summary.json"
         write_json_atomic(path, {"steps": [r.to_json() for r in self.results]})
         return path
+
+
+def _supersede_ingest_drops(ingest_dir: Path) -> None:
+    """Remove ingest drop rows whose key has a newer outcome in a later-finished shard.
+
+    Idempotent, and each side output is replaced atomically, so a kill in between is
+    finished by the next call."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ccurate.shardio import write_table_atomic
+
+    shards = list_shards(ingest_dir, done_only=True)
+    shards.sort(key=lambda p: (Path(f"{p}.done").stat().st_mtime, str(p)))
+    later: set[str] = set()
+    for prefix in reversed(shards):
+        dropped_path = Path(f"{prefix}.dropped.parquet")
+        if dropped_path.exists() and later:
+            t = pq.read_table(dropped_path)
+            stale = pc.and_(
+                pc.is_in(t["key"], value_set=pa.array(sorted(later), pa.string())),
+                pc.equal(t["dropped_by"], "ingest"),
+            )
+            stale = pc.fill_null(stale, False)
+            if pc.any(stale).as_py():
+                write_table_atomic(dropped_path, t.filter(pc.invert(stale)))
+        later.update(pq.read_table(f"{prefix}.parquet", columns=["key"])["key"].to_pylist())
+        if dropped_path.exists():
+            later.update(pq.read_table(dropped_path, columns=["key"])["key"].to_pylist())
+
+
+def _clear_step(step_dir: Path) -> None:
+    """Forget a step's results (its input changed): the next run recomputes them."""
+    import shutil
+
+    if step_dir.exists():
+        shutil.rmtree(step_dir)
