@@ -317,10 +317,18 @@ def _ours_child(a: argparse.Namespace) -> None:
     work = Path(a._work)
     per = -(-len(urls) // a.shards)
     inputs = []
+    # LAION lists repeat a few URLs; img2dataset downloads each row, so we do too (the
+    # pipeline's planner would drop repeats as `duplicate_url`): a repeat gets its own key
+    seen: set[str] = set()
+    keys = []
+    for row, (u, _) in enumerate(urls):
+        keys.append(make_key(u) if u not in seen else make_key(u, f"bench-row-{row}"))
+        seen.add(u)
     for i in range(a.shards):
         prefix = work / "ours_in" / f"shard-{i:05d}"
         recs = [
-            Sample(key=make_key(u), url=u, alt_text=t) for u, t in urls[i * per : (i + 1) * per]
+            Sample(key=keys[j], url=urls[j][0], alt_text=urls[j][1])
+            for j in range(i * per, min(len(urls), (i + 1) * per))
         ]
         write_partition(prefix, recs)
         inputs.append(str(prefix))
