@@ -9,11 +9,14 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
 - ours:  the same webdataset pipeline with `ccurate.shards.read.tar_samples` as
          its tar expander (headers parsed from an mmap instead of `tarfile`)
 - decode_aug: what a trainer's loader does per sample: JPEG decode, random
-  resized crop to 256 (scale 0.08-1, ratio 3/4-4/3), horizontal flip, CHW uint8
-  tensor (`--float` adds the /255 float conversion). Per core for each decoder
-  found (OpenCV, torchvision.io, PIL, simplejpeg if installed), measured in CPU
-  seconds so that other load on a shared machine does not count; then the best
-  decoder through a `wds.WebLoader` with `--workers` processes, wall clock.
+  resized crop to 256 (scale 0.08-1, ratio 3/4-4/3), horizontal flip, uint8
+  pixels (`--float` adds the /255 float conversion); batches are one NHWC
+  copy viewed as NCHW (channels-last), as `ccurate.train.data.Decoder` does.
+  Per core for each decoder found (OpenCV, torchvision.io, PIL, simplejpeg if
+  installed, and `trainer`: the trainer's own covering resize + centre crop),
+  measured in CPU seconds so that other load on a shared machine does not
+  count; then the best decoder through a `wds.WebLoader` with `--workers`
+  processes, wall clock.
 
 Ends with `RESULT shard_read ours_samples_s=… raw_samples_s=… ratio=… decode_aug_samples_s=…`.
 """
@@ -48,6 +51,7 @@ from ccurate.shards.config import ShardsConfig
 from ccurate.shards.read import release_shards, tar_samples
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
+from ccurate.train.data import decode_resize_crop
 
 SIZE = 256
 SCALE = (0.08, 1.0)
@@ -124,14 +128,27 @@ def crop_params(h: int, w: int, rng: random.Random) -> tuple[int, int, int, int]
 
 
 def _finish_hwc(arr: np.ndarray, rng: random.Random) -> torch.Tensor:
-    """Crop+resize (OpenCV), flip, HWC uint8 -> CHW tensor view."""
+    """Crop+resize (OpenCV), flip: HWC uint8 tensor (batches are stacked NHWC, viewed NCHW)."""
     i, j, h, w = crop_params(arr.shape[0], arr.shape[1], rng)
     interp = cv2.INTER_AREA if h > SIZE and w > SIZE else cv2.INTER_LINEAR
     out = cv2.resize(arr[i : i + h, j : j + w], (SIZE, SIZE), interpolation=interp)
     if rng.random() < 0.5:
         out = cv2.flip(out, 1)
-    t = torch.from_numpy(out).permute(2, 0, 1)
+    t = torch.from_numpy(out)
     return t.float().div_(255) if FLOAT else t
+
+
+def aug_trainer(data: bytes, rng: random.Random) -> torch.Tensor:
+    """The trainer's own transform (`ccurate.train.data.decode_resize_crop`: covering resize +
+    centre crop, the SD2 recipe), HWC uint8."""
+    t = torch.from_numpy(decode_resize_crop(data, SIZE, SIZE))
+    return t.float().div_(255) if FLOAT else t
+
+
+def collate_nhwc(samples: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    """One NHWC copy per batch, returned as its NCHW (channels-last) view, as the trainer does."""
+    images = torch.stack([s[0] for s in samples])
+    return images.permute(0, 3, 1, 2), [s[1] for s in samples]
 
 
 def aug_opencv(data: bytes, rng: random.Random) -> torch.Tensor:
@@ -148,6 +165,7 @@ def aug_torchvision(data: bytes, rng: random.Random) -> torch.Tensor:
     out = F.resized_crop(img, i, j, h, w, [SIZE, SIZE], antialias=True)
     if rng.random() < 0.5:
         out = out.flip(-1)
+    out = out.permute(1, 2, 0)
     return out.float().div_(255) if FLOAT else out
 
 
@@ -166,7 +184,6 @@ def aug_pil(data: bytes, rng: random.Random) -> torch.Tensor:
     if rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     t = torch.frombuffer(bytearray(out.tobytes()), dtype=torch.uint8).view(SIZE, SIZE, 3)
-    t = t.permute(2, 0, 1)
     return t.float().div_(255) if FLOAT else t
 
 
@@ -174,6 +191,7 @@ AUGS: dict[str, Aug] = {
     "opencv": aug_opencv,
     "torchvision": aug_torchvision,
     "pil": aug_pil,
+    "trainer": aug_trainer,
 }
 try:  # optional: not a project dependency (fast IDCT + fast upsampling)
     import simplejpeg
@@ -214,7 +232,9 @@ def _decode_run(urls: list[str], aug: Aug) -> Callable[[], int]:
 
 def decode_loader(urls: list[str], name: str, workers: int, batch: int) -> tuple[int, float]:
     """Samples through a WebLoader and the CPU seconds its worker processes used."""
-    ds = ours_pipeline(urls, wds.map(MapAug(name)), wds.batched(batch, partial=True))
+    ds = ours_pipeline(
+        urls, wds.map(MapAug(name)), wds.batched(batch, partial=True, collation_fn=collate_nhwc)
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     loader = wds.WebLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4)
     n = sum(len(b[1]) for b in loader)

@@ -253,3 +253,41 @@ def test_tar_grouping_with_directories(tmp_path):
     ]
     lazy = next(itertools.islice(tdata.iter_tar(str(path)), 1))
     assert lazy.members["txt"].data is None  # local shards: nothing read yet
+
+
+@pytest.mark.parametrize(
+    "size,mode,fmt",
+    [
+        ((1024, 768), "RGB", "JPEG"),  # DCT-scaled decode (1/2), then area resize
+        ((200, 300), "RGB", "JPEG"),  # upscale
+        ((320, 256), "RGBA", "PNG"),
+        ((300, 300), "P", "PNG"),
+        ((400, 300), "CMYK", "JPEG"),  # OpenCV path refuses it: PIL fallback
+    ],
+)
+def test_fast_decode_matches_the_pil_path(size, mode, fmt):
+    import io
+
+    from PIL import Image
+
+    from ccurate.train.data import decode_resize_crop, resize_crop
+
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1).astype(np.uint8)
+    img = Image.fromarray(rgb, "RGB").convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    data = buf.getvalue()
+    fast = decode_resize_crop(data, 256, 256)
+    with Image.open(io.BytesIO(data)) as im:
+        ref = resize_crop(im, 256, 256)
+    assert fast.shape == ref.shape == (256, 256, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(int) - ref.astype(int)).mean() < 3.0
+
+
+def test_fast_decode_refuses_garbage_with_a_data_error():
+    from ccurate.train.data import DataError, decode_resize_crop
+
+    with pytest.raises(DataError):
+        decode_resize_crop(b"not an image at all", 64, 64)

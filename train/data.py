@@ -362,7 +362,7 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 
 
 def resize_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
-    """Cover (height, width) keeping the aspect ratio, then centre-crop: HWC uint8."""
+    """Cover (height, width) keeping the aspect ratio, then centre-crop: HWC uint8 (PIL path)."""
     if img.format == "JPEG":
         img.draft("RGB", (width, height))  # decode at a reduced scale when far larger
     img = img.convert("RGB")
@@ -373,6 +373,55 @@ def resize_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
     left, top = (nw - width) // 2, (nh - height) // 2
     img = img.crop((left, top, left + width, top + height))
     return np.asarray(img, dtype=np.uint8)
+
+
+_CV_REDUCED = {
+    1: None,
+    2: "IMREAD_REDUCED_COLOR_2",
+    4: "IMREAD_REDUCED_COLOR_4",
+    8: "IMREAD_REDUCED_COLOR_8",
+}
+
+
+def decode_resize_crop(data: bytes, height: int, width: int) -> np.ndarray:
+    """Image bytes -> covering resize + centre crop to (height, width), HWC uint8 RGB.
+
+    OpenCV's decoder (libjpeg-turbo, with DCT-domain 1/2..1/8 scaling when the
+    image is at least that much larger than needed) and resize measured ~2.5x
+    faster per core than the PIL path (`bench/shard_read.py`). Anything OpenCV
+    cannot decode (e.g. CMYK JPEG, animated WebP) goes through `resize_crop`.
+    """
+    import cv2
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # header only: size and format
+            w0, h0 = probe.size
+            fmt = probe.format
+            mode = probe.mode
+    except Exception as exc:
+        raise DataError(f"not a decodable image: {exc}") from exc
+    scale = max(width / w0, height / h0)
+    arr = None
+    if mode in ("RGB", "L", "RGBA", "P", "LA") and fmt in ("JPEG", "PNG", "WEBP"):
+        factor = 1
+        if fmt == "JPEG":
+            while factor < 8 and scale * factor * 2 <= 1.0:
+                factor *= 2
+        name = _CV_REDUCED[factor]
+        flag = getattr(cv2, name) if name else cv2.IMREAD_COLOR
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if arr is None:
+        with Image.open(io.BytesIO(data)) as img:
+            return resize_crop(img, height, width)
+    arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    h1, w1 = arr.shape[:2]
+    s = max(width / w1, height / h1)
+    nw, nh = max(width, round(w1 * s)), max(height, round(h1 * s))
+    if (nw, nh) != (w1, h1):
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+        arr = cv2.resize(arr, (nw, nh), interpolation=interp)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return arr[top : top + height, left : left + width]
 
 
 # ---- captions ----------------------------------------------------------------------
@@ -444,8 +493,7 @@ class Decoder:
         for ext in IMAGE_EXTS:
             m = raw.members.get(ext)
             if m is not None:
-                with Image.open(io.BytesIO(reader.read(m))) as img:
-                    return resize_crop(img, h, w)
+                return decode_resize_crop(reader.read(m), h, w)
         raise DataError(f"{raw.key}: no image member ({', '.join(raw.members)})")
 
     def decode(
@@ -458,10 +506,13 @@ class Decoder:
         h, w = hw or (self.height, self.width)
         if self.mode == "latent":
             return self._decode_latent(group, epoch, reader)
-        images: list[np.ndarray | None] = []
+        # one NHWC buffer filled in place; the batch is its NCHW view (channels-last
+        # strides: no transposing copy here, the model's first conv takes either layout)
+        pixels = np.zeros((len(group), h, w, 3), np.uint8)
+        ok: list[int] = []
         captions: list[str] = []
         bad: list[str] = []
-        for raw in group:
+        for i, raw in enumerate(group):
             rec = self.record(raw, reader)
             u = unit_hash(self.seed, epoch, raw.key, "caption")
             captions.append(
@@ -470,16 +521,16 @@ class Decoder:
                 ]
             )
             try:
-                images.append(self._image(raw, reader, h, w))
+                pixels[i] = self._image(raw, reader, h, w)
+                ok.append(i)
             except Exception:  # undecodable image: keep the batch shape, count it
-                images.append(None)
                 bad.append(raw.key)
-        good = next((im for im in images if im is not None), None)
-        if good is None:
-            good = np.zeros((h, w, 3), np.uint8)
-        pixels = np.stack([im if im is not None else good for im in images])
+        if bad and ok:  # stand-ins for the bad ones: a good image of the batch
+            for i, raw in enumerate(group):
+                if raw.key in bad:
+                    pixels[i] = pixels[ok[0]]
         out: dict[str, Any] = {
-            "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+            "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2),
             "keys": [r.key for r in group],
             "bad": bad,
         }
