@@ -8,6 +8,8 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
 - stock: `webdataset.WebDataset(shards)` yielding grouped samples (no decode)
 - ours:  the same webdataset pipeline with `ccurate.shards.read.tar_samples` as
          its tar expander (headers parsed from an mmap instead of `tarfile`)
+- trainer: the trainer's reader (`ccurate.train.data.iter_tar`: headers via
+         `tarfile`, member bytes read by offset), every member read
 - decode_aug: what a trainer's loader does per sample: JPEG decode, random
   resized crop to 256 (scale 0.08-1, ratio 3/4-4/3), horizontal flip, uint8
   pixels (`--float` adds the /255 float conversion); batches are one NHWC
@@ -51,7 +53,7 @@ from ccurate.shards.config import ShardsConfig
 from ccurate.shards.read import release_shards, tar_samples
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
-from ccurate.train.data import decode_resize_crop
+from ccurate.train.data import MemberReader, decode_resize_crop, iter_tar
 
 SIZE = 256
 SCALE = (0.08, 1.0)
@@ -110,6 +112,19 @@ def ours_pipeline(urls: list[str], *stages: Any) -> wds.DataPipeline:
 
 def ours_read(urls: list[str]) -> int:
     return sum(1 for _ in ours_pipeline(urls))
+
+
+def trainer_read(urls: list[str]) -> int:
+    """The trainer's own reader (`ccurate.train.data.iter_tar` + `MemberReader`), every member."""
+    reader = MemberReader()
+    n = 0
+    for url in urls:
+        for raw in iter_tar(url):
+            for m in raw.members.values():
+                reader.read(m)
+            n += 1
+    reader.close()
+    return n
 
 
 # ---- decode + augment ------------------------------------------------------------
@@ -274,11 +289,13 @@ def main(argv: list[str] | None = None) -> None:
         raw, n = best_rate(lambda: raw_read(urls), args.repeat, wall)
         stock, n2 = best_rate(lambda: stock_read(urls), args.repeat, wall)
         ours, n3 = best_rate(lambda: ours_read(urls), args.repeat, wall)
-        assert n == n2 == n3, (n, n2, n3)
+        trainer, n4 = best_rate(lambda: trainer_read(urls), args.repeat, wall)
+        assert n == n2 == n3 == n4, (n, n2, n3, n4)
         print(f"{n} samples in {len(urls)} shards, {total / n / 1024:.1f} KiB/sample on disk")
         print(f"raw tarfile read     : {raw:9.0f} samples/s")
         print(f"webdataset (stock)   : {stock:9.0f} samples/s  ratio {stock / raw:.2f}")
         print(f"webdataset + ours    : {ours:9.0f} samples/s  ratio {ours / raw:.2f}")
+        print(f"trainer reader       : {trainer:9.0f} samples/s  ratio {trainer / raw:.2f}")
 
         per_core: dict[str, float] = {}
         for name, fn in AUGS.items():
@@ -299,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"RESULT shard_read ours_samples_s={ours:.0f} raw_samples_s={raw:.0f} "
             f"ratio={ours / raw:.3f} stock_wds_samples_s={stock:.0f} "
-            f"stock_ratio={stock / raw:.3f} decode_aug_samples_s={loader_wall:.0f} "
+            f"stock_ratio={stock / raw:.3f} trainer_samples_s={trainer:.0f} "
+            f"trainer_ratio={trainer / raw:.3f} decode_aug_samples_s={loader_wall:.0f} "
             f"decode_aug_cpu_samples_s={loader_cpu:.0f} "
             f"decode_aug_1core_samples_s={per_core[best]:.0f} decoder={best} "
             f"workers={args.workers}"
