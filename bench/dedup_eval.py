@@ -10,7 +10,8 @@ For each method we count, over all pairs of the set, the pairs it calls
 duplicates: precision = share of those from the same original; recall = share
 of (original, copy) pairs found, overall and per transform. The `stage` rows
 run the real grouping of `ccurate.filters.dedup` (leader clustering in keep
-order) and score its drops.
+order) and score its drops. `+dh` methods verify each pHash match with the
+dHash (pHash + dHash distance <= verify_sum, `DedupConfig.verify = "dhash"`).
 
 Part 2 (scale). N random 64-bit hashes with 10 % planted near copies
 (1..radius bit flips) go through the stage's near search (`near_pairs` +
@@ -19,7 +20,8 @@ anchor is faiss `IndexBinaryMultiHash.range_search` (same multi-index idea)
 on the same data, or on its first 1M hashes at 10M.
 
 Usage: python bench/dedup_eval.py [--scale 1M|10M|none] [--distinct 600] [--radius R]
-Ends with: RESULT dedup_eval precision=... recall=... radius=... t_1m_s=... rss_1m_mb=...
+Ends with: RESULT dedup_eval precision=... recall=... radius=... method=... (the default
+DedupConfig's stage row) p12dh24_precision=... p12dh24_recall=... t_1m_s=... rss_1m_mb=...
 """
 
 from __future__ import annotations
@@ -410,13 +412,13 @@ def _codes(hexes: list[str]) -> np.ndarray:
 
 
 def _stage_metrics(
-    items: list[Item], radius: int, hash_name: str, workdir: Path
+    items: list[Item], radius: int, hash_name: str, workdir: Path, verify_sum: int | None = None
 ) -> dict[str, float]:
     """Run the real DedupStage plan over the set written as shards; score its drops."""
     import pyarrow.parquet as pq
 
     from ccurate.filters.dedup import DedupConfig, DedupStage
-    from ccurate.filters.hashing import compute_hashes
+    from ccurate.filters.hashing import image_hashes
     from ccurate.record import Sample, make_key
     from ccurate.shardio import ShardWriter
 
@@ -429,7 +431,7 @@ def _stage_metrics(
         for k in range(s0, min(len(items), s0 + per_shard)):
             it = items[k]
             url = f"http://img.test/{k}.jpg"
-            pix, ph = compute_hashes(it.image)
+            pix, ph, dh = image_hashes(it.image)
             s = Sample(
                 key=make_key(url),
                 url=url,
@@ -440,13 +442,17 @@ def _stage_metrics(
                 sha256=hashlib.sha256(it.data).hexdigest(),
                 pixel_sha256=pix,
                 phash=ph,
+                dhash=dh,
                 license=str(rng.choice(LICENSES)),
             )
             key_item[s.key] = k
             w.write(s)
         w.commit({})
         prefixes.append(str(prefix))
-    stage = DedupStage(DedupConfig(radius=radius, hash=hash_name))  # type: ignore[arg-type]
+    cfg = DedupConfig(radius=radius, hash=hash_name)  # type: ignore[arg-type]
+    if verify_sum is not None:
+        cfg = DedupConfig(radius=radius, verify="dhash", verify_sum=verify_sum)
+    stage = DedupStage(cfg)
     stage.prepare(prefixes, str(workdir / "scratch"))
     assert stage.decisions_path is not None
     t = pq.read_table(stage.decisions_path).to_pylist()
@@ -490,6 +496,11 @@ def quality(
     pix, ph = zip(*(compute_hashes(it.image) for it in items), strict=True)
     t_hash = (time.perf_counter() - t0) / len(items)
     dh = [dhash(it.image) for it in items]
+    small = [it.image.resize((256, 256 * it.image.height // it.image.width)) for it in items[:200]]
+    t0 = time.perf_counter()
+    for im in small:
+        dhash(im)
+    t_dh = (time.perf_counter() - t0) / len(small)
     sha = [hashlib.sha256(it.data).hexdigest() for it in items]
     eq = lambda v: np.array(v)[:, None] == np.array(v)[None, :]  # noqa: E731
     pc, dc = _codes(list(ph)), _codes(dh)
@@ -503,10 +514,19 @@ def quality(
         results[f"phash_r{r}"] = _pair_metrics(items, pd <= r)
     for r in (2, 4, 6, 8, 10):
         results[f"dhash_r{r}"] = _pair_metrics(items, dd <= r)
+    for r, v in ((8, 20), (10, 22), (12, 24), (14, 24)):
+        results[f"phash_r{r}+dh{v}"] = _pair_metrics(items, (pd <= r) & (pd + dd <= v))
     for r in sorted({radius, 8}):
         results[f"stage_phash_r{r}"] = _stage_metrics(items, r, "phash", workdir / f"stage_p{r}")
     results["stage_dhash_r6"] = _stage_metrics(items, 6, "dhash", workdir / "stage_d6")
-    results["_hash_ms"] = {"compute_hashes_ms_per_image": 1000 * t_hash}
+    for r, v in ((8, 20), (12, 24)):
+        results[f"stage_p{r}+dh{v}"] = _stage_metrics(
+            items, r, "phash", workdir / f"stage_p{r}v{v}", verify_sum=v
+        )
+    results["_hash_ms"] = {
+        "compute_hashes_ms_per_image": 1000 * t_hash,
+        "dhash_ms_256px": 1000 * t_dh,
+    }
     return results
 
 
@@ -518,11 +538,14 @@ def _print_table(results: dict[str, dict[str, float]]) -> None:
         "recall_geometric",
         *(f"recall_{t}" for t in ("same_bytes", "same_pixels", *PHOTOMETRIC, *GEOMETRIC)),
     ]
-    print(f"{'method':18s} " + " ".join(f"{c.replace('recall_', 'r_')[:11]:>11s}" for c in cols))
+    head = " ".join(f"{c.replace('recall_', 'r_')[:11]:>11s}" for c in cols)
+    print(f"{'method':18s} {'pairs':>7s} {head}")
     for name, m in results.items():
         if name.startswith("_"):
             continue
-        print(f"{name:18s} " + " ".join(f"{m[c]:11.3f}" if c in m else f"{'-':>11s}" for c in cols))
+        pairs = f"{m['pairs']:7.0f}" if "pairs" in m else f"{m['drops']:6.0f}d"
+        vals = " ".join(f"{m[c]:11.3f}" if c in m else f"{'-':>11s}" for c in cols)
+        print(f"{name:18s} {pairs} {vals}")
 
 
 # --------------------------------------------------------------------------- scale
@@ -713,12 +736,27 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         res = quality(args.distinct, args.copies, radius, Path(tmp))
     _print_table(res)
-    print(f"compute_hashes: {res['_hash_ms']['compute_hashes_ms_per_image']:.1f} ms/image")
-    stage = res[f"stage_phash_r{radius}"]
+    print(
+        f"compute_hashes: {res['_hash_ms']['compute_hashes_ms_per_image']:.1f} ms/image; "
+        f"dhash on 256 px: {res['_hash_ms']['dhash_ms_256px']:.3f} ms/image"
+    )
+    cfg = DedupConfig()
+    default = (
+        f"stage_p{radius}+dh{cfg.verify_sum}" if cfg.verify == "dhash" else f"stage_phash_r{radius}"
+    )
+    if default not in res:  # a --radius the verified table did not run
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            res[default] = _stage_metrics(
+                build_set(args.distinct, args.copies), radius, "phash", Path(tmp), cfg.verify_sum
+            )
+    stage = res[default]
+    wide = res["stage_p12+dh24"]
     line = (
         f"RESULT dedup_eval precision={stage['precision']:.4f} recall={stage['recall']:.4f} "
         f"recall_photometric={stage['recall_photometric']:.4f} "
-        f"recall_geometric={stage['recall_geometric']:.4f} radius={radius}"
+        f"recall_geometric={stage['recall_geometric']:.4f} radius={radius} "
+        f"method={default} p12dh24_precision={wide['precision']:.4f} "
+        f"p12dh24_recall={wide['recall']:.4f}"
     )
     if args.scale != "none":
         ours = scale(1_000_000, radius)

@@ -104,6 +104,7 @@ class Sample:
     sha256: str | None = None
     pixel_sha256: str | None = None
     phash: str | None = None
+    dhash: str | None = None  # 64-bit difference hash: dedup's check of wide pHash matches
     # filters
     scores: dict[str, float] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
@@ -205,6 +206,7 @@ SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("pixel_sha256", pa.string()),
         ("phash", pa.string()),
+        ("dhash", pa.string()),
         ("scores", pa.map_(pa.string(), pa.float64())),
         ("decisions", pa.list_(Decision.arrow_type())),
         ("status", pa.string()),

@@ -1,7 +1,10 @@
 """Image hashes for dedup: exact pixel SHA-256 and 64-bit perceptual hashes.
 
-`compute_hashes` is called once per image at decode time (ingest) so dedup can
-work from the parquet index alone, without re-reading image bytes.
+`image_hashes` is called once per image at decode time (ingest) so dedup can
+work from the parquet index alone, without re-reading image bytes. It stores
+the pHash (the near-search key) and the dHash (an independent check: dedup's
+`verify = "dhash"` confirms wide-radius pHash matches with it, see
+`ccurate.filters.dedup`); the dHash costs one 9x8 resize of the RGB image.
 
 The perceptual hashes follow `imagehash` bit for bit in layout (row-major bits,
 most significant first, 16 hex chars) so hashes made by other tools with
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +76,19 @@ def pixel_sha256(img: Image.Image) -> str:
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
+
+
+class ImageHashes(NamedTuple):
+    pixel_sha256: str
+    phash: str
+    dhash: str
+
+
+def image_hashes(img: Image.Image) -> ImageHashes:
+    """pixel SHA-256, pHash and dHash of a decoded image, converting to RGB and grey once."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    grey = rgb.convert("L")
+    return ImageHashes(pixel_sha256(rgb), phash(grey), dhash(grey))
 
 
 def compute_hashes(img: Image.Image) -> tuple[str, str]:

@@ -118,18 +118,18 @@ def _interleave(items: list[tuple[int, Sample]]) -> list[tuple[int, Sample]]:
     return out
 
 
-HashFn = Callable[[Image.Image], tuple[str, str]]
+HashFn = Callable[[Image.Image], tuple[str, str, str]]
 
 
 def _load_hasher() -> HashFn | None:
-    """`ccurate.filters.hashing.compute_hashes` if that module exists (written separately)."""
+    """`ccurate.filters.hashing.image_hashes` if that module exists (written separately)."""
     try:
-        from ccurate.filters.hashing import compute_hashes
+        from ccurate.filters.hashing import image_hashes
     except ModuleNotFoundError as e:
         if e.name in ("ccurate.filters.hashing", "ccurate.filters"):
             return None
         raise
-    fn: HashFn = compute_hashes
+    fn: HashFn = image_hashes
     return fn
 
 
@@ -277,7 +277,7 @@ class IngestStage(Stage):
         s.original_width, s.original_height = out.original_width, out.original_height
         s.sha256 = out.sha256
         if hashes is not None:
-            s.pixel_sha256, s.phash = hashes
+            s.pixel_sha256, s.phash, s.dhash = hashes
         return s
 
     def _hop_check(self, target: Target) -> str | None:

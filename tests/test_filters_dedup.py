@@ -25,7 +25,15 @@ from ccurate.filters.dedup import (
     license_rank,
     near_pairs,
 )
-from ccurate.filters.hashing import compute_hashes, dhash, hamming, hex_to_u64, phash, u64_to_hex
+from ccurate.filters.hashing import (
+    compute_hashes,
+    dhash,
+    hamming,
+    hex_to_u64,
+    image_hashes,
+    phash,
+    u64_to_hex,
+)
 from ccurate.record import Sample, make_key
 from ccurate.shardio import ShardWriter, iter_samples, read_dropped, read_index
 
@@ -67,7 +75,7 @@ def sample(name: str, data: bytes, license: str = "cc-by-4.0", hashes: bool = Tr
     s.width, s.height = im.width, im.height
     if hashes:
         s.sha256 = hashlib.sha256(data).hexdigest()
-        s.pixel_sha256, s.phash = compute_hashes(im)
+        s.pixel_sha256, s.phash, s.dhash = image_hashes(im)
     return s
 
 
@@ -237,6 +245,10 @@ def test_config_rejects_unknown_and_bad_values() -> None:
         DedupConfig(hash="md5")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         DedupConfig(nope=1)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="needs hash = 'phash'"):
+        DedupConfig(hash="dhash", verify="dhash")
+    with pytest.raises(ValueError):
+        DedupConfig(verify="sift")  # type: ignore[arg-type]
     assert set(REASONS) == {
         "duplicate_exact",
         "duplicate_near",
@@ -344,6 +356,79 @@ def test_prepare_is_idempotent_and_order_free(tmp_path: Path) -> None:
     (tmp_path / "s1" / DECISIONS_FILE).unlink()
     stage.prepare(prefixes, str(tmp_path / "s1"))
     assert pq.read_table(stage.decisions_path).equals(first)
+
+
+def cropped(im: Image.Image) -> bytes:
+    """A re-post: 6 % off the left, 4 % off top and bottom, JPEG q85."""
+    w, h = im.size
+    return encode(im.crop((int(0.06 * w), int(0.04 * h), w, int(0.96 * h))), "JPEG", 85)
+
+
+def test_image_hashes_match_the_single_hashes() -> None:
+    im = photo(71).convert("RGBA")
+    got = image_hashes(im)
+    assert got == (compute_hashes(im)[0], phash(im), dhash(im.convert("RGB")))
+
+
+def test_verified_wide_radius_catches_crop_and_rejects_phash_collision(tmp_path: Path) -> None:
+    a, b = photo(72), photo(172)
+    s_a = sample("a.png", encode(a))
+    s_crop = sample("a-crop.jpg", cropped(a))
+    s_b = sample("b.png", encode(b))
+    ph_d = hamming(s_a.phash or "", s_crop.phash or "")
+    assert 4 < ph_d <= 12 and ph_d + hamming(s_a.dhash or "", s_crop.dhash or "") <= 24
+    # b's pHash collides with a's (2 bits away) but its dHash does not
+    s_b.phash = f"{int(s_a.phash or '', 16) ^ 0b11:016x}"
+    assert hamming(s_a.dhash or "", s_b.dhash or "") > 22
+    shards = [[s_a, s_crop, s_b]]
+
+    _, d = plan(tmp_path / "old", shards)  # radius 4, no verification: the crop stays
+    assert d[s_b.key]["duplicate_of"] == s_a.key  # and the colliding pHash merges
+    assert s_crop.key not in d
+
+    _, d = plan(tmp_path / "wide", shards, radius=12, verify="dhash")
+    assert d[s_crop.key]["action"] == "drop" and d[s_crop.key]["reason"] == "duplicate_near"
+    assert d[s_crop.key]["duplicate_of"] == s_a.key and d[s_crop.key]["hamming"] == ph_d
+    assert s_b.key not in d  # kept, in no group
+    assert d[s_a.key]["group_size"] == 2
+
+    # a tight verify_sum rejects the crop too
+    _, d = plan(tmp_path / "tight", shards, radius=12, verify="dhash", verify_sum=ph_d)
+    assert s_crop.key not in d and s_b.key not in d
+
+
+def test_verify_computes_missing_dhash_and_falls_back_without_image(tmp_path: Path) -> None:
+    a = photo(72)
+    s_a = sample("a.png", encode(a))
+    s_crop = sample("a-crop.jpg", cropped(a))
+    s_crop.dhash = None  # an old shard: pHash stored, dHash not -> computed from the bytes
+    # no image to hash: a pHash 2 bits from a's is accepted (<= 4), one 6 bits away is not
+    s_near = sample("near.bin", b"not an image", hashes=False)
+    s_near.phash = f"{int(s_a.phash or '', 16) ^ 0b11:016x}"
+    s_far = sample("far.bin", b"not an image either", hashes=False)
+    s_far.phash = f"{int(s_a.phash or '', 16) ^ 0b111111:016x}"
+    _, d = plan(tmp_path, [[s_a, s_crop, s_near, s_far]], radius=12, verify="dhash")
+    assert d[s_crop.key]["dhash"] == dhash(Image.open(io.BytesIO(cropped(a))).convert("RGB"))
+    assert d[s_crop.key]["duplicate_of"] == s_a.key
+    assert d[s_near.key]["duplicate_of"] == s_a.key and d[s_near.key]["hamming"] == 2
+    assert d[s_far.key]["action"] == "keep"
+    summary = json.loads((tmp_path / "scratch" / "dedup_summary.json").read_text())
+    assert summary["undecodable"] == 2
+
+
+def test_verify_applies_to_reference_sets(tmp_path: Path) -> None:
+    ev = photo(72)
+    ev_dir = tmp_path / "evalset"
+    ev_dir.mkdir()
+    (ev_dir / "ev.png").write_bytes(encode(ev))
+    s_crop = sample("crop.jpg", cropped(ev))
+    s_other = sample("other.png", encode(photo(172)))
+    s_other.phash = phash(ev)  # colliding pHash, different picture
+    cfg = {"radius": 12, "verify": "dhash", "against": [str(ev_dir)]}
+    _, d = plan(tmp_path / "v", [[s_crop, s_other]], **cfg)
+    assert d[s_crop.key]["reason"] == "contaminated"
+    assert d[s_crop.key]["duplicate_of"] == str(ev_dir / "ev.png")
+    assert s_other.key not in d
 
 
 def test_missing_hashes_are_computed_from_images(tmp_path: Path) -> None:
