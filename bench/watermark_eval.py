@@ -14,7 +14,10 @@ Anchors measured in the same run: (a) the naive rule "any text detected is a
 watermark" (what the cues buy over plain detection), (b) rapidocr at its own
 defaults (det min side 736, cls on) on a subset (what the speed settings buy).
 
-Usage: python bench/watermark_eval.py [--n-base 40] [--seed 0] [--threads 1]
+Prints recall by overlay parameter (tiling, opacity, text height, angle, light/dark,
+font) and the missed overlays' texts. --no-achromatic runs the first OCR pass only.
+
+Usage: python bench/watermark_eval.py [--n-base 40] [--seed 0] [--threads 1] [--no-achromatic]
 Ends with: RESULT watermark_eval recall=... fpr=... n_pos=... n_neg=... img_s=...
 """
 
@@ -206,6 +209,12 @@ def get_font(rng: random.Random, fonts: list[str], size: int) -> ImageFont.FreeT
     return ImageFont.load_default(size=size)  # type: ignore[return-value]
 
 
+def font_name(font: ImageFont.FreeTypeFont) -> str:
+    """'DejaVuSans-Bold' for a TTF, 'default' for Pillow's built-in font."""
+    path = getattr(font, "path", None)
+    return Path(path).stem if isinstance(path, str) else "default"
+
+
 BRANDS = ["shutterstock", "Getty Images", "iStock", "alamy", "dreamstime", "123RF",
           "depositphotos", "Adobe Stock", "gettyimages", "iStock by Getty Images"]  # fmt: skip
 NAMES = ["John Smith", "Maria Rossi", "A. Novak", "Lee Kim", "Jane Doe Photo", "P. Dubois"]
@@ -226,7 +235,10 @@ def overlay_text(rng: random.Random) -> tuple[str, str]:
     return kind, rng.choice([f"www.{slug}.com", f"{slug}photo.net", f"www.{slug}-photography.de"])
 
 
-def draw_overlay(img: Image.Image, rng: random.Random, fonts: list[str]) -> tuple[Image.Image, str]:
+def draw_overlay(
+    img: Image.Image, rng: random.Random, fonts: list[str]
+) -> tuple[Image.Image, str, dict[str, object]]:
+    """The image with a stock-style overlay, its kind, and the overlay's parameters."""
     kind, text = overlay_text(rng)
     tiled = rng.random() < 0.3
     w, h = img.size
@@ -273,7 +285,11 @@ def draw_overlay(img: Image.Image, rng: random.Random, fonts: list[str]) -> tupl
     left, top = (big - w) // 2, (big - h) // 2
     layer = layer.crop((left, top, left + w, top + h))
     out = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
-    return out, kind
+    meta: dict[str, object] = {
+        "text": text, "font": font_name(font), "opacity": opacity, "angle": angle,
+        "size": th / max(1, min(w, h)), "tiled": tiled, "light": light,
+    }  # fmt: skip
+    return out, kind, meta
 
 
 SIGNS = ["OPEN", "CAFE", "BAKERY", "HOTEL", "EXIT", "STOP", "MAIN ST", "PARKING", "PHARMACY",
@@ -305,6 +321,32 @@ def draw_sign(img: Image.Image, rng: random.Random, fonts: list[str]) -> tuple[I
     return out.convert("RGB"), "sign"
 
 
+def _bin(meta: dict[str, object], key: str) -> str:
+    v = meta[key]
+    if key == "opacity":
+        return "0.3-0.45" if float(v) < 0.45 else "0.45-0.6" if float(v) < 0.6 else "0.6-0.8"  # type: ignore[arg-type]
+    if key == "angle":
+        return "0" if float(v) <= 1 else "1-20" if float(v) < 20 else "20-45"  # type: ignore[arg-type]
+    if key == "size":  # text height over the short side
+        return "<0.06" if float(v) < 0.06 else "0.06-0.09" if float(v) < 0.09 else ">=0.09"  # type: ignore[arg-type]
+    if key == "tiled":
+        return "tiled" if v else "single"
+    if key == "light":
+        return "light" if v else "dark"
+    return str(v)
+
+
+def print_breakdown(metas: dict[int, dict[str, object]], flag: np.ndarray) -> None:
+    """Recall of the positives by each overlay parameter (font, opacity, size, angle, tiling)."""
+    print("recall by overlay parameter (at the default threshold):")
+    for key in ("tiled", "opacity", "size", "angle", "light", "font"):
+        groups: dict[str, list[bool]] = {}
+        for i, meta in metas.items():
+            groups.setdefault(_bin(meta, key), []).append(bool(flag[i]))
+        cells = "  ".join(f"{g}={np.mean(v):.2f}(n={len(v)})" for g, v in sorted(groups.items()))
+        print(f"  {key:8s} {cells}")
+
+
 def to_sample(i: int, im: Image.Image) -> Sample:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=90)
@@ -322,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ocr-side", type=int, default=WatermarkConfig().ocr_side)
     ap.add_argument("--anchor-n", type=int, default=12, help="images timed at rapidocr defaults")
     ap.add_argument("--save", default=None, help="folder to write the generated images to")
+    ap.add_argument("--no-achromatic", action="store_true", help="first OCR pass only")
     args = ap.parse_args(argv)
 
     nprng = np.random.default_rng(args.seed)
@@ -334,11 +377,13 @@ def main(argv: list[str] | None = None) -> int:
 
     items: list[tuple[Image.Image, int, str]] = []  # (image, label, kind)
     sources: list[str] = []
+    metas: dict[int, dict[str, object]] = {}  # item index -> overlay parameters
     for src, im in bases:
         items.append((im, 0, "clean"))
         signed, kind = draw_sign(im, rng, fonts)
         items.append((signed, 0, kind))
-        marked, kind = draw_overlay(im, rng, fonts)
+        marked, kind, meta = draw_overlay(im, rng, fonts)
+        metas[len(items)] = meta
         items.append((marked, 1, kind))
         sources += [src] * 3
     if args.save:
@@ -346,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (im, lab, kind) in enumerate(items):
             im.save(Path(args.save) / f"{i:04d}_{'pos' if lab else 'neg'}_{kind}.jpg", quality=90)
 
-    cfg = WatermarkConfig(threads=args.threads, ocr_side=args.ocr_side)
+    cfg = WatermarkConfig(threads=args.threads, ocr_side=args.ocr_side,
+                          ocr_achromatic_pass=not args.no_achromatic)  # fmt: skip
     t0 = time.perf_counter()
     filt = WatermarkFilter(cfg)
     filt.setup()
@@ -388,10 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         pos, neg = m & (y == 1), m & (y == 0)
         print(f"  {src:32s} n_pos={int(pos.sum()):3d} recall={float(flag[pos].mean()):.2f}  "
               f"n_neg={int(neg.sum()):3d} fpr={float(flag[neg].mean()):.2f}")  # fmt: skip
+    print_breakdown(metas, flag)
     ar, af = rates(boxes > 0)
     print(f"\nanchor 'any text detected = watermark': recall={ar:.3f} fpr={af:.3f}")
     flagged = p >= cfg.ocr_threshold
-    missed = [(kinds[i], round(float(p[i]), 2)) for i in np.where((y == 1) & ~flagged)[0]]
+    missed = [
+        (kinds[i], str(metas[int(i)]["text"]), round(float(p[i]), 2))
+        for i in np.where((y == 1) & ~flagged)[0]
+    ]
     false = [(kinds[i], round(float(p[i]), 2)) for i in np.where((y == 0) & flagged)[0]]
     print(f"missed positives: {missed}")
     print(f"false positives: {false}")

@@ -20,8 +20,10 @@ from ccurate.filters.watermark import (
     OcrBox,
     WatermarkConfig,
     WatermarkFilter,
+    achromatic_map,
     brand_match,
     build_watermark_model,
+    is_wordlike,
     ocr_cues,
     repeat_count,
     substring_distance,
@@ -79,7 +81,7 @@ def overlay(im: Image.Image, text: str, size: int, opacity: float, angle: float 
 
 
 def sign(im: Image.Image, text: str) -> Image.Image:
-    """Scene text: an opaque sign board with a word."""
+    """Scene text: an opaque sign board with a word (large enough to reach the centre)."""
     out = im.copy()
     d = ImageDraw.Draw(out)
     f = font(34)
@@ -143,6 +145,27 @@ def test_copyright_line_in_a_corner_is_dropped(wm: WatermarkFilter) -> None:
     assert not d.keep and d.scores["ocr_copyright"] == 1.0
 
 
+def test_faint_rotated_brand_on_colour_is_caught_by_the_achromatic_pass(
+    wm: WatermarkFilter,
+) -> None:
+    """White 40%-opaque text at 20 degrees over sky and foliage: too little luminance
+    contrast for the first pass, plain on the achromatic-brightness map."""
+    s = sample(overlay(photo(seed=11), "Adobe Stock", 44, 0.4, angle=20))
+    d = wm.decide(s)
+    assert not d.keep and d.reason == "watermark", d.scores
+    assert d.scores["ocr_brand"] == 1.0 and d.scores["ocr_pass"] == 2.0
+    one_pass = WatermarkFilter(wm.cfg.model_copy(update={"ocr_achromatic_pass": False}))
+    d1 = one_pass.decide(s)
+    assert d1.keep and d1.scores["ocr_pass"] == 1.0, d1.scores
+
+
+def test_street_address_sign_is_kept(wm: WatermarkFilter) -> None:
+    """A house number and street name reads like a credit ('2011 John Smith'): kept."""
+    d = wm.decide(sample(sign(photo(seed=13), "2011 Main St")))
+    assert d.keep, d.scores
+    assert d.scores["ocr_boxes"] >= 1 and d.scores["ocr_copyright"] == 0.0
+
+
 def test_undecodable_is_decode_error(wm: WatermarkFilter) -> None:
     d = wm.decide(Sample(key="x", url="u", image=b"\xff\xd8 truncated"))
     assert not d.keep and d.reason == "decode_error" and "decode_error" in REASONS
@@ -186,6 +209,43 @@ def test_cue_weights() -> None:
     tiles = [box(x, y, 90, 20, "PROOF") for x, y in ((0, 0), (200, 100), (400, 200))]
     assert p(*tiles) >= 0.8
     assert repeat_count(["johnsmithphoto", "hnsmithph", "smithphoto", "x"]) == 3
+    assert p(box(500, 440, 120, 20, "@ John Smit")) >= 0.5  # © misread as @
+    assert p(box(500, 440, 120, 20, "@johnsmith")) < 0.5  # a handle alone
+    assert p(box(500, 440, 120, 20, "W.W")) < 0.5  # garble, not a 'w.' URL
+    assert p(box(210, 215, 220, 50, "2022 John smith")) >= 0.5  # lower-case surname
+    assert p(box(210, 215, 220, 50, "2011 Main St")) < 0.5  # an address, even central
+    assert p(box(250, 220, 140, 40, "Adobe Stoc")) >= 0.9  # fuzzy: last letter lost
+
+
+def test_window_grid_garble_is_not_a_tiled_watermark() -> None:
+    """Lit windows read as '000', 'OOO', 'DOOOOS' in many boxes: not repeated text."""
+    garble = ["000", "OOO", "0OO", "DOOOOS", "DO DOOOOS", "BOOOOD", "日口日", "日口日"]
+    assert repeat_count([t.lower().replace(" ", "") for t in garble]) <= 1
+    assert not is_wordlike("0oo") and not is_wordlike("日口日") and is_wordlike("pro")
+    boxes = [OcrBox(np.array([[220 + 10 * i, 200], [300 + 10 * i, 200], [300 + 10 * i, 230],
+                              [220 + 10 * i, 230]], np.float32), t, 0.45)
+             for i, t in enumerate(garble)]  # fmt: skip
+    cues = ocr_cues(boxes, 640, 480, CFG)
+    assert cues["pwatermark_ocr"] < 0.5 and cues["ocr_repeat"] <= 1
+    assert repeat_count(["previe", "prev", "orevie", "iew"]) >= 3  # a cut tiled word still counts
+
+
+def test_achromatic_map_lifts_white_overlay_on_colour() -> None:
+    """40% white text on saturated green: more contrast on the map than in luminance."""
+    bg = np.zeros((40, 80, 3), np.uint8)
+    bg[:] = (40, 170, 60)
+    marked = bg.copy()
+    marked[15:25, 20:60] = (0.6 * bg[15:25, 20:60] + 0.4 * 255).astype(np.uint8)
+    lum = np.asarray(Image.fromarray(marked).convert("L"), np.float32)
+    m = achromatic_map(marked)[:, :, 0].astype(np.float32)
+    assert m.shape == (40, 80)
+    lum_c = (lum[20, 40] - lum[5, 5]) / 255
+    map_c = (m[20, 40] - m[5, 5]) / 255
+    assert map_c > 2 * lum_c > 0
+    with pytest.raises(ValueError):
+        WatermarkConfig(ocr_achromatic_min_chroma=-1.0)
+    with pytest.raises(ValueError):
+        WatermarkConfig(ocr_max_line_frac=0.0)
 
 
 # ---- LAION's classifier ---------------------------------------------------------------------
