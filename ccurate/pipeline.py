@@ -287,10 +287,9 @@ def _supersede_ingest_drops(ingest_dir: Path) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from ccurate.shardio import write_table_atomic
+    from ccurate.shardio import shards_in_completion_order, write_table_atomic
 
-    shards = list_shards(ingest_dir, done_only=True)
-    shards.sort(key=lambda p: (Path(f"{p}.done").stat().st_mtime, str(p)))
+    shards = shards_in_completion_order(ingest_dir)
     later: set[str] = set()
     for prefix in reversed(shards):
         dropped_path = Path(f"{prefix}.dropped.parquet")

@@ -241,3 +241,11 @@ def list_shards(directory: str | Path, done_only: bool = True) -> list[Path]:
     if done_only:
         prefixes = [p for p in prefixes if is_done(p)]
     return prefixes
+
+
+def shards_in_completion_order(directory: str | Path) -> list[Path]:
+    """Finished shards, oldest completion marker first (later shards hold newer outcomes)."""
+    return sorted(
+        list_shards(directory, done_only=True),
+        key=lambda p: (Path(f"{p}{MARKER}").stat().st_mtime, str(p)),
+    )

@@ -860,16 +860,9 @@ class OptoutRecheckStage(Stage):
         return "ok"
 
     def _header_optout(self, headers: dict[str, list[str]]) -> str | None:
-        from ccurate.ingest.optout import tdm_header_reserved, x_robots_optout
+        from ccurate.ingest.optout import header_optout
 
-        c = self.config
-        if c.respect_x_robots_tag and x_robots_optout(
-            headers.get("x-robots-tag", []), c.robots_token, c.optout_directives
-        ):
-            return "optout_x_robots_tag"
-        if c.respect_tdmrep and tdm_header_reserved(headers):
-            return "optout_tdmrep"
-        return None
+        return header_optout(headers, self.config)
 
     def _hop_check(self, target: Any) -> str | None:
         if self._policies is None:
@@ -878,22 +871,12 @@ class OptoutRecheckStage(Stage):
         return result
 
     def _fetch_policy_file(self, url: str, max_bytes: int) -> Any:
-        from ccurate.ingest.optout import PolicyFetch
+        from ccurate.ingest.optout import fetch_policy_file
 
-        res = self._client.get(
-            url,
-            accept="text/plain,application/json,*/*;q=0.5",
-            max_bytes=max_bytes,
-            truncate=True,
-            gzip_ok=True,
-        )
+        got = fetch_policy_file(self._client, url, max_bytes)
         if url.endswith("/robots.txt"):
-            self._policy_status[_origin(url)] = res.status
-        if res.ok:
-            return PolicyFetch(res.status, res.body)
-        if res.status is not None and res.reason == f"http_{res.status}":
-            return PolicyFetch(res.status)
-        return PolicyFetch(None, reason=res.reason)
+            self._policy_status[_origin(url)] = got.status
+        return got
 
 
 def _origin(url: str) -> str:

@@ -32,7 +32,12 @@ import threading
 import urllib.robotparser
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from ccurate.ingest.config import IngestConfig
+    from ccurate.ingest.fetch import HttpClient
 
 # valued robots directives whose ":" is not a user-agent prefix
 _VALUED_DIRECTIVES = {
@@ -134,6 +139,33 @@ class PolicyFetch:
     status: int | None
     body: bytes = b""
     reason: str | None = None  # set when no HTTP status was obtained (timeout, ...)
+
+
+def header_optout(headers: Mapping[str, list[str]], c: IngestConfig) -> str | None:
+    """The opt-out a response's headers declare (X-Robots-Tag, TDMRep), as the config honours."""
+    if c.respect_x_robots_tag and x_robots_optout(
+        headers.get("x-robots-tag", []), c.robots_token, c.optout_directives
+    ):
+        return "optout_x_robots_tag"
+    if c.respect_tdmrep and tdm_header_reserved(headers):
+        return "optout_tdmrep"
+    return None
+
+
+def fetch_policy_file(client: HttpClient, url: str, max_bytes: int) -> PolicyFetch:
+    """GET robots.txt or tdmrep.json with the ingest client (truncated, gzip allowed)."""
+    res = client.get(
+        url,
+        accept="text/plain,application/json,*/*;q=0.5",
+        max_bytes=max_bytes,
+        truncate=True,
+        gzip_ok=True,
+    )
+    if res.ok:
+        return PolicyFetch(res.status, res.body)
+    if res.status is not None and res.reason == f"http_{res.status}":
+        return PolicyFetch(res.status)
+    return PolicyFetch(None, reason=res.reason)
 
 
 @dataclass

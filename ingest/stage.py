@@ -45,11 +45,11 @@ from ccurate.ingest.images import (
 from ccurate.ingest.optout import (
     OriginPolicies,
     PolicyFetch,
-    tdm_header_reserved,
-    x_robots_optout,
+    fetch_policy_file,
+    header_optout,
 )
 from ccurate.record import KEEP, LicenseEvidence, Sample, make_key
-from ccurate.shardio import list_shards, read_dropped, read_index
+from ccurate.shardio import read_dropped, read_index, shards_in_completion_order
 from ccurate.stage import Resources, Stage
 
 STAGE = "ingest"
@@ -285,18 +285,8 @@ class IngestStage(Stage):
             return None
         return self._policies.check(target.origin, target.path)
 
-    def _optout_headers(self, headers: dict[str, list[str]]) -> str | None:
-        c = self.config
-        if c.respect_x_robots_tag and x_robots_optout(
-            headers.get("x-robots-tag", []), c.robots_token, c.optout_directives
-        ):
-            return "optout_x_robots_tag"
-        if c.respect_tdmrep and tdm_header_reserved(headers):
-            return "optout_tdmrep"
-        return None
-
     def _image_headers(self, status: int, headers: dict[str, list[str]]) -> str | None:
-        reason = self._optout_headers(headers)
+        reason = header_optout(headers, self.config)
         if reason is not None:
             return reason
         ctype = (headers.get("content-type") or [""])[-1].split(";")[0].strip().lower()
@@ -306,18 +296,7 @@ class IngestStage(Stage):
 
     def _fetch_policy_file(self, url: str, max_bytes: int) -> PolicyFetch:
         assert self._client is not None
-        res = self._client.get(
-            url,
-            accept="text/plain,application/json,*/*;q=0.5",
-            max_bytes=max_bytes,
-            truncate=True,
-            gzip_ok=True,
-        )
-        if res.ok:
-            return PolicyFetch(res.status, res.body)
-        if res.status is not None and res.reason == f"http_{res.status}":
-            return PolicyFetch(res.status)
-        return PolicyFetch(None, reason=res.reason)
+        return fetch_policy_file(self._client, url, max_bytes)
 
     # -- one page -------------------------------------------------------------
     def _page(self, page: Sample) -> Sample | list[Sample]:
@@ -328,7 +307,7 @@ class IngestStage(Stage):
             accept=PAGE_ACCEPT,
             max_bytes=c.max_page_bytes,
             hop_check=self._hop_check,
-            header_check=lambda status, headers: self._optout_headers(headers),
+            header_check=lambda status, headers: header_optout(headers, self.config),
             gzip_ok=True,
         )
         if not res.ok:
@@ -411,8 +390,7 @@ def plan_retry(ingest_out_dir: str | Path) -> list[Sample]:
     as planned input (kept, no image; page records keep `mime="text/html"`),
     ready to be written with `shardio.write_partition` and ingested again.
     """
-    shards = list_shards(ingest_out_dir, done_only=True)
-    shards.sort(key=lambda p: (Path(f"{p}.done").stat().st_mtime, str(p)))
+    shards = shards_in_completion_order(ingest_out_dir)
     last: dict[str, Sample | None] = {}
     for prefix in shards:
         for row in read_index(prefix, columns=["key", "url", "page_url"]).to_pylist():
