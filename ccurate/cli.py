@@ -86,11 +86,11 @@ def _guard(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(EXIT_NOT_READY) from None
 
 
-def _pipeline(
+def load_run_config(
     config: Path, workers: int | None, executor: str | None = None, address: str | None = None
 ) -> Any:
+    """The config file with the command line's run overrides applied."""
     from ccurate.config import load_config
-    from ccurate.pipeline import Pipeline
 
     cfg = load_config(config)
     if workers is not None:
@@ -99,6 +99,15 @@ def _pipeline(
         cfg.run.executor = executor
     if address is not None:
         cfg.run.ray_address = address
+    return cfg
+
+
+def _pipeline(
+    config: Path, workers: int | None, executor: str | None = None, address: str | None = None
+) -> Any:
+    from ccurate.pipeline import Pipeline
+
+    cfg = load_run_config(config, workers, executor, address)
     return Pipeline(cfg, make_executor(cfg))
 
 

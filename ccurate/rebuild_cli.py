@@ -119,24 +119,18 @@ def register(app: typer.Typer) -> None:
 
         Safe to run from cron or a systemd timer (see docs/rebuilds.md)."""
         from ccurate.pipeline import PipelineError
-        from ccurate.rebuild import RebuildLocked, load_rebuild_config, rebuild
+        from ccurate.rebuild import RebuildLocked, rebuild
         from ccurate.takedown import TakedownError
 
         state: dict[str, Any] = {}
 
         def go() -> None:
-            cfg, rcfg = load_rebuild_config(config)
-            if workers is not None:
-                cfg.run.workers = workers
-            if executor is not None:
-                cfg.run.executor = executor
-            if address is not None:
-                cfg.run.ray_address = address
+            from ccurate.cli import load_run_config, make_executor
+
+            cfg = load_run_config(config, workers, executor, address)
             handler, state["log"] = _log_to(Path(cfg.run.work_dir))
             try:
-                from ccurate.cli import make_executor
-
-                result = rebuild(cfg, rcfg, make_executor(cfg))
+                result = rebuild(cfg, cfg.rebuild, make_executor(cfg))
             except (RebuildLocked, PipelineError, TakedownError) as e:
                 logging.getLogger("ccurate.rebuild").warning("rebuild not run: %s", e)
                 raise
