@@ -510,6 +510,7 @@ class Decoder:
         # strides: no transposing copy here, the model's first conv takes either layout)
         pixels = np.zeros((len(group), h, w, 3), np.uint8)
         ok: list[int] = []
+        bad_rows: list[int] = []
         captions: list[str] = []
         bad: list[str] = []
         for i, raw in enumerate(group):
@@ -525,10 +526,9 @@ class Decoder:
                 ok.append(i)
             except Exception:  # undecodable image: keep the batch shape, count it
                 bad.append(raw.key)
-        if bad and ok:  # stand-ins for the bad ones: a good image of the batch
-            for i, raw in enumerate(group):
-                if raw.key in bad:
-                    pixels[i] = pixels[ok[0]]
+                bad_rows.append(i)
+        if ok and bad_rows:  # stand-ins for the bad ones: a good image of the batch
+            pixels[bad_rows] = pixels[ok[0]]
         out: dict[str, Any] = {
             "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2),
             "keys": [r.key for r in group],
