@@ -15,10 +15,15 @@ brand         0.95   a stock-photo brand (shutterstock, getty images, istock,
                      alamy, dreamstime, 123rf, depositphotos, adobe stock, ...),
                      fuzzy for long names (OCR misreads and drops letters of faint
                      text: 1 edit from 8 letters, 2 from 11, or any 8-letter run);
-                     names under 8 letters only as whole words ('Gettysburg')
+                     names under 8 letters only as whole words ('Gettysburg'); a word
+                     that is a start or an end of a name, 70%+ of it and 5+ letters,
+                     counts ('IStOC', 'amstime': tiles cut at the border, faint ends lost),
+                     unless it is a word of its own ('stock')
 copyright     0.70   a © mark, "(c)" or (part of) "copyright"; "@ Name" (a faint © read as @)
-credit        0.40   a year then a name ("2015 John Smith": a © line whose © was lost;
-                     below 0.5 as a shop's "1925 Grand Cafe" reads the same); not with a
+credit        0.40   a year then a name ("2015 John Smith", "2009 P. Dubois": a © line
+                     whose © was lost; below 0.5 as a shop's "1925 Grand Cafe" reads the
+                     same); 0.55 in the top or bottom 15% band, where photographers put
+                     credits (a sign there that reads like one drops too); not with a
                      street word ("2011 Main St" is an address)
 strong word   0.80   "watermark", "stock photo", "do not copy", "preview only", ...
                      (fuzzy like the brands)
@@ -44,7 +49,8 @@ terrain) often has little luminance contrast: the first pass sees nothing. When 
 scores below `ocr_threshold` on an image with colour, the OCR reruns on the
 achromatic-brightness map (light *and* grey pixels bright: `achromatic_map`), and the
 higher-scoring pass is kept (`ocr_pass` = 1 or 2). Measured on bench/watermark_eval.py
-(n_pos=80, n_neg=160): recall 0.650 -> 0.800 at false-positive rate 0.000; it costs a
+(n_pos=80, n_neg=160): recall 0.650 -> 0.800 at false-positive rate 0.000 (0.838 with the
+brand-fragment and edge-credit cues); it costs a
 second detection on every colour image the first pass does not flag (about 2.2x the
 time per image on the bench; `ocr_achromatic_pass = false` turns it off).
 Scores recorded: `ocr_boxes`, `ocr_text_area` (fraction of the image),
@@ -107,7 +113,8 @@ WEAK_WORDS: list[str] = [
 ]  # fmt: skip
 
 W_BRAND, W_COPYRIGHT, W_STRONG, W_URL, W_WEAK, W_HANDLE = 0.95, 0.70, 0.80, 0.50, 0.40, 0.30
-W_REPEAT3, W_REPEAT2, W_CENTRAL, W_CREDIT = 0.85, 0.35, 0.30, 0.40
+W_REPEAT3, W_REPEAT2, W_CENTRAL, W_CREDIT, W_CREDIT_EDGE = 0.85, 0.35, 0.30, 0.40, 0.55
+EDGE_BAND = 0.15  # a credit whose centre lies this close to the top or bottom edge
 CENTRAL_MIN_SCORE = 0.8  # central text counts when word-like or read with this confidence
 
 _COPYRIGHT_RE = re.compile(
@@ -116,7 +123,7 @@ _COPYRIGHT_RE = re.compile(
 # "@ John Smith": the OCR's usual misreading of a faint © (an @handle has no space after @)
 _AT_NAME_RE = re.compile(r"^\W*@\s+[A-Z][a-z]")
 # "2015 John Smith": a credit line whose © the OCR lost
-_CREDIT_RE = re.compile(r"(?:^|\s)(?:19|20)\d\d\s*[A-Z][a-z]+(?:\s+[A-Za-z]|$)")
+_CREDIT_RE = re.compile(r"(?:^|\s)(?:19|20)\d\d\s*(?:[A-Z]\.?\s+)?[A-Z][a-z]+(?:\s+[A-Za-z]|$)")
 # "2011 Main St": a house number on a sign, not a credit
 _ADDRESS_RE = re.compile(
     r"\b(?:st|street|ave|avenue|rd|road|blvd|boulevard|ln|lane|dr|drive|hwy|highway|pl|place|"
@@ -219,11 +226,30 @@ def fuzzy_contains(needle: str, text: str) -> bool:
     return False
 
 
+FRAGMENT_MIN_LEN, FRAGMENT_MIN_FRAC = 5, 0.7
+# starts and ends of brand names that are words of their own ('stock' ends 'istock')
+FRAGMENT_STOP = frozenset({"stock", "stocks", "photos", "images", "dreams", "shutter"})
+
+
+def is_brand_fragment(word: str, brand_norm: str) -> bool:
+    """Is `word` (a whole normalised word) a start or an end of the brand name, at least
+    70% of it and 5 letters? Tiles cut by the image border and faint text losing its
+    first or last letters read that way ('IStOC', 'amstime')."""
+    n = len(word)
+    return (
+        FRAGMENT_MIN_LEN <= n < len(brand_norm)
+        and n >= FRAGMENT_MIN_FRAC * len(brand_norm)
+        and word not in FRAGMENT_STOP
+        and (brand_norm.startswith(word) or brand_norm.endswith(word))
+    )
+
+
 def brand_match(text: str, brands: Sequence[str]) -> str | None:
     """The first brand found in `text`, else None.
 
     Names of 8+ letters match inside the normalised text, fuzzily; shorter ones only
-    as a whole word, so 'Gettysburg' is not Getty and 'in stock' is not iStock.
+    as a whole word, so 'Gettysburg' is not Getty and 'in stock' is not iStock. A whole
+    word that is most of a name's start or end matches too (`is_brand_fragment`).
     """
     t = norm_text(text)
     words = set(_WORD_RE.findall(unicodedata.normalize("NFKC", text).lower()))
@@ -233,6 +259,8 @@ def brand_match(text: str, brands: Sequence[str]) -> str | None:
             if b in words or (b == t and b):
                 return brand
         elif fuzzy_contains(b, t):
+            return brand
+        if any(is_brand_fragment(w, b) for w in words):
             return brand
     return None
 
@@ -312,7 +340,10 @@ def ocr_cues(
         len(texts) > 1 and brand_match(joined, cfg.brands) is not None
     )
     copyright_ = any(_COPYRIGHT_RE.search(b.text) or _AT_NAME_RE.search(b.text) for b in texts)
-    credit = any(_CREDIT_RE.search(b.text) and not _ADDRESS_RE.search(b.text) for b in texts)
+    credits = [b for b in texts if _CREDIT_RE.search(b.text) and not _ADDRESS_RE.search(b.text)]
+    credit_edge = any(
+        not EDGE_BAND <= b.box[:, 1].mean() / max(1, height) <= 1 - EDGE_BAND for b in credits
+    )
     url = any(_URL_RE.search(b.text) for b in texts)
     handle = any(_HANDLE_RE.search(b.text) for b in texts)
     strong_hit = any(_contains_word(t, strong, fuzzy=True) for t in norm)
@@ -333,7 +364,13 @@ def ocr_cues(
 
     weights = [
         W_BRAND if brand else 0.0,
-        W_COPYRIGHT if copyright_ else W_CREDIT if credit else 0.0,
+        W_COPYRIGHT
+        if copyright_
+        else W_CREDIT_EDGE
+        if credit_edge
+        else W_CREDIT
+        if credits
+        else 0.0,
         W_STRONG if strong_hit else 0.0,
         W_URL if url else 0.0,
         W_WEAK if weak_hit else 0.0,

@@ -189,6 +189,13 @@ def test_brand_matching_is_fuzzy_for_long_names_only() -> None:
     assert brand_match("Gettysburg", CFG.brands) is None  # short names: whole words only
     assert brand_match("Getty", CFG.brands) and brand_match("alamy.com", CFG.brands)
     assert brand_match("alarm", CFG.brands) is None  # not 'alamy'
+    # most of a name's start or end, as a whole word: a tile cut by the border, faint ends lost
+    assert brand_match("IStOC", CFG.brands) == "istock"
+    assert brand_match("amstime", CFG.brands) == "dreamstime"
+    assert brand_match("Stoc", CFG.brands) is None  # under 5 letters
+    assert brand_match("Fresh stock", CFG.brands) is None  # 'stock' is a word of its own
+    assert brand_match("DREAMS", CFG.brands) is None  # 60% of 'dreamstime' and a word
+    assert brand_match("Sunshine", CFG.brands) is None
     assert substring_distance("watermark", "nwatermak!") == 1
 
 
@@ -213,6 +220,12 @@ def test_cue_weights() -> None:
     assert p(box(500, 440, 120, 20, "@johnsmith")) < 0.5  # a handle alone
     assert p(box(500, 440, 120, 20, "W.W")) < 0.5  # garble, not a 'w.' URL
     assert p(box(210, 215, 220, 50, "2022 John smith")) >= 0.5  # lower-case surname
+    # a credit whose © was lost: below 0.5 mid-image (a shop's "1925 Grand Cafe"), a drop in
+    # the top or bottom band where photographers put credits
+    assert p(box(40, 150, 120, 20, "2018 John Smith")) < 0.5
+    assert p(box(40, 445, 120, 20, "2018 John Smith")) >= 0.5
+    assert p(box(40, 5, 120, 20, "2009 P. Dubois")) >= 0.5  # an initial
+    assert p(box(40, 445, 120, 20, "2011 Main St")) < 0.5  # an address, even at the edge
     assert p(box(210, 215, 220, 50, "2011 Main St")) < 0.5  # an address, even central
     assert p(box(250, 220, 140, 40, "Adobe Stoc")) >= 0.9  # fuzzy: last letter lost
 
