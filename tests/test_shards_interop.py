@@ -163,7 +163,7 @@ def test_fast_expander_matches_webdataset(release: Path) -> None:
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_iter_members_reads_tar_formats(tmp_path: Path, fmt: int) -> None:
-    from ccurate.shards.read import iter_members
+    from ccurate.shards.read import iter_members, iter_spans
 
     path = tmp_path / "x.tar"
     names = ["a.txt", "dir/b.jpg", "d" * 60 + "/" + "e" * 60 + ".json"]
@@ -181,6 +181,9 @@ def test_iter_members_reads_tar_formats(tmp_path: Path, fmt: int) -> None:
     with tarfile.open(path) as tf:
         want = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]  # type: ignore[union-attr]
     assert list(iter_members(path)) == want
+    with tarfile.open(path) as tf:
+        spans = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    assert list(iter_spans(path)) == spans
     raw = bytearray(path.read_bytes())
     raw[600] ^= 0xFF  # inside the second header
     bad = tmp_path / "bad.tar"

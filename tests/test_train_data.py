@@ -253,6 +253,14 @@ def test_tar_grouping_with_directories(tmp_path):
     ]
     lazy = next(itertools.islice(tdata.iter_tar(str(path)), 1))
     assert lazy.members["txt"].data is None  # local shards: nothing read yet
+    reader = tdata.MemberReader()
+    assert reader.read(lazy.members["json"]) == b"{}"  # by offset from the header scan
+    reader.close()
+    streamed = list(tdata.iter_tar(f"pipe:cat {path}"))  # not a local path: read eagerly
+    assert [(r.key, {k: m.data for k, m in r.members.items()}) for r in streamed] == [
+        ("a1", {"txt": b"t", "json": b"{}"}),
+        ("a2", {"txt": b"t", "json": b"{}"}),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -262,7 +270,8 @@ def test_tar_grouping_with_directories(tmp_path):
         ((200, 300), "RGB", "JPEG"),  # upscale
         ((320, 256), "RGBA", "PNG"),
         ((300, 300), "P", "PNG"),
-        ((400, 300), "CMYK", "JPEG"),  # OpenCV path refuses it: PIL fallback
+        ((333, 250), "L", "JPEG"),  # grey JPEG: simplejpeg converts to RGB
+        ((400, 300), "CMYK", "JPEG"),  # simplejpeg and OpenCV refuse it: PIL fallback
     ],
 )
 def test_fast_decode_matches_the_pil_path(size, mode, fmt):
@@ -291,3 +300,23 @@ def test_fast_decode_refuses_garbage_with_a_data_error():
 
     with pytest.raises(DataError):
         decode_resize_crop(b"not an image at all", 64, 64)
+
+
+def test_random_flip_mirrors_about_half_and_is_fixed_by_seed_epoch_key(tmp_path):
+    """Flipped rows equal the unflipped decode mirrored; the same ones on a rerun (resume)."""
+    root = tmp_path / "r"
+    write_image_release(root, [40], resolution=16)
+    raws = list(tdata.iter_tar(find_shards(root)[0]))
+    reader = MemberReader()
+    plain = Decoder("image", 16, 16, seed=3).decode(raws, 0, reader)["pixels"]
+    flip = Decoder("image", 16, 16, seed=3, random_flip=True)
+    a = flip.decode(raws, 0, reader)["pixels"]
+    b = flip.decode(raws, 0, reader)["pixels"]
+    other_epoch = flip.decode(raws, 1, reader)["pixels"]
+    reader.close()
+    assert torch.equal(a, b)
+    mirrored = [i for i in range(len(raws)) if torch.equal(a[i], plain[i].flip(-1))]
+    same = [i for i in range(len(raws)) if torch.equal(a[i], plain[i])]
+    assert sorted(mirrored + same) == list(range(len(raws)))  # every row one or the other
+    assert 10 <= len(mirrored) <= 30
+    assert not torch.equal(a, other_epoch)  # a new draw per data epoch

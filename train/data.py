@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -178,48 +179,47 @@ class MemberReader:
 def iter_tar(url: str) -> Iterator[RawSample]:
     """Samples of one shard in tar order, members grouped by key.
 
-    Local files are scanned header by header (`r:` seeks over the data); other
-    URLs (http, `pipe:`) are streamed through webdataset's `gopen` and read eagerly.
+    Local files: headers parsed from an mmap (`ccurate.shards.read.iter_spans`), member
+    bytes read later by offset. Other URLs (http, `pipe:`) are streamed through
+    webdataset's `gopen` and read eagerly.
     """
-    local = os.path.exists(url)
-    if local:
-        tf = tarfile.open(url, "r:")  # noqa: SIM115 - closed below
-        eager = False
-    else:
-        from webdataset import gopen
+    if os.path.exists(url):
+        from ccurate.shards.read import iter_spans
 
-        stream = gopen(url, "rb")
-        tf = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - closed below
-        eager = True
+        members: Iterator[tuple[str, int, int, bytes | None]] = (
+            (name, offset, size, None) for name, offset, size in iter_spans(url)
+        )
+    else:
+        members = _stream_members(url)
     current: RawSample | None = None
     current_full = ""
-    try:
-        while True:
-            info = tf.next()
-            if info is None:
-                break
+    for name, offset, size, data in members:
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith("__") or base.startswith("."):
+            continue
+        key, ext = split_key(name)
+        if key is None or ext is None:
+            continue
+        if current is None or current_full != key:
+            if current is not None:
+                yield current
+            current, current_full = RawSample(key.rsplit("/", 1)[-1], url), key
+        current.members[ext] = Member(url, offset, size, data)
+    if current is not None:
+        yield current
+
+
+def _stream_members(url: str) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """(name, offset, size, bytes) of the regular files of a streamed tar."""
+    from webdataset import gopen
+
+    stream = gopen(url, "rb")
+    with tarfile.open(fileobj=stream, mode="r|*") as tf:
+        while (info := tf.next()) is not None:
             cast(Any, tf).members.clear()  # do not accumulate headers of big shards
-            if not info.isreg():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            if base.startswith("__") or base.startswith("."):
-                continue
-            key, ext = split_key(info.name)
-            if key is None or ext is None:
-                continue
-            if current is None or current_full != key:
-                if current is not None:
-                    yield current
-                current, current_full = RawSample(key.rsplit("/", 1)[-1], url), key
-            data = None
-            if eager:
+            if info.isreg():
                 fh = tf.extractfile(info)
-                data = fh.read() if fh is not None else b""
-            current.members[ext] = Member(url, info.offset_data, info.size, data)
-        if current is not None:
-            yield current
-    finally:
-        tf.close()
+                yield info.name, info.offset_data, info.size, fh.read() if fh else b""
 
 
 # ---- the deterministic per-slot stream ------------------------------------------
@@ -381,18 +381,47 @@ _CV_REDUCED = {
     4: "IMREAD_REDUCED_COLOR_4",
     8: "IMREAD_REDUCED_COLOR_8",
 }
+_JPEG_SOI = b"\xff\xd8"
 
 
 def decode_resize_crop(data: bytes, height: int, width: int) -> np.ndarray:
     """Image bytes -> covering resize + centre crop to (height, width), HWC uint8 RGB.
 
-    OpenCV's decoder (libjpeg-turbo, with DCT-domain 1/2..1/8 scaling when the
-    image is at least that much larger than needed) and resize measured ~2.5x
-    faster per core than the PIL path (`bench/shard_read.py`). Anything OpenCV
-    cannot decode (e.g. CMYK JPEG, animated WebP) goes through `resize_crop`.
+    JPEG goes through simplejpeg (libjpeg-turbo, accurate IDCT, decoding straight to
+    RGB with DCT-domain 1/2..1/8 scaling when the image is that much larger than
+    needed): 1.38x the OpenCV path per core, 2.5x PIL's (`bench/shard_read.py`).
+    PNG/WebP go through OpenCV; anything neither decodes (CMYK JPEG, animated WebP,
+    16-bit PNG) through the PIL path, `resize_crop`.
     """
-    import cv2
+    if data[:2] == _JPEG_SOI:
+        arr = _decode_jpeg(data, height, width)
+        if arr is not None:
+            return _cover_crop(arr, height, width)
+    return _decode_other(data, height, width)
 
+
+def _decode_jpeg(data: bytes, height: int, width: int) -> np.ndarray | None:
+    """RGB pixels at the smallest DCT scale still covering (height, width); None when
+    simplejpeg cannot decode it (CMYK/YCCK, corrupt data: the PIL path decides)."""
+    import simplejpeg
+
+    try:
+        h0, w0, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("Gray", "YCbCr", "RGB"):
+            return None
+        scale = max(width / w0, height / h0)
+        arr: np.ndarray = simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            min_height=min(h0, math.ceil(h0 * scale)),
+            min_width=min(w0, math.ceil(w0 * scale)),
+        )
+        return arr
+    except ValueError:
+        return None
+
+
+def _decode_other(data: bytes, height: int, width: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as probe:  # header only: size and format
             w0, h0 = probe.size
@@ -413,7 +442,11 @@ def decode_resize_crop(data: bytes, height: int, width: int) -> np.ndarray:
     if arr is None:
         with Image.open(io.BytesIO(data)) as img:
             return resize_crop(img, height, width)
-    arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return _cover_crop(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB), height, width)
+
+
+def _cover_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize HWC pixels to cover (height, width) keeping the aspect ratio, centre-crop."""
     h1, w1 = arr.shape[:2]
     s = max(width / w1, height / h1)
     nw, nh = max(width, round(w1 * s)), max(height, round(h1 * s))
@@ -463,6 +496,18 @@ def pick_caption(
 # ---- decoding ----------------------------------------------------------------------
 
 
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor for a batch. In a DataLoader worker it is allocated in
+    shared memory, as torch's default_collate does: handing the batch to the trainer then
+    moves no pixels (otherwise pickling copies every batch into a fresh shared segment,
+    measured at ~0.1 ms per 256-px sample, a fifth of its decode)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    n = math.prod(shape)
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(n)
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 @dataclass
 class Decoder:
     """Turns raw samples into a batch: pixels + token ids, or latents + text embeddings."""
@@ -474,6 +519,8 @@ class Decoder:
     caption_mix: float = 0.5
     seed: int = 0
     tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None
+    # horizontal flip of half the images, fixed by (seed, data epoch, key): resumable
+    random_flip: bool = False
 
     def record(self, raw: RawSample, reader: MemberReader) -> dict[str, Any]:
         m = raw.members.get("json")
@@ -508,7 +555,8 @@ class Decoder:
             return self._decode_latent(group, epoch, reader)
         # one NHWC buffer filled in place; the batch is its NCHW view (channels-last
         # strides: no transposing copy here, the model's first conv takes either layout)
-        pixels = np.zeros((len(group), h, w, 3), np.uint8)
+        batch = batch_buffer((len(group), h, w, 3))
+        pixels = batch.numpy()
         ok: list[int] = []
         bad_rows: list[int] = []
         captions: list[str] = []
@@ -522,15 +570,21 @@ class Decoder:
                 ]
             )
             try:
-                pixels[i] = self._image(raw, reader, h, w)
+                img = self._image(raw, reader, h, w)
+                if self.random_flip and unit_hash(self.seed, epoch, raw.key, "flip") < 0.5:
+                    cv2.flip(img, 1, dst=pixels[i])  # numpy's copy of a mirrored view: 50x slower
+                else:
+                    pixels[i] = img
                 ok.append(i)
             except Exception:  # undecodable image: keep the batch shape, count it
                 bad.append(raw.key)
                 bad_rows.append(i)
         if ok and bad_rows:  # stand-ins for the bad ones: a good image of the batch
             pixels[bad_rows] = pixels[ok[0]]
+        elif bad_rows:
+            pixels[:] = 0
         out: dict[str, Any] = {
-            "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2),
+            "pixels": batch.permute(0, 3, 1, 2),
             "keys": [r.key for r in group],
             "bad": bad,
         }

@@ -325,6 +325,11 @@ class Trainer:
         self.latent_mode = self.manifest is not None
         if self.latent_mode:
             assert self.manifest is not None
+            if cfg.random_flip:
+                raise DataError(
+                    "random_flip needs pixels: the precomputed latents are of unflipped "
+                    "images (set latents = 'no', or random_flip = false)"
+                )
             if self.manifest.get("preset") != cfg.preset:
                 raise DataError(
                     f"latent shards were made with preset {self.manifest.get('preset')!r}, "
@@ -411,6 +416,7 @@ class Trainer:
             cfg.caption_mix,
             cfg.seed,
             tokenizer,
+            random_flip=cfg.random_flip,
         )
         buckets = (
             make_buckets(self.resolution, self.preset.size_multiple, cfg.max_aspect)
