@@ -2,7 +2,8 @@
 
 Each step reads the previous step's finished shards from the work directory
 and writes its own, so steps can run on different machines and resume
-independently. Re-running a finished step is a no-op that re-reads its stats.
+independently. Re-running a finished step is a no-op that re-reads its stats,
+as long as its settings (`_SETTINGS`, see `Pipeline.step_settings`) are unchanged.
 
 Work directory layout::
 
@@ -17,6 +18,7 @@ Work directory layout::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,17 @@ STEP_DIRS = {
     "caption": "40_caption",
 }
 PREVIOUS = {"filter": "ingest", "dedup": "filter", "caption": "dedup", "shard": "caption"}
+SECTION = {"ingest": "ingest", "filter": "filters", "dedup": "dedup", "caption": "caption"}
+# settings that change how fast or how politely a step runs, never what it outputs:
+# changing them keeps a step's results
+PERF_KEYS = frozenset({
+    "threads", "batch_size", "device", "cache_dir", "decode_pixel_budget", "user_agent",
+    "per_host_connections", "per_host_rate", "retries", "backoff_base", "backoff_max",
+    "max_retry_after", "connect_timeout", "read_timeout", "total_timeout",
+})  # fmt: skip
+
+
+log = logging.getLogger("ccurate.pipeline")
 
 
 class PipelineError(RuntimeError):
@@ -82,6 +95,13 @@ class Pipeline:
                 f"step '{step}' needs every shard of '{prev}' finished; "
                 f"{len(all_shards) - len(done)} of {len(all_shards)} are not: rerun '{prev}'"
             )
+        settings = d / "_SETTINGS"
+        if settings.exists() and json.loads(settings.read_text()) != self.step_settings(prev):
+            changed = _changed_keys(json.loads(settings.read_text()), self.step_settings(prev))
+            raise PipelineError(
+                f"step '{step}' needs '{prev}' redone: its settings changed since it ran "
+                f"({', '.join(changed)}); rerun '{prev}'"
+            )
         return [str(p) for p in done]
 
     # -- steps ---------------------------------------------------------------
@@ -95,6 +115,8 @@ class Pipeline:
         t0 = time.perf_counter()
         out_dir = self.step_dir(step)
         complete = out_dir / "_COMPLETE"
+        if name is None:
+            self._check_settings(step)
         if complete.exists() and name is None:
             complete.unlink()  # the inputs may have grown; recheck every shard
         stats = self.executor.map(stage, tasks_for(inputs, out_dir), label=name or step)
@@ -107,6 +129,41 @@ class Pipeline:
             passes.append({"shard": inputs[0], "stats": stats.to_json()})
             write_json_atomic(complete, {**marker, name: passes})
         return self._record(StepResult(name or step, stats, time.perf_counter() - t0))
+
+    def step_settings(self, step: str) -> dict[str, Any]:
+        """What a step's outputs depend on: its config section without `PERF_KEYS`, and
+        the settings of the steps before it (a changed filter threshold changes dedup's
+        input, so dedup's results go too)."""
+        section = getattr(self.cfg, SECTION[step]).model_dump(mode="json")
+        out = {SECTION[step]: _without_perf_keys(section)}
+        prev = PREVIOUS.get(step)
+        return {**self.step_settings(prev), **out} if prev in SECTION else out
+
+    def _check_settings(self, step: str) -> None:
+        """Results written under other settings are not reused: for filter, dedup and
+        caption they are cleared and recomputed (captions come back from the cache);
+        ingest refuses, since recomputing it means downloading everything again."""
+        out_dir = self.step_dir(step)
+        path = out_dir / "_SETTINGS"
+        want = self.step_settings(step)
+        if path.exists():
+            have = json.loads(path.read_text())
+            if have == want:
+                return
+            changed = _changed_keys(have, want)
+            if step == "ingest":
+                raise PipelineError(
+                    f"ingest settings changed since {out_dir} was downloaded "
+                    f"({', '.join(changed)}); restore them, or delete {out_dir} to "
+                    "download again with the new ones"
+                )
+            log.warning(
+                "%s: settings changed (%s): its results are recomputed", step, ", ".join(changed)
+            )
+            _clear_step(out_dir)
+        # (a step dir from before settings were recorded is adopted as it is)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, want)
 
     def _record(self, result: StepResult) -> StepResult:
         self.results.append(result)
@@ -305,6 +362,24 @@ def _supersede_ingest_drops(ingest_dir: Path) -> None:
         later.update(pq.read_table(f"{prefix}.parquet", columns=["key"])["key"].to_pylist())
         if dropped_path.exists():
             later.update(pq.read_table(dropped_path, columns=["key"])["key"].to_pylist())
+
+
+def _without_perf_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_perf_keys(v) for k, v in value.items() if k not in PERF_KEYS}
+    if isinstance(value, list):
+        return [_without_perf_keys(v) for v in value]
+    return value
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two settings trees differ ('filters.quality.min_side')."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _clear_step(step_dir: Path) -> None:

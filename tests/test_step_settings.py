@@ -1,0 +1,89 @@
+"""A step's results belong to its settings: changed settings are never silently reused."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ccurate.config import load_config
+from ccurate.pipeline import Pipeline, PipelineError
+from ccurate.shardio import list_shards
+from tests.httpserver import Reply, serve
+
+
+def _jpeg(w: int, h: int, seed: int) -> bytes:
+    img = Image.effect_mandelbrot((w, h), (-2 + seed * 0.1, -1.2, 1, 1.2), 64).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _kept(step_dir: Path) -> int:
+    return sum(pq.ParquetFile(f"{p}.parquet").metadata.num_rows for p in list_shards(step_dir))
+
+
+def _config(tmp: Path, min_side: int, image_size: int = 64) -> Pipeline:
+    (tmp / "run.toml").write_text(
+        "[run]\nwork_dir = 'work'\nrelease_dir = 'rel'\nworkers = 1\n\n"
+        "[[sources]]\ntype = 'urls'\npath = 'urls.jsonl'\n\n"
+        f"[ingest]\nallow_private = true\nretries = 0\nimage_size = {image_size}\nthreads = 4\n\n"
+        "[filters.license]\nenabled = false\n[filters.watermark]\nenabled = false\n"
+        "[filters.safety]\nenabled = false\n"
+        f"[filters.quality]\nmin_side = {min_side}\n"
+    )
+    return Pipeline(load_config(tmp / "run.toml"))
+
+
+def test_changed_filter_settings_recompute_filter_and_everything_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve() as srv:
+        sizes = [(100, 80), (160, 120), (300, 240), (400, 300)]
+        for i, (w, h) in enumerate(sizes):
+            srv.route(f"/{i}.jpg", Reply(body=_jpeg(w, h, i), content_type="image/jpeg"))
+        (tmp_path / "urls.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {"url": srv.url(f"/{i}.jpg"), "caption": f"a fractal in warm colours, {i}"}
+                )
+                + "\n"
+                for i in range(len(sizes))
+            )
+        )
+        p = _config(tmp_path, min_side=32)
+        p.ingest()
+        p.filter()
+        p.dedup()
+        work = tmp_path / "work"
+        assert _kept(work / "20_filter") == 4
+
+        # performance-only settings (threads) keep every result
+        (tmp_path / "run.toml").write_text(
+            (tmp_path / "run.toml").read_text().replace("threads = 4", "threads = 2")
+        )
+        p = Pipeline(load_config(tmp_path / "run.toml"))
+        p.finished_inputs("caption")  # dedup is still valid
+
+        # a threshold change: dedup refuses stale filter output until filter reruns ...
+        p = _config(tmp_path, min_side=150)
+        with pytest.raises(PipelineError, match=r"'filter' redone.*filters\.quality\.min_side"):
+            p.dedup()
+        # ... which recomputes it, and dedup after it, from the unchanged downloads
+        with caplog.at_level("WARNING", logger="ccurate.pipeline"):
+            p.filter()
+        assert "filters.quality.min_side" in caplog.text
+        assert _kept(work / "20_filter") == 2  # 100x80 and 160x120 are now too small
+        p.dedup()
+        assert _kept(work / "30_dedup") == 2
+        p.finished_inputs("caption")
+
+        # ingest is never recomputed behind the user's back (it downloads everything)
+        p = _config(tmp_path, min_side=150, image_size=48)
+        with pytest.raises(PipelineError, match=r"ingest settings changed.*ingest\.image_size"):
+            p.ingest()
+        assert _kept(work / "10_ingest") == 4
