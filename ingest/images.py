@@ -25,7 +25,10 @@ libjpeg's scaled IDCT (`draft`), keeping at least `jpeg_draft_factor` (1.5) x
 the target size (Pillow's `thumbnail` uses 2). Measured on 1024x768 photos
 resized to 256 (PSNR, 8 images): 1/2-scale decode + area is 52 dB from
 img2dataset's full decode + area and 50 dB from full decode + Lanczos (the
-two full-decode filters are 52 dB apart); the decode costs ~3x less CPU.
+two full-decode filters are 52 dB apart); the decode costs ~3x less CPU. Upright
+YCbCr/grey JPEGs downscaled with `area` (the usual case) skip Pillow altogether
+(`_fast_jpeg`: libjpeg-turbo via simplejpeg straight into an array, at the finer
+M/8 scales, then OpenCV); other images take the general Pillow path.
 
 `keep_original` stores the downloaded bytes unchanged (after the same
 validation) instead of a re-encoding: the stored image is then exactly the
@@ -254,19 +257,73 @@ def _resize(img: Image.Image, opt: ImageOptions) -> Image.Image:
             )
             gap = 3.0 if down and dims[0] * 3 <= w and dims[1] * 3 <= h else None
             img = img.resize(dims, f, reducing_gap=gap)
-    s = opt.image_size
-    if opt.resize_mode == "center_crop":
-        w, h = img.size
-        if (w, h) != (s, s) and w >= s and h >= s:
-            left, top = (w - s) // 2, (h - s) // 2
-            img = img.crop((left, top, left + s, top + s))
-    elif opt.resize_mode == "border":
-        w, h = img.size
-        if (w, h) != (s, s) and w <= s and h <= s:
-            canvas = Image.new("RGB", (s, s), (0, 0, 0))
-            canvas.paste(img, ((s - w) // 2, (s - h) // 2))
-            img = canvas
+    box = _square_box(img.size[0], img.size[1], opt)
+    if box is not None and opt.resize_mode == "center_crop":
+        img = img.crop(box)
+    elif box is not None:
+        canvas = Image.new("RGB", (opt.image_size, opt.image_size), (0, 0, 0))
+        canvas.paste(img, box[:2])
+        img = canvas
     return img
+
+
+def _square_box(w: int, h: int, opt: ImageOptions) -> tuple[int, int, int, int] | None:
+    """center_crop: the centred square to keep; border: where the image goes on the black
+    square. None when the mode does neither to a w x h image."""
+    s = opt.image_size
+    if (w, h) == (s, s):
+        return None
+    if opt.resize_mode == "center_crop" and w >= s and h >= s:
+        left, top = (w - s) // 2, (h - s) // 2
+        return left, top, left + s, top + s
+    if opt.resize_mode == "border" and w <= s and h <= s:
+        left, top = (s - w) // 2, (s - h) // 2
+        return left, top, left + w, top + h
+    return None
+
+
+def _dct_scale(w: int, h: int, min_w: int, min_h: int) -> int:
+    """The smallest M of libjpeg-turbo's M/8 IDCT scales (M = 1..8) whose output still
+    covers min_w x min_h (libjpeg rounds scaled sizes up)."""
+    for m in range(1, 8):
+        if -(-w * m // 8) >= min_w and -(-h * m // 8) >= min_h:
+            return m
+    return 8
+
+
+def _fast_jpeg(
+    data: bytes, w0: int, h0: int, opt: ImageOptions, budget: PixelBudget | None
+) -> np.ndarray | None:
+    """The common case without Pillow: an upright YCbCr/grey JPEG downscaled with the `area`
+    filter. libjpeg-turbo (simplejpeg) decodes straight to an RGB array at the M/8 scale
+    keeping `jpeg_draft_factor` x the target (finer steps than Pillow's 1/2, 1/4, 1/8),
+    OpenCV's INTER_AREA does the rest. Measured on 1024x768 photos to 256: 2.2 ms less
+    CPU per image than the Pillow path (no `tobytes` round trip), output 52 dB from it.
+    Returns the pixels, or None to take the general path."""
+    import cv2
+    import simplejpeg
+
+    dims = _scaled_dims(w0, h0, opt)
+    if dims is None or dims[0] > w0 or dims[1] > h0:
+        return None  # no resize or an upscale (Lanczos): the general path
+    f = opt.jpeg_draft_factor if opt.jpeg_draft else 8.0
+    m = _dct_scale(w0, h0, min(w0, int(dims[0] * f)), min(h0, int(dims[1] * f)))
+    dw, dh = -(-w0 * m // 8), -(-h0 * m // 8)
+    with budget.hold(dw * dh) if budget is not None else nullcontext():
+        try:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=dw, min_height=dh)
+        except ValueError:
+            return None  # corrupt or unsupported: the general path says which
+        if (arr.shape[1], arr.shape[0]) != dims:
+            arr = cv2.resize(arr, dims, interpolation=cv2.INTER_AREA)
+    box = _square_box(dims[0], dims[1], opt)
+    if box is not None and opt.resize_mode == "center_crop":
+        arr = np.ascontiguousarray(arr[box[1] : box[3], box[0] : box[2]])
+    elif box is not None:
+        canvas = np.zeros((opt.image_size, opt.image_size, 3), np.uint8)
+        canvas[box[1] : box[3], box[0] : box[2]] = arr
+        arr = canvas
+    return arr
 
 
 def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
@@ -327,6 +384,20 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
         if orientation in (5, 6, 7, 8):
             w0, h0 = h0, w0
         _check_size_filters(w0, h0, opt)
+        if (
+            not opt.keep_original
+            and opt.resize_filter == "area"
+            and fmt_name == "JPEG"
+            and img.mode in ("RGB", "L")
+            and orientation == 1
+        ):
+            fast = _fast_jpeg(data, w0, h0, opt, budget)
+            if fast is not None:
+                out = Image.fromarray(fast, "RGB")
+                encoded = encode(out, opt.output_format, opt.encode_quality)
+                sha = hashlib.sha256(data).hexdigest()
+                mime = OUTPUT_MIME[opt.output_format]
+                return ImageResult(encoded, mime, out.width, out.height, w0, h0, sha, out)
         if not opt.keep_original:
             _draft(img, opt)
         with budget.hold(img.size[0] * img.size[1]) if budget is not None else nullcontext():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zlib
@@ -217,6 +218,33 @@ def test_size_filters():
             process_image(data, opt)
         assert e.value.reason == reason
     assert process_image(data, ImageOptions(image_size=32)).original_width == 300
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "grey"])
+def test_jpeg_fast_path_matches_the_general_path(
+    mode: str, kind: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Upright JPEGs skip Pillow (libjpeg-turbo straight to an array, then OpenCV): the
+    same pixels as the general path gets from the same decoded image stored as PNG."""
+    import simplejpeg
+
+    calls: list[int] = []
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    img = photo(333, 250, seed=7)
+    if kind == "grey":
+        img = img.convert("L")
+    data = _save(img, "JPEG", quality=90, progressive=kind == "progressive")
+    lossless = _save(decode(data), "PNG")  # general path: the very same pixels
+    opt = ImageOptions(image_size=64, resize_mode=mode, output_format="png", jpeg_draft=False)
+    fast, ref = process_image(data, opt), process_image(lossless, opt)
+    assert (fast.width, fast.height) == (ref.width, ref.height)
+    a = np.asarray(decode(fast.data).convert("RGB"), float)
+    b = np.asarray(decode(ref.data).convert("RGB"), float)
+    assert np.abs(a - b).mean() < 1.0
+    assert fast.image.mode == "RGB" and fast.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(calls) == 1  # the JPEG took the fast path, the PNG did not
 
 
 @pytest.mark.parametrize("filt", ["area", "lanczos", "bicubic"])
