@@ -8,8 +8,8 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
 - stock: `webdataset.WebDataset(shards)` yielding grouped samples (no decode)
 - ours:  the same webdataset pipeline with `ccurate.shards.read.tar_samples` as
          its tar expander (headers parsed from an mmap instead of `tarfile`)
-- trainer: the trainer's reader (`ccurate.train.data.iter_tar`: headers via
-         `tarfile`, member bytes read by offset), every member read
+- trainer: the trainer's reader (`ccurate.train.data.iter_tar`: headers parsed
+         from an mmap, member bytes read by offset), every member read
 - decode_aug: what a trainer's loader does per sample: JPEG decode, random
   resized crop to 256 (scale 0.08-1, ratio 3/4-4/3), horizontal flip, uint8
   pixels (`--float` adds the /255 float conversion); batches are one NHWC

@@ -253,6 +253,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         inputs = self.finished_inputs("shard")
+        self._check_named_release()
         release = write_release(
             inputs,
             self.dropped_outputs(),
@@ -272,6 +273,27 @@ class Pipeline:
         return self._record(
             StepResult("shard", stats, time.perf_counter() - t0, {"release": str(release)})
         )
+
+    def _check_named_release(self) -> None:
+        """A complete release is immutable and a rerun returns it untouched: refuse when the
+        named one was built with other settings than this run's, rather than hand it back."""
+        name = self.cfg.run.release_name
+        info = Path(self.cfg.run.release_dir) / name / "release.json" if name else None
+        if info is None or not info.exists():
+            return
+        built = json.loads(info.read_text()).get("run_info", {}).get("config", {})
+        now = json.loads(self.cfg.model_dump_json())
+        keys = [*SECTION.values(), "shards"]
+        changed = _changed_keys(
+            {k: _without_perf_keys(built.get(k)) for k in keys},
+            {k: _without_perf_keys(now.get(k)) for k in keys},
+        )
+        if changed:
+            raise PipelineError(
+                f"release '{name}' exists and was built with other settings "
+                f"({', '.join(changed)}); releases are immutable: set another "
+                "run.release_name, or leave it empty for the next version"
+            )
 
     def latest_release(self) -> Path:
         root = Path(self.cfg.run.release_dir)

@@ -29,7 +29,7 @@ def _kept(step_dir: Path) -> int:
 
 def _config(tmp: Path, min_side: int, image_size: int = 64) -> Pipeline:
     (tmp / "run.toml").write_text(
-        "[run]\nwork_dir = 'work'\nrelease_dir = 'rel'\nworkers = 1\n\n"
+        "[run]\nwork_dir = 'work'\nrelease_dir = 'rel'\nrelease_name = 'v1'\nworkers = 1\n\n"
         "[[sources]]\ntype = 'urls'\npath = 'urls.jsonl'\n\n"
         f"[ingest]\nallow_private = true\nretries = 0\nimage_size = {image_size}\nthreads = 4\n\n"
         "[filters.license]\nenabled = false\n[filters.watermark]\nenabled = false\n"
@@ -59,6 +59,8 @@ def test_changed_filter_settings_recompute_filter_and_everything_after(
         p.ingest()
         p.filter()
         p.dedup()
+        p.caption()
+        p.shard()
         work = tmp_path / "work"
         assert _kept(work / "20_filter") == 4
 
@@ -68,6 +70,7 @@ def test_changed_filter_settings_recompute_filter_and_everything_after(
         )
         p = Pipeline(load_config(tmp_path / "run.toml"))
         p.finished_inputs("caption")  # dedup is still valid
+        p.shard()  # and the release v1 is the one these settings make
 
         # a threshold change: dedup refuses stale filter output until filter reruns ...
         p = _config(tmp_path, min_side=150)
@@ -80,7 +83,10 @@ def test_changed_filter_settings_recompute_filter_and_everything_after(
         assert _kept(work / "20_filter") == 2  # 100x80 and 160x120 are now too small
         p.dedup()
         assert _kept(work / "30_dedup") == 2
-        p.finished_inputs("caption")
+        p.caption()
+        # the release named v1 holds the old selection: not handed back as if it were new
+        with pytest.raises(PipelineError, match=r"release 'v1' exists.*filters\.quality\.min_side"):
+            p.shard()
 
         # ingest is never recomputed behind the user's back (it downloads everything)
         p = _config(tmp_path, min_side=150, image_size=48)
