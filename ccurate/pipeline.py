@@ -198,6 +198,7 @@ class Pipeline:
         ing = self.step_dir("ingest")
         if not (ing / "_COMPLETE").exists():
             raise PipelineError("retry-failed needs a finished ingest: run 'ccurate ingest' first")
+        self._check_settings("ingest")  # retried downloads must match the first ones
         retry_dir = self.step_dir("plan") / "retries"
         retry_dir.mkdir(parents=True, exist_ok=True)
         done_retries = sorted(retry_dir.glob("retry-*.parquet"))

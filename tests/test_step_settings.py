@@ -92,4 +92,6 @@ def test_changed_filter_settings_recompute_filter_and_everything_after(
         p = _config(tmp_path, min_side=150, image_size=48)
         with pytest.raises(PipelineError, match=r"ingest settings changed.*ingest\.image_size"):
             p.ingest()
+        with pytest.raises(PipelineError, match=r"ingest settings changed"):
+            p.retry_failed()
         assert _kept(work / "10_ingest") == 4
