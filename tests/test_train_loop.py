@@ -20,7 +20,7 @@ from ccurate.train.checkpoint import (
     optimizer_to_flat,
 )
 from ccurate.train.config import TrainConfig
-from ccurate.train.data import find_shards
+from ccurate.train.data import DataError, find_shards
 from ccurate.train.loop import DiffusionLoss, dropout_mask, make_noise_scheduler, snr_weights, train
 from ccurate.train.models import (
     ModelNotFoundError,
@@ -71,7 +71,11 @@ def _keys(out: Path, rank: int = 0) -> list[tuple[int, list[str]]]:
 
 def test_resume_continues_the_loss_curve_and_the_data(release, tmp_path):
     root, _ = release
-    base = dict(FAST, num_workers=2, log_keys=True, grad_accum=1, ema=True, lr_warmup_steps=2)
+    # random_flip: the flips, drawn per (seed, data epoch, key), repeat exactly on resume
+    base = dict(
+        FAST, num_workers=2, log_keys=True, grad_accum=1, ema=True, lr_warmup_steps=2,
+        random_flip=True,
+    )  # fmt: skip
     a = tmp_path / "a"
     sa = train(TrainConfig(**base, steps=6), root, a)
     b = tmp_path / "b"
@@ -154,6 +158,9 @@ def test_precompute_then_train_on_latents(release, tmp_path):
     )
     summary = train(cfg, lat, out)
     assert summary["latents"] is True and summary["steps"] == 2
+    # latents are of unflipped images: random_flip there is refused, not silently ignored
+    with pytest.raises(DataError, match="random_flip needs pixels"):
+        train(cfg.model_copy(update={"random_flip": True}), lat, tmp_path / "flip")
     used = {k for _, ks in _keys(out) for k in ks}
     assert used <= set(keys) and len(used) == 4
     img = Image.open(summary["sample_image"])
