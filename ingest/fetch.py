@@ -268,6 +268,18 @@ class _Watchdog:
                         sock.shutdown(socket.SHUT_RDWR)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What one `HttpClient.get` asks for, the same on every hop and retry."""
+
+    accept: str
+    max_bytes: int
+    truncate: bool  # return the first max_bytes instead of failing `too_large`
+    deadline: float  # time.monotonic() by which the whole get must end
+    header_check: HeaderCheck | None
+    gzip_ok: bool
+
+
 class HttpClient:
     """Thread-safe GET client; one per worker process (built in `IngestStage.setup`)."""
 
@@ -301,7 +313,10 @@ class HttpClient:
         `truncate=True` returns the first `max_bytes` instead of failing with
         `too_large` (robots.txt is read that way).
         """
-        deadline = time.monotonic() + self.opt.total_timeout
+        req = _Request(
+            accept, max_bytes, truncate, time.monotonic() + self.opt.total_timeout, header_check,
+            gzip_ok,
+        )  # fmt: skip
         seen: set[str] = set()
         current = url
         attempts = 0
@@ -317,9 +332,7 @@ class HttpClient:
                 reason = hop_check(target)
                 if reason is not None:
                     return FetchResult(current, reason, detail="policy", attempts=attempts)
-            res = self._with_retries(
-                target, accept, max_bytes, truncate, deadline, header_check, gzip_ok
-            )
+            res = self._with_retries(target, req)
             attempts += res.attempts
             res.attempts = attempts
             if res.reason is None and res.status in REDIRECT_STATUSES:
@@ -358,16 +371,8 @@ class HttpClient:
             c.close()
 
     # -- retries -------------------------------------------------------------
-    def _with_retries(
-        self,
-        target: Target,
-        accept: str,
-        max_bytes: int,
-        truncate: bool,
-        deadline: float,
-        header_check: HeaderCheck | None,
-        gzip_ok: bool,
-    ) -> FetchResult:
+    def _with_retries(self, target: Target, req: _Request) -> FetchResult:
+        deadline = req.deadline
         attempt = 0
         while True:
             attempt += 1
@@ -377,9 +382,7 @@ class HttpClient:
                     target.url, "timeout", detail="waiting for a host slot", attempts=attempt - 1
                 )
             try:
-                res = self._once(
-                    target, accept, max_bytes, truncate, deadline, header_check, gzip_ok
-                )
+                res = self._once(target, req)
                 res.attempts = attempt
                 if res.status not in RETRY_STATUSES:
                     return res
@@ -410,23 +413,12 @@ class HttpClient:
             time.sleep(delay)
 
     # -- one request -----------------------------------------------------------
-    def _once(
-        self,
-        target: Target,
-        accept: str,
-        max_bytes: int,
-        truncate: bool,
-        deadline: float,
-        header_check: HeaderCheck | None,
-        gzip_ok: bool,
-    ) -> FetchResult:
+    def _once(self, target: Target, req: _Request) -> FetchResult:
         conn = self._checkout(target)
         while True:
-            self._watchdog.watch(conn, deadline)
+            self._watchdog.watch(conn, req.deadline)
             try:
-                return self._once_on(
-                    conn, target, accept, max_bytes, truncate, deadline, header_check, gzip_ok
-                )
+                return self._once_on(conn, target, req)
             except _StaleConnection:
                 # the server closed an idle keep-alive connection: not the URL's fault
                 conn = self._new_conn(target)
@@ -437,19 +429,9 @@ class HttpClient:
             finally:
                 self._watchdog.unwatch(conn)
 
-    def _once_on(
-        self,
-        conn: _PinnedConnection,
-        target: Target,
-        accept: str,
-        max_bytes: int,
-        truncate: bool,
-        deadline: float,
-        header_check: HeaderCheck | None,
-        gzip_ok: bool,
-    ) -> FetchResult:
+    def _once_on(self, conn: _PinnedConnection, target: Target, req: _Request) -> FetchResult:
         try:
-            self._send(conn, target, accept, deadline, gzip_ok)
+            self._send(conn, target, req)
             resp = conn.getresponse()
         except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as e:
             conn.close()
@@ -466,20 +448,20 @@ class HttpClient:
                 headers.setdefault(k.lower(), []).append(v)
             res = FetchResult(target.url, None, resp.status, headers)
             if not 200 <= resp.status < 300:
-                self._drain(conn, resp, deadline)
+                self._drain(conn, resp, req.deadline)
                 if resp.status not in REDIRECT_STATUSES:
                     res.reason = f"http_{resp.status}"
                 return res
-            if header_check is not None:
-                reason = header_check(resp.status, headers)
+            if req.header_check is not None:
+                reason = req.header_check(resp.status, headers)
                 if reason is not None:
                     conn.close()
                     res.reason = reason
                     return res
-            res.body, res.truncated = self._read_body(conn, resp, max_bytes, truncate, deadline)
+            res.body, res.truncated = self._read_body(conn, resp, req)
             encoding = (res.header("content-encoding") or "").strip().lower()
             if encoding in ("gzip", "x-gzip", "deflate") and res.body:
-                res.body = _decompress(res.body, encoding, max_bytes, truncate)
+                res.body = _decompress(res.body, encoding, req.max_bytes, req.truncate)
         except _Failure:
             conn.close()
             raise
@@ -492,15 +474,8 @@ class HttpClient:
             self._checkin(target, conn)
         return res
 
-    def _send(
-        self,
-        conn: _PinnedConnection,
-        target: Target,
-        accept: str,
-        deadline: float,
-        gzip_ok: bool,
-    ) -> None:
-        left = deadline - time.monotonic()
+    def _send(self, conn: _PinnedConnection, target: Target, req: _Request) -> None:
+        left = req.deadline - time.monotonic()
         if left <= 0:
             raise _Failure("timeout", "total timeout", True)
         if conn.sock is None:
@@ -511,18 +486,14 @@ class HttpClient:
         conn.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", target.host_header)
         conn.putheader("User-Agent", self.opt.user_agent)
-        conn.putheader("Accept", accept)
-        conn.putheader("Accept-Encoding", "gzip" if gzip_ok else "identity")
+        conn.putheader("Accept", req.accept)
+        conn.putheader("Accept-Encoding", "gzip" if req.gzip_ok else "identity")
         conn.endheaders()
 
     def _read_body(
-        self,
-        conn: _PinnedConnection,
-        resp: http.client.HTTPResponse,
-        max_bytes: int,
-        truncate: bool,
-        deadline: float,
+        self, conn: _PinnedConnection, resp: http.client.HTTPResponse, req: _Request
     ) -> tuple[bytes, bool]:
+        max_bytes, truncate, deadline = req.max_bytes, req.truncate, req.deadline
         length = resp.getheader("content-length")
         if length is not None and not truncate:
             try:
