@@ -19,6 +19,7 @@ non-public address is still refused.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -99,8 +100,12 @@ def split_url(url: str) -> tuple[str, str, int, str]:
     if parts.query:
         path += "?" + parts.query
     # requote spaces and non-ASCII so the request line stays valid
-    path = "".join(c if 33 <= ord(c) < 127 else _pct(c) for c in path)
+    if _UNQUOTED.search(path):
+        path = "".join(c if 33 <= ord(c) < 127 else _pct(c) for c in path)
     return scheme, host.lower(), port, path
+
+
+_UNQUOTED = re.compile(r"[^\x21-\x7e]")  # what a request line cannot carry as is
 
 
 def _pct(c: str) -> str:
