@@ -451,6 +451,10 @@ class HttpClient:
                 self._drain(conn, resp, req.deadline)
                 if resp.status not in REDIRECT_STATUSES:
                     res.reason = f"http_{resp.status}"
+                if resp.will_close:
+                    conn.close()
+                else:
+                    self._checkin(target, conn)  # drained (or closed by _drain): reusable
                 return res
             if req.header_check is not None:
                 reason = req.header_check(resp.status, headers)

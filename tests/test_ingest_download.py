@@ -134,6 +134,18 @@ def test_keep_alive_connections_are_reused(srv: TestServer):
     assert srv.connections <= 2
 
 
+def test_connections_are_reused_after_404s_and_redirects(srv: TestServer):
+    """robots.txt and tdmrep.json answer 404 and a redirect answers 301: the drained
+    connection goes back to the pool, so one host costs one connection, not one per request."""
+    target = srv.route("/final.jpg", img_reply())
+    urls = [srv.route(f"/m{i}.jpg", img_reply()) for i in range(4)]
+    moved = srv.route("/moved.jpg", Reply(301, headers=[("Location", target)]))
+    out = run([rec(u) for u in [*urls, moved]], per_host_connections=1, threads=1)
+    assert all(s.kept for s in out)
+    assert srv.hits["/robots.txt"] == 1 and srv.hits["/.well-known/tdmrep.json"] == 1
+    assert srv.connections == 1
+
+
 def test_per_host_concurrency_limit(srv: TestServer):
     urls = [srv.route(f"/c{i}.jpg", img_reply(hold=0.1)) for i in range(8)]
     out = run([rec(u) for u in urls], per_host_connections=2, threads=8)
