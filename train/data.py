@@ -499,8 +499,8 @@ def pick_caption(
 def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised uint8 tensor for a batch. In a DataLoader worker it is allocated in
     shared memory, as torch's default_collate does: handing the batch to the trainer then
-    moves no pixels (otherwise pickling copies every batch into a fresh shared segment,
-    measured at ~0.1 ms per 256-px sample, a fifth of its decode)."""
+    moves no pixels (otherwise pickling copies every batch into a fresh shared segment: one
+    more pass over every pixel, and its page faults)."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
     n = math.prod(shape)
