@@ -447,25 +447,22 @@ class HttpClient:
             for k, v in resp.getheaders():
                 headers.setdefault(k.lower(), []).append(v)
             res = FetchResult(target.url, None, resp.status, headers)
-            if not 200 <= resp.status < 300:
-                self._drain(conn, resp, req.deadline)
+            ok = 200 <= resp.status < 300
+            check = req.header_check
+            refused = check(resp.status, headers) if ok and check is not None else None
+            if not ok:
+                self._drain(conn, resp, req.deadline)  # then reusable, or closed by _drain
                 if resp.status not in REDIRECT_STATUSES:
                     res.reason = f"http_{resp.status}"
-                if resp.will_close:
-                    conn.close()
-                else:
-                    self._checkin(target, conn)  # drained (or closed by _drain): reusable
+            elif refused is not None:
+                conn.close()
+                res.reason = refused
                 return res
-            if req.header_check is not None:
-                reason = req.header_check(resp.status, headers)
-                if reason is not None:
-                    conn.close()
-                    res.reason = reason
-                    return res
-            res.body, res.truncated = self._read_body(conn, resp, req)
-            encoding = (res.header("content-encoding") or "").strip().lower()
-            if encoding in ("gzip", "x-gzip", "deflate") and res.body:
-                res.body = _decompress(res.body, encoding, req.max_bytes, req.truncate)
+            else:
+                res.body, res.truncated = self._read_body(conn, resp, req)
+                encoding = (res.header("content-encoding") or "").strip().lower()
+                if encoding in ("gzip", "x-gzip", "deflate") and res.body:
+                    res.body = _decompress(res.body, encoding, req.max_bytes, req.truncate)
         except _Failure:
             conn.close()
             raise
