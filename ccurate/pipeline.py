@@ -96,12 +96,13 @@ class Pipeline:
                 f"{len(all_shards) - len(done)} of {len(all_shards)} are not: rerun '{prev}'"
             )
         settings = d / "_SETTINGS"
-        if settings.exists() and json.loads(settings.read_text()) != self.step_settings(prev):
-            changed = _changed_keys(json.loads(settings.read_text()), self.step_settings(prev))
-            raise PipelineError(
-                f"step '{step}' needs '{prev}' redone: its settings changed since it ran "
-                f"({', '.join(changed)}); rerun '{prev}'"
-            )
+        if settings.exists():
+            have, want = json.loads(settings.read_text()), self.step_settings(prev)
+            if have != want:
+                raise PipelineError(
+                    f"step '{step}' needs '{prev}' redone: its settings changed since it ran "
+                    f"({', '.join(_changed_keys(have, want))}); rerun '{prev}'"
+                )
         return [str(p) for p in done]
 
     # -- steps ---------------------------------------------------------------
