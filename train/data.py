@@ -97,14 +97,6 @@ def find_manifest(data: str | Path | Sequence[str | Path]) -> Path | None:
     return None
 
 
-def split_key(name: str) -> tuple[str | None, str | None]:
-    """webdataset's key/suffix convention: the key ends at the first dot of the basename."""
-    from webdataset.tariterators import base_plus_ext
-
-    key, ext = base_plus_ext(name)
-    return key, (ext.lower() if ext else ext)
-
-
 def count_samples(shard: str) -> int:
     """Samples in a shard: its parquet index or completion marker if present, else a header scan."""
     prefix = shard[: -len(".tar")] if shard.endswith(".tar") else shard
@@ -183,9 +175,9 @@ def iter_tar(url: str) -> Iterator[RawSample]:
     bytes read later by offset. Other URLs (http, `pipe:`) are streamed through
     webdataset's `gopen` and read eagerly.
     """
-    if os.path.exists(url):
-        from ccurate.shards.read import iter_spans
+    from ccurate.shards.read import iter_spans, split_key
 
+    if os.path.exists(url):
         members: Iterator[tuple[str, int, int, bytes | None]] = (
             (name, offset, size, None) for name, offset, size in iter_spans(url)
         )
@@ -195,11 +187,10 @@ def iter_tar(url: str) -> Iterator[RawSample]:
     current_full = ""
     for name, offset, size, data in members:
         base = name.rsplit("/", 1)[-1]
-        if base.startswith("__") or base.startswith("."):
+        if base.startswith("__") or base.startswith(".") or "." not in base:
             continue
-        key, ext = split_key(name)
-        if key is None or ext is None:
-            continue
+        key, field = split_key(name)  # webdataset's rule: the key ends at the basename's first dot
+        ext = field.lower()
         if current is None or current_full != key:
             if current is not None:
                 yield current
