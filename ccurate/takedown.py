@@ -754,18 +754,9 @@ class OptoutRecheckStage(Stage):
     def setup(self) -> None:
         if self._client is not None:
             return
-        from ccurate.ingest.fetch import FetchOptions, HttpClient
-        from ccurate.ingest.guard import Resolver
-        from ccurate.ingest.optout import OriginPolicies
+        from ccurate.ingest.optout import open_client
 
-        c = self.config
-        self._client = HttpClient(
-            FetchOptions.from_config(c, self.threads),
-            Resolver(),
-        )
-        self._policies = OriginPolicies(
-            self._fetch_policy_file, c.robots_token, c.respect_robots_txt, c.respect_tdmrep
-        )
+        self._client, self._policies = open_client(self.config, self.threads, self._saw_policy)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="recheck")
 
     def teardown(self) -> None:
@@ -870,13 +861,9 @@ class OptoutRecheckStage(Stage):
         result: str | None = self._policies.check(target.origin, target.path)
         return result
 
-    def _fetch_policy_file(self, url: str, max_bytes: int) -> Any:
-        from ccurate.ingest.optout import fetch_policy_file
-
-        got = fetch_policy_file(self._client, url, max_bytes)
+    def _saw_policy(self, url: str, got: Any) -> None:
         if url.endswith("/robots.txt"):
             self._policy_status[_origin(url)] = got.status
-        return got
 
 
 def _origin(url: str) -> str:

@@ -168,6 +168,26 @@ def fetch_policy_file(client: HttpClient, url: str, max_bytes: int) -> PolicyFet
     return PolicyFetch(None, reason=res.reason)
 
 
+def open_client(
+    c: IngestConfig, threads: int, on_policy: Callable[[str, PolicyFetch], None] | None = None
+) -> tuple[HttpClient, OriginPolicies]:
+    """The ingest HTTP client and the per-origin opt-out policies fetched through it (what
+    ingest and the opt-out re-check both need); `on_policy` sees every policy-file fetch."""
+    from ccurate.ingest.fetch import FetchOptions, HttpClient
+    from ccurate.ingest.guard import Resolver
+
+    client = HttpClient(FetchOptions.from_config(c, threads), Resolver())
+
+    def fetch(url: str, max_bytes: int) -> PolicyFetch:
+        got = fetch_policy_file(client, url, max_bytes)
+        if on_policy is not None:
+            on_policy(url, got)
+        return got
+
+    policies = OriginPolicies(fetch, c.robots_token, c.respect_robots_txt, c.respect_tdmrep)
+    return client, policies
+
+
 @dataclass
 class _OriginPolicy:
     ready: threading.Event

@@ -33,8 +33,8 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from ccurate.ingest.config import IngestConfig
-from ccurate.ingest.fetch import FetchOptions, HttpClient
-from ccurate.ingest.guard import Resolver, Target
+from ccurate.ingest.fetch import HttpClient
+from ccurate.ingest.guard import Target
 from ccurate.ingest.images import (
     ImageDrop,
     ImageOptions,
@@ -44,9 +44,8 @@ from ccurate.ingest.images import (
 )
 from ccurate.ingest.optout import (
     OriginPolicies,
-    PolicyFetch,
-    fetch_policy_file,
     header_optout,
+    open_client,
 )
 from ccurate.record import KEEP, LicenseEvidence, Sample, make_key
 from ccurate.shardio import read_dropped, read_index, shards_in_completion_order
@@ -179,13 +178,7 @@ class IngestStage(Stage):
             return
         c = self.config
         configure_pillow(c.max_pixels)
-        self._client = HttpClient(
-            FetchOptions.from_config(c, c.threads),
-            Resolver(),
-        )
-        self._policies = OriginPolicies(
-            self._fetch_policy_file, c.robots_token, c.respect_robots_txt, c.respect_tdmrep
-        )
+        self._client, self._policies = open_client(c, c.threads)
         self._pool = ThreadPoolExecutor(c.threads, thread_name_prefix="ingest")
         self._budget = PixelBudget(c.decode_pixel_budget)
         self._hasher = _load_hasher()
@@ -293,10 +286,6 @@ class IngestStage(Stage):
         if ctype in HTML_MIMES:
             return "not_an_image"  # a soft-404 page: not worth downloading
         return None
-
-    def _fetch_policy_file(self, url: str, max_bytes: int) -> PolicyFetch:
-        assert self._client is not None
-        return fetch_policy_file(self._client, url, max_bytes)
 
     # -- one page -------------------------------------------------------------
     def _page(self, page: Sample) -> Sample | list[Sample]:
