@@ -64,15 +64,25 @@ _ELEMENT_NAMES = {
 }
 
 
+# a CC licence id: elements, version, port
+_CC_ID = re.compile(r"CC-(BY(?:-NC)?(?:-SA|-ND)?)-(\d\.\d)(?:-([A-Z]+))?")
+_PDM_IDS = frozenset({"PDM-1.0", "CC-PDM-1.0"})
+
+
+def _bare(license_id: str) -> str:
+    """The id upper-cased without a `LicenseRef-` prefix: what the CC patterns match."""
+    return license_id.strip().upper().removeprefix("LICENSEREF-")
+
+
 def license_name(license_id: str) -> str:
     """Readable licence name, e.g. `CC-BY-SA-4.0` -> "CC BY-SA 4.0 (Creative Commons ...)"."""
     lid = license_id.strip()
-    up = lid.upper().removeprefix("LICENSEREF-")
+    up = _bare(lid)
     if up.startswith("CC0"):
         return "CC0 1.0 Universal (Public Domain Dedication)"
-    if up in {"PDM-1.0", "CC-PDM-1.0"}:
+    if up in _PDM_IDS:
         return "Public Domain Mark 1.0"
-    m = re.fullmatch(r"CC-(BY(?:-NC)?(?:-SA|-ND)?)-(\d\.\d)(?:-([A-Z]+))?", up)
+    m = _CC_ID.fullmatch(up)
     if not m:
         info = _info(lid)
         return str(info.name) if info is not None and info.name else lid
@@ -90,12 +100,12 @@ def license_link(license_id: str, recorded_url: str | None = None) -> str | None
     info = _info(license_id)
     if info is not None and info.url:
         return str(info.url)
-    up = license_id.strip().upper().removeprefix("LICENSEREF-")
+    up = _bare(license_id)
     if up.startswith("CC0"):
         return "https://creativecommons.org/publicdomain/zero/1.0/"
-    if up in {"PDM-1.0", "CC-PDM-1.0"}:
+    if up in _PDM_IDS:
         return "https://creativecommons.org/publicdomain/mark/1.0/"
-    m = re.fullmatch(r"CC-(BY(?:-NC)?(?:-SA|-ND)?)-(\d\.\d)(?:-([A-Z]+))?", up)
+    m = _CC_ID.fullmatch(up)
     if not m:
         return recorded_url
     path = f"{m.group(1).lower()}/{m.group(2)}/"
