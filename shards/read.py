@@ -45,18 +45,13 @@ def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) per sample, members grouped as webdataset groups them."""
     key: str | None = None
     fields: dict[str, bytes] = {}
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, field = split_key(m.name)
-            fh = tf.extractfile(m)
-            assert fh is not None
-            if key is not None and k != key:
-                yield key, fields
-                fields = {}
-            key = k
-            fields[field] = fh.read()
+    for name, data in iter_members(path):
+        k, field = split_key(name)
+        if key is not None and k != key:
+            yield key, fields
+            fields = {}
+        key = k
+        fields[field] = data
     if key is not None:
         yield key, fields
 
