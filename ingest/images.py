@@ -44,10 +44,14 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from ccurate.ingest.config import IngestConfig
 
 OUTPUT_MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 FORMAT_MIME = {
@@ -110,6 +114,11 @@ class ImageOptions:
     jpeg_draft: bool = True
     jpeg_draft_factor: float = 1.5
     resize_filter: str = "area"
+
+    @classmethod
+    def from_config(cls, c: IngestConfig) -> ImageOptions:
+        """The image settings of an ingest config (every field here has its namesake there)."""
+        return cls(**{f.name: getattr(c, f.name) for f in fields(cls)})
 
 
 @dataclass

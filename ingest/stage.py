@@ -146,21 +146,7 @@ class IngestStage(Stage):
         self._pool: ThreadPoolExecutor | None = None
         self._budget: PixelBudget | None = None
         self._hasher: HashFn | None = None
-        self._image_opt = ImageOptions(
-            image_size=self.config.image_size,
-            resize_mode=self.config.resize_mode,
-            resize_only_if_bigger=self.config.resize_only_if_bigger,
-            output_format=self.config.output_format,
-            encode_quality=self.config.encode_quality,
-            keep_original=self.config.keep_original,
-            max_pixels=self.config.max_pixels,
-            min_image_size=self.config.min_image_size,
-            max_image_size=self.config.max_image_size,
-            max_aspect_ratio=self.config.max_aspect_ratio,
-            jpeg_draft=self.config.jpeg_draft,
-            jpeg_draft_factor=self.config.jpeg_draft_factor,
-            resize_filter=self.config.resize_filter,
-        )
+        self._image_opt = ImageOptions.from_config(self.config)
 
     # -- lifecycle ----------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import struct
@@ -304,3 +305,26 @@ def test_integer_factor_area_resize_equals_cv2_inter_area():
     assert np.array_equal(
         np.asarray(odd), cv2.resize(arr, (341, 256), interpolation=cv2.INTER_AREA)
     )
+
+
+def test_image_options_take_every_setting_from_the_ingest_config() -> None:
+    from ccurate.ingest.config import IngestConfig
+
+    changed = {
+        "image_size": 320,
+        "resize_mode": "center_crop",
+        "resize_only_if_bigger": True,
+        "output_format": "webp",
+        "encode_quality": 80,
+        "keep_original": True,
+        "max_pixels": 1_000_000,
+        "min_image_size": 10,
+        "max_image_size": 5000,
+        "max_aspect_ratio": 3.0,
+        "jpeg_draft": False,
+        "jpeg_draft_factor": 2.0,
+        "resize_filter": "lanczos",
+    }
+    opt = ImageOptions.from_config(IngestConfig(**changed))
+    assert {f: getattr(opt, f) for f in changed} == changed
+    assert set(changed) == {f.name for f in dataclasses.fields(ImageOptions)}
