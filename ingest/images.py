@@ -43,7 +43,7 @@ import struct
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -349,23 +349,33 @@ def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 class PixelBudget:
-    """Caps the decoded pixels that the threads of one worker hold at once.
+    """Caps the decoded pixels that the `threads` of one worker hold at once.
 
     Lets every thread decode while images are ordinary (all cores busy, even
     on a shared machine) yet serialises huge ones, so memory stays bounded
-    by the budget rather than by threads x max_pixels. One image larger than
-    the whole budget still proceeds, alone.
+    by the budget rather than by threads x max_pixels. Ordinary images (up to
+    `free` = budget / (2 x threads) pixels each; a thread decodes one image at a
+    time) pass without taking the lock: all threads together hold at most half
+    the budget that way, and bigger images share the rest. With 32 threads
+    the lock on every image cost ~0.8 ms CPU per image (10 %) in contention.
+    One image larger than that rest still proceeds, alone among the big ones.
     """
 
-    def __init__(self, max_pixels: int) -> None:
+    def __init__(self, max_pixels: int, threads: int = 1) -> None:
+        threads = max(1, threads)
         self.max_pixels = max_pixels
-        self.used = 0
+        self.free = max_pixels // (2 * threads)
+        self.limit = max_pixels - self.free * threads
+        self.used = 0  # pixels held by big images
         self._cond = threading.Condition()
 
+    def hold(self, pixels: int) -> AbstractContextManager[None]:
+        return nullcontext() if pixels <= self.free else self._hold(pixels)
+
     @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
+    def _hold(self, pixels: int) -> Iterator[None]:
         with self._cond:
-            while self.used and self.used + pixels > self.max_pixels:
+            while self.used and self.used + pixels > self.limit:
                 self._cond.wait()
             self.used += pixels
         try:

@@ -166,7 +166,7 @@ class IngestStage(Stage):
         configure_pillow(c.max_pixels)
         self._client, self._policies = open_client(c, c.threads)
         self._pool = ThreadPoolExecutor(c.threads, thread_name_prefix="ingest")
-        self._budget = PixelBudget(c.decode_pixel_budget)
+        self._budget = PixelBudget(c.decode_pixel_budget, c.threads)
         self._hasher = _load_hasher()
 
     def teardown(self) -> None:

@@ -283,9 +283,23 @@ def test_pixel_budget_serialises_big_images_only():
     for t in threads:
         t.join(5)
     assert seen == {60, 500} and budget.used == 0  # never two at once over the budget
-    small = PixelBudget(1000)
-    with small.hold(10), small.hold(10):  # ordinary images do not wait for each other
-        assert small.used == 20
+    shared = PixelBudget(1000, threads=4)  # 4 x 125 px pass freely, big ones share 500
+    entered = threading.Event()
+
+    def second_big() -> None:
+        with shared.hold(300):
+            entered.set()
+
+    with shared.hold(125), shared.hold(125):  # ordinary images neither wait nor count
+        assert shared.used == 0
+        with shared.hold(300):
+            assert shared.used == 300
+            t = threading.Thread(target=second_big)
+            t.start()
+            assert not entered.wait(0.2)  # 600 > 500: the second big one waits
+        assert entered.wait(5)
+        t.join(5)
+    assert shared.used == 0
 
 
 def test_integer_factor_area_resize_equals_cv2_inter_area():
