@@ -295,6 +295,8 @@ def run_ours(urls: list[tuple[str, str]], work: Path, a: argparse.Namespace) -> 
         str(a.shards),
         "--image-size",
         str(a.image_size),
+        "--decode-threads",
+        str(a.decode_threads),
     ] + (["--no-optout"] if a.no_optout else [])
     wall, rss, log = timed_run(cmd)
     a.ours_cpu = CPU_USED[cmd[0]]
@@ -339,6 +341,7 @@ def _ours_child(a: argparse.Namespace) -> None:
         output_format="jpg",
         encode_quality=95,
         threads=a.threads,
+        decode_threads=a.decode_threads,
         connect_timeout=10,
         read_timeout=10,
         retries=0,
@@ -444,6 +447,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="ccurate's decode threads per worker (0: its default, one per core)",
+    )
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--distinct-images", type=int, default=48)
     ap.add_argument("--probe", action="store_true", help="threads vs asyncio, then exit")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ccurate.captioning.config import DEFAULT_MODEL, CaptionConfig
+from ccurate.executor import usable_cpus
 
 log = logging.getLogger("ccurate.captioning")
 
@@ -366,7 +367,7 @@ class Blip2Captioner:
                 model.language_model, self.eos_ids, self.pad_id, use_graphs=cfg.cuda_graphs
             )
         self.batch_size = cfg.batch_size or self._auto_batch_size()
-        workers = cfg.decode_workers or max(1, min(12, (os.cpu_count() or 2) - 1))
+        workers = cfg.decode_workers or max(1, min(12, usable_cpus() - 1))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-decode")
         self.failed = 0
 

@@ -62,11 +62,25 @@ def run_task(stage: Stage, task: ShardTask) -> StageStats:
 
 # -- worker-process state: one set-up stage per process, reused for every shard --
 _WORKER_STAGE: Stage | None = None
+_WORKER_CPUS: int | None = None  # this process's share of the cores, set by its executor
 
 
-def _init_worker(stage: Stage) -> None:
+def set_worker_cpus(n: int) -> None:
+    global _WORKER_CPUS
+    _WORKER_CPUS = max(1, n)
+
+
+def worker_cpus() -> int:
+    """Cores this worker process should keep busy (e.g. its decode threads): the share its
+    executor gave it (usable cores / local workers; the CPUs a Ray task reserves), or every
+    usable core when a stage runs in-process."""
+    return _WORKER_CPUS or usable_cpus()
+
+
+def _init_worker(stage: Stage, cpus: int) -> None:
     global _WORKER_STAGE
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    set_worker_cpus(cpus)
     stage.setup()
     _WORKER_STAGE = stage
 
@@ -133,7 +147,10 @@ class LocalExecutor(Executor):
             return
         ctx = get_context("spawn")
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(stage,)
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(stage, usable_cpus() // workers),
         ) as pool:
             futures = [pool.submit(_run_in_worker, t) for t in todo]
             for fut in as_completed(futures):
@@ -145,6 +162,14 @@ class LocalExecutor(Executor):
         if stage.resources.gpus > 0:
             n = min(n, max(1, _visible_gpus()))
         return max(1, n)
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on: its affinity mask (Slurm, taskset), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without affinity masks
+        return os.cpu_count() or 1
 
 
 def _visible_gpus() -> int:

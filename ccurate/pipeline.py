@@ -44,7 +44,8 @@ SECTION = {"ingest": "ingest", "filter": "filters", "dedup": "dedup", "caption":
 # settings that change how fast or how politely a step runs, never what it outputs:
 # changing them keeps a step's results
 PERF_KEYS = frozenset({
-    "threads", "batch_size", "device", "cache_dir", "decode_pixel_budget", "user_agent",
+    "threads", "decode_threads", "batch_size", "device", "cache_dir", "decode_pixel_budget",
+    "user_agent",
     "per_host_connections", "per_host_rate", "retries", "backoff_base", "backoff_max",
     "max_retry_after", "connect_timeout", "read_timeout", "total_timeout",
 })  # fmt: skip

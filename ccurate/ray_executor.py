@@ -19,7 +19,7 @@ import pickle
 from collections.abc import Iterator
 from typing import Any
 
-from ccurate.executor import Executor, ShardTask, run_task
+from ccurate.executor import Executor, ShardTask, run_task, set_worker_cpus
 from ccurate.stage import Stage, StageStats
 
 # stage fingerprint -> set-up stage, per Ray worker process
@@ -34,6 +34,7 @@ def _cached_stage(blob: bytes, fingerprint: str) -> Stage:
     stage = _STAGE_CACHE.get(fingerprint)
     if stage is None:
         stage = pickle.loads(blob)
+        set_worker_cpus(int(stage.resources.cpus))
         stage.setup()
         _STAGE_CACHE[fingerprint] = stage
     return stage
@@ -48,6 +49,7 @@ class _StageActor:
 
     def __init__(self, blob: bytes) -> None:
         self.stage: Stage = pickle.loads(blob)
+        set_worker_cpus(int(self.stage.resources.cpus))
         self.stage.setup()
 
     def run(self, task: ShardTask) -> StageStats:

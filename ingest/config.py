@@ -35,6 +35,9 @@ class IngestConfig(Section):
     optout_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai"])
     # -- concurrency, politeness, retries
     threads: int = Field(default=32, ge=1, le=1024)  # concurrent fetches per worker
+    # concurrent decodes per worker (fetch threads hand bodies over); 0 = the worker's share
+    # of the cores (usable cores / local workers, or the CPUs its Ray task reserves)
+    decode_threads: int = Field(default=0, ge=0, le=1024)
     per_host_connections: int = Field(default=4, ge=1)  # concurrent requests per host
     per_host_rate: float = Field(default=0.0, ge=0.0)  # requests/s per host; 0 = no limit
     retries: int = Field(default=2, ge=0)  # after the first try, on transient errors only

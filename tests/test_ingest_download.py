@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pickle
 import socket
+import threading
 import time
 from typing import Any
 
@@ -674,3 +675,36 @@ def test_transient_classification():
         assert is_transient(r), r
     for bad in ["http_404", "http_403", "optout_robots_txt", "not_an_image", None, "http_5"]:
         assert not is_transient(bad), bad
+
+
+def test_images_decode_on_a_few_threads_not_on_every_fetch_thread(
+    srv: TestServer, monkeypatch: pytest.MonkeyPatch
+):
+    import ccurate.ingest.stage as stage_mod
+
+    urls = [srv.route(f"/d{i}.jpg", img_reply()) for i in range(12)]
+    names: set[str] = set()
+    busy = [0, 0]  # now, most at once
+    lock = threading.Lock()
+    real = stage_mod.process_image
+
+    def spy(*args, **kw):
+        with lock:
+            names.add(threading.current_thread().name.split("_")[0])
+            busy[0] += 1
+            busy[1] = max(busy)
+        try:
+            time.sleep(0.01)
+            return real(*args, **kw)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(stage_mod, "process_image", spy)
+    pooled = run([rec(u) for u in urls], threads=6, decode_threads=2)
+    assert names == {"decode"} and busy[1] <= 2
+    names.clear()
+    inline = run([rec(u) for u in urls], threads=6, decode_threads=6)  # as many: no hand-over
+    assert names == {"ingest"}
+    assert pooled == inline
+    assert all(s.kept and s.phash for s in pooled)

@@ -201,3 +201,33 @@ def test_metadata_json_is_valid_json():
     s = sample(3)
     data = json.loads(s.metadata_json())
     assert data["key"] == s.key and "image" not in data
+
+
+class _CpuShare(Filter):
+    """Records the core share its worker process was given (`worker_cpus`)."""
+
+    name = "cpus"
+
+    def decide(self, s: Sample) -> Decision:
+        from ccurate.executor import worker_cpus
+
+        return self.keep(cpus=worker_cpus())
+
+
+def test_each_worker_process_gets_its_share_of_the_cores(tmp_path: Path):
+    from ccurate.executor import usable_cpus
+
+    inputs = _inputs(tmp_path, n_shards=2, per=2)
+
+    def shares(workers: int, out: str) -> set[float]:
+        LocalExecutor(workers, progress=False).map(
+            FilterStage([_CpuShare()]), tasks_for(inputs, tmp_path / out)
+        )
+        got: set[float] = set()
+        for name in ("part-00000", "part-00001"):
+            for scores in pq.read_table(tmp_path / out / f"{name}.parquet")["scores"].to_pylist():
+                got.add(dict(scores)["cpus.cpus"])
+        return got
+
+    assert shares(1, "in_process") == {float(usable_cpus())}  # in-process: every usable core
+    assert shares(2, "two_workers") == {float(max(1, usable_cpus() // 2))}
