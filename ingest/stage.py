@@ -11,9 +11,12 @@ Input records come from `ingest.sources`:
   images (which inherit the page record's input evidence and extra columns).
 
 Every input ends in exactly one status: its sample (or its page's samples)
-kept, or dropped with one of `REASONS`. Work runs on a per-worker thread pool
-(`threads`), hosts interleaved so per-host limits do not idle the pool; at
-most one batch of bodies is in memory, each body bounded by `max_bytes`.
+kept, or dropped with one of `REASONS`. Fetches run on a per-worker thread pool
+(`threads`), hosts interleaved so per-host limits do not idle the pool; each
+body is then decoded on a small pool (`decode_threads`, default the worker's
+share of the cores), as many CPU-bound threads as cores rather than all fetch
+threads fighting over the GIL. At most one batch of bodies is in memory, each
+bounded by `max_bytes`.
 
 `plan_retry(out_dir)` re-plans the transient failures of a finished run
 (`timeout`, `connection_error`, `http_408`, `http_429`, `http_5xx`) that
