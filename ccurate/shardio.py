@@ -15,7 +15,6 @@ so the same samples always give the same bytes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -77,15 +76,72 @@ def write_table_atomic(path: str | Path, table: pa.Table) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
-def tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add one member with fixed metadata, so identical samples give identical bytes."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tf.addfile(info, io.BytesIO(data))
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+
+
+def _ustar_header(name: bytes, size: int) -> bytes | None:
+    """The header tarfile's USTAR writer gives a regular file with `TarWriter`'s fixed
+    metadata (mode 644, uid/gid 0, mtime 0, no owner names); None for a name over 100
+    bytes (tarfile splits those into a prefix)."""
+    if len(name) > 100 or size >= 8**11:
+        return None
+    head = b"".join(
+        (
+            name.ljust(100, b"\0"),
+            b"0000644\0",  # mode
+            b"0000000\0" * 2,  # uid, gid
+            b"%011o\0" % size,
+            b"00000000000\0",  # mtime
+            b" " * 8,  # checksum, counted as spaces
+            tarfile.REGTYPE,
+            b"\0" * 100,  # linkname
+            tarfile.POSIX_MAGIC,
+        )
+    ).ljust(_BLOCK, b"\0")
+    return head[:148] + b"%06o\0" % sum(head) + head[155:]
+
+
+class TarWriter:
+    """A write-only USTAR tar whose members carry fixed metadata (mtime 0, uid 0, mode 644),
+    so the same samples always give the same bytes: exactly the bytes Python's `tarfile`
+    writes for them (tested), without its ~90 us of Python per member, which was most of
+    a shard writer's time on small samples."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._f: IO[bytes] | None = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.offset = 0  # where the next member's header goes
+
+    def add(self, name: str, data: bytes) -> None:
+        """Append one member."""
+        assert self._f is not None, "tar already closed"
+        raw = name.encode("utf-8", "surrogateescape")
+        head = _ustar_header(raw, len(data))
+        if head is None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            head = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        pad = -len(data) % _BLOCK
+        self._f.write(head)
+        self._f.write(data)
+        if pad:
+            self._f.write(b"\0" * pad)
+        self.offset += len(head) + len(data) + pad
+
+    def close(self) -> None:
+        """End the archive as tarfile does: two zero blocks, then zeros to a whole record."""
+        if self._f is None:
+            return
+        end = self.offset + 2 * _BLOCK
+        self._f.write(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
+        self._f.close()
+        self._f = None
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_done(prefix: str | Path) -> bool:
@@ -124,9 +180,7 @@ class ShardWriter:
         self._tmp_tar = self.prefix.with_name(
             f".{self.prefix.name}.tar.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
-        self._tar: tarfile.TarFile | None = tarfile.open(  # noqa: SIM115 - closed in commit/abort
-            self._tmp_tar, "w", format=tarfile.USTAR_FORMAT
-        )
+        self._tar: TarWriter | None = TarWriter(self._tmp_tar)
         self._kept: list[Sample] = []
         self._dropped: list[Sample] = []
         self._keys: set[str] = set()
@@ -142,8 +196,8 @@ class ShardWriter:
             return
         assert self._tar is not None
         if sample.image is not None:
-            tar_member(self._tar, f"{sample.key}.{ext_for(sample.mime)}", sample.image)
-        tar_member(self._tar, f"{sample.key}.json", sample.metadata_json().encode())
+            self._tar.add(f"{sample.key}.{ext_for(sample.mime)}", sample.image)
+        self._tar.add(f"{sample.key}.json", sample.metadata_json().encode())
         # image bytes live in the tar; keep only metadata in memory
         self._kept.append(_without_image(sample))
 

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ccurate.record import METADATA_SCHEMA, Sample
-from ccurate.shardio import is_done, iter_samples, read_marker, tar_member
+from ccurate.shardio import TarWriter, is_done, iter_samples, read_marker
 
 from .attribution import SPLIT_SOURCE, license_link, license_name, release_split
 from .card import count_drops, render_card
@@ -101,7 +100,7 @@ class _ShardSink:
         (root / self.rel_dir).mkdir(parents=True, exist_ok=True)
         self.number = 0
         self.closed: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
+        self._tar: TarWriter | None = None
         self._rows: list[dict[str, Any]] = []
         self._licenses: Counter[str] = Counter()
         self._sources: Counter[str] = Counter()
@@ -122,10 +121,10 @@ class _ShardSink:
                 self.close()
         if self._tar is None:
             path = self.root / self.rel_dir / f"{self.name}.tar"
-            self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            self._tar = TarWriter(path)
         offset = self._tar.offset
         for member_name, data in members:
-            tar_member(self._tar, member_name, data)
+            self._tar.add(member_name, data)
         self._rows.append(index_row(rec, offset))
         self._licenses[rec["license"]] += 1
         self._sources[rec["caption_source"]] += 1

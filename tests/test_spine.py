@@ -231,3 +231,36 @@ def test_each_worker_process_gets_its_share_of_the_cores(tmp_path: Path):
 
     assert shares(1, "in_process") == {float(usable_cpus())}  # in-process: every usable core
     assert shares(2, "two_workers") == {float(max(1, usable_cpus() // 2))}
+
+
+def test_tar_writer_writes_the_bytes_tarfile_writes(tmp_path: Path):
+    import tarfile
+
+    from ccurate.shardio import TarWriter
+
+    members = [
+        ("0123456789abcdef.jpg", bytes(range(256)) * 81),  # not a whole block
+        ("0123456789abcdef.json", b'{"k": 1}'),
+        ("empty.txt", b""),
+        ("exact.bin", b"x" * 1024),  # whole blocks: no padding
+        ("d/" + "n" * 94 + ".txt", b"long"),  # 100 bytes: the longest plain name
+        ("p" * 120 + "/long-name.txt", b"prefix"),  # over 100: USTAR prefix field
+        ("caf\u00e9-\u5199\u771f.json", b"{}"),  # non-ASCII, UTF-8 encoded
+    ]
+    for n in (1, 3, len(members)):  # archive ends padded to different record fill levels
+        ours, ref = tmp_path / f"ours{n}.tar", tmp_path / f"ref{n}.tar"
+        with TarWriter(ours) as tw:
+            for name, data in members[:n]:
+                tw.add(name, data)
+            end = tw.offset
+        with tarfile.open(ref, "w", format=tarfile.USTAR_FORMAT, encoding="utf-8") as tf:
+            for name, data in members[:n]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime, info.uid, info.gid = len(data), 0o644, 0, 0, 0
+                info.uname = info.gname = ""
+                tf.addfile(info, io.BytesIO(data))
+        assert ours.read_bytes() == ref.read_bytes()
+        with tarfile.open(ours) as tf:
+            got = [(m.name, tf.extractfile(m).read()) for m in tf]
+        assert got == members[:n]
+        assert end == sum(512 + -(-len(d) // 512) * 512 for _, d in members[:n])

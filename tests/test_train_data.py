@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccurate.shardio import tar_member
+from ccurate.shardio import TarWriter
 from ccurate.train import data as tdata
 from ccurate.train.data import (
     DataError,
@@ -231,9 +230,9 @@ def test_pickled_npy_member_is_refused(tmp_path):
     with pytest.raises(DataError, match="refused"):
         load_npy(buf.getvalue(), "k")
     path = tmp_path / "x.tar"
-    with tarfile.open(path, "w") as tf:
-        tar_member(tf, "k.latent.npy", buf.getvalue())
-        tar_member(tf, "k.emb.npy", buf.getvalue())
+    with TarWriter(path) as tf:
+        tf.add("k.latent.npy", buf.getvalue())
+        tf.add("k.emb.npy", buf.getvalue())
     dec = Decoder("latent", 8, 8)
     raw = next(tdata.iter_tar(str(path)))
     with pytest.raises(DataError, match="refused"):
@@ -242,10 +241,10 @@ def test_pickled_npy_member_is_refused(tmp_path):
 
 def test_tar_grouping_with_directories(tmp_path):
     path = tmp_path / "d.tar"
-    with tarfile.open(path, "w") as tf:
+    with TarWriter(path) as tf:
         for key in ("x/a1", "x/a2"):
-            tar_member(tf, f"{key}.txt", b"t")
-            tar_member(tf, f"{key}.json", b"{}")
+            tf.add(f"{key}.txt", b"t")
+            tf.add(f"{key}.json", b"{}")
     got = list(tdata.iter_tar(str(path)))
     assert [(r.key, sorted(r.members)) for r in got] == [
         ("a1", ["json", "txt"]),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,11 @@ import torch
 
 from ccurate.progress import Progress
 from ccurate.shardio import (
+    TarWriter,
     atomic_path,
     clear_shard,
     is_done,
     read_marker,
-    tar_member,
     write_json_atomic,
 )
 from ccurate.train.config import TrainConfig
@@ -128,7 +127,7 @@ def _process_shard(
     stats: dict[str, Any] = {"samples": 0, "dropped": {}, "source": src}
     pending: list[tuple[RawSample, dict[str, Any], np.ndarray, str, str]] = []
 
-    def flush(tf: tarfile.TarFile) -> None:
+    def flush(tf: TarWriter) -> None:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, (_, _, px, _, _) in enumerate(pending):
             by_shape.setdefault(px.shape, []).append(i)
@@ -147,18 +146,16 @@ def _process_shard(
                 train_alt_text=alt_text,
                 latent_hw=list(lat[i].shape[-2:]),
             )
-            tar_member(tf, f"{raw.key}.latent.npy", _npy(lat[i]))
+            tf.add(f"{raw.key}.latent.npy", _npy(lat[i]))
             if syn is not None:
-                tar_member(tf, f"{raw.key}.emb.npy", _npy(syn[i]))
+                tf.add(f"{raw.key}.emb.npy", _npy(syn[i]))
             if alt is not None:
-                tar_member(tf, f"{raw.key}.alt.npy", _npy(alt[i]))
-            tar_member(
-                tf, f"{raw.key}.json", json.dumps(rec, ensure_ascii=False, default=str).encode()
-            )
+                tf.add(f"{raw.key}.alt.npy", _npy(alt[i]))
+            tf.add(f"{raw.key}.json", json.dumps(rec, ensure_ascii=False, default=str).encode())
             stats["samples"] += 1
         pending.clear()
 
-    with atomic_path(dst) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+    with atomic_path(dst) as tmp, TarWriter(tmp) as tf:
         for raw in iter_tar(src):
             rec = decoder.record(raw, reader)
             txt = decoder.text(raw, reader)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ccurate.shardio import atomic_path, tar_member, write_json_atomic
+from ccurate.shardio import TarWriter, atomic_path, write_json_atomic
 from ccurate.train.data import LATENT_FORMAT, LATENT_MANIFEST
 
 
@@ -53,7 +52,7 @@ def write_image_release(
     keys: list[str] = []
     for si, n in enumerate(sizes):
         path = root / f"{prefix}-{si:05d}.tar"
-        with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        with atomic_path(path) as tmp, TarWriter(tmp) as tf:
             for j in range(n):
                 key = f"{si:03d}{j:05d}"
                 keys.append(key)
@@ -72,9 +71,9 @@ def write_image_release(
                     "width": w,
                     "height": h,
                 }
-                tar_member(tf, f"{key}.{ext}", img)
-                tar_member(tf, f"{key}.txt", str(rec["caption"]).encode())
-                tar_member(tf, f"{key}.json", json.dumps(rec).encode())
+                tf.add(f"{key}.{ext}", img)
+                tf.add(f"{key}.txt", str(rec["caption"]).encode())
+                tf.add(f"{key}.json", json.dumps(rec).encode())
     return keys
 
 
@@ -107,7 +106,7 @@ def write_latent_release(
     k = 0
     for si in range(shards):
         path = root / f"latents-{si:05d}.tar"
-        with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        with atomic_path(path) as tmp, TarWriter(tmp) as tf:
             n_here = min(per, samples - k)
             for _ in range(n_here):
                 key = f"{k:09d}"
@@ -115,10 +114,10 @@ def write_latent_release(
                 std = np.full((latent_channels, h, w), 0.01, np.float32)
                 lat = np.concatenate([mean, std]).astype(np.float16)
                 emb = rng.standard_normal((text_len, text_dim), dtype=np.float32).astype(np.float16)
-                tar_member(tf, f"{key}.latent.npy", _npy(lat))
-                tar_member(tf, f"{key}.emb.npy", _npy(emb))
+                tf.add(f"{key}.latent.npy", _npy(lat))
+                tf.add(f"{key}.emb.npy", _npy(emb))
                 rec = {"key": key, "latent_hw": [h, w]}
-                tar_member(tf, f"{key}.json", json.dumps(rec).encode())
+                tf.add(f"{key}.json", json.dumps(rec).encode())
                 k += 1
         write_json_atomic(str(path)[: -len(".tar")] + ".done", {"samples": n_here})
         paths.append(str(path))
