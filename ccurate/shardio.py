@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ccurate.record import Sample, samples_to_table, table_to_samples
+from ccurate.tario import TarWriter, iter_members
 
 MIME_EXT = {
     "image/jpeg": "jpg",
@@ -74,74 +74,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def write_table_atomic(path: str | Path, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-
-
-_BLOCK = tarfile.BLOCKSIZE
-_RECORD = tarfile.RECORDSIZE
-
-
-def _ustar_header(name: bytes, size: int) -> bytes | None:
-    """The header tarfile's USTAR writer gives a regular file with `TarWriter`'s fixed
-    metadata (mode 644, uid/gid 0, mtime 0, no owner names); None for a name over 100
-    bytes (tarfile splits those into a prefix)."""
-    if len(name) > 100 or size >= 8**11:
-        return None
-    head = b"".join(
-        (
-            name.ljust(100, b"\0"),
-            b"0000644\0",  # mode
-            b"0000000\0" * 2,  # uid, gid
-            b"%011o\0" % size,
-            b"00000000000\0",  # mtime
-            b" " * 8,  # checksum, counted as spaces
-            tarfile.REGTYPE,
-            b"\0" * 100,  # linkname
-            tarfile.POSIX_MAGIC,
-        )
-    ).ljust(_BLOCK, b"\0")
-    return head[:148] + b"%06o\0" % sum(head) + head[155:]
-
-
-class TarWriter:
-    """A write-only USTAR tar whose members carry fixed metadata (mtime 0, uid 0, mode 644),
-    so the same samples always give the same bytes: exactly the bytes Python's `tarfile`
-    writes for them (tested), without its ~90 us of Python per member, which was most of
-    a shard writer's time on small samples."""
-
-    def __init__(self, path: str | Path) -> None:
-        self._f: IO[bytes] | None = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.offset = 0  # where the next member's header goes
-
-    def add(self, name: str, data: bytes) -> None:
-        """Append one member."""
-        assert self._f is not None, "tar already closed"
-        raw = name.encode("utf-8", "surrogateescape")
-        head = _ustar_header(raw, len(data))
-        if head is None:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            head = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-        pad = -len(data) % _BLOCK
-        self._f.write(head)
-        self._f.write(data)
-        if pad:
-            self._f.write(b"\0" * pad)
-        self.offset += len(head) + len(data) + pad
-
-    def close(self) -> None:
-        """End the archive as tarfile does: two zero blocks, then zeros to a whole record."""
-        if self._f is None:
-            return
-        end = self.offset + 2 * _BLOCK
-        self._f.write(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
-        self._f.close()
-        self._f = None
-
-    def __enter__(self) -> TarWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def is_done(prefix: str | Path) -> bool:
@@ -242,14 +174,9 @@ def _tar_images(prefix: str | Path) -> Iterator[tuple[str, bytes]]:
     path = f"{prefix}.tar"
     if not os.path.exists(path):
         return
-    with tarfile.open(path, "r:") as tf:
-        for member in tf:
-            if not member.isfile() or member.name.endswith(".json"):
-                continue
-            fh = tf.extractfile(member)
-            assert fh is not None
-            key = member.name.rsplit(".", 1)[0]
-            yield key, fh.read()
+    for name, data in iter_members(path):
+        if not name.endswith(".json"):
+            yield name.rsplit(".", 1)[0], data
 
 
 def iter_samples(prefix: str | Path, batch_size: int = 64) -> Iterator[list[Sample]]:

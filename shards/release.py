@@ -44,7 +44,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ccurate.record import METADATA_SCHEMA, Sample
-from ccurate.shardio import TarWriter, is_done, iter_samples, read_marker
+from ccurate.shardio import is_done, iter_samples, read_marker
+from ccurate.tario import TarWriter
 
 from .attribution import SPLIT_SOURCE, license_link, license_name, release_split
 from .card import count_drops, render_card

@@ -163,7 +163,7 @@ def test_fast_expander_matches_webdataset(release: Path) -> None:
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_iter_members_reads_tar_formats(tmp_path: Path, fmt: int) -> None:
-    from ccurate.shards.read import iter_members, iter_spans
+    from ccurate.tario import iter_members, iter_spans
 
     path = tmp_path / "x.tar"
     names = ["a.txt", "dir/b.jpg", "d" * 60 + "/" + "e" * 60 + ".json"]

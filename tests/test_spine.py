@@ -236,7 +236,7 @@ def test_each_worker_process_gets_its_share_of_the_cores(tmp_path: Path):
 def test_tar_writer_writes_the_bytes_tarfile_writes(tmp_path: Path):
     import tarfile
 
-    from ccurate.shardio import TarWriter
+    from ccurate.tario import TarWriter
 
     members = [
         ("0123456789abcdef.jpg", bytes(range(256)) * 81),  # not a whole block

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccurate.shardio import TarWriter
+from ccurate.tario import TarWriter
 from ccurate.train import data as tdata
 from ccurate.train.data import (
     DataError,

@@ -171,11 +171,12 @@ class MemberReader:
 def iter_tar(url: str) -> Iterator[RawSample]:
     """Samples of one shard in tar order, members grouped by key.
 
-    Local files: headers parsed from an mmap (`ccurate.shards.read.iter_spans`), member
+    Local files: headers parsed from an mmap (`ccurate.tario.iter_spans`), member
     bytes read later by offset. Other URLs (http, `pipe:`) are streamed through
     webdataset's `gopen` and read eagerly.
     """
-    from ccurate.shards.read import iter_spans, split_key
+    from ccurate.shards.read import split_key
+    from ccurate.tario import iter_spans
 
     if os.path.exists(url):
         members: Iterator[tuple[str, int, int, bytes | None]] = (

@@ -29,13 +29,13 @@ import torch
 
 from ccurate.progress import Progress
 from ccurate.shardio import (
-    TarWriter,
     atomic_path,
     clear_shard,
     is_done,
     read_marker,
     write_json_atomic,
 )
+from ccurate.tario import TarWriter
 from ccurate.train.config import TrainConfig
 from ccurate.train.data import (
     IMAGE_EXTS,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccurate.shardio import TarWriter, atomic_path, write_json_atomic
+from ccurate.shardio import atomic_path, write_json_atomic
+from ccurate.tario import TarWriter
 from ccurate.train.data import LATENT_FORMAT, LATENT_MANIFEST
 
 
