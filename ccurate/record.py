@@ -181,7 +181,12 @@ class Sample:
 
     def metadata_json(self) -> str:
         """The record without image bytes, as the `{key}.json` member of a shard."""
-        return json.dumps(self.to_row(with_image=False), ensure_ascii=False, default=str)
+        return row_json(self.to_row(with_image=False))
+
+
+def row_json(row: dict[str, Any]) -> str:
+    """A `Sample.to_row` row as the json a shard stores (`Sample.metadata_json`)."""
+    return json.dumps(row, ensure_ascii=False, default=str)
 
 
 SCHEMA = pa.schema(
@@ -224,21 +229,28 @@ METADATA_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "image"])
 
 
 def samples_to_table(samples: list[Sample], with_image: bool = False) -> pa.Table:
-    """Rows -> Arrow table with the fixed schema first, extra columns inferred after."""
+    """Samples -> Arrow table with the fixed schema first, extra columns inferred after."""
+    return rows_to_table([s.to_row(with_image=with_image) for s in samples], with_image)
+
+
+def rows_to_table(rows: list[dict[str, Any]], with_image: bool = False) -> pa.Table:
+    """`Sample.to_row` rows -> Arrow table (see `samples_to_table`): a writer that already
+    made each row (for its json) converts it once."""
     base = SCHEMA if with_image else METADATA_SCHEMA
-    rows = [s.to_row(with_image=with_image) for s in samples]
+    if not rows:
+        return pa.Table.from_pylist([], schema=base)
+    known = set(base.names)
     extra_names: list[str] = []
-    for s in samples:
-        for name in s.extra:
-            if name not in extra_names and name not in base.names:
+    for r in rows:
+        for name in r:
+            if name not in known:
+                known.add(name)
                 extra_names.append(name)
     columns: dict[str, pa.Array] = {}
     for f in base:
         columns[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
     for name in extra_names:
         columns[name] = pa.array([r.get(name) for r in rows])
-    if not rows:
-        return pa.Table.from_pylist([], schema=base)
     return pa.table(columns)
 
 

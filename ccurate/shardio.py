@@ -26,7 +26,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ccurate.record import Sample, samples_to_table, table_to_samples
+from ccurate.record import Sample, row_json, rows_to_table, samples_to_table, table_to_samples
 from ccurate.tario import TarWriter, iter_members
 
 MIME_EXT = {
@@ -113,7 +113,7 @@ class ShardWriter:
             f".{self.prefix.name}.tar.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
         self._tar: TarWriter | None = TarWriter(self._tmp_tar)
-        self._kept: list[Sample] = []
+        self._kept: list[dict[str, Any]] = []  # rows without image bytes
         self._dropped: list[Sample] = []
         self._keys: set[str] = set()
 
@@ -129,9 +129,10 @@ class ShardWriter:
         assert self._tar is not None
         if sample.image is not None:
             self._tar.add(f"{sample.key}.{ext_for(sample.mime)}", sample.image)
-        self._tar.add(f"{sample.key}.json", sample.metadata_json().encode())
+        row = sample.to_row(with_image=False)
+        self._tar.add(f"{sample.key}.json", row_json(row).encode())
         # image bytes live in the tar; keep only metadata in memory
-        self._kept.append(_without_image(sample))
+        self._kept.append(row)
 
     def commit(self, stats: dict[str, Any]) -> None:
         assert self._tar is not None
@@ -139,7 +140,7 @@ class ShardWriter:
         self._tar = None
         with open(self._tmp_tar, "rb+") as fh:
             os.fsync(fh.fileno())
-        write_table_atomic(f"{self.prefix}.parquet", samples_to_table(self._kept))
+        write_table_atomic(f"{self.prefix}.parquet", rows_to_table(self._kept))
         write_table_atomic(
             f"{self.prefix}.dropped.parquet",
             samples_to_table(self._dropped, with_image=self.keep_dropped_images),
@@ -153,11 +154,6 @@ class ShardWriter:
             self._tar = None
         if self._tmp_tar.exists():
             self._tmp_tar.unlink()
-
-
-def _without_image(sample: Sample) -> Sample:
-    clone = Sample.from_row(sample.to_row(with_image=False))
-    return clone
 
 
 def read_index(prefix: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -264,3 +264,21 @@ def test_tar_writer_writes_the_bytes_tarfile_writes(tmp_path: Path):
             got = [(m.name, tf.extractfile(m).read()) for m in tf]
         assert got == members[:n]
         assert end == sum(512 + -(-len(d) // 512) * 512 for _, d in members[:n])
+
+
+def test_shard_index_is_the_table_of_its_samples(tmp_path: Path):
+    # the writer keeps the rows it made for the json members; the index must be what
+    # samples_to_table makes of the same samples, extra columns included
+    samples = [sample(i) for i in range(4)]
+    samples[1].extra["source_col"] = "a"
+    samples[3].extra["other"] = [1, 2]
+    samples[2].scores["q.blur"] = 3.5
+    w = ShardWriter(tmp_path / "part-00000")
+    for s in samples:
+        w.write(s)
+    w.commit({})
+    got = pq.read_table(tmp_path / "part-00000.parquet")
+    want = samples_to_table(samples)
+    assert got.schema.names == want.schema.names
+    assert got.to_pylist() == want.to_pylist()
+    assert got.column_names[-2:] == ["source_col", "other"]
