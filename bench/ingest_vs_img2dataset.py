@@ -22,8 +22,10 @@ one process (thread pool + http.client vs asyncio streams + executor decode)
 on the same server; the result chose threads for `ingest/fetch.py`.
 
 Usage: .venv/bin/python bench/ingest_vs_img2dataset.py [--n 2000] [--workers 2] [--threads 32]
+       [--repeat R]
 Ends with: RESULT ingest ours_img_s=... anchor_img_s=... ratio=... ours_ok=... anchor_ok=...
-ours_rss_mb=... anchor_rss_mb=...
+ours_rss_mb=... anchor_rss_mb=... cpu_ratio=... rounds=... ratio_min=... ratio_max=... (medians
+over the rounds; peak RSS the highest, ok counts the lowest)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -458,6 +461,13 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="threads vs asyncio, then exit")
     ap.add_argument("--only", choices=["ours", "anchor"], default=None)
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of both tools, order alternating; figures are the medians (a shared host "
+        "drifts by 20-30 %% within minutes, so one round's ratio can mislead)",
+    )
+    ap.add_argument(
         "--no-optout",
         action="store_true",
         help="ccurate without robots.txt/TDMRep look-ups (breakdown only)",
@@ -482,31 +492,53 @@ def main() -> None:
         if a.probe:
             probe([u for u, _ in urls], a.threads, a.image_size)
             return
-        ours = anchor = None
-        if a.only != "anchor":
-            ours = run_ours(urls, work, a)
+        rounds: list[dict[str, float]] = []
+        for r in range(max(1, a.repeat)):
+            order = ["ours", "anchor"] if r % 2 == 0 else ["anchor", "ours"]
+            got: dict[str, float] = {}
+            for tool in order:
+                if a.only is not None and tool != a.only:
+                    continue
+                rdir = work / f"round{r}"
+                rdir.mkdir(exist_ok=True)
+                if tool == "ours":
+                    wall, rss, ok, stats = run_ours(urls, rdir, a)
+                    cpu, drops = a.ours_cpu, f"; drops {stats.get('drops')}"
+                else:
+                    wall, rss, ok, _ = run_img2dataset(urls, rdir, a)
+                    cpu, drops = a.anchor_cpu, ""
+                label = "ccurate:    " if tool == "ours" else "img2dataset:"
+                print(
+                    f"{label} {ok} ok in {wall:.1f}s = {ok / wall:.1f} img/s, {cpu:.1f} CPU-s ="
+                    f" {ok / cpu:.1f} img/CPU-s, peak RSS {rss:.0f} MB{drops}",
+                    flush=True,
+                )
+                got.update({f"{tool}_img_s": ok / wall, f"{tool}_cpu_img_s": ok / cpu})
+                got.update({f"{tool}_ok": ok, f"{tool}_rss_mb": rss})
+            if "ours_img_s" in got and "anchor_img_s" in got:
+                got["ratio"] = got["ours_img_s"] / got["anchor_img_s"]
+                got["cpu_ratio"] = got["ours_cpu_img_s"] / got["anchor_cpu_img_s"]
+                print(
+                    f"round {r + 1}: ratio {got['ratio']:.2f}, cpu-normalised ratio (img per "
+                    f"CPU-second) {got['cpu_ratio']:.2f}",
+                    flush=True,
+                )
+            rounds.append(got)
+        if all("ratio" in g for g in rounds):
+
+            def med(k: str) -> float:
+                return float(statistics.median(g[k] for g in rounds))
+
+            ratios = [g["ratio"] for g in rounds]
             print(
-                f"ccurate:     {ours[2]} ok in {ours[0]:.1f}s = {ours[2] / ours[0]:.1f} img/s,"
-                f" {a.ours_cpu:.1f} CPU-s = {ours[2] / a.ours_cpu:.1f} img/CPU-s,"
-                f" peak RSS {ours[1]:.0f} MB; drops {ours[3].get('drops')}",
-                flush=True,
-            )
-        if a.only != "ours":
-            anchor = run_img2dataset(urls, work, a)
-            print(
-                f"img2dataset: {anchor[2]} ok in {anchor[0]:.1f}s = "
-                f"{anchor[2] / anchor[0]:.1f} img/s, {a.anchor_cpu:.1f} CPU-s = "
-                f"{anchor[2] / a.anchor_cpu:.1f} img/CPU-s, peak RSS {anchor[1]:.0f} MB",
-                flush=True,
-            )
-        if ours and anchor:
-            o, n = ours[2] / ours[0], anchor[2] / anchor[0]
-            cpu_ratio = (ours[2] / a.ours_cpu) / (anchor[2] / a.anchor_cpu)
-            print(f"cpu-normalised ratio (img per CPU-second): {cpu_ratio:.2f}", flush=True)
-            print(
-                f"RESULT ingest ours_img_s={o:.1f} anchor_img_s={n:.1f} ratio={o / n:.2f} "
-                f"ours_ok={ours[2]} anchor_ok={anchor[2]} ours_rss_mb={ours[1]:.0f} "
-                f"anchor_rss_mb={anchor[1]:.0f}",
+                f"RESULT ingest ours_img_s={med('ours_img_s'):.1f} "
+                f"anchor_img_s={med('anchor_img_s'):.1f} ratio={med('ratio'):.2f} "
+                f"ours_ok={min(int(g['ours_ok']) for g in rounds)} "
+                f"anchor_ok={min(int(g['anchor_ok']) for g in rounds)} "
+                f"ours_rss_mb={max(g['ours_rss_mb'] for g in rounds):.0f} "
+                f"anchor_rss_mb={max(g['anchor_rss_mb'] for g in rounds):.0f} "
+                f"cpu_ratio={med('cpu_ratio'):.2f} rounds={len(rounds)} "
+                f"ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f}",
                 flush=True,
             )
     finally:
