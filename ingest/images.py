@@ -363,7 +363,6 @@ class PixelBudget:
 
     def __init__(self, max_pixels: int, threads: int = 1) -> None:
         threads = max(1, threads)
-        self.max_pixels = max_pixels
         self.free = max_pixels // (2 * threads)
         self.limit = max_pixels - self.free * threads
         self.used = 0  # pixels held by big images
@@ -412,11 +411,7 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
         ):
             fast = _fast_jpeg(data, w0, h0, opt, budget)
             if fast is not None:
-                out = Image.fromarray(fast, "RGB")
-                encoded = encode(out, opt.output_format, opt.encode_quality)
-                sha = hashlib.sha256(data).hexdigest()
-                mime = OUTPUT_MIME[opt.output_format]
-                return ImageResult(encoded, mime, out.width, out.height, w0, h0, sha, out)
+                return _encoded(Image.fromarray(fast, "RGB"), data, w0, h0, opt)
         if not opt.keep_original:
             _draft(img, opt)
         with budget.hold(img.size[0] * img.size[1]) if budget is not None else nullcontext():
@@ -439,14 +434,19 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
             if method is not None:
                 img = img.transpose(method)
             rgb = _to_rgb(img)
-            sha = hashlib.sha256(data).hexdigest()
             if opt.keep_original:
                 mime = FORMAT_MIME.get(fmt_name, "application/octet-stream")
+                sha = hashlib.sha256(data).hexdigest()
                 return ImageResult(data, mime, w0, h0, w0, h0, sha, rgb)
-            out = _resize(rgb, opt)
-            encoded = encode(out, opt.output_format, opt.encode_quality)
-        return ImageResult(
-            encoded, OUTPUT_MIME[opt.output_format], out.width, out.height, w0, h0, sha, out
-        )
+            return _encoded(_resize(rgb, opt), data, w0, h0, opt)
     finally:
         img.close()
+
+
+def _encoded(out: Image.Image, data: bytes, w0: int, h0: int, opt: ImageOptions) -> ImageResult:
+    """The resized pixels encoded in the output format, with what the record stores
+    (`data` is the downloaded body, `w0` x `h0` its upright size)."""
+    encoded = encode(out, opt.output_format, opt.encode_quality)
+    sha = hashlib.sha256(data).hexdigest()
+    mime = OUTPUT_MIME[opt.output_format]
+    return ImageResult(encoded, mime, out.width, out.height, w0, h0, sha, out)
