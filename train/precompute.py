@@ -20,7 +20,6 @@ are left out and counted with their reason in the marker.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ccurate.progress import Progress
+from ccurate.record import row_json
 from ccurate.shardio import (
     atomic_path,
     clear_shard,
@@ -151,7 +151,7 @@ def _process_shard(
                 tf.add(f"{raw.key}.emb.npy", _npy(syn[i]))
             if alt is not None:
                 tf.add(f"{raw.key}.alt.npy", _npy(alt[i]))
-            tf.add(f"{raw.key}.json", json.dumps(rec, ensure_ascii=False, default=str).encode())
+            tf.add(f"{raw.key}.json", row_json(rec).encode())
             stats["samples"] += 1
         pending.clear()
 
