@@ -18,10 +18,13 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
   installed, and `trainer`: the trainer's own covering resize + centre crop),
   measured in CPU seconds so that other load on a shared machine does not
   count; then the trainer's own loader (`ShardDataset` + `TrainLoader`: the
-  trainer's decode, random flip, batches filled in shared memory by `--workers`
-  processes), wall clock and CPU time of all its processes.
+  trainer's decode, random flip, batches filled by `--workers` processes in a ring
+  of reused shared-memory buffers and copied out in the trainer's process), wall
+  clock and CPU time of all its processes.
 
-Ends with `RESULT shard_read ours_samples_s=… raw_samples_s=… ratio=… decode_aug_samples_s=…`.
+Ends with `RESULT shard_read ours_samples_s=… raw_samples_s=… ratio=… decode_aug_samples_s=…
+loader_ring_vs_fresh=…` (the loader with its reused batch buffers vs a new shared-memory
+segment per batch, interleaved in the same run).
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ from ccurate.shards.read import release_shards, tar_samples
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
 from ccurate.train.data import (
+    BatchRing,
     Decoder,
     MemberReader,
     ShardDataset,
     StreamSpec,
     TrainLoader,
+    batch_buffer,
     count_samples,
     decode_resize_crop,
     iter_tar,
@@ -237,13 +242,24 @@ def _decode_run(urls: list[str], aug: Aug) -> Callable[[], int]:
     return lambda: decode_one_core(urls, aug)
 
 
-def decode_loader(urls: list[str], workers: int, batch: int) -> tuple[int, float, float]:
-    """One pass of the trainer's own loader (`ShardDataset` + `TrainLoader`, random flip on):
-    samples, wall seconds, and the CPU seconds of all its processes."""
+def decode_loader(
+    urls: list[str], workers: int, batch: int, epochs: int, fresh: bool = False
+) -> tuple[int, float, float]:
+    """`epochs` passes of the trainer's own loader (`ShardDataset` + `TrainLoader`, random
+    flip on): samples, wall seconds, and the CPU seconds of all its processes. `fresh`:
+    the workers put every batch in a new shared-memory segment instead of their
+    `BatchRing` (the design before it; forked workers inherit the patch)."""
     spec = StreamSpec(tuple(urls), seed=0, shuffle_shards=True, shuffle_buffer=256)
     decoder = Decoder("image", SIZE, SIZE, "alt_text", random_flip=True)
     n_total = sum(count_samples(u) for u in urls)
-    steps = n_total // batch
+    steps = epochs * n_total // batch
+    if fresh:
+        real = BatchRing.buffer
+        BatchRing.buffer = lambda self, shape: batch_buffer(shape)  # type: ignore[method-assign]
+        try:
+            return decode_loader(urls, workers, batch, epochs)
+        finally:
+            BatchRing.buffer = real  # type: ignore[method-assign]
     ds = ShardDataset(spec, decoder, batch, num_workers=workers)
     loader = TrainLoader(ds, steps, prefetch_factor=4)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -265,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-shard", type=int, default=500)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--loader-epochs", type=int, default=3, help="passes per loader run")
     ap.add_argument("--float", action="store_true", help="convert to float tensors in [0, 1]")
     ap.add_argument("--release", type=Path, help="read this release instead of building one")
     args = ap.parse_args(argv)
@@ -302,15 +319,25 @@ def main(argv: list[str] | None = None) -> None:
             per_core[name] = rate
             print(f"decode+aug, 1 core   : {rate:9.0f} samples/s per CPU-second  [{name}]")
         best = max(per_core, key=lambda k: per_core[k])
-        runs = [decode_loader(urls, args.workers, 64) for _ in range(max(1, args.repeat - 1))]
-        m, wall_s, cpu = min(runs, key=lambda r: r[1])
-        loader_wall = m / wall_s
-        loader_cpu = m / cpu * args.workers if cpu else 0.0
-        print(
-            f"decode+aug, loader   : {loader_wall:9.0f} samples/s wall, "
-            f"{loader_cpu:.0f} samples/s on {args.workers} free cores (CPU time of all "
-            f"processes) [trainer's TrainLoader, {args.workers} workers, batch 64, flip]"
-        )
+        # interleaved, so that drift of a shared host's speed hits both alike
+        rates: dict[bool, list[tuple[int, float, float]]] = {False: [], True: []}
+        for _ in range(max(1, args.repeat - 1)):
+            for fresh in (False, True):
+                rates[fresh].append(
+                    decode_loader(urls, args.workers, 64, args.loader_epochs, fresh)
+                )
+        loader: dict[bool, tuple[float, float]] = {}
+        for fresh, runs in rates.items():
+            m, wall_s, cpu = min(runs, key=lambda r: r[1])
+            loader[fresh] = (m / wall_s, m / cpu * args.workers if cpu else 0.0)
+            what = "a new shared segment per batch" if fresh else "reused batch buffers"
+            print(
+                f"decode+aug, loader   : {loader[fresh][0]:9.0f} samples/s wall, "
+                f"{loader[fresh][1]:.0f} samples/s on {args.workers} free cores (CPU time of "
+                f"all processes) [trainer's TrainLoader, {args.workers} workers, batch 64, "
+                f"flip, {args.loader_epochs} epochs; {what}]"
+            )
+        loader_wall, loader_cpu = loader[False]
         print(f"load average         : {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(
             f"RESULT shard_read ours_samples_s={ours:.0f} raw_samples_s={raw:.0f} "
@@ -319,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
             f"trainer_ratio={trainer / raw:.3f} decode_aug_samples_s={loader_wall:.0f} "
             f"decode_aug_cpu_samples_s={loader_cpu:.0f} "
             f"decode_aug_1core_samples_s={per_core[best]:.0f} best_1core_decoder={best} "
-            f"workers={args.workers}"
+            f"workers={args.workers} loader_fresh_segments_samples_s={loader[True][0]:.0f} "
+            f"loader_ring_vs_fresh={loader_wall / max(loader[True][0], 1e-9):.3f}"
         )
     finally:
         if tmp:

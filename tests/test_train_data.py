@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -319,3 +320,55 @@ def test_random_flip_mirrors_about_half_and_is_fixed_by_seed_epoch_key(tmp_path)
     assert sorted(mirrored + same) == list(range(len(raws)))  # every row one or the other
     assert 10 <= len(mirrored) <= 30
     assert not torch.equal(a, other_epoch)  # a new draw per data epoch
+
+
+def test_batch_ring_reuses_a_buffer_only_once_its_batch_is_released():
+    released = torch.zeros(1, dtype=torch.int64)
+    ring = tdata.BatchRing(released, worker=0, depth=2)
+    a, b = ring.buffer((2, 4, 4, 3)), ring.buffer((2, 4, 4, 3))
+    assert a.data_ptr() != b.data_ptr()
+    got: list[torch.Tensor] = []
+    waiter = threading.Thread(target=lambda: got.append(ring.buffer((2, 4, 4, 3))))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got  # batch 0 not released: its buffer is not handed out
+    released[0] = 1
+    waiter.join(5)
+    assert got and got[0].data_ptr() == a.data_ptr()  # batch 2 reuses batch 0's buffer
+    released[0] = 2
+    smaller = ring.buffer((1, 4, 4, 3))  # a smaller bucket fits in batch 1's buffer
+    assert smaller.data_ptr() == b.data_ptr()
+    released[0] = 3
+    bigger = ring.buffer((4, 4, 4, 3))  # a bigger one gets a new buffer
+    assert bigger.data_ptr() != a.data_ptr() and bigger.shape == (4, 4, 4, 3)
+    released.fill_(tdata.BatchRing.CLOSED)  # what TrainLoader.close() sets: nobody waits
+    ring.buffer((2, 4, 4, 3))
+    batch: dict = {}
+    ring.tag(batch, 0)
+    assert batch["ring"] == [0, 5]
+
+
+def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(release, monkeypatch):
+    """Workers refill a few shared buffers in turn; every batch handed out is a copy, so
+    batches kept by the trainer equal those of a loader that allocates afresh."""
+    root, _ = release
+    shards = find_shards(root)
+    n = 24  # 12 per worker, 4 times the ring's depth (prefetch_factor 1 + 2)
+
+    def loader():
+        spec = StreamSpec(tuple(shards), seed=7, shuffle_shards=True, shuffle_buffer=16)
+        ds = ShardDataset(spec, Decoder("image", 16, 16, random_flip=True), 3, num_workers=2)
+        return TrainLoader(ds, 100, prefetch_factor=1)
+
+    reused = loader()
+    kept = _take(reused, n)
+    mapped = {t.data_ptr() for t in reused._mapped.values()}
+    reused.close()
+    assert len(mapped) == 2 * 3  # 2 workers x depth 3 buffers served all 24 batches
+    assert len({b["pixels"].data_ptr() for b in kept}) == n  # the handed-out copies
+    monkeypatch.setattr(tdata.BatchRing, "buffer", lambda self, shape: tdata.batch_buffer(shape))
+    fresh = _take(loader(), n)  # forked workers inherit the patch: a new segment per batch
+    for a, b in zip(kept, fresh, strict=True):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["pixels"], b["pixels"])
+        assert a["pixels"].stride() == b["pixels"].stride()  # channels-last view kept

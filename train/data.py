@@ -29,6 +29,7 @@ import math
 import os
 import random
 import tarfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -488,6 +489,12 @@ def pick_caption(
 # ---- decoding ----------------------------------------------------------------------
 
 
+def _shared_uint8(n: int) -> torch.Tensor:
+    """A 1-D uint8 tensor of `n` bytes in a fresh shared-memory segment."""
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(n)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
 def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised uint8 tensor for a batch. In a DataLoader worker it is allocated in
     shared memory, as torch's default_collate does: handing the batch to the trainer then
@@ -495,9 +502,54 @@ def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     more pass over every pixel, and its page faults)."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
-    n = math.prod(shape)
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(n)
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    return _shared_uint8(math.prod(shape)).view(shape)
+
+
+class BatchRing:
+    """A loader worker's `depth` shared-memory batch buffers, reused in turn.
+
+    A fresh shared segment per batch costs the kernel its page faults: 3,072 zeroed
+    4-KiB pages per 64 x 256 x 256 batch, ~13 ms, about 0.2 ms per sample, a quarter
+    of the worker's time per sample (`bench/shard_read.py`). Reuse is safe because of a
+    handshake with `TrainLoader`: it copies each batch out (or the DataLoader's pinning
+    thread already did) before the trainer sees it, then counts it in `released`, a
+    counter per worker in shared memory; the worker refills a buffer only once the
+    batch that last used it is counted. Batch `seq` goes to buffer `seq % depth`.
+    """
+
+    CLOSED = 1 << 62  # `released` value that TrainLoader.close() sets: stop waiting
+
+    def __init__(self, released: torch.Tensor, worker: int, depth: int) -> None:
+        self.released = released
+        self.worker = worker
+        self.depth = max(1, depth)
+        self.seq = 0
+        self.issued: int | None = None
+        self._slots: list[torch.Tensor | None] = [None] * self.depth
+        self._parent = os.getppid()
+
+    def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The next batch's buffer (`Decoder.decode` fills every row of it)."""
+        seq, slot = self.seq, self.seq % self.depth
+        self._wait_released(seq - self.depth + 1)
+        n = math.prod(shape)
+        flat = self._slots[slot]
+        if flat is None or flat.numel() < n:  # first use, or a bigger aspect bucket
+            flat = self._slots[slot] = _shared_uint8(n)
+        self.seq, self.issued = seq + 1, seq
+        return flat[:n].view(shape)
+
+    def tag(self, batch: dict[str, Any], worker: int) -> None:
+        """Mark `batch` with its buffer, for the trainer to release; no-op without one."""
+        if self.issued is not None:
+            batch["ring"] = [worker, self.issued]
+            self.issued = None
+
+    def _wait_released(self, count: int) -> None:
+        while int(self.released[self.worker]) < count:
+            if os.getppid() != self._parent:
+                raise DataError("the training process is gone")
+            time.sleep(0.0005)
 
 
 @dataclass
@@ -541,13 +593,16 @@ class Decoder:
         epoch: int,
         reader: MemberReader,
         hw: tuple[int, int] | None = None,
+        alloc: Callable[[tuple[int, ...]], torch.Tensor] = batch_buffer,
     ) -> dict[str, Any]:
+        """A batch of `group`; `alloc` gives the NHWC pixel buffer (a `BatchRing`'s in
+        `TrainLoader` workers), every row of which is written."""
         h, w = hw or (self.height, self.width)
         if self.mode == "latent":
             return self._decode_latent(group, epoch, reader)
         # one NHWC buffer filled in place; the batch is its NCHW view (channels-last
         # strides: no transposing copy here, the model's first conv takes either layout)
-        batch = batch_buffer((len(group), h, w, 3))
+        batch = alloc((len(group), h, w, 3))
         pixels = batch.numpy()
         ok: list[int] = []
         bad_rows: list[int] = []
@@ -688,6 +743,9 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
         self.vae_factor = vae_factor
         self.start = dict(start or {})
         self.rotate = rotate
+        # set by TrainLoader: worker batch buffers are then reused (`BatchRing`)
+        self.ring_released: torch.Tensor | None = None
+        self.ring_depth = 0
 
     @property
     def n_logical(self) -> int:
@@ -701,19 +759,27 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
         slot, n_slots = self.rank * nw + lw, self.world * nw
         start = self.start.get(lw, (0, 0))
         reader = MemberReader()
+        ring = None
+        if info is not None and self.ring_released is not None:
+            ring = BatchRing(self.ring_released, physical, self.ring_depth)
+        alloc = ring.buffer if ring is not None else batch_buffer
         try:
             if self.buckets is None:
                 for group, pos in fixed_batches(self.spec, slot, n_slots, self.batch_size, start):
-                    batch = self.decoder.decode(group, pos[0], reader)
+                    batch = self.decoder.decode(group, pos[0], reader, alloc=alloc)
                     batch["pos"] = [lw, pos[0], pos[1]]
+                    if ring is not None:
+                        ring.tag(batch, physical)
                     yield batch
             else:
                 of = bucket_reader(self.decoder.mode, self.buckets, self.vae_factor)
                 for group, pos, hw in bucket_batches(
                     self.spec, slot, n_slots, self.batch_size, lambda r: of(r, reader), start
                 ):
-                    batch = self.decoder.decode(group, pos[0], reader, hw)
+                    batch = self.decoder.decode(group, pos[0], reader, hw, alloc)
                     batch["pos"] = [lw, pos[0], pos[1]]
+                    if ring is not None:
+                        ring.tag(batch, physical)
                     yield batch
         finally:
             reader.close()
@@ -724,7 +790,10 @@ class TrainLoader:
 
     `state()` is what a checkpoint stores; `TrainLoader(..., state=...)` resumes
     from it. Positions are taken from the batches actually handed out, never from
-    what the workers prefetched.
+    what the workers prefetched. Its workers fill a ring of reused shared-memory
+    buffers (`BatchRing`); each batch is copied out of its buffer (by the pinning
+    thread with `pin_memory`, else here) before it is handed out, so a batch the
+    trainer keeps never changes.
     """
 
     def __init__(
@@ -745,6 +814,9 @@ class TrainLoader:
         dataset.rotate = self.batches % dataset.n_logical
         self.dataset = dataset
         nw = dataset.num_workers
+        # a worker is at most prefetch_factor batches ahead of what was handed out here;
+        # two more buffers and it never waits for a release
+        dataset.ring_depth = prefetch_factor + 2
         self.loader = DataLoader(
             dataset,
             batch_size=None,
@@ -754,6 +826,9 @@ class TrainLoader:
             persistent_workers=False,
         )
         self._it: Iterator[dict[str, Any]] | None = None
+        # the received ring buffers, kept mapped: torch then maps each buffer once instead of
+        # on every batch (and its page faults with it)
+        self._mapped: dict[tuple[int, int], torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -761,8 +836,22 @@ class TrainLoader:
     def __next__(self) -> dict[str, Any]:
         """The next batch; it counts as consumed only once passed to `mark`."""
         if self._it is None:
+            if self.dataset.num_workers > 0:
+                counters = torch.zeros(self.dataset.num_workers, dtype=torch.int64)
+                self.dataset.ring_released = counters.share_memory_()
             self._it = iter(self.loader)
-        return next(self._it)
+        batch = next(self._it)
+        ring = batch.pop("ring", None)
+        if ring is not None:
+            worker, seq = int(ring[0]), int(ring[1])
+            pixels = batch["pixels"]
+            if not pixels.is_pinned():  # pinning already copied it out of the shared buffer
+                self._mapped[(worker, seq % self.dataset.ring_depth)] = pixels
+                batch["pixels"] = pixels.clone()  # keeps the channels-last strides
+            released = self.dataset.ring_released
+            assert released is not None
+            released[worker] = seq + 1
+        return batch
 
     def mark(self, batch: dict[str, Any]) -> None:
         """Record `batch` as consumed (the trainer calls this when the step uses it)."""
@@ -790,4 +879,8 @@ class TrainLoader:
         }
 
     def close(self) -> None:
+        if self.dataset.ring_released is not None:
+            self.dataset.ring_released.fill_(BatchRing.CLOSED)  # no worker waits on a release
+            self.dataset.ring_released = None
+        self._mapped.clear()
         self._it = None  # the DataLoader iterator shuts its workers down when collected
