@@ -255,7 +255,7 @@ def decode_loader(
     steps = epochs * n_total // batch
     if fresh:
         real = BatchRing.buffer
-        BatchRing.buffer = lambda self, shape: batch_buffer(shape)  # type: ignore[method-assign]
+        BatchRing.buffer = lambda self, n: batch_buffer(n)  # type: ignore[method-assign]
         try:
             return decode_loader(urls, workers, batch, epochs)
         finally:

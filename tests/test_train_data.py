@@ -325,10 +325,10 @@ def test_random_flip_mirrors_about_half_and_is_fixed_by_seed_epoch_key(tmp_path)
 def test_batch_ring_reuses_a_buffer_only_once_its_batch_is_released():
     released = torch.zeros(1, dtype=torch.int64)
     ring = tdata.BatchRing(released, worker=0, depth=2)
-    a, b = ring.buffer((2, 4, 4, 3)), ring.buffer((2, 4, 4, 3))
-    assert a.data_ptr() != b.data_ptr()
+    a, b = ring.buffer(96), ring.buffer(96)
+    assert a.data_ptr() != b.data_ptr() and a.numel() == 96
     got: list[torch.Tensor] = []
-    waiter = threading.Thread(target=lambda: got.append(ring.buffer((2, 4, 4, 3))))
+    waiter = threading.Thread(target=lambda: got.append(ring.buffer(96)))
     waiter.start()
     waiter.join(0.3)
     assert waiter.is_alive() and not got  # batch 0 not released: its buffer is not handed out
@@ -336,39 +336,78 @@ def test_batch_ring_reuses_a_buffer_only_once_its_batch_is_released():
     waiter.join(5)
     assert got and got[0].data_ptr() == a.data_ptr()  # batch 2 reuses batch 0's buffer
     released[0] = 2
-    smaller = ring.buffer((1, 4, 4, 3))  # a smaller bucket fits in batch 1's buffer
-    assert smaller.data_ptr() == b.data_ptr()
+    smaller = ring.buffer(48)  # a smaller bucket fits in batch 1's buffer
+    assert smaller.data_ptr() == b.data_ptr() and smaller.numel() == 48
     released[0] = 3
-    bigger = ring.buffer((4, 4, 4, 3))  # a bigger one gets a new buffer
-    assert bigger.data_ptr() != a.data_ptr() and bigger.shape == (4, 4, 4, 3)
+    bigger = ring.buffer(192)  # a bigger one gets a new buffer
+    assert bigger.data_ptr() != a.data_ptr() and bigger.numel() == 192
     released.fill_(tdata.BatchRing.CLOSED)  # what TrainLoader.close() sets: nobody waits
-    ring.buffer((2, 4, 4, 3))
-    batch: dict = {}
+    flat = ring.buffer(96)
+    batch = {"pixels": flat[:48].view(1, 4, 4, 3), "other": torch.zeros(3), "keys": ["k"]}
     ring.tag(batch, 0)
-    assert batch["ring"] == [0, 5]
+    assert batch["ring"] == [0, 5, ["pixels"]]  # the entries that live in the ring
 
 
-def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(release, monkeypatch):
-    """Workers refill a few shared buffers in turn; every batch handed out is a copy, so
+def _fresh_segments(monkeypatch):
+    """Workers forked after this put every batch in a new shared segment (no ring)."""
+    monkeypatch.setattr(tdata.BatchRing, "buffer", lambda self, n: tdata.batch_buffer(n))
+
+
+def _latent_release(root: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        with TarWriter(root / f"lat-{s}.tar") as tf:
+            for i in range(7):
+                for ext, shape in (("latent", (4, 2, 2)), ("emb", (3, 8)), ("alt", (3, 8))):
+                    buf = io.BytesIO()
+                    np.save(buf, rng.standard_normal(shape).astype(np.float16))
+                    tf.add(f"{s}{i:04d}.{ext}.npy", buf.getvalue())
+    return find_shards(root)
+
+
+@pytest.mark.parametrize("mode", ["image", "latent"])
+def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(
+    release, tmp_path, monkeypatch, mode
+):
+    """Workers refill a few shared buffers in turn; every array handed out is a copy, so
     batches kept by the trainer equal those of a loader that allocates afresh."""
-    root, _ = release
-    shards = find_shards(root)
+    shards = find_shards(release[0]) if mode == "image" else _latent_release(tmp_path)
     n = 24  # 12 per worker, 4 times the ring's depth (prefetch_factor 1 + 2)
+    arrays = ["pixels"] if mode == "image" else ["latents", "emb"]
 
     def loader():
         spec = StreamSpec(tuple(shards), seed=7, shuffle_shards=True, shuffle_buffer=16)
-        ds = ShardDataset(spec, Decoder("image", 16, 16, random_flip=True), 3, num_workers=2)
+        dec = Decoder(mode, 16, 16, random_flip=mode == "image")
+        ds = ShardDataset(spec, dec, 3, num_workers=2)
         return TrainLoader(ds, 100, prefetch_factor=1)
 
     reused = loader()
     kept = _take(reused, n)
-    mapped = {t.data_ptr() for t in reused._mapped.values()}
+    mapped = {t.untyped_storage().data_ptr() for t in reused._mapped.values()}
     reused.close()
     assert len(mapped) == 2 * 3  # 2 workers x depth 3 buffers served all 24 batches
-    assert len({b["pixels"].data_ptr() for b in kept}) == n  # the handed-out copies
-    monkeypatch.setattr(tdata.BatchRing, "buffer", lambda self, shape: tdata.batch_buffer(shape))
-    fresh = _take(loader(), n)  # forked workers inherit the patch: a new segment per batch
+    for name in arrays:  # the handed-out copies
+        assert len({b[name].data_ptr() for b in kept}) == n
+    _fresh_segments(monkeypatch)
+    fresh = _take(loader(), n)
     for a, b in zip(kept, fresh, strict=True):
         assert a["keys"] == b["keys"]
-        assert torch.equal(a["pixels"], b["pixels"])
-        assert a["pixels"].stride() == b["pixels"].stride()  # channels-last view kept
+        for name in arrays:
+            assert torch.equal(a[name], b[name])
+            assert a[name].stride() == b[name].stride()  # channels-last pixels kept
+
+
+def test_npy_view_reads_without_copying_and_refuses_pickles():
+    arr = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    for a in (arr, np.asfortranarray(arr)):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        data = buf.getvalue()
+        view = tdata.npy_view(data, "k")
+        assert np.array_equal(view, arr) and not view.flags.writeable  # a view of `data`
+    with pytest.raises(DataError, match="refused"):
+        tdata.npy_view(data[:-5], "k")  # truncated
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="refused"):
+        tdata.npy_view(buf.getvalue(), "k")

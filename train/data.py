@@ -495,14 +495,14 @@ def _shared_uint8(n: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
-def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor for a batch. In a DataLoader worker it is allocated in
-    shared memory, as torch's default_collate does: handing the batch to the trainer then
-    moves no pixels (otherwise pickling copies every batch into a fresh shared segment: one
-    more pass over every pixel, and its page faults)."""
+def batch_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialised flat uint8 tensor for a batch's arrays. In a DataLoader worker it
+    is allocated in shared memory, as torch's default_collate does: handing the batch to
+    the trainer then moves no data (otherwise pickling copies every batch into a fresh
+    shared segment: one more pass over every byte, and its page faults)."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    return _shared_uint8(math.prod(shape)).view(shape)
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return _shared_uint8(nbytes)
 
 
 class BatchRing:
@@ -528,22 +528,31 @@ class BatchRing:
         self._slots: list[torch.Tensor | None] = [None] * self.depth
         self._parent = os.getppid()
 
-    def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """The next batch's buffer (`Decoder.decode` fills every row of it)."""
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """The next batch's buffer, flat uint8 (`Decoder.decode` fills every byte it uses)."""
         seq, slot = self.seq, self.seq % self.depth
         self._wait_released(seq - self.depth + 1)
-        n = math.prod(shape)
         flat = self._slots[slot]
-        if flat is None or flat.numel() < n:  # first use, or a bigger aspect bucket
-            flat = self._slots[slot] = _shared_uint8(n)
+        if flat is None or flat.numel() < nbytes:  # first use, or a bigger bucket
+            flat = self._slots[slot] = _shared_uint8(nbytes)
         self.seq, self.issued = seq + 1, seq
-        return flat[:n].view(shape)
+        return flat[:nbytes]
 
     def tag(self, batch: dict[str, Any], worker: int) -> None:
-        """Mark `batch` with its buffer, for the trainer to release; no-op without one."""
-        if self.issued is not None:
-            batch["ring"] = [worker, self.issued]
-            self.issued = None
+        """Mark `batch` with its buffer and the entries that live in it, for the trainer to
+        copy out and release; no-op when no buffer was taken."""
+        if self.issued is None:
+            return
+        slot = self._slots[self.issued % self.depth]
+        assert slot is not None
+        ptr = slot.untyped_storage().data_ptr()
+        views = [
+            k
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr
+        ]
+        batch["ring"] = [worker, self.issued, views]
+        self.issued = None
 
     def _wait_released(self, count: int) -> None:
         while int(self.released[self.worker]) < count:
@@ -593,16 +602,16 @@ class Decoder:
         epoch: int,
         reader: MemberReader,
         hw: tuple[int, int] | None = None,
-        alloc: Callable[[tuple[int, ...]], torch.Tensor] = batch_buffer,
+        alloc: Callable[[int], torch.Tensor] = batch_buffer,
     ) -> dict[str, Any]:
-        """A batch of `group`; `alloc` gives the NHWC pixel buffer (a `BatchRing`'s in
-        `TrainLoader` workers), every row of which is written."""
+        """A batch of `group`; `alloc(nbytes)` gives the flat buffer its arrays are
+        written into (a `BatchRing`'s in `TrainLoader` workers)."""
         h, w = hw or (self.height, self.width)
         if self.mode == "latent":
-            return self._decode_latent(group, epoch, reader)
+            return self._decode_latent(group, epoch, reader, alloc)
         # one NHWC buffer filled in place; the batch is its NCHW view (channels-last
         # strides: no transposing copy here, the model's first conv takes either layout)
-        batch = alloc((len(group), h, w, 3))
+        batch = alloc(len(group) * h * w * 3).view(len(group), h, w, 3)
         pixels = batch.numpy()
         ok: list[int] = []
         bad_rows: list[int] = []
@@ -641,11 +650,15 @@ class Decoder:
         return out
 
     def _decode_latent(
-        self, group: list[RawSample], epoch: int, reader: MemberReader
+        self,
+        group: list[RawSample],
+        epoch: int,
+        reader: MemberReader,
+        alloc: Callable[[int], torch.Tensor] = batch_buffer,
     ) -> dict[str, Any]:
         latents, embs = [], []
         for raw in group:
-            latents.append(load_npy(reader.read(_need(raw, "latent.npy")), raw.key))
+            latents.append(npy_view(reader.read(_need(raw, "latent.npy")), raw.key))
             u = unit_hash(self.seed, epoch, raw.key, "caption")
             want = {"synthetic": "emb.npy", "alt_text": "alt.npy"}.get(self.caption_source)
             if want is None:  # mix
@@ -653,13 +666,34 @@ class Decoder:
             m = raw.members.get(want) or raw.members.get("emb.npy") or raw.members.get("alt.npy")
             if m is None:
                 raise DataError(f"{raw.shard}: sample {raw.key} has no text embedding member")
-            embs.append(load_npy(reader.read(m), raw.key))
-        return {
-            "latents": torch.from_numpy(np.stack(latents)),
-            "emb": torch.from_numpy(np.stack(embs)),
-            "keys": [r.key for r in group],
-            "bad": [],
-        }
+            embs.append(npy_view(reader.read(m), raw.key))
+        lat_t, emb_t = stack_into([latents, embs], alloc)
+        return {"latents": lat_t, "emb": emb_t, "keys": [r.key for r in group], "bad": []}
+
+
+def stack_into(
+    groups: Sequence[Sequence[np.ndarray]], alloc: Callable[[int], torch.Tensor]
+) -> list[torch.Tensor]:
+    """`np.stack` each group of equal-shape arrays into one flat `alloc` buffer: one copy per
+    array, and the tensors share the buffer's (shared-memory) storage."""
+    metas = []
+    total = 0
+    for arrays in groups:
+        first = arrays[0]
+        shape = (len(arrays), *first.shape)
+        if any(a.shape != first.shape or a.dtype != first.dtype for a in arrays):
+            raise DataError(f"arrays of a batch differ in shape or dtype: {shape}, {first.dtype}")
+        dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
+        metas.append((total, shape, dtype))
+        total += -(-math.prod(shape) * first.dtype.itemsize // 64) * 64  # 64-byte aligned
+    flat = alloc(total)
+    out = []
+    for arrays, (off, shape, dtype) in zip(groups, metas, strict=True):
+        n = math.prod(shape) * arrays[0].dtype.itemsize
+        t = flat[off : off + n].view(dtype).view(shape)
+        np.stack(arrays, out=t.numpy())
+        out.append(t)
+    return out
 
 
 def _need(raw: RawSample, ext: str) -> Member:
@@ -673,6 +707,26 @@ def load_npy(data: bytes, key: str = "") -> np.ndarray:
     """An `.npy` member; object arrays (pickles) are refused."""
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{key}: refused .npy member (pickled or malformed): {exc}") from exc
+
+
+def npy_view(data: bytes, key: str = "") -> np.ndarray:
+    """An `.npy` member as a read-only view of `data`: no copy (`load_npy` makes one).
+    Object arrays (pickles) are refused."""
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:  # 3.0 (utf-8 field names): rare, the copying reader takes it
+            return load_npy(data, key)
+        if dtype.hasobject:
+            raise ValueError("object arrays cannot be loaded without pickle")
+        arr = np.frombuffer(data, dtype, math.prod(shape), fp.tell())
+        return arr.reshape(shape, order="F" if fortran else "C")
     except ValueError as exc:
         raise DataError(f"{key}: refused .npy member (pickled or malformed): {exc}") from exc
 
@@ -694,7 +748,7 @@ def bucket_reader(
             lat = rec.get("latent_hw")
             if lat:
                 return int(lat[0]) * vae_factor, int(lat[1]) * vae_factor
-            arr = load_npy(reader.read(_need(raw, "latent.npy")), raw.key)
+            arr = npy_view(reader.read(_need(raw, "latent.npy")), raw.key)
             return int(arr.shape[-2]) * vae_factor, int(arr.shape[-1]) * vae_factor
         w, h = rec.get("width"), rec.get("height")
         if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
@@ -843,11 +897,12 @@ class TrainLoader:
         batch = next(self._it)
         ring = batch.pop("ring", None)
         if ring is not None:
-            worker, seq = int(ring[0]), int(ring[1])
-            pixels = batch["pixels"]
-            if not pixels.is_pinned():  # pinning already copied it out of the shared buffer
-                self._mapped[(worker, seq % self.dataset.ring_depth)] = pixels
-                batch["pixels"] = pixels.clone()  # keeps the channels-last strides
+            worker, seq, views = int(ring[0]), int(ring[1]), ring[2]
+            for k in views:
+                t = batch[k]
+                if not t.is_pinned():  # pinning already copied it out of the shared buffer
+                    self._mapped[(worker, seq % self.dataset.ring_depth)] = t
+                    batch[k] = t.clone()  # keeps the strides (channels-last pixels)
             released = self.dataset.ring_released
             assert released is not None
             released[worker] = seq + 1
