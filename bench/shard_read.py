@@ -20,11 +20,15 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
   count; then the trainer's own loader (`ShardDataset` + `TrainLoader`: the
   trainer's decode, random flip, batches filled by `--workers` processes in a ring
   of reused shared-memory buffers and copied out in the trainer's process), wall
-  clock and CPU time of all its processes.
+  clock and CPU time of all its processes. The same loader then reads precomputed
+  latent shards (`--latent-samples`, SD2-base shapes at 256 px: 8x32x32 posterior
+  moments, 77x1024 text embeddings, float16), the input of training from latents.
+  Both loaders run interleaved against a variant whose workers put every batch in a
+  new shared-memory segment (the design before the ring).
 
 Ends with `RESULT shard_read ours_samples_s=… raw_samples_s=… ratio=… decode_aug_samples_s=…
-loader_ring_vs_fresh=…` (the loader with its reused batch buffers vs a new shared-memory
-segment per batch, interleaved in the same run).
+loader_ring_vs_fresh=… latent_samples_s=… latent_ring_vs_fresh=…` (the loaders with their
+reused batch buffers vs a new shared-memory segment per batch, interleaved in the same run).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from ccurate.shards.config import ShardsConfig
 from ccurate.shards.read import release_shards, tar_samples
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
+from ccurate.tario import TarWriter
 from ccurate.train.data import (
     BatchRing,
     Decoder,
@@ -243,21 +248,24 @@ def _decode_run(urls: list[str], aug: Aug) -> Callable[[], int]:
 
 
 def decode_loader(
-    urls: list[str], workers: int, batch: int, epochs: int, fresh: bool = False
+    urls: list[str], workers: int, batch: int, epochs: int, fresh: bool = False, mode: str = "image"
 ) -> tuple[int, float, float]:
-    """`epochs` passes of the trainer's own loader (`ShardDataset` + `TrainLoader`, random
-    flip on): samples, wall seconds, and the CPU seconds of all its processes. `fresh`:
-    the workers put every batch in a new shared-memory segment instead of their
+    """`epochs` passes of the trainer's own loader (`ShardDataset` + `TrainLoader`; random
+    flip on for images): samples, wall seconds, and the CPU seconds of all its processes.
+    `fresh`: the workers put every batch in a new shared-memory segment instead of their
     `BatchRing` (the design before it; forked workers inherit the patch)."""
     spec = StreamSpec(tuple(urls), seed=0, shuffle_shards=True, shuffle_buffer=256)
-    decoder = Decoder("image", SIZE, SIZE, "alt_text", random_flip=True)
+    if mode == "image":
+        decoder = Decoder("image", SIZE, SIZE, "alt_text", random_flip=True)
+    else:
+        decoder = Decoder("latent", SIZE, SIZE, "synthetic")
     n_total = sum(count_samples(u) for u in urls)
     steps = epochs * n_total // batch
     if fresh:
         real = BatchRing.buffer
         BatchRing.buffer = lambda self, n: batch_buffer(n)  # type: ignore[method-assign]
         try:
-            return decode_loader(urls, workers, batch, epochs)
+            return decode_loader(urls, workers, batch, epochs, mode=mode)
         finally:
             BatchRing.buffer = real  # type: ignore[method-assign]
     ds = ShardDataset(spec, decoder, batch, num_workers=workers)
@@ -265,13 +273,61 @@ def decode_loader(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = time.process_time()
     t0 = time.perf_counter()
-    n = sum(b["pixels"].shape[0] for b in loader.epoch())
+    key = "pixels" if mode == "image" else "latents"
+    n = sum(b[key].shape[0] for b in loader.epoch())
     wall = time.perf_counter() - t0
     loader.close()
     del loader
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return n, wall, cpu + time.process_time() - me
+
+
+def loader_ab(
+    urls: list[str], args: argparse.Namespace, mode: str, label: str
+) -> dict[bool, tuple[float, float]]:
+    """Ring vs fresh segments, interleaved so that drift of a shared host's speed hits both
+    alike: {fresh: (samples/s wall, samples/s on the workers' cores by CPU time)}."""
+    rates: dict[bool, list[tuple[int, float, float]]] = {False: [], True: []}
+    for _ in range(max(1, args.repeat - 1)):
+        for fresh in (False, True):
+            rates[fresh].append(
+                decode_loader(urls, args.workers, 64, args.loader_epochs, fresh, mode)
+            )
+    out: dict[bool, tuple[float, float]] = {}
+    for fresh, runs in rates.items():
+        m, wall_s, cpu = min(runs, key=lambda r: r[1])
+        out[fresh] = (m / wall_s, m / cpu * args.workers if cpu else 0.0)
+        what = "a new shared segment per batch" if fresh else "reused batch buffers"
+        print(
+            f"{label:21s}: {out[fresh][0]:9.0f} samples/s wall, {out[fresh][1]:.0f} samples/s "
+            f"on {args.workers} free cores (CPU time of all processes) [trainer's "
+            f"TrainLoader, {args.workers} workers, batch 64, {args.loader_epochs} epochs; {what}]"
+        )
+    return out
+
+
+def write_latent_shards(root: Path, n: int, per_shard: int) -> list[str]:
+    """Precomputed-latent shards with SD2-base shapes at 256 px, as `ccurate.train.precompute`
+    writes them: 8x32x32 posterior moments and two 77x1024 text embeddings, float16."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for s in range(max(1, n // per_shard)):
+        path = root / f"latent-{s:06d}.tar"
+        with TarWriter(path) as tf:
+            for i in range(per_shard):
+                key = f"{s:06d}{i:05d}"
+                for ext, shape in (
+                    ("latent", (8, 32, 32)),
+                    ("emb", (77, 1024)),
+                    ("alt", (77, 1024)),
+                ):
+                    buf = io.BytesIO()
+                    np.save(buf, rng.standard_normal(shape).astype(np.float16))
+                    tf.add(f"{key}.{ext}.npy", buf.getvalue())
+        urls.append(str(path))
+    return urls
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--loader-epochs", type=int, default=3, help="passes per loader run")
+    ap.add_argument(
+        "--latent-samples", type=int, default=4000, help="precomputed-latent samples (0: skip)"
+    )
     ap.add_argument("--float", action="store_true", help="convert to float tensors in [0, 1]")
     ap.add_argument("--release", type=Path, help="read this release instead of building one")
     args = ap.parse_args(argv)
@@ -289,11 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
-    tmp: str | None = None
+    tmp = tempfile.mkdtemp(prefix="shard_read-")  # scratch: the built release, latent shards
     if args.release:
         release = args.release
     else:
-        tmp = tempfile.mkdtemp(prefix="shard_read-")
         t0 = time.perf_counter()
         release = build_release(Path(tmp), args.samples, args.per_shard)
         print(f"built release {release} in {time.perf_counter() - t0:.1f} s")
@@ -319,25 +377,15 @@ def main(argv: list[str] | None = None) -> None:
             per_core[name] = rate
             print(f"decode+aug, 1 core   : {rate:9.0f} samples/s per CPU-second  [{name}]")
         best = max(per_core, key=lambda k: per_core[k])
-        # interleaved, so that drift of a shared host's speed hits both alike
-        rates: dict[bool, list[tuple[int, float, float]]] = {False: [], True: []}
-        for _ in range(max(1, args.repeat - 1)):
-            for fresh in (False, True):
-                rates[fresh].append(
-                    decode_loader(urls, args.workers, 64, args.loader_epochs, fresh)
-                )
-        loader: dict[bool, tuple[float, float]] = {}
-        for fresh, runs in rates.items():
-            m, wall_s, cpu = min(runs, key=lambda r: r[1])
-            loader[fresh] = (m / wall_s, m / cpu * args.workers if cpu else 0.0)
-            what = "a new shared segment per batch" if fresh else "reused batch buffers"
-            print(
-                f"decode+aug, loader   : {loader[fresh][0]:9.0f} samples/s wall, "
-                f"{loader[fresh][1]:.0f} samples/s on {args.workers} free cores (CPU time of "
-                f"all processes) [trainer's TrainLoader, {args.workers} workers, batch 64, "
-                f"flip, {args.loader_epochs} epochs; {what}]"
-            )
+        loader = loader_ab(urls, args, "image", "decode+aug, loader")
         loader_wall, loader_cpu = loader[False]
+        lat: dict[bool, tuple[float, float]] = {}
+        if args.latent_samples:
+            lat_urls = write_latent_shards(
+                Path(tmp) / "latents", args.latent_samples, args.per_shard
+            )
+            raw_read(lat_urls)  # into the page cache
+            lat = loader_ab(lat_urls, args, "latent", "latent loader")
         print(f"load average         : {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(
             f"RESULT shard_read ours_samples_s={ours:.0f} raw_samples_s={raw:.0f} "
@@ -348,10 +396,15 @@ def main(argv: list[str] | None = None) -> None:
             f"decode_aug_1core_samples_s={per_core[best]:.0f} best_1core_decoder={best} "
             f"workers={args.workers} loader_fresh_segments_samples_s={loader[True][0]:.0f} "
             f"loader_ring_vs_fresh={loader_wall / max(loader[True][0], 1e-9):.3f}"
+            + (
+                f" latent_samples_s={lat[False][0]:.0f} latent_fresh_segments_samples_s="
+                f"{lat[True][0]:.0f} latent_ring_vs_fresh={lat[False][0] / lat[True][0]:.3f}"
+                if lat
+                else ""
+            )
         )
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
