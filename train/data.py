@@ -722,16 +722,13 @@ def _need(raw: RawSample, ext: str) -> Member:
 
 
 def load_npy(data: bytes | memoryview, key: str = "") -> np.ndarray:
-    """An `.npy` member; object arrays (pickles) are refused."""
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"{key}: refused .npy member (pickled or malformed): {exc}") from exc
+    """An `.npy` member as a writable array of its own (`npy_view` copied)."""
+    return np.array(npy_view(data, key))
 
 
 def npy_view(data: bytes | memoryview, key: str = "") -> np.ndarray:
-    """An `.npy` member as a read-only view of `data`: no copy (`load_npy` makes one).
-    Object arrays (pickles) are refused."""
+    """An `.npy` member as a read-only view of `data`: no copy. Object arrays (pickles)
+    are refused."""
     fp = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(fp)
@@ -739,8 +736,8 @@ def npy_view(data: bytes | memoryview, key: str = "") -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:  # 3.0 (utf-8 field names): rare, the copying reader takes it
-            return load_npy(data, key)
+        else:  # 3.0 (utf-8 field names): rare, numpy's reader takes it (with a copy)
+            return np.load(io.BytesIO(data), allow_pickle=False)
         if dtype.hasobject:
             raise ValueError("object arrays cannot be loaded without pickle")
         arr = np.frombuffer(data, dtype, math.prod(shape), fp.tell())
