@@ -21,8 +21,9 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
   trainer's decode, random flip, batches filled by `--workers` processes in a ring
   of reused shared-memory buffers and copied out in the trainer's process), wall
   clock and CPU time of all its processes. The same loader then reads precomputed
-  latent shards (`--latent-samples`, SD2-base shapes at 256 px: 8x32x32 posterior
-  moments, 77x1024 text embeddings, float16), the input of training from latents.
+  latent shards (`--latent-samples`, written by `ccurate.train.synthetic`: SD2-base
+  shapes at 256 px, 8x32x32 posterior moments and a 77x1024 text embedding, float16),
+  the input of training from latents.
   Both loaders run interleaved against a variant whose workers put every batch in a
   new shared-memory segment (the design before the ring).
 
@@ -61,19 +62,17 @@ from ccurate.shards.config import ShardsConfig
 from ccurate.shards.read import release_shards, tar_samples
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
-from ccurate.tario import TarWriter
 from ccurate.train.data import (
-    BatchRing,
     Decoder,
     MemberReader,
     ShardDataset,
     StreamSpec,
     TrainLoader,
-    batch_buffer,
     count_samples,
     decode_resize_crop,
     iter_tar,
 )
+from ccurate.train.synthetic import write_latent_release
 
 SIZE = 256
 SCALE = (0.08, 1.0)
@@ -253,7 +252,7 @@ def decode_loader(
     """`epochs` passes of the trainer's own loader (`ShardDataset` + `TrainLoader`; random
     flip on for images): samples, wall seconds, and the CPU seconds of all its processes.
     `fresh`: the workers put every batch in a new shared-memory segment instead of their
-    `BatchRing` (the design before it; forked workers inherit the patch)."""
+    `BatchRing` (the design before it)."""
     spec = StreamSpec(tuple(urls), seed=0, shuffle_shards=True, shuffle_buffer=256)
     if mode == "image":
         decoder = Decoder("image", SIZE, SIZE, "alt_text", random_flip=True)
@@ -261,15 +260,8 @@ def decode_loader(
         decoder = Decoder("latent", SIZE, SIZE, "synthetic")
     n_total = sum(count_samples(u) for u in urls)
     steps = epochs * n_total // batch
-    if fresh:
-        real = BatchRing.buffer
-        BatchRing.buffer = lambda self, n: batch_buffer(n)  # type: ignore[method-assign]
-        try:
-            return decode_loader(urls, workers, batch, epochs, mode=mode)
-        finally:
-            BatchRing.buffer = real  # type: ignore[method-assign]
     ds = ShardDataset(spec, decoder, batch, num_workers=workers)
-    loader = TrainLoader(ds, steps, prefetch_factor=4)
+    loader = TrainLoader(ds, steps, prefetch_factor=4, reuse_buffers=not fresh)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = time.process_time()
     t0 = time.perf_counter()
@@ -305,29 +297,6 @@ def loader_ab(
             f"TrainLoader, {args.workers} workers, batch 64, {args.loader_epochs} epochs; {what}]"
         )
     return out
-
-
-def write_latent_shards(root: Path, n: int, per_shard: int) -> list[str]:
-    """Precomputed-latent shards with SD2-base shapes at 256 px, as `ccurate.train.precompute`
-    writes them: 8x32x32 posterior moments and two 77x1024 text embeddings, float16."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    urls = []
-    for s in range(max(1, n // per_shard)):
-        path = root / f"latent-{s:06d}.tar"
-        with TarWriter(path) as tf:
-            for i in range(per_shard):
-                key = f"{s:06d}{i:05d}"
-                for ext, shape in (
-                    ("latent", (8, 32, 32)),
-                    ("emb", (77, 1024)),
-                    ("alt", (77, 1024)),
-                ):
-                    buf = io.BytesIO()
-                    np.save(buf, rng.standard_normal(shape).astype(np.float16))
-                    tf.add(f"{key}.{ext}.npy", buf.getvalue())
-        urls.append(str(path))
-    return urls
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -381,8 +350,15 @@ def main(argv: list[str] | None = None) -> None:
         loader_wall, loader_cpu = loader[False]
         lat: dict[bool, tuple[float, float]] = {}
         if args.latent_samples:
-            lat_urls = write_latent_shards(
-                Path(tmp) / "latents", args.latent_samples, args.per_shard
+            lat_urls = write_latent_release(  # SD2-base shapes at 256 px
+                Path(tmp) / "latents",
+                args.latent_samples,
+                max(1, args.latent_samples // args.per_shard),
+                (32, 32),
+                77,
+                1024,
+                "sd2-base",
+                SIZE,
             )
             raw_read(lat_urls)  # into the page cache
             lat = loader_ab(lat_urls, args, "latent", "latent loader")

@@ -29,7 +29,7 @@ from ccurate.train.data import (
     pick_caption,
 )
 from ccurate.train.models import ByteTokenizer
-from ccurate.train.synthetic import write_image_release
+from ccurate.train.synthetic import write_image_release, write_latent_release
 
 
 @pytest.fixture(autouse=True)
@@ -344,42 +344,26 @@ def test_batch_ring_reuses_a_buffer_only_once_its_batch_is_released():
     released.fill_(tdata.BatchRing.CLOSED)  # what TrainLoader.close() sets: nobody waits
     flat = ring.buffer(96)
     batch = {"pixels": flat[:48].view(1, 4, 4, 3), "other": torch.zeros(3), "keys": ["k"]}
-    ring.tag(batch, 0)
+    ring.tag(batch)
     assert batch["ring"] == [0, 5, ["pixels"]]  # the entries that live in the ring
 
 
-def _fresh_segments(monkeypatch):
-    """Workers forked after this put every batch in a new shared segment (no ring)."""
-    monkeypatch.setattr(tdata.BatchRing, "buffer", lambda self, n: tdata.batch_buffer(n))
-
-
-def _latent_release(root: Path) -> list[str]:
-    rng = np.random.default_rng(0)
-    for s in range(3):
-        with TarWriter(root / f"lat-{s}.tar") as tf:
-            for i in range(7):
-                for ext, shape in (("latent", (4, 2, 2)), ("emb", (3, 8)), ("alt", (3, 8))):
-                    buf = io.BytesIO()
-                    np.save(buf, rng.standard_normal(shape).astype(np.float16))
-                    tf.add(f"{s}{i:04d}.{ext}.npy", buf.getvalue())
-    return find_shards(root)
-
-
 @pytest.mark.parametrize("mode", ["image", "latent"])
-def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(
-    release, tmp_path, monkeypatch, mode
-):
+def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(release, tmp_path, mode):
     """Workers refill a few shared buffers in turn; every array handed out is a copy, so
     batches kept by the trainer equal those of a loader that allocates afresh."""
-    shards = find_shards(release[0]) if mode == "image" else _latent_release(tmp_path)
+    if mode == "image":
+        shards = find_shards(release[0])
+    else:
+        shards = write_latent_release(tmp_path, 21, 3, (2, 2), 3, 8, "tiny", 16)
     n = 24  # 12 per worker, 4 times the ring's depth (prefetch_factor 1 + 2)
     arrays = ["pixels"] if mode == "image" else ["latents", "emb"]
 
-    def loader():
+    def loader(reuse_buffers=True):
         spec = StreamSpec(tuple(shards), seed=7, shuffle_shards=True, shuffle_buffer=16)
         dec = Decoder(mode, 16, 16, random_flip=mode == "image")
         ds = ShardDataset(spec, dec, 3, num_workers=2)
-        return TrainLoader(ds, 100, prefetch_factor=1)
+        return TrainLoader(ds, 100, prefetch_factor=1, reuse_buffers=reuse_buffers)
 
     reused = loader()
     kept = _take(reused, n)
@@ -388,8 +372,9 @@ def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(
     assert len(mapped) == 2 * 3  # 2 workers x depth 3 buffers served all 24 batches
     for name in arrays:  # the handed-out copies
         assert len({b[name].data_ptr() for b in kept}) == n
-    _fresh_segments(monkeypatch)
-    fresh = _take(loader(), n)
+    fresh_loader = loader(reuse_buffers=False)  # a new shared segment per batch
+    fresh = _take(fresh_loader, n)
+    assert not fresh_loader._mapped  # nothing came from a ring
     for a, b in zip(kept, fresh, strict=True):
         assert a["keys"] == b["keys"]
         for name in arrays:

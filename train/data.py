@@ -556,7 +556,7 @@ class BatchRing:
         self.seq, self.issued = seq + 1, seq
         return flat[:nbytes]
 
-    def tag(self, batch: dict[str, Any], worker: int) -> None:
+    def tag(self, batch: dict[str, Any]) -> None:
         """Mark `batch` with its buffer and the entries that live in it, for the trainer to
         copy out and release; no-op when no buffer was taken."""
         if self.issued is None:
@@ -569,7 +569,7 @@ class BatchRing:
             for k, v in batch.items()
             if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr
         ]
-        batch["ring"] = [worker, self.issued, views]
+        batch["ring"] = [self.worker, self.issued, views]
         self.issued = None
 
     def _wait_released(self, count: int) -> None:
@@ -702,12 +702,12 @@ def stack_into(
         if any(a.shape != first.shape or a.dtype != first.dtype for a in arrays):
             raise DataError(f"arrays of a batch differ in shape or dtype: {shape}, {first.dtype}")
         dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
-        metas.append((total, shape, dtype))
-        total += -(-math.prod(shape) * first.dtype.itemsize // 64) * 64  # 64-byte aligned
+        n = math.prod(shape) * first.dtype.itemsize
+        metas.append((total, n, shape, dtype))
+        total += -(-n // 64) * 64  # 64-byte aligned
     flat = alloc(total)
     out = []
-    for arrays, (off, shape, dtype) in zip(groups, metas, strict=True):
-        n = math.prod(shape) * arrays[0].dtype.itemsize
+    for arrays, (off, n, shape, dtype) in zip(groups, metas, strict=True):
         t = flat[off : off + n].view(dtype).view(shape)
         np.stack(arrays, out=t.numpy())
         out.append(t)
@@ -763,7 +763,7 @@ def bucket_reader(
             lat = rec.get("latent_hw")
             if lat:
                 return int(lat[0]) * vae_factor, int(lat[1]) * vae_factor
-            arr = npy_view(reader.read(_need(raw, "latent.npy")), raw.key)
+            arr = npy_view(reader.view(_need(raw, "latent.npy")), raw.key)
             return int(arr.shape[-2]) * vae_factor, int(arr.shape[-1]) * vae_factor
         w, h = rec.get("width"), rec.get("height")
         if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
@@ -838,7 +838,7 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
                     batch = self.decoder.decode(group, pos[0], reader, alloc=alloc)
                     batch["pos"] = [lw, pos[0], pos[1]]
                     if ring is not None:
-                        ring.tag(batch, physical)
+                        ring.tag(batch)
                     yield batch
             else:
                 of = bucket_reader(self.decoder.mode, self.buckets, self.vae_factor)
@@ -848,7 +848,7 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
                     batch = self.decoder.decode(group, pos[0], reader, hw, alloc)
                     batch["pos"] = [lw, pos[0], pos[1]]
                     if ring is not None:
-                        ring.tag(batch, physical)
+                        ring.tag(batch)
                     yield batch
         finally:
             reader.close()
@@ -872,8 +872,12 @@ class TrainLoader:
         pin_memory: bool = False,
         prefetch_factor: int = 4,
         state: dict[str, Any] | None = None,
+        reuse_buffers: bool = True,
     ) -> None:
+        """`reuse_buffers=False`: workers put every batch in a new shared-memory segment,
+        the design before `BatchRing` (for comparisons)."""
         self.epoch_batches = max(1, epoch_batches)
+        self.reuse_buffers = reuse_buffers
         self.batches = 0
         self.positions: dict[int, Position] = {}
         if state:
@@ -905,7 +909,7 @@ class TrainLoader:
     def __next__(self) -> dict[str, Any]:
         """The next batch; it counts as consumed only once passed to `mark`."""
         if self._it is None:
-            if self.dataset.num_workers > 0:
+            if self.reuse_buffers and self.dataset.num_workers > 0:
                 counters = torch.zeros(self.dataset.num_workers, dtype=torch.int64)
                 self.dataset.ring_released = counters.share_memory_()
             self._it = iter(self.loader)
