@@ -165,6 +165,15 @@ def load_urls(n: int, port: int) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------ measuring
+def proc_cpu(pid: int) -> float:
+    """User+system CPU seconds one live process has used so far (from /proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss(pid: int) -> int:
     import psutil
 
@@ -501,6 +510,7 @@ def main() -> None:
                     continue
                 rdir = work / f"round{r}"
                 rdir.mkdir(exist_ok=True)
+                server_cpu0 = proc_cpu(server.pid or 0)
                 if tool == "ours":
                     wall, rss, ok, stats = run_ours(urls, rdir, a)
                     cpu, drops = a.ours_cpu, f"; drops {stats.get('drops')}"
@@ -508,9 +518,11 @@ def main() -> None:
                     wall, rss, ok, _ = run_img2dataset(urls, rdir, a)
                     cpu, drops = a.anchor_cpu, ""
                 label = "ccurate:    " if tool == "ours" else "img2dataset:"
+                server_cpu = proc_cpu(server.pid or 0) - server_cpu0
                 print(
                     f"{label} {ok} ok in {wall:.1f}s = {ok / wall:.1f} img/s, {cpu:.1f} CPU-s ="
-                    f" {ok / cpu:.1f} img/CPU-s, peak RSS {rss:.0f} MB{drops}",
+                    f" {ok / cpu:.1f} img/CPU-s, peak RSS {rss:.0f} MB (server: {server_cpu:.1f}"
+                    f" CPU-s){drops}",
                     flush=True,
                 )
                 got.update({f"{tool}_img_s": ok / wall, f"{tool}_cpu_img_s": ok / cpu})

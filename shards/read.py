@@ -14,11 +14,11 @@ webdataset groups them.
 
 from __future__ import annotations
 
-import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ccurate.tario import iter_members
 
@@ -34,27 +34,59 @@ def release_shards(release_dir: str | Path, split: str | None = None) -> list[Pa
     return sorted(base.rglob("*.tar"), key=lambda p: p.relative_to(root).as_posix())
 
 
+# webdataset's rules (tariterators.base_plus_ext and the metadata skips of tar_file_iterator)
+_KEY_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+
+
 def split_key(name: str) -> tuple[str, str]:
-    """`abc.alt.txt` -> (`abc`, `alt.txt`): webdataset's rule (key up to the first dot)."""
-    base = name.rsplit("/", 1)[-1]
-    key, _, field = base.partition(".")
-    prefix = name[: len(name) - len(base)]
-    return prefix + key, field
+    """`abc.alt.txt` -> (`abc`, `alt.txt`): webdataset's rule (the key ends at the first dot
+    of the basename). A name it gives no field (`README`, `.hidden`) -> (name, "")."""
+    m = _KEY_FIELD.match(name)
+    return (m.group(1), m.group(2)) if m else (name, "")
 
 
-def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) per sample, members grouped as webdataset groups them."""
+def is_meta(name: str) -> bool:
+    """A member webdataset skips as tar metadata (`__index__`, `__x__/...`)."""
+    return bool(_META.match(name)) or (
+        "/" not in name and name.startswith("__") and name.endswith("__")
+    )
+
+
+T = TypeVar("T")
+
+
+def group_members(
+    members: Iterable[tuple[str, T]], where: str = ""
+) -> Iterator[tuple[str, dict[str, T]]]:
+    """(key, {field: item}) per sample from (member name, item) in tar order: webdataset's
+    grouping, the one rule every reader here follows.
+
+    Consecutive members sharing a key form a sample; fields are lower-cased; metadata
+    members and names without a field are skipped, as webdataset skips them. A field
+    twice in one sample is a broken shard: ValueError naming `where`, as webdataset raises.
+    """
     key: str | None = None
-    fields: dict[str, bytes] = {}
-    for name, data in iter_members(path):
+    fields: dict[str, T] = {}
+    for name, item in members:
         k, field = split_key(name)
+        if not field or is_meta(name):
+            continue
+        field = field.lower()
         if key is not None and k != key:
             yield key, fields
             fields = {}
+        elif field in fields:
+            raise ValueError(f"{where}: duplicate member {name}")
         key = k
-        fields[field] = data
+        fields[field] = item
     if key is not None:
         yield key, fields
+
+
+def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) per sample of a local shard (`group_members`' grouping)."""
+    return group_members(iter_members(path), str(path))
 
 
 def read_at(release_dir: str | Path, shard: str, offset: int) -> tuple[str, dict[str, bytes]]:
@@ -89,18 +121,5 @@ def tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """
     for shard in src:
         url = shard["url"]
-        current: dict[str, Any] | None = None
-        for name, data in iter_members(url):
-            key, field = split_key(name)
-            if not field or os.path.basename(key).startswith("__"):
-                continue
-            field = field.lower()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url, "__local_path__": url}
-            if field in current:
-                raise ValueError(f"{url}: duplicate file {name}")
-            current[field] = data
-        if current is not None:
-            yield current
+        for key, fields in iter_tar(url):
+            yield {"__key__": key, "__url__": url, "__local_path__": url, **fields}

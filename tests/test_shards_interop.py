@@ -161,6 +161,62 @@ def test_fast_expander_matches_webdataset(release: Path) -> None:
     assert ours == stock
 
 
+def _odd_tar(path: Path, duplicate: bool = False) -> None:
+    """Members webdataset has rules for: metadata, hidden and dot-less names, upper-case and
+    multi-dot fields, directory prefixes."""
+    from ccurate.tario import TarWriter
+
+    with TarWriter(path) as tf:
+        tf.add("__index__", b"meta")
+        tf.add("a1.JPG", b"j1")
+        tf.add("a1.alt.TXT", b"t1")
+        tf.add("README", b"no field")
+        tf.add("d/.hidden.txt", b"h")
+        tf.add("d/a2.json", b"{}")
+        tf.add("d/a2.txt", b"t2")
+        if duplicate:
+            tf.add("d/a2.TXT", b"t3")
+        tf.add("__b__.txt", b"dunder key")
+        tf.add("a3.txt", b"t4")
+
+
+def test_all_readers_group_members_like_webdataset(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    from ccurate.shards.read import tar_samples
+    from ccurate.train.data import DataError
+    from ccurate.train.data import iter_tar as train_iter_tar
+
+    path = tmp_path / "odd.tar"
+    _odd_tar(path)
+    urls = [str(path)]
+    stock = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    ours = list(wds.DataPipeline(wds.SimpleShardList(urls), tar_samples))
+    # README (no field) and __index__ (metadata) skipped; a hidden name in a folder and a
+    # __b__ key are samples to webdataset, so to us
+    assert [s["__key__"] for s in stock] == ["a1", "d/", "d/a2", "__b__", "a3"]
+    assert stock[0] == {"__key__": "a1", "__url__": urls[0], "__local_path__": urls[0],
+                        "jpg": b"j1", "alt.txt": b"t1"}  # fmt: skip
+    assert ours == stock
+    fields = [{k: v for k, v in s.items() if not k.startswith("__")} for s in stock]
+    assert list(iter_tar(path)) == [(s["__key__"], f) for s, f in zip(stock, fields, strict=True)]
+    assert [(r.key, sorted(r.members)) for r in train_iter_tar(str(path))] == [
+        ("a1", ["alt.txt", "jpg"]),
+        ("", ["hidden.txt"]),
+        ("a2", ["json", "txt"]),
+        ("__b__", ["txt"]),
+        ("a3", ["txt"]),
+    ]
+    bad = tmp_path / "dup.tar"
+    _odd_tar(bad, duplicate=True)
+    with pytest.raises(ValueError, match="duplicate"):
+        list(wds.WebDataset([str(bad)], shardshuffle=False, empty_check=False))
+    with pytest.raises(ValueError, match=r"duplicate member d/a2\.TXT"):
+        list(iter_tar(bad))
+    with pytest.raises(DataError, match="duplicate member"):
+        list(train_iter_tar(str(bad)))
+
+
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_iter_members_reads_tar_formats(tmp_path: Path, fmt: int) -> None:
     from ccurate.tario import iter_members, iter_spans

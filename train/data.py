@@ -194,34 +194,24 @@ def iter_tar(url: str) -> Iterator[RawSample]:
     bytes read later by offset. Other URLs (http, `pipe:`) are streamed through
     webdataset's `gopen` and read eagerly.
     """
-    from ccurate.shards.read import split_key
+    from ccurate.shards.read import group_members
     from ccurate.tario import iter_spans
 
     if os.path.exists(url):
-        members: Iterator[tuple[str, int, int, bytes | None]] = (
-            (name, offset, size, None) for name, offset, size in iter_spans(url)
+        members: Iterator[tuple[str, Member]] = (
+            (name, Member(url, offset, size)) for name, offset, size in iter_spans(url)
         )
     else:
         members = _stream_members(url)
-    current: RawSample | None = None
-    current_full = ""
-    for name, offset, size, data in members:
-        base = name.rsplit("/", 1)[-1]
-        if base.startswith("__") or base.startswith(".") or "." not in base:
-            continue
-        key, field = split_key(name)  # webdataset's rule: the key ends at the basename's first dot
-        ext = field.lower()
-        if current is None or current_full != key:
-            if current is not None:
-                yield current
-            current, current_full = RawSample(key.rsplit("/", 1)[-1], url), key
-        current.members[ext] = Member(url, offset, size, data)
-    if current is not None:
-        yield current
+    try:
+        for key, fields in group_members(members, url):
+            yield RawSample(key.rsplit("/", 1)[-1], url, fields)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
 
 
-def _stream_members(url: str) -> Iterator[tuple[str, int, int, bytes | None]]:
-    """(name, offset, size, bytes) of the regular files of a streamed tar."""
+def _stream_members(url: str) -> Iterator[tuple[str, Member]]:
+    """(name, member with its bytes) of the regular files of a streamed tar."""
     from webdataset import gopen
 
     stream = gopen(url, "rb")
@@ -230,7 +220,8 @@ def _stream_members(url: str) -> Iterator[tuple[str, int, int, bytes | None]]:
             cast(Any, tf).members.clear()  # do not accumulate headers of big shards
             if info.isreg():
                 fh = tf.extractfile(info)
-                yield info.name, info.offset_data, info.size, fh.read() if fh else b""
+                data = fh.read() if fh else b""
+                yield info.name, Member(url, info.offset_data, info.size, data)
 
 
 # ---- the deterministic per-slot stream ------------------------------------------
@@ -719,6 +710,13 @@ def _need(raw: RawSample, ext: str) -> Member:
     if m is None:
         raise DataError(f"{raw.shard}: sample {raw.key} has no .{ext} member")
     return m
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """An array as an `.npy` member (no pickle): what `npy_view` and `load_npy` read."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
 
 
 def load_npy(data: bytes | memoryview, key: str = "") -> np.ndarray:

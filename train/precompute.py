@@ -48,6 +48,7 @@ from ccurate.train.data import (
     iter_tar,
     make_buckets,
     nearest_bucket,
+    npy_bytes,
     pick_caption,
 )
 from ccurate.train.models import (
@@ -63,12 +64,6 @@ REASONS = {
     "decode_error": "the image member could not be decoded",
     "no_image": "the sample has no image member",
 }
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _out_name(shard: str, release: Path | None) -> str:
@@ -146,11 +141,11 @@ def _process_shard(
                 train_alt_text=alt_text,
                 latent_hw=list(lat[i].shape[-2:]),
             )
-            tf.add(f"{raw.key}.latent.npy", _npy(lat[i]))
+            tf.add(f"{raw.key}.latent.npy", npy_bytes(lat[i]))
             if syn is not None:
-                tf.add(f"{raw.key}.emb.npy", _npy(syn[i]))
+                tf.add(f"{raw.key}.emb.npy", npy_bytes(syn[i]))
             if alt is not None:
-                tf.add(f"{raw.key}.alt.npy", _npy(alt[i]))
+                tf.add(f"{raw.key}.alt.npy", npy_bytes(alt[i]))
             tf.add(f"{raw.key}.json", row_json(rec).encode())
             stats["samples"] += 1
         pending.clear()
@@ -238,7 +233,7 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
             refs = resolve_refs(cfg)
             uncond = enc.texts([""])[0]
             with atomic_path(out / "uncond.npy") as tmp:
-                tmp.write_bytes(_npy(uncond))
+                tmp.write_bytes(npy_bytes(uncond))
             write_json_atomic(
                 out / LATENT_MANIFEST,
                 {

@@ -18,7 +18,7 @@ import numpy as np
 
 from ccurate.shardio import atomic_path, write_json_atomic
 from ccurate.tario import TarWriter
-from ccurate.train.data import LATENT_FORMAT, LATENT_MANIFEST
+from ccurate.train.data import LATENT_FORMAT, LATENT_MANIFEST, npy_bytes
 
 
 def _image_bytes(rng: np.random.Generator, width: int, height: int, fmt: str) -> bytes:
@@ -78,12 +78,6 @@ def write_image_release(
     return keys
 
 
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
 def write_latent_release(
     root: str | Path,
     samples: int,
@@ -115,8 +109,8 @@ def write_latent_release(
                 std = np.full((latent_channels, h, w), 0.01, np.float32)
                 lat = np.concatenate([mean, std]).astype(np.float16)
                 emb = rng.standard_normal((text_len, text_dim), dtype=np.float32).astype(np.float16)
-                tf.add(f"{key}.latent.npy", _npy(lat))
-                tf.add(f"{key}.emb.npy", _npy(emb))
+                tf.add(f"{key}.latent.npy", npy_bytes(lat))
+                tf.add(f"{key}.emb.npy", npy_bytes(emb))
                 rec = {"key": key, "latent_hw": [h, w]}
                 tf.add(f"{key}.json", json.dumps(rec).encode())
                 k += 1
@@ -124,7 +118,7 @@ def write_latent_release(
         paths.append(str(path))
     uncond = np.zeros((text_len, text_dim), np.float16)
     with atomic_path(root / "uncond.npy") as tmp:
-        tmp.write_bytes(_npy(uncond))
+        tmp.write_bytes(npy_bytes(uncond))
     write_json_atomic(
         root / LATENT_MANIFEST,
         {
