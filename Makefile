@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ray]'
+	# an editable install is not byte-compiled by pip: compile it once, so that every
+	# process (CLI, executor workers) loads .pyc even where PYTHONDONTWRITEBYTECODE is set
+	$(BIN)/python -m compileall -q -j 0 ccurate ingest filters captioning shards train > /dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
