@@ -412,7 +412,12 @@ def _codes(hexes: list[str]) -> np.ndarray:
 
 
 def _stage_metrics(
-    items: list[Item], radius: int, hash_name: str, workdir: Path, verify_sum: int | None = None
+    items: list[Item],
+    radius: int,
+    hash_name: str,
+    workdir: Path,
+    verify_sum: int | None = None,
+    search: str = "exact",
 ) -> dict[str, float]:
     """Run the real DedupStage plan over the set written as shards; score its drops."""
     import pyarrow.parquet as pq
@@ -451,7 +456,12 @@ def _stage_metrics(
         prefixes.append(str(prefix))
     cfg = DedupConfig(radius=radius, hash=hash_name)  # type: ignore[arg-type]
     if verify_sum is not None:
-        cfg = DedupConfig(radius=radius, verify="dhash", verify_sum=verify_sum)
+        cfg = DedupConfig(
+            radius=radius,
+            verify="dhash",
+            verify_sum=verify_sum,
+            search=search,  # type: ignore[arg-type]
+        )
     stage = DedupStage(cfg)
     stage.prepare(prefixes, str(workdir / "scratch"))
     assert stage.decisions_path is not None
@@ -523,6 +533,9 @@ def quality(
         results[f"stage_p{r}+dh{v}"] = _stage_metrics(
             items, r, "phash", workdir / f"stage_p{r}v{v}", verify_sum=v
         )
+    results["stage_p12+dh24_tables"] = _stage_metrics(
+        items, 12, "phash", workdir / "stage_p12v24_tables", verify_sum=24, search="tables"
+    )
     results["_hash_ms"] = {
         "compute_hashes_ms_per_image": 1000 * t_hash,
         "dhash_ms_256px": 1000 * t_dh,
@@ -566,6 +579,24 @@ def synthetic_codes(n: int, radius: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([x, y])
 
 
+def synthetic_code_pairs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n random (pHash, dHash) pairs, 10 % planted copies: pHash 1..12 bits from another
+    row's, dHash then up to 24 bits minus that (what `p12+dh24` accepts)."""
+    rng = np.random.default_rng(seed)
+    m = n // 10
+    p = rng.integers(0, 2**64 - 1, n - m, dtype=np.uint64, endpoint=True)
+    d = rng.integers(0, 2**64 - 1, n - m, dtype=np.uint64, endpoint=True)
+    src = rng.integers(0, n - m, m)
+    pf = rng.integers(1, 13, m)
+    df = rng.integers(0, 25 - pf)
+    py, dy = p[src].copy(), d[src].copy()
+    for y, flips in ((py, pf), (dy, df)):
+        for k in range(24):
+            sel = flips > k
+            y[sel] ^= np.uint64(1) << rng.integers(0, 64, m).astype(np.uint64)[sel]
+    return np.concatenate([p, py]), np.concatenate([d, dy])
+
+
 def _peak_rss_mb() -> float:
     """Peak RSS of this process image: VmHWM, which, unlike ru_maxrss, restarts at exec
     (ru_maxrss would report the forking parent's peak)."""
@@ -593,18 +624,26 @@ def _hex_strings(raw: np.ndarray) -> Any:
     return pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(chars.tobytes())])
 
 
-def write_index_shards(n: int, radius: int, out: Path, per_shard: int = 500_000) -> list[str]:
-    """N index rows (no images) as parquet shards: 10 % near copies, 2 % exact copies."""
+def write_index_shards(
+    n: int, radius: int, out: Path, per_shard: int = 500_000, dhashes: bool = False
+) -> list[str]:
+    """N index rows (no images) as parquet shards: 10 % near copies, 2 % exact copies.
+    `dhashes`: a dhash column too, the near copies p12+dh24 ones (`synthetic_code_pairs`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(1)
-    codes = synthetic_codes(n, radius)
+    if dhashes:
+        codes, dcodes = synthetic_code_pairs(n)
+    else:
+        codes, dcodes = synthetic_codes(n, radius), None
     sha = rng.integers(0, 256, (n, 32), dtype=np.uint8)
     pix = rng.integers(0, 256, (n, 32), dtype=np.uint8)
     exact = rng.choice(n, n // 50, replace=False)
     src = rng.integers(0, n, len(exact))
     sha[exact], pix[exact], codes[exact] = sha[src], pix[src], codes[src]
+    if dcodes is not None:
+        dcodes[exact] = dcodes[src]
     keys = rng.integers(0, 256, (n, 8), dtype=np.uint8)
     lic = np.array(LICENSES)[rng.integers(0, len(LICENSES), n)]
     w = rng.integers(256, 2048, n).astype(np.int32)
@@ -612,17 +651,18 @@ def write_index_shards(n: int, radius: int, out: Path, per_shard: int = 500_000)
     prefixes = []
     for s0 in range(0, n, per_shard):
         sl = slice(s0, min(n, s0 + per_shard))
-        t = pa.table(
-            {
-                "key": _hex_strings(keys[sl]),
-                "sha256": _hex_strings(sha[sl]),
-                "pixel_sha256": _hex_strings(pix[sl]),
-                "phash": _hex_strings(codes[sl].astype(">u8").view(np.uint8).reshape(-1, 8)),
-                "width": pa.array(w[sl]),
-                "height": pa.array((w[sl] * 3) // 4),
-                "license": pa.array(lic[sl]),
-            }
-        )
+        cols = {
+            "key": _hex_strings(keys[sl]),
+            "sha256": _hex_strings(sha[sl]),
+            "pixel_sha256": _hex_strings(pix[sl]),
+            "phash": _hex_strings(codes[sl].astype(">u8").view(np.uint8).reshape(-1, 8)),
+            "width": pa.array(w[sl]),
+            "height": pa.array((w[sl] * 3) // 4),
+            "license": pa.array(lic[sl]),
+        }
+        if dcodes is not None:
+            cols["dhash"] = _hex_strings(dcodes[sl].astype(">u8").view(np.uint8).reshape(-1, 8))
+        t = pa.table(cols)
         prefix = out / f"shard-{s0 // per_shard:05d}"
         pq.write_table(t, f"{prefix}.parquet")
         prefixes.append(str(prefix))
@@ -633,16 +673,19 @@ def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
     """Run in a fresh process so peak RSS belongs to this measurement alone."""
     from ccurate.filters.dedup import DedupConfig, DedupStage, leader_groups, near_pairs
 
-    if which == "gen":
-        write_index_shards(n, radius, Path(workdir))
+    if which in ("gen", "gen_tables"):
+        write_index_shards(n, radius, Path(workdir), dhashes=which == "gen_tables")
         return
-    if which == "plan":
+    if which in ("plan", "plan_tables"):
         import pyarrow.parquet as pq
 
         prefixes = sorted(str(p)[: -len(".parquet")] for p in Path(workdir).glob("*.parquet"))
         base = _peak_rss_mb()
         t0 = time.perf_counter()
-        stage = DedupStage(DedupConfig(radius=radius))
+        cfg = DedupConfig(radius=radius)
+        if which == "plan_tables":
+            cfg = DedupConfig(radius=radius, verify="dhash", search="tables")
+        stage = DedupStage(cfg)
         stage.prepare(prefixes, str(Path(workdir) / "_prepare"))
         t = time.perf_counter() - t0
         rss = _peak_rss_mb()
@@ -665,6 +708,21 @@ def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
                 }
             )
         )
+        return
+    if which == "tables":
+        from ccurate.filters.dedup import _near_matches
+
+        pc, dc = synthetic_code_pairs(n)
+        base = _peak_rss_mb()
+        t0 = time.perf_counter()
+        cfg = DedupConfig(radius=12, verify="dhash", verify_sum=24, search="tables")
+        i, j, d = _near_matches(pc, dc, np.ones(len(dc), bool), cfg)
+        lead, _ = leader_groups(len(pc), i, j, d, np.arange(len(pc)))
+        t = time.perf_counter() - t0
+        dropped = int((lead != np.arange(len(pc))).sum())
+        print(json.dumps({"n": len(pc), "seconds": t, "rss_mb": _peak_rss_mb(),
+                          "codes_rss_mb": base, "pairs": len(i), "dropped": dropped,
+                          "planted": n // 10}))  # fmt: skip
         return
     codes = synthetic_codes(n, radius)
     base = _peak_rss_mb()
@@ -707,7 +765,7 @@ def scale(n: int, radius: int, which: str = "ours", workdir: str = "") -> dict[s
     cmd = [sys.executable, __file__, "--_worker", str(n), str(radius), which, workdir]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    if which == "gen":
+    if which.startswith("gen"):
         return {}
     res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return res
@@ -751,12 +809,15 @@ def main(argv: list[str] | None = None) -> None:
             )
     stage = res[default]
     wide = res["stage_p12+dh24"]
+    tables = res["stage_p12+dh24_tables"]
     line = (
         f"RESULT dedup_eval precision={stage['precision']:.4f} recall={stage['recall']:.4f} "
         f"recall_photometric={stage['recall_photometric']:.4f} "
         f"recall_geometric={stage['recall_geometric']:.4f} radius={radius} "
         f"method={default} p12dh24_precision={wide['precision']:.4f} "
-        f"p12dh24_recall={wide['recall']:.4f}"
+        f"p12dh24_recall={wide['recall']:.4f} "
+        f"p12dh24_tables_precision={tables['precision']:.4f} "
+        f"p12dh24_tables_recall={tables['recall']:.4f}"
     )
     if args.scale != "none":
         ours = scale(1_000_000, radius)
@@ -781,6 +842,15 @@ def main(argv: list[str] | None = None) -> None:
                     f"rss {big['rss_mb']:.0f}MB, pairs {big['pairs']} (planted {big['planted']})"
                 )
                 line += f" t_{label}_s={big['seconds']:.1f} rss_{label}_mb={big['rss_mb']:.0f}"
+            tb = scale(n, 12, "tables")
+            print(
+                f"search = 'tables' (p12+dh24 from pHash and dHash radius-4 tables) "
+                f"{label.upper()}: {tb['seconds']:.1f}s rss {tb['rss_mb']:.0f}MB, "
+                f"dropped {tb['dropped']} of {tb['planted']} planted copies"
+            )
+            line += f" t_tables_{label}_s={tb['seconds']:.1f} tables_found_{label}=" + (
+                f"{tb['dropped'] / max(1, tb['planted']):.3f}"
+            )
             with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
                 scale(n, radius, "gen", tmp)
                 p = scale(n, radius, "plan", tmp)
@@ -790,6 +860,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"setup (load {p['decision_rows']} decisions) {p['setup_seconds']:.1f}s"
             )
             line += f" t_plan_{label}_s={p['seconds']:.1f} rss_plan_{label}_mb={p['rss_mb']:.0f}"
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                scale(n, 12, "gen_tables", tmp)
+                pt = scale(n, 12, "plan_tables", tmp)
+            print(
+                f"full plan, radius 12 + dHash check, search = 'tables', {label.upper()} rows: "
+                f"{pt['seconds']:.1f}s rss {pt['rss_mb']:.0f}MB drops {pt['drops']}"
+            )
+            line += (
+                f" t_plan_tables_{label}_s={pt['seconds']:.1f}"
+                f" rss_plan_tables_{label}_mb={pt['rss_mb']:.0f}"
+            )
     print(line)
 
 

@@ -193,6 +193,36 @@ def test_near_pairs_exact_against_faiss_bruteforce(radius: int) -> None:
     )
 
 
+def test_near_pairs_small_tables_and_second_code() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 2**64 - 1, 2000, dtype=np.uint64, endpoint=True)
+    y = rng.integers(0, 2**64 - 1, 2000, dtype=np.uint64, endpoint=True)
+    for _ in range(600):  # planted neighbours at 0..12 bits, their second codes 0..12 too
+        a, b = rng.integers(0, len(x), 2)
+        for codes in (x, y):
+            v = codes[a]
+            for bit in rng.choice(64, rng.integers(0, 13), replace=False):
+                v ^= np.uint64(1) << np.uint64(bit)
+            codes[b] = v
+    exact = _brute(x, x, 12, True)
+    i, j, d = near_pairs(x, 12, table_radius=4)
+    small = set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True))
+    # tables sized for radius 4: every pair within 4, some (not all) of those up to 12
+    assert _brute(x, x, 4, True) < small < exact
+    assert any(t[2] > 4 for t in small)
+    # a second code must be close too: the exact result filtered, same pairs
+    i, j, d = near_pairs(x, 12, also=(y, y, 6))
+    got = set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True))
+    want = {t for t in exact if bin(int(y[t[0]]) ^ int(y[t[1]])).count("1") <= 6}
+    assert got == want and 0 < len(want) < len(exact)
+    q = x[:300]
+    i, j, d = near_pairs(q, 10, index=x[100:], also=(y[:300], y[100:], 8))
+    assert set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True)) == {
+        t for t in _brute(q, x[100:], 10, False)
+        if bin(int(y[t[0]]) ^ int(y[100 + t[1]])).count("1") <= 8
+    }  # fmt: skip
+
+
 def test_leader_groups_do_not_chain() -> None:
     # 0~1 (2 bits), 1~2 (2 bits), 0 !~ 2 (4 bits) at radius 2; 3~4 a plain pair
     far = 0xFFFF << 40
@@ -395,6 +425,35 @@ def test_verified_wide_radius_catches_crop_and_rejects_phash_collision(tmp_path:
     # a tight verify_sum rejects the crop too
     _, d = plan(tmp_path / "tight", shards, radius=12, verify="dhash", verify_sum=ph_d)
     assert s_crop.key not in d and s_b.key not in d
+
+
+def test_tables_search_meets_a_far_phash_through_the_dhash(tmp_path: Path) -> None:
+    s_a = sample("a.png", encode(photo(72)))
+    pa_, da = int(s_a.phash or "", 16), int(s_a.dhash or "", 16)
+    spread = sum(1 << b for b in (0, 7, 13, 19, 26, 32, 39, 45, 52, 58))  # 2+ bits a chunk
+    s_c = sample("c.jpg", encode(photo(73)))  # stands for a crop of a: hashes set below
+    s_c.phash, s_c.dhash = f"{pa_ ^ spread:016x}", f"{da ^ 0b11:016x}"  # 10 + 2 bits
+    s_x = sample("x.png", encode(photo(74)))  # same dHash, pHash 30 bits away: not a copy
+    s_x.phash, s_x.dhash = f"{pa_ ^ ((1 << 30) - 1):016x}", f"{da:016x}"
+    s_f = sample("f.jpg", encode(photo(75)))  # 10 + 14 bits: within p12+dh24, in no table
+    s_f.phash = f"{pa_ ^ (spread << 1):016x}"
+    far_d = sum(1 << b for b in (1, 6, 11, 16, 21, 26, 31, 36, 41, 46, 51, 56, 61, 63))
+    s_f.dhash = f"{da ^ far_d:016x}"
+    shards = [[s_a, s_c, s_x, s_f]]
+    wide = {"radius": 12, "verify": "dhash"}
+
+    _, d = plan(tmp_path / "tables", shards, search="tables", **wide)
+    assert d[s_c.key]["reason"] == "duplicate_near" and d[s_c.key]["duplicate_of"] == s_a.key
+    assert d[s_c.key]["hamming"] == 10
+    assert s_x.key not in d  # met through the dHash table, refused by the pHash radius
+    assert s_f.key not in d  # approximate: no table holds this pair
+
+    _, d = plan(tmp_path / "exact", shards, **wide)  # the exact search finds both
+    assert d[s_c.key]["duplicate_of"] == s_a.key and d[s_f.key]["duplicate_of"] == s_a.key
+    assert s_x.key not in d
+
+    with pytest.raises(ValueError, match="needs verify"):
+        DedupConfig(radius=12, search="tables")
 
 
 def test_verify_computes_missing_dhash_and_falls_back_without_image(tmp_path: Path) -> None:
