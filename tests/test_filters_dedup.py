@@ -475,7 +475,8 @@ def test_verify_computes_missing_dhash_and_falls_back_without_image(tmp_path: Pa
     assert summary["undecodable"] == 2
 
 
-def test_verify_applies_to_reference_sets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("search", ["exact", "tables"])
+def test_verify_applies_to_reference_sets(tmp_path: Path, search: str) -> None:
     ev = photo(72)
     ev_dir = tmp_path / "evalset"
     ev_dir.mkdir()
@@ -483,7 +484,7 @@ def test_verify_applies_to_reference_sets(tmp_path: Path) -> None:
     s_crop = sample("crop.jpg", cropped(ev))
     s_other = sample("other.png", encode(photo(172)))
     s_other.phash = phash(ev)  # colliding pHash, different picture
-    cfg = {"radius": 12, "verify": "dhash", "against": [str(ev_dir)]}
+    cfg = {"radius": 12, "verify": "dhash", "against": [str(ev_dir)], "search": search}
     _, d = plan(tmp_path / "v", [[s_crop, s_other]], **cfg)
     assert d[s_crop.key]["reason"] == "contaminated"
     assert d[s_crop.key]["duplicate_of"] == str(ev_dir / "ev.png")
