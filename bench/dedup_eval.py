@@ -11,17 +11,22 @@ duplicates: precision = share of those from the same original; recall = share
 of (original, copy) pairs found, overall and per transform. The `stage` rows
 run the real grouping of `ccurate.filters.dedup` (leader clustering in keep
 order) and score its drops. `+dh` methods verify each pHash match with the
-dHash (pHash + dHash distance <= verify_sum, `DedupConfig.verify = "dhash"`).
+dHash (pHash + dHash distance <= verify_sum, `DedupConfig.verify = "dhash"`);
+`_tables` is the approximate `search = "tables"`; `stage_default` is `DedupConfig()`.
 
 Part 2 (scale). N random 64-bit hashes with 10 % planted near copies
-(1..radius bit flips) go through the stage's near search (`near_pairs` +
+(1..radius bit flips) go through the plain near search (`near_pairs` +
 `leader_groups`) in a fresh subprocess, measuring wall time and peak RSS; the
 anchor is faiss `IndexBinaryMultiHash.range_search` (same multi-index idea)
-on the same data, or on its first 1M hashes at 10M.
+on the same data, or on its first 1M hashes at 10M. Then N random (pHash, dHash)
+pairs with 10 % planted p12+dh24 copies go through the default `search = "tables"`,
+and N index rows through the whole `DedupStage.prepare`, plain and default.
 
-Usage: python bench/dedup_eval.py [--scale 1M|10M|none] [--distinct 600] [--radius R]
-Ends with: RESULT dedup_eval precision=... recall=... radius=... method=... (the default
-DedupConfig's stage row) p12dh24_precision=... p12dh24_recall=... t_1m_s=... rss_1m_mb=...
+Usage: python bench/dedup_eval.py [--scale 1M|10M|none] [--distinct 600] [--radius R (plain, 4)]
+Ends with: RESULT dedup_eval precision=... recall=... method=default(...) (the default
+DedupConfig's stage row) p12dh24_exact_precision=... p12dh24_exact_recall=... plain_radius=...
+plain_precision=... plain_recall=... t_1m_s=... rss_1m_mb=... t_tables_1m_s=...
+t_plan_tables_1m_s=...
 """
 
 from __future__ import annotations
@@ -411,18 +416,11 @@ def _codes(hexes: list[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
 
 
-def _stage_metrics(
-    items: list[Item],
-    radius: int,
-    hash_name: str,
-    workdir: Path,
-    verify_sum: int | None = None,
-    search: str = "exact",
-) -> dict[str, float]:
+def _stage_metrics(items: list[Item], workdir: Path, cfg: Any) -> dict[str, float]:
     """Run the real DedupStage plan over the set written as shards; score its drops."""
     import pyarrow.parquet as pq
 
-    from ccurate.filters.dedup import DedupConfig, DedupStage
+    from ccurate.filters.dedup import DedupStage
     from ccurate.filters.hashing import image_hashes
     from ccurate.record import Sample, make_key
     from ccurate.shardio import ShardWriter
@@ -454,14 +452,6 @@ def _stage_metrics(
             w.write(s)
         w.commit({})
         prefixes.append(str(prefix))
-    cfg = DedupConfig(radius=radius, hash=hash_name)  # type: ignore[arg-type]
-    if verify_sum is not None:
-        cfg = DedupConfig(
-            radius=radius,
-            verify="dhash",
-            verify_sum=verify_sum,
-            search=search,  # type: ignore[arg-type]
-        )
     stage = DedupStage(cfg)
     stage.prepare(prefixes, str(workdir / "scratch"))
     assert stage.decisions_path is not None
@@ -526,16 +516,24 @@ def quality(
         results[f"dhash_r{r}"] = _pair_metrics(items, dd <= r)
     for r, v in ((8, 20), (10, 22), (12, 24), (14, 24)):
         results[f"phash_r{r}+dh{v}"] = _pair_metrics(items, (pd <= r) & (pd + dd <= v))
-    for r in sorted({radius, 8}):
-        results[f"stage_phash_r{r}"] = _stage_metrics(items, r, "phash", workdir / f"stage_p{r}")
-    results["stage_dhash_r6"] = _stage_metrics(items, 6, "dhash", workdir / "stage_d6")
+    from ccurate.filters.dedup import DedupConfig
+
+    plain = {"verify": "none", "search": "exact"}
+    configs: dict[str, Any] = {
+        f"stage_phash_r{r}": DedupConfig(radius=r, **plain)  # type: ignore[arg-type]
+        for r in sorted({radius, 8})
+    }
+    configs["stage_dhash_r6"] = DedupConfig(hash="dhash", radius=6)
     for r, v in ((8, 20), (12, 24)):
-        results[f"stage_p{r}+dh{v}"] = _stage_metrics(
-            items, r, "phash", workdir / f"stage_p{r}v{v}", verify_sum=v
+        configs[f"stage_p{r}+dh{v}"] = DedupConfig(
+            radius=r, verify="dhash", verify_sum=v, search="exact"
         )
-    results["stage_p12+dh24_tables"] = _stage_metrics(
-        items, 12, "phash", workdir / "stage_p12v24_tables", verify_sum=24, search="tables"
+    configs["stage_p12+dh24_tables"] = DedupConfig(
+        radius=12, verify="dhash", verify_sum=24, search="tables"
     )
+    configs["stage_default"] = DedupConfig()
+    for name, cfg in configs.items():
+        results[name] = _stage_metrics(items, workdir / name.replace("+", "_"), cfg)
     results["_hash_ms"] = {
         "compute_hashes_ms_per_image": 1000 * t_hash,
         "dhash_ms_256px": 1000 * t_dh,
@@ -682,7 +680,7 @@ def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
         prefixes = sorted(str(p)[: -len(".parquet")] for p in Path(workdir).glob("*.parquet"))
         base = _peak_rss_mb()
         t0 = time.perf_counter()
-        cfg = DedupConfig(radius=radius)
+        cfg = DedupConfig(radius=radius, verify="none", search="exact")
         if which == "plan_tables":
             cfg = DedupConfig(radius=radius, verify="dhash", search="tables")
         stage = DedupStage(cfg)
@@ -779,7 +777,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", default="1M", choices=["none", "1M", "10M"])
     ap.add_argument("--distinct", type=int, default=600)
     ap.add_argument("--copies", type=int, default=200, help="originals that get copies")
-    ap.add_argument("--radius", type=int, default=None, help="default: DedupConfig().radius")
+    ap.add_argument(
+        "--radius", type=int, default=4, help="radius of the plain pHash search (stage row, scale)"
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -788,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from ccurate.filters.dedup import DedupConfig
 
-    radius = DedupConfig().radius if args.radius is None else args.radius
+    radius = args.radius
     import tempfile
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -799,25 +799,17 @@ def main(argv: list[str] | None = None) -> None:
         f"dhash on 256 px: {res['_hash_ms']['dhash_ms_256px']:.3f} ms/image"
     )
     cfg = DedupConfig()
-    default = (
-        f"stage_p{radius}+dh{cfg.verify_sum}" if cfg.verify == "dhash" else f"stage_phash_r{radius}"
-    )
-    if default not in res:  # a --radius the verified table did not run
-        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            res[default] = _stage_metrics(
-                build_set(args.distinct, args.copies), radius, "phash", Path(tmp), cfg.verify_sum
-            )
-    stage = res[default]
+    stage = res["stage_default"]
     wide = res["stage_p12+dh24"]
-    tables = res["stage_p12+dh24_tables"]
+    base = res[f"stage_phash_r{radius}"]
     line = (
         f"RESULT dedup_eval precision={stage['precision']:.4f} recall={stage['recall']:.4f} "
         f"recall_photometric={stage['recall_photometric']:.4f} "
-        f"recall_geometric={stage['recall_geometric']:.4f} radius={radius} "
-        f"method={default} p12dh24_precision={wide['precision']:.4f} "
-        f"p12dh24_recall={wide['recall']:.4f} "
-        f"p12dh24_tables_precision={tables['precision']:.4f} "
-        f"p12dh24_tables_recall={tables['recall']:.4f}"
+        f"recall_geometric={stage['recall_geometric']:.4f} "
+        f"method=default(radius={cfg.radius},verify={cfg.verify},sum={cfg.verify_sum},"
+        f"search={cfg.search}) p12dh24_exact_precision={wide['precision']:.4f} "
+        f"p12dh24_exact_recall={wide['recall']:.4f} plain_radius={radius} "
+        f"plain_precision={base['precision']:.4f} plain_recall={base['recall']:.4f}"
     )
     if args.scale != "none":
         ours = scale(1_000_000, radius)

@@ -39,11 +39,11 @@ different pairs, so a pHash match within `radius` is kept only if pHash +
 dHash distance <= `verify_sum`; rows without a dHash (undecodable, no bytes)
 fall back to pHash <= 4. At radius 12, verify_sum 24 the pair precision is
 0.999 and near-dup recall 0.958 (crops 0.87, rotations 0.89). The catch is the
-search: multi-index cost grows steeply with the radius (1M hashes: radius 4
-10.5 s, 8 63 s, 10 306 s on one shared core), so wide radii are for corpora up
-to a few million rows; the default stays radius 4.
+search: an exact multi-index search grows steeply with the radius (1M hashes:
+radius 4 10.5 s, 8 63 s, 10 306 s on one shared core; hours at 10M), hence:
 
-Wide radius at scale (`search = "tables"`, with `verify = "dhash"`). The candidates
+Wide radius at scale (`search = "tables"`, the default, with radius 12,
+`verify = "dhash"`, verify_sum 24). The candidates
 are those that two radius-4 searches meet, one over the pHash and one over the dHash
 (codes agreeing to within 1 bit on one of three 21-22-bit chunks), and `radius` and
 `verify_sum` then apply as above: no pair outside the rule gets in, some inside it
@@ -52,7 +52,9 @@ chunk. On bench/dedup_eval.py at radius 12, verify_sum 24: precision 0.999, reca
 0.951 (the exact search: 0.964); the search costs about two radius-4 searches plus
 the checks (10M rows: 304 s, 1.05 GB on one core, against 137 s for radius 4), and
 finds 93.6 % of planted p12+dh24 copies among random codes (uniform 1-12 bit pHash
-moves: harder than photos).
+moves: harder than photos); the whole 10M-row plan takes 328 s and 4.7 GB. The
+plain radius-4 pHash search (`radius = 4, verify = "none", search = "exact"`, also
+what `hash = "dhash"` gets): precision 1.000, recall 0.788, 10M plan 131-171 s.
 
 Near search is multi-index hashing (Norouzi et al., the idea behind faiss'
 `IndexBinaryMultiHash`): the 64 bits are cut into m chunks; two codes within r
@@ -127,20 +129,20 @@ class DedupConfig(Section):
     exact: bool = True
     near: bool = True
     hash: Literal["phash", "dhash"] = "phash"
-    # pHash of real re-posts (resize, JPEG q30-90, colour jitter) lands within 4 bits
-    # (bench/dedup_eval.py); pHash distances are even (median threshold: 32 ones),
-    # so 4 and 5 behave alike. 6+ costs ~10x more search and lets distinct photos in.
-    radius: int = Field(default=4, ge=0, le=16)
+    # pHash of real re-posts (resize, JPEG q30-90, colour jitter) lands within 4 bits,
+    # crops and small rotations within 8-14 (bench/dedup_eval.py); past 4 distinct photos
+    # come in unless the dHash confirms (`verify`). Without verify: 4.
+    radius: int = Field(default=12, ge=0, le=16)
     # "dhash": a pHash match must also have pHash + dHash distance <= verify_sum, which
-    # keeps precision when `radius` is widened (8-12) to catch crops and rotations;
-    # rows without a stored dHash get it from their image bytes (module docstring)
-    verify: Literal["none", "dhash"] = "none"
+    # keeps precision at a wide radius; rows without a stored dHash get it from their
+    # image bytes, or are matched within pHash 4 only (module docstring)
+    verify: Literal["none", "dhash"] = "dhash"
     verify_sum: int = Field(default=24, ge=0, le=128)
     # "exact": every pair within `radius` (the search cost grows steeply past radius 6).
     # "tables": the candidates of two radius-4 searches, one over the pHash and one over
     # the dHash, then `radius` and `verify_sum` apply: approximate, but a wide radius at
-    # the cost of two radius-4 searches (module docstring); needs verify = "dhash"
-    search: Literal["exact", "tables"] = "exact"
+    # about twice the cost of a radius-4 search (module docstring); needs verify = "dhash"
+    search: Literal["exact", "tables"] = "tables"
     semantic: bool = False
     semantic_eps: float = Field(default=0.05, gt=0.0, lt=1.0)
     semantic_model: str = "ViT-B-32"
@@ -155,6 +157,14 @@ class DedupConfig(Section):
     # near-search threads: numpy holds the GIL for part of each probe, and on a shared
     # 2-core box a second thread measured slower, so one by default
     threads: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dhash_defaults(cls, data: Any) -> Any:
+        """`hash = "dhash"` alone means the plain search: the wide verified one is pHash's."""
+        if isinstance(data, dict) and data.get("hash") == "dhash":
+            return {"radius": 4, "verify": "none", "search": "exact", **data}
+        return data
 
     @model_validator(mode="after")
     def _check_verify(self) -> Self:

@@ -412,7 +412,8 @@ def test_verified_wide_radius_catches_crop_and_rejects_phash_collision(tmp_path:
     assert hamming(s_a.dhash or "", s_b.dhash or "") > 22
     shards = [[s_a, s_crop, s_b]]
 
-    _, d = plan(tmp_path / "old", shards)  # radius 4, no verification: the crop stays
+    plain = {"radius": 4, "verify": "none", "search": "exact"}
+    _, d = plan(tmp_path / "old", shards, **plain)  # no verification: the crop stays
     assert d[s_b.key]["duplicate_of"] == s_a.key  # and the colliding pHash merges
     assert s_crop.key not in d
 
@@ -448,12 +449,19 @@ def test_tables_search_meets_a_far_phash_through_the_dhash(tmp_path: Path) -> No
     assert s_x.key not in d  # met through the dHash table, refused by the pHash radius
     assert s_f.key not in d  # approximate: no table holds this pair
 
-    _, d = plan(tmp_path / "exact", shards, **wide)  # the exact search finds both
+    _, d = plan(tmp_path / "exact", shards, search="exact", **wide)  # finds both
     assert d[s_c.key]["duplicate_of"] == s_a.key and d[s_f.key]["duplicate_of"] == s_a.key
     assert s_x.key not in d
 
     with pytest.raises(ValueError, match="needs verify"):
-        DedupConfig(radius=12, search="tables")
+        DedupConfig(radius=12, verify="none", search="tables")
+    # defaults: the verified wide search over tables; a dHash run alone keeps the plain one
+    assert (DedupConfig().radius, DedupConfig().verify, DedupConfig().search) == (
+        12, "dhash", "tables",
+    )  # fmt: skip
+    d_cfg = DedupConfig(hash="dhash")
+    assert (d_cfg.radius, d_cfg.verify, d_cfg.search) == (4, "none", "exact")
+    assert DedupConfig(hash="dhash", radius=6).radius == 6
 
 
 def test_verify_computes_missing_dhash_and_falls_back_without_image(tmp_path: Path) -> None:

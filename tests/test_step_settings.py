@@ -15,9 +15,14 @@ from ccurate.pipeline import Pipeline, PipelineError
 from ccurate.shardio import list_shards
 from tests.httpserver import Reply, serve
 
+# four far-apart views of the Mandelbrot set: distinct pictures, not crops of one another
+# (views 0.1 apart are 4 % crops: the default near dedup rightly merges those)
+_VIEWS = [(-2.0, -1.2, 1.0, 1.2), (-0.9, 0.0, -0.6, 0.3), (-1.8, -0.05, -1.7, 0.05),
+          (0.25, -0.1, 0.45, 0.1)]  # fmt: skip
+
 
 def _jpeg(w: int, h: int, seed: int) -> bytes:
-    img = Image.effect_mandelbrot((w, h), (-2 + seed * 0.1, -1.2, 1, 1.2), 64).convert("RGB")
+    img = Image.effect_mandelbrot((w, h), _VIEWS[seed % len(_VIEWS)], 64).convert("RGB")
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     return buf.getvalue()
