@@ -51,7 +51,7 @@ are missed. The dHash tables meet the crops and rotations whose pHash moved on e
 chunk. On bench/dedup_eval.py at radius 12, verify_sum 24: precision 0.999, recall
 0.951 (the exact search: 0.964); the search costs about two radius-4 searches plus
 the checks (10M rows: 304 s, 1.05 GB on one core, against 137 s for radius 4), and
-finds 93.6 % of planted p12+dh24 copies among random codes (uniform 1-12 bit pHash
+drops 91.9 % of the planted p12+dh24 copies among random codes (uniform 1-12 bit pHash
 moves: harder than photos); the whole 10M-row plan takes 328 s and 4.7 GB. The
 plain radius-4 pHash search (`radius = 4, verify = "none", search = "exact"`, also
 what `hash = "dhash"` gets): precision 1.000, recall 0.788, 10M plan 131-171 s.
