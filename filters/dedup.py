@@ -53,8 +53,9 @@ chunk. On bench/dedup_eval.py at radius 12, verify_sum 24: precision 0.999, reca
 the checks (10M rows: 304 s, 1.05 GB on one core, against 137 s for radius 4), and
 drops 91.9 % of the planted p12+dh24 copies among random codes (uniform 1-12 bit pHash
 moves: harder than photos); the whole 10M-row plan takes 328 s and 4.7 GB. The
-plain radius-4 pHash search (`radius = 4, verify = "none", search = "exact"`, also
-what `hash = "dhash"` gets): precision 1.000, recall 0.788, 10M plan 131-171 s.
+plain radius-4 pHash search (`verify = "none"`, which brings radius 4 and
+`search = "exact"` as its defaults; also what `hash = "dhash"` gets): precision
+1.000, recall 0.788, 10M plan 131-171 s.
 
 Near search is multi-index hashing (Norouzi et al., the idea behind faiss'
 `IndexBinaryMultiHash`): the 64 bits are cut into m chunks; two codes within r
@@ -160,9 +161,10 @@ class DedupConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _dhash_defaults(cls, data: Any) -> Any:
-        """`hash = "dhash"` alone means the plain search: the wide verified one is pHash's."""
-        if isinstance(data, dict) and data.get("hash") == "dhash":
+    def _plain_defaults(cls, data: Any) -> Any:
+        """`hash = "dhash"` or `verify = "none"` alone mean the plain search (radius 4,
+        exact): the wide one needs the dHash to confirm pHash matches."""
+        if isinstance(data, dict) and (data.get("hash") == "dhash" or data.get("verify") == "none"):
             return {"radius": 4, "verify": "none", "search": "exact", **data}
         return data
 

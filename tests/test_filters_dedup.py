@@ -455,6 +455,8 @@ def test_tables_search_meets_a_far_phash_through_the_dhash(tmp_path: Path) -> No
 
     with pytest.raises(ValueError, match="needs verify"):
         DedupConfig(radius=12, verify="none", search="tables")
+    plain = DedupConfig(verify="none")  # switching verification off brings the plain search
+    assert (plain.radius, plain.search) == (4, "exact")
     # defaults: the verified wide search over tables; a dHash run alone keeps the plain one
     assert (DedupConfig().radius, DedupConfig().verify, DedupConfig().search) == (
         12, "dhash", "tables",
