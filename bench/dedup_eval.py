@@ -569,12 +569,16 @@ def synthetic_codes(n: int, radius: int, seed: int = 0) -> np.ndarray:
     x = rng.integers(0, 2**64 - 1, n - m, dtype=np.uint64, endpoint=True)
     src = rng.integers(0, n - m, m)
     y = x[src].copy()
-    flips = rng.integers(1, max(1, radius) + 1, m)
-    for k in range(max(1, radius)):
-        sel = flips > k
-        bit = rng.integers(0, 64, m).astype(np.uint64)
-        y[sel] ^= np.uint64(1) << bit[sel]
+    _flip_bits(rng, y, rng.integers(1, max(1, radius) + 1, m), max(1, radius))
     return np.concatenate([x, y])
+
+
+def _flip_bits(rng: np.random.Generator, y: np.ndarray, flips: np.ndarray, most: int) -> None:
+    """Flip `flips[i]` random bits of code `y[i]` in place (a bit drawn twice flips back)."""
+    for k in range(most):
+        sel = flips > k
+        bit = rng.integers(0, 64, len(y)).astype(np.uint64)
+        y[sel] ^= np.uint64(1) << bit[sel]
 
 
 def synthetic_code_pairs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -589,9 +593,7 @@ def synthetic_code_pairs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     df = rng.integers(0, 25 - pf)
     py, dy = p[src].copy(), d[src].copy()
     for y, flips in ((py, pf), (dy, df)):
-        for k in range(24):
-            sel = flips > k
-            y[sel] ^= np.uint64(1) << rng.integers(0, 64, m).astype(np.uint64)[sel]
+        _flip_bits(rng, y, flips, 24)
     return np.concatenate([p, py]), np.concatenate([d, dy])
 
 
@@ -707,22 +709,12 @@ def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
             )
         )
         return
-    if which == "tables":
-        from ccurate.filters.dedup import _near_matches
+    from ccurate.filters.dedup import _near_matches
 
-        pc, dc = synthetic_code_pairs(n)
-        base = _peak_rss_mb()
-        t0 = time.perf_counter()
-        cfg = DedupConfig(radius=12, verify="dhash", verify_sum=24, search="tables")
-        i, j, d = _near_matches(pc, dc, np.ones(len(dc), bool), cfg)
-        lead, _ = leader_groups(len(pc), i, j, d, np.arange(len(pc)))
-        t = time.perf_counter() - t0
-        dropped = int((lead != np.arange(len(pc))).sum())
-        print(json.dumps({"n": len(pc), "seconds": t, "rss_mb": _peak_rss_mb(),
-                          "codes_rss_mb": base, "pairs": len(i), "dropped": dropped,
-                          "planted": n // 10}))  # fmt: skip
-        return
-    codes = synthetic_codes(n, radius)
+    if which == "tables":  # (pHash, dHash) pairs through the p12+dh24 tables search
+        codes, dcodes = synthetic_code_pairs(n)
+    else:
+        codes, dcodes = synthetic_codes(n, radius), None
     base = _peak_rss_mb()
     t0 = time.perf_counter()
     if which == "faiss":
@@ -739,7 +731,11 @@ def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
         pairs = (pairs - len(codes)) // 2
         dropped = -1
     else:
-        i, j, d = near_pairs(codes, radius, threads=DedupConfig().threads)
+        if dcodes is not None:
+            cfg = DedupConfig(radius=12, verify="dhash", verify_sum=24, search="tables")
+            i, j, d = _near_matches(codes, dcodes, np.ones(len(dcodes), bool), cfg)
+        else:
+            i, j, d = near_pairs(codes, radius, threads=DedupConfig().threads)
         lead, _ = leader_groups(len(codes), i, j, d, np.arange(len(codes)))
         pairs, dropped = len(i), int((lead != np.arange(len(codes))).sum())
     t = time.perf_counter() - t0

@@ -166,12 +166,14 @@ def load_urls(n: int, port: int) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------ measuring
 def proc_cpu(pid: int) -> float:
-    """User+system CPU seconds one live process has used so far (from /proc/PID/stat)."""
+    """User+system CPU seconds one live process has used so far."""
+    import psutil
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return float(t.user + t.system)
 
 
 def tree_rss(pid: int) -> int:
