@@ -145,19 +145,24 @@ class HostLimiter:
     def __init__(self, per_host: int, rate: float) -> None:
         self.per_host = per_host
         self.interval = 1.0 / rate if rate > 0 else 0.0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # a condition per host that has waiters: a release wakes one waiter of its own host,
+        # not every waiting thread of the pool (no speed change measured at 32 threads on the
+        # ingest bench; the wake-ups no longer grow with threads x busy hosts)
+        self._waits: dict[str, threading.Condition] = {}
+        self._waiters: dict[str, int] = {}
         self._active: dict[str, int] = {}
         self._next: dict[str, float] = {}
         self._not_before: dict[str, float] = {}
 
     def acquire(self, host: str, deadline: float) -> bool:
         """Take a slot for `host`; False if none could be had before `deadline`."""
-        with self._cond:
+        with self._lock:
             while self._active.get(host, 0) >= self.per_host:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(left)
+                self._wait(host, left)
             self._active[host] = self._active.get(host, 0) + 1
             now = time.monotonic()
             start = max(now, self._next.get(host, 0.0), self._not_before.get(host, 0.0))
@@ -170,18 +175,37 @@ class HostLimiter:
             time.sleep(start - now)
         return True
 
+    def _wait(self, host: str, timeout: float) -> None:
+        """Wait (holding `_lock`) until a slot of `host` is released or `timeout` passes."""
+        cond = self._waits.get(host)
+        if cond is None:
+            cond = self._waits[host] = threading.Condition(self._lock)
+        self._waiters[host] = self._waiters.get(host, 0) + 1
+        try:
+            cond.wait(timeout)
+        finally:
+            left = self._waiters[host] - 1
+            if left:
+                self._waiters[host] = left
+            else:
+                del self._waiters[host], self._waits[host]
+
     def release(self, host: str) -> None:
-        with self._cond:
+        with self._lock:
             n = self._active.get(host, 1) - 1
             if n <= 0:
                 self._active.pop(host, None)
             else:
                 self._active[host] = n
-            self._cond.notify_all()
+            cond = self._waits.get(host)
+            if cond is not None:
+                # one slot, one waiter: it takes the slot when it wakes, even past its deadline
+                # (a slot handed to a waiter that then gives up would strand the others)
+                cond.notify()
 
     def pause(self, host: str, until: float) -> None:
         """No new request to `host` before `until` (monotonic), e.g. from Retry-After."""
-        with self._cond:
+        with self._lock:
             self._not_before[host] = max(self._not_before.get(host, 0.0), until)
 
 

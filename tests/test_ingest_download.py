@@ -19,6 +19,7 @@ from PIL import Image
 
 from ccurate.executor import ShardTask, run_task
 from ccurate.ingest.config import IngestConfig
+from ccurate.ingest.fetch import HostLimiter
 from ccurate.ingest.guard import Blocked, Resolver, check_url, is_public_address
 from ccurate.ingest.optout import parse_tdmrep, tdmrep_reserved, x_robots_optout
 from ccurate.ingest.stage import REASONS, IngestStage, is_transient, plan_retry
@@ -152,6 +153,44 @@ def test_per_host_concurrency_limit(srv: TestServer):
     out = run([rec(u) for u in urls], per_host_connections=2, threads=8)
     assert all(s.kept for s in out)
     assert srv.max_in_flight <= 2
+
+
+def test_host_limiter_wakes_waiters_of_the_released_host_only():
+    """Slots are per host: 16 threads on one host never hold more than 2 at once, all get
+    through, a waiter past its deadline gives up without stranding the others, and a
+    thread for another host is never held up by them."""
+    lim = HostLimiter(per_host=2, rate=0.0)
+    held, peak, done = [0], [0], []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        assert lim.acquire("a", time.monotonic() + 10)
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        time.sleep(0.01)
+        with lock:
+            held[0] -= 1
+        lim.release("a")
+        done.append(i)
+
+    assert lim.acquire("a", time.monotonic() + 1) and lim.acquire("a", time.monotonic() + 1)
+    t0 = time.monotonic()
+    assert not lim.acquire("a", time.monotonic() + 0.05)  # full: gives up at its deadline
+    assert time.monotonic() - t0 >= 0.04
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    assert lim.acquire("b", time.monotonic() + 0.5)  # another host: not behind "a"'s queue
+    lim.release("b")
+    time.sleep(0.05)
+    assert not done  # all 16 wait while the two slots are taken
+    lim.release("a")
+    lim.release("a")
+    for t in threads:
+        t.join(5)
+    assert sorted(done) == list(range(16)) and peak[0] == 2
+    assert not lim._waits and not lim._waiters  # no condition left behind
 
 
 def test_per_host_rate_limit(srv: TestServer):
