@@ -8,12 +8,12 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
 - stock: `webdataset.WebDataset(shards)` yielding grouped samples (no decode)
 - ours:  the same webdataset pipeline with `ccurate.shards.read.tar_samples` as
          its tar expander (headers parsed from an mmap instead of `tarfile`)
-- trainer: the trainer's reader (`ccurate.train.data.iter_tar`: headers parsed
+- trainer: the trainer's reader (`ccurate.train.stream.iter_tar`: headers parsed
          from an mmap, member bytes read by offset), every member read
 - decode_aug: what a trainer's loader does per sample: JPEG decode, random
   resized crop to 256 (scale 0.08-1, ratio 3/4-4/3), horizontal flip, uint8
   pixels (`--float` adds the /255 float conversion); batches are one NHWC
-  copy viewed as NCHW (channels-last), as `ccurate.train.data.Decoder` does.
+  copy viewed as NCHW (channels-last), as `ccurate.train.decode.Decoder` does.
   Per core for each decoder found (OpenCV, torchvision.io, PIL, simplejpeg if
   installed, and `trainer`: the trainer's own covering resize + centre crop),
   measured in CPU seconds so that other load on a shared machine does not
@@ -62,16 +62,9 @@ from ccurate.shards.config import ShardsConfig
 from ccurate.shards.read import release_shards, tar_samples
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
-from ccurate.train.data import (
-    Decoder,
-    MemberReader,
-    ShardDataset,
-    StreamSpec,
-    TrainLoader,
-    count_samples,
-    decode_resize_crop,
-    iter_tar,
-)
+from ccurate.train.decode import Decoder, decode_resize_crop
+from ccurate.train.loader import ShardDataset, TrainLoader
+from ccurate.train.stream import MemberReader, StreamSpec, count_samples, iter_tar
 from ccurate.train.synthetic import write_latent_release
 
 SIZE = 256
@@ -134,7 +127,7 @@ def ours_read(urls: list[str]) -> int:
 
 
 def trainer_read(urls: list[str]) -> int:
-    """The trainer's own reader (`ccurate.train.data.iter_tar` + `MemberReader`), every member."""
+    """The trainer's own reader (`ccurate.train.stream.iter_tar` + `MemberReader`), every member."""
     reader = MemberReader()
     n = 0
     for url in urls:
@@ -173,7 +166,7 @@ def _finish_hwc(arr: np.ndarray, rng: random.Random) -> torch.Tensor:
 
 
 def aug_trainer(data: bytes, rng: random.Random) -> torch.Tensor:
-    """The trainer's own transform (`ccurate.train.data.decode_resize_crop`: covering resize +
+    """The trainer's own transform (`ccurate.train.decode.decode_resize_crop`: covering resize +
     centre crop, the SD2 recipe), HWC uint8."""
     t = torch.from_numpy(decode_resize_crop(data, SIZE, SIZE))
     return t.float().div_(255) if FLOAT else t

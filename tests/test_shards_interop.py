@@ -184,8 +184,8 @@ def test_all_readers_group_members_like_webdataset(tmp_path: Path) -> None:
     import webdataset as wds
 
     from ccurate.shards.read import tar_samples
-    from ccurate.train.data import DataError
-    from ccurate.train.data import iter_tar as train_iter_tar
+    from ccurate.train.stream import DataError
+    from ccurate.train.stream import iter_tar as train_iter_tar
 
     path = tmp_path / "odd.tar"
     _odd_tar(path)

@@ -14,21 +14,19 @@ import pytest
 import torch
 
 from ccurate.tario import TarWriter
-from ccurate.train import data as tdata
-from ccurate.train.data import (
+from ccurate.train.decode import Decoder, load_npy, npy_view, pick_caption, unit_hash
+from ccurate.train.loader import BatchRing, ShardDataset, TrainLoader
+from ccurate.train.models import ByteTokenizer
+from ccurate.train.stream import (
     DataError,
-    Decoder,
     MemberReader,
-    ShardDataset,
     StreamSpec,
-    TrainLoader,
+    count_samples,
     find_shards,
-    load_npy,
+    iter_tar,
     make_buckets,
     nearest_bucket,
-    pick_caption,
 )
-from ccurate.train.models import ByteTokenizer
 from ccurate.train.synthetic import write_image_release, write_latent_release
 
 
@@ -55,7 +53,7 @@ def _loader(
     spec = StreamSpec(tuple(shards), seed=seed, shuffle_shards=True, shuffle_buffer=buffer)
     dec = Decoder("image", 16, 16, policy, 0.5, seed, ByteTokenizer(24))
     ds = ShardDataset(spec, dec, batch, rank, world, workers, buckets, 1)
-    total = sum(tdata.count_samples(s) for s in shards)
+    total = sum(count_samples(s) for s in shards)
     return TrainLoader(ds, max(1, total // (batch * world)), state=state)
 
 
@@ -190,7 +188,7 @@ def test_pick_caption_policies():
     assert pick_caption({"caption": ""}, "from txt", "synthetic") == ("from txt", "txt")
     assert pick_caption({"caption": "c"}, None, "alt_text") == ("c", "synthetic")
     assert pick_caption({}, None, "mix") == ("", "empty")
-    draws = [tdata.unit_hash(0, 0, f"k{i}", "caption") for i in range(4000)]
+    draws = [unit_hash(0, 0, f"k{i}", "caption") for i in range(4000)]
     sources = Counter(pick_caption(rec, None, "mix", 0.3, u)[1] for u in draws)
     assert 0.25 < sources["synthetic"] / 4000 < 0.35
 
@@ -235,7 +233,7 @@ def test_pickled_npy_member_is_refused(tmp_path):
         tf.add("k.latent.npy", buf.getvalue())
         tf.add("k.emb.npy", buf.getvalue())
     dec = Decoder("latent", 8, 8)
-    raw = next(tdata.iter_tar(str(path)))
+    raw = next(iter_tar(str(path)))
     with pytest.raises(DataError, match="refused"):
         dec.decode([raw], 0, MemberReader())
 
@@ -246,17 +244,17 @@ def test_tar_grouping_with_directories(tmp_path):
         for key in ("x/a1", "x/a2"):
             tf.add(f"{key}.txt", b"t")
             tf.add(f"{key}.json", b"{}")
-    got = list(tdata.iter_tar(str(path)))
+    got = list(iter_tar(str(path)))
     assert [(r.key, sorted(r.members)) for r in got] == [
         ("a1", ["json", "txt"]),
         ("a2", ["json", "txt"]),
     ]
-    lazy = next(itertools.islice(tdata.iter_tar(str(path)), 1))
+    lazy = next(itertools.islice(iter_tar(str(path)), 1))
     assert lazy.members["txt"].data is None  # local shards: nothing read yet
-    reader = tdata.MemberReader()
+    reader = MemberReader()
     assert reader.read(lazy.members["json"]) == b"{}"  # by offset from the header scan
     reader.close()
-    streamed = list(tdata.iter_tar(f"pipe:cat {path}"))  # not a local path: read eagerly
+    streamed = list(iter_tar(f"pipe:cat {path}"))  # not a local path: read eagerly
     assert [(r.key, {k: m.data for k, m in r.members.items()}) for r in streamed] == [
         ("a1", {"txt": b"t", "json": b"{}"}),
         ("a2", {"txt": b"t", "json": b"{}"}),
@@ -279,7 +277,7 @@ def test_fast_decode_matches_the_pil_path(size, mode, fmt):
 
     from PIL import Image
 
-    from ccurate.train.data import decode_resize_crop, resize_crop
+    from ccurate.train.decode import decode_resize_crop, resize_crop
 
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
@@ -296,7 +294,7 @@ def test_fast_decode_matches_the_pil_path(size, mode, fmt):
 
 
 def test_fast_decode_refuses_garbage_with_a_data_error():
-    from ccurate.train.data import DataError, decode_resize_crop
+    from ccurate.train.decode import decode_resize_crop
 
     with pytest.raises(DataError):
         decode_resize_crop(b"not an image at all", 64, 64)
@@ -306,7 +304,7 @@ def test_random_flip_mirrors_about_half_and_is_fixed_by_seed_epoch_key(tmp_path)
     """Flipped rows equal the unflipped decode mirrored; the same ones on a rerun (resume)."""
     root = tmp_path / "r"
     write_image_release(root, [40], resolution=16)
-    raws = list(tdata.iter_tar(find_shards(root)[0]))
+    raws = list(iter_tar(find_shards(root)[0]))
     reader = MemberReader()
     plain = Decoder("image", 16, 16, seed=3).decode(raws, 0, reader)["pixels"]
     flip = Decoder("image", 16, 16, seed=3, random_flip=True)
@@ -324,7 +322,7 @@ def test_random_flip_mirrors_about_half_and_is_fixed_by_seed_epoch_key(tmp_path)
 
 def test_batch_ring_reuses_a_buffer_only_once_its_batch_is_released():
     released = torch.zeros(1, dtype=torch.int64)
-    ring = tdata.BatchRing(released, worker=0, depth=2)
+    ring = BatchRing(released, worker=0, depth=2)
     a, b = ring.buffer(96), ring.buffer(96)
     assert a.data_ptr() != b.data_ptr() and a.numel() == 96
     got: list[torch.Tensor] = []
@@ -341,7 +339,7 @@ def test_batch_ring_reuses_a_buffer_only_once_its_batch_is_released():
     released[0] = 3
     bigger = ring.buffer(192)  # a bigger one gets a new buffer
     assert bigger.data_ptr() != a.data_ptr() and bigger.numel() == 192
-    released.fill_(tdata.BatchRing.CLOSED)  # what TrainLoader.close() sets: nobody waits
+    released.fill_(BatchRing.CLOSED)  # what TrainLoader.close() sets: nobody waits
     flat = ring.buffer(96)
     batch = {"pixels": flat[:48].view(1, 4, 4, 3), "other": torch.zeros(3), "keys": ["k"]}
     ring.tag(batch)
@@ -388,11 +386,11 @@ def test_npy_view_reads_without_copying_and_refuses_pickles():
         buf = io.BytesIO()
         np.save(buf, a)
         data = buf.getvalue()
-        view = tdata.npy_view(data, "k")
+        view = npy_view(data, "k")
         assert np.array_equal(view, arr) and not view.flags.writeable  # a view of `data`
     with pytest.raises(DataError, match="refused"):
-        tdata.npy_view(data[:-5], "k")  # truncated
+        npy_view(data[:-5], "k")  # truncated
     buf = io.BytesIO()
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="refused"):
-        tdata.npy_view(buf.getvalue(), "k")
+        npy_view(buf.getvalue(), "k")

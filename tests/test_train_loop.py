@@ -20,7 +20,6 @@ from ccurate.train.checkpoint import (
     optimizer_to_flat,
 )
 from ccurate.train.config import TrainConfig
-from ccurate.train.data import DataError, find_shards
 from ccurate.train.loop import DiffusionLoss, dropout_mask, make_noise_scheduler, snr_weights, train
 from ccurate.train.models import (
     ModelNotFoundError,
@@ -29,6 +28,7 @@ from ccurate.train.models import (
     build_unet,
     safe_torch_load,
 )
+from ccurate.train.stream import DataError, find_shards
 from ccurate.train.synthetic import write_image_release
 
 FAST = {
@@ -131,7 +131,8 @@ def test_precompute_then_train_on_latents(release, tmp_path):
     first = names[0].split(".")[0]
     want = {f"{first}.{ext}" for ext in ("latent.npy", "emb.npy", "alt.npy", "json")}
     assert want <= set(names)
-    from ccurate.train.data import iter_tar, load_npy
+    from ccurate.train.decode import load_npy
+    from ccurate.train.stream import iter_tar
 
     raw = next(iter_tar(shards[0]))
     m = raw.members["latent.npy"]

@@ -36,19 +36,8 @@ from ccurate.train.checkpoint import (
     save_checkpoint,
 )
 from ccurate.train.config import TrainConfig
-from ccurate.train.data import (
-    LATENT_FORMAT,
-    DataError,
-    Decoder,
-    ShardDataset,
-    StreamSpec,
-    TrainLoader,
-    count_samples,
-    find_manifest,
-    find_shards,
-    load_npy,
-    make_buckets,
-)
+from ccurate.train.decode import Decoder, load_npy
+from ccurate.train.loader import ShardDataset, TrainLoader
 from ccurate.train.models import (
     TextEncoder,
     build_text_encoder,
@@ -60,6 +49,15 @@ from ccurate.train.models import (
     vae_scale_factor,
 )
 from ccurate.train.presets import get_preset
+from ccurate.train.stream import (
+    LATENT_FORMAT,
+    DataError,
+    StreamSpec,
+    count_samples,
+    find_manifest,
+    find_shards,
+    make_buckets,
+)
 
 # ---- distributed -------------------------------------------------------------------
 

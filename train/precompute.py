@@ -37,20 +37,7 @@ from ccurate.shardio import (
 )
 from ccurate.tario import TarWriter
 from ccurate.train.config import TrainConfig
-from ccurate.train.data import (
-    IMAGE_EXTS,
-    LATENT_FORMAT,
-    LATENT_MANIFEST,
-    Decoder,
-    MemberReader,
-    RawSample,
-    find_shards,
-    iter_tar,
-    make_buckets,
-    nearest_bucket,
-    npy_bytes,
-    pick_caption,
-)
+from ccurate.train.decode import IMAGE_EXTS, Decoder, npy_bytes, pick_caption
 from ccurate.train.models import (
     build_text_encoder,
     build_vae,
@@ -59,6 +46,16 @@ from ccurate.train.models import (
     vae_scale_factor,
 )
 from ccurate.train.presets import get_preset
+from ccurate.train.stream import (
+    LATENT_FORMAT,
+    LATENT_MANIFEST,
+    MemberReader,
+    RawSample,
+    find_shards,
+    iter_tar,
+    make_buckets,
+    nearest_bucket,
+)
 
 REASONS = {
     "decode_error": "the image member could not be decoded",

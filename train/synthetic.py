@@ -18,7 +18,8 @@ import numpy as np
 
 from ccurate.shardio import atomic_path, write_json_atomic
 from ccurate.tario import TarWriter
-from ccurate.train.data import LATENT_FORMAT, LATENT_MANIFEST, npy_bytes
+from ccurate.train.decode import npy_bytes
+from ccurate.train.stream import LATENT_FORMAT, LATENT_MANIFEST
 
 
 def _image_bytes(rng: np.random.Generator, width: int, height: int, fmt: str) -> bytes:

@@ -1,0 +1,399 @@
+"""Raw samples into batch arrays: pixels and captions, or latents and text embeddings.
+
+Everything a worker spends its time on per sample lives here: JPEG decoding at a
+reduced DCT scale, the covering resize + crop, the caption pick, and `.npy`
+members viewed without a copy. Arrays are written straight into one flat buffer
+per batch that the caller allocates (shared memory in loader workers), so
+handing a batch to the trainer moves no data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import get_worker_info
+
+from ccurate.train.stream import DataError, Member, MemberReader, RawSample, nearest_bucket
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+# ---- pixels ----------------------------------------------------------------------
+
+
+def resize_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """Cover (height, width) keeping the aspect ratio, then centre-crop: HWC uint8 (PIL path)."""
+    if img.format == "JPEG":
+        img.draft("RGB", (width, height))  # decode at a reduced scale when far larger
+    img = img.convert("RGB")
+    scale = max(width / img.width, height / img.height)
+    nw, nh = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    return np.asarray(img, dtype=np.uint8)
+
+
+_CV_REDUCED = {
+    1: None,
+    2: "IMREAD_REDUCED_COLOR_2",
+    4: "IMREAD_REDUCED_COLOR_4",
+    8: "IMREAD_REDUCED_COLOR_8",
+}
+_JPEG_SOI = b"\xff\xd8"
+
+
+def decode_resize_crop(data: bytes, height: int, width: int) -> np.ndarray:
+    """Image bytes -> covering resize + centre crop to (height, width), HWC uint8 RGB.
+
+    JPEG goes through simplejpeg (libjpeg-turbo, accurate IDCT, decoding straight to
+    RGB with DCT-domain 1/2..1/8 scaling when the image is that much larger than
+    needed): 1.38x the OpenCV path per core, 2.5x PIL's (`bench/shard_read.py`).
+    PNG/WebP go through OpenCV; anything neither decodes (CMYK JPEG, animated WebP,
+    16-bit PNG) through the PIL path, `resize_crop`.
+    """
+    if data[:2] == _JPEG_SOI:
+        arr = _decode_jpeg(data, height, width)
+        if arr is not None:
+            return _cover_crop(arr, height, width)
+    return _decode_other(data, height, width)
+
+
+def _decode_jpeg(data: bytes, height: int, width: int) -> np.ndarray | None:
+    """RGB pixels at the smallest DCT scale still covering (height, width); None when
+    simplejpeg cannot decode it (CMYK/YCCK, corrupt data: the PIL path decides)."""
+    import simplejpeg
+
+    try:
+        h0, w0, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("Gray", "YCbCr", "RGB"):
+            return None
+        scale = max(width / w0, height / h0)
+        arr: np.ndarray = simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            min_height=min(h0, math.ceil(h0 * scale)),
+            min_width=min(w0, math.ceil(w0 * scale)),
+        )
+        return arr
+    except ValueError:
+        return None
+
+
+def _decode_other(data: bytes, height: int, width: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # header only: size and format
+            w0, h0 = probe.size
+            fmt = probe.format
+            mode = probe.mode
+    except Exception as exc:
+        raise DataError(f"not a decodable image: {exc}") from exc
+    scale = max(width / w0, height / h0)
+    arr = None
+    if mode in ("RGB", "L", "RGBA", "P", "LA") and fmt in ("JPEG", "PNG", "WEBP"):
+        factor = 1
+        if fmt == "JPEG":
+            while factor < 8 and scale * factor * 2 <= 1.0:
+                factor *= 2
+        name = _CV_REDUCED[factor]
+        flag = getattr(cv2, name) if name else cv2.IMREAD_COLOR
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if arr is None:
+        with Image.open(io.BytesIO(data)) as img:
+            return resize_crop(img, height, width)
+    return _cover_crop(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB), height, width)
+
+
+def _cover_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize HWC pixels to cover (height, width) keeping the aspect ratio, centre-crop."""
+    h1, w1 = arr.shape[:2]
+    s = max(width / w1, height / h1)
+    nw, nh = max(width, round(w1 * s)), max(height, round(h1 * s))
+    if (nw, nh) != (w1, h1):
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+        arr = cv2.resize(arr, (nw, nh), interpolation=interp)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return arr[top : top + height, left : left + width]
+
+
+# ---- captions ----------------------------------------------------------------------
+
+
+def unit_hash(*parts: Any) -> float:
+    """A deterministic uniform in [0, 1) from the parts (no process-dependent hashing)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def pick_caption(
+    record: dict[str, Any], txt: str | None, policy: str, mix: float = 0.5, u: float = 0.0
+) -> tuple[str, str]:
+    """(caption, source) per policy: `synthetic` (json `caption`), `alt_text`, or `mix`.
+
+    Falls back to the other field and then to the `.txt` member when the wanted
+    one is empty; `u` is the sample's uniform draw that decides `mix`.
+    """
+    synthetic = (record.get("caption") or "").strip()
+    alt = (record.get("alt_text") or "").strip()
+    text = (txt or "").strip()
+    if policy == "synthetic":
+        order = [("synthetic", synthetic), ("txt", text), ("alt_text", alt)]
+    elif policy == "alt_text":
+        order = [("alt_text", alt), ("txt", text), ("synthetic", synthetic)]
+    elif policy == "mix":
+        first = ("synthetic", synthetic) if u < mix else ("alt_text", alt)
+        second = ("alt_text", alt) if u < mix else ("synthetic", synthetic)
+        order = [first, second, ("txt", text)]
+    else:
+        raise ValueError(f"unknown caption policy {policy!r}")
+    for source, value in order:
+        if value:
+            return value, source
+    return "", "empty"
+
+
+# ---- batches -----------------------------------------------------------------------
+
+
+def shared_uint8(n: int) -> torch.Tensor:
+    """A 1-D uint8 tensor of `n` bytes in a fresh shared-memory segment."""
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(n)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def batch_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialised flat uint8 tensor for a batch's arrays. In a DataLoader worker it
+    is allocated in shared memory, as torch's default_collate does: handing the batch to
+    the trainer then moves no data (otherwise pickling copies every batch into a fresh
+    shared segment: one more pass over every byte, and its page faults)."""
+    if get_worker_info() is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return shared_uint8(nbytes)
+
+
+@dataclass
+class Decoder:
+    """Turns raw samples into a batch: pixels + token ids, or latents + text embeddings."""
+
+    mode: str  # "image" or "latent"
+    height: int
+    width: int
+    caption_source: str = "synthetic"
+    caption_mix: float = 0.5
+    seed: int = 0
+    tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None
+    # horizontal flip of half the images, fixed by (seed, data epoch, key): resumable
+    random_flip: bool = False
+
+    def record(self, raw: RawSample, reader: MemberReader) -> dict[str, Any]:
+        m = raw.members.get("json")
+        if m is None:
+            return {}
+        try:
+            rec = json.loads(reader.read(m))
+        except (ValueError, UnicodeDecodeError):
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def text(self, raw: RawSample, reader: MemberReader) -> str | None:
+        m = raw.members.get("txt")
+        return reader.read(m).decode("utf-8", "replace") if m is not None else None
+
+    def _image(self, raw: RawSample, reader: MemberReader, h: int, w: int) -> np.ndarray:
+        for ext in IMAGE_EXTS:
+            m = raw.members.get(ext)
+            if m is not None:
+                return decode_resize_crop(reader.read(m), h, w)
+        raise DataError(f"{raw.key}: no image member ({', '.join(raw.members)})")
+
+    def decode(
+        self,
+        group: list[RawSample],
+        epoch: int,
+        reader: MemberReader,
+        hw: tuple[int, int] | None = None,
+        alloc: Callable[[int], torch.Tensor] = batch_buffer,
+    ) -> dict[str, Any]:
+        """A batch of `group`; `alloc(nbytes)` gives the flat buffer its arrays are
+        written into (a `BatchRing`'s in `TrainLoader` workers)."""
+        h, w = hw or (self.height, self.width)
+        if self.mode == "latent":
+            return self._decode_latent(group, epoch, reader, alloc)
+        # one NHWC buffer filled in place; the batch is its NCHW view (channels-last
+        # strides: no transposing copy here, the model's first conv takes either layout)
+        batch = alloc(len(group) * h * w * 3).view(len(group), h, w, 3)
+        pixels = batch.numpy()
+        ok: list[int] = []
+        bad_rows: list[int] = []
+        captions: list[str] = []
+        bad: list[str] = []
+        for i, raw in enumerate(group):
+            rec = self.record(raw, reader)
+            u = unit_hash(self.seed, epoch, raw.key, "caption")
+            captions.append(
+                pick_caption(rec, self.text(raw, reader), self.caption_source, self.caption_mix, u)[
+                    0
+                ]
+            )
+            try:
+                img = self._image(raw, reader, h, w)
+                if self.random_flip and unit_hash(self.seed, epoch, raw.key, "flip") < 0.5:
+                    cv2.flip(img, 1, dst=pixels[i])  # numpy's copy of a mirrored view: 50x slower
+                else:
+                    pixels[i] = img
+                ok.append(i)
+            except Exception:  # undecodable image: keep the batch shape, count it
+                bad.append(raw.key)
+                bad_rows.append(i)
+        if ok and bad_rows:  # stand-ins for the bad ones: a good image of the batch
+            pixels[bad_rows] = pixels[ok[0]]
+        elif bad_rows:
+            pixels[:] = 0
+        out: dict[str, Any] = {
+            "pixels": batch.permute(0, 3, 1, 2),
+            "keys": [r.key for r in group],
+            "bad": bad,
+        }
+        if self.tokenizer is not None:
+            out["input_ids"] = self.tokenizer(captions)
+        out["captions"] = captions
+        return out
+
+    def _decode_latent(
+        self,
+        group: list[RawSample],
+        epoch: int,
+        reader: MemberReader,
+        alloc: Callable[[int], torch.Tensor] = batch_buffer,
+    ) -> dict[str, Any]:
+        latents, embs = [], []
+        for raw in group:
+            latents.append(npy_view(reader.view(_need(raw, "latent.npy")), raw.key))
+            u = unit_hash(self.seed, epoch, raw.key, "caption")
+            want = {"synthetic": "emb.npy", "alt_text": "alt.npy"}.get(self.caption_source)
+            if want is None:  # mix
+                want = "emb.npy" if u < self.caption_mix else "alt.npy"
+            m = raw.members.get(want) or raw.members.get("emb.npy") or raw.members.get("alt.npy")
+            if m is None:
+                raise DataError(f"{raw.shard}: sample {raw.key} has no text embedding member")
+            embs.append(npy_view(reader.view(m), raw.key))
+        lat_t, emb_t = stack_into([latents, embs], alloc)
+        return {"latents": lat_t, "emb": emb_t, "keys": [r.key for r in group], "bad": []}
+
+
+def stack_into(
+    groups: Sequence[Sequence[np.ndarray]], alloc: Callable[[int], torch.Tensor]
+) -> list[torch.Tensor]:
+    """`np.stack` each group of equal-shape arrays into one flat `alloc` buffer: one copy per
+    array, and the tensors share the buffer's (shared-memory) storage."""
+    metas = []
+    total = 0
+    for arrays in groups:
+        first = arrays[0]
+        shape = (len(arrays), *first.shape)
+        if any(a.shape != first.shape or a.dtype != first.dtype for a in arrays):
+            raise DataError(f"arrays of a batch differ in shape or dtype: {shape}, {first.dtype}")
+        dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
+        n = math.prod(shape) * first.dtype.itemsize
+        metas.append((total, n, shape, dtype))
+        total += -(-n // 64) * 64  # 64-byte aligned
+    flat = alloc(total)
+    out = []
+    for arrays, (off, n, shape, dtype) in zip(groups, metas, strict=True):
+        t = flat[off : off + n].view(dtype).view(shape)
+        np.stack(arrays, out=t.numpy())
+        out.append(t)
+    return out
+
+
+def _need(raw: RawSample, ext: str) -> Member:
+    m = raw.members.get(ext)
+    if m is None:
+        raise DataError(f"{raw.shard}: sample {raw.key} has no .{ext} member")
+    return m
+
+
+# ---- .npy members -------------------------------------------------------------------
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """An array as an `.npy` member (no pickle): what `npy_view` and `load_npy` read."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes | memoryview, key: str = "") -> np.ndarray:
+    """An `.npy` member as a writable array of its own (`npy_view` copied)."""
+    return np.array(npy_view(data, key))
+
+
+def npy_view(data: bytes | memoryview, key: str = "") -> np.ndarray:
+    """An `.npy` member as a read-only view of `data`: no copy. Object arrays (pickles)
+    are refused."""
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:  # 3.0 (utf-8 field names): rare, numpy's reader takes it (with a copy)
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        if dtype.hasobject:
+            raise ValueError("object arrays cannot be loaded without pickle")
+        arr = np.frombuffer(data, dtype, math.prod(shape), fp.tell())
+        return arr.reshape(shape, order="F" if fortran else "C")
+    except ValueError as exc:
+        raise DataError(f"{key}: refused .npy member (pickled or malformed): {exc}") from exc
+
+
+# ---- aspect buckets of raw samples ----------------------------------------------------
+
+
+def bucket_reader(
+    mode: str, buckets: Sequence[tuple[int, int]], vae_factor: int
+) -> Callable[[RawSample, MemberReader], tuple[int, int]]:
+    """How a raw sample finds its bucket cheaply: json sizes, else the image header."""
+
+    def bucket_of(raw: RawSample, reader: MemberReader) -> tuple[int, int]:
+        rec: dict[str, Any] = {}
+        m = raw.members.get("json")
+        if m is not None:
+            try:
+                rec = json.loads(reader.read(m))
+            except ValueError:
+                rec = {}
+        if mode == "latent":
+            lat = rec.get("latent_hw")
+            if lat:
+                return int(lat[0]) * vae_factor, int(lat[1]) * vae_factor
+            arr = npy_view(reader.view(_need(raw, "latent.npy")), raw.key)
+            return int(arr.shape[-2]) * vae_factor, int(arr.shape[-1]) * vae_factor
+        w, h = rec.get("width"), rec.get("height")
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            for ext in IMAGE_EXTS:
+                im = raw.members.get(ext)
+                if im is not None:
+                    try:
+                        with Image.open(io.BytesIO(reader.read(im))) as img:
+                            w, h = img.size
+                    except Exception:
+                        w, h = 1, 1
+                    break
+            else:
+                w, h = 1, 1
+        return nearest_bucket(int(w), int(h), buckets)
+
+    return bucket_of

@@ -1,0 +1,258 @@
+"""The trainer's loader: slot streams run in DataLoader workers, batches handed out resumably.
+
+Workers cut and decode batches themselves (`batch_size=None`) into a ring of reused
+shared-memory buffers (`BatchRing`). Positions come from the batches the trainer
+actually consumed, never from what workers prefetched; on resume the DataLoader's
+round-robin over workers is preserved by rotating worker ids by the number of
+batches consumed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ccurate.train.decode import Decoder, batch_buffer, bucket_reader, shared_uint8
+from ccurate.train.stream import (
+    DataError,
+    MemberReader,
+    Position,
+    StreamSpec,
+    bucket_batches,
+    fixed_batches,
+)
+
+
+class BatchRing:
+    """A loader worker's `depth` shared-memory batch buffers, reused in turn.
+
+    A fresh shared segment per batch costs the kernel its page faults: 3,072 zeroed
+    4-KiB pages per 64 x 256 x 256 batch, ~13 ms, about 0.2 ms per sample, a quarter
+    of the worker's time per sample (`bench/shard_read.py`). Reuse is safe because of a
+    handshake with `TrainLoader`: it copies each batch out (or the DataLoader's pinning
+    thread already did) before the trainer sees it, then counts it in `released`, a
+    counter per worker in shared memory; the worker refills a buffer only once the
+    batch that last used it is counted. Batch `seq` goes to buffer `seq % depth`.
+    """
+
+    CLOSED = 1 << 62  # `released` value that TrainLoader.close() sets: stop waiting
+
+    def __init__(self, released: torch.Tensor, worker: int, depth: int) -> None:
+        self.released = released
+        self.worker = worker
+        self.depth = max(1, depth)
+        self.seq = 0
+        self.issued: int | None = None
+        self._slots: list[torch.Tensor | None] = [None] * self.depth
+        self._parent = os.getppid()
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """The next batch's buffer, flat uint8 (`Decoder.decode` fills every byte it uses)."""
+        seq, slot = self.seq, self.seq % self.depth
+        self._wait_released(seq - self.depth + 1)
+        flat = self._slots[slot]
+        if flat is None or flat.numel() < nbytes:  # first use, or a bigger bucket
+            flat = self._slots[slot] = shared_uint8(nbytes)
+        self.seq, self.issued = seq + 1, seq
+        return flat[:nbytes]
+
+    def tag(self, batch: dict[str, Any]) -> None:
+        """Mark `batch` with its buffer and the entries that live in it, for the trainer to
+        copy out and release; no-op when no buffer was taken."""
+        if self.issued is None:
+            return
+        slot = self._slots[self.issued % self.depth]
+        assert slot is not None
+        ptr = slot.untyped_storage().data_ptr()
+        views = [
+            k
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr
+        ]
+        batch["ring"] = [self.worker, self.issued, views]
+        self.issued = None
+
+    def _wait_released(self, count: int) -> None:
+        while int(self.released[self.worker]) < count:
+            if os.getppid() != self._parent:
+                raise DataError("the training process is gone")
+            time.sleep(0.0005)
+
+
+class ShardDataset(IterableDataset[dict[str, Any]]):
+    """One rank's endless batch stream; batching happens in the workers (`batch_size=None`)."""
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        decoder: Decoder,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        buckets: Sequence[tuple[int, int]] | None = None,
+        vae_factor: int = 1,
+        start: dict[int, Position] | None = None,
+        rotate: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+        self.num_workers = num_workers
+        self.buckets = list(buckets) if buckets else None
+        self.vae_factor = vae_factor
+        self.start = dict(start or {})
+        self.rotate = rotate
+        # set by TrainLoader: worker batch buffers are then reused (`BatchRing`)
+        self.ring_released: torch.Tensor | None = None
+        self.ring_depth = 0
+
+    @property
+    def n_logical(self) -> int:
+        return max(1, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        nw = self.n_logical
+        lw = (physical + self.rotate) % nw
+        slot, n_slots = self.rank * nw + lw, self.world * nw
+        start = self.start.get(lw, (0, 0))
+        reader = MemberReader()
+        ring = None
+        if info is not None and self.ring_released is not None:
+            ring = BatchRing(self.ring_released, physical, self.ring_depth)
+        alloc = ring.buffer if ring is not None else batch_buffer
+        try:
+            if self.buckets is None:
+                for group, pos in fixed_batches(self.spec, slot, n_slots, self.batch_size, start):
+                    batch = self.decoder.decode(group, pos[0], reader, alloc=alloc)
+                    batch["pos"] = [lw, pos[0], pos[1]]
+                    if ring is not None:
+                        ring.tag(batch)
+                    yield batch
+            else:
+                of = bucket_reader(self.decoder.mode, self.buckets, self.vae_factor)
+                for group, pos, hw in bucket_batches(
+                    self.spec, slot, n_slots, self.batch_size, lambda r: of(r, reader), start
+                ):
+                    batch = self.decoder.decode(group, pos[0], reader, hw, alloc)
+                    batch["pos"] = [lw, pos[0], pos[1]]
+                    if ring is not None:
+                        ring.tag(batch)
+                    yield batch
+        finally:
+            reader.close()
+
+
+class TrainLoader:
+    """A rank's loader: endless, with a fixed epoch length and a resumable position.
+
+    `state()` is what a checkpoint stores; `TrainLoader(..., state=...)` resumes
+    from it. Positions are taken from the batches actually handed out, never from
+    what the workers prefetched. Its workers fill a ring of reused shared-memory
+    buffers (`BatchRing`); each batch is copied out of its buffer (by the pinning
+    thread with `pin_memory`, else here) before it is handed out, so a batch the
+    trainer keeps never changes.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        epoch_batches: int,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+        state: dict[str, Any] | None = None,
+        reuse_buffers: bool = True,
+    ) -> None:
+        """`reuse_buffers=False`: workers put every batch in a new shared-memory segment,
+        the design before `BatchRing` (for comparisons)."""
+        self.epoch_batches = max(1, epoch_batches)
+        self.reuse_buffers = reuse_buffers
+        self.batches = 0
+        self.positions: dict[int, Position] = {}
+        if state:
+            self.batches = int(state["batches"])
+            self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["workers"].items()}
+        dataset.start = dict(self.positions)
+        dataset.rotate = self.batches % dataset.n_logical
+        self.dataset = dataset
+        nw = dataset.num_workers
+        # a worker is at most prefetch_factor batches ahead of what was handed out here;
+        # two more buffers and it never waits for a release
+        dataset.ring_depth = prefetch_factor + 2
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=nw,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if nw > 0 else None,
+            persistent_workers=False,
+        )
+        self._it: Iterator[dict[str, Any]] | None = None
+        # the received ring buffers, kept mapped: torch then maps each buffer once instead of
+        # on every batch (and its page faults with it)
+        self._mapped: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next batch; it counts as consumed only once passed to `mark`."""
+        if self._it is None:
+            if self.reuse_buffers and self.dataset.num_workers > 0:
+                counters = torch.zeros(self.dataset.num_workers, dtype=torch.int64)
+                self.dataset.ring_released = counters.share_memory_()
+            self._it = iter(self.loader)
+        batch = next(self._it)
+        ring = batch.pop("ring", None)
+        if ring is not None:
+            worker, seq, views = int(ring[0]), int(ring[1]), ring[2]
+            for k in views:
+                t = batch[k]
+                if not t.is_pinned():  # pinning already copied it out of the shared buffer
+                    self._mapped[(worker, seq % self.dataset.ring_depth)] = t
+                    batch[k] = t.clone()  # keeps the strides (channels-last pixels)
+            released = self.dataset.ring_released
+            assert released is not None
+            released[worker] = seq + 1
+        return batch
+
+    def mark(self, batch: dict[str, Any]) -> None:
+        """Record `batch` as consumed (the trainer calls this when the step uses it)."""
+        lw, epoch, n = batch.pop("pos")
+        self.positions[int(lw)] = (int(epoch), int(n))
+        self.batches += 1
+
+    def epoch(self) -> Iterator[dict[str, Any]]:
+        """Exactly `epoch_batches` batches: the same count on every rank."""
+        for _ in range(self.epoch_batches):
+            batch = next(self)
+            self.mark(batch)
+            yield batch
+
+    @property
+    def epoch_index(self) -> int:
+        return self.batches // self.epoch_batches
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "workers": {str(k): list(v) for k, v in sorted(self.positions.items())},
+            "num_workers": self.dataset.num_workers,
+            "batch_size": self.dataset.batch_size,
+        }
+
+    def close(self) -> None:
+        if self.dataset.ring_released is not None:
+            self.dataset.ring_released.fill_(BatchRing.CLOSED)  # no worker waits on a release
+            self.dataset.ring_released = None
+        self._mapped.clear()
+        self._it = None  # the DataLoader iterator shuts its workers down when collected
