@@ -671,7 +671,8 @@ def write_index_shards(
 
 def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
     """Run in a fresh process so peak RSS belongs to this measurement alone."""
-    from ccurate.filters.dedup import DedupConfig, DedupStage, leader_groups, near_pairs
+    from ccurate.filters.dedup import DedupConfig, DedupStage
+    from ccurate.filters.hamming import leader_groups, near_pairs
 
     if which in ("gen", "gen_tables"):
         write_index_shards(n, radius, Path(workdir), dhashes=which == "gen_tables")
@@ -709,7 +710,7 @@ def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
             )
         )
         return
-    from ccurate.filters.dedup import _near_matches
+    from ccurate.filters.dedup_reference import near_matches
 
     if which == "tables":  # (pHash, dHash) pairs through the p12+dh24 tables search
         codes, dcodes = synthetic_code_pairs(n)
@@ -733,7 +734,7 @@ def _scale_worker(n: int, radius: int, which: str, workdir: str = "") -> None:
     else:
         if dcodes is not None:
             cfg = DedupConfig(radius=12, verify="dhash", verify_sum=24, search="tables")
-            i, j, d = _near_matches(codes, dcodes, np.ones(len(dcodes), bool), cfg)
+            i, j, d = near_matches(codes, dcodes, np.ones(len(dcodes), bool), cfg)
         else:
             i, j, d = near_pairs(codes, radius, threads=DedupConfig().threads)
         lead, _ = leader_groups(len(codes), i, j, d, np.arange(len(codes)))

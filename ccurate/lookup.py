@@ -22,10 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ccurate.takedown import ImageHashes, TakedownError, hash_image_file
-
-DEFAULT_RADIUS = 8
-"""Bits of pHash distance reported as a near copy (resizes and recompressions land within
-~4, crops within ~8; distinct photos rarely come below 12)."""
+from ccurate.takedown_match import DEFAULT_RADIUS  # a lookup reports what a takedown removes
 
 _DETAIL_COLUMNS = [
     "key",

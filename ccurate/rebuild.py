@@ -28,6 +28,10 @@ changed records go through the expensive stages.
 Removed samples (takedowns, opt-outs) are persisted in the catalog directory
 (`ccurate.takedown`), so they never come back: later plans skip their keys and
 the gate drops their bytes, pixels and near copies anywhere.
+
+The parts live beside this driver: the ledger in `ccurate.rebuild_ledger`, the
+gate in `ccurate.release_gate`, the diff in `ccurate.release_diff`, takedown
+matching in `ccurate.takedown_match`, the re-check stage in `ccurate.optout_recheck`.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,22 +58,33 @@ from pydantic import Field, field_validator
 
 from ccurate.configbase import Section
 from ccurate.executor import Executor, ShardTask
-from ccurate.record import Decision, Sample, samples_to_table
+from ccurate.rebuild_ledger import (
+    Ledger,
+    fetch_due,
+    fetch_outcomes,
+    ingest_observed,
+    update_ledger,
+)
+from ccurate.record import samples_to_table
+from ccurate.release_diff import diff_release_inputs
+from ccurate.release_gate import (
+    ReleaseGateStage,
+    dropped_duplicates,
+    gate_decisions,
+    read_index,
+    superseded_keys,
+)
 from ccurate.shardio import list_shards, write_json_atomic, write_table_atomic
-from ccurate.stage import Resources, Stage, StageStats
+from ccurate.stage import StageStats
 from ccurate.takedown import (
-    DEFAULT_RADIUS,
-    MATCH_COLUMNS,
     REMOVAL_SCHEMA,
     REMOVALS_DIR,
-    Blocklist,
-    TakedownEntry,
     TakedownList,
     load_entries,
     load_removals,
-    match_index,
     write_removals,
 )
+from ccurate.takedown_match import DEFAULT_RADIUS, MATCH_COLUMNS, Blocklist, match_index
 
 if TYPE_CHECKING:
     from ccurate.config import PipelineConfig
@@ -83,15 +98,6 @@ GEN_META = "_GEN.json"
 GEN_DONE = "_DONE"
 RELEASE_INPUT = "50_release_input"
 RECHECK = "45_recheck"
-
-REASONS: dict[str, str] = {
-    "superseded": "an older record of a key fetched again in this generation (the new record "
-    "replaces it; the diff reports what changed)",
-    "<filter reason>": "an older record whose refetch is now dropped by a filter or dedup "
-    "(e.g. license_not_allowed: the licence changed): withdrawn with the new reason",
-    "optout_*": "an older record whose refetch or re-check found an opt-out",
-    "takedown": "see ccurate.takedown.REASONS",
-}
 
 
 class RebuildConfig(Section):
@@ -240,82 +246,6 @@ def _open_generation(
     return Generation(n, d, now, name), prev
 
 
-# --------------------------------------------------------------------------- ledger
-
-LEDGER_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("outcome", pa.string()),  # ok | dropped | transient
-        ("reason", pa.string()),
-        ("at", pa.float64()),  # epoch seconds of the last fetch attempt
-        ("attempts", pa.int32()),  # fetch attempts so far
-        ("checked_at", pa.float64()),  # last time its opt-out signals were seen allowing us
-    ]
-)
-
-
-class Ledger:
-    """What every key's last fetch gave, looked up vectorised (sorted uint64 keys).
-
-    Keys are 16 hex digits (`make_key`), so 100M keys fit in 800 MB of uint64
-    plus their columns; lookups are `np.searchsorted` over a batch.
-    """
-
-    def __init__(self, table: pa.Table) -> None:
-        from ccurate.filters.hashing import hex_to_u64
-
-        self.table = table
-        codes, ok = hex_to_u64(table.column("key"))
-        order = np.argsort(codes[ok], kind="stable")
-        self.rows = np.flatnonzero(ok)[order]
-        self.codes = codes[ok][order]
-        self.outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
-        self.reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
-        self.at = np.asarray(table.column("at").fill_null(0).to_numpy(), np.float64)
-        self.attempts = np.asarray(table.column("attempts").fill_null(0).to_numpy(), np.int64)
-        self.checked_at = np.asarray(table.column("checked_at").fill_null(0).to_numpy(), np.float64)
-
-    @classmethod
-    def load(cls, gen: Generation | None) -> Ledger:
-        path = gen.dir / "ledger.parquet" if gen is not None else None
-        if path is None or not path.exists():
-            return cls(LEDGER_SCHEMA.empty_table())
-        return cls(pq.read_table(path, schema=LEDGER_SCHEMA))
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def find(self, keys: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
-        """Row of each key in the ledger table, -1 when unknown."""
-        from ccurate.filters.hashing import hex_to_u64
-
-        codes, ok = hex_to_u64(keys if not isinstance(keys, list) else pa.array(keys, pa.string()))
-        if not len(self.codes):
-            return np.full(len(codes), -1, np.int64)
-        pos = np.clip(np.searchsorted(self.codes, codes), 0, len(self.codes) - 1)
-        found = ok & (self.codes[pos] == codes)
-        return np.where(found, self.rows[pos], -1)
-
-
-def _due(
-    ledger: Ledger, idx: np.ndarray, rcfg: RebuildConfig, now: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(new, retry due, retry waiting or given up, refetch due) masks for ledger rows `idx`."""
-    known = idx >= 0
-    safe = np.where(known, idx, 0)
-    outcome = ledger.outcome[safe] if len(ledger) else np.array([None] * len(idx), object)
-    at = ledger.at[safe] if len(ledger) else np.zeros(len(idx))
-    attempts = ledger.attempts[safe] if len(ledger) else np.zeros(len(idx), np.int64)
-    transient = known & (outcome == "transient")
-    retry_due = (
-        transient & (at <= now - rcfg.retry_after_hours * 3600.0) & (attempts < rcfg.max_attempts)
-    )
-    refetch = np.zeros(len(idx), bool)
-    if rcfg.refetch_after_days is not None:
-        refetch = known & ~transient & (at <= now - rcfg.refetch_after_days * 86400.0)
-    return ~known, retry_due, transient & ~retry_due, refetch
-
-
 # --------------------------------------------------------------------------- planning
 
 PLAN_MARKER = "_PLANNED"
@@ -399,7 +329,7 @@ def plan_generation(
 
     def select(t: pa.Table, origin: str) -> pa.Table:
         idx = ledger.find(t.column("key"))
-        new, retry, waiting, refetch = _due(ledger, idx, rcfg, now)
+        new, retry, waiting, refetch = fetch_due(ledger, idx, rcfg, now)
         counts[f"{origin}_records"] += t.num_rows
         counts["new"] += int(new.sum())
         counts["retry_due"] += int(retry.sum())
@@ -455,368 +385,6 @@ def plan_generation(
     return parts, result
 
 
-# --------------------------------------------------------------------------- the gate
-
-
-class ReleaseGateStage(Stage):
-    """Drops, from the release input, what the gate decided (takedowns, opt-outs, superseded).
-
-    Decisions are computed once per generation on the driver (`gate_decisions`)
-    and loaded by each worker in `setup`. `previous=True` marks the stage that
-    reads last generation's release input: only there are superseded records
-    dropped (the new record with the same key comes from this generation).
-    """
-
-    name: ClassVar[str] = "takedown"
-    preserves_keys: ClassVar[bool] = True
-    batch_size: int = 256
-
-    def __init__(self, decisions_path: str, previous: bool) -> None:
-        self.decisions_path = decisions_path
-        self.previous = previous
-        self._decisions: dict[str, tuple[str, str, str]] | None = None
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=1.0, memory_gb=1.0)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_decisions"] = None
-        return state
-
-    def setup(self) -> None:
-        t = pq.read_table(self.decisions_path)
-        self._decisions = {
-            k: (r, d, s)
-            for k, r, d, s in zip(
-                t.column("key").to_pylist(),
-                t.column("reason").to_pylist(),
-                t.column("detail").to_pylist(),
-                t.column("scope").to_pylist(),
-                strict=True,
-            )
-        }
-
-    def teardown(self) -> None:
-        self._decisions = None
-
-    def process(self, batch: list[Sample]) -> list[Sample]:
-        if self._decisions is None:
-            self.setup()
-        assert self._decisions is not None
-        for s in batch:
-            d = self._decisions.get(s.key) if s.kept else None
-            if d is None:
-                continue
-            reason, detail, scope = d
-            if scope == "previous" and not self.previous:
-                continue
-            s.extra["removed_because"] = detail
-            by = "takedown" if reason == "takedown" or reason.startswith("optout_") else "rebuild"
-            s.record(Decision(by, False, reason))
-        return batch
-
-    def describe(self) -> dict[str, Any]:
-        return {"decisions": self.decisions_path, "previous": self.previous}
-
-
-GATE_SCHEMA = pa.schema(
-    [("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("scope", pa.string())]
-)
-
-
-def _index(prefixes: list[str], columns: list[str]) -> pa.Table:
-    tables = []
-    for p in prefixes:
-        names = pq.read_schema(f"{p}.parquet").names
-        t = pq.read_table(f"{p}.parquet", columns=[c for c in columns if c in names])
-        for c in columns:
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-        tables.append(t.select(columns).cast(pa.schema([(c, pa.string()) for c in columns])))
-    if not tables:
-        return pa.schema([(c, pa.string()) for c in columns]).empty_table()
-    return pa.concat_tables(tables)
-
-
-def _dropped_duplicates(catalog_dir: Path, extra: list[str]) -> pa.Table:
-    """Samples dropped as duplicates (catalog history + this generation): a URL takedown of
-    one of them must also remove the released copy it was merged into."""
-    tables = []
-    db = catalog_dir / "catalog.duckdb"
-    if db.exists():
-        try:
-            from ccurate.shards.catalog import Catalog
-
-            with Catalog(catalog_dir, read_only=True) as cat:
-                t = cat.query(
-                    "SELECT key, url, page_url, NULL::VARCHAR AS author, sha256, pixel_sha256, "
-                    "phash FROM samples WHERE status <> 'ok' AND duplicate_of IS NOT NULL"
-                )
-            tables.append(t.cast(pa.schema([(c, pa.string()) for c in MATCH_COLUMNS])))
-        except Exception as e:  # a busy or foreign catalog must not stop a rebuild
-            log.warning("catalog %s not read for takedown expansion: %s", db, e)
-    for path in extra:
-        t = pq.read_table(path)
-        if "duplicate_of" not in t.column_names or t.num_rows == 0:
-            continue
-        t = t.filter(pc.is_valid(t.column("duplicate_of")))
-        for c in MATCH_COLUMNS:
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-        tables.append(
-            t.select(MATCH_COLUMNS).cast(pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]))
-        )
-    if not tables:
-        return pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]).empty_table()
-    return pa.concat_tables(tables)
-
-
-def gate_decisions(
-    out: Path,
-    old_inputs: list[str],
-    new_inputs: list[str],
-    entries: list[TakedownEntry],
-    removals: pa.Table,
-    optouts: dict[str, str],
-    superseded: dict[str, str],
-    dup_tables: pa.Table,
-    radius: int,
-) -> pa.Table:
-    """Decide, over every release-input candidate, what is dropped and why; write `out`."""
-    block = Blocklist()
-    block.add_entries(entries, radius)
-    block.add_removals(removals, radius)
-    for key, reason in optouts.items():
-        block.keys.setdefault(key, (reason, "opt-out found by the re-check"))
-    # URL-level takedowns of samples merged away as duplicates: block their images too
-    if dup_tables.num_rows and (block.urls or block.pages or block.domains or block.authors):
-        direct = Blocklist(urls=block.urls, pages=block.pages, domains=block.domains)
-        hits = match_index(dup_tables, direct, radius)
-        if hits.num_rows:
-            matched = dup_tables.filter(
-                pc.is_in(dup_tables.column("key"), value_set=hits.column("key"))
-            )
-            for r in matched.to_pylist():
-                why = ("takedown", f"image of {r['key']} {r['url']} (dropped duplicate)")
-                for h in (r["sha256"], r["pixel_sha256"]):
-                    if h:
-                        block.hashes.setdefault(h, why)
-                if r["phash"]:
-                    block.codes.append((r["phash"], radius, *why))
-    table = _index([*old_inputs, *new_inputs], MATCH_COLUMNS)
-    hits = match_index(table, block, radius)
-    rows: dict[str, tuple[str, str, str]] = {}
-    for k, r, d in zip(
-        hits.column("key").to_pylist(),
-        hits.column("reason").to_pylist(),
-        hits.column("detail").to_pylist(),
-        strict=True,
-    ):
-        rows[k] = (r, d, "all")
-    for k, r in superseded.items():
-        if k not in rows:
-            detail = (
-                "fetched again in this generation"
-                if r == "superseded"
-                else (f"fetched again: now {r}")
-            )
-            rows[k] = (r, detail, "previous")
-    result = pa.table(
-        {
-            "key": pa.array(list(rows), pa.string()),
-            "reason": pa.array([v[0] for v in rows.values()], pa.string()),
-            "detail": pa.array([v[1] for v in rows.values()], pa.string()),
-            "scope": pa.array([v[2] for v in rows.values()], pa.string()),
-        },
-        schema=GATE_SCHEMA,
-    )
-    write_table_atomic(out, result)
-    return result
-
-
-# --------------------------------------------------------------------------- outcomes
-
-
-def _outcomes(gen: Generation) -> dict[str, tuple[str, str | None, str | None]]:
-    """key -> (final status, reason, dropped_by) of every record this generation fetched."""
-    out: dict[str, tuple[str, str | None, str | None]] = {}
-    for step in ("10_ingest", "20_filter", "30_dedup", "40_caption"):
-        d = gen.step(step)
-        for p in sorted(d.glob("*.dropped.parquet")) if d.exists() else []:
-            t = pq.read_table(p, columns=["key", "drop_reason", "dropped_by"])
-            for k, r, by in zip(
-                t.column("key").to_pylist(),
-                t.column("drop_reason").to_pylist(),
-                t.column("dropped_by").to_pylist(),
-                strict=True,
-            ):
-                out[k] = ("dropped", r, by)
-    for p in list_shards(gen.step("40_caption")):
-        for k in pq.read_table(f"{p}.parquet", columns=["key"]).column("key").to_pylist():
-            out[k] = ("ok", None, None)
-    return out
-
-
-def _superseded(
-    old_inputs: list[str], outcomes: dict[str, tuple[str, str | None, str | None]]
-) -> dict[str, str]:
-    """What happens to released keys fetched again (a refetch or a retry of the same key).
-
-    The new record's verdict stands: kept -> the old record is `superseded`;
-    dropped by a filter or dedup (e.g. the licence changed) -> the old record is
-    withdrawn with that reason. A fetch failure keeps the old record (a CC
-    licence is not withdrawn by a timeout or a dead link), except an opt-out.
-    """
-    out: dict[str, str] = {}
-    if not outcomes:
-        return out
-    for k in _index(old_inputs, ["key"]).column("key").to_pylist():
-        got = outcomes.get(k)
-        if got is None:
-            continue
-        status, reason, by = got
-        if status == "ok":
-            out[k] = "superseded"
-        elif reason and (reason.startswith("optout_") or by != "ingest"):
-            out[k] = reason
-    return out
-
-
-def _ingest_observed(gen: Generation) -> pa.Table:
-    """key, url, page_url, drop_reason of every record ingest output in this generation."""
-    tables = []
-    cols = ["key", "url", "page_url", "drop_reason"]
-    d = gen.step("10_ingest")
-    for p in list_shards(d):
-        t = pq.read_table(f"{p}.parquet", columns=["key", "url", "page_url"])
-        tables.append(t.append_column("drop_reason", pa.nulls(t.num_rows, pa.string())))
-        t = pq.read_table(f"{p}.dropped.parquet", columns=cols)
-        tables.append(t)
-    if not tables:
-        return pa.schema([(c, pa.string()) for c in cols]).empty_table()
-    return pa.concat_tables([t.cast(pa.schema([(c, pa.string()) for c in cols])) for t in tables])
-
-
-def _update_ledger(
-    gen: Generation,
-    prev: Generation | None,
-    ledger: Ledger,
-    planned: list[str],
-    rechecked_ok: list[str],
-    now: float,
-    max_attempts: int,
-) -> pa.Table:
-    """The cumulative ledger after this generation (written to `gen/ledger.parquet`), and the
-    transient failures still worth retrying (`gen/retry.parquet`)."""
-    from ccurate.ingest.stage import is_transient
-
-    observed = _ingest_observed(gen)
-    rows: dict[str, tuple[str, str | None]] = {}
-    for prefix in planned:  # planned records that produced no record of their own: pages
-        for k in pq.read_table(f"{prefix}.parquet", columns=["key"]).column("key").to_pylist():
-            rows[k] = ("ok", None)
-    for k, r in zip(
-        observed.column("key").to_pylist(), observed.column("drop_reason").to_pylist(), strict=True
-    ):
-        if r is None:
-            rows[k] = ("ok", None)
-        else:
-            rows[k] = ("transient" if is_transient(r) else "dropped", r)
-    plan_drops = gen.step("00_plan") / "planned-dropped.parquet"
-    if plan_drops.exists():
-        t = pq.read_table(plan_drops, columns=["key", "drop_reason"])
-        for k, r in zip(
-            t.column("key").to_pylist(), t.column("drop_reason").to_pylist(), strict=True
-        ):
-            rows.setdefault(k, ("dropped", r))
-    keys = list(rows)
-    idx = ledger.find(keys)
-    old_attempts = np.where(idx >= 0, ledger.attempts[np.maximum(idx, 0)] if len(ledger) else 0, 0)
-    outcome = [v[0] for v in rows.values()]
-    attempts = [
-        int(a) + 1 if o == "transient" and i >= 0 and ledger.outcome[i] == "transient" else 1
-        for a, o, i in zip(old_attempts.tolist(), outcome, idx.tolist(), strict=True)
-    ]
-    delta = pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "outcome": pa.array(outcome, pa.string()),
-            "reason": pa.array([v[1] for v in rows.values()], pa.string()),
-            "at": pa.array([gen.started_at] * len(keys), pa.float64()),
-            "attempts": pa.array(attempts, pa.int32()),
-            "checked_at": pa.array([gen.started_at] * len(keys), pa.float64()),
-        },
-        schema=LEDGER_SCHEMA,
-    )
-    old = ledger.table
-    if rechecked_ok and old.num_rows:
-        checked = pc.is_in(old.column("key"), value_set=pa.array(rechecked_ok, pa.string()))
-        old = old.set_column(
-            old.column_names.index("checked_at"),
-            "checked_at",
-            pc.if_else(checked, pa.scalar(now, pa.float64()), old.column("checked_at")),
-        )
-    if keys and old.num_rows:
-        old = old.filter(pc.invert(pc.is_in(old.column("key"), value_set=delta.column("key"))))
-    table = pa.concat_tables([old.cast(LEDGER_SCHEMA), delta])
-    write_table_atomic(gen.dir / "ledger.parquet", table)
-    # transient image records to retry later (pages are retried from their source)
-    pending: list[pa.Table] = []
-    for p in list_shards(gen.step("10_ingest")):
-        t = pq.read_table(f"{p}.dropped.parquet")
-        if t.num_rows:
-            mask = [is_transient(r) for r in t.column("drop_reason").to_pylist()]
-            t = t.filter(pa.array(mask, pa.bool_()))
-        if t.num_rows:
-            pending.append(_as_planned(t))
-    if prev is not None and (prev.dir / "retry.parquet").exists():
-        t = pq.read_table(prev.dir / "retry.parquet")
-        done = set(keys)
-        rows_in = ledger.find(t.column("key"))
-        tries = np.where(
-            rows_in >= 0, ledger.attempts[np.maximum(rows_in, 0)] if len(ledger) else 0, 0
-        )
-        alive = [
-            k not in done and int(a) < max_attempts
-            for k, a in zip(t.column("key").to_pylist(), tries.tolist(), strict=True)
-        ]
-        t = t.filter(pa.array(alive, pa.bool_()))  # retried now, or given up: not carried
-        if t.num_rows:
-            pending.insert(0, t)
-    retry = (
-        pa.concat_tables(pending, promote_options="permissive") if pending else samples_to_table([])
-    )
-    if retry.num_rows:  # one row per key, the latest
-        ks = retry.column("key").to_pylist()
-        last = {k: i for i, k in enumerate(ks)}
-        retry = retry.take(pa.array(sorted(last.values()), pa.int64()))
-    write_table_atomic(gen.dir / "retry.parquet", retry)
-    return table
-
-
-def _as_planned(t: pa.Table) -> pa.Table:
-    """Dropped ingest records back into planned input: kept, no image, no reason."""
-    if "image" in t.column_names:
-        t = t.drop_columns(["image"])
-    n = t.num_rows
-    for name, value in (("status", "ok"), ("drop_reason", None), ("dropped_by", None)):
-        col = pa.array([value] * n, pa.string())
-        t = (
-            t.set_column(t.column_names.index(name), name, col)
-            if name in t.column_names
-            else t.append_column(name, col)
-        )
-    html = pc.fill_null(pc.starts_with(pc.fill_null(t.column("mime"), ""), "text/html"), False)
-    t = t.set_column(
-        t.column_names.index("mime"),
-        "mime",
-        pc.if_else(html, t.column("mime"), pa.scalar(None, pa.string())),
-    )
-    return t
-
-
 # --------------------------------------------------------------------------- opt-out re-check
 
 
@@ -831,7 +399,7 @@ def _recheck(
     now: float,
 ) -> tuple[dict[str, str], list[str], dict[str, int]]:
     """(opted-out key -> reason, keys seen allowing us, counts) for released samples due."""
-    from ccurate.takedown import OptoutRecheckStage
+    from ccurate.optout_recheck import OptoutRecheckStage
 
     counts: Counter[str] = Counter()
     if rcfg.recheck_optout_days is None or not old_inputs:
@@ -892,120 +460,6 @@ def _recheck(
     return optouts, ok, dict(counts)
 
 
-# --------------------------------------------------------------------------- diff
-
-DIFF_FIELDS = [
-    "url",
-    "page_url",
-    "license",
-    "license_url",
-    "author",
-    "title",
-    "alt_text",
-    "caption",
-    "caption_model",
-    "sha256",
-]
-
-
-def _parquet_list(files: list[str]) -> str:
-    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-
-
-def diff_release_inputs(
-    old_inputs: list[str],
-    new_inputs: list[str],
-    gate_dropped: list[str],
-    prev_ledger: Path | None,
-    out_dir: Path,
-) -> dict[str, Any]:
-    """Added, removed (by reason) and changed (by field) between two release inputs.
-
-    Written as `diff.parquet` (one row per key that differs) and `diff.json`
-    (counts and a few example keys per group). DuckDB does the join, so it
-    scales past memory.
-    """
-    import duckdb
-
-    con = duckdb.connect()
-    cols = ", ".join(f"CAST({c} AS VARCHAR) AS {c}" for c in ["key", *DIFF_FIELDS])
-    empty = ", ".join(f"NULL::VARCHAR AS {c}" for c in ["key", *DIFF_FIELDS])
-
-    def rel(files: list[str]) -> str:
-        if not files:
-            return f"SELECT {empty} WHERE false"
-        paths = [f"{p}.parquet" for p in files]
-        return f"SELECT {cols} FROM read_parquet({_parquet_list(paths)}, union_by_name=true)"
-
-    gate = (
-        f"SELECT key, any_value(drop_reason) AS reason, any_value(removed_because) AS detail "
-        f"FROM read_parquet({_parquet_list(gate_dropped)}, union_by_name=true) GROUP BY key"
-        if gate_dropped
-        else "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail "
-        "WHERE false"
-    )
-    if gate_dropped and not any("removed_because" in pq.read_schema(p).names for p in gate_dropped):
-        gate = gate.replace("any_value(removed_because)", "NULL::VARCHAR")
-    ledger = (
-        f"SELECT key, outcome, reason FROM read_parquet('{prev_ledger}')"
-        if prev_ledger is not None and prev_ledger.exists()
-        else "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS outcome, NULL::VARCHAR AS reason "
-        "WHERE false"
-    )
-    changed = ", ".join(
-        f"CASE WHEN o.{c} IS DISTINCT FROM n.{c} THEN '{c}' END" for c in DIFF_FIELDS
-    )
-    sql = f"""
-    WITH o AS ({rel(old_inputs)}), n AS ({rel(new_inputs)}), g AS ({gate}), l AS ({ledger}),
-    j AS (
-      SELECT coalesce(n.key, o.key) AS key,
-             CASE WHEN o.key IS NULL THEN 'added' WHEN n.key IS NULL THEN 'removed'
-                  ELSE 'changed' END AS change,
-             concat_ws(',', {changed}) AS fields,
-             coalesce(n.url, o.url) AS url
-      FROM o FULL OUTER JOIN n ON o.key = n.key)
-    SELECT j.key, j.change,
-      CASE WHEN j.change = 'removed' THEN coalesce(g.reason, 'unknown')
-           WHEN j.change = 'added' THEN CASE WHEN l.key IS NULL THEN 'new'
-                ELSE 'previously_' || l.outcome || coalesce(':' || l.reason, '') END
-      END AS reason,
-      CASE WHEN j.change = 'changed' THEN j.fields END AS fields,
-      CASE WHEN j.change = 'removed' THEN g.detail END AS detail,
-      j.url
-    FROM j LEFT JOIN g ON g.key = j.key LEFT JOIN l ON l.key = j.key
-    WHERE j.change <> 'changed' OR j.fields <> ''
-    ORDER BY j.change, j.key
-    """
-    table = con.sql(sql).to_arrow_table()
-    n_new = con.sql(f"SELECT count(*) FROM ({rel(new_inputs)})").fetchall()[0][0]
-    con.close()
-    write_table_atomic(out_dir / "diff.parquet", table)
-    rows = table.to_pylist()
-    by: dict[str, Counter[str]] = {"added": Counter(), "removed": Counter(), "changed": Counter()}
-    examples: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
-    for r in rows:
-        c = r["change"]
-        if c == "changed":
-            for f in (r["fields"] or "").split(","):
-                by[c][f] += 1
-        else:
-            by[c][r["reason"] or "unknown"] += 1
-        if len(examples[c]) < 20:
-            examples[c].append(r["key"])
-    summary = {
-        "added": sum(1 for r in rows if r["change"] == "added"),
-        "removed": sum(1 for r in rows if r["change"] == "removed"),
-        "changed": sum(1 for r in rows if r["change"] == "changed"),
-        "added_by_reason": dict(by["added"].most_common()),
-        "removed_by_reason": dict(by["removed"].most_common()),
-        "changed_fields": dict(by["changed"].most_common()),
-        "samples": int(n_new),
-        "examples": examples,
-    }
-    write_json_atomic(out_dir / "diff.json", summary)
-    return summary
-
-
 # --------------------------------------------------------------------------- the rebuild
 
 
@@ -1038,8 +492,8 @@ def _previous_reference(gen: Generation, old_inputs: list[str]) -> Path | None:
     path = gen.dir / "previous.parquet"
     if path.exists():
         return path
-    t = _index(old_inputs, ["key", "sha256", "pixel_sha256", "phash"])
-    seen = _ingest_observed(gen).column("key")
+    t = read_index(old_inputs, ["key", "sha256", "pixel_sha256", "phash"])
+    seen = ingest_observed(gen).column("key")
     if len(seen):
         t = t.filter(pc.invert(pc.is_in(t.column("key"), value_set=seen)))
     write_table_atomic(path, t)
@@ -1167,8 +621,8 @@ def _run_generation(
     new_inputs = [str(p) for p in list_shards(gen.step("40_caption"))] if planned else []
 
     # 2. opt-out re-check of released samples, then the gate over everything
-    outcomes = _outcomes(gen) if planned else {}
-    superseded = _superseded(old_inputs, outcomes)
+    outcomes = fetch_outcomes(gen) if planned else {}
+    superseded = superseded_keys(old_inputs, outcomes)
     optouts, rechecked_ok, recheck_counts = _recheck(
         executor, cfg, rcfg, gen, old_inputs, ledger, set(outcomes), now
     )
@@ -1185,7 +639,7 @@ def _run_generation(
             removals,
             optouts,
             superseded,
-            _dropped_duplicates(catalog, dup_files),
+            dropped_duplicates(catalog, dup_files),
             rcfg.takedown_radius,
         )
     gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs)
@@ -1209,7 +663,7 @@ def _run_generation(
             cfg, gen, release_inputs, _gen_dropped(gen), steps, diff, decisions.num_rows
         )
     _record_catalog(cfg, gen, release_inputs, _gen_dropped(gen), release)
-    _update_ledger(gen, prev, ledger, planned, rechecked_ok, now, rcfg.max_attempts)
+    update_ledger(gen, prev, ledger, planned, rechecked_ok, now, rcfg.max_attempts)
     info = {
         "generation": gen.number,
         "started_at": datetime.fromtimestamp(gen.started_at, UTC).isoformat(),

@@ -39,8 +39,8 @@ different pairs, so a pHash match within `radius` is kept only if pHash +
 dHash distance <= `verify_sum`; rows without a dHash (undecodable, no bytes)
 fall back to pHash <= 4. At radius 12, verify_sum 24 the pair precision is
 0.999 and near-dup recall 0.958 (crops 0.87, rotations 0.89). The catch is the
-search: an exact multi-index search grows steeply with the radius (1M hashes:
-radius 4 10.5 s, 8 63 s, 10 306 s on one shared core; hours at 10M), hence:
+search: an exact search grows steeply with the radius (`ccurate.filters.hamming`),
+hence:
 
 Wide radius at scale (`search = "tables"`, the default, with radius 12,
 `verify = "dhash"`, verify_sum 24). The candidates
@@ -57,28 +57,19 @@ plain radius-4 pHash search (`verify = "none"`, which brings radius 4 and
 `search = "exact"` as its defaults; also what `hash = "dhash"` gets): precision
 1.000, recall 0.788, 10M plan 131-171 s.
 
-Near search is multi-index hashing (Norouzi et al., the idea behind faiss'
-`IndexBinaryMultiHash`): the 64 bits are cut into m chunks; two codes within r
-bits agree to within floor(r/m) bits on at least one chunk (pigeonhole), so
-probing each chunk's table with every flip pattern of up to floor(r/m) bits
-finds every pair, exactly. Tables are direct-addressed arrays (2^21 buckets)
-and probes are batched numpy, which measured ~4.6x faster than faiss'
-`IndexBinaryMultiHash.range_search` on the same data (bench/dedup_eval.py
-keeps faiss as the anchor; tests check exactness against faiss'
-brute-force `IndexBinaryFlat.range_search`). At radius 4, 10M hashes search in
-~2.5 min and the whole 10M-row plan takes ~3 min on one shared core.
+The near search over 64-bit codes and the leader clustering are
+`ccurate.filters.hamming`; the reference sets (`against`, `previous`) and the
+verified near match (the rule above, shared by the plan) are
+`ccurate.filters.dedup_reference`. This module holds the config, the licence rank,
+the rows, the plan and the stage.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import itertools
 import json
 import logging
-import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -87,11 +78,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 from pydantic import Field, model_validator
 
 from ccurate.configbase import Section
-from ccurate.filters.hashing import hex_to_u64, image_hashes
+from ccurate.filters.dedup_reference import (
+    Hash128,
+    RefSet,
+    hash_image,
+    load_reference,
+    match_reference,
+    near_matches,
+    reference_files,
+    sha_parts,
+)
+from ccurate.filters.hamming import group_ids, leader_groups
+from ccurate.filters.hashing import hex_to_u64
 from ccurate.record import Decision, Sample
 from ccurate.shardio import iter_samples, write_json_atomic, write_table_atomic
 from ccurate.stage import Resources, Stage
@@ -111,7 +112,6 @@ REASONS: dict[str, str] = {
 KeepPolicy = Literal["best_license", "highest_resolution", "earliest"]
 DECISIONS_FILE = "dedup_decisions.parquet"
 SUMMARY_FILE = "dedup_summary.json"
-_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 # reason codes, ordered by how loose the link is (chains keep the loosest)
 _NONE, _EXACT, _NEAR, _SEMANTIC, _CONTAMINATED = 0, 1, 2, 3, 4
@@ -220,200 +220,6 @@ def license_rank(license_id: str | None) -> int:
     return 3 if nd else 2 if sa else 1
 
 
-# --------------------------------------------------------------------------- near search
-
-
-def _chunk_plan(n_index: int, radius: int) -> tuple[list[int], int]:
-    """Chunk widths and per-chunk flip budget minimising the estimated probe + candidate work."""
-    best: tuple[float, list[int], int] | None = None
-    for m in range(3, 9):
-        widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
-        f = radius // m
-        b = min(widths)
-        probes = sum(sum(math.comb(w, k) for k in range(f + 1)) for w in widths)
-        cost = probes * (1.0 + 4.0 * n_index / float(1 << b))
-        if best is None or cost < best[0]:
-            best = (cost, widths, f)
-    assert best is not None
-    return best[1], best[2]
-
-
-def _flip_masks(width: int, f: int) -> np.ndarray:
-    masks = [0]
-    for k in range(1, f + 1):
-        for comb in itertools.combinations(range(width), k):
-            masks.append(sum(1 << b for b in comb))
-    return np.array(masks, dtype=np.int32)
-
-
-def near_pairs(
-    codes: np.ndarray,
-    radius: int,
-    index: np.ndarray | None = None,
-    threads: int = 1,
-    candidate_budget: int = 1 << 21,
-    table_radius: int | None = None,
-    also: tuple[np.ndarray, np.ndarray, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair of 64-bit codes within `radius` bits, exactly (multi-index hashing).
-
-    Self-join (`index=None`): pairs (i, j) with i < j. Cross-join: (query i, index j).
-    Returns (i, j, distance) sorted by (i, j). Duplicate codes are fine but cost
-    candidates; callers dedupe equal codes first. `table_radius` < `radius` sizes the
-    tables and probes for that smaller radius instead: every pair within it, and those
-    up to `radius` that its probes happen to meet (approximate, at its cost).
-    `also` = (second codes of the queries, of the index, max distance): a pair must
-    be that close in those codes too (checked on the candidates, so the result stays small).
-    """
-    q = np.ascontiguousarray(codes, dtype=np.uint64)
-    self_join = index is None
-    x = q if index is None else np.ascontiguousarray(index, dtype=np.uint64)
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8))
-    if len(q) == 0 or len(x) == 0:
-        return empty
-    widths, f = _chunk_plan(len(x), radius if table_radius is None else table_radius)
-    shifts = np.cumsum([0, *widths[:-1]]).tolist()
-    r = np.uint64(radius)
-    # 32-bit row indices halve the memory of tables and candidates when they fit
-    idx_t = np.int32 if max(len(q), len(x)) < 2**31 - 1 else np.int64
-
-    def chunk(values: np.ndarray, c: int) -> np.ndarray:
-        return ((values >> np.uint64(shifts[c])) & np.uint64((1 << widths[c]) - 1)).astype(np.int32)
-
-    def run_chunk(c: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        vx = chunk(x, c)
-        order = np.argsort(vx, kind="stable").astype(idx_t)
-        offs = np.zeros((1 << widths[c]) + 1, idx_t)
-        np.cumsum(np.bincount(vx, minlength=1 << widths[c]), out=offs[1:])
-        del vx
-        vq = chunk(q, c)
-        masks = _flip_masks(widths[c], f)
-        # batch so that probes and their candidates stay around `candidate_budget` entries
-        occupancy = len(x) / float(1 << widths[c])
-        qb = max(1, int(candidate_budget / (len(masks) * (1.0 + occupancy))))
-        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for q0 in range(0, len(q), qb):
-            qidx = np.arange(q0, min(len(q), q0 + qb), dtype=idx_t)
-            probe = (vq[qidx, None] ^ masks[None, :]).ravel()
-            qrep = np.repeat(qidx, len(masks))
-            start = offs[probe]
-            cnt = offs[probe + 1] - start
-            hit = cnt > 0
-            qrep, start, cnt = qrep[hit], start[hit], cnt[hit]
-            total = int(cnt.sum())
-            if total == 0:
-                continue
-            qi = np.repeat(qrep, cnt)
-            pos = np.arange(total, dtype=idx_t) + np.repeat(start - (np.cumsum(cnt) - cnt), cnt)
-            cj = order[pos]
-            if self_join:
-                keep = cj > qi
-                qi, cj = qi[keep], cj[keep]
-            xo = q[qi] ^ x[cj]
-            dist = np.bitwise_count(xo)
-            ok = dist <= r
-            if also is not None:
-                ok &= np.bitwise_count(also[0][qi] ^ also[1][cj]) <= also[2]
-            for c2 in range(c):  # found already through an earlier chunk
-                part = (xo >> np.uint64(shifts[c2])) & np.uint64((1 << widths[c2]) - 1)
-                ok &= np.bitwise_count(part) > f
-            out.append((qi[ok].astype(np.int64), cj[ok].astype(np.int64), dist[ok].astype(np.int8)))
-        return out
-
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = [p for res in pool.map(run_chunk, range(len(widths))) for p in res]
-    else:
-        parts = [p for c in range(len(widths)) for p in run_chunk(c)]
-    if not parts:
-        return empty
-    i = np.concatenate([p[0] for p in parts])
-    j = np.concatenate([p[1] for p in parts])
-    d = np.concatenate([p[2] for p in parts])
-    o = np.lexsort((j, i))
-    return i[o], j[o], d[o]
-
-
-def leader_groups(
-    n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray, rank: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy leader clustering of a match graph, best rank first.
-
-    Returns (leader, dist): leader[u] == u for keepers, else the keeper u was
-    matched to *directly* (no chaining), dist the match's distance. Components
-    that are single pairs (the common case) are solved vectorised; bigger ones
-    in a loop over their nodes only.
-    """
-    leader = np.arange(n, dtype=np.int64)
-    dist = np.zeros(n, dtype=d.dtype if len(d) else np.int8)
-    if len(i) == 0:
-        return leader, dist
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    nodes, inv = np.unique(np.concatenate([i, j]), return_inverse=True)
-    li, lj = inv[: len(i)], inv[len(i) :]
-    k = len(nodes)
-    graph = coo_matrix((np.ones(len(li), np.int8), (li, lj)), shape=(k, k))
-    ncomp, comp = connected_components(graph, directed=False)
-    size = np.bincount(comp, minlength=ncomp)
-    # pairs: the better-ranked end keeps
-    pair = size[comp[li]] == 2
-    a, b, dd = nodes[li[pair]], nodes[lj[pair]], d[pair]
-    a_wins = rank[a] < rank[b]
-    win, lose = np.where(a_wins, a, b), np.where(a_wins, b, a)
-    leader[lose] = win
-    dist[lose] = dd
-    big = ~pair
-    if big.any():
-        u = np.concatenate([nodes[li[big]], nodes[lj[big]]])
-        v = np.concatenate([nodes[lj[big]], nodes[li[big]]])
-        w = np.concatenate([d[big], d[big]])
-        o = np.lexsort((rank[v], u))
-        u, v, w = u[o], v[o], w[o]
-        starts = np.searchsorted(u, np.unique(u))
-        heads = u[starts]
-        ends = np.append(starts[1:], len(u))
-        span = {int(h): (int(s), int(e)) for h, s, e in zip(heads, starts, ends, strict=True)}
-        assigned: set[int] = set()
-        for node in heads[np.argsort(rank[heads], kind="stable")].tolist():
-            if node in assigned:
-                continue
-            assigned.add(node)
-            s, e = span[node]
-            for other, dv in zip(v[s:e].tolist(), w[s:e].tolist(), strict=True):
-                if other not in assigned:
-                    assigned.add(other)
-                    leader[other] = node
-                    dist[other] = dv
-    return leader, dist
-
-
-def _group_ids(parts: list[np.ndarray], valid: np.ndarray) -> np.ndarray:
-    """Dense ids for equal tuples of uint64 columns (e.g. a 128-bit SHA prefix); -1 if invalid."""
-    n = len(valid)
-    ids = np.full(n, -1, np.int64)
-    idx = np.flatnonzero(valid)
-    if len(idx) == 0:
-        return ids
-    cols = [p[idx] for p in parts]
-    o = np.lexsort(cols[::-1])
-    change = np.zeros(len(idx), bool)
-    change[0] = True
-    for c in cols:
-        cs = c[o]
-        change[1:] |= cs[1:] != cs[:-1]
-    ids[idx[o]] = np.cumsum(change) - 1
-    return ids
-
-
-def _sha_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """First 128 bits of hex SHA-256 strings as two uint64 columns, plus a validity mask."""
-    hi, v1 = hex_to_u64(pc.utf8_slice_codeunits(col, 0, 16))
-    lo, v2 = hex_to_u64(pc.utf8_slice_codeunits(col, 16, 32))
-    return hi, lo, v1 & v2
-
-
 # --------------------------------------------------------------------------- rows
 
 
@@ -429,10 +235,6 @@ _INDEX_COLUMNS = [
     "original_height",
     "license",
 ]
-_DIM_COLUMNS = ["width", "height", "original_width", "original_height"]
-
-Hash128 = tuple[np.ndarray, np.ndarray, np.ndarray]
-"""(high 64 bits, low 64 bits, valid) of hex SHA-256 strings: 16 bytes a row instead of ~70."""
 
 
 def _cat128(parts: list[Hash128]) -> Hash128:
@@ -484,16 +286,6 @@ def _license_ranks(col: pa.ChunkedArray) -> np.ndarray:
     return ranks[np.asarray(idx, np.int64)]
 
 
-def _hash_image(data: bytes) -> tuple[str, str, str] | None:
-    """(pixel_sha256, phash, dhash) of image bytes, None if they do not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return tuple(image_hashes(im))  # type: ignore[return-value]
-    except Exception:  # undecodable bytes: no perceptual hash, exact only on file bytes
-        return None
-
-
 _HASH_COLUMNS = ("sha256", "pixel_sha256", "phash", "dhash")
 
 
@@ -511,7 +303,7 @@ def _fill_missing_hashes(
             if r is None or not need[r] or s.image is None:
                 continue
             old = [c[r] for c in cols]
-            got = _hash_image(s.image)
+            got = hash_image(s.image)
             if got is None:
                 undecodable += 1
             now = [old[0] or hashlib.sha256(s.image).hexdigest()]
@@ -565,8 +357,8 @@ def _load_rows(inputs: list[str], cfg: DedupConfig) -> _Rows:
         w = np.maximum(_int_col(t, "original_width"), _int_col(t, "width"))
         h = np.maximum(_int_col(t, "original_height"), _int_col(t, "height"))
         pixels.append(w * h)
-        sha.append(_sha_parts(t.column("sha256")))
-        pix.append(_sha_parts(t.column("pixel_sha256")))
+        sha.append(sha_parts(t.column("sha256")))
+        pix.append(sha_parts(t.column("pixel_sha256")))
         c_u, c_ok = hex_to_u64(t.column(cfg.hash))
         code.append(c_u)
         code_ok.append(c_ok)
@@ -596,223 +388,6 @@ def _load_rows(inputs: list[str], cfg: DedupConfig) -> _Rows:
         check=cat(check, np.uint64) if verify else None,
         check_ok=cat(check_ok, bool) if verify else None,
     )
-
-
-# --------------------------------------------------------------------------- reference sets
-
-
-@dataclass
-class _RefSet:
-    """Hashes to match against (evaluation sets, earlier releases); keys may be unknown."""
-
-    keys: pa.ChunkedArray
-    sha: Hash128
-    pix: Hash128
-    code: np.ndarray
-    code_ok: np.ndarray
-    check: np.ndarray | None = None  # dHash, when verifying
-    check_ok: np.ndarray | None = None
-
-
-def _reference_files(paths: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if path.is_dir():
-            files.extend(
-                f
-                for f in sorted(path.rglob("*"))
-                if f.is_file()
-                and not f.name.startswith(".")
-                and not f.name.endswith(".dropped.parquet")
-                and (f.suffix == ".parquet" or f.suffix.lower() in _IMAGE_EXTS)
-            )
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"dedup reference set not found: {path}")
-    return files
-
-
-def load_reference(paths: list[str], hash_name: str = "phash", check: bool = False) -> _RefSet:
-    """Parquet files/dirs with `sha256`/`pixel_sha256`/`phash` (or `dhash`) columns, or images.
-
-    Parquet rows keep their `key` column (if any) as the `duplicate_of` target;
-    image files are hashed here and named by their path. `check` also loads the
-    `dhash` column to verify pHash matches (rows without one: pHash <= 4 only).
-    """
-    keys: list[pa.Array] = []
-    sha: list[pa.Array] = []
-    pix: list[pa.Array] = []
-    codes: list[pa.Array] = []
-    checks: list[pa.Array] = []
-    for f in _reference_files(paths):
-        if f.suffix == ".parquet":
-            names = set(pq.read_schema(f).names)
-            cols = dict.fromkeys(("key", "sha256", "pixel_sha256", hash_name, "dhash"))
-            wanted = [c for c in cols if c in names]
-            if not {"sha256", "pixel_sha256", hash_name} & names:
-                raise ValueError(
-                    f"dedup reference {f} has none of the columns sha256, pixel_sha256, {hash_name}"
-                )
-            t = pq.read_table(f, columns=wanted)
-            n = t.num_rows
-            keys.append(
-                t.column("key").combine_chunks().cast(pa.string())
-                if "key" in names
-                else pa.nulls(n, pa.string())
-            )
-            for out, c in (
-                (sha, "sha256"),
-                (pix, "pixel_sha256"),
-                (codes, hash_name),
-                (checks, "dhash"),
-            ):
-                out.append(
-                    t.column(c).combine_chunks().cast(pa.string())
-                    if c in names
-                    else pa.nulls(n, pa.string())
-                )
-        else:
-            data = f.read_bytes()
-            got = _hash_image(data)
-            keys.append(pa.array([str(f)], pa.string()))
-            sha.append(pa.array([hashlib.sha256(data).hexdigest()], pa.string()))
-            pix.append(pa.array([got[0] if got else None], pa.string()))
-            code = (got[2] if hash_name == "dhash" else got[1]) if got else None
-            codes.append(pa.array([code], pa.string()))
-            checks.append(pa.array([got[2] if got else None], pa.string()))
-    code_u, ok = hex_to_u64(pa.chunked_array(codes, pa.string()))
-    chk_u, chk_ok = hex_to_u64(pa.chunked_array(checks, pa.string())) if check else (None, None)
-    return _RefSet(
-        pa.chunked_array(keys, pa.string()),
-        _sha_parts(pa.chunked_array(sha, pa.string())),
-        _sha_parts(pa.chunked_array(pix, pa.string())),
-        code_u,
-        ok,
-        chk_u,
-        chk_ok,
-    )
-
-
-_UNVERIFIED_RADIUS = 4  # pHash-only matches when a dHash is missing: the measured-safe radius
-
-
-def _verified(
-    d: np.ndarray,
-    chk_a: np.ndarray | None,
-    ok_a: np.ndarray | None,
-    chk_b: np.ndarray | None,
-    ok_b: np.ndarray | None,
-    cfg: DedupConfig,
-) -> np.ndarray:
-    """Which matches (pHash distance d, dHashes of both ends) pass `verify`."""
-    if cfg.verify == "none" or chk_a is None or chk_b is None:
-        return np.ones(len(d), bool)
-    assert ok_a is not None and ok_b is not None
-    both = ok_a & ok_b
-    dd = np.bitwise_count(chk_a ^ chk_b).astype(np.int64)
-    d64 = d.astype(np.int64)
-    return np.where(both, d64 + dd <= cfg.verify_sum, d64 <= _UNVERIFIED_RADIUS)
-
-
-TABLE_RADIUS = 4  # search = "tables": each table set is sized as the radius-4 search
-
-
-def _near_matches(
-    code_q: np.ndarray,
-    chk_q: np.ndarray | None,
-    ok_q: np.ndarray | None,
-    cfg: DedupConfig,
-    index: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Verified near matches (i, j, pHash distance), sorted by (i, j): a self-join of the
-    query codes (i < j), or queries against `index` = (codes, dHashes, dHash present).
-
-    `search = "tables"` adds to the pHash candidates those of a dHash search (pairs whose
-    dHashes are within `verify_sum`), so a crop that moved the pHash but not the dHash
-    is still met; `radius` and the verify rule then apply to all."""
-    code_x, chk_x, ok_x = (code_q, chk_q, ok_q) if index is None else index
-    x = None if index is None else code_x
-    table_radius = TABLE_RADIUS if cfg.search == "tables" else None
-    i, j, d = near_pairs(code_q, cfg.radius, x, cfg.threads, table_radius=table_radius)
-    if chk_q is None or ok_q is None or chk_x is None or ok_x is None:
-        return i, j, d
-    if table_radius is not None:
-        sq, sx = np.flatnonzero(ok_q), np.flatnonzero(ok_x)
-        xd = None if index is None else chk_x[sx]
-        # pHash within `radius` checked on the candidates: random dHashes that share a
-        # table chunk are mostly within verify_sum bits, and would pile up otherwise
-        i2, j2, _ = near_pairs(
-            chk_q[sq],
-            cfg.verify_sum,
-            xd,
-            cfg.threads,
-            table_radius=table_radius,
-            also=(code_q[sq], code_x[sx], cfg.radius),
-        )
-        i2, j2 = sq[i2], sx[j2]
-        i = np.concatenate([i, i2])
-        j = np.concatenate([j, j2])
-        d = np.concatenate([d, np.bitwise_count(code_q[i2] ^ code_x[j2]).astype(np.int8)])
-        o = np.lexsort((j, i))
-        i, j, d = i[o], j[o], d[o]
-        first = np.ones(len(i), bool)
-        first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
-        i, j, d = i[first], j[first], d[first]
-    ok = _verified(d, chk_q[i], ok_q[i], chk_x[j], ok_x[j], cfg)
-    return i[ok], j[ok], d[ok]
-
-
-def _match_reference(
-    rows: _Rows, alive: np.ndarray, ref: _RefSet, cfg: DedupConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each row: index of the matching reference row (-1 if none), distance, exact flag."""
-    n = len(alive)
-    match = np.full(n, -1, np.int64)
-    dist = np.zeros(n, np.int16)
-    exact = np.zeros(n, bool)
-    if len(ref.keys) == 0:
-        return match, dist, exact
-    for (hi_a, lo_a, ok_a), (hi_b, lo_b, ok_b) in ((rows.sha, ref.sha), (rows.pix, ref.pix)):
-        ids = _group_ids(
-            [np.concatenate([hi_a, hi_b]), np.concatenate([lo_a, lo_b])],
-            np.concatenate([ok_a & alive, ok_b]),
-        )
-        ida, idb = ids[:n], ids[n:]
-        ref_ids = np.full(int(ids.max(initial=-1)) + 1, -1, np.int64)
-        have = np.flatnonzero(idb >= 0)[::-1]  # reversed: the first reference row wins
-        ref_ids[idb[have]] = have
-        hit = (ida >= 0) & (match < 0)
-        hit[hit] = ref_ids[ida[hit]] >= 0
-        match[hit] = ref_ids[ida[hit]]
-        exact[hit] = True
-    if cfg.near:
-        q = np.flatnonzero(alive & rows.code_ok & (match < 0))
-        x = np.flatnonzero(ref.code_ok)
-        if len(q) and len(x):
-
-            def at(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
-                return None if a is None else a[idx]
-
-            i, j, d = _near_matches(
-                rows.code[q],
-                at(rows.check, q),
-                at(rows.check_ok, q),
-                cfg,
-                (ref.code[x], at(ref.check, x), at(ref.check_ok, x)),
-            )
-        else:
-            i = j = np.zeros(0, np.int64)
-            d = np.zeros(0, np.int8)
-        if len(i):
-            o = np.lexsort((j, d, i))  # closest, then first reference row
-            i, j, d = i[o], j[o], d[o]
-            first = np.ones(len(i), bool)
-            first[1:] = i[1:] != i[:-1]
-            match[q[i[first]]] = x[j[first]]
-            dist[q[i[first]]] = d[first]
-    return match, dist, exact
 
 
 # --------------------------------------------------------------------------- the plan
@@ -868,8 +443,8 @@ class Plan:
 def plan_dedup(
     rows: _Rows,
     cfg: DedupConfig,
-    against: _RefSet | None = None,
-    previous: _RefSet | None = None,
+    against: RefSet | None = None,
+    previous: RefSet | None = None,
     embed: Any = None,
 ) -> Plan:
     """Decide keep/drop for every row. `embed(rows_idx) -> embeddings` is used for semantic."""
@@ -891,7 +466,7 @@ def plan_dedup(
     for src, (ref, is_eval) in enumerate(((against, True), (previous, False))):
         if ref is None:
             continue
-        match, dist, exact = _match_reference(rows, alive, ref, cfg)
+        match, dist, exact = match_reference(rows, alive, ref, cfg)
         hit = np.flatnonzero(match >= 0)
         ext_src[hit] = src
         ext_idx[hit] = match[hit]
@@ -902,8 +477,8 @@ def plan_dedup(
     if cfg.exact:
         sh, sl, sok = rows.sha
         ph, pl, pok = rows.pix
-        sid = _group_ids([sh, sl], sok & alive)
-        pid = _group_ids([ph, pl], pok & alive)
+        sid = group_ids([sh, sl], sok & alive)
+        pid = group_ids([ph, pl], pok & alive)
         ns, npx = int(sid.max(initial=-1)) + 1, int(pid.max(initial=-1)) + 1
         if ns > 0 or npx > 0:
             from scipy.sparse import coo_matrix
@@ -932,12 +507,12 @@ def plan_dedup(
                 _, inv = np.unique(rows.code[cand], return_inverse=True)
             else:  # rows with equal pHash but different (or no) dHash are verified apart
                 parts = [rows.code[cand], chk[cand], chk_ok[cand].astype(np.uint64)]
-                inv = _group_ids(parts, np.ones(len(cand), bool))
+                inv = group_ids(parts, np.ones(len(cand), bool))
             o = np.lexsort((rank[cand], inv))  # by code, best rank first
             starts = np.flatnonzero(np.r_[True, inv[o][1:] != inv[o][:-1]])
             best = cand[o][starts]  # the best row of each distinct code
             uc = rows.code[best]
-            i, j, d = _near_matches(
+            i, j, d = near_matches(
                 uc,
                 None if chk is None else chk[best],
                 None if chk_ok is None else chk_ok[best],
@@ -1046,7 +621,7 @@ def _fingerprint(inputs: list[str], cfg: DedupConfig) -> str:
     for prefix in inputs:
         st = os.stat(f"{prefix}.parquet")
         h.update(f"{prefix}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    for f in _reference_files([*cfg.against, *cfg.previous]):
+    for f in reference_files([*cfg.against, *cfg.previous]):
         st = f.stat()
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()

@@ -21,10 +21,9 @@ from ccurate.filters.dedup import (
     DedupConfig,
     DedupStage,
     keep_rank,
-    leader_groups,
     license_rank,
-    near_pairs,
 )
+from ccurate.filters.hamming import leader_groups, near_pairs
 from ccurate.filters.hashing import (
     compute_hashes,
     dhash,

@@ -18,7 +18,7 @@ MODULES = [
     "ccurate.filters.safety",
     "ccurate.filters.dedup",
     "ccurate.takedown",
-    "ccurate.rebuild",
+    "ccurate.release_gate",
 ]
 
 

@@ -14,19 +14,18 @@ from typer.testing import CliRunner
 
 from ccurate.demo.corpus import landscape
 from ccurate.filters.hashing import hamming
+from ccurate.optout_recheck import OptoutRecheckStage
 from ccurate.record import Sample, make_key
 from ccurate.takedown import (
-    Blocklist,
-    OptoutRecheckStage,
     TakedownError,
     TakedownList,
     hash_image_bytes,
     image_entry,
     load_entries,
     make_entry,
-    match_index,
     normalize_url,
 )
+from ccurate.takedown_match import Blocklist, match_index
 from tests.httpserver import Reply, serve
 
 

@@ -1,0 +1,238 @@
+"""The release gate: what of last generation's release input and this generation's new
+shards goes into the next release.
+
+Decisions (takedown matches and their near copies, opt-outs found by the re-check,
+earlier removals, released records superseded by a fresh fetch) are computed once
+per generation on the driver (`gate_decisions`, written to a parquet file), then
+applied shard by shard by `ReleaseGateStage` on any executor.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ccurate.record import Decision, Sample
+from ccurate.shardio import write_table_atomic
+from ccurate.stage import Resources, Stage
+from ccurate.takedown import TakedownEntry
+from ccurate.takedown_match import MATCH_COLUMNS, Blocklist, match_index
+
+log = logging.getLogger("ccurate.rebuild")  # the rebuild's log (rebuild.log), as before the split
+
+REASONS: dict[str, str] = {
+    "superseded": "an older record of a key fetched again in this generation (the new record "
+    "replaces it; the diff reports what changed)",
+    "<filter reason>": "an older record whose refetch is now dropped by a filter or dedup "
+    "(e.g. license_not_allowed: the licence changed): withdrawn with the new reason",
+    "optout_*": "an older record whose refetch or re-check found an opt-out",
+    "takedown": "see ccurate.takedown.REASONS",
+}
+
+
+class ReleaseGateStage(Stage):
+    """Drops, from the release input, what the gate decided (takedowns, opt-outs, superseded).
+
+    Decisions are computed once per generation on the driver (`gate_decisions`)
+    and loaded by each worker in `setup`. `previous=True` marks the stage that
+    reads last generation's release input: only there are superseded records
+    dropped (the new record with the same key comes from this generation).
+    """
+
+    name: ClassVar[str] = "takedown"
+    preserves_keys: ClassVar[bool] = True
+    batch_size: int = 256
+
+    def __init__(self, decisions_path: str, previous: bool) -> None:
+        self.decisions_path = decisions_path
+        self.previous = previous
+        self._decisions: dict[str, tuple[str, str, str]] | None = None
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, memory_gb=1.0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_decisions"] = None
+        return state
+
+    def setup(self) -> None:
+        t = pq.read_table(self.decisions_path)
+        self._decisions = {
+            k: (r, d, s)
+            for k, r, d, s in zip(
+                t.column("key").to_pylist(),
+                t.column("reason").to_pylist(),
+                t.column("detail").to_pylist(),
+                t.column("scope").to_pylist(),
+                strict=True,
+            )
+        }
+
+    def teardown(self) -> None:
+        self._decisions = None
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        if self._decisions is None:
+            self.setup()
+        assert self._decisions is not None
+        for s in batch:
+            d = self._decisions.get(s.key) if s.kept else None
+            if d is None:
+                continue
+            reason, detail, scope = d
+            if scope == "previous" and not self.previous:
+                continue
+            s.extra["removed_because"] = detail
+            by = "takedown" if reason == "takedown" or reason.startswith("optout_") else "rebuild"
+            s.record(Decision(by, False, reason))
+        return batch
+
+    def describe(self) -> dict[str, Any]:
+        return {"decisions": self.decisions_path, "previous": self.previous}
+
+
+GATE_SCHEMA = pa.schema(
+    [("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("scope", pa.string())]
+)
+
+
+def read_index(prefixes: list[str], columns: list[str]) -> pa.Table:
+    tables = []
+    for p in prefixes:
+        names = pq.read_schema(f"{p}.parquet").names
+        t = pq.read_table(f"{p}.parquet", columns=[c for c in columns if c in names])
+        for c in columns:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        tables.append(t.select(columns).cast(pa.schema([(c, pa.string()) for c in columns])))
+    if not tables:
+        return pa.schema([(c, pa.string()) for c in columns]).empty_table()
+    return pa.concat_tables(tables)
+
+
+def dropped_duplicates(catalog_dir: Path, extra: list[str]) -> pa.Table:
+    """Samples dropped as duplicates (catalog history + this generation): a URL takedown of
+    one of them must also remove the released copy it was merged into."""
+    tables = []
+    db = catalog_dir / "catalog.duckdb"
+    if db.exists():
+        try:
+            from ccurate.shards.catalog import Catalog
+
+            with Catalog(catalog_dir, read_only=True) as cat:
+                t = cat.query(
+                    "SELECT key, url, page_url, NULL::VARCHAR AS author, sha256, pixel_sha256, "
+                    "phash FROM samples WHERE status <> 'ok' AND duplicate_of IS NOT NULL"
+                )
+            tables.append(t.cast(pa.schema([(c, pa.string()) for c in MATCH_COLUMNS])))
+        except Exception as e:  # a busy or foreign catalog must not stop a rebuild
+            log.warning("catalog %s not read for takedown expansion: %s", db, e)
+    for path in extra:
+        t = pq.read_table(path)
+        if "duplicate_of" not in t.column_names or t.num_rows == 0:
+            continue
+        t = t.filter(pc.is_valid(t.column("duplicate_of")))
+        for c in MATCH_COLUMNS:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        tables.append(
+            t.select(MATCH_COLUMNS).cast(pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]))
+        )
+    if not tables:
+        return pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]).empty_table()
+    return pa.concat_tables(tables)
+
+
+def superseded_keys(
+    old_inputs: list[str], outcomes: dict[str, tuple[str, str | None, str | None]]
+) -> dict[str, str]:
+    """What happens to released keys fetched again (a refetch or a retry of the same key).
+
+    The new record's verdict stands: kept -> the old record is `superseded`;
+    dropped by a filter or dedup (e.g. the licence changed) -> the old record is
+    withdrawn with that reason. A fetch failure keeps the old record (a CC
+    licence is not withdrawn by a timeout or a dead link), except an opt-out.
+    """
+    out: dict[str, str] = {}
+    if not outcomes:
+        return out
+    for k in read_index(old_inputs, ["key"]).column("key").to_pylist():
+        got = outcomes.get(k)
+        if got is None:
+            continue
+        status, reason, by = got
+        if status == "ok":
+            out[k] = "superseded"
+        elif reason and (reason.startswith("optout_") or by != "ingest"):
+            out[k] = reason
+    return out
+
+
+def gate_decisions(
+    out: Path,
+    old_inputs: list[str],
+    new_inputs: list[str],
+    entries: list[TakedownEntry],
+    removals: pa.Table,
+    optouts: dict[str, str],
+    superseded: dict[str, str],
+    dup_tables: pa.Table,
+    radius: int,
+) -> pa.Table:
+    """Decide, over every release-input candidate, what is dropped and why; write `out`."""
+    block = Blocklist()
+    block.add_entries(entries, radius)
+    block.add_removals(removals, radius)
+    for key, reason in optouts.items():
+        block.keys.setdefault(key, (reason, "opt-out found by the re-check"))
+    # URL-level takedowns of samples merged away as duplicates: block their images too
+    if dup_tables.num_rows and (block.urls or block.pages or block.domains or block.authors):
+        direct = Blocklist(urls=block.urls, pages=block.pages, domains=block.domains)
+        hits = match_index(dup_tables, direct, radius)
+        if hits.num_rows:
+            matched = dup_tables.filter(
+                pc.is_in(dup_tables.column("key"), value_set=hits.column("key"))
+            )
+            for r in matched.to_pylist():
+                why = ("takedown", f"image of {r['key']} {r['url']} (dropped duplicate)")
+                for h in (r["sha256"], r["pixel_sha256"]):
+                    if h:
+                        block.hashes.setdefault(h, why)
+                if r["phash"]:
+                    block.codes.append((r["phash"], radius, *why))
+    table = read_index([*old_inputs, *new_inputs], MATCH_COLUMNS)
+    hits = match_index(table, block, radius)
+    rows: dict[str, tuple[str, str, str]] = {}
+    for k, r, d in zip(
+        hits.column("key").to_pylist(),
+        hits.column("reason").to_pylist(),
+        hits.column("detail").to_pylist(),
+        strict=True,
+    ):
+        rows[k] = (r, d, "all")
+    for k, r in superseded.items():
+        if k not in rows:
+            detail = (
+                "fetched again in this generation"
+                if r == "superseded"
+                else (f"fetched again: now {r}")
+            )
+            rows[k] = (r, detail, "previous")
+    result = pa.table(
+        {
+            "key": pa.array(list(rows), pa.string()),
+            "reason": pa.array([v[0] for v in rows.values()], pa.string()),
+            "detail": pa.array([v[1] for v in rows.values()], pa.string()),
+            "scope": pa.array([v[2] for v in rows.values()], pa.string()),
+        },
+        schema=GATE_SCHEMA,
+    )
+    write_table_atomic(out, result)
+    return result

@@ -1,0 +1,337 @@
+"""Which samples of a parquet index a blocklist removes: takedowns and earlier removals.
+
+`match_index` works vectorised over the index (no image bytes), so the release
+gate can check millions of rows a second: first direct matches (key, URL, page,
+domain, author, exact hashes, pHash within a radius), then the near copies of
+what was matched (one hop: a copy of a copy is not chased, as in dedup's leader
+clustering). Near search reuses dedup's exact multi-index hashing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ccurate.takedown import HEX16, TakedownEntry, TakedownError, normalize_url
+
+DEFAULT_RADIUS = 8
+"""pHash bits for near matches of takedowns, removals and `ccurate lookup` (the pHash alone,
+erring towards removing): re-posts land within 4, crops and heavy recompression within 8,
+distinct photos rarely below 12 (bench/dedup_eval.py)."""
+
+_HOST_OF = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^:/?#]*)"
+
+
+@dataclass
+class Blocklist:
+    """What the release gate removes, compiled for vectorised matching.
+
+    `keys`, `urls`, ... map a value to (reason, detail); hashes come from
+    takedown entries and from earlier removals; `codes` are pHashes with their
+    own radius.
+    """
+
+    keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    urls: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pages: dict[str, tuple[str, str]] = field(default_factory=dict)
+    domains: dict[str, tuple[str, str]] = field(default_factory=dict)
+    authors: dict[str, tuple[str, str]] = field(default_factory=dict)
+    hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # sha256 or pixel sha256
+    codes: list[tuple[str, int, str, str]] = field(default_factory=list)  # phash, radius, why
+
+    def __len__(self) -> int:
+        return (
+            len(self.keys)
+            + len(self.urls)
+            + len(self.pages)
+            + len(self.domains)
+            + len(self.authors)
+            + len(self.hashes)
+            + len(self.codes)
+        )
+
+    def add_entries(self, entries: Iterable[TakedownEntry], radius: int) -> None:
+        for e in entries:
+            why = ("takedown", f"{e.id} {e.kind}")
+            if e.kind == "url":
+                self.urls.setdefault(e.value, why)
+            elif e.kind == "page_url":
+                self.pages.setdefault(e.value, why)
+            elif e.kind == "domain":
+                self.domains.setdefault(e.value, why)
+            elif e.kind == "author":
+                self.authors.setdefault(e.value, why)
+            elif e.kind == "sha256":
+                self.hashes.setdefault(e.value, why)
+            elif e.kind == "phash":
+                self.codes.append((e.value, e.radius if e.radius is not None else radius, *why))
+            elif e.kind == "image":
+                self.hashes.setdefault(e.value, why)
+                if e.pixel_sha256:
+                    self.hashes.setdefault(e.pixel_sha256, why)
+                assert e.phash is not None
+                self.codes.append((e.phash, e.radius if e.radius is not None else radius, *why))
+
+    def add_removals(self, removals: pa.Table, radius: int) -> None:
+        """Removed keys, and their exact hashes and pHash: the image must not come back."""
+        for r in removals.select(["key", "sha256", "pixel_sha256", "phash", "reason"]).to_pylist():
+            why = (r["reason"] or "takedown", f"removed {r['key']}")
+            self.keys.setdefault(r["key"], why)
+            for h in (r["sha256"], r["pixel_sha256"]):
+                if h:
+                    self.hashes.setdefault(h, why)
+            if r["phash"] and HEX16.match(r["phash"]):
+                self.codes.append((r["phash"], radius, *why))
+
+
+MATCH_COLUMNS = ["key", "url", "page_url", "author", "sha256", "pixel_sha256", "phash"]
+DECISION_SCHEMA = pa.schema(
+    [("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
+
+
+def _col(t: pa.Table, name: str) -> pa.ChunkedArray:
+    if name in t.column_names:
+        return t.column(name).cast(pa.string())
+    return pa.chunked_array([pa.nulls(t.num_rows, pa.string())])
+
+
+def _hosts(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    host = pc.struct_field(pc.extract_regex(col, _HOST_OF), "host")
+    return pc.utf8_lower(host)
+
+
+class _Hits:
+    """First match per row, vectorised: which rule table and entry matched, and how."""
+
+    def __init__(self, n: int) -> None:
+        self.src = np.full(n, -1, np.int32)  # index into self.rules
+        self.pos = np.zeros(n, np.int64)  # entry within that rule table
+        self.dist = np.full(n, -1, np.int32)  # pHash bits for near matches
+        self.rules: list[tuple[list[tuple[str, str]], str]] = []  # ([(reason, detail)], label)
+
+    @property
+    def free(self) -> np.ndarray:
+        return self.src < 0
+
+    def add(
+        self,
+        mask: np.ndarray,
+        pos: np.ndarray,
+        whys: list[tuple[str, str]],
+        label: str,
+        dist: np.ndarray | None = None,
+    ) -> None:
+        m = mask & self.free
+        if not m.any():
+            return
+        self.rules.append((whys, label))
+        self.src[m] = len(self.rules) - 1
+        self.pos[m] = pos[m]
+        if dist is not None:
+            self.dist[m] = dist[m]
+
+    def lookup(
+        self, values: pa.ChunkedArray, table: dict[str, tuple[str, str]], label: str
+    ) -> None:
+        """Rows whose value is a key of `table` (exact, via Arrow's hash lookup)."""
+        if not table:
+            return
+        keys = list(table)
+        idx = pc.index_in(values, value_set=pa.array(keys, pa.string()))
+        pos = np.asarray(pc.fill_null(idx, -1).to_numpy(zero_copy_only=False), np.int64)
+        self.add(pos >= 0, pos, [table[k] for k in keys], label)
+
+    def near(
+        self, codes: np.ndarray, ok: np.ndarray, refs: list[tuple[str, int, str, str]], label: str
+    ) -> None:
+        """Rows whose pHash is within each reference's own radius (closest reference wins)."""
+        from ccurate.filters.hamming import near_pairs
+        from ccurate.filters.hashing import hex_to_u64
+
+        todo = ok & self.free
+        if not refs or not todo.any():
+            return
+        ref_codes, ref_ok = hex_to_u64([r[0] for r in refs])
+        radii = np.array([r[1] for r in refs], np.int64)
+        good_refs = np.flatnonzero(ref_ok)
+        if not len(good_refs):
+            return
+        rows = np.flatnonzero(todo)
+        if len(good_refs) <= 64:
+            # few references (the usual takedown list): a popcount scan per reference
+            best_d = np.full(len(rows), 99, np.int64)
+            best_j = np.zeros(len(rows), np.int64)
+            sub = codes[rows]
+            for jj in good_refs.tolist():
+                dj = np.bitwise_count(sub ^ ref_codes[jj]).astype(np.int64)
+                better = (dj <= radii[jj]) & (dj < best_d)
+                best_d[better] = dj[better]
+                best_j[better] = jj
+            found = best_d < 99
+            i, j, d = rows[found], best_j[found], best_d[found]
+        else:
+            # many (removals pile up): multi-index search, the rows as the index
+            q, x, dd = near_pairs(
+                ref_codes[good_refs], int(radii[good_refs].max()), index=codes[rows]
+            )
+            j = good_refs[q]
+            d = dd.astype(np.int64)
+            keep = d <= radii[j]
+            i, j, d = rows[x[keep]], j[keep], d[keep]
+            o = np.lexsort((j, d, i))
+            i, j, d = i[o], j[o], d[o]
+            first = np.ones(len(i), bool)
+            first[1:] = i[1:] != i[:-1]
+            i, j, d = i[first], j[first], d[first]
+        mask = np.zeros(len(codes), bool)
+        mask[i] = True
+        pos = np.zeros(len(codes), np.int64)
+        pos[i] = j
+        dist = np.full(len(codes), -1, np.int64)
+        dist[i] = d
+        self.add(mask, pos, [(r[2], r[3]) for r in refs], label, dist)
+
+    def explain(self, rows: np.ndarray) -> tuple[list[str], list[str]]:
+        reasons, details = [], []
+        for r in rows.tolist():
+            whys, label = self.rules[self.src[r]]
+            reason, detail = whys[self.pos[r]]
+            d = int(self.dist[r])
+            reasons.append(reason)
+            details.append(f"{detail} ({label} {d} bits)" if d >= 0 else f"{detail} ({label})")
+        return reasons, details
+
+
+def _url_hits(
+    hits: _Hits, col: pa.ChunkedArray, rules: dict[str, tuple[str, str]], label: str
+) -> None:
+    """URL rules: a fast lower-cased prefilter, then `normalize_url` on the few candidates."""
+    low = pc.utf8_lower(col)
+    if pc.any(pc.fill_null(pc.match_substring(col, "#"), False)).as_py():
+        low = pc.replace_substring_regex(low, r"#.*$", "")
+    lowered = {k.lower() for k in rules}
+    cand = pc.fill_null(pc.is_in(low, value_set=pa.array(sorted(lowered), pa.string())), False)
+    rows = np.flatnonzero(np.asarray(cand.to_numpy(zero_copy_only=False), bool) & hits.free)
+    if not len(rows):
+        return
+    keys = list(rules)
+    where = {k: i for i, k in enumerate(keys)}
+    mask = np.zeros(len(low), bool)
+    pos = np.zeros(len(low), np.int64)
+    for r, raw in zip(rows.tolist(), col.take(pa.array(rows)).to_pylist(), strict=True):
+        try:
+            i = where.get(normalize_url(raw))
+        except TakedownError:
+            i = None
+        if i is not None:
+            mask[r], pos[r] = True, i
+    hits.add(mask, pos, [rules[k] for k in keys], label)
+
+
+def _domain_hits(
+    hits: _Hits, col: pa.ChunkedArray, rules: dict[str, tuple[str, str]], label: str
+) -> None:
+    """Host = a listed domain or one of its subdomains; substring prefilter for short lists."""
+    if len(rules) > 256:  # many domains: parse every host (vectorised)
+        for level in _parent_domains(_hosts(col)):
+            hits.lookup(level, rules, label)
+        return
+    low = pc.utf8_lower(col)
+    cand = np.zeros(len(low), bool)
+    for d in rules:
+        cand |= np.asarray(
+            pc.fill_null(pc.match_substring(low, d), False).to_numpy(zero_copy_only=False), bool
+        )
+    rows = np.flatnonzero(cand & hits.free)
+    if not len(rows):
+        return
+    sub = col.take(pa.array(rows))
+    inner = _Hits(len(rows))
+    for level in _parent_domains(_hosts(sub)):
+        inner.lookup(level, rules, label)
+    found = ~inner.free
+    if found.any():
+        mask = np.zeros(len(low), bool)
+        mask[rows[found]] = True
+        pos = np.zeros(len(low), np.int64)
+        pos[rows[found]] = inner.pos[found]
+        hits.add(mask, pos, inner.rules[0][0], label)
+
+
+def _parent_domains(hosts: pa.ChunkedArray, depth: int = 8) -> list[pa.ChunkedArray]:
+    """`a.b.example.org` -> [a.b.example.org, b.example.org, example.org, org] (vectorised)."""
+    out = [hosts]
+    h = hosts
+    for _ in range(depth):
+        has_dot = pc.fill_null(pc.match_substring(h, "."), False)
+        if not pc.any(has_dot).as_py():
+            break
+        h = pc.if_else(
+            has_dot, pc.replace_substring_regex(h, r"^[^.]*\.", ""), pa.scalar(None, pa.string())
+        )
+        out.append(h)
+    return out
+
+
+def match_index(table: pa.Table, block: Blocklist, radius: int = DEFAULT_RADIUS) -> pa.Table:
+    """Rows of `table` (a parquet index) the blocklist removes: key, reason, detail.
+
+    Direct matches first, then near copies of the matched rows (exact hash or
+    pHash within `radius`) among the others, with the reason of what they copy.
+    Vectorised (Arrow hash lookups, multi-index pHash search): millions of rows
+    a second; Python only touches the matched rows.
+    """
+    from ccurate.filters.hashing import hex_to_u64
+
+    n = table.num_rows
+    if n == 0 or not len(block):
+        return DECISION_SCHEMA.empty_table()
+    hits = _Hits(n)
+    hits.lookup(_col(table, "key"), block.keys, "key")
+    for col, rules in (("url", block.urls), ("page_url", block.pages)):
+        if rules:
+            _url_hits(hits, _col(table, col), rules, col)
+    if block.domains:
+        for col in ("url", "page_url"):
+            _domain_hits(hits, _col(table, col), block.domains, f"{col} host")
+    if block.authors:
+        authors = pc.utf8_lower(pc.utf8_trim_whitespace(_col(table, "author")))
+        hits.lookup(authors, block.authors, "author")
+    if block.hashes:
+        hits.lookup(_col(table, "sha256"), block.hashes, "sha256")
+        hits.lookup(_col(table, "pixel_sha256"), block.hashes, "pixel_sha256")
+    codes, ok = hex_to_u64(_col(table, "phash"))
+    hits.near(codes, ok, block.codes, "phash")
+    # near copies of what matched directly: one hop
+    seeds = np.flatnonzero(~hits.free)
+    if len(seeds):
+        keys = _col(table, "key").take(pa.array(seeds)).to_pylist()
+        reasons, _ = hits.explain(seeds)
+        copies = Blocklist()
+        for col in ("sha256", "pixel_sha256"):
+            vals = _col(table, col).take(pa.array(seeds)).to_pylist()
+            for v, k, r in zip(vals, keys, reasons, strict=True):
+                if v:
+                    copies.hashes.setdefault(v, (r, f"copy of {k}"))
+        phs = _col(table, "phash").take(pa.array(seeds)).to_pylist()
+        for i, ph, k, r in zip(seeds.tolist(), phs, keys, reasons, strict=True):
+            if ph and ok[i]:
+                copies.codes.append((ph, radius, r, f"copy of {k}"))
+        hits.lookup(_col(table, "sha256"), copies.hashes, "sha256")
+        hits.lookup(_col(table, "pixel_sha256"), copies.hashes, "pixel_sha256")
+        hits.near(codes, ok, copies.codes, "phash")
+    rows = np.flatnonzero(~hits.free)
+    reasons, details = hits.explain(rows)
+    return pa.table(
+        {
+            "key": _col(table, "key").take(pa.array(rows, pa.int64())).combine_chunks(),
+            "reason": pa.array(reasons, pa.string()),
+            "detail": pa.array(details, pa.string()),
+        },
+        schema=DECISION_SCHEMA,
+    )
