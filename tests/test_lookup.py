@@ -109,6 +109,28 @@ def test_cli_json_lines_and_release_folder(
     assert res.exit_code == 2
 
 
+def test_cli_table_names_the_match_and_the_stranger(
+    release: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    """Without --json: a table per found image (key, how, licence, attribution), one line
+    for an image the release does not hold."""
+    from ccurate.cli import app
+
+    rel, originals = release
+    url, f = list(originals.items())[4]
+    stranger = tmp_path / "stranger.jpg"
+    stranger.write_bytes(_jpeg(landscape(998, 480, 360)))
+    res = CliRunner().invoke(
+        app, ["lookup", str(f), str(stranger), "--release", str(rel)], env={"COLUMNS": "250"}
+    )
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert f"{f}: 1 match(es) in" in text and url in text
+    assert make_key(url, "https://photos.example.org/gallery") in text
+    assert "sha256" in text and "CC-BY-4.0" in text and "Author 4" in text
+    assert f"{stranger}: not in release" in text and "(radius 8)" in text
+
+
 def test_radius_zero_only_finds_exact_copies(
     release: tuple[Path, dict[str, Path]], tmp_path: Path
 ) -> None:

@@ -478,3 +478,36 @@ def test_rebuild_on_ray_matches_local(tmp_path: Path) -> None:
     assert _release_urls(on_ray[0].release) == _release_urls(local.release)
     assert on_ray[1].info["recheck"]["checked"] == len(_release_urls(local.release))
     assert on_ray[1].release is None  # nothing changed
+
+
+def test_cli_rebuild_prints_the_generation_then_nothing_changed(tmp_path: Path) -> None:
+    """`ccurate rebuild CONFIG` as cron runs it: a readable summary of each generation."""
+    from ccurate.cli import app
+
+    _tiny_site(tmp_path)
+    server, base = _serve(tmp_path / "corpus", CountingHandler)
+    cfg = tmp_path / "rebuild.toml"
+    cfg.write_text(
+        f'[run]\nname = "t"\nwork_dir = "{tmp_path / "work"}"\n'
+        f'release_dir = "{tmp_path / "releases"}"\ncatalog_dir = "{tmp_path / "catalog"}"\n'
+        f'[[sources]]\ntype = "pages"\nurls = ["{base}/pages/p.html"]\n'
+        "[ingest]\nallow_private = true\nimage_size = 128\nretries = 0\n"
+        "[filters.watermark]\nenabled = false\n[filters.safety]\nenabled = false\n"
+        "[rebuild]\nreport = false\n"
+    )
+    try:
+        first = CliRunner().invoke(app, ["rebuild", str(cfg), "--workers", "1"])
+        second = CliRunner().invoke(app, ["rebuild", str(cfg), "--workers", "1"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert first.exit_code == 0, first.output
+    out1 = " ".join(first.output.split())  # rich wraps long lines
+    assert "generation 1: planned 1 (new 1," in out1
+    assert "diff: +2 added, -0 removed" in out1 and "2 samples" in out1
+    release = "".join(first.output.split("release: ", 1)[1].split())
+    assert Path(release).is_dir() and Path(release).parent == tmp_path / "releases"
+    assert second.exit_code == 0, second.output
+    out2 = "".join(second.output.split())
+    assert "generation2:planned0" in out2
+    assert f"nothingchanged:nonewrelease(latest:{release})" in out2
