@@ -6,54 +6,30 @@ published sample gets one such line (TASL: title, author, source, licence), in
 its json record, the manifest and the release's ATTRIBUTION file.
 
 The split of a licence into release families belongs to the licence filter
-(`ccurate.filters.license_filter.release_split`), and so do licence names and
-deed URLs (`ccurate.filters.licenses.normalize`); local fallbacks with the same
-policy are used where that module cannot be imported.
+(`ccurate.filters.license_filter.release_split`), and so do short licence names and
+deed URLs (`ccurate.filters.licenses.normalize`): one policy, never a local twin
+that could drift into calling a licence commercial.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-
-def _fallback_release_split(license_id: str) -> str | None:
-    """Same policy as the licence filter's: commercial use allowed -> commercial, NC ->
-    noncommercial (ND goes by its NC element: the filter decides whether ND is admitted),
-    anything that is not an open licence -> None."""
-    lid = license_id.strip().upper().removeprefix("LICENSEREF-")
-    if lid.startswith("CC0") or lid in {"PDM-1.0", "CC-PDM-1.0", "PUBLIC-DOMAIN"}:
-        return "commercial"
-    m = re.fullmatch(r"CC-BY((?:-NC)?(?:-SA|-ND)?)-\d\.\d(?:-[A-Z]+)?", lid)
-    if not m:
-        return None
-    return "noncommercial" if "NC" in m.group(1) else "commercial"
+from ccurate.filters.licenses import normalize
 
 
 @lru_cache(maxsize=4096)
 def _info(license_id: str) -> Any:
-    """The licence filter's `LicenseInfo` (name, url) when that module is there."""
-    try:
-        from ccurate.filters.licenses import normalize
-    except ImportError:  # pragma: no cover - other contributor's module
-        return None
+    """The licence filter's `LicenseInfo` (name, url) of an id, None when unknown."""
     try:
         return normalize(license_id)
     except Exception:  # a parser bug must not stop a release; we fall back to our names
         return None
 
 
-release_split: Callable[[str], str | None]
-try:  # owned by the licence filter; fallback until it lands
-    from ccurate.filters.license_filter import release_split as _release_split
-
-    release_split = _release_split
-    SPLIT_SOURCE = "ccurate.filters.license_filter.release_split"
-except ImportError:  # pragma: no cover - depends on the other contributor's module
-    release_split = _fallback_release_split
-    SPLIT_SOURCE = "ccurate.shards.attribution._fallback_release_split"
+SPLIT_SOURCE = "ccurate.filters.license_filter.release_split"  # named in the release stats
 
 _VERSION_SUFFIX = {"1.0": "Generic", "2.0": "Generic", "2.5": "Generic", "3.0": "Unported"}
 _ELEMENT_NAMES = {
@@ -98,20 +74,7 @@ def license_name(license_id: str) -> str:
 def license_link(license_id: str, recorded_url: str | None = None) -> str | None:
     """Canonical deed URL for a licence id; the recorded URL when the id has no known deed."""
     info = _info(license_id)
-    if info is not None and info.url:
-        return str(info.url)
-    up = _bare(license_id)
-    if up.startswith("CC0"):
-        return "https://creativecommons.org/publicdomain/zero/1.0/"
-    if up in _PDM_IDS:
-        return "https://creativecommons.org/publicdomain/mark/1.0/"
-    m = _CC_ID.fullmatch(up)
-    if not m:
-        return recorded_url
-    path = f"{m.group(1).lower()}/{m.group(2)}/"
-    if m.group(3):
-        path += f"{m.group(3).lower()}/"
-    return f"https://creativecommons.org/licenses/{path}"
+    return str(info.url) if info is not None and info.url else recorded_url
 
 
 def modifications(rec: dict[str, Any], reencoded_as: str | None) -> list[str]:

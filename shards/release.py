@@ -43,11 +43,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ccurate.filters.license_filter import release_split
 from ccurate.record import METADATA_SCHEMA, Sample
 from ccurate.shardio import is_done, iter_samples, read_marker
 from ccurate.tario import TarWriter
 
-from .attribution import SPLIT_SOURCE, license_link, license_name, release_split
+from .attribution import SPLIT_SOURCE, license_link, license_name
 from .card import count_drops, render_card
 from .config import ShardsConfig
 from .manifest import (

@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ccurate.filters.license_filter import release_split
 from ccurate.record import Decision, LicenseEvidence, Sample, make_key
 from ccurate.shardio import ShardWriter
-from ccurate.shards.attribution import license_link, license_name, release_split
+from ccurate.shards.attribution import license_link, license_name
 from ccurate.shards.config import ShardsConfig
 from ccurate.shards.read import iter_tar, read_at, release_shards
 from ccurate.shards.release import (
@@ -154,24 +155,6 @@ def test_splits(release: Path) -> None:
     assert {(e["license"], e["reason"]) for e in ex} == {
         ("LicenseRef-All-Rights-Reserved", "not_releasable")
     }
-
-
-def test_fallback_split_agrees_with_licence_filter() -> None:
-    from ccurate.shards.attribution import _fallback_release_split
-
-    ids = [
-        "CC-BY-4.0",
-        "CC-BY-SA-3.0-DE",
-        "CC-BY-ND-4.0",
-        "CC-BY-NC-ND-4.0",
-        "CC0-1.0",
-        "LicenseRef-PDM-1.0",
-        "CC-BY-NC-SA-2.0",
-        "LicenseRef-All-Rights-Reserved",
-        "GFDL-1.3",
-    ]
-    for lid in ids:
-        assert _fallback_release_split(lid) == release_split(lid), lid
 
 
 def test_superset_and_buckets(inputs, tmp_path: Path) -> None:
@@ -479,3 +462,44 @@ def test_bad_inputs_are_excluded_with_a_reason(tmp_path: Path) -> None:
     assert set(ex) == {"image_error", "duplicate_key"}
     assert ex["image_error"]["key"] == rows[0].key
     assert pq.read_metadata(rel / "manifest.parquet").num_rows == 1
+
+
+def _encoded(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "webp"])
+def test_prepare_image_transcodes_and_flattens_alpha_on_white(fmt: str) -> None:
+    """Stored bytes of another type are re-encoded to the release's format: JPEG has no
+    alpha, so transparency becomes white (not black); PNG and WebP keep it; palette and
+    16-bit greys become 8-bit RGB(A) the readers expect. Bytes of the configured type are
+    copied untouched."""
+    from ccurate.shards.manifest import prepare_image
+
+    cfg = ShardsConfig(image_format=fmt)
+    rgba = Image.new("RGBA", (40, 30), (200, 20, 20, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 20, 30))  # left half fully transparent
+    src_fmt = "webp" if fmt == "png" else "png"
+    data, re_as, size = prepare_image(
+        _encoded(rgba, src_fmt.upper(), lossless=True), f"image/{src_fmt}", cfg
+    )
+    assert re_as == fmt and size == (40, 30)
+    out = Image.open(io.BytesIO(data))
+    assert out.format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
+    px = out.convert("RGBA").getpixel((5, 15))
+    if fmt == "jpg":
+        assert out.mode == "RGB" and min(px[:3]) >= 245  # white, not black
+    else:
+        assert px[3] == 0  # transparency kept
+    right = out.convert("RGB").getpixel((35, 15))
+    assert right[0] > 180 and right[1] < 60  # the opaque half keeps its colour
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([0, 0, 255] * 256)
+    for img, mime in ((pal, "image/gif"), (Image.new("I;16", (8, 8), 40000), "image/tiff")):
+        data, _, _ = prepare_image(_encoded(img, mime.split("/")[1].upper()), mime, cfg)
+        assert Image.open(io.BytesIO(data)).mode in ("RGB", "RGBA", "L")
+    same = _encoded(rgba.convert("RGB"), {"jpg": "JPEG"}.get(fmt, fmt.upper()))
+    ext_mime = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[fmt]
+    assert prepare_image(same, ext_mime, cfg) == (same, None, None)
