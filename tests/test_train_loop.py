@@ -268,6 +268,53 @@ def test_open_clip_penultimate_layer():
     assert not torch.allclose(enc(ids), tower.ln_final(x))
 
 
+def test_open_clip_text_encoder_from_a_local_checkpoint_or_a_clear_error(tmp_path: Path) -> None:
+    """`open_clip:ARCH:/path` loads the text tower of a full OpenCLIP checkpoint (the visual
+    half is ignored); an unknown tag, weights not in the offline cache, or a checkpoint of
+    another model fail with a message saying what to pass, never with random weights."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from ccurate.train.models import build_text_encoder
+
+    arch = "TinyTextTest-1"
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / f"{arch}.json").write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                       "head_width": 16},
+        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 4,
+                     "layers": 2},
+    }))  # fmt: skip
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.manual_seed(7)
+    clip = open_clip.create_model(arch)
+    state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    assert any(k.startswith("visual.") for k in state)
+    save_file(state, str(tmp_path / "clip.safetensors"))
+
+    cfg = TrainConfig()
+    enc = build_text_encoder(cfg, f"open_clip:{arch}:{tmp_path / 'clip.safetensors'}")
+    torch.testing.assert_close(enc.token_embedding.weight, state["token_embedding.weight"])
+    torch.testing.assert_close(
+        enc.transformer.resblocks[1].mlp.c_fc.weight,
+        state["transformer.resblocks.1.mlp.c_fc.weight"],
+    )
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert enc(enc.tokenizer(["a red barn"])).shape == (1, 12, 32)
+
+    with pytest.raises(ModelNotFoundError, match="neither a file nor a known OpenCLIP tag"):
+        build_text_encoder(cfg, f"open_clip:{arch}:no-such-tag")
+    # a real tag whose weights are not in the (offline) cache: how to fetch them, or a path
+    with pytest.raises(ModelNotFoundError, match="not in the local cache") as err:
+        build_text_encoder(cfg, "open_clip:ViT-B-32:laion2b_s34b_b79k")
+    assert "HF_HUB_OFFLINE='1'" in str(err.value) and "hf download" in str(err.value)
+    other = {"encoder.weight": torch.zeros(2, 2)}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=f"not an OpenCLIP {arch} checkpoint"):
+        build_text_encoder(cfg, f"open_clip:{arch}:{tmp_path / 'other.safetensors'}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
