@@ -61,13 +61,26 @@ class Target:
         return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052's well-known prefix
+
+
 def is_public_address(addr: str) -> bool:
-    """True for globally routable unicast addresses (IPv4-mapped IPv6 is unwrapped)."""
+    """True for globally routable unicast addresses.
+
+    IPv6 that carries an IPv4 address is judged by that address: IPv4-mapped, 6to4 and
+    NAT64 (`64:ff9b::10.0.0.1` reaches 10.0.0.1 through a DNS64/NAT64 gateway; a public
+    one is fetched, as IPv6-only hosts must). Site-local `fec0::/10` is refused, though
+    Python counts it as global."""
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
-        ip = ip.sixtofour
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.is_site_local:
+            return False
     return bool(
         ip.is_global
         and not ip.is_multicast

@@ -20,7 +20,7 @@ from PIL import Image
 from ccurate.executor import ShardTask, run_task
 from ccurate.ingest.config import IngestConfig
 from ccurate.ingest.fetch import HostLimiter
-from ccurate.ingest.guard import Blocked, Resolver, check_url, is_public_address
+from ccurate.ingest.guard import Blocked, Resolver, check_url, is_public_address, parse_networks
 from ccurate.ingest.optout import parse_tdmrep, tdmrep_reserved, x_robots_optout
 from ccurate.ingest.stage import REASONS, IngestStage, is_transient, plan_retry
 from ccurate.record import Sample, make_key
@@ -518,6 +518,9 @@ def test_bad_schemes(url: str):
 
 def test_public_address_classification():
     assert is_public_address("8.8.8.8") and is_public_address("2606:4700:4700::1111")
+    # IPv6 carrying an IPv4 address is judged by it: mapped, 6to4, NAT64 (well-known prefix)
+    for a in ["::ffff:8.8.8.8", "2002:808:808::1", "64:ff9b::808:808"]:
+        assert is_public_address(a), a
     for a in [
         "127.0.0.1",
         "10.1.2.3",
@@ -531,8 +534,75 @@ def test_public_address_classification():
         "::ffff:10.0.0.1",
         "239.1.1.1",
         "0.0.0.0",
+        "198.18.0.1",  # benchmarking
+        "2002:a00:1::",  # 6to4 of 10.0.0.1
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b:1::a00:1",  # local-use NAT64 prefix
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo
+        "::127.0.0.1",  # IPv4-compatible (deprecated)
+        "fec0::1",  # site-local (deprecated; Python calls it global)
+        "fe80::1%eth0",  # with a zone
     ]:
         assert not is_public_address(a), a
+
+
+class _FixedResolver(Resolver):
+    """Answers from a table: the guard's decisions without DNS."""
+
+    def __init__(self, table: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.table = table
+
+    def resolve(self, host: str, port: int) -> tuple[str, ...]:
+        return self.table[host]
+
+
+def test_check_url_vets_every_address_and_normalises_the_request_target():
+    res = _FixedResolver({
+        "pics.example": ("93.184.216.34",),
+        "mixed.example": ("93.184.216.34", "10.0.0.5"),  # one private answer is enough
+        "lab.example": ("10.20.0.7",),
+        "xn--bcher-kva.example": ("93.184.216.34",),
+        "none.example": (),
+    })  # fmt: skip
+    t = check_url("HTTP://Pics.Example./a b/é.jpg?q=1 2", res)
+    assert (t.scheme, t.host, t.port) == ("http", "pics.example", 80)
+    assert t.path == "/a%20b/%C3%A9.jpg?q=1%202" and t.addresses == ("93.184.216.34",)
+    assert check_url("https://bücher.example/x", res).host == "xn--bcher-kva.example"
+    with pytest.raises(Blocked, match=r"non-public 10\.0\.0\.5") as e:
+        check_url("http://mixed.example/x.jpg", res)
+    assert e.value.reason == "ssrf_blocked"
+    # a narrow opt-in network admits the lab host, nothing else private
+    lab = parse_networks(["10.20.0.0/16"])
+    assert check_url("http://lab.example/x", res, allow_networks=lab).addresses == ("10.20.0.7",)
+    with pytest.raises(Blocked):
+        check_url("http://mixed.example/x", res, allow_networks=lab)
+    assert check_url("http://mixed.example/x", res, allow_private=True).port == 80
+    with pytest.raises(OSError, match="no address"):
+        check_url("http://none.example/", res)
+    for bad in ["http://pics.example:99999/", "http://[::1/", "http://xn--a.\udcff/"]:
+        with pytest.raises(Blocked) as e:
+            check_url(bad, res)
+        assert e.value.reason == "bad_scheme", bad
+
+
+def test_resolver_caches_answers_and_failures(monkeypatch: pytest.MonkeyPatch):
+    calls: list[str] = []
+
+    def fake(host: str, port: int, type: int = 0) -> list[Any]:
+        calls.append(host)
+        if host == "dead.example":
+            raise socket.gaierror("no such host")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))] * 2
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    r = Resolver(ttl=60, negative_ttl=60)
+    assert r.resolve("ok.example", 80) == ("93.184.216.34",) == r.resolve("ok.example", 80)
+    for _ in range(3):
+        with pytest.raises(socket.gaierror):
+            r.resolve("dead.example", 80)
+    assert calls == ["ok.example", "dead.example"]  # one lookup each, failures cached too
 
 
 def test_redirect_to_private_address_is_blocked(srv: TestServer):
