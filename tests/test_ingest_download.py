@@ -19,7 +19,7 @@ from PIL import Image
 
 from ccurate.executor import ShardTask, run_task
 from ccurate.ingest.config import IngestConfig
-from ccurate.ingest.fetch import HostLimiter
+from ccurate.ingest.fetch import FetchOptions, HostLimiter, HttpClient
 from ccurate.ingest.guard import Blocked, Resolver, check_url, is_public_address, parse_networks
 from ccurate.ingest.optout import parse_tdmrep, tdmrep_reserved, x_robots_optout
 from ccurate.ingest.stage import REASONS, IngestStage, is_transient, plan_retry
@@ -191,6 +191,52 @@ def test_host_limiter_wakes_waiters_of_the_released_host_only():
         t.join(5)
     assert sorted(done) == list(range(16)) and peak[0] == 2
     assert not lim._waits and not lim._waiters  # no condition left behind
+
+
+def test_compressed_bodies_are_capped_like_raw_ones(srv: TestServer):
+    """Content-Encoding is decoded under the same byte cap as the raw body: a 1 MB gzip of
+    zeros (a 1 GB-class bomb in miniature) is `too_large`, or cut at the cap where the
+    caller reads a prefix (robots.txt); gzip, zlib and raw deflate decode; a corrupt
+    body is a connection error, not a crash. Servers may compress even an image GET
+    that asked for identity, so this holds for every request."""
+    import gzip
+    import zlib
+
+    page = b"<html>" + b"licence " * 2000 + b"</html>"
+    bomb = gzip.compress(bytes(4_000_000))
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    gz, defl = [("Content-Encoding", "gzip")], [("Content-Encoding", "deflate")]
+    srv.route("/gz.html", Reply(body=gzip.compress(page), headers=gz))
+    srv.route("/zl.html", Reply(body=zlib.compress(page), headers=defl))
+    srv.route("/raw.html", Reply(body=raw.compress(page) + raw.flush(), headers=defl))
+    srv.route("/bomb.jpg", Reply(body=bomb, headers=gz))
+    srv.route("/bad.html", Reply(body=b"\x1f\x8bnot gzip", headers=gz))
+    client = HttpClient(FetchOptions(allow_private=True, retries=0, total_timeout=5.0))
+    try:
+        for path in ("/gz.html", "/zl.html", "/raw.html"):
+            r = client.get(srv.url(path), gzip_ok=True)
+            assert r.ok and r.body == page, path
+        assert len(bomb) < 10_000
+        r = client.get(srv.url("/bomb.jpg"), max_bytes=1_000_000)
+        assert r.reason == "too_large" and "decompressed" in r.detail
+        r = client.get(srv.url("/bomb.jpg"), max_bytes=1_000_000, truncate=True)
+        assert r.ok and r.body == bytes(1_000_000)
+        r = client.get(srv.url("/bad.html"), gzip_ok=True)
+        assert r.reason == "connection_error" and "bad gzip body" in r.detail
+    finally:
+        client.close()
+
+
+def test_retry_after_takes_seconds_or_an_http_date():
+    from email.utils import formatdate
+
+    from ccurate.ingest.fetch import _retry_after
+
+    assert _retry_after("120") == 120.0 and _retry_after(" 7 ") == 7.0
+    soon = _retry_after(formatdate(time.time() + 90, usegmt=True))
+    assert soon is not None and 85 <= soon <= 91
+    assert _retry_after(formatdate(time.time() - 90, usegmt=True)) == 0.0  # already past
+    assert _retry_after("soon") is None and _retry_after("") is None and _retry_after(None) is None
 
 
 def test_per_host_rate_limit(srv: TestServer):
