@@ -15,7 +15,6 @@ takes every unassigned item similar to *itself*, so groups do not chain.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,12 +77,12 @@ def semantic_groups(
 
 
 class ClipImageEmbedder:
-    """An open_clip image encoder from user-supplied weights (never downloaded here).
+    """Image embeddings for semantic dedup, from `ccurate.filters.clip_models.load_clip`: the
+    same weight sources (checkpoint file, open_clip export folder, `hf-hub:` repo or tag from
+    the local cache), errors and per-process model cache as the CLIP-score filter.
 
-    `weights` is a local checkpoint file, or `hf-hub:org/name` resolved by
-    open_clip from the local Hugging Face cache (HF_HUB_OFFLINE is respected).
-    `model_config` is an optional open_clip model-config JSON for architectures
-    not in open_clip's registry (tests use a tiny random-init one).
+    `model_config` is an optional open_clip model-config JSON for architectures not in
+    open_clip's registry (tests use a tiny random-init one); it is registered before loading.
     """
 
     def __init__(
@@ -99,48 +98,29 @@ class ClipImageEmbedder:
         self.model_config = model_config
         self.device = device
         self.batch_size = batch_size
-        self._model: Any = None
-        self._preprocess: Any = None
+        self._clip: Any = None
 
     def load(self) -> None:
         import open_clip
+
+        from ccurate.filters.clip_models import load_clip
 
         if self.model_config:
             open_clip.add_model_config(self.model_config)
         if self.weights is None:
             raise ValueError("semantic dedup needs CLIP weights (dedup.semantic_weights)")
-        if self.weights.startswith("hf-hub:"):
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                self.weights, device=self.device
-            )
-        else:
-            path = Path(self.weights).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"CLIP weights for semantic dedup not found at {path}: download an open_clip "
-                    f"checkpoint for {self.model_name} there (e.g. `huggingface-cli download "
-                    "laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_pytorch_model.bin`)"
-                )
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                self.model_name, pretrained=str(path), device=self.device
-            )
-        model.eval()
-        self._model, self._preprocess = model, preprocess
+        self._clip = load_clip(
+            self.model_name, self.weights, self.device, key="dedup.semantic_weights"
+        )
 
     def embed(self, images: list[Any]) -> np.ndarray:
-        """L2-normalised float32 embeddings of PIL images, batched under no_grad."""
-        import torch
-
-        if self._model is None:
+        """L2-normalised float32 embeddings of PIL images, a batch at a time."""
+        if self._clip is None:
             self.load()
-        out: list[np.ndarray] = []
-        with torch.no_grad():
-            for b0 in range(0, len(images), self.batch_size):
-                batch = torch.stack(
-                    [self._preprocess(im) for im in images[b0 : b0 + self.batch_size]]
-                )
-                feats = self._model.encode_image(batch.to(self.device))
-                out.append(feats.float().cpu().numpy())
+        out = [
+            self._clip.encode_images(images[b0 : b0 + self.batch_size])
+            for b0 in range(0, len(images), self.batch_size)
+        ]
         if not out:
             return np.zeros((0, 0), np.float32)
         return _normalise(np.concatenate(out))

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from ccurate.executor import LocalExecutor, tasks_for
+from ccurate.filters.clip_models import WeightsNotFoundError
 from ccurate.filters.dedup import (
     DECISIONS_FILE,
     REASONS,
@@ -656,5 +657,6 @@ def test_semantic_stage_with_tiny_clip(tmp_path: Path) -> None:
     assert s3.key not in d
     with pytest.raises(ValueError, match="semantic_weights"):
         plan(tmp_path / "noweights", [[s1]], **common)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    # a missing checkpoint names the config key and the path it expected
+    with pytest.raises(WeightsNotFoundError, match=r"dedup\.semantic_weights = .*nope\.pt"):
         plan(tmp_path / "missing", [[s1]], semantic_weights=str(tmp_path / "nope.pt"), **common)
