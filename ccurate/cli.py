@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer._click.core import Context  # typer vendors its own click
 from typer.core import TyperGroup
 
@@ -78,11 +79,11 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
     try:
         return fn()
-    except ConfigError as err:
-        console.print(f"[red]config error[/red]: {err}")
+    except ConfigError as err:  # messages hold paths and [tables]: escaped, not markup
+        console.print(f"[red]config error[/red]: {escape(str(err))}")
         raise typer.Exit(EXIT_CONFIG) from None
     except PipelineError as err:
-        console.print(f"[red]cannot run[/red]: {err}")
+        console.print(f"[red]cannot run[/red]: {escape(str(err))}")
         raise typer.Exit(EXIT_NOT_READY) from None
 
 
@@ -90,15 +91,23 @@ def load_run_config(
     config: Path, workers: int | None, executor: str | None = None, address: str | None = None
 ) -> Any:
     """The config file with the command line's run overrides applied."""
-    from ccurate.config import load_config
+    from pydantic import ValidationError
+
+    from ccurate.config import ConfigError, load_config
 
     cfg = load_config(config)
-    if workers is not None:
-        cfg.run.workers = workers
-    if executor is not None:
-        cfg.run.executor = executor
-    if address is not None:
-        cfg.run.ray_address = address
+    for option, field, value in (
+        ("--workers", "workers", workers),
+        ("--executor", "executor", executor),
+        ("--address", "ray_address", address),
+    ):
+        if value is None:
+            continue
+        try:  # validated like the file's [run] table: a bad value is a usage error (exit 2)
+            setattr(cfg.run, field, value)
+        except ValidationError as err:
+            why = err.errors()[0]["msg"]
+            raise ConfigError(f"{option} {value!r}: {why} (overrides run.{field})") from None
     return cfg
 
 
@@ -131,8 +140,8 @@ def _run_steps(config: Path, steps: list[str], workers: int | None, **kw: Any) -
         print_summary(results, out)
         for r in results:
             if "release" in r.outputs:
-                out.print(f"release: {r.outputs['release']}")
-        out.print(f"report: {pipe.report_path}")
+                out.print(f"release: {escape(str(r.outputs['release']))}")
+        out.print(f"report: {escape(str(pipe.report_path))}")
 
     _guard(go)
 

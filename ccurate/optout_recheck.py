@@ -172,8 +172,7 @@ class OptoutRecheckStage(Stage):
         return header_optout(headers, self.config)
 
     def _hop_check(self, target: Any) -> str | None:
-        if self._policies is None:
-            return None
+        # only called by self._client.get: setup/teardown set and clear client and policies together
         result: str | None = self._policies.check(target.origin, target.path)
         return result
 

@@ -319,7 +319,12 @@ def plan_generation(
         m = json.loads(marker.read_text())
         return [str(out / p) for p in m["partitions"]], m["counts"]
     out.mkdir(parents=True, exist_ok=True)
-    full = plan_sources(list(cfg.sources), gen.step("00_sources"), cfg.run.partition_size)
+    from ccurate.pipeline import PipelineError
+
+    try:  # a missing or unreadable list is a "cannot run" (exit 3), as in `ccurate ingest`
+        full = plan_sources(list(cfg.sources), gen.step("00_sources"), cfg.run.partition_size)
+    except ValueError as err:
+        raise PipelineError(str(err)) from None
     url_block = Blocklist(
         urls=block.urls, pages=block.pages, domains=block.domains, keys=block.keys
     )

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 err = Console(stderr=True, soft_wrap=True)
@@ -50,22 +51,20 @@ def _guard(fn: Callable[[], Any], state: dict[str, Any] | None = None) -> Any:
     error, config, not_ready, locked = _codes()
     try:
         return fn()
-    except typer.Exit:
-        raise
-    except RebuildLocked as e:
-        err.print(f"[red]locked[/red]: {e}")
+    except RebuildLocked as e:  # messages hold paths, URLs and [tables]: escaped, not markup
+        err.print(f"[red]locked[/red]: {escape(str(e))}")
         raise typer.Exit(locked) from None
     except (ConfigError, TakedownError, ReleaseLookupError) as e:
-        err.print(f"[red]error[/red]: {e}")
+        err.print(f"[red]error[/red]: {escape(str(e))}")
         raise typer.Exit(config) from None
     except PipelineError as e:
-        err.print(f"[red]cannot run[/red]: {e}")
+        err.print(f"[red]cannot run[/red]: {escape(str(e))}")
         raise typer.Exit(not_ready) from None
     except Exception as e:
-        err.print(f"[red]failed[/red]: {type(e).__name__}: {e}")
+        err.print(f"[red]failed[/red]: {type(e).__name__}: {escape(str(e))}")
         log_file = (state or {}).get("log")
         if log_file is not None:
-            err.print(f"traceback in {log_file}")
+            err.print(f"traceback in {escape(str(log_file))}")
         else:
             traceback.print_exc(file=sys.stderr)
         raise typer.Exit(error) from None
@@ -202,9 +201,12 @@ def register(app: typer.Typer) -> None:
                     typer.echo(json.dumps({**e.model_dump(exclude_none=True), "added": added}))
                 else:
                     state = "added" if added else "already listed"
-                    out.print(f"{state}: {e.id} {e.kind} {e.value}")
+                    out.print(f"{state}: {e.id} {e.kind} {escape(e.value)}")
             if not as_json:
-                out.print(f"takedown list: {lst.path} (applied by the next `ccurate rebuild`)")
+                out.print(
+                    f"takedown list: {escape(str(lst.path))} "
+                    "(applied by the next `ccurate rebuild`)"
+                )
 
         _guard(go)
 
@@ -222,11 +224,12 @@ def register(app: typer.Typer) -> None:
                 for e in entries:
                     typer.echo(e.model_dump_json(exclude_none=True))
                 return
-            table = Table(title=f"{lst.path} ({len(entries)} entries)")
+            table = Table(title=f"{escape(str(lst.path))} ({len(entries)} entries)")
             for c in ("id", "kind", "value", "reason", "added_at", "added_by"):
                 table.add_column(c)
             for e in entries:
-                table.add_row(e.id, e.kind, e.value, e.reason, e.added_at, e.added_by)
+                row = (e.id, e.kind, e.value, e.reason, e.added_at, e.added_by)
+                table.add_row(*(escape(v) for v in row))
             out.print(table)
 
         _guard(go)
@@ -277,20 +280,18 @@ def register(app: typer.Typer) -> None:
                 return
             for r in results:
                 if not r.matches:
-                    out.print(f"{r.query}: not in release {r.release} (radius {radius})")
+                    out.print(
+                        f"{escape(r.query)}: not in release {escape(r.release)} (radius {radius})"
+                    )
                     continue
-                table = Table(title=f"{r.query}: {len(r.matches)} match(es) in {r.release}")
+                table = Table(
+                    title=f"{escape(r.query)}: {len(r.matches)} match(es) in {escape(r.release)}"
+                )
                 for c in ("key", "match", "bits", "licence", "attribution", "url"):
                     table.add_column(c, overflow="fold")
                 for m in r.matches:
-                    table.add_row(
-                        m.key,
-                        m.match,
-                        str(m.distance),
-                        m.license or "",
-                        m.attribution or "",
-                        m.url or "",
-                    )
+                    row = (m.key, m.match, str(m.distance), m.license, m.attribution, m.url)
+                    table.add_row(*(escape(v or "") for v in row))
                 out.print(table)
 
         _guard(go)
@@ -319,6 +320,7 @@ def _print_result(info: dict[str, Any], as_json: bool) -> None:
         f"{diff.get('changed_fields', {})}; {diff.get('samples', 0)} samples"
     )
     if info.get("published"):
-        out.print(f"release: {info['release']}")
+        out.print(f"release: {escape(str(info['release']))}")
     else:
-        out.print(f"nothing changed: no new release (latest: {info.get('latest_release')})")
+        latest = escape(str(info.get("latest_release")))
+        out.print(f"nothing changed: no new release (latest: {latest})")

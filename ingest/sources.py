@@ -170,6 +170,11 @@ class _Rows:
         self.src, self.path = src, path
         self.label = _label(src)
         self.fmt = _format_of(self.label, path, src.format)
+        if self.fmt == "parquet" and path.name.lower().endswith(".gz"):
+            raise ValueError(
+                f"{self.label}: {path.name!r} is a gzipped parquet file, which cannot be read "
+                "in row batches (parquet compresses inside and needs random access): gunzip it"
+            )
 
     def _check(self, columns: list[str]) -> None:
         src, cols = self.src, set(columns)

@@ -325,3 +325,177 @@ def test_plan_bad_config_fails_before_writing(tmp_path: Path, real_fixtures: Pat
     assert not out.exists()
     with pytest.raises(ValueError, match="partition_size"):
         plan_sources([], out, partition_size=0)
+
+
+# --------------------------------------------------------------------------- bad inputs, options
+def test_unreadable_or_misconfigured_lists_name_the_source_and_the_cause(tmp_path: Path):
+    """Every one fails in `check_source` (before a plan is written) with a message that says
+    which source, which file and what to do."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("no list here")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
+    raw = gzip.compress(
+        b"url,caption\n" + b"".join(b"https://a.test/%d.jpg,c\n" % i for i in range(3000))
+    )
+    (tmp_path / "cut.csv.gz").write_bytes(raw[: len(raw) // 3])  # a download that stopped
+    (tmp_path / "list.parquet.gz").write_bytes(gzip.compress(b"PAR1...PAR1"))
+    (tmp_path / "l.csv").write_text("url,caption\nhttps://a.test/1.jpg,hi\n")
+    cases = [
+        (UrlListSource(), r"`path` is empty"),
+        (UrlListSource(path=str(tmp_path / "empty")), r"directory .*empty.* holds no .*\.csv"),
+        (
+            UrlListSource(path=str(tmp_path / "bad.parquet")),
+            r"cannot read .*bad\.parquet as parquet",
+        ),
+        (
+            UrlListSource(path=str(tmp_path / "list.parquet.gz")),
+            r"'list\.parquet\.gz' is a gzipped parquet file.*gunzip it",
+        ),
+        (
+            UrlListSource(path=str(tmp_path / "l.csv"), extra_cols=["shop"]),
+            r"column 'shop' \(extra_cols\) not found in l\.csv; columns are \['caption', 'url'\]",
+        ),
+        (
+            PageListSource(path=str(tmp_path / "pages.txt")),
+            r"pages source .*pages\.txt.* not found",
+        ),
+    ]
+    for src, pattern in cases:
+        out = tmp_path / f"plan-{type(src).__name__}"
+        with pytest.raises(ValueError, match=pattern):
+            plan_sources([src], out)
+        assert not out.exists(), pattern
+    # a list cut off after its header is found while planning, and named
+    with pytest.raises(ValueError, match=r"cannot read .*cut\.csv\.gz as csv: Compressed file"):
+        plan_sources([UrlListSource(path=str(tmp_path / "cut.csv.gz"))], tmp_path / "plan")
+    assert not (tmp_path / "plan" / PLANNED_MARKER).exists()
+    # a cut-off page list is reported as such, not as a crash
+    raw = gzip.compress(b"".join(b"https://p.test/%d\n" % i for i in range(3000)))
+    (tmp_path / "pages.txt.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"pages source .*cannot read .*pages\.txt\.gz"):
+        list(iter_source(PageListSource(path=str(tmp_path / "pages.txt.gz"))))
+
+
+def test_img2dataset_options_format_and_column_selection(tmp_path: Path, real_fixtures: Path):
+    # a list without a known suffix: `format` says what it is
+    listing = tmp_path / "urls.txt"
+    listing.write_text("link\ttext\tlicence\nhttps://a.test/1.jpg\thello\tCC0\n")
+    (s,) = iter_source(
+        UrlListSource(path=str(listing), format="tsv", url_col="link", caption_col="text")
+    )
+    assert (s.url, s.alt_text, s.extra) == ("https://a.test/1.jpg", "hello", {"licence": "CC0"})
+    with pytest.raises(ValueError, match=r"cannot tell the format of 'urls\.txt'"):
+        list(iter_source(UrlListSource(path=str(listing))))
+    # parquet reads only the columns it needs when extra_cols is given (save_additional_columns)
+    none = list(iter_source(laion_src(real_fixtures, extra_cols=[])))
+    assert len(none) == 10_000
+    assert all(set(s.extra) == {"source_file", "source_row"} for s in none if not s.kept)
+    assert all(s.extra == {} for s in none if s.kept)
+    some = next(iter_source(laion_src(real_fixtures, extra_cols=["__index_level_0__"])))
+    assert set(some.extra) == {"__index_level_0__"} and some.alt_text
+    only_url = next(
+        iter_source(UrlListSource(path=str(real_fixtures / LAION), url_col="URL", extra_cols=[]))
+    )
+    assert only_url.alt_text is None and only_url.extra == {}  # default caption col absent
+
+
+def test_csv_edge_rows(tmp_path: Path):
+    """More fields than the header: kept in `csv_overflow`; an empty file: no records;
+    a URL that does not even parse: a `bad_url` record."""
+    f = tmp_path / "l.csv"
+    f.write_text(
+        "url,caption\n"
+        "https://a.test/1.jpg,a caption,with,commas\n"
+        "http://[::1/broken.jpg,bracket never closed\n"
+        "https://[::1]/ok.jpg,an IPv6 literal\n"
+    )
+    got = list(iter_source(UrlListSource(path=str(f))))
+    assert [(s.kept, s.drop_reason) for s in got] == [
+        (True, None),
+        (False, "bad_url"),
+        (True, None),
+    ]
+    assert got[0].alt_text == "a caption" and got[0].extra == {"csv_overflow": "with,commas"}
+    assert got[1].url == "http://[::1/broken.jpg" and got[1].extra["source_row"] == 1
+    empty = tmp_path / "e.csv"
+    empty.write_text("")
+    assert list(iter_source(UrlListSource(path=str(empty)))) == []
+
+
+def test_plan_stores_columns_whose_type_varies(tmp_path: Path):
+    """JSON lists do not promise one type per column: a column holding ints, strings and
+    objects is stored as text (JSON for objects) in partitions and in the dropped file."""
+    rows = [
+        {"url": "", "a": 1},
+        {"url": "", "a": 2},
+        {"url": "", "a": {"x": 1}, "b": "y"},  # a later chunk: another type, a new column
+        {"url": "", "a": {"x": 2}, "b": "z"},
+        {"url": "https://a.test/1.jpg", "n": 1},
+        {"url": "https://a.test/2.jpg", "n": "two"},
+    ]
+    f = tmp_path / "l.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    parts = plan_sources([UrlListSource(path=str(f))], tmp_path / "plan", partition_size=2)
+    assert len(parts) == 1
+    assert pq.read_table(f"{parts[0]}.parquet").column("n").to_pylist() == ["1", "two"]
+    dropped = pq.read_table(tmp_path / "plan" / PLANNED_DROPPED)
+    assert dropped.column("a").to_pylist() == ["1", "2", '{"x": 1}', '{"x": 2}']
+    assert dropped.column("b").to_pylist() == [None, None, "y", "z"]
+    assert not (tmp_path / "plan" / ".planned-dropped.tmp").exists()
+
+
+def test_plan_key_set_spills_and_still_finds_repeats():
+    from ccurate.ingest.sources import _KeySet
+
+    keys = [make_key(f"https://a.test/{i}.jpg") for i in range(10)]
+    ks = _KeySet(spill=4)
+    assert all(ks.add(k) for k in keys)
+    assert ks.frozen.size == 8 and len(ks.recent) == 2  # two spills into the sorted array
+    assert list(ks.frozen) == sorted(ks.frozen)
+    assert not any(ks.add(k) for k in keys)  # repeats found in the spilled part and the set
+    assert ks.add(make_key("https://a.test/new.jpg"))
+
+
+def test_dropped_records_are_spilled_in_chunks(tmp_path: Path):
+    """Millions of bad rows must not pile up in memory: every `chunk` records go to disk."""
+    from ccurate.ingest.sources import _DroppedSink
+    from ccurate.record import Sample
+
+    sink = _DroppedSink(tmp_path, chunk=2)
+    for i in range(5):
+        s = Sample(key=make_key(f"bad-row:x:{i}"), url="", extra={"i": i})
+        s.drop("bad_url", "ingest")
+        sink.add(s)
+    assert len(sink.files) == 2 and len(sink.buf) == 1
+    sink.finish(tmp_path / PLANNED_DROPPED)
+    assert pq.read_table(tmp_path / PLANNED_DROPPED).column("i").to_pylist() == list(range(5))
+
+
+def test_parquet_extra_cols_skip_reading_other_columns(tmp_path: Path):
+    """A list with a heavy column (embedded image bytes, embeddings): `extra_cols=[]` never
+    materialises it, so memory stays small."""
+    import pyarrow as pa
+
+    n, size = 48, 256 * 1024
+    path = tmp_path / "heavy.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "url": [f"https://a.test/{i}.jpg" for i in range(n)],
+                "jpg": [bytes([i]) * size for i in range(n)],
+            }
+        ),
+        path,
+        compression="none",
+    )
+
+    def peak(src: UrlListSource) -> int:
+        tracemalloc.start()
+        count = sum(1 for _ in iter_source(src))
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert count == n
+        return top
+
+    assert peak(UrlListSource(path=str(path))) > n * size  # every row carries its bytes
+    assert peak(UrlListSource(path=str(path), extra_cols=[])) < n * size // 4

@@ -511,3 +511,20 @@ def test_cli_rebuild_prints_the_generation_then_nothing_changed(tmp_path: Path) 
     out2 = "".join(second.output.split())
     assert "generation2:planned0" in out2
     assert f"nothingchanged:nonewrelease(latest:{release})" in out2
+
+
+def test_cli_rebuild_with_a_missing_url_list_cannot_run(tmp_path: Path) -> None:
+    """A source list that is not there is "cannot run" (exit 3) with the message, as in
+    `ccurate ingest` — not a crash with a traceback (exit 1)."""
+    from ccurate.cli import app
+
+    cfg = tmp_path / "rebuild.toml"
+    missing = tmp_path / "lists" / "urls.parquet"
+    cfg.write_text(
+        f'[run]\nwork_dir = "{tmp_path / "work"}"\n'
+        f'[[sources]]\ntype = "urls"\npath = "{missing}"\n[rebuild]\nreport = false\n'
+    )
+    res = CliRunner().invoke(app, ["rebuild", str(cfg), "--workers", "1"])
+    assert res.exit_code == 3, res.output
+    text = " ".join(res.output.split())
+    assert "cannot run" in text and "urls.parquet" in text and "Traceback" not in text

@@ -25,7 +25,7 @@ from ccurate.takedown import (
     make_entry,
     normalize_url,
 )
-from ccurate.takedown_match import Blocklist, match_index
+from ccurate.takedown_match import MATCH_COLUMNS, Blocklist, match_index
 from tests.httpserver import Reply, serve
 
 
@@ -340,3 +340,363 @@ def test_near_matching_is_the_same_for_few_and_many_references(padding: int) -> 
     got = match_index(_index(rows), block, radius=3)
     assert sorted(got["key"].to_pylist()) == [f"r{i}" for i in range(5)]
     assert all("2 bits" in d for d in got["detail"].to_pylist())
+
+
+def _recheck(
+    batch: list[Sample], threads: int = 4, **cfg: Any
+) -> tuple[list[str | None], list[bool]]:
+    from ccurate.ingest.config import IngestConfig
+
+    stage = OptoutRecheckStage(IngestConfig(allow_private=True, retries=0, **cfg), threads=threads)
+    try:
+        out = stage.process(batch)  # no setup(): process sets up on first use
+    finally:
+        stage.teardown()
+    return [s.extra["optout_recheck"] for s in out], [s.kept for s in out]
+
+
+def _html(head: str = "") -> Reply:
+    return Reply(
+        body=f"<html><head>{head}</head><body></body></html>".encode(), content_type="text/html"
+    )
+
+
+def test_recheck_reads_what_the_page_answers() -> None:
+    """The page of a sample whose image is fine: a dead page leaves the sample alone, a
+    failing one says come back later, an opt-out in its headers or meta removes it."""
+    with serve() as ts:
+        img = ts.route("/a.jpg", Reply(body=_jpeg(landscape(5, 64, 48)), content_type="image/jpeg"))
+        pages = {
+            "gone": ts.route("/gone.html", Reply(404, b"no")),
+            "busy": ts.route("/busy.html", Reply(503, b"later")),
+            "header": ts.route(
+                "/h.html",
+                Reply(
+                    body=b"<html></html>",
+                    content_type="text/html",
+                    headers=[("X-Robots-Tag", "noai")],
+                ),
+            ),
+            "tdm": ts.route("/tdm.html", _html("<meta name='tdm-reservation' content='1'>")),
+            "meta": ts.route("/m.html", _html("<meta name='ccurate' content='noimageai'>")),
+            "plain": ts.route("/p.html", _html("<title>fine</title>")),
+        }
+        batch = [Sample(key=make_key(img, p), url=img, page_url=p) for p in pages.values()]
+        got, kept = _recheck(batch)
+        # the same signals, not honoured: nothing is removed for them
+        batch2 = [Sample(key=make_key(img, p), url=img, page_url=p) for p in pages.values()]
+        got2, _ = _recheck(batch2, respect_tdmrep=False, respect_meta_robots=False)
+    assert dict(zip(pages, got, strict=True)) == {
+        "gone": "gone:http_404",
+        "busy": "transient:http_503",
+        "header": "optout_x_robots_tag",
+        "tdm": "optout_tdmrep",
+        "meta": "optout_meta_robots",
+        "plain": "ok",
+    }
+    assert dict(zip(pages, kept, strict=True)) == {
+        "gone": True,
+        "busy": True,
+        "header": False,
+        "tdm": False,
+        "meta": False,
+        "plain": True,
+    }
+    assert dict(zip(pages, got2, strict=True))["tdm"] == "ok"
+    assert dict(zip(pages, got2, strict=True))["meta"] == "ok"
+
+
+def test_recheck_of_a_host_that_is_down_or_throttled_keeps_the_sample() -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/x.jpg"
+    with serve() as ts:
+        ts.route("/robots.txt", Reply(429, b"slow down"))
+        busy = ts.route(
+            "/a.jpg", Reply(body=_jpeg(landscape(6, 64, 48)), content_type="image/jpeg")
+        )
+        got, kept = _recheck(
+            [Sample(key=make_key(dead), url=dead), Sample(key=make_key(busy), url=busy)]
+        )
+    assert got == ["transient:connection_error", "transient:robots_http_429"]
+    assert kept == [True, True]
+
+
+def test_each_recheck_reads_robots_txt_afresh() -> None:
+    """A site that starts disallowing us after a release: the next re-check removes it."""
+    with serve() as ts:
+        ts.route("/robots.txt", Reply(body=b"User-agent: *\nAllow: /\n", content_type="text/plain"))
+        u = ts.route("/g/a.jpg", Reply(body=_jpeg(landscape(7, 64, 48)), content_type="image/jpeg"))
+        before, _ = _recheck([Sample(key=make_key(u), url=u)])
+        ts.route(
+            "/robots.txt",
+            Reply(body=b"User-agent: ccurate\nDisallow: /g/\n", content_type="text/plain"),
+        )
+        after, kept = _recheck([Sample(key=make_key(u), url=u)])
+        assert ts.hits["/robots.txt"] == 2
+    assert before == ["ok"] and after == ["optout_robots_txt"] and kept == [False]
+
+
+def test_recheck_stage_travels_to_workers_and_sets_up_once() -> None:
+    """Executors pickle stages (process pools, Ray): a set-up stage leaves its client, pool
+    and lock behind and the copy sets up its own on first use."""
+    import pickle
+
+    from ccurate.ingest.config import IngestConfig
+
+    with serve() as ts:
+        u = ts.route("/a.jpg", Reply(body=_jpeg(landscape(8, 64, 48)), content_type="image/jpeg"))
+        stage = OptoutRecheckStage(IngestConfig(allow_private=True, retries=0), threads=2)
+        stage.setup()
+        client = stage._client
+        stage.setup()  # idempotent: the same client, no second pool
+        assert stage._client is client
+        try:
+            stage.process([Sample(key=make_key(u), url=u)])
+            copy = pickle.loads(pickle.dumps(stage))
+        finally:
+            stage.teardown()
+        assert copy._client is None and copy._pool is None and copy._pages == {}
+        try:
+            (s,) = copy.process([Sample(key=make_key(u), url=u)])
+        finally:
+            copy.teardown()
+    assert s.extra["optout_recheck"] == "ok" and s.kept
+
+
+def test_a_failing_page_check_fails_every_sample_of_that_page_without_hanging() -> None:
+    """Samples sharing a page wait for one check; if it raises they get the error too
+    (without it they would wait forever)."""
+    import threading
+    import time
+
+    from ccurate.ingest.config import IngestConfig
+
+    with serve() as ts:
+        img = _jpeg(landscape(9, 64, 48))
+        urls = [ts.route(f"/{i}.jpg", Reply(body=img, content_type="image/jpeg")) for i in range(2)]
+        page = ts.url("/page.html")
+        stage = OptoutRecheckStage(IngestConfig(allow_private=True, retries=0), threads=2)
+        calls: list[str] = []
+
+        def broken(url: str) -> str:
+            calls.append(url)
+            time.sleep(0.3)  # the other sample is waiting for this page by now
+            raise RuntimeError("parser exploded")
+
+        stage._check_page = broken  # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                stage.process([Sample(key=make_key(u, page), url=u, page_url=page) for u in urls])
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                stage.teardown()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout=20)
+        hung = t.is_alive()
+        for fut in list(stage._pages.values()):  # on failure: free the waiters so pytest can exit
+            if not fut.done():
+                fut.set_result("ok")
+        assert not hung, "re-check hung on a failed page check"
+    assert calls == [page]
+    assert [str(e) for e in errors] == ["parser exploded"]
+
+
+def test_an_unparsable_page_does_not_remove_the_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*a: Any, **k: Any) -> None:
+        raise ValueError("not html at all")
+
+    monkeypatch.setattr("ccurate.ingest.html.extract_images", explode)
+    with serve() as ts:
+        u = ts.route("/a.jpg", Reply(body=_jpeg(landscape(10, 64, 48)), content_type="image/jpeg"))
+        page = ts.route("/p.html", _html())
+        got, kept = _recheck([Sample(key=make_key(u, page), url=u, page_url=page)])
+        assert ts.hits["/p.html"] == 1
+    assert got == ["ok"] and kept == [True]
+
+
+# --------------------------------------------------------------------------- release gate
+
+
+def _write_index(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> str:
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in cols}), path
+    )
+    return str(path).removesuffix(".parquet")
+
+
+def test_url_takedown_of_a_merged_duplicate_removes_the_released_copy(tmp_path: Path) -> None:
+    """Dedup kept one copy of an image found at two URLs; a takedown names the URL that was
+    dropped as its duplicate: the released copy (same bytes, or a near pHash) goes too."""
+    from ccurate.release_gate import gate_decisions
+
+    near = f"{int('8f373714acfcf4d0', 16) ^ 0b11:016x}"  # 2 bits away
+    dups = pa.table(
+        {
+            "key": ["dup-1", "dup-2"],
+            "url": ["http://mirror.example/a.jpg", "http://other.example/z.jpg"],
+            "page_url": [None, None],
+            "author": [None, None],
+            "sha256": ["aa" * 32, "cc" * 32],
+            "pixel_sha256": ["bb" * 32, None],
+            "phash": ["8f373714acfcf4d0", None],
+        },
+        schema=pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]),
+    )
+    cols = ["key", "url", "sha256", "pixel_sha256", "phash"]  # old inputs: no page/author
+    old = _write_index(
+        tmp_path / "old.parquet",
+        [
+            {"key": "same-bytes", "url": "http://site.example/a.jpg", "sha256": "aa" * 32},
+            {"key": "same-pixels", "url": "http://site.example/b.jpg", "pixel_sha256": "bb" * 32},
+            {"key": "near", "url": "http://site.example/c.jpg", "phash": near},
+            {"key": "other", "url": "http://site.example/d.jpg", "sha256": "cc" * 32},
+            {"key": "clean", "url": "http://site.example/e.jpg", "sha256": "dd" * 32},
+        ],
+        cols,
+    )
+    entries = [make_entry("url", "http://mirror.example/a.jpg", "DMCA")]
+    empty = pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]).empty_table()
+    removals = pa.schema(
+        [(c, pa.string()) for c in ("key", "sha256", "pixel_sha256", "phash", "reason")]
+    ).empty_table()
+    got = gate_decisions(tmp_path / "g.parquet", [old], [], entries, removals, {}, {}, dups, 4)
+    why = {r["key"]: r for r in got.to_pylist()}
+    assert set(why) == {"same-bytes", "same-pixels", "near"}
+    for r in why.values():
+        assert r["reason"] == "takedown" and r["scope"] == "all"
+    assert "dropped duplicate" in why["same-bytes"]["detail"]
+    assert "dup-1" in why["same-bytes"]["detail"]
+    # without the duplicates table only the taken-down URL itself could match (none here)
+    none = gate_decisions(tmp_path / "h.parquet", [old], [], entries, removals, {}, {}, empty, 4)
+    assert none.num_rows == 0
+
+
+def test_refetched_records_are_superseded_or_withdrawn(tmp_path: Path) -> None:
+    from ccurate.release_gate import gate_decisions, superseded_keys
+
+    old = _write_index(
+        tmp_path / "old.parquet",
+        [{"key": k} for k in ("k-ok", "k-lic", "k-404", "k-opt", "k-no")],
+        ["key"],
+    )
+    outcomes = {
+        "k-ok": ("ok", None, None),
+        "k-lic": ("dropped", "license_not_allowed", "license"),  # a filter: licence changed
+        "k-404": ("dropped", "http_404", "ingest"),  # a dead link keeps the old record
+        "k-opt": ("dropped", "optout_x_robots_tag", "ingest"),
+        "k-new": ("ok", None, None),  # not in the old release input
+    }
+    sup = superseded_keys([old], outcomes)
+    assert sup == {
+        "k-ok": "superseded",
+        "k-lic": "license_not_allowed",
+        "k-opt": "optout_x_robots_tag",
+    }
+    assert superseded_keys([old], {}) == {}
+    removals = pa.schema(
+        [(c, pa.string()) for c in ("key", "sha256", "pixel_sha256", "phash", "reason")]
+    ).empty_table()
+    empty = pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]).empty_table()
+    got = gate_decisions(tmp_path / "g.parquet", [old], [], [], removals, {}, sup, empty, 8)
+    rows = {r["key"]: (r["reason"], r["detail"], r["scope"]) for r in got.to_pylist()}
+    assert rows == {
+        "k-ok": ("superseded", "fetched again in this generation", "previous"),
+        "k-lic": ("license_not_allowed", "fetched again: now license_not_allowed", "previous"),
+        "k-opt": ("optout_x_robots_tag", "fetched again: now optout_x_robots_tag", "previous"),
+    }
+
+
+def test_gate_stage_travels_to_workers_and_drops_by_scope(tmp_path: Path) -> None:
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    from ccurate.release_gate import GATE_SCHEMA, ReleaseGateStage
+
+    path = tmp_path / "gate.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["t", "s", "o"],
+                "reason": ["takedown", "superseded", "optout_tdmrep"],
+                "detail": ["e1 url", "fetched again in this generation", "opt-out found"],
+                "scope": ["all", "previous", "all"],
+            },
+            schema=GATE_SCHEMA,
+        ),
+        path,
+    )
+
+    def batch() -> list[Sample]:
+        return [Sample(key=k, url=f"http://a.example/{k}.jpg") for k in ("t", "s", "o", "x")]
+
+    prev = ReleaseGateStage(str(path), previous=True)
+    prev.setup()
+    copy = pickle.loads(pickle.dumps(prev))
+    assert copy._decisions is None and prev._decisions is not None  # reloaded, not shipped
+    assert copy.describe() == {"decisions": str(path), "previous": True}
+    out = copy.process(batch())  # loads the decisions on first use
+    assert [(s.kept, s.drop_reason, s.dropped_by) for s in out] == [
+        (False, "takedown", "takedown"),
+        (False, "superseded", "rebuild"),
+        (False, "optout_tdmrep", "takedown"),
+        (True, None, None),
+    ]
+    assert out[0].extra["removed_because"] == "e1 url"
+    new = ReleaseGateStage(str(path), previous=False).process(batch())
+    assert [s.kept for s in new] == [False, True, False, True]  # superseded: old records only
+
+
+def test_dropped_duplicates_survive_a_foreign_catalog(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pyarrow.parquet as pq
+
+    from ccurate.release_gate import dropped_duplicates, read_index
+
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    (cat / "catalog.duckdb").write_bytes(b"not a duckdb file at all" * 100)
+    gen = tmp_path / "dropped.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["a", "b"],
+                "url": ["http://x.example/a.jpg", "http://x.example/b.jpg"],
+                "sha256": ["aa" * 32, "bb" * 32],
+                "duplicate_of": ["k", None],
+            }
+        ),
+        gen,
+    )
+    no_dups = tmp_path / "nodup.parquet"
+    pq.write_table(pa.table({"key": ["c"], "url": ["http://x.example/c.jpg"]}), no_dups)
+    with caplog.at_level("WARNING", logger="ccurate.rebuild"):
+        t = dropped_duplicates(cat, [str(gen), str(no_dups)])
+    assert "not read for takedown expansion" in caplog.text
+    assert t.column_names == MATCH_COLUMNS
+    assert t.to_pylist() == [
+        {
+            "key": "a",
+            "url": "http://x.example/a.jpg",
+            "page_url": None,
+            "author": None,
+            "sha256": "aa" * 32,
+            "pixel_sha256": None,
+            "phash": None,
+        }
+    ]
+    # an older release input without some columns reads as nulls there
+    idx = read_index([str(no_dups).removesuffix(".parquet")], ["key", "url", "phash"])
+    assert idx.to_pylist() == [{"key": "c", "url": "http://x.example/c.jpg", "phash": None}]
+    assert read_index([], ["key"]).num_rows == 0
