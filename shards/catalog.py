@@ -328,9 +328,14 @@ class Catalog:
         _, db = self._release_files(release_b)
 
         def excluded(d: Path) -> str:
+            # one row per key: a key met twice is excluded again as duplicate_key, and a
+            # join on every row would count it twice; its first exclusion is the reason
             e = d / "excluded.parquet"
             if e.exists():
-                return f"SELECT key, reason FROM read_parquet({_lit(e)})"
+                return (
+                    "SELECT key, arg_min(reason, file_row_number) AS reason "
+                    f"FROM read_parquet({_lit(e)}, file_row_number=true) GROUP BY key"
+                )
             return "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS reason WHERE false"
 
         sql = f"""
@@ -339,7 +344,8 @@ class Catalog:
              b AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits
                    FROM read_parquet({_lit(db / "manifest.parquet")}) GROUP BY key),
              ea AS ({excluded(da)}), eb AS ({excluded(db)}),
-             prior AS (SELECT key, arg_max(drop_reason, run_id) AS reason FROM sample_runs
+             prior AS (SELECT key, arg_max(drop_reason, (recorded_at, run_id)) AS reason
+                       FROM sample_runs JOIN runs USING (run_id)
                        WHERE status <> 'ok' GROUP BY key),
              j AS (SELECT coalesce(a.key, b.key) AS key, a.splits AS split_a, b.splits AS split_b,
                    CASE WHEN a.key IS NULL THEN 'added' WHEN b.key IS NULL THEN 'removed'

@@ -7,13 +7,17 @@ opened read-only here (the pipeline driver is its only writer).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ccurate.config import RunConfig
@@ -25,15 +29,30 @@ _DEFAULT_CATALOG = RunConfig.model_validate({}).catalog
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="catalog directory")]
 
 
+@contextmanager
+def _usage_errors() -> Iterator[None]:
+    """A missing catalog, an unknown release, bad SQL, an export target that exists: one
+    line on stderr and ccurate's exit code for bad config or usage (2), not a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, duckdb.Error) as e:
+        from ccurate.cli import EXIT_CONFIG
+
+        why = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) quotes
+        typer.echo(f"error: {why}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
 def _print_table(t: pa.Table, as_json: bool, title: str | None = None) -> None:
     if as_json:
         typer.echo(json.dumps(t.to_pylist(), default=str, ensure_ascii=False))
         return
+    # cells are data (captions, URLs with [brackets]), never rich markup
     table = Table(title=title)
     for name in t.column_names:
-        table.add_column(name)
+        table.add_column(escape(name))
     for row in t.to_pylist():
-        table.add_row(*("" if v is None else str(v) for v in row.values()))
+        table.add_row(*("" if v is None else escape(str(v)) for v in row.values()))
     Console().print(table)
 
 
@@ -45,7 +64,8 @@ def _print_dict(d: dict[str, Any], as_json: bool) -> None:
     table.add_column("what")
     table.add_column("value")
     for k, v in d.items():
-        table.add_row(k, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
+        text = json.dumps(v, default=str) if isinstance(v, dict | list) else str(v)
+        table.add_row(escape(k), escape(text))
     Console().print(table)
 
 
@@ -61,7 +81,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
     ) -> None:
         """Run SQL against the catalog (read-only)."""
-        with Catalog(catalog, read_only=True) as cat:
+        with _usage_errors(), Catalog(catalog, read_only=True) as cat:
             _print_table(cat.query(sql), as_json)
 
     @app.command("stats")
@@ -70,7 +90,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """Counts of samples, URLs, statuses, drop reasons, licences and releases."""
-        with Catalog(catalog, read_only=True) as cat:
+        with _usage_errors(), Catalog(catalog, read_only=True) as cat:
             _print_dict(cat.stats(), as_json)
 
     @app.command("export")
@@ -89,9 +109,10 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown format {fmt!r} (supported: mds)")
         from .mds import export_mds
 
-        done = export_mds(
-            release, out, splits=split or None, size_limit=size_limit, overwrite=overwrite
-        )
+        with _usage_errors():
+            done = export_mds(
+                release, out, splits=split or None, size_limit=size_limit, overwrite=overwrite
+            )
         for name, path in done.items():
             typer.echo(f"{name}: {path}")
 
@@ -104,7 +125,7 @@ def register(app: typer.Typer) -> None:
         keys: Annotated[bool, typer.Option("--keys", help="list every changed key")] = False,
     ) -> None:
         """What was added to / removed from a release, and why."""
-        with Catalog(catalog, read_only=True) as cat:
+        with _usage_errors(), Catalog(catalog, read_only=True) as cat:
             if keys:
                 t = cat.diff_table(release_a, release_b)
                 mask = pc.not_equal(t.column("change"), "unchanged")

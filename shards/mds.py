@@ -102,10 +102,8 @@ class MDSWriter:
         body: list[bytes] = []
         for name, enc, size in zip(self.names, self.encodings, self.sizes, strict=True):
             datum = self._encode(enc, sample[name])
-            if size is None:
+            if size is None:  # fixed-size encodings (int32, int64) always give `size` bytes
                 head.append(len(datum))
-            elif size != len(datum):
-                raise ValueError(f"column {name}: {len(datum)} bytes for fixed size {size}")
             body.append(datum)
         data = np.array(head, np.uint32).tobytes() + b"".join(body)
         if self.size_limit and self._samples and self.size_limit < self._size + len(data) + 4:
@@ -160,6 +158,10 @@ def export_mds(
         raise ValueError(f"{root} is not a complete release (no _SUCCESS)")
     summary = json.loads((root / "release.json").read_text())
     fmt = summary["config"]["image_format"]
+    known = set(summary["config"].get("splits", [])) | set(summary["rows_per_split"])
+    unknown = sorted(set(splits or []) - known)
+    if unknown:  # a typo would otherwise export an empty dataset
+        raise ValueError(f"{root} has no split {unknown[0]!r} (splits: {sorted(known)})")
     splits = splits or sorted(summary["rows_per_split"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from ccurate.record import Sample, samples_to_table
 from ccurate.shards.catalog import Catalog
 from ccurate.shards.cli import register
 from ccurate.shards.config import ShardsConfig
@@ -184,3 +186,178 @@ def test_cli(world: dict, tmp_path: Path) -> None:
     assert r.exit_code != 0
     r = runner.invoke(app, ["stats", "--catalog", str(tmp_path / "nothing")])
     assert r.exit_code != 0
+
+
+def _drop(key: str, reason: str, by: str = "filter") -> Sample:
+    s = Sample(key=key, url=f"https://example.org/{key}.jpg", license="CC-BY-4.0")
+    s.drop(reason, by)
+    return s
+
+
+def _fake_release(d: Path, rows: dict[str, str], excluded: list[tuple[str, str]]) -> Path:
+    """The two files a diff reads: manifest (key, split) and excluded (key, reason), in order."""
+    d.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"key": list(rows), "split": list(rows.values())}), d / "manifest.parquet"
+    )
+    ex = pa.table(
+        {"key": [k for k, _ in excluded], "reason": [r for _, r in excluded]},
+        schema=pa.schema([("key", pa.string()), ("reason", pa.string())]),
+    )
+    pq.write_table(ex, d / "excluded.parquet")
+    return d
+
+
+def test_diff_reasons_each_key_once(tmp_path: Path) -> None:
+    """Every kind of change and reason, each key counted once: a key met twice in a release's
+    inputs is excluded twice (its reason, then duplicate_key) and must not be counted twice;
+    'previously dropped' gives the latest run's reason, and v10 is later than v9."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def run(name: str, kept: list[str], dropped: list[Sample]) -> tuple[list[str], list[str]]:
+        prefix = runs / name
+        ok = [Sample(key=k, url=f"https://example.org/{k}.jpg", license="CC0-1.0") for k in kept]
+        pq.write_table(samples_to_table(ok), f"{prefix}.parquet")
+        pq.write_table(samples_to_table(dropped), f"{prefix}.dropped.parquet")
+        return [str(prefix)], [f"{prefix}.dropped.parquet"]
+
+    a = _fake_release(
+        tmp_path / "a",
+        {"k1": "commercial", "k2": "commercial", "k3": "commercial", "k4": "noncommercial",
+         "k8": "commercial", "k9": "commercial"},
+        [("k6", "image_error")],
+    )  # fmt: skip
+    b = _fake_release(
+        tmp_path / "b",
+        {"k1": "commercial", "k4": "commercial", "k5": "commercial", "k6": "commercial",
+         "k7": "commercial"},
+        [("k2", "not_releasable"), ("k2", "duplicate_key"), ("k1", "duplicate_key"),
+         ("k1", "duplicate_key")],
+    )  # fmt: skip
+    with Catalog(tmp_path / "cat") as cat:
+        cat.record_run(*run("v9", ["k1"], [_drop("k7", "watermark")]), "v9")
+        cat.record_run(
+            *run(
+                "v10", ["k1", "k2", "k9"], [_drop("k7", "low_aesthetic"), _drop("k3", "takedown")]
+            ),
+            "v10",
+        )
+        d = cat.diff(a, b)
+        keys = cat.diff_table(a, b)["key"].to_pylist()
+    assert sorted(keys) == sorted({f"k{i}" for i in range(1, 10)})  # one row per key
+    assert (d["a"], d["b"]) == ("a", "b")
+    assert (d["added"], d["removed"], d["moved"], d["unchanged"]) == (3, 4, 1, 1)
+    assert d["added_why"] == {
+        "new": 1,
+        "previously_dropped:low_aesthetic": 1,
+        "was_excluded:image_error": 1,
+    }
+    assert d["removed_why"] == {
+        "dropped:takedown": 1,
+        "excluded:not_releasable": 1,
+        "not_in_release_inputs": 1,
+        "unknown": 1,
+    }
+
+
+def test_diff_of_real_releases_with_repeated_inputs(world: dict, tmp_path: Path) -> None:
+    """A release built from inputs that list a shard three times holds the same samples."""
+    kept = world["kept"]
+    rep = write_release(
+        kept + kept[:1] + kept[:1],
+        world["dropped"],
+        tmp_path / "rel",
+        ShardsConfig(samples_per_shard=6),
+        name="v1x",
+        run_info=RUN_INFO,
+    )
+    m1 = pq.read_table(world["r1"] / "manifest.parquet")["key"].to_pylist()
+    with Catalog(tmp_path / "cat") as cat:
+        d = cat.diff(world["r1"], rep)
+        # no excluded.parquet (a release copied without it): the diff still works
+        (tmp_path / "bare").mkdir()
+        (tmp_path / "bare" / "manifest.parquet").write_bytes(
+            (world["r1"] / "manifest.parquet").read_bytes()
+        )
+        bare = cat.diff(tmp_path / "bare", world["r1"])
+    assert d["unchanged"] == len(set(m1)) and d["added"] == d["removed"] == d["moved"] == 0
+    assert (bare["a"], bare["unchanged"]) == ("bare", len(set(m1)))
+
+
+def test_catalog_file_empty_run_and_statements(tmp_path: Path) -> None:
+    db = tmp_path / "elsewhere" / "mine.duckdb"
+    with Catalog(db) as cat:  # a .duckdb path names the file itself
+        assert cat.record_run([], [], "nothing") == {"kept": 0, "dropped": 0}
+        st = cat.stats()
+        assert st["runs"] == 1 and st["samples"] == 0
+        assert st["caption_cache_rows"] is None  # no caption_cache folder
+        assert cat.query("-- nothing to run").num_columns == 0  # no statement, no result
+    assert sorted(p.name for p in db.parent.iterdir()) == ["mine.duckdb"]
+    with Catalog(db, read_only=True) as cat:
+        assert cat.query("SELECT run_id, kept, dropped FROM runs").to_pylist() == [
+            {"run_id": "nothing", "kept": 0, "dropped": 0}
+        ]
+
+
+def test_failed_records_change_nothing(world: dict, tmp_path: Path) -> None:
+    """A run or release that fails to record (a missing input, a corrupt manifest) rolls
+    back: what was recorded before under the same name is still there."""
+    import duckdb
+
+    with Catalog(tmp_path / "cat") as cat:
+        cat.record_run(world["kept"][:1], world["dropped"], "r")
+        cat.record_release(world["r2"])
+        before = cat.stats()
+        history = cat.query("SELECT count(*) AS n FROM sample_runs WHERE run_id = 'r'")
+        with pytest.raises(duckdb.IOException):
+            cat.record_run([*world["kept"][:1], str(tmp_path / "gone")], [], "r")
+        broken = tmp_path / "v2-copy"
+        shutil.copytree(world["r2"], broken)
+        (broken / "manifest.parquet").write_bytes(b"PAR1 not really")
+        with pytest.raises(duckdb.Error):
+            cat.record_release(broken)  # its _SUCCESS names it v2 too
+        with pytest.raises(ValueError, match="not a complete release"):
+            cat.record_release(tmp_path)
+        assert cat.stats() == before
+        assert cat.query("SELECT count(*) AS n FROM sample_runs WHERE run_id = 'r'") == history
+        assert cat.query("SELECT path FROM releases")["path"].to_pylist() == [
+            str(world["r2"].resolve())
+        ]
+        with pytest.raises(KeyError, match="unknown release 'v7'"):
+            cat.diff("v2", "v7")
+
+
+def test_cli_tables_errors_and_keys(world: dict, tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    cat = ["--catalog", str(world["cat"])]
+    # table cells are data: [brackets] print as they are, never as rich markup
+    r = runner.invoke(app, ["query", "SELECT 'a [bold]cat[/bold] [/red] x' AS caption", *cat])
+    assert r.exit_code == 0, r.output
+    assert "a [bold]cat[/bold] [/red] x" in r.output
+    r = runner.invoke(app, ["stats", *cat])
+    assert r.exit_code == 0 and "caption_cache_rows" in r.output and "v1" in r.output
+    r = runner.invoke(app, ["diff", "v1", "v2", *cat])
+    d = json.loads(runner.invoke(app, ["diff", "v1", "v2", *cat, "--json"]).output)
+    assert r.exit_code == 0 and "not_in_release_inputs" in r.output
+    r = runner.invoke(app, ["diff", "v1", "v2", *cat, "--keys", "--json"])
+    rows = json.loads(r.output)
+    assert r.exit_code == 0 and len(rows) == d["removed"] + d["added"] + d["moved"] > 0
+    assert {row["change"] for row in rows} == {"removed"}
+    # known mistakes: one line naming the problem, exit code 2, no traceback
+    release = str(world["r1"])
+    export = ["export", release, "--out", str(tmp_path / "mds")]
+    assert runner.invoke(app, export).exit_code == 0
+    for args, message in [
+        (["diff", "v1", "v9", *cat], "error: unknown release 'v9'"),
+        (["stats", "--catalog", str(tmp_path / "none")], "error: no catalog at"),
+        (["query", "SELECT * FROM no_such_table", *cat], "no_such_table"),
+        (export, "exists (pass overwrite=True"),
+        ([*export, "--split", "comercial", "--overwrite"], "has no split 'comercial'"),
+        (["export", str(tmp_path), "--out", str(tmp_path / "x")], "not a complete release"),
+    ]:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.output and "Traceback" not in r.output

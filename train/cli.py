@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from ccurate.train.config import TrainConfig
 
@@ -33,15 +36,46 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def build_config(config: Path | None, sets: list[str], **direct: Any) -> TrainConfig:
-    """[train] of a TOML file, then direct options that were given, then `--set` overrides."""
+    """[train] of a TOML file, then direct options that were given, then `--set` overrides.
+
+    A bad file, key or value is a usage error (exit 2) naming it, not a traceback."""
     values: dict[str, Any] = {}
     if config is not None:
-        with open(config, "rb") as fh:
-            doc = tomllib.load(fh)
+        try:
+            with open(config, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise typer.BadParameter(f"{config}: {exc}", param_hint="--config") from None
         values.update(doc.get("train", doc))
     values.update({k: v for k, v in direct.items() if v is not None})
     values.update(parse_sets(sets))
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        why = "; ".join(
+            ": ".join(
+                filter(None, [".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")])
+            )
+            for e in exc.errors()
+        )
+        raise typer.BadParameter(why, param_hint="train settings") from None
+
+
+@contextmanager
+def _input_errors() -> Iterator[None]:
+    """A checkpoint, data set or model that does not fit the settings: one line naming it on
+    stderr and exit 2 (bad config), not a traceback; divergence and other failures keep theirs."""
+    from ccurate.train.checkpoint import CheckpointError
+    from ccurate.train.models import ModelNotFoundError
+    from ccurate.train.stream import DataError
+
+    try:
+        yield
+    except (CheckpointError, DataError, ModelNotFoundError) as exc:
+        from ccurate.cli import EXIT_CONFIG
+
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 ConfigOpt = Annotated[
@@ -75,7 +109,8 @@ def add_commands(app: typer.Typer) -> None:
         cfg = build_config(
             config, set_ or [], preset=preset, resolution=resolution, precompute_batch=batch
         )
-        shards = precompute(cfg, data, out)
+        with _input_errors():
+            shards = precompute(cfg, data, out)
         typer.echo(f"{len(shards)} latent shards under {out}")
 
     @app.command("fit")
@@ -108,5 +143,6 @@ def add_commands(app: typer.Typer) -> None:
             resume=resume,
             compile=compile_,
         )
-        summary = train(cfg, data, out)
+        with _input_errors():
+            summary = train(cfg, data, out)
         typer.echo(json.dumps(summary, indent=1, default=str))

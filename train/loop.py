@@ -453,10 +453,23 @@ class Trainer:
                     f"has "
                     f"{ctx.world}: the data position cannot be restored exactly"
                 )
-            unet.load_state_dict(ck.unet)
-            optimizer.load_state_dict(ck.optimizer)
-            if ema is not None and ck.ema is not None:
-                ema.load_state_dict(ck.ema)
+            try:
+                unet.load_state_dict(ck.unet)
+                optimizer.load_state_dict(ck.optimizer)
+            except (RuntimeError, ValueError) as exc:  # torch's size / key mismatch report
+                was = ck.state.get("models", {}).get("unet")
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                raise CheckpointError(
+                    f"{ckpt_path} does not fit this run's UNet (checkpoint of unet={was!r}, "
+                    f"preset={ck.state.get('config', {}).get('preset')!r}; this run: "
+                    f"unet={resolve_refs(cfg)['unet']!r}, preset={cfg.preset!r}): "
+                    f"{lines[min(1, len(lines) - 1)].strip()}"
+                ) from exc
+            if ema is not None:
+                if ck.ema is not None:
+                    ema.load_state_dict(ck.ema)
+                else:  # EMA turned on at resume: average from the resumed weights, not the init
+                    ema = EMA(named, cfg.ema_decay)
             start_step = ck.step
             ranks = data_state.get("ranks", [])
             loader_state = ranks[ctx.rank] if ctx.rank < len(ranks) else None
