@@ -39,6 +39,8 @@ from ccurate.executor import usable_cpus
 log = logging.getLogger("ccurate.captioning")
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+MODEL_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken")
+"""Config, generation, tokenizer and processor files: a download's files besides the weights."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ENCODE_BATCH = 128
 """Images per vision-encoder call: big enough for full GEMMs, small enough to start early."""
@@ -81,7 +83,13 @@ def _has_weights(path: Path) -> bool:
 
 
 def _local_revision(path: Path) -> str:
-    """The commit a directory was downloaded at, or a short hash of its contents."""
+    """The commit a directory was downloaded at, or a short hash of its contents.
+
+    The hash reads every byte of the model's files (seconds for a multi-GB model,
+    once per worker): a fine-tune has the same file names and sizes as its base,
+    and must not be served the base's cached captions. It is the cache key on
+    every node, so it depends on content only (not on paths or mtimes).
+    """
     meta = path / ".cache" / "huggingface" / "download" / "config.json.metadata"
     if meta.is_file():
         first = meta.read_text().splitlines()[:1]
@@ -89,10 +97,17 @@ def _local_revision(path: Path) -> str:
             return first[0].strip()
     if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
         return path.name
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for pat in WEIGHT_PATTERNS:
-        for f in sorted(path.glob(pat)):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    h = hashlib.sha256()
+    files = {f for pat in MODEL_FILE_PATTERNS for f in path.glob(pat)}
+    for pat in WEIGHT_PATTERNS:  # the weights `from_pretrained` loads: safetensors first
+        weights = set(path.glob(pat))
+        if weights:
+            files |= weights
+            break
+    for f in sorted(f for f in files if f.is_file()):
+        with f.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        h.update(f"{f.name}:{digest}\n".encode())
     return "local-" + h.hexdigest()[:12]
 
 
@@ -137,7 +152,7 @@ def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
             spec,
             revision=cfg.revision,
             local_files_only=offline,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"],
+            allow_patterns=[*MODEL_FILE_PATTERNS, "*.safetensors"],
         )
     except Exception as exc:
         where = _hub_cache_dir(spec)
@@ -145,7 +160,8 @@ def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
         raise MissingWeightsError(
             f"BLIP-2 weights {spec!r}"
             f"{'@' + cfg.revision if cfg.revision else ''} not found ({why}); expected in the "
-            f"Hugging Face cache at {where}. Fetch them with: {fetch_command(spec)}  "
+            f"Hugging Face cache at {where} (no local directory {local.resolve()} either). "
+            f"Fetch them with: {fetch_command(spec)}  "
             f'(or `{fetch_command(spec, "<dir>")}` and set [caption] model = "<dir>")'
         ) from exc
     path = Path(snap)
@@ -505,11 +521,12 @@ class Blip2Captioner:
         rows: list[int] = []
         parts: list[torch.Tensor] = []
         pending: list[np.ndarray] = []
+        undecodable = 0  # counted once the batch is done: an OOM retry sees them again
         enc = min(ENCODE_BATCH, max(1, self.batch_size))
         for i, fut in enumerate(futs):
             arr = fut.result() if fut is not None else None
             if arr is None:
-                self.failed += 1
+                undecodable += 1
                 continue
             rows.append(i)
             pending.append(arr)
@@ -519,11 +536,11 @@ class Blip2Captioner:
         if pending:
             parts.append(self.encode(self._stack(pending)))
         result: list[list[str] | None] = [None] * len(futs)
-        if not rows:
-            return result
-        texts = self.generate(torch.cat(parts) if len(parts) > 1 else parts[0])
-        for i, caps in zip(rows, texts, strict=True):
-            result[i] = caps
+        if rows:
+            texts = self.generate(torch.cat(parts) if len(parts) > 1 else parts[0])
+            for i, caps in zip(rows, texts, strict=True):
+                result[i] = caps
+        self.failed += undecodable
         return result
 
     def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
@@ -571,6 +588,10 @@ class Blip2Captioner:
             kwargs: dict[str, Any] = {
                 "inputs_embeds": embeds,
                 "attention_mask": torch.ones(b, p, dtype=torch.long, device=embeds.device),
+                # the fast path's and `_decode`'s EOS / pad (the checkpoint's generation
+                # config); the language model's own, which `generate` reads, may differ
+                "eos_token_id": self.eos_ids or None,
+                "pad_token_id": self.pad_id,
                 "max_new_tokens": c.max_new_tokens,
                 "min_new_tokens": c.min_new_tokens,
                 "num_beams": c.num_beams,

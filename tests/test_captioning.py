@@ -9,6 +9,7 @@ import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,6 +93,26 @@ class Counter:
         return self.inner(embeds)
 
 
+def attached(cfg: CaptionConfig, captioner: Blip2Captioner) -> CaptionStage:
+    """A set-up stage that uses an already loaded captioner (no second model load)."""
+    stage = CaptionStage(cfg)
+    stage.attach(captioner)
+    stage.setup()
+    return stage
+
+
+def load_bench() -> Any:
+    """bench/caption_throughput.py as a module (bench/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "caption_throughput.py"
+    spec = importlib.util.spec_from_file_location("caption_throughput", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 # ---- loading ----------------------------------------------------------------
 
 
@@ -156,9 +177,7 @@ def test_stage_loads_in_setup_not_init(tmp_path):
 
 
 def test_stage_captions_a_batch_and_keeps_every_sample(captioner, tiny_dir):
-    stage = CaptionStage(CaptionConfig(model=str(tiny_dir)))
-    stage.attach(captioner)
-    stage.setup()
+    stage = attached(CaptionConfig(model=str(tiny_dir)), captioner)
     batch = samples(6)
     batch[1].drop("too_small", "quality")
     batch[2].image = None
@@ -200,9 +219,7 @@ def test_several_captions_per_image(captioner, tiny_dir):
     cap = Blip2Captioner(captioner.model, captioner.processor, cfg, "tiny", "r")
     try:
         assert cap.fast is None  # beam search goes through HF generate
-        stage = CaptionStage(cfg)
-        stage.attach(cap)
-        stage.setup()
+        stage = attached(cfg, cap)
         out = stage.process(samples(2))
         for s in out:
             assert len(s.extra["captions"]) == 3 and s.extra["captions"][0] == s.caption
@@ -256,9 +273,7 @@ def test_cache_hit_means_no_second_generate_call(captioner, tiny_dir, tmp_path):
     counter = Counter(captioner)
     captioner.generate = counter
     try:
-        first = CaptionStage(cfg)
-        first.attach(captioner)
-        first.setup()
+        first = attached(cfg, captioner)
         out1 = first.process(samples(5))
         assert counter.sizes == [5]
         first.teardown()  # flushes the part file
@@ -266,9 +281,7 @@ def test_cache_hit_means_no_second_generate_call(captioner, tiny_dir, tmp_path):
         assert len(parts) == 1
 
         again = samples(5)  # same images, new Sample objects: a rerun
-        second = CaptionStage(cfg)
-        second.attach(captioner)
-        second.setup()
+        second = attached(cfg, captioner)
         out2 = second.process(again)
         assert counter.sizes == [5]  # no second inference
         assert [s.caption for s in out2] == [s.caption for s in out1]
@@ -386,14 +399,7 @@ def test_load_image_formats_match_pil():
 @pytest.mark.slow
 def test_benchmark_runs_tiny_on_cpu(tmp_path):
     """The GPU benchmark's code path, CI-sized: tiny model, one shard, both decode variants."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "caption_throughput.py"
-    spec = importlib.util.spec_from_file_location("caption_throughput", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    res = bench.main(
+    res = load_bench().main(
         [
             "--tiny",
             "--unique",
