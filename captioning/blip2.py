@@ -2,7 +2,7 @@
 
 Loading: a hub id resolves through the Hugging Face cache (`HF_HUB_OFFLINE=1`
 or `local_files_only` never touch the network); a directory is used as it is.
-Missing weights raise `MissingWeightsError` naming the expected location and
+Missing weights raise `ccurate.weights.WeightsNotFoundError` naming the expected location and
 the command that fetches them - there is no fallback model.
 
 Generation keeps the GPU busy: JPEG decode + resize run on a thread pool ahead
@@ -35,6 +35,7 @@ import torch
 
 from ccurate.captioning.config import DEFAULT_MODEL, CaptionConfig
 from ccurate.executor import usable_cpus
+from ccurate.weights import WeightsNotFoundError, fetch_command, hub_cache, hub_offline
 
 log = logging.getLogger("ccurate.captioning")
 
@@ -46,10 +47,6 @@ ENCODE_BATCH = 128
 """Images per vision-encoder call: big enough for full GEMMs, small enough to start early."""
 
 
-class MissingWeightsError(FileNotFoundError):
-    """BLIP-2 weights are not where the config says; the message says how to fetch them."""
-
-
 @dataclass(frozen=True)
 class ResolvedWeights:
     path: Path
@@ -57,23 +54,8 @@ class ResolvedWeights:
     revision: str
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it, but at call time (tests set it late)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def fetch_command(model_id: str, local_dir: str | Path | None = None) -> str:
-    cmd = f"hf download {model_id}"
-    if local_dir is not None:
-        cmd += f" --local-dir {local_dir}"
-    return cmd
-
-
 def _hub_cache_dir(model_id: str) -> Path:
-    from huggingface_hub import constants
-
-    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-    return Path(cache) / ("models--" + model_id.replace("/", "--"))
+    return Path(hub_cache()) / ("models--" + model_id.replace("/", "--"))
 
 
 def _has_weights(path: Path) -> bool:
@@ -132,17 +114,17 @@ def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
     if local.is_dir():
         if not _has_weights(local):
             hint = cfg.model_id or DEFAULT_MODEL
-            raise MissingWeightsError(
+            raise WeightsNotFoundError(
                 f"no BLIP-2 weights in {local.resolve()} (expected config.json and "
                 f"*.safetensors there). Fetch them with: "
-                f"{fetch_command(hint, local.resolve())}"
+                f"{fetch_command(hint, local_dir=local.resolve())}"
             )
         path = local.resolve()
         return ResolvedWeights(path, _local_model_id(path, cfg.model_id), _local_revision(path))
     if not HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
-        raise MissingWeightsError(
+        raise WeightsNotFoundError(
             f"no BLIP-2 weights at {local.resolve()} (directory does not exist). Fetch them "
-            f"with: {fetch_command(cfg.model_id or DEFAULT_MODEL, local.resolve())}"
+            f"with: {fetch_command(cfg.model_id or DEFAULT_MODEL, local_dir=local.resolve())}"
         )
     offline = cfg.local_files_only or hub_offline()
     from huggingface_hub import snapshot_download
@@ -157,16 +139,16 @@ def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
     except Exception as exc:
         where = _hub_cache_dir(spec)
         why = "HF_HUB_OFFLINE=1 / local_files_only and not cached" if offline else str(exc)
-        raise MissingWeightsError(
+        raise WeightsNotFoundError(
             f"BLIP-2 weights {spec!r}"
             f"{'@' + cfg.revision if cfg.revision else ''} not found ({why}); expected in the "
             f"Hugging Face cache at {where} (no local directory {local.resolve()} either). "
             f"Fetch them with: {fetch_command(spec)}  "
-            f'(or `{fetch_command(spec, "<dir>")}` and set [caption] model = "<dir>")'
+            f'(or `{fetch_command(spec, local_dir="<dir>")}` and set [caption] model = "<dir>")'
         ) from exc
     path = Path(snap)
     if not _has_weights(path):
-        raise MissingWeightsError(
+        raise WeightsNotFoundError(
             f"the cached snapshot {path} of {spec!r} has no safetensors weights; fetch them "
             f"with: {fetch_command(spec)}"
         )

@@ -18,7 +18,6 @@ from PIL import Image
 
 from ccurate.captioning.blip2 import (
     Blip2Captioner,
-    MissingWeightsError,
     caption_model_tag,
     decoding_tag,
     load_image,
@@ -30,6 +29,7 @@ from ccurate.captioning.stage import CaptionStage
 from ccurate.captioning.tiny import build_tiny_blip2
 from ccurate.record import Sample, make_key
 from ccurate.stage import StageStats, timed_process
+from ccurate.weights import WeightsNotFoundError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -148,7 +148,7 @@ def test_missing_hub_weights_error_names_location_and_command(tmp_path, monkeypa
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(MissingWeightsError) as err:
+    with pytest.raises(WeightsNotFoundError) as err:
         resolve_weights(CaptionConfig(model="Salesforce/blip2-opt-2.7b"))
     msg = str(err.value)
     assert str(tmp_path / "hub" / "models--Salesforce--blip2-opt-2.7b") in msg
@@ -157,19 +157,19 @@ def test_missing_hub_weights_error_names_location_and_command(tmp_path, monkeypa
 
 def test_missing_local_weights_error(tmp_path):
     gone = tmp_path / "nowhere" / "blip2"
-    with pytest.raises(MissingWeightsError) as err:
+    with pytest.raises(WeightsNotFoundError) as err:
         resolve_weights(CaptionConfig(model=str(gone)))
     assert str(gone) in str(err.value) and f"--local-dir {gone}" in str(err.value)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(MissingWeightsError, match=r"no BLIP-2 weights in .*hf download"):
+    with pytest.raises(WeightsNotFoundError, match=r"no BLIP-2 weights in .*hf download"):
         resolve_weights(CaptionConfig(model=str(empty), model_id="Salesforce/blip2-flan-t5-xl"))
 
 
 def test_stage_loads_in_setup_not_init(tmp_path):
     stage = CaptionStage(CaptionConfig(model=str(tmp_path / "missing")))  # no error yet
     assert len(pickle.dumps(stage)) < 10_000
-    with pytest.raises(MissingWeightsError):
+    with pytest.raises(WeightsNotFoundError):
         stage.setup()
 
 

@@ -23,7 +23,6 @@ from PIL import Image
 
 from ccurate.captioning.blip2 import (
     Blip2Captioner,
-    MissingWeightsError,
     _image_size,
     decoding_tag,
     jpeg_size,
@@ -37,6 +36,7 @@ from ccurate.captioning.config import CaptionConfig
 from ccurate.captioning.fastgen import GreedyOPT, supports
 from ccurate.captioning.stage import CaptionStage
 from ccurate.captioning.tiny import build_processor, build_tiny_blip2, build_tokenizer
+from ccurate.weights import WeightsNotFoundError
 from tests.test_captioning import (  # noqa: F401 - the autouse fixture applies here too
     Counter,
     _offline_single_thread,
@@ -159,7 +159,7 @@ def test_cached_snapshot_without_weights_says_how_to_fetch(tmp_path, monkeypatch
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     use_hub_cache(monkeypatch, tmp_path / "hub")
-    with pytest.raises(MissingWeightsError) as err:
+    with pytest.raises(WeightsNotFoundError) as err:
         resolve_weights(CaptionConfig(model="acme/blip2-cfg-only"))
     assert str(snap) in str(err.value) and "hf download acme/blip2-cfg-only" in str(err.value)
 
@@ -168,7 +168,7 @@ def test_missing_relative_dir_names_the_local_path_too(tmp_path, monkeypatch):
     """A spec like weights/blip2 is a hub id and a folder: the error names both places."""
     use_hub_cache(monkeypatch, tmp_path / "hub")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(MissingWeightsError) as err:
+    with pytest.raises(WeightsNotFoundError) as err:
         resolve_weights(CaptionConfig(model="weights/blip2", local_files_only=True))
     msg = str(err.value)
     assert str(tmp_path / "weights" / "blip2") in msg

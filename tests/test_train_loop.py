@@ -22,14 +22,13 @@ from ccurate.train.checkpoint import (
 from ccurate.train.config import TrainConfig
 from ccurate.train.loop import DiffusionLoss, dropout_mask, make_noise_scheduler, snr_weights, train
 from ccurate.train.models import (
-    ModelNotFoundError,
     OpenCLIPTextEncoder,
     OpenCLIPTokenizer,
     build_unet,
-    safe_torch_load,
 )
 from ccurate.train.stream import DataError, find_shards
 from ccurate.train.synthetic import write_image_release
+from ccurate.weights import WeightsNotFoundError, safe_torch_load
 
 FAST = {
     "resolution": 16,
@@ -210,12 +209,14 @@ def test_optimizer_state_round_trip():
 
 
 def test_missing_weights_name_the_path_and_the_fetch(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"(?s)nowhere.*hf download"):
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)nowhere.*hf download"):
         build_unet(TrainConfig(unet=str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
+    with pytest.raises(WeightsNotFoundError, match=r"config\.json"):
         build_unet(TrainConfig(unet=str(tmp_path / "empty")))
-    with pytest.raises(ModelNotFoundError, match="hf download stabilityai/stable-diffusion-2-base"):
+    with pytest.raises(
+        WeightsNotFoundError, match="hf download stabilityai/stable-diffusion-2-base"
+    ):
         build_unet(TrainConfig(unet="stabilityai/stable-diffusion-2-base"))
 
 
@@ -303,10 +304,10 @@ def test_open_clip_text_encoder_from_a_local_checkpoint_or_a_clear_error(tmp_pat
     assert not any(p.requires_grad for p in enc.parameters())
     assert enc(enc.tokenizer(["a red barn"])).shape == (1, 12, 32)
 
-    with pytest.raises(ModelNotFoundError, match="neither a file nor a known OpenCLIP tag"):
+    with pytest.raises(WeightsNotFoundError, match="neither a file nor a known OpenCLIP tag"):
         build_text_encoder(cfg, f"open_clip:{arch}:no-such-tag")
     # a real tag whose weights are not in the (offline) cache: how to fetch them, or a path
-    with pytest.raises(ModelNotFoundError, match="not in the local cache") as err:
+    with pytest.raises(WeightsNotFoundError, match="not in the local cache") as err:
         build_text_encoder(cfg, "open_clip:ViT-B-32:laion2b_s34b_b79k")
     assert "HF_HUB_OFFLINE='1'" in str(err.value) and "hf download" in str(err.value)
     other = {"encoder.weight": torch.zeros(2, 2)}

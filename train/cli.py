@@ -66,12 +66,12 @@ def _input_errors() -> Iterator[None]:
     """A checkpoint, data set or model that does not fit the settings: one line naming it on
     stderr and exit 2 (bad config), not a traceback; divergence and other failures keep theirs."""
     from ccurate.train.checkpoint import CheckpointError
-    from ccurate.train.models import ModelNotFoundError
     from ccurate.train.stream import DataError
+    from ccurate.weights import WeightsNotFoundError
 
     try:
         yield
-    except (CheckpointError, DataError, ModelNotFoundError) as exc:
+    except (CheckpointError, DataError, WeightsNotFoundError) as exc:
         from ccurate.cli import EXIT_CONFIG
 
         typer.echo(f"error: {exc}", err=True)

@@ -4,7 +4,7 @@ Each comes from a hub id or local directory (diffusers layout, subfolders `unet`
 `vae`, `text_encoder`, `tokenizer`), from an OpenCLIP checkpoint
 (`open_clip:ViT-H-14:<tag or file>`), or from the preset's config with seeded
 random weights (`scratch`). Weights are never fetched behind the user's back:
-`HF_HUB_OFFLINE` is honoured, and a missing weight raises `ModelNotFoundError`
+`HF_HUB_OFFLINE` is honoured, and a missing weight raises `WeightsNotFoundError`
 naming the path that was looked at and the command that fetches it.
 Only safetensors or `torch.load(weights_only=True)` ever read a weight file.
 """
@@ -21,20 +21,18 @@ from torch import nn
 
 from ccurate.train.config import TrainConfig
 from ccurate.train.presets import Preset, get_preset
+from ccurate.weights import (
+    WeightsNotFoundError,
+    fetch_command,
+    hub_cache,
+    hub_offline,
+    load_state_dict,
+)
 
 # fixed init seeds: a "scratch" VAE / text encoder must be the same model in the
 # precompute run and in the training run that decodes its latents
 VAE_SEED = 0x5EED01
 TEXT_SEED = 0x5EED02
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model's weights are not on this machine (and we will not download them)."""
-
-
-def hub_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
 def resolve_refs(cfg: TrainConfig) -> dict[str, str]:
@@ -48,9 +46,9 @@ def resolve_refs(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _fetch_hint(ref: str, subfolder: str | None) -> str:
-    include = f" --include '{subfolder}/*'" if subfolder else ""
+    cmd = fetch_command(ref, include=f"{subfolder}/*" if subfolder else None)
     return (
-        f"fetch it on a machine with network access with `hf download {ref}{include}` "
+        f"fetch it on a machine with network access with `{cmd}` "
         f"(then copy the Hugging Face cache or pass the local directory), "
         f"or set the reference to 'scratch' to start from random weights"
     )
@@ -66,7 +64,7 @@ def _pretrained(cls: Any, ref: str, subfolder: str, what: str, **kwargs: Any) ->
         elif (path / "config.json").exists():
             sub = None
         else:
-            raise ModelNotFoundError(
+            raise WeightsNotFoundError(
                 f"{what}: no model at {path} (looked for {path / subfolder / 'config.json'} "
                 f"and {path / 'config.json'}); {_fetch_hint(ref, subfolder)}"
             )
@@ -77,10 +75,10 @@ def _pretrained(cls: Any, ref: str, subfolder: str, what: str, **kwargs: Any) ->
         return cls.from_pretrained(ref, local_files_only=hub_offline(), **kwargs)
     except (OSError, ValueError) as exc:
         where = f"{ref}/{sub}" if sub else ref
-        raise ModelNotFoundError(
+        raise WeightsNotFoundError(
             f"{what}: weights for {where!r} are not available locally "
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}, "
-            f"cache {os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); "
+            f"cache {hub_cache()}); "
             f"{_fetch_hint(ref, sub)}. Cause: {exc}"
         ) from exc
 
@@ -263,24 +261,6 @@ class OpenCLIPTextEncoder(TextEncoder):
         return out
 
 
-def safe_torch_load(path: str | Path) -> Any:
-    """Read a foreign `.pt`/`.bin` weight file without executing pickled code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = safe_torch_load(path)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
 def _open_clip_encoder(arch: str, pretrained: str, layer: str, ref: str) -> TextEncoder:
     import open_clip
     from open_clip.model import _build_text_tower
@@ -298,7 +278,7 @@ def _open_clip_encoder(arch: str, pretrained: str, layer: str, ref: str) -> Text
 
             pcfg = get_pretrained_cfg(arch, pretrained)
             if not pcfg:
-                raise ModelNotFoundError(
+                raise WeightsNotFoundError(
                     f"text encoder: {pretrained!r} is neither a file nor a known OpenCLIP tag "
                     f"for {arch}; pass the checkpoint file path"
                 )
@@ -306,14 +286,14 @@ def _open_clip_encoder(arch: str, pretrained: str, layer: str, ref: str) -> Text
             try:
                 path = Path(download_pretrained(pcfg))
             except Exception as exc:  # offline hub, missing cache entry
-                raise ModelNotFoundError(
+                raise WeightsNotFoundError(
                     f"text encoder: OpenCLIP weights {arch}/{pretrained} are not in the local "
                     f"cache (hub {hub!r}, "
                     f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); "
                     f"{_fetch_hint(hub.rstrip('/') or pretrained, None)}, "
                     f"or pass open_clip:{arch}:/path/to/open_clip_model.safetensors. Cause: {exc}"
                 ) from exc
-        state = _load_state_file(path)
+        state = load_state_dict(path)
         text_state = {k: v for k, v in state.items() if not k.startswith("visual.")}
         missing, _unexpected = tower.load_state_dict(text_state, strict=False)
         if [k for k in missing if k != "text_projection"]:
