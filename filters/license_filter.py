@@ -16,7 +16,8 @@ and is recorded as `@page` in `sample.license_rule`, so a release can be cut to
 image-level only; set `evidence_levels = ["image"]` to require it up front. On
 hosts where the page licence is known to cover the text only (Wikimedia
 projects: each file has its own licence on its file page) page-level evidence
-never counts (`page_text_only_hosts`) - the Wikipedia case.
+never counts (`page_text_only_hosts`) - the Wikipedia case - nor does it on a page
+whose URL has no host we can parse (it cannot be checked against that list).
 
 Policy. `commercial` admits CC licences and tools allowing commercial use (CC0,
 PDM, PDDC, BY, BY-SA, and SA 1.0); `noncommercial` adds NC and NC-SA. ND needs
@@ -186,8 +187,12 @@ class LicenseFilter(Filter):
     def decide(self, sample: Sample) -> Decision:
         sample.license = sample.license_url = sample.license_rule = None
         evidence = list(sample.license_evidence)
-        page_ok = "page" in self.cfg.evidence_levels and not _on_hosts(
-            _host(sample.page_url), self.cfg.page_text_only_hosts
+        page_host = _host(sample.page_url)
+        page_ok = (
+            "page" in self.cfg.evidence_levels
+            # a page URL without a parsable host cannot be cleared of being a text-only host
+            and (page_host is not None or not sample.page_url)
+            and not _on_hosts(page_host, self.cfg.page_text_only_hosts)
         )
         image_ev = [e for e in evidence if _level(e.scope) == "image"]
         page_ev = [e for e in evidence if _level(e.scope) == "page"]

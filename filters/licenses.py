@@ -14,7 +14,9 @@ Recognised forms (all table-driven, see the tables below):
   the licence buttons on i.creativecommons.org / licensebuttons.net. The host
   must be exactly creativecommons.org (or www.), and the version/port/file part
   must be a real one: `creativecommons.org.evil.com`, `/about/`, `/by/9.9/`,
-  `/by/4.0/de/` (4.0 has no ports) are unknown.
+  `/by/4.0/de/` (4.0 has no ports) are unknown. An unknown URL on a CC host still
+  names its family (`/licenses/by-nc/...` -> BY-NC), which, like a name without
+  version, must agree with any licence found beside it.
 - Flickr API licence ids as `flickr:N` (0-10).
 - Wikimedia Commons `License` / `LicenseShortName` / `UsageTerms` values
   (`cc-by-sa-3.0-de`, `CC BY-SA 4.0`, `cc-zero`, `pd`, `Public domain`,
@@ -276,8 +278,9 @@ def _cc_path(segs: list[str], button: bool = False) -> LicenseInfo | None:
     return cc_license(elems, version, port)
 
 
-def parse_url(url: str) -> LicenseInfo | None:
-    """The licence a creativecommons.org URL (or licence button) names, else None."""
+def _cc_segments(url: str) -> tuple[bool, list[str]] | None:
+    """(licence-button host?, lower-cased path segments) of an http(s) URL on
+    creativecommons.org or a licence-button host, else None (other hosts, userinfo, junk)."""
     s = url.strip().strip("<>\"'")
     if s.startswith("//"):
         s = "https:" + s
@@ -293,9 +296,34 @@ def parse_url(url: str) -> LicenseInfo | None:
         return None
     segs = [p for p in parts.path.lower().split("/") if p]
     if host in _CC_HOSTS:
-        return _cc_path(segs)
+        return False, segs
     if host in _BUTTON_HOSTS:
-        return _cc_path(segs, button=True)
+        return True, segs
+    return None
+
+
+def parse_url(url: str) -> LicenseInfo | None:
+    """The licence a creativecommons.org URL (or licence button) names, else None."""
+    cc = _cc_segments(url)
+    return None if cc is None else _cc_path(cc[1], button=cc[0])
+
+
+def _url_hint(url: str) -> str | None:
+    """What a CC licence URL we cannot read (no version, a version or port that does not
+    exist: `/licenses/by-nc/`, `/licenses/by-nc/4.0/de/`) still says: its family, or "CC"
+    for an unknown code. Like a name without version it must agree with the licence found
+    (`resolve`), so "CC BY 4.0" next to a broken BY-NC link is a conflict, not BY."""
+    cc = _cc_segments(url)
+    if cc is None or len(cc[1]) < 2:
+        return None
+    button, (kind, code, *_) = cc
+    if kind == ("l" if button else "licenses"):
+        if code == "publicdomain":
+            return "PDDC"
+        elems = _URL_CODES.get(code)
+        return _FAMILIES[elems].family if elems is not None else "CC"
+    if kind == ("p" if button else "publicdomain"):
+        return {"zero": "CC0", "mark": "PDM"}.get(code, "CC")
     return None
 
 
@@ -593,17 +621,21 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
         return [ARR], set()
     if _WIKI_PD.fullmatch(s):
         return [PD], set()
-    if _URL_LIKE.match(s) and not _SPACE.search(s):
-        info = parse_url(s)
-        return ([info] if info else []), set()
+    urls = [s] if _URL_LIKE.match(s) and not _SPACE.search(s) else None
     found: list[LicenseInfo] = []
-    for m in _URL_IN_TEXT.finditer(s):
-        info = parse_url(m.group(0).rstrip(".,;:!?)]}"))
+    url_hints: set[str] = set()
+    for url in urls or (m.group(0).rstrip(".,;:!?)]}") for m in _URL_IN_TEXT.finditer(s)):
+        info = parse_url(url)
         if info is not None:
             found.append(info)
+        elif hint := _url_hint(url):
+            url_hints.add(hint)
+    if urls:
+        return found, url_hints
     # names are read from the words around URLs, never from a URL's path or query
     text = _ANY_URL.sub(" ", _TAGS.sub(" ", _URL_IN_TEXT.sub(" ", s))).lower()
     named, hints = _walk(_TOKEN.findall(text))
+    hints |= url_hints
     found += named
     rest = _NEUTRAL_TEXT.sub(" ", re.sub(r"[-_/]+", " ", text))
     if _ARR_TEXT.search(rest):

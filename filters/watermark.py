@@ -195,8 +195,6 @@ def norm_text(s: str) -> str:
 
 def substring_distance(pattern: str, text: str) -> int:
     """Fewest edits turning `pattern` into some substring of `text` (semi-global alignment)."""
-    if not pattern:
-        return 0
     prev = [0] * (len(text) + 1)
     for i, pc in enumerate(pattern, 1):
         cur = [i] + [0] * len(text)
@@ -273,8 +271,6 @@ def brand_match(text: str, brands: Sequence[str]) -> str | None:
 def _common_run(a: str, b: str, n: int) -> bool:
     """Do `a` and `b` share a substring of length n with 2+ distinct characters besides
     'o' and '0' ('ooooo' is shared by any two readings of a window grid)?"""
-    if len(a) < n or len(b) < n:
-        return False
     runs = {a[i : i + n] for i in range(len(a) - n + 1)}
     return any(
         b[i : i + n] in runs and len(set(b[i : i + n]) - {"o", "0"}) >= 2
@@ -430,9 +426,6 @@ class OcrReader:
         for loader in ("_load_det_model", "_load_rec_model"):
             getattr(self._engine, loader, lambda: None)()
 
-    def teardown(self) -> None:
-        self._engine = None
-
     def resized(self, img: Image.Image) -> Image.Image:
         """The copy the OCR sees: long side `ocr_side`, upscaled by at most `ocr_max_upscale`."""
         w, h = img.size
@@ -441,12 +434,6 @@ class OcrReader:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             img = img.resize(size, Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.BOX)
         return img
-
-    def read(self, img: Image.Image) -> tuple[list[OcrBox], int, tuple[int, int]]:
-        """(recognised boxes in resized coordinates, boxes detected, resized (w, h))."""
-        img = self.resized(img)
-        boxes, n = self.read_bgr(np.ascontiguousarray(np.asarray(img)[:, :, ::-1]))
-        return boxes, n, img.size
 
     def read_bgr(self, bgr: np.ndarray) -> tuple[list[OcrBox], int]:
         """Detection, then recognition of the `ocr_max_boxes` largest boxes, on a BGR array."""
@@ -571,9 +558,6 @@ class WatermarkModel:
         model.load_state_dict(load_state_dict_file(path), strict=True)
         self._device = resolve_device(self.cfg.device)
         self._model = model.to(self._device).eval()
-
-    def teardown(self) -> None:
-        self._model = None
 
     def pwatermark(self, images: list[Image.Image]) -> list[float]:
         """P(watermark) = softmax index 0, on 256x256 ImageNet-normalised input."""

@@ -24,6 +24,7 @@ Attribution decisions (documented here because the shard writer relies on them):
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -181,13 +182,13 @@ def parse_srcset(value: str | None) -> list[tuple[str, float, str]]:
                 k += 1
             desc = s[i:k].strip()
             i = k + 1
-        if not url:
-            continue
         size, unit = 1.0, "x"
         for tok in desc.split():
             try:
                 if tok[-1:] in ("w", "x", "W", "X"):
-                    size, unit = float(tok[:-1]), tok[-1].lower()
+                    v = float(tok[:-1])
+                    if math.isfinite(v) and v >= 0:  # 'nanw' / 'infw' / '-5w' would mis-rank
+                        size, unit = v, tok[-1].lower()
             except ValueError:
                 continue
         out.append((url, size, unit))
@@ -251,11 +252,16 @@ def _decode(html: bytes, encoding: str | None) -> str:
         enc = "utf-8"
     elif html.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         enc = "utf-16"
-    if enc is None and encoding:
-        # WHATWG label mapping (gb2312 -> gbk, latin1 -> cp1252); unknown labels -> None
-        enc = map_encoding_to_html5(encoding.strip().strip("\"'"), fallback_utf8=False)
-    if enc is None:
-        enc = detect_encoding(html, from_html_meta=True) or "utf-8"
+    else:
+        if encoding:
+            # WHATWG label mapping (gb2312 -> gbk, latin1 -> cp1252); unknown labels -> None
+            enc = map_encoding_to_html5(encoding.strip().strip("\"'"), fallback_utf8=False)
+        if enc is None:
+            enc = detect_encoding(html, from_html_meta=True) or "utf-8"
+        if enc.startswith("utf-16") and b"\x00" not in html[:1024]:
+            # markup in UTF-16 has a NUL in every ASCII character: a page whose header or
+            # <meta> says UTF-16 but reads as ASCII is not UTF-16 (WHATWG: use UTF-8)
+            enc = "utf-8"
     try:
         return bytes_to_str(html, enc)
     except (LookupError, UnicodeError, TypeError):
@@ -582,10 +588,7 @@ def extract_images(
     """
     try:
         text = _decode(html, encoding) if isinstance(html, bytes | bytearray) else html
-        try:
-            tree = LexborHTMLParser(text)
-        except UnicodeError:  # lone surrogates in a str input
-            tree = LexborHTMLParser(text.encode("utf-8", "replace").decode("utf-8"))
+        tree = LexborHTMLParser(text)  # lone surrogates in a str are dropped, not raised
         page = _Page(tree, page_url, user_agent_token)
         out = PageExtract(
             images=[],

@@ -193,8 +193,8 @@ def _draft(img: Image.Image, opt: ImageOptions) -> None:
         return
     w, h = img.size
     side = min(w, h) if opt.resize_mode in ("keep_ratio", "center_crop") else max(w, h)
-    if opt.resize_only_if_bigger and side <= opt.image_size:
-        return
+    # factor >= 1 (IngestConfig): a side <= image_size is never reduced, whatever
+    # resize_only_if_bigger says
     reduce = int(side // (opt.jpeg_draft_factor * opt.image_size))
     if reduce < 2:
         return

@@ -16,11 +16,13 @@ What counts as an opt-out (all on by default, each can be switched off in
   end of path). -> `optout_tdmrep`
 - robots.txt for our user-agent token, fetched once per origin and cached
   (`urllib.robotparser`, which applies the first matching rule of the
-  group). As Google does: 2xx is parsed; any 4xx means there is no
-  robots.txt (everything allowed); 429 and 5xx mean "disallow everything on
-  this host for this run". If robots.txt cannot be reached at all (timeout,
-  connection error) the host's URLs take that transient reason, so a retry
-  run picks them up. The body is read up to 512 KiB, like Google. ->
+  group; a group is ours when its user-agent is our token, case-insensitive,
+  never merely a part of it, as RFC 9309 says). As Google does: 2xx is
+  parsed; any 4xx means there is no robots.txt (everything allowed); 429
+  and 5xx mean "disallow everything on this host for this run". If
+  robots.txt cannot be reached at all (timeout, connection error) the
+  host's URLs take that transient reason, so a retry run picks them up.
+  The body is read up to 512 KiB, like Google. ->
   `optout_robots_txt`
 """
 
@@ -119,7 +121,9 @@ def parse_tdmrep(body: bytes) -> list[TdmRule]:
             loc = urlsplit(loc).path or "/"
         if not loc.startswith(("/", "*")):
             loc = "/" + loc
-        reserved = str(entry.get("tdm-reservation", "0")).strip() in ("1", "true", "True")
+        value = entry.get("tdm-reservation", 0)
+        # JSON 1 and 1.0 are one number; "1" and true are common spellings of it
+        reserved = value == 1 or str(value).strip().lower() in ("1", "true")
         rules.append(TdmRule(_pattern_regex(loc), reserved))
     return rules
 
@@ -197,6 +201,17 @@ class _OriginPolicy:
     tdm_rules: list[TdmRule] | None = None
 
 
+def _exact_agents(parser: urllib.robotparser.RobotFileParser, token: str) -> None:
+    """Keep only the groups named for our product token (RFC 9309: case-insensitive, the
+    name before any '/version'). robotparser would apply a group to every agent whose name
+    *contains* the group's ('User-agent: rat' to 'ccurate'), so a group meant for another
+    bot could allow what `User-agent: *` disallows for us."""
+    me = token.strip().lower()
+    for entry in getattr(parser, "entries", []):
+        ours = any(a.split("/")[0].strip().lower() == me for a in entry.useragents)
+        entry.useragents = [me] if ours else []
+
+
 PolicyFetcher = Callable[[str, int], PolicyFetch]
 """`fetch(url, max_bytes) -> PolicyFetch`, supplied by the HTTP client (redirects, SSRF guard)."""
 
@@ -271,6 +286,7 @@ class OriginPolicies:
             elif 200 <= got.status < 300:
                 parser = urllib.robotparser.RobotFileParser()
                 parser.parse(got.body.decode("utf-8", "replace").splitlines())
+                _exact_agents(parser, self.token)
                 pol.robots = parser
             elif got.status == 429 or got.status >= 500:
                 pol.robots_all = False

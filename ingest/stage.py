@@ -124,14 +124,10 @@ def _interleave(items: list[tuple[int, Sample]]) -> list[tuple[int, Sample]]:
 HashFn = Callable[[Image.Image], tuple[str, str, str]]
 
 
-def _load_hasher() -> HashFn | None:
-    """`ccurate.filters.hashing.image_hashes` if that module exists (written separately)."""
-    try:
-        from ccurate.filters.hashing import image_hashes
-    except ModuleNotFoundError as e:
-        if e.name in ("ccurate.filters.hashing", "ccurate.filters"):
-            return None
-        raise
+def _load_hasher() -> HashFn:
+    """`ccurate.filters.hashing.image_hashes`, imported lazily (the driver never hashes)."""
+    from ccurate.filters.hashing import image_hashes
+
     fn: HashFn = image_hashes
     return fn
 
@@ -277,8 +273,8 @@ class IngestStage(Stage):
         return s
 
     def _hop_check(self, target: Target) -> str | None:
-        if self._policies is None:
-            return None
+        # set with the client in setup: a fetch without policies must fail, never skip them
+        assert self._policies is not None
         return self._policies.check(target.origin, target.path)
 
     def _image_headers(self, status: int, headers: dict[str, list[str]]) -> str | None:
@@ -319,13 +315,10 @@ class IngestStage(Stage):
             k, _, v = part.partition("=")
             if k.strip().lower() == "charset" and v.strip():
                 charset = v.strip().strip('"')
-        try:
-            extract = extract_images(
-                res.body, res.url, user_agent_token=c.robots_token, encoding=charset
-            )
-        except Exception:
-            page.drop("page_error", STAGE)
-            return page
+        # never raises: a page it cannot parse comes back with `error` set
+        extract = extract_images(
+            res.body, res.url, user_agent_token=c.robots_token, encoding=charset
+        )
         if extract.error:
             page.drop("page_error", STAGE)
             return page
@@ -360,8 +353,6 @@ def _inherit(img: Sample, page: Sample, page_evidence: list[LicenseEvidence]) ->
             have.add((e.scope, e.kind, e.value))
     for k, v in page.extra.items():
         img.extra.setdefault(k, v)
-    if img.page_url is None:
-        img.page_url = page.url
 
 
 def _resolve_page(last: dict[str, Sample | None], url: str, page_url: str | None) -> None:

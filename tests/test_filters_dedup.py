@@ -660,3 +660,134 @@ def test_semantic_stage_with_tiny_clip(tmp_path: Path) -> None:
     # a missing checkpoint names the config key and the path it expected
     with pytest.raises(WeightsNotFoundError, match=r"dedup\.semantic_weights = .*nope\.pt"):
         plan(tmp_path / "missing", [[s1]], semantic_weights=str(tmp_path / "nope.pt"), **common)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_exact_copies_follow_their_keeper_when_it_is_a_near_duplicate(tmp_path: Path) -> None:
+    """B is A's exact copy; A is a near copy of the better-licensed D: B must name D (a kept
+    sample), with the looser link (near) as its reason, and D's group counts all three."""
+    base = photo(90)
+    d_png = sample("d.png", encode(base), license="cc0-1.0")
+    a_bytes = jpeg_copy(base)
+    a = sample("a.jpg", a_bytes)
+    b = sample("b.jpg", a_bytes)  # same bytes, another URL
+    _, dec = plan(tmp_path, [[a, b, d_png]])
+    assert dec[d_png.key]["action"] == "keep" and dec[d_png.key]["group_size"] == 3
+    for dup in (a, b):
+        assert dec[dup.key]["duplicate_of"] == d_png.key
+        assert dec[dup.key]["reason"] == "duplicate_near"
+    assert dec[b.key]["hamming"] == dec[a.key]["hamming"] == hamming(a.phash, d_png.phash)
+
+
+def test_no_input_shards_plan_nothing(tmp_path: Path) -> None:
+    stage = DedupStage(DedupConfig())
+    stage.prepare([], str(tmp_path / "scratch"))
+    assert stage.decisions_path is not None
+    assert pq.read_table(stage.decisions_path).num_rows == 0
+    summary = json.loads((tmp_path / "scratch" / "dedup_summary.json").read_text())
+    assert summary["rows"] == 0 and summary["kept"] == 0
+
+
+def test_index_without_size_columns_ranks_by_licence(tmp_path: Path) -> None:
+    """An index written by another tool (hashes, no sizes, no tar): sizes count as 0."""
+    im = photo(91)
+    sha = hashlib.sha256(b"x").hexdigest()
+    pix, ph, dh = image_hashes(im)
+    prefix = tmp_path / "in" / "shard-00000"
+    prefix.parent.mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["nc", "cc0"],
+                "sha256": [sha, sha],
+                "pixel_sha256": [pix, pix],
+                "phash": [ph, ph],
+                "dhash": [dh, dh],
+                "license": ["CC-BY-NC-4.0", "CC0-1.0"],
+            }
+        ),
+        f"{prefix}.parquet",
+    )
+    stage = DedupStage(DedupConfig())
+    stage.prepare([str(prefix)], str(tmp_path / "scratch"))
+    assert stage.decisions_path is not None
+    rows = {r["key"]: r for r in pq.read_table(stage.decisions_path).to_pylist()}
+    assert rows["cc0"]["action"] == "keep" and rows["cc0"]["group_size"] == 2
+    assert rows["nc"]["reason"] == "duplicate_exact" and rows["nc"]["duplicate_of"] == "cc0"
+
+
+def test_process_applies_an_older_plan_and_passes_earlier_drops(tmp_path: Path) -> None:
+    """A plan written before dHash was stored still applies; process sets itself up;
+    samples already dropped by an earlier filter are left untouched."""
+    path = tmp_path / DECISIONS_FILE
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["sem", "head"],
+                "action": ["drop", "keep"],
+                "reason": ["duplicate_semantic", None],
+                "duplicate_of": ["head", None],
+                "group_size": pa.array([0, 2], pa.int32()),
+                "hamming": pa.array([None, None], pa.int16()),
+                "cosine": pa.array([0.97, None], pa.float32()),
+                "sha256": pa.array([None, None], pa.string()),
+                "pixel_sha256": pa.array([None, None], pa.string()),
+                "phash": ["00ff00ff00ff00ff", None],
+            }
+        ),
+        path,
+    )
+    stage = DedupStage(DedupConfig())
+    stage.decisions_path = str(path)
+    sem, head, other = (Sample(key=k, url=f"http://x.test/{k}") for k in ("sem", "head", "new"))
+    earlier = Sample(key="sem", url="http://x.test/again")
+    earlier.drop("blurry", "quality")
+    out = stage.process([sem, head, other, earlier])  # no setup() call first
+    assert out == [sem, head, other, earlier]
+    assert sem.drop_reason == "duplicate_semantic" and sem.duplicate_of == "head"
+    assert sem.scores["dedup.cosine"] == pytest.approx(0.97) and "dedup.hamming" not in sem.scores
+    assert sem.phash == "00ff00ff00ff00ff" and sem.dhash is None
+    assert head.kept and head.duplicate_count == 2 and other.duplicate_count == 1
+    assert earlier.drop_reason == "blurry" and earlier.decisions == []
+
+
+def test_describe_is_the_json_config() -> None:
+    d = DedupStage(DedupConfig(radius=10, against=["/eval"])).describe()
+    assert d["radius"] == 10 and d["against"] == ["/eval"] and d["verify"] == "dhash"
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_reference_parquet_without_hash_columns_is_an_error(tmp_path: Path) -> None:
+    from ccurate.filters.dedup_reference import load_reference
+
+    bad = tmp_path / "ref.parquet"
+    pq.write_table(pa.table({"key": ["a"], "caption": ["x"]}), bad)
+    with pytest.raises(ValueError, match=r"ref\.parquet has none of the columns"):
+        load_reference([str(bad)])
+    keyless = tmp_path / "keyless.parquet"  # hashes only: matches name no reference key
+    pq.write_table(pa.table({"phash": ["0" * 16, "f" * 16]}), keyless)
+    ref = load_reference([str(keyless)])
+    assert len(ref.keys) == 2 and ref.keys.null_count == 2 and ref.code_ok.all()
+
+
+def test_empty_reference_folder_contaminates_nothing(tmp_path: Path) -> None:
+    empty = tmp_path / "evalset"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    s = sample("a.png", encode(photo(92)))
+    _, d = plan(tmp_path, [[s]], against=[str(empty)], previous=[str(empty)])
+    assert d == {}
+
+
+def test_near_matches_verify_none_ignores_the_dhash() -> None:
+    from ccurate.filters.dedup_reference import near_matches
+
+    codes = np.array([0, 0b111], np.uint64)  # 3 bits apart
+    chk = np.array([0, np.iinfo(np.uint64).max], np.uint64)  # dHashes 64 bits apart
+    ok = np.ones(2, bool)
+    i, j, d = near_matches(codes, chk, ok, DedupConfig(verify="none"))
+    assert (i.tolist(), j.tolist(), d.tolist()) == ([0], [1], [3])
+    i, _, _ = near_matches(codes, chk, ok, DedupConfig(search="exact"))  # verified: rejected
+    assert len(i) == 0

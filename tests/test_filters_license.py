@@ -155,6 +155,10 @@ URL_NON_MATCHES = [
     "https://creativecommons.org/publicdomain/zero/2.0/",
     "https://creativecommons.org/publicdomain/",
     "https://www.flickr.com/photos/someone/123456",
+    "https://[creativecommons.org/licenses/by/4.0/",  # urlsplit raises: no URL at all
+    "//[::1/licenses/by/4.0/",
+    "https://creativecommons.org/licenses/by-nc/",  # a family without version
+    "https://i.creativecommons.org/l/by-sa/9.9/88x31.png",
 ]
 
 FLICKR_IDS = [
@@ -322,6 +326,8 @@ NON_MATCHES = [
     "see evil.com/?x=cc-by-4.0 please",
     "Photo: https://example.com/by-sa/cc-by-4.0.jpg",
     "copyright-free images",
+    "PDM",  # the Public Domain Mark needs a version, a CC prefix or its full name
+    "pd mark",
 ]
 
 CONFLICTS = [
@@ -331,6 +337,13 @@ CONFLICTS = [
     "CC0 or CC BY 4.0",
     "Public domain; CC BY-SA 3.0",
     "https://creativecommons.org/licenses/by/4.0/ https://creativecommons.org/licenses/by-nc/4.0/",
+    # a CC URL we cannot read still names its family, which must agree (like "CC BY-NC")
+    "CC BY 4.0 https://creativecommons.org/licenses/by-nc/4.0/de/",  # 4.0 has no ports
+    "CC BY 4.0 (https://creativecommons.org/licenses/by-nc/)",
+    "Licensed CC BY 4.0; see creativecommons.org/licenses/by-nc-nd/2.1/",
+    'CC BY-SA 4.0 <img src="https://i.creativecommons.org/l/by-nc-sa/9.9/88x31.png">',
+    "CC0 1.0 https://creativecommons.org/licenses/by/",
+    "CC BY 4.0 https://creativecommons.org/licenses/publicdomain/x/",  # PDDC, broken
 ]
 
 

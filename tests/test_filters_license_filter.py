@@ -209,6 +209,25 @@ CASES = [
         "LicenseRef-All-Rights-Reserved",
         None,
     ),
+    # a broken BY-NC link beside "CC BY 4.0" at one level: a conflict, never BY
+    (
+        [
+            ev("page", "https://creativecommons.org/licenses/by-nc/"),
+            ev("page", "CC BY 4.0", "text"),
+        ],
+        {},
+        "license_conflict",
+        None,
+        None,
+    ),
+    # an image-level link that is no URL at all decides (unknown), not the page's BY
+    (
+        [ev("image", "http://[creativecommons.org/licenses/by/4.0/"), ev("page", BY)],
+        {},
+        "license_unknown",
+        None,
+        None,
+    ),
     ([], {}, "license_unknown", None, None),
 ]
 
@@ -435,3 +454,14 @@ def test_config_defaults_are_the_safe_documented_ones() -> None:
 )
 def test_release_split(license_id: str, split: str | None) -> None:
     assert release_split(license_id) == split
+
+
+@pytest.mark.parametrize(
+    "page", ["https://[en.wikipedia.org/wiki/Escopete", "file:///crawl.warc.gz#offset=0"]
+)
+def test_page_licence_needs_a_page_with_a_host(page: str) -> None:
+    """An unparsable page URL may be a Wikimedia page: its page licence must not count."""
+    s = run(make(ev("page", BY), page=page))
+    assert s.drop_reason == "license_unknown" and s.license is None
+    assert run(make(ev("image", BY), page=page)).license == "CC-BY-4.0"  # image-level: fine
+    assert run(make(ev("page", BY), page=None)).license == "CC-BY-4.0"  # no page URL at all

@@ -202,3 +202,82 @@ def test_size_is_judged_as_published_not_as_ingest_resized(filt: QualityFilter) 
     d = filt.decide(s)
     assert not d.keep and d.reason == "too_small"
     assert (d.scores["width"], d.scores["height"]) == (40.0, 32.0)
+
+
+def test_decode_helper_refuses_no_bytes_and_evicts_past_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for empty in (None, b""):
+        with pytest.raises(imgmod.DecodeError, match="no image bytes"):
+            imgmod.decode_rgb(empty)
+    imgmod.clear_cache()
+    monkeypatch.setattr(imgmod, "MAX_CACHE_PIXELS", 100 * 100)
+    a = encode(Image.new("RGB", (100, 100), (1, 2, 3)), "PNG")
+    b = encode(Image.new("RGB", (100, 100), (4, 5, 6)), "PNG")
+    big = encode(Image.new("RGB", (200, 200), (7, 8, 9)), "PNG")
+    first_a = imgmod.decode_rgb(a)
+    first_b = imgmod.decode_rgb(b)  # over budget: the oldest (a) goes
+    assert imgmod.decode_rgb(b) is first_b and imgmod.decode_rgb(a) is not first_a
+    assert imgmod._cache_pixels <= 100 * 100
+    imgmod.decode_rgb(big)  # larger than the whole budget: still cached, alone
+    assert len(imgmod._cache) == 1 and imgmod._cache_pixels == 200 * 200
+    imgmod.clear_cache()
+    assert imgmod._cache_pixels == 0
+
+
+def test_disabled_quality_keeps_without_judging() -> None:
+    d = QualityFilter(QualityConfig(enabled=False)).decide(sample(b"not an image"))
+    assert d.keep and d.scores == {}
+
+
+def test_describe_summarises_the_phrase_list() -> None:
+    from ccurate.filters.quality import DEFAULT_BOILERPLATE
+
+    d = QualityFilter(QualityConfig(min_side=80, alt_boilerplate=["logo", "icon"])).describe()
+    assert d["min_side"] == 80 and d["alt_boilerplate"] == 2
+    assert QualityFilter().describe()["alt_boilerplate"] == len(DEFAULT_BOILERPLATE)
+
+
+def test_model_filters_switched_off_mark_every_sample() -> None:
+    from ccurate.filters.quality import (
+        AestheticConfig,
+        AestheticFilter,
+        ClipScoreConfig,
+        ClipScoreFilter,
+    )
+
+    s = sample(b"never decoded")
+    for f in (
+        ClipScoreFilter(ClipScoreConfig(enabled=False)),
+        AestheticFilter(AestheticConfig(enabled=False)),
+    ):
+        assert not f.active and "enabled = false" in (f.off_reason or "")
+        d = f.decide(s)
+        assert d.keep and d.scores == {"off": 1.0}
+        desc = f.describe()
+        assert desc["active"] is False and desc["off_reason"] == f.off_reason
+
+
+def test_aesthetic_drops_what_clip_cannot_embed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No embedding (undecodable bytes) is `decode_error`, never kept unscored."""
+    from ccurate.filters.quality import AestheticConfig, AestheticFilter
+
+    class FakeClip:
+        device = "cpu"
+
+        def image_embeddings(self, images, batch_size):
+            return [np.ones(4, np.float32) / 2 if im and im[:3] == b"\xff\xd8\xff" else None
+                    for im in images]  # fmt: skip
+
+    f = AestheticFilter(AestheticConfig(enabled=False, min_score=4.5))
+    f.off_reason = None  # as if weights were configured: the model parts are stubbed
+    f._m_clip, f._m_mlp = FakeClip(), object()  # type: ignore[assignment]
+    monkeypatch.setattr(f, "scores", lambda embs: np.array([5.0, 4.0][: len(embs)]))
+    good, bad, low = sample(encode(photo())), sample(b"garbage"), sample(encode(photo(seed=2)))
+    out = f.decide_batch([good, bad, low])
+    assert [(d.keep, d.reason) for d in out] == [
+        (True, None),
+        (False, "decode_error"),
+        (False, "aesthetic_low"),
+    ]
+    assert out[0].scores == {"score": 5.0} and out[1].scores == {}

@@ -212,3 +212,68 @@ def test_demo_scenes_with_a_sun_are_not_nsfw(safety: SafetyFilter) -> None:
     assert all(s.kept for s in batch)
     assert max(s.scores["safety.nsfw"] for s in batch) >= safety.cfg.threshold
     assert all(s.scores["safety.person"] < safety.cfg.person_min for s in batch)
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "320n.onnx"
+    with pytest.raises(FileNotFoundError) as e:
+        SafetyFilter(SafetyConfig(model_path=str(missing))).setup()
+    assert str(missing) in str(e.value) and "nudenet" in str(e.value)
+
+
+def test_disabled_safety_keeps_and_loads_nothing() -> None:
+    f = SafetyFilter(SafetyConfig(enabled=False, threshold=0.3))
+    d = f.decide(Sample(key="x", url="u", image=b"not even an image"))
+    assert d.keep and d.scores == {} and f._scorer is None
+    assert f.describe()["threshold"] == 0.3 and f.describe()["enabled"] is False
+
+
+def test_face_boxes_only_for_confident_faces() -> None:
+    faces = ("FACE_FEMALE", "FACE_MALE")
+    assert NudeNetScorer.boxes(anchors_with({"FACE_FEMALE": 0.2}), 1.0, faces, 0.35) == []
+    assert NudeNetScorer.boxes(anchors_with({"BELLY_EXPOSED": 0.9}), 1.0, faces, 0.35) == []
+    ((x, y, w, h, score),) = NudeNetScorer.boxes(anchors_with({"FACE_MALE": 0.8}), 2.0, faces, 0.35)
+    assert (x, y, w, h) == (160, 160, 80, 80) and score == pytest.approx(0.8)  # scaled x2
+
+
+def test_boxes_outside_or_too_thin_are_not_blurred() -> None:
+    from ccurate.filters.safety import blur_regions
+
+    arr = np.random.default_rng(0).integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    out, n = blur_regions(arr, [(500, 500, 10, 10, 0.9), (119, 10, 1, 1, 0.9)])
+    assert n == 0 and np.array_equal(out, arr)
+
+
+def _noisy(fmt: str, **kw: object) -> bytes:
+    arr = np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "mime"),
+    [
+        (_noisy("GIF"), "GIF", "image/gif"),
+        (_noisy("WEBP", quality=90), "WEBP", "image/webp"),
+        (_noisy("BMP"), "BMP", "image/bmp"),
+    ],
+)
+def test_reencode_keeps_the_format(data: bytes, fmt: str, mime: str) -> None:
+    out, got_mime, n = reencode_blurred(data, [(30, 30, 30, 30, 0.9)])
+    im = Image.open(io.BytesIO(out))
+    assert (got_mime, n, im.format, im.size) == (mime, 1, fmt, (96, 96))
+    before = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.float64)
+    after = np.asarray(im.convert("L"), np.float64)
+    assert after[35:55, 35:55].std() < 0.5 * before[35:55, 35:55].std()  # the box is blurred
+
+
+def test_reencode_falls_back_to_png_for_formats_pillow_cannot_write() -> None:
+    """A .cur icon opens but cannot be saved as CUR: the blurred image is stored as PNG."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_noisy("PNG"))).save(buf, "ICO", sizes=[(64, 64)], bitmap_format="bmp")
+    cur = bytearray(buf.getvalue())
+    cur[2] = 2  # ICONDIR type 2: a cursor
+    assert Image.open(io.BytesIO(bytes(cur))).format == "CUR"
+    out, mime, n = reencode_blurred(bytes(cur), [(10, 10, 30, 30, 0.9)])
+    assert (mime, n, Image.open(io.BytesIO(out)).format) == ("image/png", 1, "PNG")

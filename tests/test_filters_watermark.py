@@ -23,6 +23,7 @@ from ccurate.filters.watermark import (
     achromatic_map,
     brand_match,
     build_watermark_model,
+    fuzzy_contains,
     is_wordlike,
     ocr_cues,
     repeat_count,
@@ -328,3 +329,36 @@ def test_demo_corpus_planted_watermarks(wm: WatermarkFilter) -> None:
     FilterStage([wm]).process(planted + clean)
     assert [s.drop_reason for s in planted] == ["watermark"] * 3
     assert all(s.kept for s in clean), [s.scores for s in clean]
+
+
+def test_empty_needles_never_match() -> None:
+    """A configured word that normalises to nothing ('!!!') must not match every text."""
+    assert not fuzzy_contains("", "anything") and not fuzzy_contains("getty", "")
+    assert substring_distance("", "abc") == 0
+    cfg = WatermarkConfig(strong_words=["!!!"], weak_words=["???"], brands=["®"])
+    box = OcrBox(np.array([[0, 0], [60, 0], [60, 12], [0, 12]], np.float32), "Bakery", 0.9)
+    cues = ocr_cues([box], 400, 300, cfg)
+    assert cues["pwatermark_ocr"] == 0.0 and cues["ocr_brand"] == 0.0
+
+
+def test_disabled_filter_keeps_everything_without_loading_ocr() -> None:
+    f = WatermarkFilter(WatermarkConfig(enabled=False))
+    assert f.model_off_reason is None  # nothing logged for a filter that is off
+    out = f.decide_batch([Sample(key="a", url="u", image=b"not an image")])
+    assert [(d.keep, d.scores) for d in out] == [(True, {})]
+    f.setup()
+    assert f._ocr is None and f._model is None
+
+
+def test_describe_counts_word_lists() -> None:
+    d = WatermarkFilter(WatermarkConfig(brands=["a", "b"], weak_words=[])).describe()
+    assert (d["brands"], d["weak_words"]) == (2, 0)
+    assert d["strong_words"] == len(WatermarkConfig().strong_words)
+    assert "filters.watermark.model_weights" in d["model_off_reason"]
+
+
+def test_upside_down_brand_is_read_with_the_angle_classifier() -> None:
+    f = WatermarkFilter(WatermarkConfig(ocr_use_cls=True, ocr_achromatic_pass=False))
+    s = sample(overlay(photo(seed=4), "shutterstock", 44, 0.8, angle=180))
+    d = f.decide(s)
+    assert not d.keep and d.reason == "watermark" and d.scores["ocr_brand"] == 1.0

@@ -342,3 +342,68 @@ def test_image_options_take_every_setting_from_the_ingest_config() -> None:
     opt = ImageOptions.from_config(IngestConfig(**changed))
     assert {f: getattr(opt, f) for f in changed} == changed
     assert set(changed) == {f.name for f in dataclasses.fields(ImageOptions)}
+
+
+# ----------------------------------------------------------------- edge cases
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"RIFF\x00\x00\x00\x00WEBP", "decode_error"),  # a WebP signature, nothing after
+        (b"RIFF\x04\x00\x00\x00WEBPjunkjunk", "decode_error"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 40, "not_an_image"),  # a sound file
+        (b"RIFF\x20\x00\x00\x00WEBPVP8X" + b"\xff" * 30, "decompression_bomb"),  # 2^24 x 2^24
+    ],
+)
+def test_riff_bodies_are_judged_by_their_form_type(data: bytes, reason: str):
+    with pytest.raises(ImageDrop) as e:
+        process_image(data, OPT)
+    assert e.value.reason == reason
+
+
+def test_float_grey_is_scaled_and_nan_is_black():
+    a = np.tile(np.linspace(0, 1, 80, dtype=np.float32), (80, 1))
+    a[0, 0] = np.nan
+    r = process_image(_save(Image.fromarray(a, "F"), "TIFF"), ImageOptions(image_size=80))
+    px = np.asarray(decode(r.data)).astype(int)
+    assert abs(px[40, 40, 0] - 129) <= 3 and px[40, 79, 0] >= 250  # 0..1 -> 0..255
+    assert px[0, 0].max() <= 8  # NaN -> 0, not an error
+    # values already in 0..255 (or beyond) are clipped, not rescaled
+    b = np.tile(np.linspace(-50, 300, 80, dtype=np.float32), (80, 1))
+    opt = ImageOptions(image_size=80, output_format="png")
+    px = np.asarray(decode(process_image(_save(Image.fromarray(b, "F"), "TIFF"), opt).data))
+    assert px[40, 0, 0] == 0 and px[40, 79, 0] == 255 and 120 <= px[40, 40, 0] <= 135
+
+
+def test_32bit_grey_above_8_bits_is_rescaled():
+    i = np.tile(np.linspace(0, 65535, 80).astype(np.int32), (80, 1))
+    opt = ImageOptions(image_size=80, output_format="png")
+    px = np.asarray(decode(process_image(_save(Image.fromarray(i, "I"), "TIFF"), opt).data))
+    assert px[40, 0, 0] == 0 and px[40, 79, 0] == 255 and 120 <= px[40, 40, 0] <= 135
+
+
+@pytest.mark.parametrize(("mode", "fill", "key"), [("RGB", (255, 0, 0), (0, 0, 0)), ("L", 200, 0)])
+def test_colour_key_transparency_goes_on_white(mode: str, fill, key):
+    """RGB and grey PNGs with a tRNS colour key: the keyed colour is transparent."""
+    img = Image.new(mode, (80, 80), key)
+    img.paste(fill, (0, 0, 40, 80))
+    r = process_image(_save(img, "PNG", transparency=key), ImageOptions(image_size=80))
+    px = np.asarray(decode(r.data)).astype(int)
+    assert px[40, 60].min() > 240  # keyed black -> white, not black
+    want = (255, 0, 0) if mode == "RGB" else (200, 200, 200)
+    assert np.abs(px[40, 10] - np.array(want)).max() < 12
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_side_already_at_target_is_not_resampled(fmt: str):
+    src = photo(64, 100)
+    r = process_image(_save(src, fmt), ImageOptions(image_size=64, output_format="png"))
+    assert (r.width, r.height) == (64, 100)
+    if fmt == "PNG":  # no resampling at all: the pixels come back unchanged
+        assert np.array_equal(np.asarray(decode(r.data)), np.asarray(src))
+
+
+def test_unknown_output_format_is_an_error_not_a_drop():
+    from ccurate.ingest.images import encode
+
+    with pytest.raises(ValueError, match="gif"):
+        encode(photo(8, 8), "gif", 90)

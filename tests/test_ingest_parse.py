@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -141,15 +142,20 @@ def test_clipped_response_is_recorded_not_raised(real_fixtures: Path):
 
 
 # --------------------------------------------------------------------------- synthetic WARCs
-def _warc_record(uri: str, status: str, headers: dict[str, str], body: bytes) -> bytes:
+def _warc_record(
+    uri: str, status: str, headers: dict[str, str], body: bytes, warc_extra: str = ""
+) -> bytes:
+    """One WARC response record; `uri=""` leaves WARC-Target-URI out, `warc_extra` adds
+    WARC header lines (each ending in CRLF)."""
     head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     block = head.encode() + b"\r\n" + body
     warc = (
         "WARC/1.0\r\nWARC-Type: response\r\n"
-        f"WARC-Record-ID: <urn:uuid:{random.Random(uri).getrandbits(64):032x}>\r\n"
+        f"WARC-Record-ID: <urn:uuid:{random.Random(uri + warc_extra).getrandbits(64):032x}>\r\n"
         "WARC-Date: 2024-05-01T00:00:00Z\r\n"
-        f"WARC-Target-URI: {uri}\r\n"
-        "Content-Type: application/http; msgtype=response\r\n"
+        + (f"WARC-Target-URI: {uri}\r\n" if uri else "")
+        + warc_extra
+        + "Content-Type: application/http; msgtype=response\r\n"
         f"Content-Length: {len(block)}\r\n\r\n"
     )
     return warc.encode() + block + b"\r\n\r\n"
@@ -573,3 +579,235 @@ def test_html_parser_bench_runs(real_fixtures: Path):
     kv = dict(item.split("=", 1) for item in last.split()[2:])
     assert kv["lexbor_imgs"] == kv["stdlib_imgs"]  # both parsers see the same <img> elements
     assert float(kv["lexbor_vs_stdlib"]) > 0
+
+
+# --------------------------------------------------------------------------- edge cases
+def test_about_names_its_image_or_the_page():
+    """RDFa `about` makes a block a container only when it names an image inside it;
+    `about="/node/1"` (Drupal) and `about=""` (the document itself) stay page-level."""
+    html = f"""<body>
+    <div about="/img/p.jpg"><img src="/img/p.jpg"><a rel="license" href="{BY_4}">BY</a></div>
+    <div about="/node/1"><img src="/img/q.jpg">
+      <a rel="license" href="https://creativecommons.org/licenses/by-nc/4.0/">NC</a></div>
+    <div about=""><img src="/img/r.jpg"><a rel="license" href="{BY_SA_4}">SA</a></div>
+    </body>"""
+    page = one(html)
+    imgs = by_url(page)
+    page_ev = [
+        ("page", "rel_license", "https://creativecommons.org/licenses/by-nc/4.0/"),
+        ("page", "rel_license", BY_SA_4),
+    ]
+    assert ev(page) == page_ev
+    assert ev(imgs["https://example.org/img/p.jpg"]) == [("image", "ccrel", BY_4), *page_ev]
+    assert ev(imgs["https://example.org/img/q.jpg"]) == page_ev
+    assert ev(imgs["https://example.org/img/r.jpg"]) == page_ev
+
+
+def test_meta_licence_rights_and_img_itemprop():
+    html = f"""<html><head><meta name="DCTERMS.license" content="/licence">
+    <meta name="dc.rights" content="  (c) 2020   Jane Roe "></head>
+    <body><img src="a.jpg" itemprop="license" content="{BY_4}"></body></html>"""
+    page = one(html)
+    assert ev(page) == [
+        ("page", "meta_license", "https://example.org/licence"),
+        ("page", "text", "(c) 2020 Jane Roe"),
+    ]
+    (s,) = page.images
+    assert ev(s) == [("image", "schema_license", BY_4), *ev(page)]
+
+
+def test_body_with_a_footer_class_is_not_the_footer():
+    """`<body class="has-footer">` matches the footer selector but is the whole page: its
+    text is not read as one footer; the end of the body is read instead."""
+    filler = " ".join(["Lorem ipsum dolor sit amet."] * 80)
+    html = f"""<body class="has-footer"><p>© 1999 Early Notice</p><img src=a.jpg>
+    <p>{filler}</p><p>Site © 2024 ACME</p></body>"""
+    page = one(html)
+    (pg,) = ev(page)
+    assert pg[:2] == ("page", "text") and "© 2024 ACME" in pg[2]
+    assert "Early Notice" not in pg[2]  # only the last 1500 characters of the body
+
+
+def test_srcset_descriptors_with_parentheses_and_bad_sizes():
+    # a comma inside a parenthesised descriptor does not end the candidate
+    assert parse_srcset("a.jpg (foo, bar) 2x, b.jpg 1x") == [
+        ("a.jpg", 2.0, "x"),
+        ("b.jpg", 1.0, "x"),
+    ]
+    assert parse_srcset("a.jpg ((x,y) 3x), b.jpg 1x")[1] == ("b.jpg", 1.0, "x")
+    # NaN, infinite and negative sizes are invalid descriptors: ignored like 'bigw'
+    assert parse_srcset("n.jpg nanw, i.jpg infw, m.jpg -5w, g.jpg bigw, o.jpg 1e400w") == [
+        (u, 1.0, "x") for u in ("n.jpg", "i.jpg", "m.jpg", "g.jpg", "o.jpg")
+    ]
+    (s,) = one('<img srcset="n.jpg nanw, s.jpg 800w, l.jpg 1600w, i.jpg infw">').images
+    assert s.url == "https://example.org/blog/l.jpg"  # the largest valid width
+
+
+def test_unusable_urls_are_counted_not_kept():
+    html = """<img srcset="data:image/png;base64,AAAA 1x, data:image/gif;base64,R0 2x">
+    <img src="http://[::1/broken.jpg"><img data-src="http://[bad"><img src="ok.jpg">
+    <a rel="license" href="http://[creativecommons.org/licenses/by/4.0/">x</a>
+    <a href="https://[creativecommons.org/licenses/by/4.0/">y</a>"""
+    page = one(html)
+    assert [s.url for s in page.images] == ["https://example.org/blog/ok.jpg"]
+    assert page.skipped == Counter({"data_uri": 1, "bad_url": 2})
+    # a malformed licence link is kept raw (faithful) but never read as a CC licence
+    assert ev(page) == [("page", "rel_license", "http://[creativecommons.org/licenses/by/4.0/")]
+    from ccurate.filters.licenses import normalize
+
+    assert normalize("http://[creativecommons.org/licenses/by/4.0/") is None
+
+
+_CAFE = "<img src='a.jpg' alt='Café Ω'>"
+
+
+@pytest.mark.parametrize(
+    ("body", "charset"),
+    [
+        (("\ufeff<meta charset='utf-8'>" + _CAFE).encode("utf-16-le"), None),  # BOM wins
+        (("\ufeff" + _CAFE).encode("utf-16-be"), None),
+        (_CAFE.encode("utf-16-le"), "utf-16le"),  # HTTP charset, no BOM
+        # declared UTF-16 but the bytes read as ASCII (no NULs): UTF-8, as browsers do
+        (("<meta charset='utf-16'>" + _CAFE).encode(), None),
+        (
+            (
+                '<meta http-equiv="Content-Type" content="text/html; charset=UTF-16LE">' + _CAFE
+            ).encode(),
+            None,
+        ),
+        (_CAFE.encode(), "utf-16"),
+    ],
+)
+def test_utf16_pages_and_false_utf16_declarations(body: bytes, charset: str | None):
+    (s,) = one(body, encoding=charset).images
+    assert (s.url, s.alt_text) == ("https://example.org/blog/a.jpg", "Café Ω")
+
+
+def test_codec_python_lacks_falls_back_to_utf8(monkeypatch: pytest.MonkeyPatch):
+    import ccurate.ingest.html as html_mod
+
+    # WHATWG names such as x-user-defined have no Python codec
+    monkeypatch.setattr(html_mod, "detect_encoding", lambda *a, **k: "x-user-defined")
+    (s,) = one("<img src=a.jpg alt='Café'>".encode()).images
+    assert s.alt_text == "Café"
+
+
+def test_lone_surrogates_in_str_input_keep_the_image():
+    (s,) = one("<img src='a.jpg' alt='caf\udcff au lait'>").images
+    assert s.url == "https://example.org/blog/a.jpg"
+    assert s.alt_text is not None and "\udcff" not in s.alt_text
+    s.alt_text.encode("utf-8")  # storable
+
+
+def test_extract_images_turns_any_failure_into_error(monkeypatch: pytest.MonkeyPatch):
+    import ccurate.ingest.html as html_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("parser exploded")
+
+    monkeypatch.setattr(html_mod, "_Page", boom)
+    page = extract_images("<img src=a.jpg>", PAGE)
+    assert page.images == [] and page.error == "RuntimeError: parser exploded"
+
+
+def _one_record_warc(tmp_path: Path, name: str, rec: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(rec)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"no size line at all", "without a chunk-size line"),
+        (b"40\r\n<img src=x.jpg>\r\n0\r\n\r\n", "ends inside a chunk"),
+        (b"zz\r\n<img src=x.jpg>\r\n0\r\n\r\n", "invalid literal"),
+    ],
+)
+def test_warc_broken_chunked_bodies_are_page_errors(tmp_path: Path, body: bytes, why: str):
+    rec = _warc_record(
+        "http://c.test/p",
+        "200 OK",
+        {"Content-Type": "text/html", "Transfer-Encoding": "chunked"},
+        body,
+    )
+    st: Counter[str] = Counter()
+    (out,) = list(iter_warc(_one_record_warc(tmp_path, "c.warc", rec), stats=st))
+    assert out.drop_reason == "page_error" and out.url == "http://c.test/p"
+    assert why in out.extra["error"] and st["page_error"] == 1 and st["html_pages"] == 0
+
+
+def test_warc_deflate_with_and_without_zlib_header(tmp_path: Path):
+    html = b'<html><body><img src="/d.jpg" alt="deflated"></body></html>'
+    raw = zlib.compressobj(wbits=-15)
+    raw_body = raw.compress(html) + raw.flush()
+    recs = [
+        _warc_record(
+            f"http://d.test/{name}",
+            "200 OK",
+            {"Content-Type": "text/html", "Content-Encoding": "deflate"},
+            body,
+        )
+        for name, body in (("zlib", zlib.compress(html)), ("raw", raw_body), ("bad", b"\x00junk"))
+    ]
+    path = tmp_path / "d.warc"
+    path.write_bytes(b"".join(recs))
+    out = {str(s.page_url).rsplit("/", 1)[1]: s for s in iter_warc(path)}
+    for name in ("zlib", "raw"):
+        assert out[name].kept and out[name].url == "http://d.test/d.jpg"
+        assert out[name].alt_text == "deflated"
+    assert out["bad"].drop_reason == "page_error"
+
+
+def test_warc_compressed_bomb_is_cut_at_max_page_bytes(tmp_path: Path):
+    """64 MiB of markup in a ~64 KiB gzip body: decoded up to the cap only, the image
+    before the cap is found, the one after it is not (no out-of-memory, no error)."""
+    html = b'<img src="/first.jpg">' + b" " * (64 << 20) + b'<img src="/last.jpg">'
+    body = gzip.compress(html, compresslevel=1)
+    assert len(body) < (1 << 20)
+    rec = _warc_record(
+        "http://b.test/p", "200 OK", {"Content-Type": "text/html", "Content-Encoding": "gzip"}, body
+    )
+    st: Counter[str] = Counter()
+    out = list(
+        iter_warc(_one_record_warc(tmp_path, "b.warc", rec), stats=st, max_page_bytes=1 << 20)
+    )
+    assert [s.url for s in out] == ["http://b.test/first.jpg"] and out[0].kept
+    assert st["html_pages"] == 1 and st["page_error"] == 0
+
+
+def test_warc_record_without_target_uri_and_truncated_flag(tmp_path: Path):
+    html = b'<img src="https://x.test/abs.jpg"><img src="rel.jpg">'
+    recs = [
+        _warc_record("", "200 OK", {"Content-Type": "text/html"}, html),
+        _warc_record(
+            "http://t.test/p",
+            "200 OK",
+            {"Content-Type": "text/html"},
+            b'<img src="/t.jpg">',
+            warc_extra="WARC-Truncated: length\r\n",
+        ),
+    ]
+    path = tmp_path / "n.warc"
+    path.write_bytes(b"".join(recs))
+    st: Counter[str] = Counter()
+    out = list(iter_warc(path, stats=st))
+    assert [s.url for s in out] == ["https://x.test/abs.jpg", "http://t.test/t.jpg"]
+    # no target URI: the page is named by the file and the record's offset
+    assert out[0].page_url == f"{path.resolve().as_uri()}#offset=0"
+    assert st["img_skipped"] == 1  # rel.jpg resolves against file:// -> not http(s)
+    # WARC-Truncated: still parsed, and counted
+    assert st["payload_truncated"] == 1 and st["html_pages"] == 2 and out[1].kept
+
+
+def test_warc_parser_error_becomes_a_page_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import ccurate.ingest.warc as warc_mod
+
+    monkeypatch.setattr(
+        warc_mod, "extract_images", lambda *a, **k: PageExtract(images=[], error="Boom: x")
+    )
+    rec = _warc_record("http://e.test/p", "200 OK", {"Content-Type": "text/html"}, b"<img src=a>")
+    st: Counter[str] = Counter()
+    (out,) = list(iter_warc(_one_record_warc(tmp_path, "e.warc", rec), stats=st))
+    assert out.drop_reason == "page_error" and out.extra["error"] == "Boom: x"
+    assert out.key == make_key("http://e.test/p") and st["page_error"] == 1

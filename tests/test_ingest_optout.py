@@ -1,0 +1,201 @@
+"""Opt-out parsing without a server: X-Robots-Tag forms, TDMRep JSON variants, robots.txt
+groups for our token, and the per-origin policy cache (ingest.optout)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ccurate.ingest.config import IngestConfig
+from ccurate.ingest.optout import (
+    OriginPolicies,
+    PolicyFetch,
+    header_optout,
+    open_client,
+    parse_tdmrep,
+    tdmrep_reserved,
+    x_robots_optout,
+)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["noindex,,noai"], True),  # empty items between commas are skipped
+        ([" , ", ""], False),
+        (["noindex", "NoImageAI"], True),  # several header lines
+        # a date's comma splits it: '25 Jun 2010 15:00:00 PST' is no bot name
+        (["unavailable_after: Friday, 25 Jun 2010 15:00:00 PST, noai"], True),
+        (["otherbot: unavailable_after: 25 Jun 2010 15:00:00 PST, noai"], False),
+        (["ccurate:"], False),  # a bot name with nothing after it
+        (["ccurate:, noai"], True),  # ... names the bot for what follows
+        (["otherbot:, noai"], False),
+        (["otherbot: noindex", "noai"], True),  # a new header line is for every bot again
+        (["Other Bot: noai"], False),  # not a bot name: the item is ignored
+        (["max-image-preview:none, noai"], True),
+    ],
+)
+def test_x_robots_tag_forms(values: list[str], expected: bool):
+    assert x_robots_optout(values, "ccurate") is expected
+
+
+def test_header_optout_follows_the_config():
+    headers = {"x-robots-tag": ["ccurate: noai"], "tdm-reservation": ["1"]}
+    assert header_optout(headers, IngestConfig()) == "optout_x_robots_tag"
+    off_xr = IngestConfig(respect_x_robots_tag=False)
+    assert header_optout(headers, off_xr) == "optout_tdmrep"
+    assert header_optout(headers, off_xr.model_copy(update={"respect_tdmrep": False})) is None
+    assert header_optout({"tdm-reservation": [" 0 "]}, IngestConfig()) is None
+    assert header_optout({"x-robots-tag": ["mybot: noai"]}, IngestConfig(robots_token="MyBot"))
+
+
+@pytest.mark.parametrize(
+    ("value", "reserved"),
+    [
+        ("1", True),
+        ("1.0", True),  # the same JSON number as 1
+        ("true", True),
+        ('"1"', True),
+        ('"True"', True),
+        ("0", False),
+        ("0.0", False),
+        ("false", False),
+        ('"0"', False),
+        ("null", False),
+        ("2", False),
+    ],
+)
+def test_tdmrep_reservation_values(value: str, reserved: bool):
+    (rule,) = parse_tdmrep(f'[{{"location": "/", "tdm-reservation": {value}}}]'.encode())
+    assert rule.reserved is reserved
+    (rule,) = parse_tdmrep(b'[{"location": "/"}]')
+    assert rule.reserved is False  # absent: not reserved
+
+
+def test_tdmrep_locations_full_urls_relative_paths_and_bom():
+    body = (
+        "\ufeff["
+        '{"location": "https://example.org/img/*", "tdm-reservation": 1},'
+        '{"location": "https://example.org", "tdm-reservation": 0},'
+        '{"location": "docs/*.pdf$", "tdm-reservation": 1},'
+        '"not an object", {"tdm-reservation": 1}'
+        "]"
+    ).encode()
+    rules = parse_tdmrep(body)
+    assert len(rules) == 3  # the string and the entry without a location are skipped
+    assert tdmrep_reserved(rules, "/img/a.jpg")  # a full URL: its path is the pattern
+    assert not tdmrep_reserved(rules, "/other.jpg")  # 'https://example.org' -> '/' -> free
+    assert not tdmrep_reserved(rules[2:], "/x.jpg")  # no rule matches: not reserved
+    assert tdmrep_reserved(rules[2:], "/docs/a/b.pdf")  # 'docs/' means '/docs/'
+    assert not tdmrep_reserved(rules[2:], "/docs/a.pdf?x")
+    assert parse_tdmrep(b"\xff\xfe[]") == [] and parse_tdmrep(b'{"a": []}') == []
+
+
+class FakeFetch:
+    """Answers policy-file fetches from a table: path -> PolicyFetch; counts calls."""
+
+    def __init__(self, answers: dict[str, PolicyFetch]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    def __call__(self, url: str, max_bytes: int) -> PolicyFetch:
+        self.calls.append(url)
+        path = "/" + url.split("/", 3)[3]
+        return self.answers.get(path, PolicyFetch(404))
+
+
+def robots(text: str) -> dict[str, PolicyFetch]:
+    return {"/robots.txt": PolicyFetch(200, text.encode())}
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed", "denied"),
+    [
+        # a group for a bot whose name is part of ours is not ours (RFC 9309)
+        ("User-agent: rat\nAllow: /\n\nUser-agent: *\nDisallow: /\n", [], ["/a.jpg"]),
+        ("User-agent: ccurate-images\nAllow: /\n\nUser-agent: *\nDisallow: /\n", [], ["/a.jpg"]),
+        # our group, any case, with a version after '/'
+        (
+            "User-agent: *\nDisallow: /\n\nUser-agent: CCurate/2.0\nDisallow: /p/\n",
+            ["/a"],
+            ["/p/x"],
+        ),
+        ("User-agent: otherbot\nUser-agent: ccurate\nDisallow: /x/\n", ["/a"], ["/x/1"]),
+        ("User-agent: *\nDisallow: /private/\n", ["/public/a"], ["/private/a"]),
+        ("", ["/a"], []),
+    ],
+)
+def test_robots_txt_groups_for_our_token(text: str, allowed: list[str], denied: list[str]):
+    pol = OriginPolicies(FakeFetch(robots(text)), "ccurate", tdmrep=False)
+    for path in allowed:
+        assert pol.check("https://e.test", path) is None, path
+    for path in denied:
+        assert pol.check("https://e.test", path) == "optout_robots_txt", path
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (PolicyFetch(None, reason="timeout"), "timeout"),  # transient: retried later
+        (PolicyFetch(None, reason="connection_error"), "connection_error"),
+        (PolicyFetch(None, reason="ssrf_blocked"), None),  # a blocked redirect: no robots.txt
+        (PolicyFetch(None, reason="too_large"), None),
+        (PolicyFetch(429), "optout_robots_txt"),
+        (PolicyFetch(503), "optout_robots_txt"),
+        (PolicyFetch(410), None),
+        (PolicyFetch(302), None),  # a redirect left over after following: none
+    ],
+)
+def test_robots_txt_fetch_outcomes(answer: PolicyFetch, reason: str | None):
+    fetch = FakeFetch({"/robots.txt": answer})
+    pol = OriginPolicies(fetch, "ccurate")
+    assert pol.check("https://e.test", "/a.jpg") == reason
+    # tdmrep.json is not asked for when robots.txt could not be reached at all
+    unreachable = reason in ("timeout", "connection_error")
+    assert len(fetch.calls) == (1 if unreachable else 2)
+
+
+def test_policies_are_cached_per_origin_and_bounded():
+    fetch = FakeFetch(
+        {
+            "/robots.txt": PolicyFetch(200, b"User-agent: *\nDisallow: /no/\n"),
+            "/.well-known/tdmrep.json": PolicyFetch(
+                200, b'[{"location": "/tdm/*", "tdm-reservation": 1}]'
+            ),
+        }
+    )
+    pol = OriginPolicies(fetch, "ccurate", max_origins=2)
+    assert pol.check("https://a.test", "/tdm/1.jpg") == "optout_tdmrep"
+    assert pol.check("https://a.test", "/no/1.jpg") == "optout_robots_txt"
+    assert pol.check("https://a.test", "/ok.jpg") is None
+    assert pol.fetches == 2  # one robots.txt, one tdmrep.json for the origin
+    pol.check("https://b.test", "/ok.jpg")
+    pol.check("https://c.test", "/ok.jpg")  # a third origin: the cache starts over
+    assert len(pol._origins) <= 2
+    pol.check("https://a.test", "/ok.jpg")
+    assert fetch.calls.count("https://a.test/robots.txt") == 2 and pol.fetches == 8
+
+
+def test_policies_off_fetch_nothing():
+    fetch = FakeFetch(robots("User-agent: *\nDisallow: /\n"))
+    both_off = OriginPolicies(fetch, "ccurate", robots=False, tdmrep=False)
+    assert both_off.check("https://e.test", "/") is None
+    assert fetch.calls == []
+    only_tdm = OriginPolicies(fetch, "ccurate", robots=False)
+    assert only_tdm.check("https://e.test", "/a.jpg") is None
+    assert fetch.calls == ["https://e.test/.well-known/tdmrep.json"]
+
+
+def test_open_client_reports_every_policy_fetch():
+    seen: list[tuple[str, PolicyFetch]] = []
+    client, policies = open_client(IngestConfig(retries=0), 1, lambda u, got: seen.append((u, got)))
+    try:
+        # loopback is refused by default: no connection is made, and no robots.txt is
+        # the same as an empty one
+        assert policies.check("http://127.0.0.1:9", "/a.jpg") is None
+    finally:
+        client.close()
+    assert [u for u, _ in seen] == [
+        "http://127.0.0.1:9/robots.txt",
+        "http://127.0.0.1:9/.well-known/tdmrep.json",
+    ]
+    assert all(got.status is None and got.reason == "ssrf_blocked" for _, got in seen)
