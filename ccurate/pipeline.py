@@ -92,9 +92,10 @@ class Pipeline:
         if not all_shards and not done:
             raise PipelineError(f"step '{step}' needs the output of '{prev}' in {d}: run it first")
         if len(done) != len(all_shards) or not (d / "_COMPLETE").exists():
+            left = len(all_shards) - len(done)
+            why = f"{left} of {len(all_shards)} are not" if left else "it did not finish"
             raise PipelineError(
-                f"step '{step}' needs every shard of '{prev}' finished; "
-                f"{len(all_shards) - len(done)} of {len(all_shards)} are not: rerun '{prev}'"
+                f"step '{step}' needs every shard of '{prev}' finished; {why}: rerun '{prev}'"
             )
         settings = d / "_SETTINGS"
         if settings.exists():

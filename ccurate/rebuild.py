@@ -207,10 +207,7 @@ class Generation:
 def generations(work_dir: str | Path) -> list[Generation]:
     """Every generation with its metadata, oldest first."""
     out = []
-    work = Path(work_dir)
-    if not work.exists():
-        return []
-    for d in sorted(work.glob("gen-[0-9][0-9][0-9][0-9]")):
+    for d in sorted(Path(work_dir).glob("gen-[0-9][0-9][0-9][0-9]")):  # none: no folder yet
         meta = d / GEN_META
         if not meta.exists():
             continue

@@ -198,10 +198,8 @@ def make_entry(
             added_by=added_by or _who(),
             **more,
         )
-    except ValidationError as err:
+    except ValidationError as err:  # pydantic wraps the TakedownErrors of the validators
         raise TakedownError(_first_error(err)) from None
-    except TakedownError:
-        raise
 
 
 def _first_error(err: ValidationError) -> str:

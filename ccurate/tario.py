@@ -6,7 +6,8 @@ per member in both directions (TarInfo objects, every header field decoded),
 which for a 256-px JPEG + json costs more than moving the bytes. `TarWriter`
 writes the exact bytes `tarfile` would for our fixed member metadata, and
 `iter_members` / `iter_spans` parse headers straight from an mmap (USTAR, GNU
-long names, pax paths; checksums verified).
+long names, pax paths; checksums verified; a member cut short by a truncated
+file is an error, never short bytes).
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def _scan(mm: mmap.mmap, size: int, path: str | Path) -> Iterator[tuple[str, int
         n = _num(hdr[124:136])
         kind = hdr[156:157]
         start = pos + 512
+        if start + n > size:  # tarfile: "unexpected end of data"; never a short member
+            raise ValueError(
+                f"{path}: truncated tar: the member at byte {pos} needs {n} bytes, "
+                f"the file ends {size - start} bytes in"
+            )
         pos = start + (n + 511) // 512 * 512
         if kind in (b"0", b"\0", b"7"):
             yield override or _header_name(hdr), start, n
@@ -145,6 +151,9 @@ def _scan(mm: mmap.mmap, size: int, path: str | Path) -> Iterator[tuple[str, int
             override = _pax_path(mm[start : start + n]) or override
         elif kind not in (b"g", b"K"):
             override = None  # directories, links, devices: no data for us
+    else:
+        if pos < size:  # a header cut short (a file that simply ends after a member is read)
+            raise ValueError(f"{path}: truncated tar: {size - pos} bytes of a header at byte {pos}")
 
 
 @contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -56,12 +55,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    return f"{n} B"
+    return f"{size:.1f} TiB"
 
 
 def _json_block(obj: Any) -> str:
@@ -235,8 +236,3 @@ def render_card(s: dict[str, Any]) -> str:
         )
         add("```")
     return "\n".join(lines) + "\n"
-
-
-def load_summary(release_dir: str | Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((Path(release_dir) / "release.json").read_text())
-    return data

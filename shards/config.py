@@ -18,8 +18,9 @@ class ShardsConfig(Section):
     """Release layout: shard size, splits, image format, caption policy.
 
     A shard closes when it holds `samples_per_shard` samples or when the next
-    sample would take it past `shard_max_bytes` (0 = no byte limit), whichever
-    comes first; a single sample larger than the byte limit still gets a shard.
+    sample would make its tar file larger than `shard_max_bytes` (0 = no byte
+    limit; the tar's end padding to a 10 KiB record counts), whichever comes
+    first; a single sample larger than the byte limit still gets a shard.
     """
 
     samples_per_shard: int = Field(default=1000, ge=1)

@@ -68,6 +68,8 @@ LOCK = ".release.lock"
 # test hook: seconds to sleep after each closed shard (lets a test SIGKILL a writer mid-release)
 PAUSE_ENV = "CCURATE_SHARDS_PAUSE_AFTER_SHARD"
 _BLOCK = 512
+_RECORD = 20 * _BLOCK  # a tar file ends padded to whole 10 KiB records (tarfile, TarWriter)
+_MANIFEST_BATCH = 10_000  # manifest rows buffered per parquet write (memory bound)
 
 
 def is_release(path: str | Path) -> bool:
@@ -88,6 +90,13 @@ def bucket_for(short_side: int, buckets: list[int]) -> str:
 
 def _member_size(n: int) -> int:
     return _BLOCK + (n + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _tar_file_size(members_end: int) -> int:
+    """Size on disk of a tar whose members end at `members_end`: two zero blocks, then
+    zeros to a whole record. `shard_max_bytes` bounds this, the size users see."""
+    end = members_end + 2 * _BLOCK
+    return end + -end % _RECORD
 
 
 class _ShardSink:
@@ -117,7 +126,7 @@ class _ShardSink:
         if self._tar is not None and self._rows:
             full = len(self._rows) >= self.cfg.samples_per_shard
             over = bool(self.cfg.shard_max_bytes) and (
-                self._tar.offset + need + 2 * _BLOCK > self.cfg.shard_max_bytes
+                _tar_file_size(self._tar.offset + need) > self.cfg.shard_max_bytes
             )
             if full or over:
                 self.close()
@@ -133,8 +142,7 @@ class _ShardSink:
         return str(self.rel_dir / f"{self.name}.tar"), offset
 
     def close(self) -> None:
-        if self._tar is None:
-            return
+        assert self._tar is not None, "a sink is made for a sample and closed once per shard"
         self._tar.close()
         self._tar = None
         base = self.root / self.rel_dir / self.name
@@ -420,7 +428,7 @@ def _build(
                         tally.rows_per_split[split] += 1
                         if bucket:
                             tally.rows_per_bucket[f"{split}/{bucket}"] += 1
-                    if len(manifest_buf) >= 10_000:
+                    if len(manifest_buf) >= _MANIFEST_BATCH:
                         manifest_writer.write_table(
                             pa.Table.from_pylist(manifest_buf, schema=MANIFEST_SCHEMA)
                         )

@@ -65,3 +65,78 @@ def test_demo_writes_summary_report_and_trains(demo):
     html = (work / "report.html").read_text()
     assert "<img" in html and "watermark" in html
     assert any((work / "train" / "checkpoints").iterdir())
+
+
+def test_the_demo_check_reports_every_kind_of_miss(tmp_path: Path) -> None:
+    """The demo's verdict must be able to say no: a kept image dropped, a defect dropped
+    for the wrong reason, an image never seen, a duplicate group with two survivors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ccurate.demo.corpus import DemoCorpus, PlantedImage
+    from ccurate.demo.run import check_demo
+
+    base = "http://127.0.0.1:1"
+
+    def img(path: str, expected: str, group: str | None = None) -> PlantedImage:
+        return PlantedImage(path, "/pages/p.html", expected, "cc-by", group)
+
+    images = [
+        img("/img/ok.jpg", "keep"),
+        img("/img/lost.jpg", "keep"),  # dropped although clean
+        img("/img/wm.jpg", "watermark"),  # dropped, but for another reason
+        img("/img/tiny.jpg", "too_small"),  # right
+        img("/img/never.jpg", "broken"),  # no outcome at all
+        img("/img/orig.jpg", "keep"),
+        img("/img/copy.jpg", "duplicate", group="/img/orig.jpg"),  # both kept
+        img("/img/o2.jpg", "keep"),
+        img("/img/c2.jpg", "duplicate", group="/img/o2.jpg"),  # right: one kept
+        img("/img/o3.jpg", "keep"),
+        img("/img/c3.jpg", "duplicate", group="/img/o3.jpg"),  # the copy dropped for a mark
+    ]
+    corpus = DemoCorpus(tmp_path / "corpus", ["/pages/p.html"], images)
+    work = tmp_path / "work"
+    (work / "40_caption").mkdir(parents=True)
+    (work / "20_filter").mkdir()
+    kept = ["/img/ok.jpg", "/img/orig.jpg", "/img/copy.jpg", "/img/c2.jpg", "/img/o3.jpg"]
+    pq.write_table(pa.table({"url": [base + p for p in kept]}), work / "40_caption/p.parquet")
+    drops = {
+        "/img/lost.jpg": "too_small",
+        "/img/wm.jpg": "too_small",
+        "/img/tiny.jpg": "too_small",
+        "/img/o2.jpg": "duplicate_near",
+        "/img/c3.jpg": "watermark",
+    }
+    pq.write_table(
+        pa.table({"url": [base + p for p in drops], "drop_reason": list(drops.values())}),
+        work / "20_filter/p.dropped.parquet",
+    )
+    check = check_demo(corpus, base, work)
+    assert not check.ok
+    assert check.wrong_paths == {
+        "/img/lost.jpg",
+        "/img/wm.jpg",
+        "/img/never.jpg",
+        "/img/orig.jpg",
+        "/img/copy.jpg",
+        "/img/o3.jpg",
+        "/img/c3.jpg",
+    }
+    assert check.outcomes["/img/never.jpg"] == ("missing", None)
+    assert any("expected watermark drop, got dropped too_small" in w for w in check.wrong)
+    # the same run with every planted problem caught is ok
+    kept = ["/img/ok.jpg", "/img/lost.jpg", "/img/orig.jpg", "/img/c2.jpg", "/img/o3.jpg"]
+    drops = {
+        "/img/wm.jpg": "watermark",
+        "/img/tiny.jpg": "too_small",
+        "/img/never.jpg": "decode_error",
+        "/img/copy.jpg": "duplicate_exact",
+        "/img/o2.jpg": "duplicate_near",
+        "/img/c3.jpg": "duplicate_near",
+    }
+    pq.write_table(pa.table({"url": [base + p for p in kept]}), work / "40_caption/p.parquet")
+    pq.write_table(
+        pa.table({"url": [base + p for p in drops], "drop_reason": list(drops.values())}),
+        work / "20_filter/p.dropped.parquet",
+    )
+    assert check_demo(corpus, base, work).ok

@@ -528,3 +528,124 @@ def test_cli_rebuild_with_a_missing_url_list_cannot_run(tmp_path: Path) -> None:
     assert res.exit_code == 3, res.output
     text = " ".join(res.output.split())
     assert "cannot run" in text and "urls.parquet" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        ("{nme}-{gen}", "bad release_name template"),
+        ("{0}-{gen}", "bad release_name template"),
+        ("{gen:q}", "bad release_name template"),
+        ("{name}-{date}", "must contain {gen}"),
+        ("../{name}-{gen}", "gives a bad directory name"),
+        (".{gen}", "gives a bad directory name"),
+    ],
+)
+def test_release_name_templates_are_checked(template: str, why: str) -> None:
+    import re
+
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(why)):
+        RebuildConfig(release_name=template)
+    assert RebuildConfig(release_name="{name}-{date}-g{gen:03d}").release_name.endswith("03d}")
+
+
+def _second_page(root: Path) -> None:
+    """`/pages/q.html`: one more photo, for a generation that finds new work."""
+    (root / "corpus" / "img" / "9.jpg").write_bytes(_jpeg(landscape(99, 300, 200)))
+    figs = FIGURE.format(src="/img/9.jpg", alt="river bend 9 by Ana Ruiz")
+    (root / "corpus" / "pages" / "q.html").write_text(f"<html><body>{figs}</body></html>")
+
+
+def test_a_killed_rebuild_resumes_its_generation_without_fetching_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the plan, the fetch, the pipeline, the opt-out re-check and the gate's
+    decisions, a rebuild's rerun finishes the same generation from its markers: no request
+    reaches the server again, and the release holds the old and the new samples."""
+    import ccurate.rebuild as rb
+
+    _tiny_site(tmp_path)
+    _second_page(tmp_path)
+    handler: type[CountingHandler] = type(
+        "H", (CountingHandler,), {"hits": Counter(), "fail": {}, "headers_for": {}}
+    )
+    server, base = _serve(tmp_path / "corpus", handler)
+    # a generation folder whose rebuild died before writing its metadata: replaced
+    (tmp_path / "work" / "gen-0001").mkdir(parents=True)
+    (tmp_path / "work" / "gen-0001" / "half-written").write_text("x")
+    assert rb.generations(tmp_path / "work") == rb.generations(tmp_path / "nowhere") == []
+    rc = RebuildConfig(report=False, recheck_optout_days=0)
+    ex = LocalExecutor(1, progress=False)
+    real_map_gate = rb._map_gate
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    try:
+        g1 = rebuild(_config(tmp_path, base, ["/pages/p.html"]), rc, ex)
+        assert g1.generation == 1 and not (g1.dir / "half-written").exists()
+        cfg2 = _config(tmp_path, base, ["/pages/p.html", "/pages/q.html"])
+        handler.hits.clear()
+        monkeypatch.setattr(rb, "_map_gate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            rebuild(cfg2, rc, ex)
+        monkeypatch.setattr(rb, "_map_gate", real_map_gate)
+        first_try = _served(handler.hits)
+        handler.hits.clear()
+        g2 = rebuild(cfg2, rc, ex)
+        resumed = _served(handler.hits)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert {"/pages/q.html", "/img/9.jpg", "/img/0.jpg", "/img/1.jpg"} <= set(first_try)
+    assert resumed == {}
+    assert g2.generation == 2 and g2.dir.name == "gen-0002"
+    assert sorted(p.name for p in (tmp_path / "work").glob("gen-*")) == ["gen-0001", "gen-0002"]
+    assert g2.info["plan"]["new"] == 1 and g2.info["recheck"]["checked"] == 2
+    assert g2.release is not None
+    assert _release_urls(g2.release) == {base + f"/img/{i}.jpg" for i in (0, 1, 9)}
+    assert g2.info["diff"]["added"] == 1
+
+
+def test_a_page_taken_down_before_its_first_fetch_is_never_fetched(tmp_path: Path) -> None:
+    _tiny_site(tmp_path)
+    _second_page(tmp_path)
+    handler: type[CountingHandler] = type(
+        "H", (CountingHandler,), {"hits": Counter(), "fail": {}, "headers_for": {}}
+    )
+    server, base = _serve(tmp_path / "corpus", handler)
+    TakedownList(tmp_path / "catalog").add(
+        [make_entry("page_url", base + "/pages/q.html", "site owner asked")]
+    )
+    pages = ["/pages/p.html", "/pages/q.html", "/pages/p.html"]  # p listed twice
+    try:
+        r = rebuild(
+            _config(tmp_path, base, pages),
+            RebuildConfig(recheck_optout_days=None),  # with the generation's HTML report
+            LocalExecutor(1, progress=False),
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "/pages/q.html" not in handler.hits and "/img/9.jpg" not in handler.hits
+    assert r.info["plan"]["takedown_not_fetched"] == 1
+    drops = pq.read_table(r.dir / "00_plan" / "planned-dropped.parquet").to_pylist()
+    assert sorted((d["url"], d["drop_reason"], d["dropped_by"]) for d in drops) == [
+        (base + "/pages/p.html", "duplicate_url", "ingest"),
+        (base + "/pages/q.html", "takedown", "takedown"),
+    ]
+    assert r.release is not None
+    assert _release_urls(r.release) == {base + "/img/0.jpg", base + "/img/1.jpg"}
+    report = (r.dir / "report.html").read_text()
+    assert "<h3>takedown (1)</h3>" in report and "<h3>duplicate_url (1)</h3>" in report
+
+
+def test_a_rebuild_without_sources_cannot_run(tmp_path: Path) -> None:
+    from ccurate.pipeline import PipelineError
+
+    cfg = parse_config({"run": {"work_dir": str(tmp_path / "work")}})
+    with pytest.raises(PipelineError, match="no \\[\\[sources\\]\\] configured"):
+        rebuild(cfg, RebuildConfig(report=False), LocalExecutor(1, progress=False))
+    assert not (tmp_path / "work").exists()

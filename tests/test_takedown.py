@@ -700,3 +700,64 @@ def test_dropped_duplicates_survive_a_foreign_catalog(
     idx = read_index([str(no_dups).removesuffix(".parquet")], ["key", "url", "phash"])
     assert idx.to_pylist() == [{"key": "c", "url": "http://x.example/c.jpg", "phash": None}]
     assert read_index([], ["key"]).num_rows == 0
+
+
+# --------------------------------------------------------------------------- list validation
+
+
+def test_entry_checks_name_the_problem() -> None:
+    with pytest.raises(TakedownError, match=r"radius: radius must be within 0\.\.32 bits"):
+        make_entry("phash", "0" * 16, radius=33)
+    with pytest.raises(TakedownError, match="an image entry needs its phash"):
+        make_entry("image", "a" * 64)
+    with pytest.raises(TakedownError, match="reason must not be empty"):
+        make_entry("url", "http://a.example/x.jpg", reason="   ")
+    with pytest.raises(TakedownError, match="not an http"):
+        make_entry("url", "http://[::1/x.jpg")  # urlsplit itself refuses it
+    with pytest.raises(TakedownError, match="phash"):
+        make_entry("sha256", "a" * 64, phash="nothex")
+    with pytest.raises(TakedownError, match="image file not found"):
+        image_entry("/nonexistent/photo.jpg")
+    e = make_entry("image", "A" * 64, phash="F" * 16, pixel_sha256="B" * 64, radius=4)
+    assert (e.value, e.phash, e.pixel_sha256, e.radius) == ("a" * 64, "f" * 16, "b" * 64, 4)
+
+
+def test_a_hand_edited_list_is_checked_line_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "takedowns.jsonl"
+    good = make_entry("url", "http://a.example/x.jpg", "r", "me").model_dump_json()
+    edited = json.loads(good) | {"value": "http://a.example/other.jpg"}  # id kept: stale
+    for bad, why in [
+        ("[1, 2]", "not a JSON object"),
+        ('{"kind": "url", ', "invalid JSON"),
+        (json.dumps(edited), "does not match kind and value"),
+    ]:
+        path.write_text(f"{good}\n\n{bad}\n")
+        with pytest.raises(TakedownError, match=rf"takedowns\.jsonl:3: .*{why}"):
+            load_entries(path)
+    path.write_text(f"\n{good}\n\n")  # blank lines are fine
+    assert [e.value for e in load_entries(path)] == ["http://a.example/x.jpg"]
+
+
+def test_adding_to_a_list_saved_without_a_final_newline(tmp_path: Path) -> None:
+    lst = TakedownList(tmp_path)
+    first = make_entry("url", "http://a.example/x.jpg", "r", "me")
+    lst.path.write_text(first.model_dump_json())  # an editor that drops the last newline
+    lst.add([make_entry("author", "Li Wei", "r", "me")])
+    assert [(e.kind, e.value) for e in lst.load()] == [
+        ("url", "http://a.example/x.jpg"),
+        ("author", "li wei"),
+    ]
+
+
+def test_added_by_without_a_user_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Containers often run as a uid with no passwd entry: getpass fails, the uid is used."""
+    import getpass
+    import os
+    import socket
+
+    def nobody() -> str:
+        raise KeyError("getpwuid(): uid not found")
+
+    monkeypatch.setattr(getpass, "getuser", nobody)
+    e = make_entry("domain", "example.org")
+    assert e.added_by == f"{os.getuid()}@{socket.gethostname()}"
