@@ -20,7 +20,6 @@ embeddings are cached per image bytes so the two do not encode an image twice.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,19 +32,23 @@ import torch
 from PIL import Image
 
 from ccurate.filters.images import DecodeError, decode_rgb
+from ccurate.weights import (
+    HF_PREFIX,
+    WeightsNotFoundError,
+    fetch_command,
+    hub_cache,
+    hub_offline,
+    load_state_dict,
+    weights_file,
+)
 
 log = logging.getLogger("ccurate.filters")
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-HF_PREFIX = "hf-hub:"
 LOCAL_PREFIX = "local-dir:"
 
 _off_logged: set[str] = set()
 _off_lock = threading.Lock()
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Configured weights are missing: the message names the path and how to fetch them."""
 
 
 def log_off_once(key: str, message: str) -> None:
@@ -57,20 +60,10 @@ def log_off_once(key: str, message: str) -> None:
     log.warning(message)
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
 def _fetch_hint(repo: str) -> str:
     return (
-        f"fetch it on a machine with network: `hf download {repo}` (or "
-        f"`huggingface-cli download {repo} --local-dir <folder>` and configure that folder)"
+        f"fetch it on a machine with network: `{fetch_command(repo)}` (or "
+        f"`{fetch_command(repo, local_dir='<folder>')}` and configure that folder)"
     )
 
 
@@ -271,52 +264,6 @@ class AestheticMLP(torch.nn.Module):
         return self.layers(x)
 
 
-def _hub_file(spec: str, key: str) -> Path:
-    """``hf-hub:org/repo/path/in/repo`` -> local file (cache only when offline)."""
-    from huggingface_hub import hf_hub_download
-
-    parts = spec[len(HF_PREFIX) :].split("/", 2)
-    if len(parts) < 3:
-        raise ValueError(f"{key} = {spec!r}: expected 'hf-hub:<org>/<repo>/<file>'")
-    repo, filename = "/".join(parts[:2]), parts[2]
-    try:
-        return Path(hf_hub_download(repo, filename))
-    except Exception as e:
-        state = "HF_HUB_OFFLINE=1, so only" if hub_offline() else "looked in"
-        raise WeightsNotFoundError(
-            f"{key} = {spec!r}: {filename} of {repo} is not available ({state} the Hugging Face "
-            f"cache {hub_cache()}): {e}. Fetch it on a machine with network: "
-            f"`hf download {repo} {filename}`"
-        ) from e
-
-
-def weights_file(spec: str, key: str, fetch_hint: str) -> Path:
-    """A local weights file from a path or ``hf-hub:org/repo/file``; missing is an error."""
-    if spec.startswith(HF_PREFIX):
-        return _hub_file(spec, key)
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"{key} = {spec!r}: no such file (expected {path.resolve()}). {fetch_hint}"
-        )
-    return path
-
-
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from .safetensors or a torch pickle (weights only)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(str(path), device="cpu")
-    else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-
-
 AESTHETIC_HINT = (
     "The LAION improved-aesthetic-predictor head is 'sac+logos+ava1-l14-linearMSE.pth' from "
     "github.com/christophschuhmann/improved-aesthetic-predictor (fetch it on a machine with "
@@ -326,7 +273,7 @@ AESTHETIC_HINT = (
 
 def load_aesthetic_mlp(spec: str, key: str, device: torch.device) -> AestheticMLP:
     """The aesthetic head; its input size comes from the checkpoint."""
-    sd = load_state_dict_file(weights_file(spec, key, AESTHETIC_HINT))
+    sd = load_state_dict(weights_file(spec, key, AESTHETIC_HINT))
     first = sd.get("layers.0.weight")
     if first is None:
         raise ValueError(

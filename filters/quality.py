@@ -385,11 +385,8 @@ class AestheticFilter(_ModelFilter):
                 "(e.g. 'openai' in the open_clip cache, or a checkpoint file)"
             )
         else:
-            from ccurate.filters.clip_models import (
-                AESTHETIC_HINT,
-                resolve_clip_source,
-                weights_file,
-            )
+            from ccurate.filters.clip_models import AESTHETIC_HINT, resolve_clip_source
+            from ccurate.weights import weights_file
 
             assert self.cfg.weights is not None and self.cfg.clip_weights is not None
             resolve_clip_source(

@@ -550,12 +550,13 @@ class WatermarkModel:
     def setup(self) -> None:
         if self._model is not None:
             return
-        from ccurate.filters.clip_models import load_state_dict_file, resolve_device, weights_file
+        from ccurate.filters.clip_models import resolve_device
+        from ccurate.weights import load_state_dict, weights_file
 
         assert self.cfg.model_weights is not None
         path = weights_file(self.cfg.model_weights, "filters.watermark.model_weights", MODEL_HINT)
         model = build_watermark_model(self.cfg.model_arch)
-        model.load_state_dict(load_state_dict_file(path), strict=True)
+        model.load_state_dict(load_state_dict(path), strict=True)
         self._device = resolve_device(self.cfg.device)
         self._model = model.to(self._device).eval()
 
@@ -604,7 +605,7 @@ class WatermarkFilter(Filter):
             )
             log_off_once("watermark_model", f"watermark classifier is OFF: {self.model_off_reason}")
         elif self.cfg.enabled and not str(self.cfg.model_weights).startswith("hf-hub:"):
-            from ccurate.filters.clip_models import weights_file
+            from ccurate.weights import weights_file
 
             weights_file(str(self.cfg.model_weights), "filters.watermark.model_weights", MODEL_HINT)
 

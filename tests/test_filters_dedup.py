@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from ccurate.executor import LocalExecutor, tasks_for
-from ccurate.filters.clip_models import WeightsNotFoundError
 from ccurate.filters.dedup import (
     DECISIONS_FILE,
     REASONS,
@@ -36,6 +35,7 @@ from ccurate.filters.hashing import (
 )
 from ccurate.record import Sample, make_key
 from ccurate.shardio import ShardWriter, iter_samples, read_dropped, read_index
+from ccurate.weights import WeightsNotFoundError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ccurate.filters import clip_models
-from ccurate.filters.clip_models import AestheticMLP, WeightsNotFoundError, load_clip
+from ccurate.filters.clip_models import AestheticMLP, load_clip
 from ccurate.filters.quality import (
     AestheticConfig,
     AestheticFilter,
@@ -27,6 +27,7 @@ from ccurate.filters.quality import (
 )
 from ccurate.record import Sample
 from ccurate.stage import FilterStage
+from ccurate.weights import WeightsNotFoundError
 
 TINY = {
     "embed_dim": 32,

@@ -14,7 +14,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ccurate.filters import clip_models
-from ccurate.filters.clip_models import WeightsNotFoundError
 from ccurate.filters.watermark import (
     REASONS,
     OcrBox,
@@ -31,6 +30,7 @@ from ccurate.filters.watermark import (
 )
 from ccurate.record import Sample
 from ccurate.stage import FilterStage
+from ccurate.weights import WeightsNotFoundError
 
 FONTS = sorted(glob.glob("/usr/share/fonts/**/DejaVuSans*.ttf", recursive=True))
 
