@@ -423,7 +423,10 @@ class OcrReader:
         )
         # rapidocr loads its models on first use: load them now, so a worker pays (and a
         # broken install fails) in setup, not on its first image
-        for loader in ("_load_det_model", "_load_rec_model"):
+        loaders = ["_load_det_model", "_load_rec_model"]
+        if self.cfg.ocr_use_cls:
+            loaders.append("_load_cls_model")
+        for loader in loaders:
             getattr(self._engine, loader, lambda: None)()
 
     def resized(self, img: Image.Image) -> Image.Image:

@@ -362,3 +362,18 @@ def test_upside_down_brand_is_read_with_the_angle_classifier() -> None:
     s = sample(overlay(photo(seed=4), "shutterstock", 44, 0.8, angle=180))
     d = f.decide(s)
     assert not d.keep and d.reason == "watermark" and d.scores["ocr_brand"] == 1.0
+
+
+def test_setup_loads_every_ocr_model_it_will_use() -> None:
+    """Models load in setup, not on a worker's first image: the angle classifier too when
+    `ocr_use_cls` is on, and not when it is off (a third model a run never uses)."""
+    from ccurate.filters.watermark import OcrReader
+
+    with_cls = OcrReader(WatermarkConfig(ocr_use_cls=True))
+    with_cls.setup()
+    engine = with_cls._engine
+    assert engine.text_det is not None and engine.text_rec is not None
+    assert engine.text_cls is not None
+    without = OcrReader(WatermarkConfig(ocr_use_cls=False))
+    without.setup()
+    assert without._engine.text_cls is None and without._engine.text_det is not None
