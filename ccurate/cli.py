@@ -7,7 +7,8 @@ cannot run yet (e.g. its input step is unfinished), 4 another run holds the lock
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,6 +86,18 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except PipelineError as err:
         console.print(f"[red]cannot run[/red]: {escape(str(err))}")
         raise typer.Exit(EXIT_NOT_READY) from None
+
+
+@contextmanager
+def usage_errors(*errors: type[BaseException]) -> Iterator[None]:
+    """`errors` are the user's doing (a path, a setting, a release that does not fit): one
+    `error: ...` line on stderr and exit 2 (bad config or usage), not a traceback."""
+    try:
+        yield
+    except errors as e:
+        why = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) quotes
+        typer.echo(f"error: {why}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 def load_run_config(

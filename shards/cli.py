@@ -7,8 +7,7 @@ opened read-only here (the pipeline driver is its only writer).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,18 +28,12 @@ _DEFAULT_CATALOG = RunConfig.model_validate({}).catalog
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="catalog directory")]
 
 
-@contextmanager
-def _usage_errors() -> Iterator[None]:
-    """A missing catalog, an unknown release, bad SQL, an export target that exists: one
-    line on stderr and ccurate's exit code for bad config or usage (2), not a traceback."""
-    try:
-        yield
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, duckdb.Error) as e:
-        from ccurate.cli import EXIT_CONFIG
+def _usage_errors() -> AbstractContextManager[None]:
+    """A missing catalog, an unknown release, bad SQL, an export target that exists: exit 2
+    with one line, not a traceback."""
+    from ccurate.cli import usage_errors
 
-        why = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) quotes
-        typer.echo(f"error: {why}", err=True)
-        raise typer.Exit(EXIT_CONFIG) from None
+    return usage_errors(FileNotFoundError, FileExistsError, ValueError, KeyError, duckdb.Error)
 
 
 def _print_table(t: pa.Table, as_json: bool, title: str | None = None) -> None:

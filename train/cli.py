@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,21 +60,15 @@ def build_config(config: Path | None, sets: list[str], **direct: Any) -> TrainCo
         raise typer.BadParameter(why, param_hint="train settings") from None
 
 
-@contextmanager
-def _input_errors() -> Iterator[None]:
-    """A checkpoint, data set or model that does not fit the settings: one line naming it on
-    stderr and exit 2 (bad config), not a traceback; divergence and other failures keep theirs."""
+def _input_errors() -> AbstractContextManager[None]:
+    """A checkpoint, data set or model that does not fit the settings: exit 2 with one line
+    naming it, not a traceback; divergence and other failures keep theirs."""
+    from ccurate.cli import usage_errors
     from ccurate.train.checkpoint import CheckpointError
     from ccurate.train.stream import DataError
     from ccurate.weights import WeightsNotFoundError
 
-    try:
-        yield
-    except (CheckpointError, DataError, WeightsNotFoundError) as exc:
-        from ccurate.cli import EXIT_CONFIG
-
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_CONFIG) from None
+    return usage_errors(CheckpointError, DataError, WeightsNotFoundError)
 
 
 ConfigOpt = Annotated[
