@@ -46,6 +46,13 @@ def _ustar_header(name: bytes, size: int) -> bytes | None:
     return head[:148] + b"%06o\0" % sum(head) + head[155:]
 
 
+def archive_size(members_end: int) -> int:
+    """Bytes of a tar whose members end at `members_end`, ended as tarfile (and `TarWriter`)
+    end one: two zero blocks, then zeros to a whole record."""
+    end = members_end + 2 * _BLOCK
+    return end + -end % _RECORD
+
+
 class TarWriter:
     """A write-only USTAR tar whose members carry fixed metadata (mtime 0, uid 0, mode 644),
     so the same samples always give the same bytes: exactly the bytes Python's `tarfile`
@@ -76,8 +83,7 @@ class TarWriter:
         """End the archive as tarfile does: two zero blocks, then zeros to a whole record."""
         if self._f is None:
             return
-        end = self.offset + 2 * _BLOCK
-        self._f.write(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
+        self._f.write(b"\0" * (archive_size(self.offset) - self.offset))
         self._f.close()
         self._f = None
 

@@ -46,7 +46,7 @@ from PIL import Image
 from ccurate.filters.license_filter import release_split
 from ccurate.record import METADATA_SCHEMA, Sample
 from ccurate.shardio import is_done, iter_samples, read_marker
-from ccurate.tario import TarWriter
+from ccurate.tario import TarWriter, archive_size
 
 from .attribution import SPLIT_SOURCE, license_link, license_name
 from .card import count_drops, render_card
@@ -68,7 +68,6 @@ LOCK = ".release.lock"
 # test hook: seconds to sleep after each closed shard (lets a test SIGKILL a writer mid-release)
 PAUSE_ENV = "CCURATE_SHARDS_PAUSE_AFTER_SHARD"
 _BLOCK = 512
-_RECORD = 20 * _BLOCK  # a tar file ends padded to whole 10 KiB records (tarfile, TarWriter)
 _MANIFEST_BATCH = 10_000  # manifest rows buffered per parquet write (memory bound)
 
 
@@ -90,13 +89,6 @@ def bucket_for(short_side: int, buckets: list[int]) -> str:
 
 def _member_size(n: int) -> int:
     return _BLOCK + (n + _BLOCK - 1) // _BLOCK * _BLOCK
-
-
-def _tar_file_size(members_end: int) -> int:
-    """Size on disk of a tar whose members end at `members_end`: two zero blocks, then
-    zeros to a whole record. `shard_max_bytes` bounds this, the size users see."""
-    end = members_end + 2 * _BLOCK
-    return end + -end % _RECORD
 
 
 class _ShardSink:
@@ -126,7 +118,8 @@ class _ShardSink:
         if self._tar is not None and self._rows:
             full = len(self._rows) >= self.cfg.samples_per_shard
             over = bool(self.cfg.shard_max_bytes) and (
-                _tar_file_size(self._tar.offset + need) > self.cfg.shard_max_bytes
+                # the size users see: end blocks and record padding included
+                archive_size(self._tar.offset + need) > self.cfg.shard_max_bytes
             )
             if full or over:
                 self.close()
