@@ -28,8 +28,10 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
   new shared-memory segment (the design before the ring).
 
 Ends with `RESULT shard_read ours_samples_s=… raw_samples_s=… ratio=… decode_aug_samples_s=…
-loader_ring_vs_fresh=… latent_samples_s=… latent_ring_vs_fresh=…` (the loaders with their
-reused batch buffers vs a new shared-memory segment per batch, interleaved in the same run).
+decode_aug_steady_samples_s=… loader_ring_vs_fresh=… latent_samples_s=… latent_ring_vs_fresh=…`
+(the loaders with their reused batch buffers vs a new shared-memory segment per batch,
+interleaved in the same run; `steady`: the rate after the first batches, what a long
+training run sees once its workers are up).
 """
 
 from __future__ import annotations
@@ -239,11 +241,17 @@ def _decode_run(urls: list[str], aug: Aug) -> Callable[[], int]:
     return lambda: decode_one_core(urls, aug)
 
 
+WARM_BATCHES = 8  # batches left out of the steady-state rate: worker start-up and first fills
+
+
 def decode_loader(
     urls: list[str], workers: int, batch: int, epochs: int, fresh: bool = False, mode: str = "image"
-) -> tuple[int, float, float]:
+) -> tuple[int, float, float, float]:
     """`epochs` passes of the trainer's own loader (`ShardDataset` + `TrainLoader`; random
-    flip on for images): samples, wall seconds, and the CPU seconds of all its processes.
+    flip on for images): samples, wall seconds, the CPU seconds of all its processes, and
+    the steady-state samples/s (wall clock after the first `WARM_BATCHES` batches: what a
+    long training run sees once its workers are up; a 3-epoch run here lasts ~2 s, of which
+    starting the workers takes a few tenths).
     `fresh`: the workers put every batch in a new shared-memory segment instead of their
     `BatchRing` (the design before it)."""
     spec = StreamSpec(tuple(urls), seed=0, shuffle_shards=True, shuffle_buffer=256)
@@ -259,35 +267,43 @@ def decode_loader(
     me = time.process_time()
     t0 = time.perf_counter()
     key = "pixels" if mode == "image" else "latents"
-    n = sum(b[key].shape[0] for b in loader.epoch())
+    n = n_warm = 0
+    t_warm = t0
+    for i, b in enumerate(loader.epoch()):
+        n += b[key].shape[0]
+        if i + 1 == WARM_BATCHES:
+            n_warm, t_warm = n, time.perf_counter()
     wall = time.perf_counter() - t0
     loader.close()
     del loader
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return n, wall, cpu + time.process_time() - me
+    steady = (n - n_warm) / max(wall - (t_warm - t0), 1e-9) if n > n_warm else 0.0
+    return n, wall, cpu + time.process_time() - me, steady
 
 
 def loader_ab(
     urls: list[str], args: argparse.Namespace, mode: str, label: str
-) -> dict[bool, tuple[float, float]]:
+) -> dict[bool, tuple[float, float, float]]:
     """Ring vs fresh segments, interleaved so that drift of a shared host's speed hits both
-    alike: {fresh: (samples/s wall, samples/s on the workers' cores by CPU time)}."""
-    rates: dict[bool, list[tuple[int, float, float]]] = {False: [], True: []}
+    alike: {fresh: (samples/s wall, samples/s on the workers' cores by CPU time, steady-state
+    samples/s)}, each of the run with the best wall time."""
+    rates: dict[bool, list[tuple[int, float, float, float]]] = {False: [], True: []}
     for _ in range(max(1, args.repeat - 1)):
         for fresh in (False, True):
             rates[fresh].append(
                 decode_loader(urls, args.workers, 64, args.loader_epochs, fresh, mode)
             )
-    out: dict[bool, tuple[float, float]] = {}
+    out: dict[bool, tuple[float, float, float]] = {}
     for fresh, runs in rates.items():
-        m, wall_s, cpu = min(runs, key=lambda r: r[1])
-        out[fresh] = (m / wall_s, m / cpu * args.workers if cpu else 0.0)
+        m, wall_s, cpu, steady = min(runs, key=lambda r: r[1])
+        out[fresh] = (m / wall_s, m / cpu * args.workers if cpu else 0.0, steady)
         what = "a new shared segment per batch" if fresh else "reused batch buffers"
         print(
             f"{label:21s}: {out[fresh][0]:9.0f} samples/s wall, {out[fresh][1]:.0f} samples/s "
-            f"on {args.workers} free cores (CPU time of all processes) [trainer's "
-            f"TrainLoader, {args.workers} workers, batch 64, {args.loader_epochs} epochs; {what}]"
+            f"on {args.workers} free cores (CPU time of all processes), {steady:.0f} samples/s "
+            f"steady state (after {WARM_BATCHES} batches) [trainer's TrainLoader, "
+            f"{args.workers} workers, batch 64, {args.loader_epochs} epochs; {what}]"
         )
     return out
 
@@ -340,8 +356,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"decode+aug, 1 core   : {rate:9.0f} samples/s per CPU-second  [{name}]")
         best = max(per_core, key=lambda k: per_core[k])
         loader = loader_ab(urls, args, "image", "decode+aug, loader")
-        loader_wall, loader_cpu = loader[False]
-        lat: dict[bool, tuple[float, float]] = {}
+        loader_wall, loader_cpu, loader_steady = loader[False]
+        lat: dict[bool, tuple[float, float, float]] = {}
         if args.latent_samples:
             lat_urls = write_latent_release(  # SD2-base shapes at 256 px
                 Path(tmp) / "latents",
@@ -362,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             f"stock_ratio={stock / raw:.3f} trainer_samples_s={trainer:.0f} "
             f"trainer_ratio={trainer / raw:.3f} decode_aug_samples_s={loader_wall:.0f} "
             f"decode_aug_cpu_samples_s={loader_cpu:.0f} "
+            f"decode_aug_steady_samples_s={loader_steady:.0f} "
             f"decode_aug_1core_samples_s={per_core[best]:.0f} best_1core_decoder={best} "
             f"workers={args.workers} loader_fresh_segments_samples_s={loader[True][0]:.0f} "
             f"loader_ring_vs_fresh={loader_wall / max(loader[True][0], 1e-9):.3f}"

@@ -35,7 +35,13 @@ import torch
 
 from ccurate.captioning.config import DEFAULT_MODEL, CaptionConfig
 from ccurate.executor import usable_cpus
-from ccurate.weights import WeightsNotFoundError, fetch_command, hub_cache, hub_offline
+from ccurate.weights import (
+    WeightsNotFoundError,
+    fetch_command,
+    files_sha256,
+    hub_cache,
+    hub_offline,
+)
 
 log = logging.getLogger("ccurate.captioning")
 
@@ -67,10 +73,11 @@ def _has_weights(path: Path) -> bool:
 def _local_revision(path: Path) -> str:
     """The commit a directory was downloaded at, or a short hash of its contents.
 
-    The hash reads every byte of the model's files (seconds for a multi-GB model,
-    once per worker): a fine-tune has the same file names and sizes as its base,
-    and must not be served the base's cached captions. It is the cache key on
-    every node, so it depends on content only (not on paths or mtimes).
+    The hash covers every byte of the model's files: a fine-tune has the same file
+    names and sizes as its base, and must not be served the base's cached captions.
+    It is the cache key on every node, so it depends on content only (not on paths
+    or mtimes); `files_sha256` reads each file once per machine, not once per worker
+    and run, while the file stays the same.
     """
     meta = path / ".cache" / "huggingface" / "download" / "config.json.metadata"
     if meta.is_file():
@@ -86,9 +93,8 @@ def _local_revision(path: Path) -> str:
         if weights:
             files |= weights
             break
-    for f in sorted(f for f in files if f.is_file()):
-        with f.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    digests = files_sha256(sorted(f for f in files if f.is_file()))
+    for f, digest in digests.items():
         h.update(f"{f.name}:{digest}\n".encode())
     return "local-" + h.hexdigest()[:12]
 

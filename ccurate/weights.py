@@ -10,7 +10,11 @@ that fetches it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +110,75 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def cache_dir() -> Path:
+    """ccurate's per-machine cache: `$CCURATE_CACHE_DIR`, else `$XDG_CACHE_HOME/ccurate`
+    (default `~/.cache/ccurate`); read now, not at import."""
+    own = os.environ.get("CCURATE_CACHE_DIR")
+    if own:
+        return Path(own).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ccurate"
+
+
+def digest_memo_path() -> Path:
+    """Where `files_sha256` remembers digests."""
+    return cache_dir() / "file-sha256.json"
+
+
+# a file changed less than this long ago is hashed but not remembered: file times tick at
+# the kernel's clock granularity (milliseconds), so a rewrite within the same tick would
+# keep every field of the identity (git calls such entries "racily clean")
+_RACY_NS = 2_000_000_000
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    # ctime changes on every write, rename or chmod and cannot be set from user space (unlike
+    # the mtime that `rsync -a` or `touch -r` copy): with size, inode and device it tells a
+    # file from any later content at the same path
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def files_sha256(paths: Iterable[Path], memo: Path | None = None) -> dict[Path, str]:
+    """SHA-256 hex digest of each file, remembered across runs by the file's identity.
+
+    Hashing a multi-GB model folder takes tens of seconds, and every worker of every run
+    did it again for the same unchanged files. A digest is reused only while the file's
+    size, mtime, ctime, inode and device all match what they were when it was hashed (and
+    only files unchanged for `_RACY_NS` are remembered), so the result is always the
+    content's digest. The memo is a cache: unreadable, corrupt
+    or unwritable, it is ignored (and the files are hashed)."""
+    memo = memo or digest_memo_path()
+    try:
+        known = json.loads(memo.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    out: dict[Path, str] = {}
+    changed = False
+    for path in paths:
+        key = str(path.resolve())
+        ident = _identity(path.stat())
+        entry = known.get(key)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == ident:
+            out[path] = str(entry[1])
+            continue
+        with path.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        settled = time.time_ns() - max(ident[1], ident[2]) >= _RACY_NS
+        if settled and _identity(path.stat()) == ident:  # and not rewritten while read
+            known[key] = [ident, digest]
+            changed = True
+        out[path] = digest
+    if changed:
+        from ccurate.shardio import atomic_path
+
+        known = {k: v for k, v in known.items() if os.path.exists(k)}
+        try:
+            with atomic_path(memo) as tmp:
+                tmp.write_text(json.dumps(known, sort_keys=True))
+        except OSError:
+            pass  # a read-only home: hashing again next time is the only cost
+    return out

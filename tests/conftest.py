@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# ccurate's per-machine cache (weight digests): the tests' own, never the user's
+os.environ["CCURATE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ccurate-test-cache-")
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = Path(os.environ.get("CCURATE_REAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "real"))
