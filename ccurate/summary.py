@@ -11,6 +11,9 @@ from ccurate.pipeline import StepResult
 
 
 def summary_table(results: Sequence[StepResult]) -> Table:
+    """One row per step. Ingest's inputs are URLs, pages and WARC records, and one page can
+    hold many images: its throughput counts the images handled (kept + dropped), and a
+    caption says how many images the inputs held."""
     table = Table(title="ccurate run summary", show_lines=False)
     for col, justify in [
         ("step", "left"),
@@ -22,10 +25,14 @@ def summary_table(results: Sequence[StepResult]) -> Table:
         ("throughput", "right"),
     ]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    notes = []
     for r in results:
         s = r.stats
         reasons = ", ".join(f"{k} {v}" for k, v in s.drops.most_common())
-        rate = s.n_in / r.wall_seconds if r.wall_seconds > 0 else 0.0
+        out = s.n_kept + s.n_dropped
+        if out > s.n_in:
+            notes.append(f"{r.step}: {s.n_in} inputs held {out} images")
+        rate = max(s.n_in, out) / r.wall_seconds if r.wall_seconds > 0 else 0.0
         resumed = f" ({s.skipped_shards} shards resumed)" if s.skipped_shards else ""
         table.add_row(
             r.step,
@@ -36,6 +43,8 @@ def summary_table(results: Sequence[StepResult]) -> Table:
             f"{r.wall_seconds:.1f}s{resumed}",
             f"{rate:.1f}/s",
         )
+    if notes:
+        table.caption = "; ".join(notes) + " (a page or WARC record can hold many)"
     return table
 
 
