@@ -54,7 +54,7 @@ app.add_typer(train_app, name="train")
 
 ConfigArg = Annotated[Path, typer.Argument(help="pipeline config (TOML)", show_default=False)]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", "-w", help="worker processes (overrides [run].workers)")
+    int | None, typer.Option("--workers", "-w", help="worker processes (overrides \\[run].workers)")
 ]
 
 
@@ -141,6 +141,10 @@ def make_executor(cfg: Any) -> Any:
         from ccurate.ray_executor import RayExecutor
 
         return RayExecutor(address=cfg.run.ray_address)
+    if cfg.run.executor == "slurm":
+        from ccurate.slurm_executor import SlurmExecutor
+
+        return SlurmExecutor(cfg.slurm)
     return LocalExecutor(cfg.run.workers)
 
 
@@ -165,7 +169,7 @@ def run(
     workers: WorkersOpt = None,
     steps: Annotated[str | None, typer.Option(help="comma-separated steps (default: all)")] = None,
     executor: Annotated[
-        str | None, typer.Option(help="local or ray (overrides [run].executor)")
+        str | None, typer.Option(help="local, ray or slurm (overrides \\[run].executor)")
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
 ) -> None:

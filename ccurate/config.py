@@ -22,6 +22,7 @@ from ccurate.ingest.config import IngestConfig
 from ccurate.ingest.sources import Source
 from ccurate.rebuild import RebuildConfig
 from ccurate.shards.config import ShardsConfig
+from ccurate.slurm_executor import SlurmConfig
 from ccurate.train.config import TrainConfig
 
 
@@ -36,7 +37,7 @@ class RunConfig(Section):
     train_dir: str | None = Field(None, description="default: <work_dir>/train")
     workers: int = Field(1, ge=1, le=1024)
     partition_size: int = Field(1000, ge=1, description="records per planned ingest shard")
-    executor: str = Field("local", pattern="^(local|ray)$")
+    executor: str = Field("local", pattern="^(local|ray|slurm)$")
     ray_address: str | None = None
 
     @property
@@ -60,6 +61,7 @@ class PipelineConfig(Section):
     shards: ShardsConfig = Field(default_factory=lambda: ShardsConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     rebuild: RebuildConfig = Field(default_factory=lambda: RebuildConfig())
+    slurm: SlurmConfig = Field(default_factory=lambda: SlurmConfig())
 
 
 class ConfigError(ValueError):

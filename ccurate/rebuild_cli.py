@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[
             int | None, typer.Option("--workers", "-w", help="worker processes")
         ] = None,
-        executor: Annotated[str | None, typer.Option(help="local or ray")] = None,
+        executor: Annotated[str | None, typer.Option(help="local, ray or slurm")] = None,
         address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
         as_json: JsonOpt = False,
     ) -> None:

@@ -72,7 +72,7 @@ def _input_errors() -> AbstractContextManager[None]:
 
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="TOML file; its [train] table is used")
+    Path | None, typer.Option("--config", help="TOML file; its \\[train] table is used")
 ]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a TrainConfig field: key=value")

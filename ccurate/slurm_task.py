@@ -1,0 +1,52 @@
+"""One Slurm array task: set the pickled stage up once, run its group of shards.
+
+`python -m ccurate.slurm_task JOB_DIR INDEX`, written into the array's batch script by
+`ccurate.slurm_executor`. Each shard publishes its completion marker as it finishes, so
+a task killed part-way (time limit, preemption) keeps what it finished and the driver
+resubmits the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+from ccurate.executor import ShardTask, run_task, set_worker_cpus, usable_cpus
+from ccurate.slurm_executor import STAGE_FILE, TASKS_FILE, worker_cpus_from_env
+from ccurate.stage import Stage
+
+
+def run_group(job_dir: Path, index: int) -> int:
+    """Run group `index` of the job; returns the number of shards processed."""
+    groups = json.loads((job_dir / TASKS_FILE).read_text())
+    if not 0 <= index < len(groups):
+        raise SystemExit(f"array index {index} out of range: the job has {len(groups)} groups")
+    stage: Stage = pickle.loads((job_dir / STAGE_FILE).read_bytes())
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    set_worker_cpus(worker_cpus_from_env() or usable_cpus())
+    stage.setup()
+    try:
+        for src, dst in groups[index]:
+            stats = run_task(stage, ShardTask(src, dst))
+            print(
+                f"{stage.name} {Path(dst).name}: in={stats.n_in} kept={stats.n_kept} "
+                f"dropped={stats.n_dropped}" + (" (already done)" if stats.skipped_shards else ""),
+                flush=True,
+            )
+    finally:
+        stage.teardown()
+    return len(groups[index])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or not args[1].isdigit():
+        raise SystemExit("usage: python -m ccurate.slurm_task JOB_DIR ARRAY_INDEX")
+    run_group(Path(args[0]), int(args[1]))
+
+
+if __name__ == "__main__":
+    main()
