@@ -18,10 +18,7 @@ Prints recall by overlay parameter (tiling, opacity, text height, angle, light/d
 font) and the missed overlays' texts. --no-achromatic runs the first OCR pass only.
 
 Usage: python bench/watermark_eval.py [--n-base 40] [--seed 0] [--threads 1] [--no-achromatic]
-       [--ocr-engine auto|onnxruntime|openvino]
-Ends with: RESULT watermark_eval recall=... fpr=... n_pos=... n_neg=... img_s=... engine=...
-[ort_img_s=... engine_speedup=... ort_recall=... ort_fpr=... decisions_agree=...] (the bracketed
-part when the engine is not onnxruntime: onnxruntime run on the same images, same settings)
+Ends with: RESULT watermark_eval recall=... fpr=... n_pos=... n_neg=... img_s=...
 """
 
 from __future__ import annotations
@@ -39,12 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from ccurate.filters.watermark import (
-    OcrReader,
-    WatermarkConfig,
-    WatermarkFilter,
-    resolve_ocr_engine,
-)
+from ccurate.filters.watermark import OcrReader, WatermarkConfig, WatermarkFilter
 from ccurate.record import Sample
 
 # ---- real photos shipped with installed packages -------------------------------------------
@@ -370,12 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ocr-side", type=int, default=WatermarkConfig().ocr_side)
-    ap.add_argument(
-        "--ocr-engine",
-        choices=["auto", "onnxruntime", "openvino"],
-        default="auto",
-        help="OCR runtime; other than onnxruntime, onnxruntime is also run on the same images",
-    )
     ap.add_argument("--anchor-n", type=int, default=12, help="images timed at rapidocr defaults")
     ap.add_argument("--save", default=None, help="folder to write the generated images to")
     ap.add_argument("--no-achromatic", action="store_true", help="first OCR pass only")
@@ -406,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             im.save(Path(args.save) / f"{i:04d}_{'pos' if lab else 'neg'}_{kind}.jpg", quality=90)
 
     cfg = WatermarkConfig(threads=args.threads, ocr_side=args.ocr_side,
-                          ocr_achromatic_pass=not args.no_achromatic,
-                          ocr_engine=args.ocr_engine)  # fmt: skip
-    engine = resolve_ocr_engine(cfg.ocr_engine)
+                          ocr_achromatic_pass=not args.no_achromatic)  # fmt: skip
     t0 = time.perf_counter()
     filt = WatermarkFilter(cfg)
     filt.setup()
@@ -428,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return float(pred[y == 1].mean()), float(pred[y == 0].mean())
 
     mean_side = np.mean([max(i.size) for i, _, _ in items])
-    print(f"\nOCR watermark detector (ocr_side={cfg.ocr_side}, threads={args.threads}, {engine}): "
+    print(f"\nOCR watermark detector (ocr_side={cfg.ocr_side}, threads={args.threads}): "
           f"load {load_s:.2f} s, {1000 * run_s / len(items):.0f} ms/img "
           f"over {len(items)} images (mean long side {mean_side:.0f})")  # fmt: skip
     print("threshold  recall  fpr")
@@ -485,25 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     img_s = len(items) / run_s
-    engine_note = ""
-    if engine != "onnxruntime":  # the same detector on onnxruntime: speed and agreement
-        ort = WatermarkFilter(cfg.model_copy(update={"ocr_engine": "onnxruntime"}))
-        ort.setup()
-        t0 = time.perf_counter()
-        ort_p = np.array([ort.decide(s).scores.get("pwatermark_ocr", 0.0) for s in samples])
-        ort_img_s = len(items) / (time.perf_counter() - t0)
-        o_recall, o_fpr = rates(ort_p >= cfg.ocr_threshold)
-        agree = int(((ort_p >= cfg.ocr_threshold) == flagged).sum())
-        print(f"onnxruntime, same images: recall={o_recall:.3f} fpr={o_fpr:.3f} "
-              f"{ort_img_s:.2f} img/s; {engine} {img_s / ort_img_s:.2f}x its speed, "
-              f"{agree}/{len(items)} decisions agree")  # fmt: skip
-        engine_note = (f" ort_img_s={ort_img_s:.2f} engine_speedup={img_s / ort_img_s:.2f} "
-                       f"ort_recall={o_recall:.3f} ort_fpr={o_fpr:.3f} "
-                       f"decisions_agree={agree}/{len(items)}")  # fmt: skip
     ok = recall >= 0.9 and fpr <= 0.05
     print(f"goal recall>=0.9 at fpr<=0.05: {'met' if ok else 'NOT met'}")
     print(f"RESULT watermark_eval recall={recall:.3f} fpr={fpr:.3f} n_pos={n_pos} n_neg={n_neg} "
-          f"img_s={img_s:.2f} engine={engine}{engine_note}")  # fmt: skip
+          f"img_s={img_s:.2f}")  # fmt: skip
     return 0
 
 

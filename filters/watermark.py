@@ -172,11 +172,7 @@ class WatermarkConfig(Section):
     # long side of the second pass's map (at most the first pass's): its detection costs
     # in proportion to the pixels
     ocr_achromatic_side: Annotated[int, Field(ge=64, le=4096)] = 480
-    threads: Annotated[int, Field(ge=0)] = 1  # OCR inference threads; 0 = all cores
-    # runtime for the OCR models (the same ONNX files rapidocr ships): OpenVINO runs them in
-    # bf16 on CPUs with native bf16 (AVX512-BF16, AMX): 1.5-1.9x onnxruntime per core here,
-    # and at onnxruntime's speed in f32 elsewhere; "auto" = openvino when it is installed
-    ocr_engine: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    threads: Annotated[int, Field(ge=0)] = 1  # onnxruntime intra-op threads; 0 = all cores
     brands: list[str] = Field(default_factory=lambda: list(DEFAULT_BRANDS))
     strong_words: list[str] = Field(default_factory=lambda: list(STRONG_WORDS))
     weak_words: list[str] = Field(default_factory=lambda: list(WEAK_WORDS))
@@ -400,54 +396,31 @@ def ocr_cues(
 # ---- OCR engine --------------------------------------------------------------------------
 
 
-def resolve_ocr_engine(name: str) -> str:
-    """`ocr_engine` as it will run: "auto" is openvino when importable, else onnxruntime."""
-    if name == "onnxruntime":
-        return name
-    try:
-        import openvino  # noqa: F401
-    except ImportError as err:
-        if name == "openvino":
-            raise ValueError(
-                "filters.watermark.ocr_engine = 'openvino' but OpenVINO is not installed: "
-                "pip install openvino (or use 'auto' or 'onnxruntime')"
-            ) from err
-        return "onnxruntime"
-    return "openvino"
-
-
 class OcrReader:
     """rapidocr with detection-first, capped recognition on a resized copy."""
 
     def __init__(self, cfg: WatermarkConfig) -> None:
         self.cfg = cfg
         self._engine: Any = None
-        self.engine = ""  # the runtime in use, once set up
 
     def setup(self) -> None:
         if self._engine is not None:
             return
-        from rapidocr import EngineType, RapidOCR
+        from rapidocr import RapidOCR
 
-        params: dict[str, Any] = {
-            "Global.log_level": "error",
-            "Global.use_cls": self.cfg.ocr_use_cls,
-            "Det.limit_type": "max",
-            "Det.limit_side_len": self.cfg.ocr_side,
-            "Det.thresh": self.cfg.ocr_det_thresh,
-            "Det.box_thresh": self.cfg.ocr_box_thresh,
-            "Det.score_mode": self.cfg.ocr_score_mode,
-        }
-        self.engine = resolve_ocr_engine(self.cfg.ocr_engine)
-        if self.engine == "openvino":
-            for model in ("Det", "Rec", "Cls"):  # the same shipped ONNX files, read by OpenVINO
-                params[f"{model}.engine_type"] = EngineType.OPENVINO
-            params["EngineConfig.openvino.inference_num_threads"] = self.cfg.threads or -1
-            params["EngineConfig.openvino.performance_hint"] = "LATENCY"
-        else:
-            params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.cfg.threads or -1
-            params["EngineConfig.onnxruntime.inter_op_num_threads"] = 1 if self.cfg.threads else -1
-        self._engine = RapidOCR(params=params)
+        self._engine = RapidOCR(
+            params={
+                "Global.log_level": "error",
+                "Global.use_cls": self.cfg.ocr_use_cls,
+                "Det.limit_type": "max",
+                "Det.limit_side_len": self.cfg.ocr_side,
+                "Det.thresh": self.cfg.ocr_det_thresh,
+                "Det.box_thresh": self.cfg.ocr_box_thresh,
+                "Det.score_mode": self.cfg.ocr_score_mode,
+                "EngineConfig.onnxruntime.intra_op_num_threads": self.cfg.threads or -1,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1 if self.cfg.threads else -1,
+            }
+        )
         # rapidocr loads its models on first use: load them now, so a worker pays (and a
         # broken install fails) in setup, not on its first image
         loaders = ["_load_det_model", "_load_rec_model"]
@@ -704,6 +677,4 @@ class WatermarkFilter(Filter):
         for k in ("brands", "strong_words", "weak_words"):
             d[k] = len(d[k])
         d["model_off_reason"] = self.model_off_reason
-        if self.cfg.enabled and self.cfg.ocr:
-            d["ocr_engine"] = resolve_ocr_engine(self.cfg.ocr_engine)  # as run, not "auto"
         return d

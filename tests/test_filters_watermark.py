@@ -7,7 +7,6 @@ import io
 import logging
 import math
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -378,46 +377,3 @@ def test_setup_loads_every_ocr_model_it_will_use() -> None:
     without = OcrReader(WatermarkConfig(ocr_use_cls=False))
     without.setup()
     assert without._engine.text_cls is None and without._engine.text_det is not None
-
-
-# ---- OCR runtime ------------------------------------------------------------------------------
-
-
-def test_openvino_and_onnxruntime_make_the_same_decisions(wm: WatermarkFilter) -> None:
-    """The same shipped ONNX models on either runtime (OpenVINO in bf16 where the CPU has it):
-    the same keep/drop and nearly the same score on kept, dropped and second-pass images."""
-    ov = WatermarkFilter(WatermarkConfig(ocr_engine="openvino"))
-    ort = WatermarkFilter(WatermarkConfig(ocr_engine="onnxruntime"))
-    ov.setup()
-    ort.setup()
-    assert ov._ocr is not None and ov._ocr.engine == "openvino"
-    assert ort._ocr is not None and ort._ocr.engine == "onnxruntime"
-    assert "OpenVINO" in type(ov._ocr._engine.text_det.session).__name__
-    assert "OpenVINO" not in type(ort._ocr._engine.text_det.session).__name__
-    images = [
-        overlay(photo(seed=1), "shutterstock", 44, 0.6),
-        photo(seed=2),
-        sign(photo(seed=3), "BAKERY"),
-        overlay(photo(seed=4), "PROOF", 30, 0.45, angle=30, tiled=True),
-        overlay(photo(seed=11), "Adobe Stock", 44, 0.4, angle=20),
-    ]
-    for i, im in enumerate(images):
-        a, b = ov.decide(sample(im)), ort.decide(sample(im))
-        assert (a.keep, a.reason) == (b.keep, b.reason), (i, a.scores, b.scores)
-        assert abs(a.scores["pwatermark_ocr"] - b.scores["pwatermark_ocr"]) <= 0.05, i
-    assert [d.keep for d in ov.decide_batch([sample(im) for im in images])] == [
-        False, True, True, False, False
-    ]  # fmt: skip
-
-
-def test_auto_engine_falls_back_to_onnxruntime_without_openvino(monkeypatch) -> None:
-    from ccurate.filters.watermark import resolve_ocr_engine
-
-    assert resolve_ocr_engine("auto") == "openvino"  # installed with the project
-    assert WatermarkFilter(WatermarkConfig()).describe()["ocr_engine"] == "openvino"
-    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    assert resolve_ocr_engine("auto") == "onnxruntime"
-    assert resolve_ocr_engine("onnxruntime") == "onnxruntime"
-    with pytest.raises(ValueError, match="pip install openvino"):
-        resolve_ocr_engine("openvino")
-    assert WatermarkFilter(WatermarkConfig()).describe()["ocr_engine"] == "onnxruntime"
