@@ -17,6 +17,7 @@ runs, submit the driver as a job of its own. Interrupting the driver cancels the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -38,7 +39,10 @@ from ccurate.executor import Executor, ShardTask
 from ccurate.shardio import atomic_path, is_done, read_marker
 from ccurate.stage import Stage, StageStats
 
+log = logging.getLogger(__name__)
+
 STAGE_FILE = "stage.pkl"
+SQUEUE_RETRIES = 20  # consecutive squeue failures tolerated (one per poll)
 TASKS_FILE = "tasks.json"
 SCRIPT_FILE = "job.sbatch"
 
@@ -127,8 +131,18 @@ class SlurmExecutor(Executor):
         return the shards still unfinished then."""
         pending = list(tasks)
         settle = 1  # one more look after the job is gone: NFS caches directory listings
+        failures = 0
         while True:
             running = _in_queue(job_id)  # asked first: markers written before it are seen
+            if running is None:  # the controller did not answer: assume the job still runs
+                failures += 1
+                if failures > SQUEUE_RETRIES:
+                    raise SlurmError(
+                        f"squeue has not answered for job {job_id} {failures} times in a row"
+                    )
+                running = True
+            else:
+                failures = 0
             still = []
             for t in pending:
                 if is_done(t.dst):
@@ -205,8 +219,9 @@ def _require(*commands: str) -> None:
         )
 
 
-def _in_queue(job_id: str) -> bool:
-    """Whether any task of the array is still pending or running."""
+def _in_queue(job_id: str) -> bool | None:
+    """Whether any task of the array is still pending or running; None when squeue failed
+    (a busy controller times out now and then: the caller asks again)."""
     proc = subprocess.run(
         ["squeue", "--noheader", "--jobs", job_id, "--format=%i"],
         capture_output=True,
@@ -217,7 +232,8 @@ def _in_queue(job_id: str) -> bool:
         # squeue exits 1 for a job id it no longer knows (finished and purged)
         if "Invalid job id" in proc.stderr:
             return False
-        raise SlurmError(f"squeue failed for job {job_id}: {proc.stderr.strip()}")
+        log.warning("squeue failed for job %s: %s", job_id, proc.stderr.strip())
+        return None
     return bool(proc.stdout.strip())
 
 

@@ -6,7 +6,8 @@ runs the array tasks one after another (`bash SCRIPT` with `SLURM_ARRAY_TASK_ID`
 `SLURM_ARRAY_JOB_ID` and `SLURM_CPUS_PER_TASK` set, output to the `%A_%a` log), and prints
 the job id. `squeue --jobs ID` prints the id while that process lives; `scancel ID` kills
 it. Every call is appended to `state_dir/calls.log`; `FAKE_SBATCH_ERROR` makes sbatch fail
-with that message, as Slurm does for a bad partition.
+with that message, as Slurm does for a bad partition; `FAKE_SQUEUE_FAILURES=N` makes the first
+N squeue calls time out, as a busy controller does.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ _SQUEUE = r"""
 import os, sys
 from pathlib import Path
 state = Path(os.environ["FAKE_SLURM_STATE"])
+fails = state / "squeue_failures"  # FAKE_SQUEUE_FAILURES: time out that many calls first
+done = int(fails.read_text()) if fails.exists() else 0
+if done < int(os.environ.get("FAKE_SQUEUE_FAILURES", "0")):
+    fails.write_text(str(done + 1))
+    sys.stderr.write("slurm_load_jobs error: Socket timed out on send/recv operation\n")
+    sys.exit(1)
 job = sys.argv[sys.argv.index("--jobs") + 1]
 pid_file = state / f"{job}.pid"
 if not pid_file.exists():

@@ -123,6 +123,26 @@ def test_unfinished_shards_are_resubmitted_once_then_named(tmp_path: Path, slurm
     assert any("corrupt shard" in p.read_text() for p in logs)  # the traceback is kept
 
 
+def test_squeue_timeouts_are_retried_then_reported(tmp_path: Path, slurm: Path, monkeypatch):
+    import ccurate.slurm_executor as se
+
+    inputs = _inputs(tmp_path, n_shards=2)
+    monkeypatch.setenv("FAKE_SQUEUE_FAILURES", "3")  # a busy controller, then answers
+    stats = SlurmExecutor(_cfg(), progress=False).map(
+        FilterStage([_OddDropper()]), tasks_for(inputs, tmp_path / "a")
+    )
+    assert stats.n_in == 8 and (slurm / "squeue_failures").read_text() == "3"
+    (slurm / "squeue_failures").unlink()
+    monkeypatch.setenv("FAKE_SQUEUE_FAILURES", "1000")  # never answers again
+    monkeypatch.setattr(se, "SQUEUE_RETRIES", 2)
+    monkeypatch.setattr(se, "is_done", lambda dst: False)
+    with pytest.raises(SlurmError, match="squeue has not answered for job 1001 3 times"):
+        SlurmExecutor(_cfg(), progress=False).map(
+            FilterStage([_OddDropper()]), tasks_for(inputs, tmp_path / "b")
+        )
+    assert "scancel 1001" in fake_slurm.calls(slurm)  # the array is not left running
+
+
 def test_interrupted_driver_cancels_the_array(tmp_path: Path, slurm: Path, monkeypatch):
     import ccurate.slurm_executor as se
 
