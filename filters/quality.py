@@ -71,7 +71,7 @@ _IMAGE_EXT = r"(?:jpe?g|jfif|png|gif|webp|bmp|tiff?|svg|heic|heif|avif)"
 _FILENAME_RE = re.compile(rf"^\S*[^\s/]\.{_IMAGE_EXT}(?:\?\S*)?$", re.IGNORECASE)
 _CAMERA_RE = re.compile(
     r"^(?:img|dsc|dscn|dscf|dcim|pict|pxl|imag|mvimg|p|gopr|dji|sam|wp|screenshot)"
-    r"[_\- ]?\d{3,}[\w\- ]*$",
+    r"[_\- ]?\d{3,}[\w\-]*$",  # one token after the number: "DSC 1234 at dusk" is prose
     re.IGNORECASE,
 )
 _NON_WORD_RE = re.compile(r"[\W\d_]+", re.UNICODE)

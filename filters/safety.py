@@ -40,7 +40,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from ccurate.configbase import Section
-from ccurate.filters.images import DecodeError, decode_rgb
+from ccurate.filters.images import DecodeError, decode_rgb, to_rgb
 from ccurate.record import Decision, Sample
 from ccurate.stage import Filter, Resources
 
@@ -223,7 +223,17 @@ def reencode_blurred(
         fmt = im.format or "PNG"
         im.load()
         has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-        src = im.convert("RGBA" if has_alpha else "RGB")
+        src = im.convert("RGBA") if has_alpha else to_rgb(im)  # 16-bit scaled, not clipped
+        # Boxes are in the stored pixel frame, so the EXIF orientation must survive the
+        # re-encode (else an upright phone photo kept as downloaded turns sideways), and so
+        # must an RGB colour profile (a CMYK or grey one no longer fits the RGB pixels).
+        meta: dict[str, Any] = {}
+        exif = im.getexif()
+        if exif:
+            meta["exif"] = exif.tobytes()
+        icc = im.info.get("icc_profile")
+        if icc and im.mode in ("RGB", "RGBA"):
+            meta["icc_profile"] = icc
     arr, n = blur_regions(np.asarray(src), boxes)
     if n == 0:
         return data, Image.MIME.get(fmt, "image/png"), 0
@@ -231,17 +241,17 @@ def reencode_blurred(
     buf = io.BytesIO()
     try:
         if fmt == "JPEG":
-            blurred.convert("RGB").save(buf, "JPEG", quality=jpeg_quality)
+            blurred.convert("RGB").save(buf, "JPEG", quality=jpeg_quality, **meta)
         elif fmt == "GIF":
             blurred.convert("RGB").quantize(256).save(buf, "GIF")
         elif fmt == "WEBP":
-            blurred.save(buf, "WEBP", quality=jpeg_quality)
+            blurred.save(buf, "WEBP", quality=jpeg_quality, **meta)
         else:
-            blurred.save(buf, fmt)
+            blurred.save(buf, fmt, **meta)
     except (OSError, KeyError, ValueError):
         fmt = "PNG"
         buf = io.BytesIO()
-        blurred.save(buf, "PNG")
+        blurred.save(buf, "PNG", **meta)
     return buf.getvalue(), Image.MIME.get(fmt, "image/png"), n
 
 

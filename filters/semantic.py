@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ccurate.filters.images import to_rgb
 from ccurate.shardio import iter_samples
 
 
@@ -35,8 +36,16 @@ def semantic_groups(
 
     Rows are visited in index order, so pass them best-first (keep policy); the
     first index of each group is its keeper. Deterministic for a given input.
+    Rows with a NaN/inf value (a model that overflowed on one image) join no group:
+    faiss refuses non-finite input, and one bad row must not abort the whole dedup.
     """
-    x = _normalise(embeddings)
+    emb = np.asarray(embeddings)
+    finite = np.isfinite(emb).all(axis=1) if emb.ndim == 2 else np.zeros(len(emb), bool)
+    if not finite.all():
+        idx = np.flatnonzero(finite)
+        sub = semantic_groups(emb[idx], n_clusters, eps, seed, block) if len(idx) else []
+        return [[int(idx[i]) for i in g] for g in sub]
+    x = _normalise(emb)
     n = len(x)
     if n < 2:
         return []
@@ -163,7 +172,8 @@ def embed_rows(
                     continue
                 try:
                     with Image.open(io.BytesIO(sample.image)) as im:
-                        pending.append((at, im.convert("RGB")))
+                        im.load()
+                        pending.append((at, to_rgb(im)))  # as the CLIP filter sees it
                 except Exception:  # undecodable: no embedding, stays out of semantic dedup
                     continue
                 if len(pending) >= embedder.batch_size:

@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from ccurate.filters.images import to_rgb
+
 if TYPE_CHECKING:
     from ccurate.ingest.config import IngestConfig
 
@@ -201,36 +203,6 @@ def _draft(img: Image.Image, opt: ImageOptions) -> None:
     reduce = 8 if reduce >= 8 else 4 if reduce >= 4 else 2
     # Pillow picks the largest scale s <= min(w // rw, h // rh)
     img.draft(None, (max(1, w // reduce), max(1, h // reduce)))
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB" and "transparency" not in img.info:
-        return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img)
-        if mode == "F":
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            if lo >= 0.0 and hi <= 1.0:
-                arr = arr * 255.0
-            out = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
-        else:
-            arr = arr.astype(np.int64)
-            if mode != "I" or int(arr.max(initial=0)) > 255:
-                arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535
-            out = np.clip(arr, 0, 255).astype(np.uint8)
-        return Image.fromarray(out, "L").convert("RGB")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    elif mode in ("L", "RGB") and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
 def _check_size_filters(w: int, h: int, opt: ImageOptions) -> None:
@@ -433,7 +405,7 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
             method = _TRANSPOSE.get(orientation)
             if method is not None:
                 img = img.transpose(method)
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
             if opt.keep_original:
                 mime = FORMAT_MIME.get(fmt_name, "application/octet-stream")
                 sha = hashlib.sha256(data).hexdigest()
