@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _plain(label: str) -> str:
+    """A label matplotlib draws as is: `$...$` in a reason or score name would be parsed
+    as mathtext (and a malformed one makes savefig raise)."""
+    return label.replace("$", r"\$")
+
+
 def _drops(work: Path, per_reason: int) -> tuple[Counter[str], dict[str, list[dict[str, Any]]]]:
     counts: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -70,7 +77,8 @@ def _plots(work: Path, drop_counts: Counter[str]) -> list[tuple[str, str]]:
     if drop_counts:
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(drop_counts) + 1))
         items = drop_counts.most_common()
-        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#c0504d")
+        labels = [_plain(k) for k, _ in items][::-1]
+        ax.barh(labels, [v for _, v in items][::-1], color="#c0504d")
         ax.set_xlabel("samples dropped")
         plots.append(("Drops by reason", _png(fig)))
         plt.close(fig)
@@ -96,12 +104,16 @@ def _plots(work: Path, drop_counts: Counter[str]) -> list[tuple[str, str]]:
         plots.append(("Sizes of kept images", _png(fig)))
         plt.close(fig)
     for name, values in sorted(scores.items()):
-        if len(set(values)) < 2:
+        # NaN/inf scores make hist raise (and a whole run end without its report)
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if len(set(finite)) < 2:
             continue
         fig, ax = plt.subplots(figsize=(4, 2.6))
-        ax.hist(values, bins=30, color="#4f81bd")
-        ax.set_title(name, fontsize=9)
-        plots.append((f"Score: {name} (kept samples)", _png(fig)))
+        ax.hist(finite, bins=30, color="#4f81bd")
+        ax.set_title(_plain(name), fontsize=9)
+        left_out = len(values) - len(finite)
+        note = f", {left_out} not finite left out" if left_out else ""
+        plots.append((f"Score: {name} (kept samples{note})", _png(fig)))
         plt.close(fig)
     return plots
 

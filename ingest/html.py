@@ -288,6 +288,17 @@ _AUTHOR_TOKENS = {"author", "creator", "dc:creator", "dct:creator", "dcterms:cre
 _TITLE_TOKENS = {"dc:title", "dct:title", "dcterms:title"}
 
 
+def _document_title(tree: LexborHTMLParser) -> LexborNode | None:
+    """The first HTML `<title>`: an inline SVG icon's `<title>` is not the page's."""
+    for node in tree.css("title"):
+        cur = node.parent
+        while cur is not None and cur.tag not in ("svg", "math"):
+            cur = cur.parent
+        if cur is None:
+            return node
+    return None
+
+
 def _ancestors(node: LexborNode, depth: int = MAX_CONTAINER_DEPTH) -> list[LexborNode]:
     out: list[LexborNode] = []
     cur = node.parent
@@ -306,8 +317,8 @@ class _Page:
     schema.org ImageObject/Photograph `itemscope`. Page-wide wrappers (an
     `itemscope` WebPage, Drupal's `about="/node/1"`) are deliberately not
     containers: their licence links are page evidence. A licence node belongs
-    to its nearest container that holds an image; nodes with no owner are page
-    evidence.
+    to its nearest container that an image reaches (`MAX_CONTAINER_DEPTH`
+    levels up from the image); nodes with no owner are page evidence.
     """
 
     def __init__(self, tree: LexborHTMLParser, page_url: str, ua_token: str) -> None:
@@ -316,14 +327,18 @@ class _Page:
         base_node = tree.css_first("base[href]")
         base_href = base_node.attributes.get("href") if base_node is not None else None
         self.base = (_norm_url(base_href, page_url) or page_url) if base_href else page_url
-        title_node = tree.css_first("title")
+        title_node = _document_title(tree)
         self.title = (clean_text(title_node.text()) or None) if title_node is not None else None
         self.optout: str | None = None
         self.page_author: str | None = None
         self.evidence: list[LicenseEvidence] = []
         self._seen: set[tuple[str, str]] = set()
         self._is_box: dict[int, bool] = {}
-        self._has_img: dict[int, bool] = {}
+        # containers some <img> looks up to (`containers_of(img)`): only these may own a
+        # licence node, else a node owned by a container no image reaches is lost
+        self._reached: set[int] = {
+            box.mem_id for img in tree.css("img") for box in self.containers_of(img)
+        }
         # container mem_id -> marked nodes it owns (licence links, attribution, titles)
         self.owned: dict[int, list[LexborNode]] = {}
         self._read_meta(ua_token)
@@ -363,12 +378,7 @@ class _Page:
 
     def _owner(self, node: LexborNode) -> LexborNode | None:
         for box in self.containers_of(node, depth=64):
-            mid = box.mem_id
-            has = self._has_img.get(mid)
-            if has is None:
-                has = box.css_first("img") is not None
-                self._has_img[mid] = has
-            if has:
+            if box.mem_id in self._reached:
                 return box
         return None
 

@@ -40,7 +40,7 @@ REASONS: dict[str, str] = {
 STATS: dict[str, str] = {
     "responses": "response records seen",
     "html_pages": "HTML 2xx responses parsed",
-    "non_html": "responses skipped: not text/html or xhtml",
+    "non_html": "responses skipped: not text/html or xhtml, or not HTTP (dns:)",
     "non_2xx": "responses skipped: HTTP status not 2xx",
     "page_error": "records skipped with a dropped page record",
     "payload_truncated": "pages parsed although the crawler truncated them (WARC-Truncated)",
@@ -147,10 +147,15 @@ def iter_warc(
             if not page_url:
                 page_url = f"{path.resolve().as_uri()}#offset={offset}"
             try:
+                if not record.is_http:
+                    st["non_html"] += 1  # dns:, whois: ... responses carry no HTTP message
+                    continue
                 http = record.http_headers
                 status = http.status_code if http is not None else None
                 ctype = (http.get("Content-Type") or "") if http is not None else ""
-                if status is None or not 200 <= int(status) < 300:
+                if status is None:  # e.g. a file clipped inside the HTTP header block
+                    raise ValueError("unreadable HTTP status line or headers")
+                if not 200 <= int(status) < 300:
                     st["non_2xx"] += 1
                     continue
                 mime = ctype.lower().split(";")[0].strip()
