@@ -9,7 +9,8 @@ Order of the plan (each step only sees what the previous ones left):
 
 1. decontamination: samples matching an evaluation set (`against`) ->
    `contaminated`; samples matching an earlier release (`previous`) ->
-   `duplicate_exact` / `duplicate_near` with `duplicate_of` = the earlier key;
+   `duplicate_exact` / `duplicate_near` with `duplicate_of` = the earlier key; a match
+   holds for every exact copy (same bytes or pixels) of the matched row too;
 2. exact groups: same file SHA-256 or same pixel SHA-256 (transitive: equality);
 3. near groups: 64-bit pHash (or dHash) within `radius` bits; with `verify = "dhash"`
    a pHash match must also be confirmed by the stored dHash (see below);
@@ -289,6 +290,14 @@ def _license_ranks(col: pa.ChunkedArray) -> np.ndarray:
 _HASH_COLUMNS = ("sha256", "pixel_sha256", "phash", "dhash")
 
 
+def _valid_hex(col: pa.ChunkedArray, chars: int) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """The column with anything but `chars` hex digits nulled, and which rows that are."""
+    col = col.cast(pa.string())
+    ok = pc.fill_null(pc.match_substring_regex(col, f"^[0-9a-fA-F]{{{chars}}}$"), False)
+    fixed = pc.if_else(ok, col, pa.scalar(None, pa.string()))
+    return fixed, ~np.asarray(ok.to_numpy(), bool).reshape(len(col))
+
+
 def _fill_missing_hashes(
     prefix: str, t: pa.Table, need: np.ndarray
 ) -> tuple[pa.Table, dict[int, Computed], int]:
@@ -345,7 +354,11 @@ def _load_rows(inputs: list[str], cfg: DedupConfig) -> _Rows:
         if want_dh:
             wanted.append("dhash")
         for c in wanted:
-            need |= np.asarray(t.column(c).is_null().to_numpy(zero_copy_only=False), bool)
+            # empty or malformed hex counts as missing: recomputed from the image, not
+            # silently left out of exact / near dedup
+            col, invalid = _valid_hex(t.column(c), 64 if c.endswith("sha256") else 16)
+            t = t.set_column(t.column_names.index(c), c, col)
+            need |= invalid
         if need.any():
             t, got, bad = _fill_missing_hashes(prefix, t, need)
             computed.update({base + r: v for r, v in got.items()})
@@ -432,6 +445,56 @@ def _resolve(target: np.ndarray, reason: np.ndarray) -> None:
         target[moved] = nxt[moved]
 
 
+def _exact_components(rows: _Rows, valid: np.ndarray) -> np.ndarray:
+    """Component id per row over equal file or pixel SHA-256 (rows not `valid`: alone)."""
+    n = len(valid)
+    sh, sl, sok = rows.sha
+    ph, pl, pok = rows.pix
+    sid = group_ids([sh, sl], sok & valid)
+    pid = group_ids([ph, pl], pok & valid)
+    ns, npx = int(sid.max(initial=-1)) + 1, int(pid.max(initial=-1)) + 1
+    if ns == 0 and npx == 0:
+        return np.arange(n, dtype=np.int64)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a = np.concatenate([np.flatnonzero(sid >= 0), np.flatnonzero(pid >= 0)])
+    b = np.concatenate([n + sid[sid >= 0], n + ns + pid[pid >= 0]])
+    size = n + ns + npx
+    g = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(size, size))
+    _, comp = connected_components(g, directed=False)
+    return np.asarray(comp[:n], np.int64)
+
+
+def _spread_to_exact_copies(
+    rows: _Rows,
+    alive: np.ndarray,
+    rank: np.ndarray,
+    match: np.ndarray,
+    dist: np.ndarray,
+    exact: np.ndarray,
+) -> None:
+    """A reference match holds for every exact copy (same bytes or pixels) of the row.
+
+    A reference set may lack the hash that links a copy (e.g. only file SHA-256s: a
+    re-encode with equal pixels is not met), and the plan takes matched rows out
+    before exact grouping, so without this the copy would stay as a fresh keeper.
+    Each component takes its closest, then best-ranked, matched row's match.
+    """
+    hit = alive & (match >= 0)
+    if not hit.any():
+        return
+    comp = _exact_components(rows, alive)
+    h = np.flatnonzero(hit)
+    h = h[np.lexsort((rank[h], dist[h], comp[h]))]
+    first = np.r_[True, comp[h][1:] != comp[h][:-1]]
+    src = np.full(int(comp.max(initial=-1)) + 1, -1, np.int64)
+    src[comp[h[first]]] = h[first]
+    fill = np.flatnonzero(alive & (match < 0) & (src[comp] >= 0))
+    s = src[comp[fill]]
+    match[fill], dist[fill], exact[fill] = match[s], dist[s], exact[s]
+
+
 @dataclass
 class Plan:
     """The decisions for every row (arrays over all input rows) and a summary."""
@@ -467,6 +530,7 @@ def plan_dedup(
         if ref is None:
             continue
         match, dist, exact = match_reference(rows, alive, ref, cfg)
+        _spread_to_exact_copies(rows, alive, rank, match, dist, exact)
         hit = np.flatnonzero(match >= 0)
         ext_src[hit] = src
         ext_idx[hit] = match[hit]
@@ -475,29 +539,15 @@ def plan_dedup(
         alive[hit] = False
 
     if cfg.exact:
-        sh, sl, sok = rows.sha
-        ph, pl, pok = rows.pix
-        sid = group_ids([sh, sl], sok & alive)
-        pid = group_ids([ph, pl], pok & alive)
-        ns, npx = int(sid.max(initial=-1)) + 1, int(pid.max(initial=-1)) + 1
-        if ns > 0 or npx > 0:
-            from scipy.sparse import coo_matrix
-            from scipy.sparse.csgraph import connected_components
-
-            a = np.concatenate([np.flatnonzero(sid >= 0), np.flatnonzero(pid >= 0)])
-            b = np.concatenate([n + sid[sid >= 0], n + max(ns, 0) + pid[pid >= 0]])
-            size = n + max(ns, 0) + max(npx, 0)
-            g = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(size, size))
-            _, comp = connected_components(g, directed=False)
-            comp = comp[:n]
-            idx = np.flatnonzero(alive)
-            o = idx[np.lexsort((rank[idx], comp[idx]))]
-            first = np.ones(len(o), bool)
-            first[1:] = comp[o[1:]] != comp[o[:-1]]
-            keeper_of = o[np.maximum.accumulate(np.where(first, np.arange(len(o)), 0))]
-            dup = keeper_of != o
-            target[o[dup]] = keeper_of[dup]
-            reason[o[dup]] = _EXACT
+        comp = _exact_components(rows, alive)
+        idx = np.flatnonzero(alive)
+        o = idx[np.lexsort((rank[idx], comp[idx]))]
+        first = np.ones(len(o), bool)
+        first[1:] = comp[o[1:]] != comp[o[:-1]]
+        keeper_of = o[np.maximum.accumulate(np.where(first, np.arange(len(o)), 0))]
+        dup = keeper_of != o
+        target[o[dup]] = keeper_of[dup]
+        reason[o[dup]] = _EXACT
 
     if cfg.near:
         cand = np.flatnonzero(alive & (target == np.arange(n)) & rows.code_ok)
@@ -749,10 +799,11 @@ class DedupStage(Stage):
                 s.record(Decision(self.name, True))
                 continue
             action, reason, dup_of, size, ham, cos, sha, pix, ph, dh = d
-            s.sha256 = s.sha256 or sha
-            s.pixel_sha256 = s.pixel_sha256 or pix
-            s.phash = s.phash or ph
-            s.dhash = s.dhash or dh
+            # the plan carries a hash only where the stored one was missing or malformed
+            s.sha256 = sha or s.sha256
+            s.pixel_sha256 = pix or s.pixel_sha256
+            s.phash = ph or s.phash
+            s.dhash = dh or s.dhash
             scores: dict[str, float] = {}
             if ham is not None:
                 scores["hamming"] = float(ham)
