@@ -95,13 +95,16 @@ _FOOTER_SEL = (
 class PageExtract:
     """What one page yields: its images (kept; see `samples()`) plus page-level facts.
 
-    `optout` is the page's opt-out reason or None; images are returned kept so
-    the caller decides (`samples()` applies the drop). `skipped` counts `<img>`
-    elements that produced no sample, by the reasons in `SKIPS`.
+    `optout` is the page's opt-out reason or None (meta robots ranks before a TDM
+    reservation); `optouts` every one the page declares, for a caller that honours
+    only some. Images are returned kept so the caller decides (`samples()` applies
+    the drop). `skipped` counts `<img>` elements that produced no sample, by the
+    reasons in `SKIPS`.
     """
 
     images: list[Sample]
     optout: str | None = None
+    optouts: set[str] = field(default_factory=set)
     page_license_evidence: list[LicenseEvidence] = field(default_factory=list)
     title: str | None = None
     n_img: int = 0
@@ -330,6 +333,7 @@ class _Page:
         title_node = _document_title(tree)
         self.title = (clean_text(title_node.text()) or None) if title_node is not None else None
         self.optout: str | None = None
+        self.optouts: set[str] = set()
         self.page_author: str | None = None
         self.evidence: list[LicenseEvidence] = []
         self._seen: set[tuple[str, str]] = set()
@@ -393,6 +397,8 @@ class _Page:
             name = (m.attributes.get("name") or "").strip().lower()
             content = m.attributes.get("content") or ""
             reason = meta_optout(name, content, ua_token)
+            if reason:
+                self.optouts.add(reason)
             if reason and self.optout != "optout_meta_robots":
                 self.optout = reason  # both drop; robots is the more explicit signal
             if name == "author" and content.strip() and self.page_author is None:
@@ -603,6 +609,7 @@ def extract_images(
         out = PageExtract(
             images=[],
             optout=page.optout,
+            optouts=set(page.optouts),
             page_license_evidence=list(page.evidence),
             title=page.title,
         )

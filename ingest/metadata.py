@@ -8,6 +8,7 @@ them to licence ids is the licence filter's job.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from selectolax.lexbor import LexborHTMLParser
@@ -55,15 +56,22 @@ def flickr_evidence(license_id: int | str) -> LicenseEvidence:
     return LicenseEvidence("metadata", "flickr", f"flickr:{int(raw)}")
 
 
+# tags that break a line when rendered: a space goes before each, so "a<br>b" reads "a b";
+# inline tags (<a>, <span>, <b>) join their text as a browser does ("Photo by <a>X</a>.")
+_BREAK_TAG = re.compile(
+    r"(<(?:br|hr|/?(?:p|div|li|ul|ol|dl|dt|dd|tr|td|th|table|h[1-6]|blockquote))\b)", re.I
+)
+
+
 def strip_html(value: str | None) -> str | None:
     """Text of an HTML fragment (Commons' Artist is a link), entities decoded, spaces collapsed."""
     if value is None:
         return None
     if "<" not in value and "&" not in value:
         return clean_text(value) or None
-    tree = LexborHTMLParser(value)
+    tree = LexborHTMLParser(_BREAK_TAG.sub(r" \1", value))
     body = tree.body
-    text = body.text(deep=True, separator=" ") if body is not None else value
+    text = body.text(deep=True) if body is not None else value
     return clean_text(text) or None
 
 
@@ -72,6 +80,10 @@ def _field(ext: dict[str, Any], name: str) -> str | None:
     item = ext.get(name)
     if isinstance(item, dict):
         item = item.get("value")
+    if isinstance(item, dict):
+        # iiextmetadatamultilang: {"en": ..., "de": ..., "_type": "lang"}; English, else the first
+        langs = {k: v for k, v in item.items() if not str(k).startswith("_")}
+        item = langs.get("en", next(iter(langs.values()), None))
     if item is None:
         return None
     text = str(item).strip()
@@ -94,6 +106,8 @@ def wikimedia_evidence(extmetadata: dict[str, Any]) -> tuple[list[LicenseEvidenc
     if not isinstance(extmetadata, dict):
         raise ValueError(f"extmetadata must be a dict, got {type(extmetadata).__name__}")
     ext = extmetadata.get("extmetadata", extmetadata)  # tolerate the enclosing imageinfo item
+    if not isinstance(ext, dict):
+        ext = {}  # `"extmetadata": null` (a catalog row without it): no evidence, no crash
     evidence: list[LicenseEvidence] = []
     for name in _WIKI_PRIMARY:
         v = _field(ext, name)

@@ -68,7 +68,8 @@ REASONS: dict[str, str] = {
     "too_large": "body (or decompressed body) above max_bytes / max_page_bytes",
     "not_an_image": "the bytes are no raster image (HTML, SVG, text, empty), whatever the "
     "content type said; also an image URL answered with text/html",
-    "decode_error": "an image signature but truncated or corrupt data",
+    "decode_error": "an image signature but truncated or corrupt data; also an image that "
+    "decodes but cannot be converted, hashed or re-encoded (e.g. a side over JPEG's 65500)",
     "decompression_bomb": "width x height above max_pixels (checked before decoding)",
     "optout_x_robots_tag": "X-Robots-Tag noai/noimageai for all bots or for our token",
     "optout_meta_robots": "the page's <meta name=robots|ccurate> says noai/noimageai",
@@ -263,6 +264,12 @@ class IngestStage(Stage):
             s.image = None
             s.drop(e.reason, STAGE)
             return s
+        except Exception:
+            # an encoder or hasher failure on one image (Pillow raises OSError for a JPEG
+            # side over 65500) must drop that image, not abort the batch and lose the others
+            s.image = None
+            s.drop("decode_error", STAGE)
+            return s
         s.image = out.data
         s.mime = out.mime
         s.width, s.height = out.width, out.height
@@ -322,12 +329,13 @@ class IngestStage(Stage):
         if extract.error:
             page.drop("page_error", STAGE)
             return page
-        optout = extract.optout
-        if optout == "optout_meta_robots" and c.respect_meta_robots:
-            page.drop(optout, STAGE)
+        # every opt-out the page declares, not only the first-ranked one: with meta robots
+        # not honoured, a TDM reservation on the same page must still count
+        if "optout_meta_robots" in extract.optouts and c.respect_meta_robots:
+            page.drop("optout_meta_robots", STAGE)
             return page
-        if optout == "optout_tdmrep" and c.respect_tdmrep:
-            page.drop(optout, STAGE)
+        if "optout_tdmrep" in extract.optouts and c.respect_tdmrep:
+            page.drop("optout_tdmrep", STAGE)
             return page
         images: list[Sample] = []
         seen: set[str] = set()
