@@ -6,7 +6,9 @@ Every downloaded body either becomes an encoded RGB image or a drop reason:
   JSON, empty body) — judged on the bytes, not the claimed content type;
 - `decode_error`: an image signature, but truncated or corrupt data;
 - `decompression_bomb`: width x height above `max_pixels`, checked from the
-  header before any pixel is decoded (a 1 KB PNG can claim 100k x 100k);
+  header before any pixel is decoded (a 1 KB PNG can claim 100k x 100k); also
+  when the resize would produce that many (a 1 x 20000 strip with its short
+  side scaled to 256);
 - `image_too_small` / `image_too_large` / `image_bad_aspect`: only when the
   optional size filters are set (off by default: the quality filter decides).
 
@@ -185,8 +187,17 @@ def _scaled_dims(w: int, h: int, opt: ImageOptions) -> tuple[int, int] | None:
         return None
     f = s / side
     if by_small:
-        return (s, max(1, round(h * f))) if w <= h else (max(1, round(w * f)), s)
-    return (max(1, round(w * f)), s) if h >= w else (s, max(1, round(h * f)))
+        dims = (s, max(1, round(h * f))) if w <= h else (max(1, round(w * f)), s)
+    else:
+        dims = (max(1, round(w * f)), s) if h >= w else (s, max(1, round(h * f)))
+    if dims[0] * dims[1] > opt.max_pixels:
+        # scaling the short side up (keep_ratio, center_crop) of a 1 x 20000 strip would
+        # allocate gigabytes before any crop: a bomb on the output side
+        raise ImageDrop(
+            "decompression_bomb",
+            f"resizing {w}x{h} to {dims[0]}x{dims[1]} exceeds {opt.max_pixels} pixels",
+        )
+    return dims
 
 
 def _draft(img: Image.Image, opt: ImageOptions) -> None:

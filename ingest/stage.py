@@ -70,7 +70,8 @@ REASONS: dict[str, str] = {
     "content type said; also an image URL answered with text/html",
     "decode_error": "an image signature but truncated or corrupt data; also an image that "
     "decodes but cannot be converted, hashed or re-encoded (e.g. a side over JPEG's 65500)",
-    "decompression_bomb": "width x height above max_pixels (checked before decoding)",
+    "decompression_bomb": "width x height above max_pixels (checked before decoding), or a "
+    "resize that would produce that many pixels (a thin strip scaled up by its short side)",
     "optout_x_robots_tag": "X-Robots-Tag noai/noimageai for all bots or for our token",
     "optout_meta_robots": "the page's <meta name=robots|ccurate> says noai/noimageai",
     "optout_tdmrep": "TDMRep: tdm-reservation header or meta, or /.well-known/tdmrep.json rule",

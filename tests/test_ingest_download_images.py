@@ -177,6 +177,24 @@ def test_bombs_are_refused_before_decoding():
     assert e.value.reason == "decompression_bomb"
 
 
+def test_a_resize_that_would_make_a_bomb_is_refused():
+    """A 1 x 20000 strip is 20k pixels, but keep_ratio scales its short side to 256: 5.1M x 256
+    (1.3 G pixels, ~4 GB of RGB) before any crop. Refused as a bomb, not allocated."""
+    strip = Image.new("L", (1, 20000), 90)
+    buf = io.BytesIO()
+    strip.save(buf, "PNG")
+    for mode in ("keep_ratio", "center_crop"):
+        with pytest.raises(ImageDrop) as e:
+            process_image(buf.getvalue(), ImageOptions(image_size=256, resize_mode=mode))
+        assert e.value.reason == "decompression_bomb" and "256x5120000" in str(e.value)
+    wide = io.BytesIO()
+    Image.new("RGB", (2000, 10), (9, 9, 9)).save(wide, "PNG")  # 51,200 x 256: within the cap
+    out = process_image(wide.getvalue(), ImageOptions(image_size=256, resize_mode="keep_ratio"))
+    assert (out.width, out.height) == (51200, 256)
+    border = process_image(buf.getvalue(), ImageOptions(image_size=256, resize_mode="border"))
+    assert (border.width, border.height) == (256, 256)  # by the long side: no blow-up
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
