@@ -39,16 +39,20 @@ _WIKI_PRIMARY = ("LicenseUrl", "License")
 _WIKI_FALLBACK = ("LicenseShortName", "UsageTerms")
 
 
-def flickr_evidence(license_id: int | str) -> LicenseEvidence:
+def flickr_evidence(license_id: int | float | str) -> LicenseEvidence:
     """`LicenseEvidence("metadata", "flickr", "flickr:N")` for a Flickr API licence id.
 
     Raises ValueError for anything that is not a non-negative integer id, so a
-    wrong column (a licence *name*, a URL) is caught where it is read.
+    wrong column (a licence *name*, a URL) is caught where it is read. A whole
+    float (4.0: an integer column with gaps, as pandas stores it) is that integer;
+    only ASCII digits count (`str.isdigit` also takes "٤" and superscripts).
     """
     if isinstance(license_id, bool):
         raise ValueError(f"Flickr licence id must be an integer, got {license_id!r}")
+    if isinstance(license_id, float) and license_id.is_integer():
+        license_id = int(license_id)
     raw = str(license_id).strip()
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise ValueError(
             f"Flickr licence id must be a non-negative integer (API field `license`), "
             f"got {license_id!r}"

@@ -138,3 +138,13 @@ def test_multilingual_extmetadata_values_take_english_then_the_first():
     assert attribution["author"] == "Ann"
     assert attribution["title"] == "Un arbre"
     assert [e.value for e in evidence] == ["CC BY 4.0"]
+
+
+def test_flickr_ids_are_ascii_integers_and_whole_floats():
+    from ccurate.ingest.metadata import flickr_evidence
+
+    assert flickr_evidence(4.0).value == "flickr:4"  # pandas' integer column with gaps
+    assert flickr_evidence(" 10 ").value == "flickr:10"
+    for bad in ("٤", "²", 4.5, float("nan"), "-1", "by-sa"):
+        with pytest.raises(ValueError, match="Flickr licence id"):
+            flickr_evidence(bad)
