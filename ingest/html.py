@@ -430,19 +430,16 @@ class _Page:
                 self._add(LicenseEvidence("page", kind, _abs_or_raw(_attr_value(node), self.base)))
 
     def _read_footer(self) -> None:
-        chosen: set[int] = set()
-        found = False
-        for node in self.tree.css(_FOOTER_SEL):
-            if node.tag in ("html", "body"):
-                continue
-            if any(a.mem_id in chosen for a in _ancestors(node, 64)):
-                continue  # inside a footer already read
-            chosen.add(node.mem_id)
-            snip = _snippet(_text(node))
-            if snip:
-                found = True
+        nodes = [n for n in self.tree.css(_FOOTER_SEL) if n.tag not in ("html", "body")]
+        marks = [(n, snip) for n in nodes if (snip := _snippet(_text(n)))]
+        # the innermost matches that carry a rights mark: a match around another is a
+        # wrapper ("no-footer-widgets" around the whole page), whose first mark may be an
+        # image caption's "© photographer" rather than the site's footer
+        outer = {a.mem_id for n, _ in marks for a in _ancestors(n, 64)}
+        for node, snip in marks:
+            if node.mem_id not in outer:
                 self._add(LicenseEvidence("page", "text", snip))
-        if not found and not chosen:
+        if not nodes:
             # no footer element at all: the end of the body is where sites put "©"
             body = self.tree.body
             if body is not None:

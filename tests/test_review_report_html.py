@@ -120,3 +120,23 @@ def test_warc_clipped_in_http_headers_is_a_page_error_and_dns_is_not_a_status(
     errors = [s for s in out if not s.kept]
     assert [(s.url, s.drop_reason) for s in errors] == [("http://a.test/2", "page_error")]
     assert st["page_error"] == 1 and st["non_2xx"] == 0 and st["non_html"] == 1
+
+
+def test_a_footer_named_wrapper_does_not_pass_a_caption_off_as_the_site_footer():
+    """`[class*=footer]` also matches a whole-page wrapper ("no-footer-widgets"): its first
+    rights mark is an image caption's. The innermost marked footer is the page's."""
+    from ccurate.ingest.html import extract_images
+
+    html = """<html><body><div class="page no-footer-widgets">
+      <figure><img src="a.jpg"><figcaption>© Jane Doe, all rights reserved</figcaption></figure>
+      <footer><p>Site text under CC BY-SA 4.0. © 2021 ACME Media</p>
+        <span class="footer-note">Made with care</span></footer>
+    </div></body></html>"""
+    page = extract_images(html, "https://example.org/p")
+    texts = [e.value for e in page.page_license_evidence if e.kind == "text"]
+    assert len(texts) == 1 and "ACME Media" in texts[0] and "Jane" not in texts[0]
+    # a footer whose only inner match has no mark is still read as a whole
+    html2 = """<html><body><img src="a.jpg"><footer><span class="copyright-year">2020</span>
+      All rights reserved ACME</footer></body></html>"""
+    texts2 = [e.value for e in extract_images(html2, "https://e.org/").page_license_evidence]
+    assert any("All rights reserved ACME" in t for t in texts2)
