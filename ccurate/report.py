@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 
+from ccurate.pixels import to_rgb
 from ccurate.shardio import iter_samples, list_shards
 
 STEP_ORDER = ["00_plan", "10_ingest", "20_filter", "30_dedup", "40_caption"]
@@ -30,7 +31,8 @@ def _thumb(data: bytes | None, size: int = 128) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.draft("RGB", (size, size))
-            im = opened.convert("RGB")
+            # upright as a viewer shows it, transparency on white (convert made it black)
+            im = to_rgb(ImageOps.exif_transpose(opened))
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)

@@ -40,7 +40,8 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from ccurate.configbase import Section
-from ccurate.filters.images import DecodeError, decode_rgb, to_rgb
+from ccurate.filters.images import DecodeError, decode_rgb
+from ccurate.pixels import to_rgb
 from ccurate.record import Decision, Sample
 from ccurate.stage import Filter, Resources
 

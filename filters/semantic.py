@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ccurate.filters.images import to_rgb
+from ccurate.pixels import to_rgb
 from ccurate.shardio import iter_samples
 
 

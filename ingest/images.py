@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ccurate.filters.images import to_rgb
+from ccurate.pixels import to_rgb
 
 if TYPE_CHECKING:
     from ccurate.ingest.config import IngestConfig

@@ -87,7 +87,8 @@ def test_semantic_groups_skip_a_non_finite_embedding() -> None:
 def test_16_bit_and_float_images_decode_to_their_grey_level_not_white() -> None:
     """Pillow's convert("RGB") clips 16-bit grey at 255 (mid-grey came out white and was
     dropped as low_entropy); the filters now decode as ingest does: scaled to 8 bits."""
-    from ccurate.filters.images import decode_rgb, to_rgb
+    from ccurate.filters.images import decode_rgb
+    from ccurate.pixels import to_rgb
 
     ramp = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
     buf = io.BytesIO()

@@ -140,3 +140,26 @@ def test_a_footer_named_wrapper_does_not_pass_a_caption_off_as_the_site_footer()
       All rights reserved ACME</footer></body></html>"""
     texts2 = [e.value for e in extract_images(html2, "https://e.org/").page_license_evidence]
     assert any("All rights reserved ACME" in t for t in texts2)
+
+
+def test_report_thumbnails_are_upright_and_transparency_is_white():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from ccurate.report import _thumb
+
+    def decode(uri: str | None) -> Image.Image:
+        assert uri is not None and uri.startswith("data:image/jpeg;base64,")
+        return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+
+    clear = io.BytesIO()
+    Image.new("RGBA", (40, 20), (0, 0, 0, 0)).save(clear, "PNG")
+    assert min(decode(_thumb(clear.getvalue())).getpixel((5, 5))) > 240  # not black
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    phone = io.BytesIO()
+    Image.new("RGB", (60, 30), (200, 30, 30)).save(phone, "JPEG", exif=exif.tobytes())
+    thumb = decode(_thumb(phone.getvalue()))
+    assert thumb.height > thumb.width
