@@ -95,7 +95,7 @@ class SlurmExecutor(Executor):
                 raise
             if not left:
                 return
-        logs = Path(_job_dir(stage, left, 0)).parent
+        logs = _jobs_root(stage, left)
         names = ", ".join(Path(t.dst).name for t in left[:5]) + (" ..." if len(left) > 5 else "")
         raise SlurmError(
             f"stage {stage.name}: {len(left)} shard(s) unfinished after "
@@ -204,10 +204,15 @@ def _groups(tasks: list[ShardTask], max_groups: int) -> list[list[ShardTask]]:
     return out
 
 
+def _jobs_root(stage: Stage, tasks: list[ShardTask]) -> Path:
+    """Beside the step's outputs: `_slurm/<stage>`, one folder per submitted job in it."""
+    return Path(tasks[0].dst).parent / "_slurm" / stage.name
+
+
 def _job_dir(stage: Stage, tasks: list[ShardTask], attempt: int) -> Path:
-    """Beside the step's outputs: `_slurm/<stage>/<time>-<attempt>-<random>`."""
-    root = Path(tasks[0].dst).parent / "_slurm" / stage.name
-    return root / f"{time.strftime('%Y%m%d-%H%M%S')}-{attempt}-{uuid.uuid4().hex[:6]}"
+    """`<_jobs_root>/<time>-<attempt>-<random>`."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{attempt}-{uuid.uuid4().hex[:6]}"
+    return _jobs_root(stage, tasks) / stamp
 
 
 def _require(*commands: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from ccurate.executor import LocalExecutor, tasks_for
 from ccurate.stage import FilterStage
+from tests.executor_compare import demo_on, release_sums
 from tests.test_spine import _inputs, _OddDropper
 
 pytestmark = pytest.mark.ray
@@ -53,30 +54,13 @@ def test_ray_matches_local_and_resumes_local_markers(tmp_path: Path, ray_local):
 
 def test_ray_and_local_pipelines_publish_the_same_release(tmp_path: Path, ray_local):
     """The whole pipeline (ingest over loopback HTTP .. release) on both executors."""
-    from ccurate.config import PipelineConfig
-    from ccurate.demo.corpus import generate
-    from ccurate.demo.run import demo_config
-    from ccurate.demo.server import serve_directory
-    from ccurate.pipeline import Pipeline
     from ccurate.ray_executor import RayExecutor
 
-    corpus = generate(tmp_path / "corpus", n_images=40, per_page=8, seed=3)
-
-    def run(name: str, executor: object, base_url: str) -> tuple[Path, PipelineConfig]:
-        cfg = demo_config(corpus, base_url, tmp_path / name, 2, None, 1)
-        cfg.train.enabled = False
-        Pipeline(cfg, executor).run()  # type: ignore[arg-type]
-        return Path(cfg.run.release_dir) / "demo-v1", cfg
-
-    with serve_directory(tmp_path / "corpus") as base_url:
-        local, _ = run("local", LocalExecutor(2, progress=False), base_url)
-        remote, cfg = run("ray", RayExecutor(progress=False), base_url)
-    sums = {
-        name: dict(
-            reversed(line.split("  ", 1)) for line in (root / "SHA256SUMS").read_text().splitlines()
-        )
-        for name, root in (("local", local), ("ray", remote))
-    }
+    runs = demo_on(
+        tmp_path, {"local": LocalExecutor(2, progress=False), "ray": RayExecutor(progress=False)}
+    )
+    cfg = runs["ray"][1]
+    sums = {name: release_sums(root) for name, (root, _) in runs.items()}
     data = [p for p in sums["local"] if p.endswith((".tar", ".parquet"))]
     assert any(p.endswith(".tar") for p in data) and "manifest.parquet" in data
     for path in data:

@@ -21,6 +21,7 @@ from ccurate.slurm_executor import (
 )
 from ccurate.stage import FilterStage, Resources, Stage
 from tests import fake_slurm
+from tests.executor_compare import demo_on, release_sums
 from tests.test_spine import _inputs, _OddDropper
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,29 +256,12 @@ def test_run_help_shows_the_config_keys_it_overrides():
 def test_slurm_and_local_pipelines_publish_the_same_release(tmp_path: Path, slurm: Path):
     """The whole pipeline (ingest over loopback HTTP .. release) with every step's shards run
     by array tasks in fresh processes: each real stage survives its pickle file."""
-    from ccurate.config import PipelineConfig
-    from ccurate.demo.corpus import generate
-    from ccurate.demo.run import demo_config
-    from ccurate.demo.server import serve_directory
-    from ccurate.pipeline import Pipeline
-
-    corpus = generate(tmp_path / "corpus", n_images=40, per_page=8, seed=3)
-
-    def run(name: str, executor: object, base_url: str) -> tuple[Path, PipelineConfig]:
-        cfg = demo_config(corpus, base_url, tmp_path / name, 2, None, 1)
-        cfg.train.enabled = False
-        Pipeline(cfg, executor).run()  # type: ignore[arg-type]
-        return Path(cfg.run.release_dir) / "demo-v1", cfg
-
-    with serve_directory(tmp_path / "corpus") as base_url:
-        local, _ = run("local", LocalExecutor(2, progress=False), base_url)
-        on_slurm, cfg = run("slurm", SlurmExecutor(_cfg(), progress=False), base_url)
-
-    def sums(root: Path) -> dict[str, str]:
-        lines = (root / "SHA256SUMS").read_text().splitlines()
-        return {path: digest for digest, path in (line.split("  ", 1) for line in lines)}
-
-    want, got = sums(local), sums(on_slurm)
+    runs = demo_on(
+        tmp_path,
+        {"local": LocalExecutor(2, progress=False), "slurm": SlurmExecutor(_cfg(), progress=False)},
+    )
+    (local, _), (on_slurm, cfg) = runs["local"], runs["slurm"]
+    want, got = release_sums(local), release_sums(on_slurm)
     assert set(got) == set(want) and "manifest.parquet" in want
     for path, digest in want.items():
         if path.endswith((".tar", ".parquet")):
