@@ -35,6 +35,7 @@ import torch
 
 from ccurate.captioning.config import DEFAULT_MODEL, CaptionConfig
 from ccurate.executor import usable_cpus
+from ccurate.pixels import jpeg_size, to_rgb
 from ccurate.weights import (
     WeightsNotFoundError,
     fetch_command,
@@ -221,36 +222,18 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's SOF marker without decoding; None if not found."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h = int.from_bytes(data[i + 5 : i + 7], "big")
-            w = int.from_bytes(data[i + 7 : i + 9], "big")
-            return (w, h) if w and h else None
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
-
-
 def _cv2_decode(data: bytes, height: int, width: int) -> np.ndarray | None:
     """RGB uint8 via OpenCV, which holds no GIL while it decodes; None if it cannot.
 
     Large JPEGs are decoded at a reduced DCT scale no smaller than twice the
     target (PIL's `draft` rule): several times cheaper, same bicubic result in
-    practice. EXIF orientation is ignored, as BLIP's image processor does.
+    practice. EXIF orientation is applied (OpenCV's default): the caption describes the
+    image as viewers see it, whose size the record holds (a kept-original phone photo is
+    stored sideways with an orientation tag).
     """
     import cv2
 
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    flags = cv2.IMREAD_COLOR
     size = jpeg_size(data)
     if size is not None:
         scale = min(size[0] // (2 * width), size[1] // (2 * height))
@@ -260,7 +243,7 @@ def _cv2_decode(data: bytes, height: int, width: int) -> np.ndarray | None:
             (2, cv2.IMREAD_REDUCED_COLOR_2),
         ):
             if scale >= factor:
-                flags = reduced | cv2.IMREAD_IGNORE_ORIENTATION
+                flags = reduced
                 break
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
@@ -277,7 +260,7 @@ def load_image(data: bytes, height: int, width: int, resample: int) -> np.ndarra
     does not starve the launcher. The resize is PIL's antialiased bicubic, as in
     BLIP's image processor. Formats OpenCV lacks (GIF, ...) go through PIL.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         arr = _cv2_decode(data, height, width)
@@ -286,7 +269,7 @@ def load_image(data: bytes, height: int, width: int, resample: int) -> np.ndarra
         else:
             with Image.open(io.BytesIO(data)) as im:
                 im.draft("RGB", (width * 2, height * 2))
-                rgb = im.convert("RGB")
+                rgb = to_rgb(ImageOps.exif_transpose(im))
         rgb = rgb.resize((width, height), resample=resample)
         return np.asarray(rgb, dtype=np.uint8)
     except Exception as exc:  # corrupt or unsupported bytes: no caption, the run goes on

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Literal
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -37,3 +40,92 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+# ---- JPEG headers ------------------------------------------------------------------------
+# Stored images keep their EXIF orientation when ingest keeps the downloaded bytes
+# (`keep_original`): the record's width/height are the image as viewers show it, and every
+# stage that decodes pixels for a model (filters, captioning, the trainer) turns it upright.
+
+ORIENTATION_TAG = 0x0112
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT/JPG/DAC)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 when absent or corrupt (as stored)."""
+    try:
+        value = int(img.getexif().get(ORIENTATION_TAG, 1) or 1)
+    except Exception:  # Pillow raises many types on a corrupt EXIF block
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """The image as viewers show it, as 8-bit RGB: EXIF orientation applied, then `to_rgb`.
+    What ingest hashes and stores sizes of, so what every later decoder must produce."""
+    if exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, payload start, payload length) of a JPEG's header segments, up to the scan.
+
+    Stops quietly at the first byte that is not a marker (a cut or corrupt header)."""
+    if data[:2] != b"\xff\xd8":
+        return
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            return
+        yield marker, i + 4, length - 2
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return
+        i += 2 + length
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as stored, from a JPEG's frame header without decoding; None if absent."""
+    for marker, start, length in jpeg_segments(data):
+        if marker in _SOF and length >= 5 and start + 5 <= len(data):
+            h = int.from_bytes(data[start + 1 : start + 3], "big")
+            w = int.from_bytes(data[start + 3 : start + 5], "big")
+            return (w, h) if w and h else None
+    return None
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of a JPEG from its APP1 segment without decoding; 1 when
+    absent or unreadable. Cheap enough for every sample of a training loader (a few µs)."""
+    for marker, start, length in jpeg_segments(data):
+        if marker == 0xE1 and data[start : start + 6] == b"Exif\x00\x00":
+            return _tiff_orientation(data[start + 6 : start + length])
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE):
+            break  # EXIF sits among the application segments, before the tables
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = tiff[:2]
+    if order not in (b"II", b"MM") or len(tiff) < 8:
+        return 1
+    big: Literal["big", "little"] = "big" if order == b"MM" else "little"
+    ifd = int.from_bytes(tiff[4:8], big)
+    if ifd + 2 > len(tiff):
+        return 1
+    count = int.from_bytes(tiff[ifd : ifd + 2], big)
+    for k in range(count):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            return 1
+        if int.from_bytes(tiff[entry : entry + 2], big) == ORIENTATION_TAG:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], big)
+            return value if 1 <= value <= 8 else 1
+    return 1

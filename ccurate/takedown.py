@@ -220,15 +220,15 @@ class ImageHashes:
 
 def hash_image_bytes(data: bytes) -> ImageHashes:
     """Hashes as ingest makes them: EXIF orientation applied, RGB, pHash of the pixels."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from ccurate.filters.hashing import compute_hashes
+    from ccurate.pixels import upright_rgb
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            img = ImageOps.exif_transpose(im) or im
-            pix, ph = compute_hashes(img.convert("RGB"))
+            pix, ph = compute_hashes(upright_rgb(im))
     except Exception as e:  # any decoder failure: say which and why
         raise TakedownError(f"cannot decode image: {type(e).__name__}: {e}") from None
     return ImageHashes(hashlib.sha256(data).hexdigest(), pix, ph)
@@ -275,9 +275,13 @@ class TakedownList:
         self.path = self.dir / TAKEDOWN_FILE
 
     def load(self) -> list[TakedownEntry]:
+        """The validated list; waits for an `add` in progress (a shared flock), so a rebuild
+        starting meanwhile never reads a half-written line."""
         if not self.path.exists():
             return []
-        return load_entries(self.path)
+        with open(self.path, "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            return load_entries(self.path)
 
     def add(self, entries: Iterable[TakedownEntry]) -> list[tuple[TakedownEntry, bool]]:
         """Append the entries not yet listed; returns (entry, added?) for each, in order."""
@@ -286,7 +290,7 @@ class TakedownList:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            have = {e.id for e in self.load()}
+            have = {e.id for e in load_entries(self.path)}  # not load(): its LOCK_SH would wait
             lines = []
             for e in entries:
                 new = e.id not in have
@@ -311,8 +315,14 @@ class TakedownList:
 def load_entries(path: str | Path) -> list[TakedownEntry]:
     """Every entry of a takedown file; a bad line is an error naming file and line."""
     entries: list[TakedownEntry] = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TakedownError(
+                    f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ccurate.filters.hamming import group_ids, near_pairs
 from ccurate.filters.hashing import hex_to_u64, image_hashes
+from ccurate.pixels import upright_rgb
 
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -48,11 +49,12 @@ def sha_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, 
 
 
 def hash_image(data: bytes) -> tuple[str, str, str] | None:
-    """(pixel_sha256, phash, dhash) of image bytes, None if they do not decode."""
+    """(pixel_sha256, phash, dhash) of image bytes as ingest hashes them (upright RGB), None
+    if they do not decode."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return tuple(image_hashes(im))  # type: ignore[return-value]
+            return tuple(image_hashes(upright_rgb(im)))  # type: ignore[return-value]
     except Exception:  # undecodable bytes: no perceptual hash, exact only on file bytes
         return None
 

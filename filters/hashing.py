@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from ccurate.pixels import to_rgb
+
 HASH_BITS = 64
 _REDUCING_GAP = 2.0
 _LANCZOS = Image.Resampling.LANCZOS
@@ -70,9 +72,9 @@ def pixel_sha256(img: Image.Image) -> str:
 
     PNG vs lossless WebP vs re-saved metadata give different file bytes but the
     same pixels, so this catches exact duplicates that the file SHA-256 misses.
-    Alpha is dropped (RGB conversion), as the pipeline trains on RGB.
+    Alpha is composited on white (`to_rgb`, as ingest stores it), as the pipeline trains on RGB.
     """
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    rgb = to_rgb(img)
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
@@ -86,14 +88,14 @@ class ImageHashes(NamedTuple):
 
 def image_hashes(img: Image.Image) -> ImageHashes:
     """pixel SHA-256, pHash and dHash of a decoded image, converting to RGB and grey once."""
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    rgb = to_rgb(img)
     grey = rgb.convert("L")
     return ImageHashes(pixel_sha256(rgb), phash(grey), dhash(grey))
 
 
 def compute_hashes(img: Image.Image) -> tuple[str, str]:
     """(pixel_sha256, phash) of a decoded image, converting to RGB once for both."""
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    rgb = to_rgb(img)
     return pixel_sha256(rgb), phash(rgb)
 
 

@@ -5,6 +5,10 @@ filter by filter over a batch, so a small cache keyed on the identity of the
 bytes object lets them share one decode per sample without touching the record.
 The cache holds a reference to the bytes, so an id cannot be reused while cached;
 a replaced `sample.image` (face blurring) is a new object and misses.
+
+Pixels come upright (EXIF orientation applied): a kept-original phone photo is stored
+sideways with an orientation tag, and a face detector, OCR or CLIP must see it as
+viewers do; the hashes ingest stored were taken from the upright pixels too.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections import OrderedDict
 
 from PIL import Image
 
-from ccurate.pixels import to_rgb
+from ccurate.pixels import upright_rgb
 
 MAX_CACHE_PIXELS = 64 * 1024 * 1024
 """Pixel budget of the cache (~192 MB RGB): a default batch of 64 at 1024^2 fits."""
@@ -30,7 +34,7 @@ class DecodeError(ValueError):
 
 
 def decode_rgb(data: bytes | None) -> Image.Image:
-    """The image as RGB (alpha composited on white). Shared: callers must not mutate it."""
+    """The image as upright RGB (alpha composited on white). Shared: callers must not mutate it."""
     global _cache_pixels
     if not data:
         raise DecodeError("no image bytes")
@@ -43,7 +47,7 @@ def decode_rgb(data: bytes | None) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
         im.load()
-        rgb = to_rgb(im)
+        rgb = upright_rgb(im)
     except Exception as e:  # Pillow raises many types for bad input
         raise DecodeError(f"{type(e).__name__}: {e}") from e
     with _lock:

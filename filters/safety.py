@@ -36,12 +36,12 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import Field, field_validator
 
 from ccurate.configbase import Section
 from ccurate.filters.images import DecodeError, decode_rgb
-from ccurate.pixels import to_rgb
+from ccurate.pixels import ORIENTATION_TAG, exif_orientation, to_rgb
 from ccurate.record import Decision, Sample
 from ccurate.stage import Filter, Resources
 
@@ -224,12 +224,16 @@ def reencode_blurred(
         fmt = im.format or "PNG"
         im.load()
         has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-        src = im.convert("RGBA") if has_alpha else to_rgb(im)  # 16-bit scaled, not clipped
-        # Boxes are in the stored pixel frame, so the EXIF orientation must survive the
-        # re-encode (else an upright phone photo kept as downloaded turns sideways), and so
-        # must an RGB colour profile (a CMYK or grey one no longer fits the RGB pixels).
+        # Boxes are in the upright frame (the filters decode with EXIF orientation applied):
+        # the blurred image is written upright and its orientation tag reset to 1, the rest
+        # of the EXIF kept, and so is an RGB colour profile (a CMYK or grey one no longer
+        # fits the RGB pixels).
+        upright = ImageOps.exif_transpose(im) if exif_orientation(im) != 1 else im
+        src = upright.convert("RGBA") if has_alpha else to_rgb(upright)  # 16-bit scaled
         meta: dict[str, Any] = {}
         exif = im.getexif()
+        if ORIENTATION_TAG in exif:
+            exif[ORIENTATION_TAG] = 1
         if exif:
             meta["exif"] = exif.tobytes()
         icc = im.info.get("icc_profile")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ccurate.pixels import to_rgb
+from ccurate.pixels import upright_rgb
 from ccurate.shardio import iter_samples
 
 
@@ -173,7 +173,7 @@ def embed_rows(
                 try:
                     with Image.open(io.BytesIO(sample.image)) as im:
                         im.load()
-                        pending.append((at, to_rgb(im)))  # as the CLIP filter sees it
+                        pending.append((at, upright_rgb(im)))  # as the CLIP filter sees it
                 except Exception:  # undecodable: no embedding, stays out of semantic dedup
                     continue
                 if len(pending) >= embedder.batch_size:

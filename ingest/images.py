@@ -34,7 +34,9 @@ M/8 scales, then OpenCV); other images take the general Pillow path.
 
 `keep_original` stores the downloaded bytes unchanged (after the same
 validation) instead of a re-encoding: the stored image is then exactly the
-publisher's file (EXIF orientation left in the file for viewers to apply).
+publisher's file (EXIF orientation left in the file for viewers to apply; the
+record's width/height are the upright size, and every later stage decodes the
+pixels upright: `ccurate.pixels.upright_rgb`, `jpeg_orientation`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ccurate.pixels import to_rgb
+from ccurate.pixels import exif_orientation, upright_rgb
 
 if TYPE_CHECKING:
     from ccurate.ingest.config import IngestConfig
@@ -81,16 +83,6 @@ _SIGNATURES = (
     b"MM\x00*",
     b"\x00\x00\x01\x00",
 )
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 class ImageDrop(Exception):
@@ -378,10 +370,7 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
             raise ImageDrop("decode_error", f"bad size {w0}x{h0}")
         if w0 * h0 > opt.max_pixels:
             raise ImageDrop("decompression_bomb", f"{w0}x{h0} > {opt.max_pixels} pixels")
-        try:
-            orientation = int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
-        except Exception:
-            orientation = 1
+        orientation = exif_orientation(img)
         if orientation in (5, 6, 7, 8):
             w0, h0 = h0, w0
         _check_size_filters(w0, h0, opt)
@@ -413,10 +402,7 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
                 MemoryError,
             ) as e:
                 raise ImageDrop("decode_error", f"{type(e).__name__}: {e}") from None
-            method = _TRANSPOSE.get(orientation)
-            if method is not None:
-                img = img.transpose(method)
-            rgb = to_rgb(img)
+            rgb = upright_rgb(img)
             if opt.keep_original:
                 mime = FORMAT_MIME.get(fmt_name, "application/octet-stream")
                 sha = hashlib.sha256(data).hexdigest()

@@ -378,7 +378,7 @@ def test_fastgen_eos_padding_and_batch_views_match_hf(captioner):
 
 def test_load_image_formats_match_pil():
     """OpenCV decode (GIL-free, DCT-reduced for large JPEGs) gives PIL's pixels; GIF via PIL."""
-    from ccurate.captioning.blip2 import jpeg_size
+    from ccurate.pixels import jpeg_size
 
     yy, xx = np.mgrid[0:300, 0:500]
     base = np.stack([(xx / 2) % 255, (yy / 2) % 255, ((xx + yy) / 3) % 255], -1).astype(np.uint8)

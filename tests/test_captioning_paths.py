@@ -25,7 +25,6 @@ from ccurate.captioning.blip2 import (
     Blip2Captioner,
     _image_size,
     decoding_tag,
-    jpeg_size,
     load_image,
     pick_device,
     pick_dtype,
@@ -36,6 +35,7 @@ from ccurate.captioning.config import CaptionConfig
 from ccurate.captioning.fastgen import GreedyOPT, supports
 from ccurate.captioning.stage import CaptionStage
 from ccurate.captioning.tiny import build_processor, build_tiny_blip2, build_tokenizer
+from ccurate.pixels import jpeg_size
 from ccurate.weights import WeightsNotFoundError
 from tests.test_captioning import (  # noqa: F401 - the autouse fixture applies here too
     Counter,

@@ -20,9 +20,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import get_worker_info
 
+from ccurate.pixels import exif_orientation, jpeg_orientation, to_rgb
 from ccurate.train.stream import DataError, Member, MemberReader, RawSample, nearest_bucket
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -35,7 +36,7 @@ def resize_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
     """Cover (height, width) keeping the aspect ratio, then centre-crop: HWC uint8 (PIL path)."""
     if img.format == "JPEG":
         img.draft("RGB", (width, height))  # decode at a reduced scale when far larger
-    img = img.convert("RGB")
+    img = to_rgb(ImageOps.exif_transpose(img))
     scale = max(width / img.width, height / img.height)
     nw, nh = max(width, round(img.width * scale)), max(height, round(img.height * scale))
     if (nw, nh) != img.size:
@@ -61,7 +62,9 @@ def decode_resize_crop(data: bytes, height: int, width: int) -> np.ndarray:
     RGB with DCT-domain 1/2..1/8 scaling when the image is that much larger than
     needed): 1.38x the OpenCV path per core, 2.5x PIL's (`bench/shard_read.py`).
     PNG/WebP go through OpenCV; anything neither decodes (CMYK JPEG, animated WebP,
-    16-bit PNG) through the PIL path, `resize_crop`.
+    16-bit PNG) through the PIL path, `resize_crop`. EXIF orientation is applied (a
+    kept-original phone photo is stored sideways with a tag): a JPEG that has one other
+    than 1 takes the OpenCV path, which applies it.
     """
     if data[:2] == _JPEG_SOI:
         arr = _decode_jpeg(data, height, width)
@@ -72,9 +75,12 @@ def decode_resize_crop(data: bytes, height: int, width: int) -> np.ndarray:
 
 def _decode_jpeg(data: bytes, height: int, width: int) -> np.ndarray | None:
     """RGB pixels at the smallest DCT scale still covering (height, width); None when
-    simplejpeg cannot decode it (CMYK/YCCK, corrupt data: the PIL path decides)."""
+    simplejpeg cannot decode it (CMYK/YCCK, corrupt data: the PIL path decides) or the
+    image carries an EXIF rotation or flip (the OpenCV path applies it)."""
     import simplejpeg
 
+    if jpeg_orientation(data) != 1:
+        return None
     try:
         h0, w0, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in ("Gray", "YCbCr", "RGB"):
@@ -97,6 +103,8 @@ def _decode_other(data: bytes, height: int, width: int) -> np.ndarray:
             w0, h0 = probe.size
             fmt = probe.format
             mode = probe.mode
+            if exif_orientation(probe) in (5, 6, 7, 8):
+                w0, h0 = h0, w0  # OpenCV returns the upright image
     except Exception as exc:
         raise DataError(f"not a decodable image: {exc}") from exc
     scale = max(width / w0, height / h0)
