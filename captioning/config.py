@@ -40,7 +40,7 @@ class CaptionConfig(Section):
     local_files_only: bool = False
     """Never touch the network (also implied by HF_HUB_OFFLINE=1)."""
 
-    device: str = "auto"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """"auto" = bfloat16 on GPUs that have it, else float16; float32 on CPU."""

@@ -167,14 +167,28 @@ def _run_steps(config: Path, steps: list[str], workers: int | None, **kw: Any) -
 def run(
     config: ConfigArg,
     workers: WorkersOpt = None,
-    steps: Annotated[str | None, typer.Option(help="comma-separated steps (default: all)")] = None,
+    steps: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated, of: ingest, filter, dedup, caption, shard, train, retry "
+            "(default: all)"
+        ),
+    ] = None,
     executor: Annotated[
         str | None, typer.Option(help="local, ray or slurm (overrides \\[run].executor)")
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
 ) -> None:
     """Run every step (ingest, filter, dedup, caption, shard, train); resumes where it stopped."""
-    chosen = steps.split(",") if steps else []
+    from ccurate.pipeline import STEPS
+
+    chosen = [s.strip() for s in steps.split(",") if s.strip()] if steps else []
+    with usage_errors(ValueError):  # checked before any step runs, not when its turn comes
+        for step in chosen:
+            if step not in STEPS and step != "retry":
+                raise ValueError(
+                    f"--steps: unknown step {step!r}; expected one of {', '.join(STEPS)}, retry"
+                )
     _run_steps(config, chosen, workers, executor=executor, address=address)
 
 
@@ -197,7 +211,8 @@ def ingest(
 
 @app.command("filter")
 def filter_(config: ConfigArg, workers: WorkersOpt = None) -> None:
-    """Apply licence, quality, watermark and safety filters, then dedup."""
+    """Apply licence, quality, watermark and safety filters (CLIP score and aesthetics when
+    their weights are set), then dedup."""
     _run_steps(config, ["filter", "dedup"], workers)
 
 
@@ -224,7 +239,7 @@ def demo(
     out_dir: Annotated[
         Path, typer.Option("--out", help="where the corpus, work and release go")
     ] = Path("demo-out"),
-    workers: WorkersOpt = 2,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="worker processes")] = 2,
     caption_model: Annotated[
         str | None,
         typer.Option(help="BLIP-2 weights (hub id or local dir); without it captioning is skipped"),
@@ -237,7 +252,7 @@ def demo(
     _guard(
         lambda: run_demo(
             out_dir,
-            workers=workers or 2,
+            workers=workers,
             caption_model=caption_model,
             train_steps=train_steps,
             console=out,

@@ -9,11 +9,14 @@ resolved against the config file's folder.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ccurate.captioning.config import CaptionConfig
 from ccurate.configbase import Section
@@ -21,7 +24,7 @@ from ccurate.filters.config import DedupConfig, FiltersConfig
 from ccurate.ingest.config import IngestConfig
 from ccurate.ingest.sources import Source
 from ccurate.rebuild import RebuildConfig
-from ccurate.shards.config import ShardsConfig
+from ccurate.shards.config import FAMILIES, ShardsConfig
 from ccurate.slurm_executor import SlurmConfig
 from ccurate.train.config import TrainConfig
 
@@ -39,6 +42,17 @@ class RunConfig(Section):
     partition_size: int = Field(1000, ge=1, description="records per planned ingest shard")
     executor: str = Field("local", pattern="^(local|ray|slurm)$")
     ray_address: str | None = None
+
+    @field_validator("release_name")
+    @classmethod
+    def _release_dir_name(cls, v: str | None) -> str | None:
+        """A folder name inside release_dir; the shard step would refuse it after every
+        other step had run."""
+        if v and ("/" in v or "\\" in v or v.startswith(".")):
+            raise ValueError(
+                f"release_name {v!r} must be a plain folder name (no '/', no leading '.')"
+            )
+        return v
 
     @property
     def catalog(self) -> Path:
@@ -63,6 +77,34 @@ class PipelineConfig(Section):
     rebuild: RebuildConfig = Field(default_factory=lambda: RebuildConfig())
     slurm: SlurmConfig = Field(default_factory=lambda: SlurmConfig())
 
+    @model_validator(mode="after")
+    def _coherent(self) -> PipelineConfig:
+        """Settings of different sections that cannot work together: refused before any
+        step runs, not discovered in a late step or left as a silent no-op."""
+        clip = self.filters.clip_score
+        if clip.enabled and clip.weights and clip.text == "caption":
+            raise ValueError(
+                "filters.clip_score.text = 'caption' scores nothing: the filter step runs "
+                "before captioning, so every sample would be kept unscored; use text = 'alt_text'"
+            )
+        if self.dedup.enabled and self.dedup.semantic and not self.dedup.semantic_weights:
+            raise ValueError(
+                "dedup.semantic = true needs dedup.semantic_weights (a local open_clip "
+                "checkpoint of dedup.semantic_model, or an hf-hub: id in the local cache)"
+            )
+        lic, sh = self.filters.license, self.shards
+        admitted = ["commercial"] if lic.enabled and lic.policy == "commercial" else FAMILIES
+        published = set(sh.splits)
+        if sh.noncommercial_includes_commercial and "noncommercial" in published:
+            published.add("commercial")
+        if not published & set(admitted):
+            raise ValueError(
+                f"shards.splits = {sh.splits} publishes nothing: filters.license.policy = "
+                f"{lic.policy!r} admits only {list(admitted)} licences (add 'commercial' to "
+                "shards.splits, or set shards.noncommercial_includes_commercial = true)"
+            )
+        return self
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message says where and why."""
@@ -74,8 +116,51 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc}: {e['msg']}{got_s}")
+        msg = _unknown_key(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}{got_s}")
     return "\n".join(lines)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config sections a field may hold (through lists, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) is None and not isinstance(annotation, types.UnionType):
+        return []
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _unknown_key(loc: tuple[str | int, ...]) -> str:
+    """'unknown key in [section]', with the nearest valid key when one is close (a typo)."""
+    models: list[type[BaseModel]] = [PipelineConfig]
+    where: list[str] = []
+    kind = ""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        tagged = [m for m in models if _tag(m) == part] if len(models) > 1 else []
+        if tagged:  # the `type` of a [[sources]] entry, not a key
+            models, kind = tagged, f" (type = {part!r})"
+            continue
+        owners = [m for m in models if part in m.model_fields]
+        if not owners:
+            break
+        where.append(part)
+        models = _models_in(owners[0].model_fields[part].annotation)
+    key = str(loc[-1])
+    names = sorted({n for m in models for n in m.model_fields})
+    table = ".".join(where)
+    section = (
+        f"[[{table}]]{kind}" if table == "sources" else f"[{table}]" if table else "the top level"
+    )
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"unknown key {key!r} in {section}{hint}"
+
+
+def _tag(model: type[BaseModel]) -> object:
+    field = model.model_fields.get("type")
+    return field.default if field is not None else None
 
 
 def parse_config(

@@ -152,7 +152,7 @@ class DedupConfig(Section):
     semantic_model_config: str | None = None
     semantic_clusters: int = Field(default=0, ge=0)  # 0: about n/5000
     semantic_batch_size: int = Field(default=64, ge=1)
-    semantic_device: str = "cpu"
+    semantic_device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     keep: KeepPolicy = "best_license"
     against: list[str] = Field(default_factory=list)
     previous: list[str] = Field(default_factory=list)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import cv2
 import numpy as np
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ccurate.configbase import Section
 from ccurate.filters.images import DecodeError, decode_rgb
@@ -98,6 +98,15 @@ class QualityConfig(Section):
     alt_boilerplate: list[str] = Field(default_factory=lambda: list(DEFAULT_BOILERPLATE))
     alt_min_chars: Annotated[int, Field(ge=0)] = 0  # 0 = off
     alt_max_chars: Annotated[int, Field(ge=0)] = 0  # 0 = off
+
+    @model_validator(mode="after")
+    def _alt_bounds(self) -> QualityConfig:
+        if self.alt_min_chars and self.alt_max_chars and self.alt_min_chars > self.alt_max_chars:
+            raise ValueError(
+                f"alt_min_chars {self.alt_min_chars} > alt_max_chars {self.alt_max_chars}: "
+                "every sample would be dropped (0 = off)"
+            )
+        return self
 
 
 def grey_analysis(img: Image.Image, side: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ccurate.configbase import Section
 
@@ -81,3 +81,16 @@ class IngestConfig(Section):
         for cidr in v:
             ipaddress.ip_network(cidr, strict=False)  # ValueError -> config error
         return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> IngestConfig:
+        if (
+            self.min_image_size
+            and self.max_image_size
+            and self.min_image_size > self.max_image_size
+        ):
+            raise ValueError(
+                f"min_image_size {self.min_image_size} > max_image_size {self.max_image_size}: "
+                "every image would be dropped (0 turns either bound off)"
+            )
+        return self

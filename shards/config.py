@@ -33,7 +33,7 @@ class ShardsConfig(Section):
     # alt text (synthetic caption when none), or both (`.txt` synthetic + `.alt.txt` alt text)
     caption_source: CaptionSource = "synthetic"
     # licence families published; `release_split(licence)` assigns each sample to one
-    splits: list[Family] = Field(default_factory=lambda: list(FAMILIES))
+    splits: list[Family] = Field(default_factory=lambda: list(FAMILIES), min_length=1)
     # CommonCatalog-style superset: commercial samples are also written to `noncommercial`
     noncommercial_includes_commercial: bool = False
     # lower bounds on the short side, e.g. [256, 512, 1024] -> <split>/res-512/...;

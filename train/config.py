@@ -34,7 +34,7 @@ class TrainConfig(Section):
     text_encoder: str = ""
     # which hidden layer of the text encoder conditions the UNet (SD2: penultimate)
     text_layer: Literal["default", "last", "penultimate"] = "default"
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
     # ---- data ---------------------------------------------------------------
     resolution: int = Field(0, ge=0)  # 0 = preset default (pixels)
@@ -58,9 +58,10 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     lr_warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    # the ranges torch.optim.AdamW accepts (it would refuse others only when training starts)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_eps: float = Field(1e-8, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     noise_scheduler: Literal["ddpm"] = "ddpm"
