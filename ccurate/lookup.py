@@ -109,6 +109,8 @@ def lookup(
     """For each image file, the release samples it matches (exactly or within `radius`)."""
     from ccurate.filters.hashing import hex_to_u64
 
+    if not 0 <= radius <= 64:  # a negative one would answer "not released" for everything
+        raise ReleaseLookupError(f"radius must be within 0..64 pHash bits, not {radius}")
     root = resolve_release(release)
     manifest = root / "manifest.parquet"
     names = set(pq.read_schema(manifest).names)

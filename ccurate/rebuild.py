@@ -72,6 +72,7 @@ from ccurate.release_gate import (
     dropped_duplicates,
     gate_decisions,
     read_index,
+    released_hashes,
     superseded_keys,
 )
 from ccurate.shardio import list_shards, write_json_atomic, write_table_atomic
@@ -236,7 +237,7 @@ def _open_generation(
     name = rcfg.release_name.format(name=cfg.run.name, gen=n, date=date)
     snapshot = d / "takedowns.jsonl"
     entries = TakedownList(cfg.run.catalog).load()  # validated: a bad list stops here
-    with open(snapshot, "w") as fh:
+    with open(snapshot, "w", encoding="utf-8") as fh:  # load_entries reads UTF-8
         for e in entries:
             fh.write(e.model_dump_json(exclude_none=True) + "\n")
     write_json_atomic(d / GEN_META, {"generation": n, "started_at": now, "release": name})
@@ -408,8 +409,10 @@ def _recheck(
         return {}, [], {}
     base = gen.step(RECHECK)
     marker = base / "in" / PLAN_MARKER
-    if marker.exists():
-        parts = [str(base / "in" / p) for p in json.loads(marker.read_text())["partitions"]]
+    if marker.exists():  # resumed: the same parts, and the due counts of the first try
+        m = json.loads(marker.read_text())
+        parts = [str(base / "in" / p) for p in m["partitions"]]
+        counts.update(m.get("counts", {}))
     else:
         idx_cols = ["key", "url", "page_url"]
 
@@ -628,6 +631,7 @@ def _run_generation(
     optouts, rechecked_ok, recheck_counts = _recheck(
         executor, cfg, rcfg, gen, old_inputs, ledger, set(outcomes), now
     )
+    last_release = _last_release(gen.dir.parent, gen)
     decisions_path = gen.step("50_gate") / "decisions.parquet"
     if decisions_path.exists():
         decisions = pq.read_table(decisions_path)
@@ -643,6 +647,7 @@ def _run_generation(
             superseded,
             dropped_duplicates(catalog, dup_files),
             rcfg.takedown_radius,
+            released_hashes(last_release),
         )
     gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs)
     removal_path = _removals_from_gate(gen, catalog)
@@ -657,7 +662,6 @@ def _run_generation(
         prev.dir / "ledger.parquet" if prev else None,
         gen.dir,
     )
-    last_release = _last_release(gen.dir.parent, gen)
     changed = bool(diff["added"] or diff["removed"] or diff["changed"])
     release: Path | None = None
     if changed or last_release is None or rcfg.publish_unchanged:

@@ -58,7 +58,16 @@ class Ledger:
         path = gen.dir / "ledger.parquet" if gen is not None else None
         if path is None or not path.exists():
             return cls(LEDGER_SCHEMA.empty_table())
-        return cls(pq.read_table(path, schema=LEDGER_SCHEMA))
+        try:
+            table = pq.read_table(path, schema=LEDGER_SCHEMA)
+        except (OSError, pa.ArrowException) as e:  # a damaged disk or a hand-made file
+            from ccurate.pipeline import PipelineError
+
+            raise PipelineError(
+                f"{path}: unreadable ledger ({type(e).__name__}: {e}); the next rebuild "
+                "plans from it: restore it from a backup"
+            ) from None
+        return cls(table)
 
     def __len__(self) -> int:
         return self.table.num_rows

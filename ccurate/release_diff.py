@@ -67,7 +67,7 @@ def diff_release_inputs(
     if gate_dropped and not any("removed_because" in pq.read_schema(p).names for p in gate_dropped):
         gate = gate.replace("any_value(removed_because)", "NULL::VARCHAR")
     ledger = (
-        f"SELECT key, outcome, reason FROM read_parquet('{prev_ledger}')"
+        f"SELECT key, outcome, reason FROM read_parquet({_parquet_list([str(prev_ledger)])})"
         if prev_ledger is not None and prev_ledger.exists()
         else "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS outcome, NULL::VARCHAR AS reason "
         "WHERE false"

@@ -150,6 +150,16 @@ def dropped_duplicates(catalog_dir: Path, extra: list[str]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def released_hashes(release: Path | None) -> pa.Table | None:
+    """key, image_sha256 (the bytes the release holds) of a published release, if it has them."""
+    manifest = release / "manifest.parquet" if release is not None else None
+    if manifest is None or not manifest.exists():
+        return None
+    if "image_sha256" not in pq.read_schema(manifest).names:
+        return None
+    return pq.read_table(manifest, columns=["key", "image_sha256"])
+
+
 def superseded_keys(
     old_inputs: list[str], outcomes: dict[str, tuple[str, str | None, str | None]]
 ) -> dict[str, str]:
@@ -185,11 +195,24 @@ def gate_decisions(
     superseded: dict[str, str],
     dup_tables: pa.Table,
     radius: int,
+    released: pa.Table | None = None,
 ) -> pa.Table:
-    """Decide, over every release-input candidate, what is dropped and why; write `out`."""
+    """Decide, over every release-input candidate, what is dropped and why; write `out`.
+
+    `released` (key, image_sha256: `released_hashes`) lets hash takedowns match the bytes
+    a release holds, which differ from the fetched file's when ingest re-encoded it."""
     block = Blocklist()
     block.add_entries(entries, radius)
     block.add_removals(removals, radius)
+    if released is not None and released.num_rows and block.hashes:
+        for k, h in zip(
+            released.column("key").to_pylist(),
+            released.column("image_sha256").to_pylist(),
+            strict=True,
+        ):
+            why = block.hashes.get(h) if h else None
+            if why is not None:
+                block.keys.setdefault(k, (why[0], f"{why[1]} (released bytes)"))
     for key, reason in optouts.items():
         block.keys.setdefault(key, (reason, "opt-out found by the re-check"))
     # URL-level takedowns of samples merged away as duplicates: block their images too

@@ -263,6 +263,15 @@ def _domain_hits(
         hits.add(mask, pos, inner.rules[0][0], label)
 
 
+def _authors(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Authors normalised exactly as author entries are (`normalize_author`: whitespace
+    collapsed, casefolded; `utf8_lower` is not casefold: "Straße" must meet "strasse").
+    Python runs once per distinct author, not per row."""
+    enc = pc.dictionary_encode(col).combine_chunks()
+    names = [" ".join(v.split()).casefold() for v in enc.dictionary.to_pylist()]
+    return pa.chunked_array([pc.take(pa.array(names, pa.string()), enc.indices)])
+
+
 def _parent_domains(hosts: pa.ChunkedArray, depth: int = 8) -> list[pa.ChunkedArray]:
     """`a.b.example.org` -> [a.b.example.org, b.example.org, example.org, org] (vectorised)."""
     out = [hosts]
@@ -300,8 +309,7 @@ def match_index(table: pa.Table, block: Blocklist, radius: int = DEFAULT_RADIUS)
         for col in ("url", "page_url"):
             _domain_hits(hits, _col(table, col), block.domains, f"{col} host")
     if block.authors:
-        authors = pc.utf8_lower(pc.utf8_trim_whitespace(_col(table, "author")))
-        hits.lookup(authors, block.authors, "author")
+        hits.lookup(_authors(_col(table, "author")), block.authors, "author")
     if block.hashes:
         hits.lookup(_col(table, "sha256"), block.hashes, "sha256")
         hits.lookup(_col(table, "pixel_sha256"), block.hashes, "pixel_sha256")
