@@ -22,6 +22,7 @@ alt-text-trained runs).
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -56,6 +57,8 @@ REASONS: dict[str, str] = {
     "quality.alt_max_chars",
     "clip_score_low": "CLIP image-text cosine similarity below clip_score.min_score",
     "aesthetic_low": "LAION aesthetic score below aesthetic.min_score",
+    "score_invalid": "the CLIP or aesthetic model gave a NaN or infinite score (a broken "
+    "embedding: the threshold cannot judge it, so it is not kept as passing)",
 }
 
 DEFAULT_BOILERPLATE: list[str] = [
@@ -359,6 +362,8 @@ class ClipScoreFilter(_ModelFilter):
                 out.append(self.reject("decode_error"))
             elif i not in sims:
                 out.append(self.keep())
+            elif not math.isfinite(sims[i]):  # NaN < min_score is False: it would pass
+                out.append(self.reject("score_invalid"))
             elif sims[i] < self.cfg.min_score:
                 out.append(self.reject("clip_score_low", score=sims[i]))
             else:
@@ -455,6 +460,8 @@ class AestheticFilter(_ModelFilter):
         for i in range(len(samples)):
             if i not in values:
                 out.append(self.reject("decode_error"))
+            elif not math.isfinite(values[i]):
+                out.append(self.reject("score_invalid"))
             elif values[i] < self.cfg.min_score:
                 out.append(self.reject("aesthetic_low", score=values[i]))
             else:

@@ -251,3 +251,27 @@ def test_pickles_without_the_loaded_model(tiny) -> None:
     s = samples()[:1]
     FilterStage([clone]).process(s)
     assert "clip_score.score" in s[0].scores
+
+
+def test_non_finite_scores_are_dropped_not_passed(tiny, mlp_path, monkeypatch) -> None:
+    """A NaN similarity compared with the threshold is never 'below' it: such a sample
+    used to pass both model filters with a NaN score. It drops as `score_invalid`."""
+    batch = samples()[:2]
+    clip = load_clip("ccurate-tiny-clip", str(tiny["folder"]), "cpu")
+    real = clip.image_embeddings
+
+    def broken_first(images, batch_size=64):
+        embs = list(real(images, batch_size))
+        if embs and embs[0] is not None:
+            embs[0] = np.full_like(embs[0], np.nan)
+        return embs
+
+    monkeypatch.setattr(clip, "image_embeddings", broken_first)
+    clip_f = ClipScoreFilter(ClipScoreConfig(weights=str(tiny["folder"]), min_score=-1.0,
+                                             device="cpu"))  # fmt: skip
+    aes_f = AestheticFilter(AestheticConfig(weights=str(mlp_path), clip_weights=str(tiny["folder"]),
+                                            min_score=-1e9, device="cpu"))  # fmt: skip
+    for f in (clip_f, aes_f):
+        d_bad, d_ok = f.decide_batch(batch)
+        assert not d_bad.keep and d_bad.reason == "score_invalid", f.name
+        assert d_ok.keep, f.name
