@@ -16,8 +16,9 @@ Layout of `out_root/<name>/`:
 Publishing is atomic: everything is built in `out_root/.tmp-<name>-<pid>` and
 renamed to `out_root/<name>` only when complete, so the final name never holds
 a half release. A lock file (`out_root/.release.lock`, flock) makes one writer
-per out_root; the kernel drops it when a writer dies, so a rerun knows any
-`.tmp-<name>-*` left behind is stale, removes it and builds again. Output bytes
+per out_root; the kernel drops it when a writer dies, so the next writer knows any
+`.tmp-<name>-*` left behind is stale and removes it (those of other names too: a
+scheduled rebuild names each generation anew), then builds. Output bytes
 depend only on the inputs, the config, the name and run_info (no timestamps in
 tar members, no timings in files), so a rerun gives the same SHA256SUMS.
 """
@@ -254,6 +255,20 @@ def _release_date(run_info: dict[str, Any]) -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
+def _stale_builds(out_root: Path, name: str) -> list[Path]:
+    """Temporary folders that killed writers left, whatever release they were building (a
+    scheduled rebuild names each generation anew, so a same-name rerun never comes): the
+    caller holds the writer lock, so no live writer owns one. Another tool's `.tmp-*`
+    (an MDS export) is left alone: a build's folder holds `.work` or is still empty."""
+    out = []
+    for p in out_root.glob(".tmp-*"):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        if p.name.startswith(f".tmp-{name}-") or (p / ".work").is_dir() or not any(p.iterdir()):
+            out.append(p)
+    return out
+
+
 def write_release(
     inputs: list[str],
     dropped: list[str],
@@ -284,7 +299,7 @@ def write_release(
             if is_release(final):
                 return final
             raise FileExistsError(f"{final} exists but is not a complete release (no {SUCCESS})")
-        for stale in out_root.glob(f".tmp-{name}-*"):
+        for stale in _stale_builds(out_root, name):
             shutil.rmtree(stale)
         tmp = out_root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()

@@ -339,3 +339,24 @@ def test_card_sizes_in_binary_units() -> None:
     assert _human_bytes(3 * 1024**3) == "3.0 GiB"
     assert _human_bytes(2 * 1024**4) == "2.0 TiB"
     assert _human_bytes(4096 * 1024**4) == "4096.0 TiB"
+
+
+def test_a_killed_build_of_another_name_is_cleaned_by_the_next_writer(
+    inputs, tmp_path: Path
+) -> None:
+    """A scheduled rebuild names each generation anew: the temporary folder of a generation
+    killed mid-build (a whole release's bytes) must not stay on disk forever."""
+    out = tmp_path / "out"
+    killed = out / ".tmp-gen-0004-4242"
+    (killed / ".work" / "attribution").mkdir(parents=True)
+    (killed / "commercial-000000.tar").write_bytes(b"\0" * 4096)
+    empty = out / ".tmp-gen-0003-77"  # killed before its first folder
+    empty.mkdir()
+    other_tool = out / ".tmp-commercial-99"  # an MDS export's temporary: not ours
+    other_tool.mkdir()
+    (other_tool / "shard.00000.mds").write_bytes(b"half")
+    rel = write_release(inputs[0], inputs[1], out, ShardsConfig(), name="gen-0005",
+                        run_info=RUN_INFO)  # fmt: skip
+    assert is_release(rel)
+    assert not killed.exists() and not empty.exists()
+    assert other_tool.exists()
