@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from ccurate.configbase import Section
+from ccurate.ingest.metadata import flickr_evidence, wikimedia_evidence
 from ccurate.ingest.warc import iter_warc
 from ccurate.record import LicenseEvidence, Sample, make_key, samples_to_table
 from ccurate.shardio import atomic_path, write_json_atomic, write_partition
@@ -80,8 +81,29 @@ class UrlListSource(Section):
     url_col: str = "url"
     caption_col: str | None = _DEFAULT_CAPTION  # missing column tolerated only for the default
     license_col: str | None = None  # -> LicenseEvidence(scope="input", kind="column", value)
+    # "flickr": license_col holds Flickr API licence ids (YFCC100M, CommonCatalog's source),
+    # recorded as metadata evidence `flickr:N`; "raw": values as given
+    license_format: Literal["raw", "flickr"] = "raw"
+    # a Wikimedia Commons `imageinfo.extmetadata` object (or its JSON text) per row: licence
+    # evidence (LicenseUrl, License, ...) and attribution (Artist, ObjectName) from it
+    extmetadata_col: str | None = None
+    author_col: str | None = None  # attribution columns (e.g. a Flickr owner's name)
+    title_col: str | None = None
     page_url_col: str | None = None
     extra_cols: list[str] | None = None  # None: carry every other column; []: none
+
+    def named_cols(self) -> list[tuple[str, str]]:
+        """(setting, column) of every column a setting names (the caption's too)."""
+        named = [
+            ("url_col", self.url_col),
+            ("caption_col", self.caption_col),
+            ("license_col", self.license_col),
+            ("extmetadata_col", self.extmetadata_col),
+            ("author_col", self.author_col),
+            ("title_col", self.title_col),
+            ("page_url_col", self.page_url_col),
+        ]
+        return [(opt, col) for opt, col in named if col]
 
 
 class WarcSource(Section):
@@ -178,15 +200,10 @@ class _Rows:
 
     def _check(self, columns: list[str]) -> None:
         src, cols = self.src, set(columns)
-        want = [
-            ("url_col", src.url_col),
-            ("license_col", src.license_col),
-            ("page_url_col", src.page_url_col),
-        ]
-        if src.caption_col is not None and src.caption_col != _DEFAULT_CAPTION:
-            want.append(("caption_col", src.caption_col))
+        # the default caption column may be absent (a list of bare URLs)
+        want = [(o, c) for o, c in src.named_cols() if (o, c) != ("caption_col", _DEFAULT_CAPTION)]
         for opt, col in want:
-            if col is not None and col not in cols:
+            if col not in cols:
                 raise ValueError(
                     f"{self.label}: column {col!r} ({opt}) not found in {self.path.name}; "
                     f"columns are {sorted(cols)[:50]}; set `{opt}` to one of them"
@@ -215,14 +232,8 @@ class _Rows:
         self._check(pf.schema_arrow.names)
         columns = None
         if self.src.extra_cols is not None:
-            wanted = [
-                self.src.url_col,
-                self.src.caption_col,
-                self.src.license_col,
-                self.src.page_url_col,
-                *self.src.extra_cols,
-            ]
-            columns = [c for c in dict.fromkeys(wanted) if c and c in pf.schema_arrow.names]
+            wanted = [col for _, col in self.src.named_cols()] + self.src.extra_cols
+            columns = [c for c in dict.fromkeys(wanted) if c in pf.schema_arrow.names]
         i = 0
         for batch in pf.iter_batches(batch_size=4096, columns=columns):
             for row in batch.to_pylist():
@@ -269,6 +280,48 @@ def _carry(name: str) -> str:
     return f"input_{name}" if name in _SAMPLE_FIELDS else name
 
 
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):  # None / NaN cell
+        return None
+    text = " ".join(str(value).split())
+    return text or None
+
+
+def _row_licence(
+    src: UrlListSource, row: dict[str, Any]
+) -> tuple[list[LicenseEvidence], dict[str, Any]]:
+    """Licence evidence and attribution (author, title) a row carries, raw as everywhere in
+    ingest: the licence filter normalises. A Flickr id that is not one stays raw input
+    evidence (the filter then drops it as unknown); unreadable extmetadata adds nothing."""
+    evidence: list[LicenseEvidence] = []
+    attribution: dict[str, Any] = {}
+    if src.extmetadata_col:
+        ext = row.get(src.extmetadata_col)
+        if isinstance(ext, str) and ext.strip():
+            try:
+                ext = json.loads(ext)
+            except ValueError:
+                ext = None
+        if isinstance(ext, dict):
+            ev, attribution = wikimedia_evidence(ext)
+            evidence += ev
+    cell = row.get(src.license_col) if src.license_col else None
+    lic = _text(cell)
+    if lic is not None:
+        if src.license_format == "flickr":
+            try:
+                evidence.append(flickr_evidence(cell))  # type: ignore[arg-type]
+            except ValueError:
+                evidence.append(LicenseEvidence("input", "column", lic))
+        else:
+            evidence.append(LicenseEvidence("input", "column", lic))
+    for key, col in (("author", src.author_col), ("title", src.title_col)):
+        value = _text(row.get(col)) if col else None
+        if value is not None:
+            attribution[key] = value
+    return evidence, attribution
+
+
 def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | None) -> Sample:
     if row is None:
         s = Sample(
@@ -278,16 +331,12 @@ def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | No
         )
         s.drop("bad_row", "ingest")
         return s
-    used = {src.url_col, src.caption_col, src.license_col, src.page_url_col}
+    used = {col for _, col in src.named_cols()}
     raw_url = row.get(src.url_col)
     page = row.get(src.page_url_col) if src.page_url_col else None
     page_url = page.strip() if isinstance(page, str) and page.strip() else None
     caption = row.get(src.caption_col) if src.caption_col else None
-    evidence: list[LicenseEvidence] = []
-    if src.license_col:
-        lic = row.get(src.license_col)
-        if lic is not None and str(lic).strip():
-            evidence.append(LicenseEvidence("input", "column", str(lic).strip()))
+    evidence, attribution = _row_licence(src, row)
     keep_cols = src.extra_cols
     extra = {
         _carry(k): v
@@ -302,6 +351,8 @@ def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | No
         page_url=page_url,
         alt_text=caption if caption is None or isinstance(caption, str) else str(caption),
         license_evidence=evidence,
+        author=attribution.get("author"),
+        title=attribution.get("title"),
         source_url=page_url,
         extra=extra,
     )

@@ -499,3 +499,64 @@ def test_parquet_extra_cols_skip_reading_other_columns(tmp_path: Path):
 
     assert peak(UrlListSource(path=str(path))) > n * size  # every row carries its bytes
     assert peak(UrlListSource(path=str(path), extra_cols=[])) < n * size // 4
+
+
+# --------------------------------------------------------------------------- structured licences
+def test_commons_extmetadata_and_flickr_ids_become_evidence_and_attribution(
+    tmp_path: Path, real_fixtures: Path
+):
+    """Lists from Wikimedia Commons (an extmetadata object per row, or its JSON text) and
+    from Flickr (API licence ids, owner names: YFCC100M, CommonCatalog's source) carry the
+    licence and the attribution the release must credit, through the licence filter."""
+    from ccurate.filters.license_filter import LicenseConfig, LicenseFilter
+
+    info = json.loads((real_fixtures / "wikimedia_commons_imageinfo.json").read_text())
+    item = info["imageinfo"][0]
+    page = item["descriptionurl"]
+    jsonl = tmp_path / "commons.jsonl"
+    rows = [
+        {"url": "https://upload.test/a.jpg", "page": page, "ext": item["extmetadata"]},
+        {"url": "https://upload.test/b.jpg", "page": page, "ext": json.dumps(item)},
+        {"url": "https://upload.test/c.jpg", "page": page, "ext": "{not json"},
+    ]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = UrlListSource(path=str(jsonl), page_url_col="page", extmetadata_col="ext")
+    a, b, c = iter_source(src)
+    for s in (a, b):
+        values = [(e.scope, e.kind, e.value) for e in s.license_evidence]
+        assert ("metadata", "wikimedia", "cc-by-sa-4.0") in values
+        assert s.author == "PtrQs" and s.source_url == page
+        assert "ext" not in s.extra  # a named column is not carried again
+        lf = LicenseFilter(LicenseConfig())
+        d = lf.decide(s)
+        assert d.keep and s.license == "CC-BY-SA-4.0", (d, s.license)
+    assert c.license_evidence == [] and c.author is None  # unreadable: nothing, no crash
+    assert not LicenseFilter(LicenseConfig()).decide(c).keep
+
+    csv_path = tmp_path / "flickr.csv"
+    csv_path.write_text(
+        "photo,license,owner,title,page\n"
+        "https://farm.test/1.jpg,4,Ana  Lima,Lone\ttree,https://flickr.test/p/1\n"
+        "https://farm.test/2.jpg,0,Bo,,https://flickr.test/p/2\n"
+        "https://farm.test/3.jpg,CC BY 2.0,Cy,,https://flickr.test/p/3\n"
+        "https://farm.test/4.jpg,,Di,,https://flickr.test/p/4\n"
+    )
+    fsrc = UrlListSource(path=str(csv_path), url_col="photo", license_col="license",
+                         license_format="flickr", author_col="owner", title_col="title",
+                         page_url_col="page")  # fmt: skip
+    s1, s2, s3, s4 = iter_source(fsrc)
+    assert [(e.scope, e.kind, e.value) for e in s1.license_evidence] == [
+        ("metadata", "flickr", "flickr:4")
+    ]
+    assert (s1.author, s1.title) == ("Ana Lima", "Lone tree")
+    assert s2.license_evidence[0].value == "flickr:0" and s2.title is None
+    # not an id: kept raw as the column's value, the filter decides
+    assert [(e.scope, e.value) for e in s3.license_evidence] == [("input", "CC BY 2.0")]
+    assert s4.license_evidence == []
+    lf = LicenseFilter(LicenseConfig())
+    decisions = [lf.decide(s) for s in (s1, s2, s4)]
+    assert decisions[0].keep and s1.license == "CC-BY-2.0"
+    assert not decisions[1].keep and not decisions[2].keep  # all rights reserved; none
+
+    with pytest.raises(ValueError, match=r"column 'owner_name' \(author_col\) not found"):
+        list(iter_source(fsrc.model_copy(update={"author_col": "owner_name"})))
