@@ -130,8 +130,9 @@ def reference_files(paths: list[str]) -> list[Path]:
 def load_reference(paths: list[str], hash_name: str = "phash", check: bool = False) -> RefSet:
     """Parquet files/dirs with `sha256`/`pixel_sha256`/`phash` (or `dhash`) columns, or images.
 
-    Parquet rows keep their `key` column (if any) as the `duplicate_of` target;
-    image files are hashed here and named by their path. `check` also loads the
+    Parquet rows keep their `key` column (if any) as the `duplicate_of` target, rows
+    without one are named `<file>#row=<i>`; image files are hashed here and named by
+    their path. `check` also loads the
     `dhash` column to verify pHash matches (rows without one: pHash <= 4 only).
     """
     keys: list[pa.Array] = []
@@ -150,10 +151,13 @@ def load_reference(paths: list[str], hash_name: str = "phash", check: bool = Fal
                 )
             t = pq.read_table(f, columns=wanted)
             n = t.num_rows
+            # a row without a key is named by its file and row, so a dropped sample still
+            # says which reference row it matched (`duplicate_of` is never left empty)
+            where = pa.array([f"{f}#row={i}" for i in range(n)], pa.string())
             keys.append(
-                t.column("key").combine_chunks().cast(pa.string())
+                pc.coalesce(t.column("key").combine_chunks().cast(pa.string()), where)
                 if "key" in names
-                else pa.nulls(n, pa.string())
+                else where
             )
             for out, c in (
                 (sha, "sha256"),

@@ -366,6 +366,22 @@ def test_decontamination_and_previous_runs(tmp_path: Path) -> None:
         plan(tmp_path / "x", [[s_fresh]], against=[str(tmp_path / "missing")])
 
 
+def test_a_reference_row_without_a_key_is_named_by_file_and_row(tmp_path: Path) -> None:
+    """An evaluation index with hashes only (no key column, or a null key): the dropped
+    sample must still say which reference row it matched."""
+    a, b = photo(40), photo(41)
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    pq.write_table(pa.table({"phash": [phash(photo(42)), phash(a)]}), ev / "hashes.parquet")
+    pq.write_table(pa.table({"key": pa.array([None], pa.string()), "phash": [phash(b)]}),
+                   ev / "keys.parquet")  # fmt: skip
+    s_a, s_b = sample("a.jpg", jpeg_copy(a, 0.5, 60)), sample("b.jpg", jpeg_copy(b, 0.5, 60))
+    _, d = plan(tmp_path / "p", [[s_a, s_b]], against=[str(ev)])
+    assert d[s_a.key]["reason"] == "contaminated"
+    assert d[s_a.key]["duplicate_of"] == f"{ev / 'hashes.parquet'}#row=1"
+    assert d[s_b.key]["duplicate_of"] == f"{ev / 'keys.parquet'}#row=0"
+
+
 def test_prepare_is_idempotent_and_order_free(tmp_path: Path) -> None:
     imgs = [photo(40 + i) for i in range(4)]
     shards = [
@@ -766,10 +782,11 @@ def test_reference_parquet_without_hash_columns_is_an_error(tmp_path: Path) -> N
     pq.write_table(pa.table({"key": ["a"], "caption": ["x"]}), bad)
     with pytest.raises(ValueError, match=r"ref\.parquet has none of the columns"):
         load_reference([str(bad)])
-    keyless = tmp_path / "keyless.parquet"  # hashes only: matches name no reference key
+    keyless = tmp_path / "keyless.parquet"  # hashes only: rows named by file and row
     pq.write_table(pa.table({"phash": ["0" * 16, "f" * 16]}), keyless)
     ref = load_reference([str(keyless)])
-    assert len(ref.keys) == 2 and ref.keys.null_count == 2 and ref.code_ok.all()
+    assert ref.keys.to_pylist() == [f"{keyless}#row=0", f"{keyless}#row=1"]
+    assert ref.code_ok.all()
 
 
 def test_empty_reference_folder_contaminates_nothing(tmp_path: Path) -> None:
