@@ -134,6 +134,9 @@ def _norm_url(raw: str | None, base: str) -> str | None:
     raw = raw.strip().replace("\t", "").replace("\n", "").replace("\r", "")
     if not raw or len(raw) > MAX_URL_LEN:
         return None
+    if "\\" in raw:  # browsers read "\" as "/" before the query in http(s) URLs (WHATWG)
+        cut = min((i for i in (raw.find("?"), raw.find("#")) if i >= 0), default=len(raw))
+        raw = raw[:cut].replace("\\", "/") + raw[cut:]
     try:
         absu = urljoin(base, raw) if base else raw
         parts = urlsplit(absu)
@@ -409,7 +412,8 @@ class _Page:
                 self._add(LicenseEvidence("page", "text", clean_text(content, MAX_SNIPPET) or ""))
 
     def _read_marked_nodes(self) -> None:
-        for node in self.tree.css("link[rel][href]"):
+        # head links here; a body `<link>` is a marked node below (a figure may own it)
+        for node in self.tree.css("head link[rel][href]"):
             if _is_license_rel(node.attributes.get("rel")):
                 href = node.attributes.get("href") or ""
                 self._add(LicenseEvidence("page", "link_rel_license", _abs_or_raw(href, self.base)))

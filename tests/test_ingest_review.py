@@ -148,3 +148,39 @@ def test_flickr_ids_are_ascii_integers_and_whole_floats():
     for bad in ("٤", "²", 4.5, float("nan"), "-1", "by-sa"):
         with pytest.raises(ValueError, match="Flickr licence id"):
             flickr_evidence(bad)
+
+
+def test_backslashes_in_image_urls_resolve_as_a_browser_does():
+    """WHATWG URLs: in http(s) URLs a backslash before the query is a slash (IIS-era pages
+    write `..\\img\\a.jpg`); urljoin kept it as a character and resolved a path that the
+    browser never requests. The query keeps its backslashes."""
+    from ccurate.ingest.html import extract_images
+
+    html = (
+        '<html><body><img src="..\\img\\a.jpg" alt="a">'
+        '<img src="https:\\\\cdn.test\\b.jpg?q=x\\y" alt="b"></body></html>'
+    )
+    urls = [s.url for s in extract_images(html, "https://h.test/dir/page.html").images]
+    assert urls == ["https://h.test/img/a.jpg", "https://cdn.test/b.jpg?q=x\\y"]
+
+
+def test_a_licence_link_element_in_the_body_is_recorded_once():
+    """`<link rel=license>` in the head is page evidence; one in the body matched both the
+    head-link pass and the marked-node pass and was recorded twice under two kinds. In the
+    body it is a marked node: page-level when no container owns it, else the container's."""
+    from ccurate.ingest.html import extract_images
+
+    html = (
+        "<html><head></head><body><link rel=license "
+        'href="https://creativecommons.org/licenses/by/4.0/"><img src="/a.jpg" alt="x"></body>'
+        "</html>"
+    )
+    (img,) = extract_images(html, "https://h.test/p").images
+    lic = [(e.scope, e.kind) for e in img.license_evidence if "creativecommons" in e.value]
+    assert lic == [("page", "rel_license")]
+    owned = html.replace("<body><link", "<body><figure><link").replace(
+        "</body>", "</figure></body>"
+    )
+    (img,) = extract_images(owned, "https://h.test/p").images
+    lic = [(e.scope, e.kind) for e in img.license_evidence if "creativecommons" in e.value]
+    assert lic == [("container", "rel_license")]
