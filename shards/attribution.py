@@ -14,6 +14,7 @@ that could drift into calling a licence commercial.
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 from typing import Any
 
@@ -89,17 +90,39 @@ def modifications(rec: dict[str, Any], reencoded_as: str | None) -> list[str]:
     return mods
 
 
+# line breaks and other control characters (C0, DEL, C1, the Unicode line/paragraph separators)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# bidi embeddings, overrides and isolates: an unclosed one reorders the rest of the line
+_BIDI_CONTROL = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+_FSI, _PDI = "\u2068", "\u2069"
+
+
+def one_line(value: Any) -> str:
+    """Metadata as one line of plain text, safe inside a credit line.
+
+    A newline in an author or title would split an ATTRIBUTION entry and could forge a
+    licence heading or another entry; an unclosed bidi override (U+202E) would display the
+    licence and its link reversed. Whitespace runs become one space, bidi controls are
+    removed, and text with right-to-left letters is wrapped in a first-strong isolate
+    (U+2068 .. U+2069) so it keeps its own direction without reordering the rest.
+    """
+    text = " ".join(_BIDI_CONTROL.sub("", _CONTROL.sub(" ", str(value or ""))).split())
+    if any(unicodedata.bidirectional(ch) in ("R", "AL") for ch in text):
+        return f"{_FSI}{text}{_PDI}"
+    return text
+
+
 def attribution_line(rec: dict[str, Any], mods: list[str]) -> str:
     """One TASL credit line: "Title" by Author, source URL, licence name (link), modified: ..."""
-    title = (rec.get("title") or "").strip()
-    author = (rec.get("author") or "").strip()
-    source = rec.get("source_url") or rec.get("page_url") or rec.get("url")
+    title = one_line(rec.get("title"))
+    author = one_line(rec.get("author"))
+    source = one_line(rec.get("source_url") or rec.get("page_url") or rec.get("url"))
     lid = rec.get("license") or "unknown licence"
     link = license_link(lid, rec.get("license_url"))
     parts = [f'"{title}"' if title else "Untitled"]
     parts.append(f"by {author}" if author else "by unknown author")
     parts.append(f"source: {source}")
-    lic = license_name(lid)
+    lic = one_line(license_name(lid))
     parts.append(f"licence: {lic} <{link}>" if link else f"licence: {lic}")
     parts.append(f"modified: {', '.join(mods)}" if mods else "not modified")
     return " — ".join(parts)

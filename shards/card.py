@@ -46,6 +46,11 @@ def _pct(n: int, d: int) -> str:
     return f"{100.0 * n / d:.1f}%" if d else "n/a (0 samples)"
 
 
+def _recorded(v: Any) -> Any:
+    """A cell the run did not record says so (a stage's stats may lack a count)."""
+    return "not recorded" if v is None or v == "" else v
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     if not rows:
         return "_none_\n"
@@ -167,8 +172,9 @@ def render_card(s: dict[str, Any]) -> str:
             _table(
                 ["stage", "in", "kept", "dropped"],
                 [
-                    [st.get("stage"), st.get("in"), st.get("kept"), st.get("dropped")]
+                    [_recorded(st.get(k)) for k in ("stage", "in", "kept", "dropped")]
                     for st in stages
+                    if isinstance(st, dict)
                 ],
             )
         )

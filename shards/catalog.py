@@ -323,9 +323,16 @@ class Catalog:
         return str(release), Path(row[0][0])
 
     def diff_table(self, release_a: str | Path, release_b: str | Path) -> pa.Table:
-        """Per key: change (added/removed/moved/unchanged), splits in a and b, and why."""
-        _, da = self._release_files(release_a)
-        _, db = self._release_files(release_b)
+        """Per key: change (added/removed/moved/unchanged), splits in a and b, and why.
+
+        The pipeline and the rebuild record each run under its release's name: when the
+        run of a release is recorded, a removal is explained by that run's drop and an
+        addition by drops before it, not by the catalog's latest state (a run after b
+        that kept, or dropped, the sample again must not rewrite why b differs from a).
+        """
+        name_a, da = self._release_files(release_a)
+        name_b, db = self._release_files(release_b)
+        run_a, run_b = _lit(name_a), _lit(name_b)
 
         def excluded(d: Path) -> str:
             # one row per key: a key met twice is excluded again as duplicate_key, and a
@@ -344,9 +351,16 @@ class Catalog:
              b AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits
                    FROM read_parquet({_lit(db / "manifest.parquet")}) GROUP BY key),
              ea AS ({excluded(da)}), eb AS ({excluded(db)}),
+             ra AS (SELECT key, drop_reason AS reason FROM sample_runs
+                    WHERE run_id = {run_a} AND status <> 'ok'),
+             rb AS (SELECT key, drop_reason AS reason FROM sample_runs
+                    WHERE run_id = {run_b} AND status <> 'ok'),
+             cut AS (SELECT max(recorded_at) AS t, count(*) > 0 AS known
+                     FROM runs WHERE run_id = {run_b}),
              prior AS (SELECT key, arg_max(drop_reason, (recorded_at, run_id)) AS reason
-                       FROM sample_runs JOIN runs USING (run_id)
-                       WHERE status <> 'ok' GROUP BY key),
+                       FROM sample_runs JOIN runs USING (run_id), cut
+                       WHERE status <> 'ok' AND (cut.t IS NULL OR recorded_at < cut.t)
+                       GROUP BY key),
              j AS (SELECT coalesce(a.key, b.key) AS key, a.splits AS split_a, b.splits AS split_b,
                    CASE WHEN a.key IS NULL THEN 'added' WHEN b.key IS NULL THEN 'removed'
                         WHEN a.splits <> b.splits THEN 'moved' ELSE 'unchanged' END AS change
@@ -355,15 +369,19 @@ class Catalog:
           CASE
             WHEN j.change = 'removed' THEN coalesce(
               'excluded:' || eb.reason,
-              CASE WHEN s.status = 'dropped' THEN 'dropped:' || s.drop_reason END,
+              'dropped:' || rb.reason,
+              CASE WHEN s.status = 'dropped' AND NOT cut.known
+                   THEN 'dropped:' || s.drop_reason END,
               CASE WHEN s.key IS NOT NULL THEN 'not_in_release_inputs' END,
               'unknown')
             WHEN j.change = 'added' THEN coalesce(
-              'was_excluded:' || ea.reason, 'previously_dropped:' || p.reason, 'new')
+              'was_excluded:' || ea.reason, 'previously_dropped:' || ra.reason,
+              'previously_dropped:' || p.reason, 'new')
             WHEN j.change = 'moved' THEN 'licence_family_changed'
           END AS why
-        FROM j LEFT JOIN samples s ON s.key = j.key LEFT JOIN ea ON ea.key = j.key
+        FROM j CROSS JOIN cut LEFT JOIN samples s ON s.key = j.key LEFT JOIN ea ON ea.key = j.key
           LEFT JOIN eb ON eb.key = j.key LEFT JOIN prior p ON p.key = j.key
+          LEFT JOIN ra ON ra.key = j.key LEFT JOIN rb ON rb.key = j.key
         ORDER BY j.change, j.key
         """
         return self.con.sql(sql).to_arrow_table()

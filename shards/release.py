@@ -49,7 +49,7 @@ from ccurate.record import METADATA_SCHEMA, Sample
 from ccurate.shardio import is_done, iter_samples, read_marker
 from ccurate.tario import TarWriter, archive_size
 
-from .attribution import SPLIT_SOURCE, license_link, license_name
+from .attribution import SPLIT_SOURCE, license_link, license_name, one_line
 from .card import count_drops, render_card
 from .config import ShardsConfig
 from .manifest import (
@@ -445,7 +445,9 @@ def _build(
                     fh = attrib_files.get(lid)
                     if fh is None:
                         fh = attrib_files[lid] = open(  # noqa: SIM115 - closed below
-                            work / "attribution" / f"{len(attrib_files):05d}.txt", "w"
+                            work / "attribution" / f"{len(attrib_files):05d}.txt",
+                            "w",
+                            encoding="utf-8",
                         )
                     fh.write(f"- {rec['attribution']}\n")
                     tally.published_keys += 1
@@ -485,7 +487,7 @@ def _build(
     (tmp / "release.json").write_text(
         json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n"
     )
-    (tmp / "README.md").write_text(render_card(summary))
+    (tmp / "README.md").write_text(render_card(summary), encoding="utf-8")
     sums = _sha256sums(tmp)
     (tmp / SUMS).write_text(sums)
     success = {
@@ -505,7 +507,7 @@ def _write_attribution(
     path: Path, name: str, files: dict[str, Any], folder: Path, tally: _Tally
 ) -> None:
     """Credits grouped by licence (sorted by licence id), entries in publication order."""
-    with open(path, "w") as out:
+    with open(path, "w", encoding="utf-8") as out:  # authors' names: not the locale's charset
         out.write(f"ATTRIBUTION — release {name}\n\n")
         out.write(
             "Every image in this release is credited below, grouped by licence: title, author,\n"
@@ -515,9 +517,10 @@ def _write_attribution(
         for lid in sorted(files):
             link = license_link(lid)
             out.write(f"\n## {license_name(lid)}\n")
-            out.write(f"Licence id: {lid}; deed: {link or 'see each entry'}; ")
-            out.write(f"{tally.per_license[lid]} works\n\n")
-            with open(files[lid].name) as fh:
+            n = tally.per_license[lid]
+            out.write(f"Licence id: {one_line(lid)}; deed: {link or 'see each entry'}; ")
+            out.write(f"{n} {'work' if n == 1 else 'works'}\n\n")
+            with open(files[lid].name, encoding="utf-8") as fh:
                 shutil.copyfileobj(fh, out)
 
 
