@@ -238,6 +238,28 @@ def test_pickled_npy_member_is_refused(tmp_path):
         dec.decode([raw], 0, MemberReader())
 
 
+def test_one_bad_latent_sample_is_counted_not_fatal(tmp_path):
+    """As in pixel mode: a pickled or missing member marks that sample bad, its row takes
+    a good sample's arrays, and the batch goes on."""
+    good = io.BytesIO()
+    np.save(good, np.ones((4, 2, 2), np.float16))
+    emb = io.BytesIO()
+    np.save(emb, np.ones((3, 8), np.float16))
+    evil = io.BytesIO()
+    np.save(evil, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    path = tmp_path / "l.tar"
+    with TarWriter(path) as tf:
+        tf.add("a.latent.npy", good.getvalue())
+        tf.add("a.emb.npy", emb.getvalue())
+        tf.add("b.latent.npy", evil.getvalue())
+        tf.add("b.emb.npy", emb.getvalue())
+        tf.add("c.latent.npy", good.getvalue())  # no text embedding
+    group = list(iter_tar(str(path)))
+    out = Decoder("latent", 8, 8).decode(group, 0, MemberReader())
+    assert out["bad"] == ["b", "c"] and out["keys"] == ["a", "b", "c"]
+    assert tuple(out["latents"].shape) == (3, 4, 2, 2) and tuple(out["emb"].shape) == (3, 3, 8)
+
+
 def test_tar_grouping_with_directories(tmp_path):
     path = tmp_path / "d.tar"
     with TarWriter(path) as tf:

@@ -101,20 +101,31 @@ def save_checkpoint(
         doc = dict(state, format=FORMAT, step=step, optimizer=structure, ema=ema_state is not None)
         with open(tmp / "state.json", "w") as fh:
             json.dump(doc, fh, indent=1, default=str)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        old = None
+        if final.exists():  # moved aside, not deleted in place: a kill never leaves it half gone
+            old = root / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     write_json_atomic(root / "latest.json", {"step": step, "path": final.name})
-    prune_checkpoints(root, keep)
+    prune_checkpoints(root, keep, final)
     return final
 
 
-def prune_checkpoints(root: str | Path, keep: int) -> None:
-    done = sorted(p for p in Path(root).glob("step-*") if p.is_dir())
-    for old in done[: max(0, len(done) - keep)]:
+def prune_checkpoints(root: str | Path, keep: int, newest: Path | None = None) -> None:
+    """Keep the `keep` latest steps; `newest` (the one just written, which may be an older
+    step than some there when a run resumed from an earlier checkpoint) is always kept."""
+    done = sorted(p for p in Path(root).glob("step-*") if p.is_dir() and p != newest)
+    for old in done[: max(0, len(done) - keep + (newest is not None))]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -95,6 +95,10 @@ class TrainConfig(Section):
     sampler: Literal["ddim", "euler", "dpm"] = "ddim"
     guidance_scale: float = Field(5.0, ge=0)
     resume: str = ""  # "" = fresh run, "latest" = newest checkpoint in out_dir, or a path
+    # "exact": continue the data stream where the checkpoint left it (same shards and
+    # settings, else an error); "restart": keep weights, optimizer, EMA and step, and read
+    # the current shards from their start (continuing training on a new release)
+    resume_data: Literal["exact", "restart"] = "exact"
     timing_skip_steps: int = Field(-1, ge=-1)  # steps left out of images/s; -1 = auto
 
     # ---- precompute ---------------------------------------------------------

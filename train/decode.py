@@ -285,19 +285,40 @@ class Decoder:
         reader: MemberReader,
         alloc: Callable[[int], torch.Tensor] = batch_buffer,
     ) -> dict[str, Any]:
-        latents, embs = [], []
+        latents: list[np.ndarray | None] = []
+        embs: list[np.ndarray | None] = []
+        bad: list[str] = []
+        first_error = ""
         for raw in group:
-            latents.append(npy_view(reader.view(_need(raw, "latent.npy")), raw.key))
-            u = unit_hash(self.seed, epoch, raw.key, "caption")
-            want = {"synthetic": "emb.npy", "alt_text": "alt.npy"}.get(self.caption_source)
-            if want is None:  # mix
-                want = "emb.npy" if u < self.caption_mix else "alt.npy"
-            m = raw.members.get(want) or raw.members.get("emb.npy") or raw.members.get("alt.npy")
-            if m is None:
-                raise DataError(f"{raw.shard}: sample {raw.key} has no text embedding member")
-            embs.append(npy_view(reader.view(m), raw.key))
-        lat_t, emb_t = stack_into([latents, embs], alloc)
-        return {"latents": lat_t, "emb": emb_t, "keys": [r.key for r in group], "bad": []}
+            try:
+                lat = npy_view(reader.view(_need(raw, "latent.npy")), raw.key)
+                u = unit_hash(self.seed, epoch, raw.key, "caption")
+                want = {"synthetic": "emb.npy", "alt_text": "alt.npy"}.get(self.caption_source)
+                if want is None:  # mix
+                    want = "emb.npy" if u < self.caption_mix else "alt.npy"
+                m = (
+                    raw.members.get(want)
+                    or raw.members.get("emb.npy")
+                    or raw.members.get("alt.npy")
+                )
+                if m is None:
+                    raise DataError(f"{raw.shard}: sample {raw.key} has no text embedding member")
+                emb = npy_view(reader.view(m), raw.key)
+            except DataError as exc:  # one bad sample: keep the batch shape, count it
+                first_error = first_error or str(exc)
+                bad.append(raw.key)
+                latents.append(None)
+                embs.append(None)
+                continue
+            latents.append(lat)
+            embs.append(emb)
+        good = next((i for i, a in enumerate(latents) if a is not None), None)
+        if good is None:
+            raise DataError(f"every sample of a batch is unreadable: {first_error}")
+        lat_ok = [a if a is not None else latents[good] for a in latents]
+        emb_ok = [e if e is not None else embs[good] for e in embs]
+        lat_t, emb_t = stack_into([lat_ok, emb_ok], alloc)  # type: ignore[list-item]
+        return {"latents": lat_t, "emb": emb_t, "keys": [r.key for r in group], "bad": bad}
 
 
 def stack_into(

@@ -130,21 +130,32 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
         if info is not None and self.ring_released is not None:
             ring = BatchRing(self.ring_released, physical, self.ring_depth)
         alloc = ring.buffer if ring is not None else batch_buffer
+        errors: list[str] = []  # broken shards met since the last batch: handed out with it
         try:
             if self.buckets is None:
-                for group, pos in fixed_batches(self.spec, slot, n_slots, self.batch_size, start):
+                for group, pos in fixed_batches(
+                    self.spec, slot, n_slots, self.batch_size, start, errors
+                ):
                     batch = self.decoder.decode(group, pos[0], reader, alloc=alloc)
                     batch["pos"] = [lw, pos[0], pos[1]]
+                    batch["bad_shards"], errors[:] = list(errors), []
                     if ring is not None:
                         ring.tag(batch)
                     yield batch
             else:
                 of = bucket_reader(self.decoder.mode, self.buckets, self.vae_factor)
                 for group, pos, hw in bucket_batches(
-                    self.spec, slot, n_slots, self.batch_size, lambda r: of(r, reader), start
+                    self.spec,
+                    slot,
+                    n_slots,
+                    self.batch_size,
+                    lambda r: of(r, reader),
+                    start,
+                    errors,
                 ):
                     batch = self.decoder.decode(group, pos[0], reader, hw, alloc)
                     batch["pos"] = [lw, pos[0], pos[1]]
+                    batch["bad_shards"], errors[:] = list(errors), []
                     if ring is not None:
                         ring.tag(batch)
                     yield batch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from ccurate.train.stream import (
     find_manifest,
     find_shards,
     make_buckets,
+    shard_names,
 )
 
 # ---- distributed -------------------------------------------------------------------
@@ -421,6 +423,16 @@ class Trainer:
             if cfg.aspect_buckets
             else None
         )
+        # what fixes the sample order besides the positions: a resume must find the same
+        names = shard_names(self.shards)
+        self.stream_id: dict[str, Any] = {
+            "seed": cfg.seed,
+            "shuffle_shards": cfg.shuffle_shards,
+            "shuffle_buffer": cfg.shuffle_buffer,
+            "buckets": [list(b) for b in buckets] if buckets else None,
+            "shards": len(names),
+            "shards_digest": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
+        }
         total = cfg.epoch_samples or sum(count_samples(s) for s in self.shards)
         per_step = self.batch_size * cfg.grad_accum * ctx.world
         epoch_batches = max(1, total // (self.batch_size * ctx.world))
@@ -470,8 +482,17 @@ class Trainer:
                     ema.load_state_dict(ck.ema)
                 else:  # EMA turned on at resume: average from the resumed weights, not the init
                     ema = EMA(named, cfg.ema_decay)
+            saved = dict(data_state.get("stream") or {"seed": data_state.get("seed", cfg.seed)})
+            changed = [k for k, v in saved.items() if self.stream_id.get(k, v) != v]
+            if changed and cfg.resume_data == "exact":
+                diff = ", ".join(f"{k}={saved[k]!r} (now {self.stream_id[k]!r})" for k in changed)
+                raise CheckpointError(
+                    f"{ckpt_path}: the data stream was recorded with {diff}; the data position "
+                    "cannot be restored exactly: resume with the same data and settings, or "
+                    "set train.resume_data = 'restart' to read the current shards from their start"
+                )
             start_step = ck.step
-            ranks = data_state.get("ranks", [])
+            ranks = data_state.get("ranks", []) if cfg.resume_data == "exact" else []
             loader_state = ranks[ctx.rank] if ctx.rank < len(ranks) else None
             if loader_state and (
                 int(loader_state["num_workers"]) != cfg.num_workers
@@ -482,7 +503,8 @@ class Trainer:
                     f"{loader_state['num_workers']}, batch_size={loader_state['batch_size']}; "
                     "resume with the same values"
                 )
-            self.log({"event": "resume", "step": start_step, "checkpoint": str(ckpt_path)})
+            self.log({"event": "resume", "step": start_step, "checkpoint": str(ckpt_path),
+                      "data": cfg.resume_data})  # fmt: skip
         dataset = ShardDataset(
             spec,
             decoder,
@@ -535,6 +557,7 @@ class Trainer:
         last_loss = float("nan")
         grad_norm: torch.Tensor | None = None
         bad = 0
+        bad_shards = 0
         t_int = time.perf_counter()
         wait_int = 0.0
         imgs_int = 0
@@ -559,6 +582,9 @@ class Trainer:
                     if t_timed is not None:
                         wait_timed += waited
                     bad += len(batch.get("bad", ()))
+                    for error in batch.get("bad_shards", ()):
+                        bad_shards += 1
+                        self.log({"event": "bad_shard", "step": step, "error": error})
                     if keys_fh is not None:
                         keys_fh.write(
                             json.dumps({"step": step, "micro": micro, "keys": batch["keys"]}) + "\n"
@@ -619,6 +645,7 @@ class Trainer:
                             "data_wait": wait_int / span,
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
                             "bad_samples": bad,
+                            "bad_shards": bad_shards,
                         }
                     )
                     loss_sum.zero_()
@@ -664,6 +691,7 @@ class Trainer:
             "params": count_params(unet),
             "epoch_batches": epoch_batches,
             "bad_samples": bad,
+            "bad_shards": bad_shards,
         }
         self.log({"event": "done", **summary}, console=False)
         return summary
@@ -725,7 +753,12 @@ class Trainer:
                 optimizer.state_dict(),
                 {
                     "loss": loss,
-                    "data": {"world_size": self.ctx.world, "seed": self.cfg.seed, "ranks": states},
+                    "data": {
+                        "world_size": self.ctx.world,
+                        "seed": self.cfg.seed,
+                        "stream": self.stream_id,
+                        "ranks": states,
+                    },
                     "config": self.cfg.model_dump(),
                     "models": resolve_refs(self.cfg),
                 },

@@ -55,6 +55,7 @@ from ccurate.train.stream import (
     iter_tar,
     make_buckets,
     nearest_bucket,
+    shard_names,
 )
 
 REASONS = {
@@ -63,13 +64,16 @@ REASONS = {
 }
 
 
-def _out_name(shard: str, release: Path | None) -> str:
+def _out_name(shard: str, release: Path | None, name: str) -> str:
+    """The latent shard's name: relative to the release directory, else `name` (relative to
+    the shards' common directory: a list of shards from several directories may repeat a
+    file name, and one would then overwrite, or pass for, the other)."""
     if release is not None and release.is_dir():
         try:
             return str(Path(shard).resolve().relative_to(release.resolve()))
         except ValueError:
             pass
-    return Path(shard).name
+    return name
 
 
 class _Encoder:
@@ -203,13 +207,14 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
         else None
     )
     enc = _Encoder(cfg, ctx.device)
+    names = dict(zip(shards, shard_names(shards), strict=True))
     mine = [s for i, s in enumerate(shards) if i % ctx.world == ctx.rank]
     written: list[str] = []
     totals: dict[str, Any] = {"samples": 0, "dropped": {}}
     bar = Progress("precompute", total=len(mine), enabled=ctx.rank == 0)
     try:
         for src in mine:
-            dst = out / _out_name(src, rel_root)
+            dst = out / _out_name(src, rel_root, names[src])
             if dst.suffix != ".tar":
                 dst = dst.with_suffix(".tar")
             prefix = str(dst)[: -len(".tar")]

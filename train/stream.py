@@ -16,7 +16,8 @@ A position is therefore just `(data epoch, samples consumed in it)` per slot
 (`(epoch, batches emitted)` with aspect buckets, whose leftovers are dropped at
 each epoch end). A resumed run replays the slot's epoch *lazily*: local tars are
 scanned header by header and members are read only when a sample is used, so
-skipping costs no image reads and no decoding. Nothing here decodes a member
+skipping costs no image reads and no decoding. A broken shard (truncated, bad
+header) is read up to the break and reported, not fatal. Nothing here decodes a member
 (`ccurate.train.decode`) or runs workers (`ccurate.train.loader`).
 """
 
@@ -196,8 +197,20 @@ def iter_tar(url: str) -> Iterator[RawSample]:
     try:
         for key, fields in group_members(members, url):
             yield RawSample(key.rsplit("/", 1)[-1], url, fields)
-    except ValueError as exc:
+    except (ValueError, tarfile.TarError) as exc:
         raise DataError(str(exc)) from exc
+
+
+def shard_names(shards: Sequence[str]) -> list[str]:
+    """Shard paths relative to their deepest common directory: the same names for a release
+    and its precomputed latents (which keep the release's relative layout)."""
+    if len(shards) == 1:
+        return [shards[0].rsplit("/", 1)[-1]]
+    dirs = [s.split("/")[:-1] for s in shards]
+    common = 0
+    while all(len(d) > common and d[common] == dirs[0][common] for d in dirs):
+        common += 1
+    return ["/".join(s.split("/")[common:]) for s in shards]
 
 
 def _stream_members(url: str) -> Iterator[tuple[str, Member]]:
@@ -234,16 +247,30 @@ def epoch_shard_order(spec: StreamSpec, epoch: int) -> list[str]:
     return order
 
 
-def slot_raw(spec: StreamSpec, slot: int, n_slots: int, epoch: int) -> Iterator[RawSample]:
-    """This slot's share of one data epoch, before shuffling."""
+def _readable(shard: str, errors: list[str] | None) -> Iterator[RawSample]:
+    """The samples of `shard` up to where it is broken (truncated, bad header): the rest is
+    skipped and the error appended to `errors` (raised when None). Deterministic, so a
+    resumed run skips the same samples."""
+    try:
+        yield from iter_tar(shard)
+    except DataError as exc:
+        if errors is None:
+            raise
+        errors.append(str(exc))
+
+
+def slot_raw(
+    spec: StreamSpec, slot: int, n_slots: int, epoch: int, errors: list[str] | None = None
+) -> Iterator[RawSample]:
+    """This slot's share of one data epoch, before shuffling; broken shards go to `errors`."""
     order = epoch_shard_order(spec, epoch)
     if len(order) >= n_slots:
         for shard in order[slot::n_slots]:
-            yield from iter_tar(shard)
+            yield from _readable(shard, errors)
         return
-    i = 0  # fewer shards than slots: split by sample
+    i = 0  # fewer shards than slots: split by sample (slot 0 alone reports a broken shard)
     for shard in order:
-        for raw in iter_tar(shard):
+        for raw in _readable(shard, errors if errors is None or slot == 0 else []):
             if i % n_slots == slot:
                 yield raw
             i += 1
@@ -266,16 +293,24 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Itera
     yield from buf
 
 
-def slot_epoch(spec: StreamSpec, slot: int, n_slots: int, epoch: int) -> Iterator[RawSample]:
+def slot_epoch(
+    spec: StreamSpec, slot: int, n_slots: int, epoch: int, errors: list[str] | None = None
+) -> Iterator[RawSample]:
     rng = random.Random(f"{spec.seed}:{epoch}:{slot}:{n_slots}:samples")
-    return shuffle_buffer(slot_raw(spec, slot, n_slots, epoch), spec.shuffle_buffer, rng)
+    raws = slot_raw(spec, slot, n_slots, epoch, errors)
+    return shuffle_buffer(raws, spec.shuffle_buffer, rng)
 
 
 Position = tuple[int, int]  # (data epoch, samples consumed) or (data epoch, batches emitted)
 
 
 def fixed_batches(
-    spec: StreamSpec, slot: int, n_slots: int, batch_size: int, start: Position = (0, 0)
+    spec: StreamSpec,
+    slot: int,
+    n_slots: int,
+    batch_size: int,
+    start: Position = (0, 0),
+    errors: list[str] | None = None,
 ) -> Iterator[tuple[list[RawSample], Position]]:
     """Batches of `batch_size` over the slot's endless stream; position = next sample."""
     epoch, skip = start
@@ -283,7 +318,7 @@ def fixed_batches(
     empty = 0
     while True:
         n = 0
-        for i, raw in enumerate(slot_epoch(spec, slot, n_slots, epoch)):
+        for i, raw in enumerate(slot_epoch(spec, slot, n_slots, epoch, errors)):
             n += 1
             if i < skip:
                 continue
@@ -307,6 +342,7 @@ def bucket_batches(
     batch_size: int,
     bucket_of: Callable[[RawSample], tuple[int, int]],
     start: Position = (0, 0),
+    errors: list[str] | None = None,
 ) -> Iterator[tuple[list[RawSample], Position, tuple[int, int]]]:
     """Batches of one aspect bucket each; leftovers are dropped at each epoch end."""
     epoch, skip = start
@@ -314,7 +350,7 @@ def bucket_batches(
     while True:
         buckets: dict[tuple[int, int], list[RawSample]] = {}
         emitted = 0
-        for raw in slot_epoch(spec, slot, n_slots, epoch):
+        for raw in slot_epoch(spec, slot, n_slots, epoch, errors):
             b = bucket_of(raw)
             group = buckets.setdefault(b, [])
             group.append(raw)
