@@ -12,7 +12,8 @@ Guarantees, whatever the server does:
   opt-out policy hook before a connection is made, and the connection goes
   to the address the guard checked;
 - a body never grows past its cap (`Content-Length` is checked first, then
-  the stream is counted), and no URL takes longer than `total_timeout`,
+  the stream is counted; one cut short of its `Content-Length` is a
+  `connection_error`), and no URL takes longer than `total_timeout`,
   retries, backoff and a slow trickle of bytes included;
 - transient failures (timeouts, connection errors, 408/429/5xx) are retried
   with exponential backoff and full jitter; `Retry-After` on 429/503 is
@@ -154,6 +155,7 @@ class HostLimiter:
         self._active: dict[str, int] = {}
         self._next: dict[str, float] = {}
         self._not_before: dict[str, float] = {}
+        self._prune_at = 4096  # times per host: dropped once past, so hosts seen once go
 
     def acquire(self, host: str, deadline: float) -> bool:
         """Take a slot for `host`; False if none could be had before `deadline`."""
@@ -168,12 +170,22 @@ class HostLimiter:
             start = max(now, self._next.get(host, 0.0), self._not_before.get(host, 0.0))
             if self.interval:
                 self._next[host] = start + self.interval
+            if len(self._next) + len(self._not_before) > self._prune_at:
+                self._prune(now)
         if start > deadline:
             self.release(host)
             return False
         if start > now:
             time.sleep(start - now)
         return True
+
+    def _prune(self, now: float) -> None:
+        """Forget spacing and pauses already over (holding `_lock`): they hold nobody back,
+        and a crawl of millions of hosts would otherwise keep one entry per host."""
+        for times in (self._next, self._not_before):
+            for h in [h for h, t in times.items() if t <= now]:
+                del times[h]
+        self._prune_at = max(4096, 2 * (len(self._next) + len(self._not_before)))
 
     def _wait(self, host: str, timeout: float) -> None:
         """Wait (holding `_lock`) until a slot of `host` is released or `timeout` passes."""
@@ -207,6 +219,8 @@ class HostLimiter:
         """No new request to `host` before `until` (monotonic), e.g. from Retry-After."""
         with self._lock:
             self._not_before[host] = max(self._not_before.get(host, 0.0), until)
+            if len(self._next) + len(self._not_before) > self._prune_at:
+                self._prune(time.monotonic())
 
 
 class _PinnedConnection(http.client.HTTPConnection):
@@ -544,6 +558,8 @@ class HttpClient:
                 if truncate:
                     return b"".join(chunks)[:max_bytes], True
                 raise _Failure("too_large", f"body over {max_bytes} bytes")
+        if resp.length:  # read1 meets EOF quietly: a cut body would pass as a shorter file
+            raise _Failure("connection_error", f"body ended {resp.length} bytes short", True)
         if not resp.isclosed() and resp.length == 0:
             resp.read()  # read1 leaves a fully read response open; this completes it
         return b"".join(chunks), False
@@ -575,14 +591,18 @@ class HttpClient:
         key = (target.scheme, target.host, target.port)
         with self._pool_lock:
             conns = self._pool.get(key)
-            while conns:
+            found: _PinnedConnection | None = None
+            while conns and found is None:
                 conn = conns.pop()
                 self._idle -= 1
                 if conn.addresses == target.addresses and conn.sock is not None:
                     conn.reused = True
-                    return conn
-                conn.close()
-        return self._new_conn(target)
+                    found = conn
+                else:
+                    conn.close()
+            if conns is not None and not conns:
+                del self._pool[key]  # else a key per host ever seen stays behind
+        return found if found is not None else self._new_conn(target)
 
     def _checkin(self, target: Target, conn: _PinnedConnection) -> None:
         if conn.sock is None:
@@ -623,11 +643,11 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() is True and float("²") raises
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
     if when is None:
         return None

@@ -21,7 +21,10 @@ What counts as an opt-out (all on by default, each can be switched off in
   parsed; any 4xx means there is no robots.txt (everything allowed); 429
   and 5xx mean "disallow everything on this host for this run". If
   robots.txt cannot be reached at all (timeout, connection error) the
-  host's URLs take that transient reason, so a retry run picks them up.
+  host's URLs take that transient reason, so a retry run picks them up;
+  so do they when the origin's policy files cannot be processed at all
+  (fail closed, `connection_error`). A body that ends before its
+  Content-Length is a connection error, never a shorter file.
   The body is read up to 512 KiB, like Google. ->
   `optout_robots_txt`
 """
@@ -91,24 +94,41 @@ def tdm_header_reserved(headers: Mapping[str, list[str]]) -> bool:
     return any(v.strip() == "1" for v in headers.get("tdm-reservation", []))
 
 
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    anchored = pattern.endswith("$")
-    body = pattern[:-1] if anchored else pattern
-    rx = ".*".join(re.escape(part) for part in body.split("*"))
-    return re.compile(rx + ("$" if anchored else ""))
-
-
 @dataclass(frozen=True)
 class TdmRule:
-    location: re.Pattern[str]
+    """One tdmrep.json entry: a robots.txt-style `location` pattern and its reservation."""
+
+    location: str  # '*' any run, trailing '$' end of path
     reserved: bool
+
+    def matches(self, path: str) -> bool:
+        """Glob match in O(len(path) x len(pattern)), never by regex: a hostile file's
+        `/a*a*a*...b` costs a backtracking regex exponential time on a long path."""
+        pattern = self.location
+        anchored = pattern.endswith("$")
+        parts = (pattern[:-1] if anchored else pattern).split("*")
+        head, rest = parts[0], parts[1:]
+        if not path.startswith(head):
+            return False
+        if not rest:
+            return not anchored or path == head
+        pos = len(head)
+        last = rest[-1]
+        for part in rest[:-1]:  # leftmost match of each middle literal is always safe
+            found = path.find(part, pos)
+            if found < 0:
+                return False
+            pos = found + len(part)
+        if anchored:
+            return len(path) - len(last) >= pos and path.endswith(last)
+        return path.find(last, pos) >= 0
 
 
 def parse_tdmrep(body: bytes) -> list[TdmRule]:
     """Rules of a `/.well-known/tdmrep.json` file; malformed files or entries give no rules."""
     try:
         data = json.loads(body.decode("utf-8-sig"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests past the stack
         return []
     if not isinstance(data, list):
         return []
@@ -124,14 +144,14 @@ def parse_tdmrep(body: bytes) -> list[TdmRule]:
         value = entry.get("tdm-reservation", 0)
         # JSON 1 and 1.0 are one number; "1" and true are common spellings of it
         reserved = value == 1 or str(value).strip().lower() in ("1", "true")
-        rules.append(TdmRule(_pattern_regex(loc), reserved))
+        rules.append(TdmRule(loc, reserved))
     return rules
 
 
 def tdmrep_reserved(rules: list[TdmRule], path: str) -> bool:
     """First rule whose location matches `path` (path + query) decides."""
     for rule in rules:
-        if rule.location.match(path):
+        if rule.matches(path):
             return rule.reserved
     return False
 
@@ -212,6 +232,19 @@ def _exact_agents(parser: urllib.robotparser.RobotFileParser, token: str) -> Non
         entry.useragents = [me] if ours else []
 
 
+_UNUSED_ROBOTS_FIELDS = frozenset({"crawl-delay", "request-rate"})
+
+
+def _robots_lines(body: bytes) -> list[str]:
+    """robots.txt lines for robotparser, less the rate fields we never read: robotparser
+    int()s them after `isdigit()`, so `Crawl-delay: ²` or a 5000-digit delay raises."""
+    return [
+        line
+        for line in body.decode("utf-8", "replace").splitlines()
+        if line.split("#", 1)[0].split(":", 1)[0].strip().lower() not in _UNUSED_ROBOTS_FIELDS
+    ]
+
+
 PolicyFetcher = Callable[[str, int], PolicyFetch]
 """`fetch(url, max_bytes) -> PolicyFetch`, supplied by the HTTP client (redirects, SSRF guard)."""
 
@@ -245,9 +278,9 @@ class OriginPolicies:
         if not (self.robots or self.tdmrep):
             return None
         pol = self._get(origin)
+        if pol.unreachable is not None:
+            return pol.unreachable
         if self.robots:
-            if pol.unreachable is not None:
-                return pol.unreachable
             if pol.robots_all is False:
                 return "optout_robots_txt"
             if pol.robots is not None and not pol.robots.can_fetch(self.token, origin + path):
@@ -268,6 +301,10 @@ class OriginPolicies:
         if mine:
             try:
                 self._load(origin, pol)
+            except Exception:
+                # fail closed: an empty policy would let every URL of the origin through
+                # while the first caller's batch died; this way a retry run tries again
+                pol.unreachable = "connection_error"
             finally:
                 pol.ready.set()
         else:
@@ -285,7 +322,7 @@ class OriginPolicies:
                     pol.robots_all = True
             elif 200 <= got.status < 300:
                 parser = urllib.robotparser.RobotFileParser()
-                parser.parse(got.body.decode("utf-8", "replace").splitlines())
+                parser.parse(_robots_lines(got.body))
                 _exact_agents(parser, self.token)
                 pol.robots = parser
             elif got.status == 429 or got.status >= 500:

@@ -63,7 +63,9 @@ PAGE_ACCEPT = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"
 REASONS: dict[str, str] = {
     "http_<code>": "the server answered with this non-2xx status (after retries for 408/429/5xx)",
     "timeout": "connect/read/total timeout, after retries",
-    "connection_error": "DNS failure, refused or reset connection, TLS or protocol error",
+    "connection_error": "DNS failure, refused or reset connection, TLS or protocol error, a "
+    "body cut short of its Content-Length, or the origin's robots.txt/tdmrep.json could not "
+    "be processed",
     "too_many_redirects": "more than max_redirects hops, or a redirect loop",
     "too_large": "body (or decompressed body) above max_bytes / max_page_bytes",
     "not_an_image": "the bytes are no raster image (HTML, SVG, text, empty), whatever the "
