@@ -78,6 +78,9 @@ def _list(paths: list[str]) -> str:
     return "[" + ", ".join(_lit(p) for p in paths) + "]"
 
 
+_QUERY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}  # what `ccurate query` may run
+
+
 class Catalog:
     """DuckDB catalog of runs, samples and releases; see the module doc for tables and views."""
 
@@ -273,7 +276,20 @@ class Catalog:
 
     # ---- reading ---------------------------------------------------------
     def query(self, sql: str) -> pa.Table:
-        """Run SQL over the tables and views; the result as an Arrow table."""
+        """Run SQL over the tables and views; the result as an Arrow table.
+
+        A read-only catalog (the CLI's) runs queries only: DuckDB's read-only mode guards
+        the database file, not the file system, so `COPY ... TO` could still overwrite a
+        release's manifest.parquet, and ATTACH/INSTALL reach beyond the catalog."""
+        if self.read_only:
+            refused = {
+                t.name for t in (s.type for s in duckdb.extract_statements(sql))
+            } - _QUERY_STATEMENTS
+            if refused:
+                raise ValueError(
+                    f"ccurate query runs queries only (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, "
+                    f"PRAGMA); refused: {', '.join(sorted(refused))}"
+                )
         rel = self.con.sql(sql)
         if rel is None:
             return pa.table({})

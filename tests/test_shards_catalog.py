@@ -361,3 +361,28 @@ def test_cli_tables_errors_and_keys(world: dict, tmp_path: Path) -> None:
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output)
         assert message in r.output and "Traceback" not in r.output
+
+
+def test_query_runs_queries_only(world: dict, tmp_path: Path) -> None:
+    """`ccurate query` is read-only: DuckDB's read_only guards the database file, not the
+    file system, so COPY ... TO overwrote any file (a release's manifest.parquet)."""
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    cat = str(world["cat"])
+    target = tmp_path / "manifest.parquet"
+    target.write_bytes(b"precious")
+    for sql in (
+        f"COPY (SELECT 1 AS x) TO '{target}' (FORMAT parquet)",
+        f"SELECT 1; COPY (SELECT 1) TO '{target}'",
+        f"ATTACH '{tmp_path / 'other.duckdb'}'",
+    ):
+        r = runner.invoke(app, ["query", sql, "--catalog", cat])
+        assert r.exit_code == 2 and "runs queries only" in r.output, (sql, r.output)
+    assert target.read_bytes() == b"precious" and not (tmp_path / "other.duckdb").exists()
+    for sql in ("WITH a AS (SELECT 1 AS n) SELECT * FROM a", "SHOW TABLES", "DESCRIBE samples",
+                "EXPLAIN SELECT * FROM samples"):  # fmt: skip
+        r = runner.invoke(app, ["query", sql, "--catalog", cat])
+        assert r.exit_code == 0, (sql, r.output)
+    with Catalog(world["cat"]) as writable:  # the library's own writer is not limited
+        assert writable.query("SELECT count(*) AS n FROM runs")["n"][0].as_py() == 2
