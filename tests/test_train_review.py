@@ -177,3 +177,18 @@ def test_precompute_keeps_same_named_shards_of_several_directories_apart(tmp_pat
     written = precompute(cfg, shards, tmp_path / "lat")
     assert len(set(written)) == 2
     assert [len(list(iter_tar(w))) for w in written] == [len(a), len(b)]
+
+
+def test_a_kill_between_the_renames_of_a_replacement_is_recovered(tmp_path: Path) -> None:
+    """Killed after the old step-N was moved aside and before the new one took its name
+    (keep=1: no other step): `latest` finds step-N again; a leftover of a kill during the
+    final delete is removed."""
+    root = tmp_path / "checkpoints"
+    path = _save(root, 1, value=1.0, keep=1)
+    path.rename(root / ".step-00000001.old-1-deadbeef")
+    found = ckmod.find_checkpoint(tmp_path, "latest")
+    assert found == path and ckmod.load_checkpoint(found).state["loss"] == 1.0
+    stale = root / ".step-00000001.old-2-cafe"
+    stale.mkdir()
+    assert ckmod.find_checkpoint(tmp_path, "latest") == path
+    assert not stale.exists()

@@ -86,6 +86,7 @@ def save_checkpoint(
     """Write a checkpoint atomically and point `latest.json` at it; prune old ones."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    _recover(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -121,6 +122,20 @@ def save_checkpoint(
     return final
 
 
+def _recover(root: Path) -> None:
+    """Finish a replacement a kill interrupted: a `.step-N.old-*` whose step-N is missing
+    (killed between the two renames) is moved back; one whose step-N exists (killed while
+    deleting it) is deleted."""
+    for old in root.glob(".step-*.old-*"):
+        final = root / old.name[1:].split(".old-", 1)[0]
+        if not old.is_dir():
+            continue
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
 def prune_checkpoints(root: str | Path, keep: int, newest: Path | None = None) -> None:
     """Keep the `keep` latest steps; `newest` (the one just written, which may be an older
     step than some there when a run resumed from an earlier checkpoint) is always kept."""
@@ -135,6 +150,8 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Path | None:
         return None
     if resume == "latest":
         root = Path(out_dir) / "checkpoints"
+        if root.is_dir():
+            _recover(root)
         pointer = root / "latest.json"
         if pointer.exists():
             with open(pointer) as fh:
