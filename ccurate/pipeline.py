@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,19 @@ class Pipeline:
 
     # -- steps ---------------------------------------------------------------
     def map_step(
-        self, step: str, stage: Stage, inputs: list[str], name: str | None = None
+        self,
+        step: str,
+        stage: Stage,
+        inputs: list[str],
+        name: str | None = None,
+        also: StageStats | None = None,
     ) -> StepResult:
         """Run `stage` over `inputs` into the step's directory; `_COMPLETE` marks it whole.
 
         With `name` (a pass that adds shards to a finished step, e.g. "retry") the
-        step stays complete throughout and the pass's stats are appended to the marker."""
+        step stays complete throughout and the pass's stats are appended to the marker.
+        `also`: counts of the step made outside its shards (the planner's drops), added
+        to the step's stats and marker."""
         t0 = time.perf_counter()
         out_dir = self.step_dir(step)
         complete = out_dir / "_COMPLETE"
@@ -124,6 +132,8 @@ class Pipeline:
             complete.unlink()  # the inputs may have grown; recheck every shard
         stats = self.executor.map(stage, tasks_for(inputs, out_dir), label=name or step)
         stats.stage = name or step
+        if also is not None:
+            stats.add(also)
         if name is None:
             write_json_atomic(complete, {"shards": len(inputs), "stats": stats.to_json()})
         else:
@@ -184,7 +194,12 @@ class Pipeline:
             )
         except ValueError as err:  # e.g. sources changed under an existing work directory
             raise PipelineError(str(err)) from None
-        return self.map_step("ingest", IngestStage(self.cfg.ingest), [str(p) for p in planned])
+        return self.map_step(
+            "ingest",
+            IngestStage(self.cfg.ingest),
+            [str(p) for p in planned],
+            also=_plan_drops(self.step_dir("plan")),
+        )
 
     def retry_failed(self) -> StepResult:
         """Fetch again the transient ingest failures (timeouts, connection errors, 408, 429,
@@ -272,8 +287,18 @@ class Pipeline:
             catalog.record_release(release)
         finally:
             catalog.close()
-        n = sum(json.loads(p.read_text()).get("count", 0) for p in release.glob("**/*.stats.json"))
-        stats = StageStats("shard", n_in=n, n_kept=n, shards=len(inputs))
+        # kept samples the release did not publish are counted with their reason, as in
+        # excluded.parquet (shard rows would count a superset split's samples twice)
+        info = json.loads((release / "release.json").read_text())
+        excluded = Counter({str(k): int(v) for k, v in info.get("excluded", {}).items()})
+        stats = StageStats(
+            "shard",
+            n_in=int(info["input_samples"]),
+            n_kept=int(info["published_samples"]),
+            n_dropped=excluded.total(),
+            drops=excluded,
+            shards=len(inputs),
+        )
         return self._record(
             StepResult("shard", stats, time.perf_counter() - t0, {"release": str(release)})
         )
@@ -330,6 +355,9 @@ class Pipeline:
 
     # -- whole runs ------------------------------------------------------------
     def run(self, steps: list[str] | None = None) -> list[StepResult]:
+        """Run the steps; summary.json and the report are of this run only (a second
+        `run` of the same pipeline must not count the first one's steps again)."""
+        self.results = []
         for step in steps or STEPS:
             if step not in STEPS and step != "retry":
                 raise PipelineError(f"unknown step {step!r}; expected one of {', '.join(STEPS)}")
@@ -360,6 +388,18 @@ class Pipeline:
         path = self.work / "summary.json"
         write_json_atomic(path, {"steps": [r.to_json() for r in self.results]})
         return path
+
+
+def _plan_drops(plan_dir: Path) -> StageStats:
+    """The planner's drops (`bad_url`, `bad_row`, `duplicate_url`, WARC opt-outs): records
+    read from the sources that reach no shard. They are ingest's (`dropped_by="ingest"`),
+    so ingest's stats count them as its inputs and drops, as the side outputs do."""
+    from ccurate.ingest.sources import PLANNED_MARKER
+
+    marker = plan_dir / PLANNED_MARKER
+    done = json.loads(marker.read_text()) if marker.exists() else {}
+    drops = Counter({str(k): int(v) for k, v in done.get("drops", {}).items()})
+    return StageStats("ingest", n_in=drops.total(), n_dropped=drops.total(), drops=drops)
 
 
 def _supersede_ingest_drops(ingest_dir: Path) -> None:
