@@ -308,7 +308,8 @@ class Catalog:
                 "SELECT status, count(*) FROM samples GROUP BY 1 ORDER BY 2 DESC, 1"
             ),
             "drop_reasons": counts(
-                "SELECT drop_reason, count(*) FROM samples WHERE status <> 'ok' "
+                "SELECT coalesce(drop_reason, 'unknown'), count(*) FROM samples "
+                "WHERE status <> 'ok' "
                 "GROUP BY 1 ORDER BY 2 DESC, 1"
             ),
             "licenses": counts(
@@ -316,6 +317,13 @@ class Catalog:
                 "GROUP BY 1 ORDER BY 2 DESC, 1"
             ),
             "releases": counts("SELECT name, samples FROM releases ORDER BY name"),
+            # samples kept by every filter that the newest release still did not publish
+            # (status 'ok' above): not releasable under the split policy, duplicate keys, ...
+            "latest_release_excluded": counts(
+                "SELECT coalesce(reason, 'unknown'), count(*) FROM release_excluded "
+                "WHERE release = (SELECT name FROM releases ORDER BY recorded_at DESC, name DESC "
+                "LIMIT 1) GROUP BY 1 ORDER BY 2 DESC, 1"
+            ),
         }
         try:
             out["caption_cache_rows"] = int(

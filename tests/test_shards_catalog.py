@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -109,6 +110,9 @@ def test_stats(world: dict) -> None:
     }
     assert sum(st["drop_reasons"].values()) == st["by_status"]["dropped"]
     assert st["caption_cache_rows"] == 2
+    # what the newest release left out of the filters' keepers, with its reasons
+    excluded = pq.read_table(world["r2"] / "excluded.parquet")["reason"].to_pylist()
+    assert st["latest_release_excluded"] == dict(Counter(excluded)) and excluded
 
 
 def test_diff(world: dict) -> None:
