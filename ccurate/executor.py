@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ccurate.progress import Progress
+from ccurate.record import Sample, make_key
 from ccurate.shardio import (
     ShardWriter,
     clear_shard,
@@ -46,11 +48,18 @@ def run_task(stage: Stage, task: ShardTask) -> StageStats:
     clear_shard(task.dst)
     stats = StageStats(stage.name, shards=1)
     writer = ShardWriter(task.dst)
+    # a source stage can make one key twice (two planned pages that redirect to the same
+    # page give the same images): the repeat is recorded as a drop, not a crash
+    seen: set[str] | None = None if stage.preserves_keys else set()
     t0 = time.perf_counter()
     try:
         for batch in iter_samples(task.src, batch_size=stage.batch_size):
             stats.n_in += len(batch)
             for sample in timed_process(stage, batch, stats):
+                if seen is not None:
+                    if sample.key in seen:
+                        _drop_repeat(sample, stats, stage.name, len(seen))
+                    seen.add(sample.key)
                 writer.write(sample)
     except BaseException:
         writer.abort()
@@ -58,6 +67,22 @@ def run_task(stage: Stage, task: ShardTask) -> StageStats:
     stats.seconds = time.perf_counter() - t0
     writer.commit(stats.to_json())
     return stats
+
+
+def _drop_repeat(sample: Sample, stats: StageStats, by: str, row: int) -> None:
+    """A key already written to this shard: dropped as `duplicate_url` (key = url + page)
+    under a key of its own that names the first (`duplicate_of`), counted once."""
+    if sample.kept:
+        stats.n_kept -= 1
+        stats.n_dropped += 1
+    else:
+        stats.drops[sample.drop_reason or "unknown"] -= 1
+        stats.drops += Counter()  # drop zero counts
+    stats.drops["duplicate_url"] += 1
+    first = sample.key
+    sample.key = make_key(f"dup:{first}:{row}")  # row: this shard's rows so far, unique
+    sample.duplicate_of = first
+    sample.drop("duplicate_url", by)
 
 
 # -- worker-process state: one set-up stage per process, reused for every shard --

@@ -322,3 +322,40 @@ def test_progress_on_a_terminal_and_in_a_log(
     quiet = Progress("x", total=1, enabled=False)
     quiet.advance()
     assert capsys.readouterr().err == ""
+
+
+class _Redirected(Stage):
+    """A source stage whose inputs lead to one page: every input gives the same image key
+    (two planned pages that redirect to the same page), the last one as a drop."""
+
+    name = "ingest"
+    preserves_keys = False
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        out = []
+        for s in batch:
+            img = sample(999)
+            if s is batch[-1]:
+                img.drop("http_404", self.name)
+            out.append(img)
+        return out
+
+
+def test_a_source_stage_making_one_key_twice_drops_the_repeat_not_the_shard(tmp_path: Path):
+    """ShardWriter refuses a second row with a key: the whole shard failed. The repeat is
+    now a `duplicate_url` drop under a key of its own naming the first; counts agree."""
+    (src,) = _inputs(tmp_path, n_shards=1, per=3)
+    dst = str(tmp_path / "out" / "part-00000")
+    stats = run_task(_Redirected(), ShardTask(src, dst))
+    assert is_done(dst)
+    kept = [s for batch in iter_samples(dst) for s in batch]
+    dropped = read_dropped(dst).to_pylist()
+    first = sample(999).key
+    assert [s.key for s in kept] == [first]
+    assert [(r["drop_reason"], r["duplicate_of"]) for r in dropped] == [
+        ("duplicate_url", first),
+        ("duplicate_url", first),
+    ]
+    assert len({r["key"] for r in dropped} | {first}) == 3
+    assert (stats.n_in, stats.n_kept, stats.n_dropped) == (3, 1, 2)
+    assert dict(stats.drops) == {"duplicate_url": 2}
