@@ -52,6 +52,9 @@ PERF_KEYS = frozenset({
 })  # fmt: skip
 
 
+# the keys of a step's `_COMPLETE` marker that are the step's own; others are its passes
+_TOTALS = frozenset({"shards", "stats"})
+
 log = logging.getLogger("ccurate.pipeline")
 
 
@@ -120,22 +123,30 @@ class Pipeline:
         """Run `stage` over `inputs` into the step's directory; `_COMPLETE` marks it whole.
 
         With `name` (a pass that adds shards to a finished step, e.g. "retry") the
-        step stays complete throughout and the pass's stats are appended to the marker.
+        step stays complete throughout and the pass's stats are appended to the marker;
+        the step's own stats are the sum over its shards' markers, restated by the next
+        full map of the step (which keeps the passes' entries).
         `also`: counts of the step made outside its shards (the planner's drops), added
         to the step's stats and marker."""
         t0 = time.perf_counter()
         out_dir = self.step_dir(step)
         complete = out_dir / "_COMPLETE"
+        earlier: dict[str, Any] = {}  # e.g. the retry passes of a finished ingest
         if name is None:
             self._check_settings(step)
         if complete.exists() and name is None:
+            earlier = {
+                k: v for k, v in json.loads(complete.read_text()).items() if k not in _TOTALS
+            }
             complete.unlink()  # the inputs may have grown; recheck every shard
         stats = self.executor.map(stage, tasks_for(inputs, out_dir), label=name or step)
         stats.stage = name or step
         if also is not None:
             stats.add(also)
         if name is None:
-            write_json_atomic(complete, {"shards": len(inputs), "stats": stats.to_json()})
+            write_json_atomic(
+                complete, {**earlier, "shards": len(inputs), "stats": stats.to_json()}
+            )
         else:
             marker = json.loads(complete.read_text())
             passes = [p for p in marker.get(name, []) if p["shard"] not in inputs]
@@ -194,10 +205,16 @@ class Pipeline:
             )
         except ValueError as err:  # e.g. sources changed under an existing work directory
             raise PipelineError(str(err)) from None
+        # finished `--retry-failed` passes are ingest shards too: their partitions are
+        # inputs (already done, so only their markers are read), and the drop rows they
+        # supersede are gone from the older shards (and their markers) before counting
+        retries = _finished_retries(self.step_dir("plan"), self.step_dir("ingest"))
+        if retries:
+            _supersede_ingest_drops(self.step_dir("ingest"))
         return self.map_step(
             "ingest",
             IngestStage(self.cfg.ingest),
-            [str(p) for p in planned],
+            [str(p) for p in planned] + retries,
             also=_plan_drops(self.step_dir("plan")),
         )
 
@@ -206,10 +223,13 @@ class Pipeline:
         5xx) of a finished ingest, without touching what was downloaded.
 
         The records go to a new ingest shard `retry-NNNN`; the older drop rows of the same
-        keys are then removed from their shards' side outputs (the newest outcome of a key
-        is its only one), and the dedup and caption steps are cleared so the next run
-        redoes them over the grown input (filter only runs on the new shard; captions come
-        from the cache). Killed at any point, rerunning finishes the same retry."""
+        keys are then removed from their shards' side outputs and markers (the newest
+        outcome of a key is its only one), the dedup and caption steps are cleared so the
+        next run redoes them over the grown input (filter only runs on the new shard;
+        captions come from the cache), and ingest's stats are restated over every shard
+        (an `ingest` step in the results, next to the pass's own `retry`), so a retried
+        record is counted once, with its newest outcome. Killed at any point, rerunning
+        finishes the same retry."""
         from ccurate.ingest.stage import IngestStage, plan_retry
         from ccurate.shardio import is_done, write_partition
 
@@ -225,15 +245,16 @@ class Pipeline:
             prefix = retry_dir / pending[0].name[: -len(".parquet")]
         else:
             records = plan_retry(ing)
-            if not records:
-                _supersede_ingest_drops(ing)
-                return self._record(StepResult("retry", StageStats("retry"), 0.0))
+            if not records:  # a killed retry may still have its drops to supersede
+                result = self._record(StepResult("retry", StageStats("retry"), 0.0))
+                self.ingest()
+                return result
             prefix = retry_dir / f"retry-{len(done_retries) + 1:04d}"
             write_partition(prefix, records)
         result = self.map_step("ingest", IngestStage(self.cfg.ingest), [str(prefix)], "retry")
-        _supersede_ingest_drops(ing)
         for step in ("dedup", "caption"):
             _clear_step(self.step_dir(step))
+        self.ingest()  # supersedes the retried drops; fetches nothing (every shard is done)
         return result
 
     def filter(self) -> StepResult:
@@ -402,32 +423,87 @@ def _plan_drops(plan_dir: Path) -> StageStats:
     return StageStats("ingest", n_in=drops.total(), n_dropped=drops.total(), drops=drops)
 
 
-def _supersede_ingest_drops(ingest_dir: Path) -> None:
-    """Remove ingest drop rows whose key has a newer outcome in a later-finished shard.
+def _finished_retries(plan_dir: Path, ingest_dir: Path) -> list[str]:
+    """The `--retry-failed` partitions whose ingest shard is finished (a killed retry's
+    partition is left to the next `--retry-failed`, which finishes it)."""
+    from ccurate.shardio import is_done
 
-    Idempotent, and each side output is replaced atomically, so a kill in between is
-    finished by the next call."""
+    parts = sorted((plan_dir / "retries").glob("retry-*.parquet"))
+    prefixes = [p.with_name(p.name[: -len(".parquet")]) for p in parts]
+    return [str(p) for p in prefixes if is_done(ingest_dir / p.name)]
+
+
+def _supersede_ingest_drops(ingest_dir: Path) -> None:
+    """Remove ingest drop rows whose key has a newer outcome in a later-finished shard,
+    and restate each shard's marker from its files (`_restate_ingest_marker`).
+
+    A page's drop row is superseded by a later image of that page as well (its key is
+    `make_key(page_url)`, as `plan_retry` resolves it). Idempotent, and each side output
+    and marker is replaced atomically, so a kill in between is finished by the next call."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from ccurate.record import make_key
     from ccurate.shardio import shards_in_completion_order, write_table_atomic
 
     shards = shards_in_completion_order(ingest_dir)
     later: set[str] = set()
     for prefix in reversed(shards):
         dropped_path = Path(f"{prefix}.dropped.parquet")
-        if dropped_path.exists() and later:
-            t = pq.read_table(dropped_path)
+        t = pq.read_table(dropped_path) if dropped_path.exists() else None
+        if t is not None and later:
             stale = pc.and_(
                 pc.is_in(t["key"], value_set=pa.array(sorted(later), pa.string())),
                 pc.equal(t["dropped_by"], "ingest"),
             )
             stale = pc.fill_null(stale, False)
             if pc.any(stale).as_py():
-                write_table_atomic(dropped_path, t.filter(pc.invert(stale)))
-        later.update(pq.read_table(f"{prefix}.parquet", columns=["key"])["key"].to_pylist())
-        if dropped_path.exists():
-            later.update(pq.read_table(dropped_path, columns=["key"])["key"].to_pylist())
+                keys = t.filter(stale)["key"].to_pylist()
+                t = t.filter(pc.invert(stale))
+                write_table_atomic(dropped_path, t)
+                later.update(keys)
+        if t is not None:
+            _restate_ingest_marker(prefix, t)
+        for part in [pq.read_table(f"{prefix}.parquet", columns=["key", "url", "page_url"]), t]:
+            if part is None:
+                continue
+            later.update(part["key"].to_pylist())
+            urls = part["url"].to_pylist()
+            pages = part["page_url"].to_pylist()
+            later.update(make_key(p) for u, p in zip(urls, pages, strict=True) if p and p != u)
+
+
+def _restate_ingest_marker(prefix: Path, dropped: pa.Table) -> None:
+    """Make an ingest shard's marker state its dropped file after superseded rows left it.
+
+    Each superseded row leaves the shard's `dropped` (and its reason) and its `in`: its
+    record is an input of the retry shard that holds its newest outcome, so summing the
+    markers counts every record once, as kept or with its newest drop reason. The count
+    removed so far is kept as `superseded` (recomputing from the file stays right after
+    a kill between the two writes), and the marker keeps its mtime: completion order
+    decides which outcome is newer."""
+    import os
+
+    from ccurate.shardio import MARKER, atomic_path, read_marker
+
+    marker = read_marker(prefix)
+    if int(marker["dropped"]) == dropped.num_rows:
+        return
+    before = int(marker.get("superseded", 0))
+    superseded = int(marker["dropped"]) + before - dropped.num_rows
+    drops = Counter(r or "unknown" for r in dropped["drop_reason"].to_pylist())
+    restated = {
+        **marker,
+        "in": int(marker["in"]) + before - superseded,
+        "dropped": dropped.num_rows,
+        "drops": dict(sorted(drops.items())),
+        "superseded": superseded,
+    }
+    path = Path(f"{prefix}{MARKER}")
+    st = path.stat()
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(restated, indent=1, sort_keys=True))
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _without_perf_keys(value: Any) -> Any:
