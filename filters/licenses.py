@@ -14,9 +14,11 @@ Recognised forms (all table-driven, see the tables below):
   the licence buttons on i.creativecommons.org / licensebuttons.net. The host
   must be exactly creativecommons.org (or www.), and the version/port/file part
   must be a real one: `creativecommons.org.evil.com`, `/about/`, `/by/9.9/`,
-  `/by/4.0/de/` (4.0 has no ports) are unknown. An unknown URL on a CC host still
+  `/by/4.0/de/` (4.0 has no ports) are unknown. The path is percent-decoded
+  (`/licenses/by%2Dnc/4.0/` is BY-NC). An unknown URL on a CC host still
   names its family (`/licenses/by-nc/...` -> BY-NC), which, like a name without
-  version, must agree with any licence found beside it.
+  version, must agree with any licence found beside it; an unknown licence code
+  (`sampling+`, `devnations`, a typo) agrees with none.
 - Flickr API licence ids as `flickr:N` (0-10).
 - Wikimedia Commons `License` / `LicenseShortName` / `UsageTerms` values
   (`cc-by-sa-3.0-de`, `CC BY-SA 4.0`, `cc-zero`, `pd`, `Public domain`,
@@ -27,7 +29,9 @@ Recognised forms (all table-driven, see the tables below):
   `LicenseRef-...`). A name needs a version (attribution must link the exact
   licence); only CC0 and the Public Domain Mark, which have one version, may
   omit it. Abbreviated names ("BY-SA 4.0") need a "CC"/"Creative Commons"
-  prefix; the long form may start with "Attribution".
+  prefix; the long form may start with "Attribution". Elements after the version
+  ("CC BY 4.0 NC", "cc-by-4.0-nc") make the name unreadable, never plain BY, and a
+  name within five words after a negation ("not", "isn't") is no evidence for it.
 - Rights reserved: "All rights reserved" and its translations, "royalty
   free", "rights managed", "editorial use only" are explicit ARR. A bare
   copyright notice ("©", "(c)", "Copyright 2020 X") is ARR with
@@ -54,7 +58,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 REASONS: dict[str, str] = {
     "license_unknown": "no licence evidence, or none we can read as a licence",
@@ -137,6 +141,9 @@ _SPDX_PORTED = frozenset([
 # fmt: on
 
 _CC = "https://creativecommons.org"
+# The hint of a licence mention that agrees with no licence: a CC URL with a code we do
+# not know, "CC BY 4.0 NC", a negated name ("not CC BY 4.0"). Alone it is unknown.
+UNREADABLE = "CC-UNREADABLE"
 
 
 def cc_license(
@@ -294,7 +301,8 @@ def _cc_segments(url: str) -> tuple[bool, list[str]] | None:
         return None
     if parts.scheme.lower() not in ("http", "https") or has_userinfo:
         return None
-    segs = [p for p in parts.path.lower().split("/") if p]
+    # percent-decoded like a browser shows it: `/licenses/by%2Dnc/4.0/` is BY-NC
+    segs = [p for p in unquote(parts.path).lower().split("/") if p]
     if host in _CC_HOSTS:
         return False, segs
     if host in _BUTTON_HOSTS:
@@ -310,9 +318,11 @@ def parse_url(url: str) -> LicenseInfo | None:
 
 def _url_hint(url: str) -> str | None:
     """What a CC licence URL we cannot read (no version, a version or port that does not
-    exist: `/licenses/by-nc/`, `/licenses/by-nc/4.0/de/`) still says: its family, or "CC"
-    for an unknown code. Like a name without version it must agree with the licence found
-    (`resolve`), so "CC BY 4.0" next to a broken BY-NC link is a conflict, not BY."""
+    exist: `/licenses/by-nc/`, `/licenses/by-nc/4.0/de/`) still says: its family, or
+    `UNREADABLE` for a licence code we do not know (`sampling+`, `devnations`, `nc-by`,
+    a typo). Like a name without version it must agree with the licence found (`resolve`),
+    so "CC BY 4.0" next to a broken BY-NC link is a conflict, not BY; an unknown code
+    agrees with nothing (it may name a non-free or NC licence)."""
     cc = _cc_segments(url)
     if cc is None or len(cc[1]) < 2:
         return None
@@ -321,9 +331,9 @@ def _url_hint(url: str) -> str | None:
         if code == "publicdomain":
             return "PDDC"
         elems = _URL_CODES.get(code)
-        return _FAMILIES[elems].family if elems is not None else "CC"
+        return _FAMILIES[elems].family if elems is not None else UNREADABLE
     if kind == ("p" if button else "publicdomain"):
-        return {"zero": "CC0", "mark": "PDM"}.get(code, "CC")
+        return {"zero": "CC0", "mark": "PDM"}.get(code, UNREADABLE)
     return None
 
 
@@ -521,6 +531,21 @@ def _match_cc(tokens: Sequence[str], i: int) -> _Match | None:
         ):  # "CC BY 3.0 DE", "CC BY-SA 2.0 UK: England & Wales"; not "CC BY 4.0 in 2019"
             port, j = tokens[j], j + 1
     j = _skip(tokens, j, _TRAILING)
+    # "CC BY 4.0 NC", "cc-by-4.0-nc", "CC BY 3.0 DE/NC": elements after the version still
+    # belong to the name; reading it as "CC BY 4.0" would drop a restriction. Not "by":
+    # "CC BY 4.0 by Jane Doe".
+    k, extra = j, list[str]()
+    while k < n:
+        if (p := _phrase_at(tokens, k, _ELEMENTS)) is not None and _ELEMENTS[p] != "BY":
+            extra.append(_ELEMENTS[p])  # before ports: "no derivatives" is not Norway
+            k += len(p)
+        elif tokens[k] in _TRAILING or tokens[k] in _PORTS:
+            k += 1
+        else:
+            break
+    if set(extra) - set(elems):
+        more = _FAMILIES.get(frozenset(elems + extra))
+        return _Match(k, None, hint=more.family if more else UNREADABLE)
     found = [x for v in vers if (x := cc_license(elems, v, port)) is not None]
     if not found:  # "CC BY 9.9", "CC BY 4.0 DE"
         return _Match(j, None, hint=hint)
@@ -540,6 +565,11 @@ _STARTS = frozenset(
 )
 
 
+# "not (in the) public domain", "is not licensed under CC BY": a licence named within a few
+# words after a negation is no evidence for it.
+_NEGATION = frozenset({"not", "never", "nicht", "isn", "aren", "wasn"})
+
+
 def _walk(tokens: Sequence[str]) -> tuple[list[LicenseInfo], set[str]]:
     found: list[LicenseInfo] = []
     hints: set[str] = set()
@@ -552,6 +582,8 @@ def _walk(tokens: Sequence[str]) -> tuple[list[LicenseInfo], set[str]]:
         if m is None:
             i += 1
             continue
+        if m.info is not None and _NEGATION.intersection(tokens[max(0, i - 5) : i]):
+            m = _Match(m.end, None, hint=UNREADABLE)
         if m.hint:
             hints.add(m.hint)
         if m.info is not None:
@@ -582,8 +614,9 @@ def resolve(
     families are a conflict (even two permissive ones: we cannot tell which the
     author meant). Within one family the highest version, then a port, wins.
     `hints` are CC mentions we could not read as a licence: a family ("CC BY-NC"
-    without version) must agree with the licence found, and any hint keeps a
-    bare notice from being read as "all rights reserved" (it is then unknown).
+    without version) must agree with the licence found, `UNREADABLE` agrees with
+    none, and any hint keeps a bare notice from being read as "all rights
+    reserved" (it is then unknown).
     """
     infos, hints = list(infos), set(hints)
     strong = [x for x in infos if not x.notice_only]

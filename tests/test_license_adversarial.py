@@ -1,0 +1,164 @@
+"""Adversarial licence evidence: the result is never more permissive than the evidence.
+
+Each row is (evidence, licence id or None, drop reason or None from `analyse`). Rows
+marked "bug" failed before the fix next to them; the rest pin behaviour that held.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ccurate.filters.licenses import analyse, explain
+from tests.test_filters_license_cli import KEYS, app
+from tests.test_filters_license_filter import BY, BY_NC, BY_ND, ev, make, run
+
+U, C = "license_unknown", "license_conflict"
+CC = "https://creativecommons.org/licenses"
+
+HOSTS = [
+    ("https://creativecommons.org./licenses/by/4.0/", "CC-BY-4.0", None),  # same host
+    ("https://creativecommons.org.evil.com/licenses/by/4.0/", None, U),
+    ("https://evil.com/creativecommons.org/licenses/by/4.0/", None, U),
+    ("https://creativecommons.org@evil.com/licenses/by/4.0/", None, U),
+    ("https://evil.com\\@creativecommons.org/licenses/by/4.0/", None, U),
+    ("https://evil.com#@creativecommons.org/licenses/by/4.0/", None, U),
+    ("http://creativecommons.org%2eevil.com/licenses/by/4.0/", None, U),
+    ("https://xn--creativecommns-xyz.org/licenses/by/4.0/", None, U),
+    ("https://creativecommοns.org/licenses/by/4.0/", None, U),  # Greek omicron
+    ("https://сreativecommons.org/licenses/by/4.0/", None, U),  # Cyrillic es
+    ("https://creativecommons.net/licenses/by/4.0/", None, U),
+    ("https://m.creativecommons.org/licenses/by/4.0/", None, U),
+    ("javascript://creativecommons.org/licenses/by/4.0/", None, U),
+    ("https:/creativecommons.org/licenses/by/4.0/", None, U),
+]
+
+PATHS = [
+    ("https://creativecommons.org/licenses/by/5.0/", None, U),
+    ("https://creativecommons.org/licenses/by-cn/4.0/", None, U),
+    ("https://creativecommons.org/licenses/devnations/2.0/", None, U),
+    ("https://creativecommons.org/licenses/sampling/1.0/", None, U),
+    ("https://creativecommons.org/licenses/nc-sampling+/1.0/", None, U),
+    ("https://creativecommons.org/licenses/GPL/2.0/", None, U),
+    ("https://creativecommons.org/licenses/by/4.0/../../by-nc/4.0/", None, U),
+    ("https://creativecommons.org/licenses/by-nc/4.0/../../by/4.0/", None, U),
+    ("https://creativecommons.org/licenses/by/4.0/?lic=by-nc", "CC-BY-4.0", None),
+    ("https://creativecommons.org/licenses/BY-NC/4.0/", "CC-BY-NC-4.0", None),
+    ("https://creativecommons.org/licenses/by-nc/1.0/", "CC-BY-NC-1.0", None),
+    ("https://creativecommons.org/licenses/by-nc/3.0/igo/", "LicenseRef-CC-BY-NC-3.0-IGO", None),
+    ("https://creativecommons.org/licenses/publicdomain/2.0/", None, U),
+    # bug: percent-encoded paths were unknown, and beside a name did not conflict
+    ("https://creativecommons.org/licenses/by%2Dnc/4.0/", "CC-BY-NC-4.0", None),
+    ("https://creativecommons.org/licenses/%62y-nc/4.0/", "CC-BY-NC-4.0", None),
+    ("https://creativecommons.org/licenses%2Fby-sa/4.0/", "CC-BY-SA-4.0", None),
+    ("https://creativecommons.org/licenses/by/4.0/%64e/", None, U),  # 4.0 has no ports
+    (f"CC BY 4.0 {CC}/by%2Dnc/4.0/", None, C),
+    # bug: a CC URL with an unknown licence code beside a name was read as the name
+    (f"CC BY 4.0 {CC}/sampling+/1.0/", None, C),
+    (f"CC BY 4.0 {CC}/devnations/2.0/", None, C),
+    (f"CC BY 4.0 {CC}/nc-by/4.0/", None, C),
+    (f"CC BY 4.0 {CC}/by-cn/4.0/", None, C),
+    ("CC0 1.0 https://creativecommons.org/publicdomain/certification/1.0/", None, C),
+]
+
+TEXT = [
+    ("CC BY-NC is not used here, this is CC BY 4.0", None, U),  # was C: "not ... CC BY"
+    ("All rights reserved, CC BY 4.0 for thumbnails only", None, C),
+    ("Creative Commons", None, U),
+    ("GPL", None, U),
+    ("GFDL", None, U),
+    ("Attribution", None, U),
+    ("cc-by-nc", None, U),
+    ("CC BY 4.0 by Jane Doe", "CC-BY-4.0", None),
+    ("CC BY 4.0 in 2019", "CC-BY-4.0", None),
+    ("CC BY-NC 4.0 NC", "CC-BY-NC-4.0", None),
+    ("CC BY-SA 4.0 SA", "CC-BY-SA-4.0", None),
+    ("CC BY + NC 4.0", "CC-BY-NC-4.0", None),
+    ("CC BY-NС 4.0", None, U),  # Cyrillic es: not an element, never plain BY
+    ("cc-by-sa-3.0-de", "CC-BY-SA-3.0-DE", None),
+    ("Cc-by-sa-3.0,2.5,2.0,1.0", "CC-BY-SA-3.0", None),  # the highest version (documented)
+    ("cc-by-nc-sa-3.0,2.5", "CC-BY-NC-SA-3.0", None),
+    ("CC NC 1.0", "LicenseRef-CC-NC-1.0", None),
+    ("CC BY 4.0 https://creativecommons.org/licenses/by-nc/4.0/ NC", "CC-BY-NC-4.0", None),
+    # bug: restriction elements after the version were dropped ("wrong commercial OK")
+    ("CC BY 4.0 NC", None, U),
+    ("CC-BY-4.0-NC", None, U),
+    ("cc-by-4.0-nc", None, U),
+    ("CC BY-SA 4.0 NC", None, U),
+    ("CC BY 3.0 DE NC", None, U),
+    ("CC BY 3.0 DE/NC", None, U),
+    ("CC BY 3.0 Germany NC", None, U),
+    ("CC BY 4.0 ND", None, U),
+    ("CC BY 4.0; no derivatives", None, U),  # "no" is also Norway's port code
+    ("CC BY 4.0 (non-commercial use only)", None, U),
+    ("Attribution 4.0 International NonCommercial", None, U),
+    ("Attribution-ShareAlike 2.0 Generic Non-Commercial", None, U),
+    ("CC BY 4.0 NC. Licensed under CC BY 4.0", None, C),
+    # bug: a negated licence counted as evidence for it (PD is admitted when opted in)
+    ("not public domain", None, U),
+    ("This image is not in the public domain", None, U),
+    ("© Jane Doe. Not public domain.", None, U),
+    ("This photo isn't licensed under a CC BY 4.0 licence", None, U),
+    ("Not CC BY-NC 4.0 but CC BY 4.0", None, C),
+    ("No rights reserved. CC0 1.0", "CC0-1.0", None),
+]
+
+FLICKR = [
+    ("flickr:07", "LicenseRef-Flickr-No-Known-Copyright-Restrictions", None),
+    ("flickr:4.0", None, U),
+    ("flickr:-4", None, U),
+    ("flickr:+4", None, U),
+    ("flickr:11", None, U),
+    ("flickr:4 flickr:2", None, U),
+    ("flickr:4 CC BY-NC 2.0", "CC-BY-NC-2.0", None),
+]
+
+
+@pytest.mark.parametrize(("evidence", "license", "reason"), HOSTS + PATHS + TEXT + FLICKR)
+def test_never_more_permissive_than_the_evidence(
+    evidence: str, license: str | None, reason: str | None
+) -> None:
+    info, problem = analyse(evidence)
+    assert (info.spdx if info else None, problem) == (license, reason)
+
+
+def test_explain_json_for_adversarial_evidence() -> None:
+    rows = HOSTS + PATHS + TEXT + FLICKR
+    result = CliRunner().invoke(app(), ["licenses", "explain", *(r[0] for r in rows)])
+    assert result.exit_code == 0, result.output
+    out = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert len(out) == len(rows)
+    for (evidence, license, reason), row in zip(rows, out, strict=True):
+        assert list(row) == KEYS and row == explain(evidence)
+        assert row["evidence"] == evidence and row["license"] == license
+        if license is None:
+            assert row["reason"] == reason and row["commercial"] is None
+        # "commercial OK" only for licences that allow it, and then no drop under the
+        # default (commercial, no ND) policy unless it is not an open licence
+        if row["reason"] is None:
+            assert row["commercial"] is True and row["derivatives"] is True
+
+
+# (evidence, config, expected drop reason, expected licence)
+FILTER = [
+    # image says NC, page says BY: never BY
+    ([ev("image", BY_NC), ev("page", BY)], {}, "license_not_allowed", "CC-BY-NC-4.0"),
+    ([ev("image", BY), ev("metadata", BY_NC)], {}, "license_conflict", None),
+    ([ev("image", BY), ev("metadata", "2", "flickr")], {}, "license_conflict", None),
+    ([ev("image", "GFDL"), ev("page", BY)], {}, "license_unknown", None),
+    ([ev("image", BY_ND)], {}, "license_not_allowed", "CC-BY-ND-4.0"),
+    ([ev("metadata", "-4", "flickr")], {}, "license_unknown", None),
+    # bug: one item's trailing NC did not stop another item's BY at the same level
+    ([ev("image", "CC BY 4.0 NC"), ev("image", BY)], {}, "license_conflict", None),
+    ([ev("image", f"{CC}/by%2Dnc/4.0/"), ev("image", BY)], {}, "license_conflict", None),
+    # bug: with PD opted in, a negated claim was admitted as public domain
+    ([ev("image", "not public domain")], {"allow_families": ["PD"]}, "license_unknown", None),
+]
+
+
+@pytest.mark.parametrize(("evidence", "cfg", "reason", "license"), FILTER)
+def test_filter_levels_and_items_never_widen(evidence, cfg, reason, license) -> None:
+    s = run(make(*evidence), **cfg)
+    assert (s.drop_reason, s.license, s.license_rule) == (reason, license, None)
