@@ -233,6 +233,10 @@ class LicenseFilter(Filter):
             (ev.scope for ev, x in readings if x.family == info.family),
             key=lambda s: _SCOPE_RANK.get(s, len(_SCOPE_RANK)),
         )
+        # any page-level scope is recorded as @page (an unknown scope counts as page-level):
+        # a release cut to image-level evidence looks for exactly that
+        if _level(scope) == "page":
+            scope = "page"
         sample.license_rule = f"{self.cfg.policy}:{info.spdx}@{scope}"
         return self.keep(**scores)
 

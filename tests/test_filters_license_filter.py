@@ -271,7 +271,8 @@ def test_flickr_ids_under_each_policy(n: int, kept: tuple[bool, bool]) -> None:
 
 def test_unknown_scope_counts_as_page_level() -> None:
     s = run(make(ev("sidebar", BY)))
-    assert s.license_rule == "commercial:CC-BY-4.0@sidebar" and s.scores["license.page_level"] == 1
+    # recorded as @page, as the docs say: the release's image-only count looks for it
+    assert s.license_rule == "commercial:CC-BY-4.0@page" and s.scores["license.page_level"] == 1
     s = run(make(ev("sidebar", BY)), evidence_levels=["image"])
     assert s.drop_reason == "license_unknown"
 
