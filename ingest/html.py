@@ -84,8 +84,8 @@ _CREDIT = re.compile(
 _CC_HOST = re.compile(r"^(?:[a-z0-9-]+\.)*creativecommons\.org$", re.IGNORECASE)
 _CC_PATH = re.compile(r"^/(?:licenses|licences|publicdomain)/", re.IGNORECASE)
 _OPTOUT_TOKENS = {"noai", "noimageai"}
-_META_LICENSE_NAMES = {"license", "dcterms.license", "dc.license", "dct.license"}
-_META_RIGHTS_NAMES = {"copyright", "rights", "dc.rights", "dcterms.rights", "dct.rights"}
+META_LICENSE_NAMES = {"license", "dcterms.license", "dc.license", "dct.license"}
+META_RIGHTS_NAMES = {"copyright", "rights", "dc.rights", "dcterms.rights", "dct.rights"}
 _FOOTER_SEL = (
     "footer, [role=contentinfo], [id*=footer], [class*=footer], [id*=copyright], [class*=copyright]"
 )
@@ -127,7 +127,7 @@ def clean_text(value: str | None, limit: int = MAX_TEXT) -> str | None:
     return _WS.sub(" ", value).strip()[:limit]
 
 
-def _norm_url(raw: str | None, base: str) -> str | None:
+def norm_url(raw: str | None, base: str) -> str | None:
     """Absolute http(s) URL without fragment, or None. Never raises."""
     if not raw:
         return None
@@ -149,9 +149,9 @@ def _norm_url(raw: str | None, base: str) -> str | None:
     return absu
 
 
-def _abs_or_raw(raw: str, base: str) -> str:
+def abs_or_raw(raw: str, base: str) -> str:
     """Evidence values: absolute when they resolve, else the raw string (faithful)."""
-    return _norm_url(raw, base) or raw.strip()
+    return norm_url(raw, base) or raw.strip()
 
 
 def parse_srcset(value: str | None) -> list[tuple[str, float, str]]:
@@ -214,7 +214,7 @@ def _tokens(value: str | None) -> list[str]:
     return (value or "").lower().split()
 
 
-def _is_license_rel(value: str | None) -> bool:
+def is_license_rel(value: str | None) -> bool:
     """`license`, `cc:license`, `dct:license`, ... in a rel/property list."""
     return any(t == "license" or t.endswith(":license") for t in _tokens(value))
 
@@ -231,7 +231,7 @@ def is_cc_url(url: str) -> bool:
     return bool(_CC_HOST.match(host)) and bool(_CC_PATH.match(p.path or ""))
 
 
-def _snippet(text: str) -> str | None:
+def rights_snippet(text: str) -> str | None:
     """The rights mark with a little context, or None when the text has none."""
     m = _RIGHTS.search(text)
     if not m:
@@ -332,7 +332,7 @@ class _Page:
         self.page_url = page_url
         base_node = tree.css_first("base[href]")
         base_href = base_node.attributes.get("href") if base_node is not None else None
-        self.base = (_norm_url(base_href, page_url) or page_url) if base_href else page_url
+        self.base = (norm_url(base_href, page_url) or page_url) if base_href else page_url
         title_node = _document_title(tree)
         self.title = (clean_text(title_node.text()) or None) if title_node is not None else None
         self.optout: str | None = None
@@ -373,10 +373,10 @@ class _Page:
             return True
         about = attrs.get("about")
         if about is not None:
-            target = _norm_url(about, self.base)
+            target = norm_url(about, self.base)
             if target:
                 for img in node.css("img"):
-                    if target in {_norm_url(c, self.base) for c in _image_candidates(img)}:
+                    if target in {norm_url(c, self.base) for c in _image_candidates(img)}:
                         return True
         return False
 
@@ -406,17 +406,17 @@ class _Page:
                 self.optout = reason  # both drop; robots is the more explicit signal
             if name == "author" and content.strip() and self.page_author is None:
                 self.page_author = clean_text(content)
-            elif name in _META_LICENSE_NAMES and content.strip():
-                self._add(LicenseEvidence("page", "meta_license", _abs_or_raw(content, self.base)))
-            elif name in _META_RIGHTS_NAMES and content.strip():
+            elif name in META_LICENSE_NAMES and content.strip():
+                self._add(LicenseEvidence("page", "meta_license", abs_or_raw(content, self.base)))
+            elif name in META_RIGHTS_NAMES and content.strip():
                 self._add(LicenseEvidence("page", "text", clean_text(content, MAX_SNIPPET) or ""))
 
     def _read_marked_nodes(self) -> None:
         # head links here; a body `<link>` is a marked node below (a figure may own it)
         for node in self.tree.css("head link[rel][href]"):
-            if _is_license_rel(node.attributes.get("rel")):
+            if is_license_rel(node.attributes.get("rel")):
                 href = node.attributes.get("href") or ""
-                self._add(LicenseEvidence("page", "link_rel_license", _abs_or_raw(href, self.base)))
+                self._add(LicenseEvidence("page", "link_rel_license", abs_or_raw(href, self.base)))
         marked = (
             "body [rel], body [property], body [itemprop], "
             "body a[href*=creativecommons i], body area[href*=creativecommons i]"
@@ -431,11 +431,11 @@ class _Page:
             if owner is not None:
                 self.owned.setdefault(owner.mem_id, []).append(node)
             elif kind in ("rel_license", "cc_link", "schema_license", "ccrel"):
-                self._add(LicenseEvidence("page", kind, _abs_or_raw(_attr_value(node), self.base)))
+                self._add(LicenseEvidence("page", kind, abs_or_raw(_attr_value(node), self.base)))
 
     def _read_footer(self) -> None:
         nodes = [n for n in self.tree.css(_FOOTER_SEL) if n.tag not in ("html", "body")]
-        marks = [(n, snip) for n in nodes if (snip := _snippet(_text(n)))]
+        marks = [(n, snip) for n in nodes if (snip := rights_snippet(_text(n)))]
         # the innermost matches that carry a rights mark: a match around another is a
         # wrapper ("no-footer-widgets" around the whole page), whose first mark may be an
         # image caption's "© photographer" rather than the site's footer
@@ -447,7 +447,7 @@ class _Page:
             # no footer element at all: the end of the body is where sites put "©"
             body = self.tree.body
             if body is not None:
-                snip = _snippet(_text(body)[-1500:])
+                snip = rights_snippet(_text(body)[-1500:])
                 if snip:
                     self._add(LicenseEvidence("page", "text", snip))
 
@@ -456,7 +456,7 @@ def _marked_kind(node: LexborNode) -> str | None:
     """What a node says, if anything we record: a licence form or an attribution role."""
     a = node.attributes
     rel, prop, item = a.get("rel"), a.get("property"), a.get("itemprop")
-    if _is_license_rel(rel) or _is_license_rel(prop):
+    if is_license_rel(rel) or is_license_rel(prop):
         return "ccrel" if ":" in f"{rel or ''} {prop or ''}" else "rel_license"
     if "license" in _tokens(item):
         return "schema_license"
@@ -527,25 +527,25 @@ def _image_facts(
     attrs = img.attributes
     # 1) the img element itself: RDFa/microdata licence on the img, rights marks in alt/title
     for a in ("rel", "property"):
-        if _is_license_rel(attrs.get(a)):
+        if is_license_rel(attrs.get(a)):
             val = attrs.get("resource") or attrs.get("href") or attrs.get("content") or ""
-            add("image", "ccrel", _abs_or_raw(val, base))
+            add("image", "ccrel", abs_or_raw(val, base))
     if "license" in _tokens(attrs.get("itemprop")):
-        add("image", "schema_license", _abs_or_raw(attrs.get("content") or "", base))
+        add("image", "schema_license", abs_or_raw(attrs.get("content") or "", base))
     for a in ("title", "alt"):
-        snip = _snippet(clean_text(attrs.get(a)) or "")
+        snip = rights_snippet(clean_text(attrs.get(a)) or "")
         if snip:
             add("image", "text", snip)
 
     author: str | None = None
     title: str | None = clean_text(attrs.get("title")) or None
     boxes = page.containers_of(img)
-    own = {url} | {u for c in raw_cands if (u := _norm_url(c, base))}
+    own = {url} | {u for c in raw_cands if (u := norm_url(c, base))}
     # 2) containers, nearest first: licence nodes each owns, then attribution
     for depth, box in enumerate(boxes):
         about = box.attributes.get("about")
         box_ccrel = "xmlns:cc" in box.attributes or about is not None
-        about_is_img = about is not None and _norm_url(about, base) in own
+        about_is_img = about is not None and norm_url(about, base) in own
         scope = "image" if about_is_img else "container"
         for node in page.owned.get(box.mem_id, []):
             kind = _marked_kind(node)
@@ -553,7 +553,7 @@ def _image_facts(
             if kind in ("rel_license", "ccrel", "schema_license", "cc_link"):
                 if kind == "rel_license" and box_ccrel:
                     kind = "ccrel"
-                add(scope, kind, _abs_or_raw(_attr_value(node), base))
+                add(scope, kind, abs_or_raw(_attr_value(node), base))
             elif kind == "attribution":
                 toks = set(_tokens(na.get("property"))) | set(_tokens(na.get("rel")))
                 if author is None and "cc:attributionname" in set(_tokens(na.get("property"))):
@@ -561,7 +561,7 @@ def _image_facts(
                 if "cc:attributionurl" in toks and "attribution_url" not in extra:
                     href = na.get("href") or na.get("resource") or ""
                     if href.strip():
-                        extra["attribution_url"] = _abs_or_raw(href, base)
+                        extra["attribution_url"] = abs_or_raw(href, base)
             elif kind == "author" and author is None:
                 author = _node_text(node)
             elif kind == "title" and title is None:
@@ -573,7 +573,7 @@ def _image_facts(
                 m = _CREDIT.search(caption)
                 if m:
                     author = clean_text(m.group(1)) or None
-            snip = _snippet(_text(box))
+            snip = rights_snippet(_text(box))
             if snip:
                 add("container", "text", snip)
             if title is None and caption:
@@ -621,7 +621,7 @@ def extract_images(
             if not cands:
                 out.skipped["empty_src"] += 1
                 continue
-            url = next((u for c in cands if (u := _norm_url(c, page.base))), None)
+            url = next((u for c in cands if (u := norm_url(c, page.base))), None)
             if url is None:
                 non_data = [c for c in cands if not c.lower().startswith("data:")]
                 out.skipped["bad_url" if non_data else "data_uri"] += 1

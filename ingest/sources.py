@@ -70,6 +70,8 @@ _FORMATS = {
     ".json": "jsonl",
 }
 _DEFAULT_CAPTION = "caption"
+_WARC_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz")  # CC names WATs *.warc.wat.gz
+_WARC_WHAT = "a .warc[.gz] or .wat[.gz] file, a directory of them, or a glob"
 
 
 class UrlListSource(Section):
@@ -107,10 +109,18 @@ class UrlListSource(Section):
 
 
 class WarcSource(Section):
-    """WARC files (Common Crawl): images of every HTML response."""
+    """WARC or WAT files (Common Crawl): images of every HTML response.
+
+    `format="auto"` reads WARC responses and WAT (JSON `metadata`) records alike,
+    so a folder may mix `.warc.gz` and `.warc.wat.gz` files; "warc" or "wat"
+    reads only that kind. A WAT gives image URL + alt text without the HTML
+    (about 1/3 the download), but only page-scope licence evidence and no
+    `srcset` candidates (see `ccurate.ingest.wat`).
+    """
 
     type: Literal["warc"] = "warc"
-    path: str = ""  # a .warc/.warc.gz file, a directory of them, or a glob
+    path: str = ""  # a .warc[.gz] / .wat[.gz] file, a directory of them, or a glob
+    format: Literal["auto", "warc", "wat"] = "auto"
     user_agent_token: str = "ccurate"  # <meta name="ccurate" content="noai"> opts out too
 
 
@@ -415,10 +425,12 @@ def iter_warcs(src: WarcSource, stats: Counter[str] | None = None) -> Iterator[S
     for path in _expand(
         _label(src),
         src.path,
-        (".warc", ".warc.gz"),
-        "a .warc/.warc.gz file, a directory of them, or a glob",
+        _WARC_SUFFIXES,
+        _WARC_WHAT,
     ):
-        yield from iter_warc(path, stats=stats, user_agent_token=src.user_agent_token)
+        yield from iter_warc(
+            path, stats=stats, user_agent_token=src.user_agent_token, fmt=src.format
+        )
 
 
 def iter_source(
@@ -455,8 +467,8 @@ def check_source(src: UrlListSource | WarcSource | PageListSource) -> None:
         _expand(
             _label(src),
             src.path,
-            (".warc", ".warc.gz"),
-            "a .warc/.warc.gz file, a directory of them, or a glob",
+            _WARC_SUFFIXES,
+            _WARC_WHAT,
         )
     elif isinstance(src, PageListSource) and src.path is not None:
         _expand(

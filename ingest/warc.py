@@ -1,4 +1,4 @@
-"""Images from the HTML responses of WARC files (Common Crawl), streamed with FastWARC.
+"""Images from the HTML responses of WARC files and from WAT files (Common Crawl), via FastWARC.
 
 One record is in memory at a time (its payload capped at `MAX_PAGE_BYTES`),
 so memory stays flat whatever the file size. Decisions:
@@ -14,6 +14,13 @@ so memory stays flat whatever the file size. Decisions:
   `Counter` as `stats` to also get per-file counts (see `STATS`).
 - Responses that are not HTML or not 2xx are skipped and counted: they are not
   image candidates.
+- WAT files (`.warc.wat.gz`: `metadata` records whose JSON describes each
+  capture, see `ingest.wat`) go through the same loop: `fmt="auto"` reads
+  response records and `application/json` metadata records (so a WARC, a WAT,
+  or a file holding both works), `"warc"` only responses, `"wat"` only metadata
+  records. A WAT record of a response counts in the same `STATS` and yields
+  the same samples and drops as its page would; records of requests or
+  metadata are counted as `wat_other`. Unparsable JSON is a `page_error`.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-from ccurate.ingest.html import extract_images
+from ccurate.ingest.html import PageExtract, extract_images
 from ccurate.ingest.optout import tdm_header_reserved, x_robots_optout
+from ccurate.ingest.wat import extract_wat_images, parse_wat_json, wat_response
 from ccurate.record import Sample, make_key
 
 REASONS: dict[str, str] = {
@@ -47,10 +56,17 @@ STATS: dict[str, str] = {
     "optout_pages": "pages whose images were all dropped for an opt-out",
     "images": "image samples yielded (kept or dropped)",
     "img_skipped": "<img> elements without a usable URL or repeated on their page",
+    "wat_records": "WAT (JSON metadata) records read",
+    "wat_other": "WAT records of requests, metadata or warcinfo (no response to read)",
 }
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
+_RECORD_TYPES = {
+    "auto": WarcRecordType.response | WarcRecordType.metadata,
+    "warc": WarcRecordType.response,
+    "wat": WarcRecordType.metadata,
+}
 _CHARSET = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
 
 
@@ -108,17 +124,111 @@ def _page_error(page_url: str, warc: Path, offset: int | None, why: str) -> Samp
     return s
 
 
+def _emit(
+    page: PageExtract,
+    x_robots: list[str],
+    tdm_header: dict[str, list[str]],
+    truncated: bool,
+    extra: dict[str, object],
+    st: Counter[str],
+    user_agent_token: str,
+) -> Iterator[Sample]:
+    """The samples of one parsed page (WARC or WAT), header opt-outs applied, counted."""
+    st["html_pages"] += 1
+    if truncated:
+        st["payload_truncated"] += 1
+    # header opt-outs (the downloader's own rules, ingest.optout) outrank the page's
+    if x_robots_optout(x_robots, user_agent_token):
+        page.optout = "optout_x_robots_tag"
+    elif tdm_header_reserved(tdm_header):
+        page.optout = "optout_tdmrep"
+    if page.optout:
+        st["optout_pages"] += 1
+    st["img_skipped"] += sum(page.skipped.values())
+    for s in page.samples():
+        s.extra.update(extra)
+        st["images"] += 1
+        yield s
+
+
+def _wat_record(
+    record: Any,
+    path: Path,
+    offset: int | None,
+    page_url: str,
+    st: Counter[str],
+    user_agent_token: str,
+    max_page_bytes: int,
+) -> Iterator[Sample]:
+    """The samples of one WAT metadata record (see `ingest.wat`), or its page_error."""
+    st["wat_records"] += 1
+    try:
+        expected = int(record.content_length)
+        if expected > max_page_bytes:
+            raise ValueError(f"WAT record of {expected} bytes, over max_page_bytes")
+        body = record.reader.read(expected)
+        if len(body) < expected:
+            raise ValueError(f"truncated record: {len(body)} of {expected} payload bytes")
+        resp = wat_response(parse_wat_json(body), page_url)
+    except Exception as exc:  # one bad record must not end the file
+        st["page_error"] += 1
+        yield _page_error(page_url, path, offset, f"{type(exc).__name__}: {exc}")
+        return
+    if resp is None:
+        st["wat_other"] += 1
+        return
+    st["responses"] += 1
+    page_url = resp.page_url
+    if not resp.is_http:
+        st["non_html"] += 1
+        return
+    if resp.status is None:
+        st["page_error"] += 1
+        yield _page_error(
+            page_url, path, offset, "ValueError: unreadable HTTP status in WAT record"
+        )
+        return
+    if not 200 <= resp.status < 300:
+        st["non_2xx"] += 1
+        return
+    if resp.mime not in _HTML_TYPES and (resp.mime or resp.identified_type not in _HTML_TYPES):
+        st["non_html"] += 1
+        return
+    page = extract_wat_images(resp.html or {}, page_url, user_agent_token=user_agent_token)
+    if page.error:
+        st["page_error"] += 1
+        yield _page_error(page_url, path, offset, page.error)
+        return
+    extra: dict[str, object] = {"warc_file": path.name, "warc_offset": offset}
+    if resp.source_file:  # the capture itself, in the WARC file this WAT describes
+        extra["source_warc_file"] = resp.source_file
+        extra["source_warc_offset"] = resp.source_offset
+    tdm = {"tdm-reservation": resp.headers.get("tdm-reservation", [])}
+    yield from _emit(
+        page,
+        resp.headers.get("x-robots-tag", []),
+        tdm,
+        resp.truncated,
+        extra,
+        st,
+        user_agent_token,
+    )
+
+
 def iter_warc(
     path: str | Path,
     *,
     stats: Counter[str] | None = None,
     user_agent_token: str = "ccurate",
     max_page_bytes: int = MAX_PAGE_BYTES,
+    fmt: Literal["auto", "warc", "wat"] = "auto",
 ) -> Iterator[Sample]:
-    """Every image of every HTML response in a `.warc` / `.warc.gz`, page URL = WARC-Target-URI.
+    """Every image of every HTML response in a `.warc[.gz]` or `.wat[.gz]`; page URL = target URI.
 
     Images carry `extra["warc_file"]` and `extra["warc_offset"]` (the record's
-    offset in the file) so each sample can be traced back to its capture.
+    offset in the file read) so each sample can be traced back to its capture;
+    from a WAT also `extra["source_warc_file"]`/`["source_warc_offset"]` (the
+    capture's WARC). `fmt` picks the record types read (module docstring).
     Raises `ValueError` only when the file cannot be opened at all.
     """
     path = Path(path)
@@ -130,7 +240,7 @@ def iter_warc(
     offset: int | None = None
     page_url = path.resolve().as_uri()
     try:
-        records = ArchiveIterator(fh, record_types=WarcRecordType.response, parse_http=True)
+        records = ArchiveIterator(fh, record_types=_RECORD_TYPES[fmt], parse_http=True)
         while True:
             try:
                 record = next(records)
@@ -141,11 +251,19 @@ def iter_warc(
                 where = f"{path.resolve().as_uri()}#offset={offset}"
                 yield _page_error(where, path, offset, f"archive unreadable after record: {exc}")
                 break
-            st["responses"] += 1
             offset = record.stream_pos
             page_url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
             if not page_url:
                 page_url = f"{path.resolve().as_uri()}#offset={offset}"
+            if record.record_type == WarcRecordType.metadata:
+                ctype = (record.headers.get("Content-Type") or "").lower()
+                if fmt == "auto" and not ctype.startswith("application/json"):
+                    continue  # a WARC's own metadata (application/warc-fields): not a WAT
+                yield from _wat_record(
+                    record, path, offset, page_url, st, user_agent_token, max_page_bytes
+                )
+                continue
+            st["responses"] += 1
             try:
                 if not record.is_http:
                     st["non_html"] += 1  # dns:, whois: ... responses carry no HTTP message
@@ -195,21 +313,14 @@ def iter_warc(
                 st["page_error"] += 1
                 yield _page_error(page_url, path, offset, page.error)
                 continue
-            st["html_pages"] += 1
-            if record.headers.get("WARC-Truncated"):
-                st["payload_truncated"] += 1
-            # header opt-outs (the downloader's own rules, ingest.optout) outrank the page's
-            if x_robots_optout(x_robots, user_agent_token):
-                page.optout = "optout_x_robots_tag"
-            elif tdm_header_reserved(tdm_header):
-                page.optout = "optout_tdmrep"
-            if page.optout:
-                st["optout_pages"] += 1
-            st["img_skipped"] += sum(page.skipped.values())
-            for s in page.samples():
-                s.extra["warc_file"] = path.name
-                s.extra["warc_offset"] = offset
-                st["images"] += 1
-                yield s
+            yield from _emit(
+                page,
+                x_robots,
+                tdm_header,
+                bool(record.headers.get("WARC-Truncated")),
+                {"warc_file": path.name, "warc_offset": offset},
+                st,
+                user_agent_token,
+            )
     finally:
         fh.close()

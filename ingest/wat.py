@@ -1,0 +1,228 @@
+"""Images from Common Crawl WAT records: the crawler's link metadata, no HTML to parse.
+
+A WAT file is a WARC file of `metadata` records (Content-Type
+`application/json`), one per WARC record of the matching WARC file. The JSON
+of a response's record (layout as produced by webarchive-commons and used by
+cc2dataset) is::
+
+    Container         Filename, Offset            (where the capture is in its WARC)
+    Envelope
+      WARC-Header-Metadata   WARC-Type, WARC-Target-URI, WARC-Truncated, ...
+      Payload-Metadata
+        HTTP-Response-Metadata
+          Response-Message   Status ("200"), Reason, Version
+          Headers            {name: value}  (a value may be a list when repeated)
+          HTML-Metadata
+            Head   Title, Base, Link [{path: "LINK@/href", rel, url}],
+                   Metas [{name|http-equiv|property, content}]
+            Links  [{path: "IMG@/src", url, alt, title}, {path: "A@/href", url, rel, text}]
+
+`extract_wat_images` turns `HTML-Metadata` into the same `PageExtract` that
+`ingest.html.extract_images` makes from the page, so `ingest.warc.iter_warc`
+applies opt-outs, stats and drops identically to both. What a WAT cannot tell,
+by construction: `srcset`/lazy-load candidates (only `IMG@/src` is kept),
+containers (figure, ccREL blocks: all licence evidence is page scope), footer
+rights text, and RDFa/microdata `property`/`itemprop` licences.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ccurate.ingest.html import (
+    MAX_SNIPPET,
+    META_LICENSE_NAMES,
+    META_RIGHTS_NAMES,
+    PageExtract,
+    abs_or_raw,
+    clean_text,
+    is_cc_url,
+    is_license_rel,
+    meta_optout,
+    norm_url,
+    rights_snippet,
+)
+from ccurate.record import LicenseEvidence, Sample, make_key
+
+IMG_PATH = "IMG@/src"
+_ANCHOR_PATHS = ("A@/href", "AREA@/href", "LINK@/href")
+
+
+@dataclass
+class WatResponse:
+    """What one WAT record says about the HTTP response it describes.
+
+    `status` is None when the record has HTTP metadata but no readable status
+    (the WARC path's "unreadable HTTP status line"); `is_http` is False for
+    captures without an HTTP message (dns:, whois:). `headers` are lower-cased
+    names to every value.
+    """
+
+    page_url: str
+    is_http: bool
+    status: int | None
+    mime: str
+    identified_type: str
+    headers: dict[str, list[str]] = field(default_factory=dict)
+    html: Mapping[str, Any] | None = None
+    truncated: bool = False
+    source_file: str | None = None
+    source_offset: int | None = None
+
+
+def _obj(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def parse_wat_json(payload: bytes) -> Mapping[str, Any]:
+    """The JSON object of a WAT record; raises ValueError when it is not one with an Envelope."""
+    doc = json.loads(payload)  # JSONDecodeError is a ValueError; bytes may be UTF-8/16/32
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("Envelope"), Mapping):
+        raise ValueError("WAT JSON without an Envelope object")
+    return doc
+
+
+def wat_response(doc: Mapping[str, Any], fallback_url: str) -> WatResponse | None:
+    """The response a WAT record describes, or None for records of requests, metadata, warcinfo."""
+    env = _obj(doc.get("Envelope"))
+    whead = _obj(env.get("WARC-Header-Metadata"))
+    if _str(whead.get("WARC-Type")).lower() not in ("response", ""):
+        return None
+    payload = _obj(env.get("Payload-Metadata"))
+    if not whead and not payload:
+        return None  # e.g. the warcinfo-style records some tools write
+    page_url = _str(whead.get("WARC-Target-URI")).strip().strip("<>") or fallback_url
+    container = _obj(doc.get("Container"))
+    offset = container.get("Offset")
+    out = WatResponse(
+        page_url=page_url,
+        is_http="HTTP-Response-Metadata" in payload,
+        status=None,
+        mime="",
+        identified_type=_str(whead.get("WARC-Identified-Payload-Type")).lower(),
+        truncated=bool(whead.get("WARC-Truncated")),
+        source_file=_str(container.get("Filename")) or None,
+        source_offset=int(offset)
+        if isinstance(offset, str | int) and str(offset).isdigit()
+        else None,
+    )
+    http = _obj(payload.get("HTTP-Response-Metadata"))
+    status = _obj(http.get("Response-Message")).get("Status")
+    if isinstance(status, int) or (isinstance(status, str) and status.strip().isdigit()):
+        out.status = int(status)
+    for name, value in _obj(http.get("Headers")).items():
+        values = value if isinstance(value, list) else [value]
+        out.headers.setdefault(str(name).lower(), []).extend(str(v) for v in values)
+    out.mime = next(iter(out.headers.get("content-type", [])), "").lower().split(";")[0].strip()
+    html = http.get("HTML-Metadata")
+    out.html = html if isinstance(html, Mapping) else None
+    return out
+
+
+def extract_wat_images(
+    html: Mapping[str, Any], page_url: str, *, user_agent_token: str = "ccurate"
+) -> PageExtract:
+    """Every `IMG@/src` link of a WAT `HTML-Metadata` object as a `Sample`, like `extract_images`.
+
+    Same keys, URL resolution (against `Head.Base`), alt/title cleaning, meta
+    opt-outs and page evidence kinds as the HTML path; evidence is page scope
+    (rights marks in an image's own alt/title stay image scope, as there).
+    Never raises: a malformed object returns no images and `error` set.
+    """
+    try:
+        head = _obj(html.get("Head"))
+        base_raw = _str(head.get("Base"))
+        base = (norm_url(base_raw, page_url) or page_url) if base_raw.strip() else page_url
+        out = PageExtract(images=[], title=clean_text(_str(head.get("Title"))) or None)
+        seen_ev: set[tuple[str, str]] = set()
+
+        def add(kind: str, value: str) -> None:
+            if value and (kind, value) not in seen_ev:
+                seen_ev.add((kind, value))
+                out.page_license_evidence.append(LicenseEvidence("page", kind, value))
+
+        page_author: str | None = None
+        for meta in head.get("Metas") or []:
+            meta = _obj(meta)
+            name = _str(meta.get("name")).strip().lower()
+            content = _str(meta.get("content"))
+            if not name:
+                continue
+            reason = meta_optout(name, content, user_agent_token)
+            if reason:
+                out.optouts.add(reason)
+                if out.optout != "optout_meta_robots":
+                    out.optout = reason  # robots ranks first, as in ingest.html
+            if name == "author" and content.strip() and page_author is None:
+                page_author = clean_text(content)
+            elif name in META_LICENSE_NAMES and content.strip():
+                add("meta_license", abs_or_raw(content, base))
+            elif name in META_RIGHTS_NAMES and content.strip():
+                add("text", clean_text(content, MAX_SNIPPET) or "")
+        for link in head.get("Link") or []:
+            link = _obj(link)
+            if is_license_rel(_str(link.get("rel"))) and _str(link.get("url")).strip():
+                add("link_rel_license", abs_or_raw(_str(link["url"]), base))
+        links = [_obj(lk) for lk in html.get("Links") or []]
+        for link in links:  # licence links first: every image carries the page evidence
+            path, url, rel = _str(link.get("path")), _str(link.get("url")), _str(link.get("rel"))
+            if path not in _ANCHOR_PATHS or not url.strip():
+                continue
+            if is_license_rel(rel):
+                add("ccrel" if ":" in rel else "rel_license", abs_or_raw(url, base))
+            elif path != "LINK@/href" and is_cc_url(abs_or_raw(url, base)):
+                add("cc_link", abs_or_raw(url, base))
+        seen: dict[str, Sample] = {}
+        for link in links:
+            if _str(link.get("path")) != IMG_PATH:
+                continue
+            out.n_img += 1
+            raw = _str(link.get("url")).strip()
+            img_url = norm_url(raw, base)
+            if img_url is None:
+                kind = (
+                    "empty_src"
+                    if not raw
+                    else "data_uri"
+                    if raw.lower().startswith("data:")
+                    else "bad_url"
+                )
+                out.skipped[kind] += 1
+                continue
+            first = seen.get(img_url)
+            if first is not None:
+                out.skipped["duplicate_in_page"] += 1
+                first.extra["repeats_in_page"] = int(first.extra.get("repeats_in_page", 0)) + 1
+                continue
+            alt = clean_text(_str(link["alt"])) if "alt" in link else None
+            title = clean_text(_str(link.get("title"))) or None
+            own: list[LicenseEvidence] = []
+            for text in (title, alt):
+                snip = rights_snippet(text or "")
+                if snip and all(e.value != snip for e in own):
+                    own.append(LicenseEvidence("image", "text", snip))
+            seen[img_url] = sample = Sample(
+                key=make_key(img_url, page_url),
+                url=img_url,
+                page_url=page_url,
+                alt_text=alt,
+                license_evidence=[
+                    *own,
+                    *(LicenseEvidence(**vars(e)) for e in out.page_license_evidence),
+                ],
+                title=title or out.title,
+                source_url=page_url,
+                extra={"page_author": page_author} if page_author else {},
+            )
+            out.images.append(sample)
+        return out
+    except Exception as exc:  # a malformed record must not stop a crawl
+        return PageExtract(images=[], skipped=Counter(), error=f"{type(exc).__name__}: {exc}"[:500])
