@@ -19,6 +19,13 @@ from ccurate.slurm_executor import STAGE_FILE, TASKS_FILE, worker_cpus_from_env
 from ccurate.stage import Stage
 
 
+def task_cpus() -> int:
+    """The cores this task keeps busy: its Slurm request, unless its affinity mask is
+    narrower (a node whose cgroup or cpuset allows fewer); the mask without a request."""
+    requested, allowed = worker_cpus_from_env(), usable_cpus()
+    return min(requested, allowed) if requested else allowed
+
+
 def run_group(job_dir: Path, index: int) -> int:
     """Run group `index` of the job; returns the number of shards processed."""
     groups = json.loads((job_dir / TASKS_FILE).read_text())
@@ -26,7 +33,7 @@ def run_group(job_dir: Path, index: int) -> int:
         raise SystemExit(f"array index {index} out of range: the job has {len(groups)} groups")
     stage: Stage = pickle.loads((job_dir / STAGE_FILE).read_bytes())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    set_worker_cpus(worker_cpus_from_env() or usable_cpus())
+    set_worker_cpus(task_cpus())
     stage.setup()
     try:
         for src, dst in groups[index]:

@@ -269,3 +269,18 @@ def test_slurm_and_local_pipelines_publish_the_same_release(tmp_path: Path, slur
     work = Path(cfg.run.work_dir)
     arrays = {p.parent.name for p in work.glob("*/_slurm/*/*")}
     assert {"ingest", "filter"} <= arrays  # these steps ran as job arrays
+
+
+def test_task_cpus_take_the_narrower_of_request_and_affinity(monkeypatch) -> None:
+    """A task asked for 8 CPUs on a node whose cpuset allows 2 must not start 8 decode
+    threads; without a request the affinity mask decides."""
+    from ccurate import executor as executor_mod
+    from ccurate.slurm_task import task_cpus
+
+    monkeypatch.setattr(executor_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert task_cpus() == 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert task_cpus() == 1
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert task_cpus() == 2
