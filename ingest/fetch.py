@@ -17,8 +17,9 @@ Guarantees, whatever the server does:
   retries, backoff and a slow trickle of bytes included;
 - transient failures (timeouts, connection errors, 408/429/5xx) are retried
   with exponential backoff and full jitter; `Retry-After` on 429/503 is
-  honoured for the whole host, and a wait longer than `max_retry_after`
-  gives up with the status as the reason (so a later retry run picks it up).
+  honoured for the whole host (also when the URL that got it has no retries
+  left), and a wait longer than `max_retry_after` gives up with the status as
+  the reason (so a later retry run picks it up).
 """
 
 from __future__ import annotations
@@ -435,6 +436,10 @@ class HttpClient:
                 self.limiter.release(target.host)
             if res.reason is None:
                 res.reason = failure.reason
+            if retry_after is not None:
+                # the host asked every client to wait: its other URLs wait too, even when
+                # this one gives up (no retries left, or a wait past max_retry_after)
+                self.limiter.pause(target.host, time.monotonic() + retry_after)
             if attempt > self.opt.retries:
                 return res
             backoff = min(self.opt.backoff_max, self.opt.backoff_base * 2 ** (attempt - 1))
@@ -444,7 +449,6 @@ class HttpClient:
                     res.detail = f"Retry-After {retry_after:.0f}s is past max_retry_after"
                     return res
                 delay = retry_after + self._rng.uniform(0, 0.1)
-                self.limiter.pause(target.host, time.monotonic() + retry_after)
             if time.monotonic() + delay >= deadline:
                 res.detail = (res.detail + "; " if res.detail else "") + "no time left to retry"
                 return res

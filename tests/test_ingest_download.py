@@ -302,6 +302,22 @@ def test_429_with_long_retry_after_gives_up_now(srv: TestServer):
     assert srv.hits["/later.jpg"] == 1
 
 
+def test_a_retry_after_pauses_the_host_even_when_its_url_gives_up(srv: TestServer):
+    """The host asked every client to wait an hour: the URL that was told gives up at once,
+    and the host's next URL is not requested either (it used to be sent straight away)."""
+    first = srv.route("/later.jpg", Reply(429, headers=[("Retry-After", "3600")]))
+    second = srv.route("/other.jpg", img_reply())
+    client = HttpClient(FetchOptions(allow_private=True, retries=0, total_timeout=2.0))
+    try:
+        assert client.get(first).reason == "http_429"
+        t0 = time.monotonic()
+        r = client.get(second)
+        assert not r.ok and r.reason == "timeout" and time.monotonic() - t0 < 1.0
+    finally:
+        client.close()
+    assert srv.hits["/later.jpg"] == 1 and srv.hits.get("/other.jpg", 0) == 0
+
+
 def test_redirect_chain_is_followed(srv: TestServer):
     srv.route("/r1", Reply(301, headers=[("Location", "/r2")]))
     srv.route("/r2", Reply(302, headers=[("Location", srv.url("/r3"))]))
