@@ -164,14 +164,15 @@ def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
 
 def decoding_tag(cfg: CaptionConfig) -> str:
     """The decoding settings as they appear in `caption_model` and the cache key."""
-    if cfg.do_sample:
-        parts = [f"sample(top_p={cfg.top_p:g},temp={cfg.temperature:g},seed={cfg.seed})"]
-    elif cfg.num_beams > 1:
-        parts = [f"beam{cfg.num_beams}"]
+    parts: list[str] = []
+    if cfg.do_sample:  # with num_beams > 1 too: HF then samples within beams
+        parts.append(f"sample(top_p={cfg.top_p:g},temp={cfg.temperature:g},seed={cfg.seed})")
+    if cfg.num_beams > 1:
+        parts.append(f"beam{cfg.num_beams}")
         if cfg.length_penalty != 1.0:
             parts.append(f"lp{cfg.length_penalty:g}")
-    else:
-        parts = ["greedy"]
+    if not parts:
+        parts.append("greedy")
     parts.append(f"max{cfg.max_new_tokens}")
     if cfg.min_new_tokens:
         parts.append(f"min{cfg.min_new_tokens}")
@@ -258,12 +259,20 @@ def load_image(data: bytes, height: int, width: int, resample: int) -> np.ndarra
     Runs on the decode threads, next to the thread that launches GPU work: both
     steps hold no GIL while they compute (OpenCV decode, PIL resize), so decoding
     does not starve the launcher. The resize is PIL's antialiased bicubic, as in
-    BLIP's image processor. Formats OpenCV lacks (GIF, ...) go through PIL.
+    BLIP's image processor. Formats OpenCV lacks (GIF, ...) and images that are not
+    plain 8-bit RGB or grey (alpha, transparency keys, palettes, 16-bit, CMYK) go through
+    PIL and `to_rgb`, the project's one rule (alpha over white): OpenCV would drop the
+    alpha and caption hidden pixels the filters never saw.
     """
     from PIL import Image, ImageOps
 
     try:
-        arr = _cv2_decode(data, height, width)
+        try:
+            with Image.open(io.BytesIO(data)) as probe:  # header only: cheap
+                plain = probe.mode in ("RGB", "L") and "transparency" not in probe.info
+        except Exception:  # let OpenCV try what PIL cannot open
+            plain = True
+        arr = _cv2_decode(data, height, width) if plain else None
         if arr is not None:
             rgb = Image.fromarray(arr)
         else:
