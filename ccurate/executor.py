@@ -9,6 +9,7 @@ filesystem, so the local and Ray executors can resume each other's runs.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import time
 from abc import ABC, abstractmethod
@@ -108,6 +109,9 @@ def _init_worker(stage: Stage, cpus: int) -> None:
     set_worker_cpus(cpus)
     stage.setup()
     _WORKER_STAGE = stage
+    # teardown when the pool shuts the worker down (multiprocessing runs its finalizers
+    # there; atexit does not run in pool children): stages log their totals in it
+    multiprocessing.util.Finalize(None, stage.teardown, exitpriority=10)
 
 
 def _run_in_worker(task: ShardTask) -> StageStats:

@@ -6,6 +6,7 @@ columns, the run report with undecodable images, and the progress bar on a termi
 from __future__ import annotations
 
 import io
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -359,3 +360,28 @@ def test_a_source_stage_making_one_key_twice_drops_the_repeat_not_the_shard(tmp_
     assert len({r["key"] for r in dropped} | {first}) == 3
     assert (stats.n_in, stats.n_kept, stats.n_dropped) == (3, 1, 2)
     assert dict(stats.drops) == {"duplicate_url": 2}
+
+
+class _Counting(Stage):
+    """Writes a file from `teardown` (a stage logs its totals there)."""
+
+    name = "counting"
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        return batch
+
+    def teardown(self) -> None:
+        Path(self.out, f"teardown-{os.getpid()}").write_text("done")
+
+
+def test_pool_workers_tear_their_stage_down(tmp_path: Path):
+    """Pool workers set the stage up but never tore it down: a caption stage's totals
+    (captioned, cache hits, failed) were never logged with more than one worker."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    inputs = _inputs(tmp_path)
+    LocalExecutor(2, progress=False).map(_Counting(str(marks)), tasks_for(inputs, tmp_path / "o"))
+    assert len(list(marks.iterdir())) >= 1  # one per worker process that started
