@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
@@ -27,6 +28,9 @@ class Progress:
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 transient=True,
+                # the terminal checked above: rich's default console is stdout, so with
+                # stdout redirected the bar went nowhere and left a blank line in the file
+                console=Console(stderr=True),
             )
             self._rich.start()
             self._task = self._rich.add_task(label, total=total)

@@ -58,14 +58,23 @@ def _drops(work: Path, per_reason: int) -> tuple[Counter[str], dict[str, list[di
     examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for step in STEP_ORDER:
         for p in sorted((work / step).glob("*dropped.parquet")):
+            # counts from the small columns; image bytes only for the rows shown (reading
+            # every dropped image made a large run's report hold them all in memory)
             cols = ["url", "drop_reason", "dropped_by"]
             names = pq.read_schema(p).names
-            t = pq.read_table(p, columns=[c for c in [*cols, "image"] if c in names])
-            for row in t.to_pylist():
+            t = pq.read_table(p, columns=[c for c in cols if c in names])
+            picked: list[tuple[int, dict[str, Any]]] = []
+            for i, row in enumerate(t.to_pylist()):
                 reason = row.get("drop_reason") or "unknown"
                 counts[reason] += 1
                 if len(examples[reason]) < per_reason:
                     examples[reason].append(row)
+                    picked.append((i, row))
+            if picked and "image" in names:
+                column = pq.read_table(p, columns=["image"])["image"]
+                images = column.take([i for i, _ in picked]).to_pylist()
+                for (_, row), image in zip(picked, images, strict=True):
+                    row["image"] = image
     return counts, examples
 
 

@@ -10,11 +10,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import typer
 from rich.console import Console
 
 from ccurate.config import PipelineConfig, parse_config
 from ccurate.demo.corpus import DemoCorpus, generate, load
 from ccurate.demo.server import serve_directory
+
+# The demo's loopback port: URLs (and so keys and the release's bytes) must not change
+# between runs, or the same corpus would give another SHA256SUMS every time.
+DEMO_PORT = 18765
 
 # What each planted problem may be dropped for; `keep` means it must survive.
 EXPECTED_REASONS: dict[str, set[str]] = {
@@ -66,6 +71,15 @@ class DemoCheck:
     @property
     def ok(self) -> bool:
         return not self.wrong
+
+
+class DemoCheckFailed(typer.Exit):
+    """`ccurate demo` (and `make demo`) exit 1 when a planted defect slipped through: the
+    mismatches alone scrolled by under an exit status of 0."""
+
+    def __init__(self, check: DemoCheck) -> None:
+        super().__init__(code=1)
+        self.check = check
 
 
 def final_outcomes(work: Path) -> dict[str, tuple[str, str | None]]:
@@ -148,8 +162,13 @@ def run_demo(
     console.print(
         f"demo corpus: {len(corpus.images)} images on {len(corpus.pages)} pages in {corpus_dir}"
     )
-    with serve_directory(corpus_dir) as base_url:
+    with serve_directory(corpus_dir, port=DEMO_PORT) as base_url:
         console.print(f"serving it on {base_url} (loopback only)")
+        if not base_url.endswith(f":{DEMO_PORT}"):
+            console.print(
+                f"[yellow]port {DEMO_PORT} is busy[/yellow]: URLs, keys and the release's "
+                "SHA256SUMS will differ from a run on the usual port"
+            )
         cfg = demo_config(corpus, base_url, out, workers, caption_model, train_steps)
         pipe = Pipeline(cfg)
         results = pipe.run()
@@ -167,4 +186,10 @@ def run_demo(
         for k, v in r.outputs.items():
             console.print(f"{k}: {v}")
     console.print(f"report: {pipe.report_path}")
+    if not check.ok:
+        console.print(
+            f"[bold red]demo check FAILED[/bold red]: {len(check.wrong_paths)} planted images "
+            "were not handled as planted (mismatches above)"
+        )
+        raise DemoCheckFailed(check)
     return check

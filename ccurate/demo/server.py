@@ -24,8 +24,10 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_directory(root: str | Path, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve `root` on a free loopback port; yields the base URL, stops on exit.
+def serve_directory(root: str | Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `root` on loopback, on `port` when it is free (else any free port); yields the
+    base URL, stops on exit. A fixed port keeps URLs, keys and so release bytes the same
+    between runs.
 
     `root/content_types.json` (path -> content type) overrides guessed types,
     so the corpus can plant lies such as HTML served under a `.jpg` name.
@@ -34,7 +36,13 @@ def serve_directory(root: str | Path, host: str = "127.0.0.1") -> Iterator[str]:
     overrides_file = root / "content_types.json"
     overrides = json.loads(overrides_file.read_text()) if overrides_file.exists() else {}
     handler = type("DemoHandler", (_Handler,), {"content_types": overrides})
-    server = ThreadingHTTPServer((host, 0), partial(handler, directory=str(root)))
+    serve = partial(handler, directory=str(root))
+    try:
+        server = ThreadingHTTPServer((host, port), serve)
+    except OSError:
+        if not port:
+            raise
+        server = ThreadingHTTPServer((host, 0), serve)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="demo-http", daemon=True)
     thread.start()
