@@ -121,6 +121,11 @@ def load_run_config(
         except ValidationError as err:
             why = err.errors()[0]["msg"]
             raise ConfigError(f"{option} {value!r}: {why} (overrides run.{field})") from None
+    if address is not None and cfg.run.executor != "ray":  # it would be silently ignored
+        raise ConfigError(
+            f"--address {address!r} is a Ray cluster address: it needs --executor ray "
+            f'(or [run] executor = "ray"); the executor is {cfg.run.executor!r}'
+        )
     return cfg
 
 
@@ -231,6 +236,14 @@ def shard(config: ConfigArg) -> None:
 @train_app.command("run")
 def train_run(config: ConfigArg) -> None:
     """Train the latent diffusion model configured in the `train` section on the latest release."""
+
+    def enabled() -> None:  # the pipeline skips a disabled step: asked for, it must say so
+        from ccurate.config import ConfigError, load_config
+
+        if not load_config(config).train.enabled:
+            raise ConfigError(f"{config}: [train] enabled = false: nothing to train")
+
+    _guard(enabled)
     _run_steps(config, ["train"], None)
 
 

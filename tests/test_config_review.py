@@ -174,3 +174,15 @@ def test_readme_config_examples_load() -> None:
     assert blocks
     for block in blocks:
         parse_config(tomllib.loads(block), "README.md")
+
+
+def test_address_without_the_ray_executor_is_refused(tmp_path: Path) -> None:
+    """--address only means something to the Ray executor: with another it was ignored."""
+    res = _invoke("run", str(_config(tmp_path)), "--address", "10.0.0.1:6379")
+    assert res.exit_code == 2 and "needs --executor ray" in _flat(res), res.output
+
+
+def test_train_with_training_disabled_says_so(tmp_path: Path) -> None:
+    """`ccurate train run` on a config whose [train] is off exited 0 having done nothing."""
+    res = _invoke("train", "run", str(_config(tmp_path, "[train]\nenabled = false\n")))
+    assert res.exit_code == 2 and "enabled = false" in _flat(res), res.output
