@@ -215,9 +215,13 @@ def gate_decisions(
                 block.keys.setdefault(k, (why[0], f"{why[1]} (released bytes)"))
     for key, reason in optouts.items():
         block.keys.setdefault(key, (reason, "opt-out found by the re-check"))
-    # URL-level takedowns of samples merged away as duplicates: block their images too
+    # URL- and author-level takedowns of samples merged away as duplicates: block their
+    # images too (the released copy may credit someone else; the catalog's history keeps no
+    # author, so authors are matched on this generation's duplicates)
     if dup_tables.num_rows and (block.urls or block.pages or block.domains or block.authors):
-        direct = Blocklist(urls=block.urls, pages=block.pages, domains=block.domains)
+        direct = Blocklist(
+            urls=block.urls, pages=block.pages, domains=block.domains, authors=block.authors
+        )
         hits = match_index(dup_tables, direct, radius)
         if hits.num_rows:
             matched = dup_tables.filter(

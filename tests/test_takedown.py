@@ -581,6 +581,34 @@ def test_url_takedown_of_a_merged_duplicate_removes_the_released_copy(tmp_path: 
     assert none.num_rows == 0
 
 
+def test_author_takedown_of_a_merged_duplicate_removes_the_released_copy(
+    tmp_path: Path,
+) -> None:
+    """The author's own upload was dropped as a duplicate of a copy released under another
+    name: an author takedown must remove the released copy (the gate built its matcher of
+    dropped duplicates without the authors, so nothing went)."""
+    from ccurate.release_gate import gate_decisions
+
+    dups = pa.table(
+        {"key": ["dup-1"], "url": ["http://own.example/a.jpg"], "page_url": [None],
+         "author": ["Ana Lima"], "sha256": ["aa" * 32], "pixel_sha256": [None],
+         "phash": [None]},
+        schema=pa.schema([(c, pa.string()) for c in MATCH_COLUMNS]),
+    )  # fmt: skip
+    old = _write_index(
+        tmp_path / "old.parquet",
+        [{"key": "copy", "url": "http://aggregator.example/a.jpg", "sha256": "aa" * 32}],
+        ["key", "url", "sha256", "pixel_sha256", "phash"],
+    )
+    entries = [make_entry("author", "Ana Lima", "author's request")]
+    removals = pa.schema(
+        [(c, pa.string()) for c in ("key", "sha256", "pixel_sha256", "phash", "reason")]
+    ).empty_table()
+    got = gate_decisions(tmp_path / "g.parquet", [old], [], entries, removals, {}, {}, dups, 4)
+    assert got.column("key").to_pylist() == ["copy"]
+    assert got.column("reason").to_pylist() == ["takedown"]
+
+
 def test_refetched_records_are_superseded_or_withdrawn(tmp_path: Path) -> None:
     from ccurate.release_gate import gate_decisions, superseded_keys
 
