@@ -84,8 +84,8 @@ _CREDIT = re.compile(
 _CC_HOST = re.compile(r"^(?:[a-z0-9-]+\.)*creativecommons\.org$", re.IGNORECASE)
 _CC_PATH = re.compile(r"^/(?:licenses|licences|publicdomain)/", re.IGNORECASE)
 _OPTOUT_TOKENS = {"noai", "noimageai"}
-META_LICENSE_NAMES = {"license", "dcterms.license", "dc.license", "dct.license"}
-META_RIGHTS_NAMES = {"copyright", "rights", "dc.rights", "dcterms.rights", "dct.rights"}
+_META_LICENSE_NAMES = {"license", "dcterms.license", "dc.license", "dct.license"}
+_META_RIGHTS_NAMES = {"copyright", "rights", "dc.rights", "dcterms.rights", "dct.rights"}
 _FOOTER_SEL = (
     "footer, [role=contentinfo], [id*=footer], [class*=footer], [id*=copyright], [class*=copyright]"
 )
@@ -110,6 +110,12 @@ class PageExtract:
     n_img: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     error: str | None = None
+
+    def repeat(self, first: Sample) -> None:
+        """The same image URL again on the page: nothing of the repeat is merged into the
+        first; the repeat is counted, and noted on the first."""
+        self.skipped["duplicate_in_page"] += 1
+        first.extra["repeats_in_page"] = int(first.extra.get("repeats_in_page", 0)) + 1
 
     def samples(self, by: str = "ingest") -> list[Sample]:
         """The images, each dropped with the page's opt-out reason when it has one."""
@@ -314,7 +320,40 @@ def _ancestors(node: LexborNode, depth: int = MAX_CONTAINER_DEPTH) -> list[Lexbo
     return out
 
 
-class _Page:
+class PageFacts:
+    """Page-level facts both page readers gather (the HTML parser here, WAT metadata in
+    `ingest.wat`): opt-outs, the page author, and page licence evidence without repeats."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.optout: str | None = None
+        self.optouts: set[str] = set()
+        self.page_author: str | None = None
+        self.evidence: list[LicenseEvidence] = []
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, ev: LicenseEvidence) -> None:
+        if ev.value and (ev.kind, ev.value) not in self._seen:
+            self._seen.add((ev.kind, ev.value))
+            self.evidence.append(ev)
+
+    def read_meta(self, name: str, content: str, ua_token: str) -> None:
+        """One `<meta name content>`: an opt-out, the author, a licence or a rights notice."""
+        name = name.strip().lower()
+        reason = meta_optout(name, content, ua_token)
+        if reason:
+            self.optouts.add(reason)
+        if reason and self.optout != "optout_meta_robots":
+            self.optout = reason  # both drop; robots is the more explicit signal
+        if name == "author" and content.strip() and self.page_author is None:
+            self.page_author = clean_text(content)
+        elif name in _META_LICENSE_NAMES and content.strip():
+            self.add(LicenseEvidence("page", "meta_license", abs_or_raw(content, self.base)))
+        elif name in _META_RIGHTS_NAMES and content.strip():
+            self.add(LicenseEvidence("page", "text", clean_text(content, MAX_SNIPPET) or ""))
+
+
+class _Page(PageFacts):
     """One parsed page: page-level facts and who owns each licence node, computed once.
 
     A *container* is an element that ties markup to the images inside it: a
@@ -332,14 +371,9 @@ class _Page:
         self.page_url = page_url
         base_node = tree.css_first("base[href]")
         base_href = base_node.attributes.get("href") if base_node is not None else None
-        self.base = (norm_url(base_href, page_url) or page_url) if base_href else page_url
+        super().__init__((norm_url(base_href, page_url) or page_url) if base_href else page_url)
         title_node = _document_title(tree)
         self.title = (clean_text(title_node.text()) or None) if title_node is not None else None
-        self.optout: str | None = None
-        self.optouts: set[str] = set()
-        self.page_author: str | None = None
-        self.evidence: list[LicenseEvidence] = []
-        self._seen: set[tuple[str, str]] = set()
         self._is_box: dict[int, bool] = {}
         # containers some <img> looks up to (`containers_of(img)`): only these may own a
         # licence node, else a node owned by a container no image reaches is lost
@@ -390,33 +424,18 @@ class _Page:
         return None
 
     # ---- page-level facts
-    def _add(self, ev: LicenseEvidence) -> None:
-        if ev.value and (ev.kind, ev.value) not in self._seen:
-            self._seen.add((ev.kind, ev.value))
-            self.evidence.append(ev)
-
     def _read_meta(self, ua_token: str) -> None:
         for m in self.tree.css("meta[name]"):
-            name = (m.attributes.get("name") or "").strip().lower()
-            content = m.attributes.get("content") or ""
-            reason = meta_optout(name, content, ua_token)
-            if reason:
-                self.optouts.add(reason)
-            if reason and self.optout != "optout_meta_robots":
-                self.optout = reason  # both drop; robots is the more explicit signal
-            if name == "author" and content.strip() and self.page_author is None:
-                self.page_author = clean_text(content)
-            elif name in META_LICENSE_NAMES and content.strip():
-                self._add(LicenseEvidence("page", "meta_license", abs_or_raw(content, self.base)))
-            elif name in META_RIGHTS_NAMES and content.strip():
-                self._add(LicenseEvidence("page", "text", clean_text(content, MAX_SNIPPET) or ""))
+            self.read_meta(
+                m.attributes.get("name") or "", m.attributes.get("content") or "", ua_token
+            )
 
     def _read_marked_nodes(self) -> None:
         # head links here; a body `<link>` is a marked node below (a figure may own it)
         for node in self.tree.css("head link[rel][href]"):
             if is_license_rel(node.attributes.get("rel")):
                 href = node.attributes.get("href") or ""
-                self._add(LicenseEvidence("page", "link_rel_license", abs_or_raw(href, self.base)))
+                self.add(LicenseEvidence("page", "link_rel_license", abs_or_raw(href, self.base)))
         marked = (
             "body [rel], body [property], body [itemprop], "
             "body a[href*=creativecommons i], body area[href*=creativecommons i]"
@@ -431,7 +450,7 @@ class _Page:
             if owner is not None:
                 self.owned.setdefault(owner.mem_id, []).append(node)
             elif kind in ("rel_license", "cc_link", "schema_license", "ccrel"):
-                self._add(LicenseEvidence("page", kind, abs_or_raw(_attr_value(node), self.base)))
+                self.add(LicenseEvidence("page", kind, abs_or_raw(_attr_value(node), self.base)))
 
     def _read_footer(self) -> None:
         nodes = [n for n in self.tree.css(_FOOTER_SEL) if n.tag not in ("html", "body")]
@@ -442,14 +461,14 @@ class _Page:
         outer = {a.mem_id for n, _ in marks for a in _ancestors(n, 64)}
         for node, snip in marks:
             if node.mem_id not in outer:
-                self._add(LicenseEvidence("page", "text", snip))
+                self.add(LicenseEvidence("page", "text", snip))
         if not nodes:
             # no footer element at all: the end of the body is where sites put "©"
             body = self.tree.body
             if body is not None:
                 snip = rights_snippet(_text(body)[-1500:])
                 if snip:
-                    self._add(LicenseEvidence("page", "text", snip))
+                    self.add(LicenseEvidence("page", "text", snip))
 
 
 def _marked_kind(node: LexborNode) -> str | None:
@@ -628,9 +647,7 @@ def extract_images(
                 continue
             first = seen.get(url)
             if first is not None:
-                # nothing of the repeat is merged into the first; the count is noted on both
-                out.skipped["duplicate_in_page"] += 1
-                first.extra["repeats_in_page"] = int(first.extra.get("repeats_in_page", 0)) + 1
+                out.repeat(first)
                 continue
             ev, author, title, extra = _image_facts(img, url, cands, page)
             seen[url] = sample = Sample(

@@ -34,15 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ccurate.ingest.html import (
-    MAX_SNIPPET,
-    META_LICENSE_NAMES,
-    META_RIGHTS_NAMES,
     PageExtract,
+    PageFacts,
     abs_or_raw,
     clean_text,
     is_cc_url,
     is_license_rel,
-    meta_optout,
     norm_url,
     rights_snippet,
 )
@@ -142,31 +139,18 @@ def extract_wat_images(
         base_raw = _str(head.get("Base"))
         base = (norm_url(base_raw, page_url) or page_url) if base_raw.strip() else page_url
         out = PageExtract(images=[], title=clean_text(_str(head.get("Title"))) or None)
-        seen_ev: set[tuple[str, str]] = set()
+        facts = PageFacts(base)  # opt-outs, author and page evidence as ingest.html reads them
 
         def add(kind: str, value: str) -> None:
-            if value and (kind, value) not in seen_ev:
-                seen_ev.add((kind, value))
-                out.page_license_evidence.append(LicenseEvidence("page", kind, value))
+            facts.add(LicenseEvidence("page", kind, value))
 
-        page_author: str | None = None
         for meta in head.get("Metas") or []:
             meta = _obj(meta)
-            name = _str(meta.get("name")).strip().lower()
-            content = _str(meta.get("content"))
-            if not name:
-                continue
-            reason = meta_optout(name, content, user_agent_token)
-            if reason:
-                out.optouts.add(reason)
-                if out.optout != "optout_meta_robots":
-                    out.optout = reason  # robots ranks first, as in ingest.html
-            if name == "author" and content.strip() and page_author is None:
-                page_author = clean_text(content)
-            elif name in META_LICENSE_NAMES and content.strip():
-                add("meta_license", abs_or_raw(content, base))
-            elif name in META_RIGHTS_NAMES and content.strip():
-                add("text", clean_text(content, MAX_SNIPPET) or "")
+            if _str(meta.get("name")).strip():  # `http-equiv`/`property` metas carry none
+                facts.read_meta(_str(meta.get("name")), _str(meta.get("content")), user_agent_token)
+        out.optout, out.optouts = facts.optout, facts.optouts
+        out.page_license_evidence = facts.evidence
+        page_author = facts.page_author
         for link in head.get("Link") or []:
             link = _obj(link)
             if is_license_rel(_str(link.get("rel"))) and _str(link.get("url")).strip():
@@ -199,8 +183,7 @@ def extract_wat_images(
                 continue
             first = seen.get(img_url)
             if first is not None:
-                out.skipped["duplicate_in_page"] += 1
-                first.extra["repeats_in_page"] = int(first.extra.get("repeats_in_page", 0)) + 1
+                out.repeat(first)
                 continue
             alt = clean_text(_str(link["alt"])) if "alt" in link else None
             title = clean_text(_str(link.get("title"))) or None

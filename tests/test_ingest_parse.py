@@ -161,6 +161,23 @@ def _warc_record(
     return warc.encode() + block + b"\r\n\r\n"
 
 
+# (page, image) -> drop reason of the opt-out pages the WARC tests (and the WAT tests) build
+OPTOUT_PAGE_REASONS: dict[tuple[str, str], str | None] = {
+    ("ok", "a.jpg"): None,
+    ("ok", "b.jpg"): None,
+    ("robots", "a.jpg"): "optout_meta_robots",
+    ("robots", "b.jpg"): "optout_meta_robots",
+    ("tdm", "a.jpg"): "optout_tdmrep",
+    ("tdm", "b.jpg"): "optout_tdmrep",
+    ("xr", "a.jpg"): "optout_x_robots_tag",
+    ("xr", "b.jpg"): "optout_x_robots_tag",
+    ("xr-other", "a.jpg"): None,  # addressed to another bot
+    ("xr-other", "b.jpg"): None,
+    ("tdmh", "a.jpg"): "optout_tdmrep",
+    ("tdmh", "b.jpg"): "optout_tdmrep",
+}
+
+
 def test_warc_optouts_status_types_and_plain_warc(tmp_path: Path):
     html = b'<html><head>%s</head><body><img src="/a.jpg" alt="A"><img src="/b.jpg"></body></html>'
     recs = [
@@ -209,20 +226,7 @@ def test_warc_optouts_status_types_and_plain_warc(tmp_path: Path):
         reasons = {
             (str(s.page_url).rsplit("/", 1)[1], s.url.rsplit("/", 1)[1]): s.drop_reason for s in out
         }
-        assert reasons == {
-            ("ok", "a.jpg"): None,
-            ("ok", "b.jpg"): None,
-            ("robots", "a.jpg"): "optout_meta_robots",
-            ("robots", "b.jpg"): "optout_meta_robots",
-            ("tdm", "a.jpg"): "optout_tdmrep",
-            ("tdm", "b.jpg"): "optout_tdmrep",
-            ("xr", "a.jpg"): "optout_x_robots_tag",
-            ("xr", "b.jpg"): "optout_x_robots_tag",
-            ("xr-other", "a.jpg"): None,  # addressed to another bot
-            ("xr-other", "b.jpg"): None,
-            ("tdmh", "a.jpg"): "optout_tdmrep",
-            ("tdmh", "b.jpg"): "optout_tdmrep",
-        }
+        assert reasons == OPTOUT_PAGE_REASONS
         assert all(s.url.startswith("http://s.test/") for s in out)
 
 

@@ -15,6 +15,7 @@ from ccurate.ingest.sources import WarcSource, check_source, iter_source
 from ccurate.ingest.warc import STATS, iter_warc
 from ccurate.ingest.wat import extract_wat_images
 from ccurate.record import make_key
+from tests.test_ingest_parse import OPTOUT_PAGE_REASONS
 
 DATA = Path(__file__).parent / "data" / "wat"
 
@@ -218,20 +219,9 @@ def test_optouts_skips_and_errors_like_the_warc_path(tmp_path: Path):
         (str(s.page_url).rsplit("/", 1)[1], s.url.rsplit("/", 1)[1]): s.drop_reason for s in out
     }
     assert reasons == {
-        ("ok", "a.jpg"): None,
-        ("ok", "b.jpg"): None,
-        ("robots", "a.jpg"): "optout_meta_robots",
-        ("robots", "b.jpg"): "optout_meta_robots",
-        ("tdm", "a.jpg"): "optout_tdmrep",
-        ("tdm", "b.jpg"): "optout_tdmrep",
-        ("xr", "a.jpg"): "optout_x_robots_tag",
-        ("xr", "b.jpg"): "optout_x_robots_tag",
+        **OPTOUT_PAGE_REASONS,  # the same pages as the WARC path's test
         ("xr-list", "a.jpg"): "optout_x_robots_tag",
         ("xr-list", "b.jpg"): "optout_x_robots_tag",
-        ("xr-other", "a.jpg"): None,  # addressed to another bot
-        ("xr-other", "b.jpg"): None,
-        ("tdmh", "a.jpg"): "optout_tdmrep",
-        ("tdmh", "b.jpg"): "optout_tdmrep",
         ("nostatus", "nostatus"): "page_error",
         ("badjson", "badjson"): "page_error",
         ("notobj", "notobj"): "page_error",
