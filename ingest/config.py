@@ -44,7 +44,7 @@ class IngestConfig(Section):
     backoff_base: float = Field(default=0.5, gt=0.0)  # seconds, doubled per retry, full jitter
     backoff_max: float = Field(default=30.0, gt=0.0)
     max_retry_after: float = Field(default=60.0, ge=0.0)  # longer Retry-After: give up for now
-    connect_timeout: float = Field(default=10.0, gt=0.0)
+    connect_timeout: float = Field(default=10.0, gt=0.0)  # also the DNS lookup deadline
     read_timeout: float = Field(default=20.0, gt=0.0)  # max silence between bytes
     total_timeout: float = Field(default=60.0, gt=0.0)  # per URL, retries + redirects included
     max_bytes: int = Field(default=20_000_000, gt=0)  # image body cap -> too_large

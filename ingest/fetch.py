@@ -324,7 +324,7 @@ class HttpClient:
 
     def __init__(self, options: FetchOptions, resolver: Resolver | None = None) -> None:
         self.opt = options
-        self.resolver = resolver or Resolver()
+        self.resolver = resolver or Resolver(timeout=options.connect_timeout)
         self._networks = parse_networks(options.allow_networks)
         self.limiter = HostLimiter(options.per_host_connections, options.per_host_rate)
         self._ssl = ssl.create_default_context()

@@ -23,6 +23,8 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -129,35 +131,72 @@ class Resolver:
     """getaddrinfo with a small TTL cache, shared by the threads of one worker.
 
     Failures are cached briefly too, so a batch with a thousand URLs on a
-    dead host costs one lookup, not a thousand.
+    dead host costs one lookup, not a thousand. Threads asking for a name that
+    is being looked up wait for that lookup instead of starting their own, and
+    nobody waits longer than `timeout`: the system resolver has no deadline of
+    its own that we control (glibc retries for up to 30 s), so each lookup runs
+    in a daemon thread, and a lookup past the deadline fails as a cached
+    `TimeoutError` while it finishes in the background.
     """
 
-    def __init__(self, ttl: float = 300.0, negative_ttl: float = 30.0) -> None:
+    def __init__(
+        self, ttl: float = 300.0, negative_ttl: float = 30.0, timeout: float = 10.0
+    ) -> None:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
+        self.timeout = timeout
         self._cache: dict[tuple[str, int], tuple[float, tuple[str, ...] | OSError]] = {}
+        self._inflight: dict[tuple[str, int], Future[tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     def resolve(self, host: str, port: int) -> tuple[str, ...]:
-        now = time.monotonic()
+        key = (host, port)
         with self._lock:
-            hit = self._cache.get((host, port))
-        if hit is not None and hit[0] > now:
-            if isinstance(hit[1], OSError):
-                raise hit[1]
-            return hit[1]
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > time.monotonic():
+                if isinstance(hit[1], OSError):
+                    raise hit[1]
+                return hit[1]
+            fut = self._inflight.get(key)
+            if fut is None:
+                fut = self._inflight[key] = Future()
+                threading.Thread(target=self._lookup, args=(key, fut), daemon=True).start()
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            return fut.result(timeout=self.timeout)
+        except FutureTimeout:
+            err = TimeoutError(f"lookup of {host} took over {self.timeout:g} s")
+            self._store(key, err)
+            raise err from None
+
+    def _lookup(self, key: tuple[str, int], fut: Future[tuple[str, ...]]) -> None:
+        try:
+            infos = socket.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM)
         except OSError as e:  # gaierror is an OSError
+            self._store(key, e, fut)
+            fut.set_exception(e)
+            return
+        except BaseException as e:  # UnicodeError from the IDNA codec, ...: the caller sees it
             with self._lock:
-                self._cache[(host, port)] = (now + self.negative_ttl, e)
-            raise
+                self._inflight.pop(key, None)
+            fut.set_exception(e)
+            return
         addrs = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+        self._store(key, addrs, fut)
+        fut.set_result(addrs)
+
+    def _store(
+        self,
+        key: tuple[str, int],
+        answer: tuple[str, ...] | OSError,
+        done: Future[tuple[str, ...]] | None = None,
+    ) -> None:
+        ttl = self.negative_ttl if isinstance(answer, OSError) else self.ttl
         with self._lock:
+            if done is not None and self._inflight.get(key) is done:
+                del self._inflight[key]
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[(host, port)] = (now + self.ttl, addrs)
-        return addrs
+            self._cache[key] = (time.monotonic() + ttl, answer)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -198,9 +198,8 @@ def open_client(
     """The ingest HTTP client and the per-origin opt-out policies fetched through it (what
     ingest and the opt-out re-check both need); `on_policy` sees every policy-file fetch."""
     from ccurate.ingest.fetch import FetchOptions, HttpClient
-    from ccurate.ingest.guard import Resolver
 
-    client = HttpClient(FetchOptions.from_config(c, threads), Resolver())
+    client = HttpClient(FetchOptions.from_config(c, threads))
 
     def fetch(url: str, max_bytes: int) -> PolicyFetch:
         got = fetch_policy_file(client, url, max_bytes)

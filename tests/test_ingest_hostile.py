@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -316,3 +318,57 @@ def test_mixed_hostile_batch_ends_with_documented_statuses(srv: TestServer):
         "too_many_redirects",
         "too_large",
     ]
+
+
+# ------------------------------------------------------------------ DNS
+def test_dns_lookup_has_a_deadline_and_concurrent_askers_share_one_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A resolver that never answers must not hold a fetch thread past the deadline, and
+    the threads that ask for a name being looked up wait for that one lookup."""
+    release = threading.Event()
+    calls: list[str] = []
+
+    def slow(host: str, port: int, type: int = 0) -> list[Any]:
+        calls.append(host)
+        if host == "hang.example":
+            release.wait(10)
+        else:
+            time.sleep(0.2)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    r = Resolver(timeout=0.3, negative_ttl=60)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"hang\.example took over 0\.3 s"):
+        r.resolve("hang.example", 80)
+    assert time.monotonic() - t0 < 2.0
+    with pytest.raises(TimeoutError):  # cached: no second wait, no second lookup
+        r.resolve("hang.example", 80)
+    got: list[tuple[str, ...]] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(r.resolve("ok.example", 80))) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [("93.184.216.34",)] * 8
+    assert calls.count("ok.example") == 1 and calls.count("hang.example") == 1
+    release.set()
+
+
+def test_a_hanging_dns_lookup_ends_the_url_as_a_connection_error(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    def never(host: str, port: int, type: int = 0) -> list[Any]:
+        time.sleep(5)
+        raise socket.gaierror("too late")
+
+    monkeypatch.setattr(socket, "getaddrinfo", never)
+    client = HttpClient(FetchOptions(connect_timeout=0.2, retries=0, total_timeout=5.0))
+    t0 = time.monotonic()
+    res = client.get("http://slow-dns.example/a.jpg")
+    client.close()
+    assert time.monotonic() - t0 < 2.0
+    assert res.reason == "connection_error" and "took over 0.2 s" in res.detail
