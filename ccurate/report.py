@@ -13,6 +13,7 @@ import io
 import json
 import math
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,38 +54,85 @@ def _plain(label: str) -> str:
     return label.replace("$", r"\$")
 
 
-def _drops(work: Path, per_reason: int) -> tuple[Counter[str], dict[str, list[dict[str, Any]]]]:
-    counts: Counter[str] = Counter()
-    examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+# score -> the [filters.<section>] settings its filter cuts at (drawn as lines on its plot)
+THRESHOLDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "quality.width": (("quality", "min_side"),),
+    "quality.height": (("quality", "min_side"),),
+    "quality.aspect": (("quality", "max_aspect"),),
+    "quality.file_bytes": (("quality", "min_file_bytes"),),
+    "quality.entropy": (("quality", "min_entropy"),),
+    "quality.grey_std": (("quality", "min_std"),),
+    "quality.blur": (("quality", "min_blur"),),
+    "clip_score.score": (("clip_score", "min_score"),),
+    "aesthetic.score": (("aesthetic", "min_score"),),
+    "safety.nsfw": (("safety", "threshold"), ("safety", "threshold_alone")),
+    "watermark.pwatermark_ocr": (("watermark", "ocr_threshold"),),
+    "watermark.pwatermark": (("watermark", "model_threshold"),),
+}
+
+
+@dataclass
+class _Drops:
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    # score -> its values on the samples its own filter dropped (the part a kept-only
+    # histogram cannot show: where the cut fell)
+    scores: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _drops(work: Path, per_reason: int) -> _Drops:
+    out = _Drops()
     for step in STEP_ORDER:
         for p in sorted((work / step).glob("*dropped.parquet")):
             # counts from the small columns; image bytes only for the rows shown (reading
             # every dropped image made a large run's report hold them all in memory)
-            cols = ["url", "drop_reason", "dropped_by"]
+            cols = ["url", "drop_reason", "dropped_by", "scores"]
             names = pq.read_schema(p).names
             t = pq.read_table(p, columns=[c for c in cols if c in names])
             picked: list[tuple[int, dict[str, Any]]] = []
             for i, row in enumerate(t.to_pylist()):
                 reason = row.get("drop_reason") or "unknown"
-                counts[reason] += 1
-                if len(examples[reason]) < per_reason:
-                    examples[reason].append(row)
+                out.counts[reason] += 1
+                by = row.get("dropped_by")
+                for k, v in row.pop("scores", None) or []:
+                    if by and k.startswith(f"{by}."):
+                        out.scores[k].append(v)
+                if len(out.examples[reason]) < per_reason:
+                    out.examples[reason].append(row)
                     picked.append((i, row))
             if picked and "image" in names:
                 column = pq.read_table(p, columns=["image"])["image"]
                 images = column.take([i for i, _ in picked]).to_pylist()
                 for (_, row), image in zip(picked, images, strict=True):
                     row["image"] = image
-    return counts, examples
+    return out
 
 
-def _plots(work: Path, drop_counts: Counter[str]) -> list[tuple[str, str]]:
+def _thresholds(work: Path) -> dict[str, list[tuple[str, float]]]:
+    """score -> [(setting, value)] from the filter step's recorded settings (`_SETTINGS`:
+    what the run was made with, not today's config file)."""
+    path = work / "20_filter" / "_SETTINGS"
+    try:
+        filters = json.loads(path.read_text()).get("filters", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out: dict[str, list[tuple[str, float]]] = {}
+    for score, settings in THRESHOLDS.items():
+        for section, key in settings:
+            value = (filters.get(section) or {}).get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out.setdefault(score, []).append((f"{section}.{key}", float(value)))
+    return out
+
+
+def _plots(work: Path, drops: _Drops) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plots: list[tuple[str, str]] = []
+    drop_counts = drops.counts
     if drop_counts:
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(drop_counts) + 1))
         items = drop_counts.most_common()
@@ -114,17 +162,30 @@ def _plots(work: Path, drop_counts: Counter[str]) -> list[tuple[str, str]]:
         ax.set_ylabel("original height")
         plots.append(("Sizes of kept images", _png(fig)))
         plt.close(fig)
-    for name, values in sorted(scores.items()):
+    thresholds = _thresholds(work)
+    for name in sorted(set(scores) | set(drops.scores)):
         # NaN/inf scores make hist raise (and a whole run end without its report)
-        finite = [v for v in values if v is not None and math.isfinite(v)]
-        if len(set(finite)) < 2:
+        kept = [v for v in scores.get(name, []) if v is not None and math.isfinite(v)]
+        cut = [v for v in drops.scores.get(name, []) if v is not None and math.isfinite(v)]
+        if len(set(kept + cut)) < 2:
             continue
-        fig, ax = plt.subplots(figsize=(4, 2.6))
-        ax.hist(finite, bins=30, color="#4f81bd")
+        left_out = len(scores.get(name, [])) + len(drops.scores.get(name, [])) - len(kept + cut)
+        fig, ax = plt.subplots(figsize=(4.5, 2.8))
+        ax.hist(
+            [kept, cut], bins=30, stacked=True, color=["#4f81bd", "#c0504d"],
+            label=[f"kept ({len(kept)})", f"dropped by this filter ({len(cut)})"],
+        )  # fmt: skip
+        lines = thresholds.get(name, [])
+        for (setting, value), style in zip(lines, ["--", ":"], strict=False):
+            ax.axvline(value, color="black", linestyle=style, linewidth=1, label=_plain(setting))
         ax.set_title(_plain(name), fontsize=9)
-        left_out = len(values) - len(finite)
+        ax.legend(fontsize=7)
         note = f", {left_out} not finite left out" if left_out else ""
-        plots.append((f"Score: {name} (kept samples{note})", _png(fig)))
+        at = "; ".join(f"{k} = {v:g}" for k, v in lines)
+        cut_at = f"; cut at {at}" if at else ""
+        plots.append(
+            (f"Score: {name} (kept {len(kept)}, dropped {len(cut)}{note}{cut_at})", _png(fig))
+        )
         plt.close(fig)
     return plots
 
@@ -137,7 +198,8 @@ def write_report(
     out = Path(out) if out else work / "report.html"
     summary_path = work / "summary.json"
     steps = json.loads(summary_path.read_text())["steps"] if summary_path.exists() else []
-    drop_counts, drop_examples = _drops(work, per_reason)
+    drops = _drops(work, per_reason)
+    drop_counts, drop_examples = drops.counts, drops.examples
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>ccurate run report</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
@@ -157,7 +219,7 @@ def write_report(
             f"<td>{s.get('wall_seconds', s['seconds'])}</td></tr>"
         )
     parts.append("</table>")
-    for title, src in _plots(work, drop_counts):
+    for title, src in _plots(work, drops):
         parts.append(f"<h3>{html.escape(title)}</h3><img src='{src}'>")
     final = work / "40_caption" if (work / "40_caption").exists() else work / "30_dedup"
     kept_cells: list[str] = []

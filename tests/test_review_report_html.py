@@ -50,7 +50,7 @@ def test_report_survives_non_finite_scores(tmp_path: Path) -> None:
     bad = _sample(9)
     bad.drop("too_small", "quality")
     page = _report(tmp_path, kept, bad)
-    assert "Score: q.sharp (kept samples, 2 not finite left out)" in page
+    assert "Score: q.sharp (kept 2, dropped 0, 2 not finite left out)" in page
     assert page.count("data:image/png;base64,") == 3  # drops, sizes, the score histogram
 
 
@@ -163,3 +163,41 @@ def test_report_thumbnails_are_upright_and_transparency_is_white():
     Image.new("RGB", (60, 30), (200, 30, 30)).save(phone, "JPEG", exif=exif.tobytes())
     thumb = decode(_thumb(phone.getvalue()))
     assert thumb.height > thumb.width
+
+
+def test_score_plots_show_what_the_filter_cut_and_where(tmp_path: Path) -> None:
+    """A kept-only histogram cannot show the cut: the plot adds the samples that filter
+    dropped (not those other filters dropped) and the threshold the run was made with."""
+    import json
+
+    from ccurate.report import _drops, _thresholds
+
+    work = tmp_path / "work"
+    kept = [_sample(i, scores={"quality.blur": 100.0 + i}) for i in range(4)]
+    w = ShardWriter(work / "30_dedup" / "part-00000")
+    for s in kept:
+        w.write(s)
+    w.commit({})
+    cut = [_sample(10 + i, scores={"quality.blur": 5.0 + i}) for i in range(3)]
+    for s in cut:
+        s.drop("blurry", "quality")
+    other = _sample(20, scores={"quality.blur": 250.0})
+    other.drop("watermark", "watermark")  # its blur score is not where quality cut
+    w = ShardWriter(work / "20_filter" / "part-00000")
+    for s in [*cut, other]:
+        w.write(s)
+    w.commit({})
+    settings = {"ingest": {}, "filters": {"quality": {"min_blur": 42.5}, "safety": {}}}
+    (work / "20_filter" / "_SETTINGS").write_text(json.dumps(settings))
+
+    drops = _drops(work, per_reason=2)
+    assert sorted(drops.scores["quality.blur"]) == [5.0, 6.0, 7.0]
+    assert drops.counts == Counter({"blurry": 3, "watermark": 1})
+    assert _thresholds(work) == {"quality.blur": [("quality.min_blur", 42.5)]}
+    from ccurate.report import write_report
+
+    page = write_report(work).read_text()
+    assert "Score: quality.blur (kept 4, dropped 3; cut at quality.min_blur = 42.5)" in page
+    (work / "20_filter" / "_SETTINGS").write_text("{not json")
+    page = write_report(work).read_text()  # settings unreadable: the plot, no line
+    assert "Score: quality.blur (kept 4, dropped 3)" in page
