@@ -129,17 +129,26 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def _scan(mm: mmap.mmap, size: int, path: str | Path) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of every regular file, parsing headers from `mm`."""
-    pos = 0
+def _scan(
+    mm: mmap.mmap, size: int, path: str | Path, start: int = 0
+) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of every regular file from the header at `start` on,
+    parsing headers from `mm`."""
+    if start < 0 or start % 512:
+        raise ValueError(f"{path}: offset {start} is not a tar header position")
+    pos = start
     override: str | None = None
     while pos + 512 <= size:
         hdr = mm[pos : pos + 512]
         if hdr == _ZERO:
             break
-        if _num(hdr[148:156]) != sum(hdr) - sum(hdr[148:156]) + 256:
+        try:  # garbage where a header should be fails the octal parse: a bad header too
+            ok = _num(hdr[148:156]) == sum(hdr) - sum(hdr[148:156]) + 256
+            n = _num(hdr[124:136])
+        except ValueError:
+            ok = False
+        if not ok:
             raise ValueError(f"{path}: bad tar header checksum at byte {pos}")
-        n = _num(hdr[124:136])
         kind = hdr[156:157]
         start = pos + 512
         if start + n > size:  # tarfile: "unexpected end of data"; never a short member
@@ -175,12 +184,13 @@ def _mapping(path: str | Path) -> Iterator[mmap.mmap | None]:
             yield mm
 
 
-def iter_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file in a tar, in order, without `tarfile`."""
+def iter_members(path: str | Path, start: int = 0) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file in a tar, in order, without `tarfile`; from the
+    header at byte `start` on (a manifest's offset: random access to one sample)."""
     with _mapping(path) as mm:
         if mm is not None:
-            for name, start, n in _scan(mm, len(mm), path):
-                yield name, mm[start : start + n]
+            for name, begin, n in _scan(mm, len(mm), path, start):
+                yield name, mm[begin : begin + n]
 
 
 def iter_spans(path: str | Path) -> Iterator[tuple[str, int, int]]:

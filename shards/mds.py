@@ -11,6 +11,8 @@ project cannot take, so the format is written here as documented by
 - `shard.NNNNN.mds`: uint32 sample count, uint32 offsets[n+1] (absolute), the
   config as sorted JSON, then the samples. A sample is uint32 sizes of its
   variable-size columns, then every column's bytes, columns sorted by name.
+- `.ccurate-export.json`: the release (and size_limit) the split came from, so a rerun
+  after a kill keeps the finished splits (Streaming ignores the file).
 
 Columns: bucket (str), caption (str), height/width (int32), image (`jpeg`, `png`
 or `bytes` for webp), json (the full record), key, license, url (str).
@@ -32,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .read import iter_tar, release_shards
-from .release import is_release
+from .release import SUCCESS, is_release
 
 IMAGE_ENCODING = {"jpg": "jpeg", "png": "png", "webp": "bytes"}
 FIXED_SIZES = {"int32": 4, "int64": 8, "float32": 4, "float64": 8, "uint8": 1, "uint32": 4}
@@ -56,6 +58,8 @@ class MDSWriter:
     """Minimal MDS joint-shard writer (uncompressed, no hashes), byte-compatible with MDSWriter."""
 
     def __init__(self, out: Path, columns: dict[str, str], size_limit: int = 1 << 26) -> None:
+        if size_limit < 0:  # streaming's readers raise on it: refuse before writing anything
+            raise ValueError(f"size_limit must be >= 0 (0: no limit), got {size_limit}")
         self.out = out
         self.names = sorted(columns)
         self.encodings = [columns[n] for n in self.names]
@@ -144,6 +148,45 @@ class MDSWriter:
         )
 
 
+MARKER = ".ccurate-export.json"  # in each exported split: what it was made from
+
+
+def _stale_tmp(out: Path, split: str) -> list[Path]:
+    """Temp folders of exports of `split` whose process is gone (a kill -9 leaves them) or
+    is this one; a live export's folder is left alone."""
+    stale = []
+    for p in out.glob(f".tmp-{split}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not p.is_dir() or p.is_symlink():
+            continue
+        if int(pid) == os.getpid():
+            stale.append(p)
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.append(p)
+        except PermissionError:  # alive, another user's
+            pass
+    return stale
+
+
+def _intact(final: Path, marker: dict[str, Any]) -> bool:
+    """`final` is an untouched export made with `marker`'s release and settings: its marker,
+    its index and exactly the files the index names, at their sizes."""
+    try:
+        if json.loads((final / MARKER).read_text()) != marker:
+            return False
+        index = json.loads((final / "index.json").read_text())
+        want = {i["raw_data"]["basename"]: i["raw_data"]["bytes"] for i in index["shards"]}
+        files = {p.name: p.stat().st_size for p in final.iterdir()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    files.pop(MARKER, None)
+    files.pop("index.json", None)
+    return files == want
+
+
 def export_mds(
     release_dir: str | Path,
     out: str | Path,
@@ -152,7 +195,14 @@ def export_mds(
     size_limit: int = 1 << 26,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write each split of a release as an MDS dataset under `out/<split>/`; atomic per split."""
+    """Write each split of a release as an MDS dataset under `out/<split>/`; atomic per split.
+
+    Resumable: a split already exported from this same release with the same settings is
+    kept as it is (a rerun after a kill finishes the rest); another existing split needs
+    `overwrite`. Temp folders of killed exports are removed.
+    """
+    if size_limit < 0:
+        raise ValueError(f"size_limit must be >= 0 (0: no limit), got {size_limit}")
     root = Path(release_dir)
     if not is_release(root):
         raise ValueError(f"{root} is not a complete release (no _SUCCESS)")
@@ -162,42 +212,61 @@ def export_mds(
     unknown = sorted(set(splits or []) - known)
     if unknown:  # a typo would otherwise export an empty dataset
         raise ValueError(f"{root} has no split {unknown[0]!r} (splits: {sorted(known)})")
-    splits = splits or sorted(summary["rows_per_split"])
+    splits = list(dict.fromkeys(splits or sorted(summary["rows_per_split"])))
+    success = json.loads((root / SUCCESS).read_text())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
     for split in splits:
         final = out / split
+        marker = {
+            "release": success.get("release"),
+            "sha256sums": success.get("sha256sums"),
+            "split": split,
+            "size_limit": size_limit,
+        }
+        for stale in _stale_tmp(out, split):
+            shutil.rmtree(stale)
         if final.exists():
             if not overwrite:
+                if _intact(final, marker):  # finished by an earlier (killed or repeated) run
+                    done[split] = final
+                    continue
                 raise FileExistsError(f"{final} exists (pass overwrite=True to replace it)")
             shutil.rmtree(final)
         tmp = out / f".tmp-{split}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
-        w = MDSWriter(tmp, _columns(fmt), size_limit)
-        for shard in release_shards(root, split):
-            bucket = shard.parent.name if shard.parent.name.startswith("res-") else ""
-            for key, fields in iter_tar(shard):
-                rec = json.loads(fields["json"])
-                w.write(
-                    {
-                        "bucket": bucket,
-                        "caption": fields.get("txt", b"").decode(),
-                        "height": rec["height"],
-                        "image": fields[fmt],
-                        "json": fields["json"],
-                        "key": key,
-                        "license": rec["license"],
-                        "url": rec["url"],
-                        "width": rec["width"],
-                    }
-                )
-        w.finish()
+        try:
+            _export_split(root, split, fmt, tmp, size_limit)
+            (tmp / MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 leaves it: a rerun removes it
+            raise
         os.rename(tmp, final)
         done[split] = final
     return done
+
+
+def _export_split(root: Path, split: str, fmt: str, tmp: Path, size_limit: int) -> None:
+    w = MDSWriter(tmp, _columns(fmt), size_limit)
+    for shard in release_shards(root, split):
+        bucket = shard.parent.name if shard.parent.name.startswith("res-") else ""
+        for key, fields in iter_tar(shard):
+            rec = json.loads(fields["json"])
+            w.write(
+                {
+                    "bucket": bucket,
+                    "caption": fields.get("txt", b"").decode(),
+                    "height": rec["height"],
+                    "image": fields[fmt],
+                    "json": fields["json"],
+                    "key": key,
+                    "license": rec["license"],
+                    "url": rec["url"],
+                    "width": rec["width"],
+                }
+            )
+    w.finish()
 
 
 def _decode(encoding: str, data: bytes) -> Any:

@@ -15,7 +15,6 @@ webdataset groups them.
 from __future__ import annotations
 
 import re
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,26 +89,17 @@ def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def read_at(release_dir: str | Path, shard: str, offset: int) -> tuple[str, dict[str, bytes]]:
-    """The sample whose first member starts at `offset` in `shard` (manifest coordinates)."""
+    """The sample whose first member starts at `offset` in `shard` (manifest coordinates).
+
+    Read by the scanner and grouping `iter_tar` uses (GNU long names, pax paths, checksums,
+    metadata skipped, fields lower-cased), so both give the same sample; a truncated or
+    corrupt shard is a ValueError naming it, never short bytes.
+    """
     path = Path(release_dir) / shard
-    fields: dict[str, bytes] = {}
-    key: str | None = None
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        while True:
-            header = fh.read(512)
-            if len(header) < 512 or header == b"\0" * 512:
-                break
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            k, field = split_key(info.name)
-            if key is not None and k != key:
-                break
-            key = k
-            fields[field] = fh.read(info.size)
-            fh.seek((512 - info.size % 512) % 512, 1)
-    if key is None:
+    first = next(group_members(iter_members(path, offset), str(path)), None)
+    if first is None:
         raise ValueError(f"no tar member at offset {offset} of {path}")
-    return key, fields
+    return first
 
 
 def tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
