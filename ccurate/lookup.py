@@ -64,11 +64,15 @@ class Match:
 
 @dataclass
 class LookupResult:
+    """The answer for one query image; `error` says why it could not be hashed (then
+    `matches` is empty and means "not looked up", not "not released")."""
+
     query: str
     release: str
     sha256: str
     phash: str
     matches: list[Match]
+    error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,8 +109,15 @@ def lookup(
     release: str | Path,
     radius: int = DEFAULT_RADIUS,
     batch_rows: int = 1 << 20,
+    *,
+    skip_unreadable: bool = False,
 ) -> list[LookupResult]:
-    """For each image file, the release samples it matches (exactly or within `radius`)."""
+    """For each image file, the release samples it matches (exactly or within `radius`).
+
+    An image that cannot be read raises `ReleaseLookupError`, unless `skip_unreadable`:
+    then its result carries `error` and the other images are still answered (a caller
+    that shows results must show the error, not "not in release").
+    """
     from ccurate.filters.hashing import hex_to_u64
 
     if not 0 <= radius <= 64:  # a negative one would answer "not released" for everything
@@ -115,14 +126,19 @@ def lookup(
     manifest = root / "manifest.parquet"
     names = set(pq.read_schema(manifest).names)
     missing = [c for c in _HASH_COLUMNS if c not in names]
-    if "key" in missing or len(missing) == len(_HASH_COLUMNS) - 1:
+    if "key" in missing:
+        raise ReleaseLookupError(f"{manifest} has no key column: not a ccurate manifest")
+    if len(missing) == len(_HASH_COLUMNS) - 1:
         raise ReleaseLookupError(f"{manifest} has no hash columns ({', '.join(_HASH_COLUMNS[1:])})")
     queries: list[tuple[str, ImageHashes]] = []
+    errors: dict[str, str] = {}
     for img in images:
         try:
             queries.append((str(img), hash_image_file(img)))
         except TakedownError as e:
-            raise ReleaseLookupError(str(e)) from None
+            if not skip_unreadable:
+                raise ReleaseLookupError(str(e)) from None
+            errors[str(img)] = str(e)
     qcodes, qok = hex_to_u64([q.phash for _, q in queries])
     best: list[dict[str, Match]] = [{} for _ in queries]
     cols = [c for c in _HASH_COLUMNS if c in names]
@@ -172,7 +188,15 @@ def lookup(
             matches.append(m)
         matches.sort(key=lambda m: (m.match == "phash", m.distance, m.key))
         results.append(LookupResult(path, root.name, q.sha256, q.phash, matches))
-    return results
+    if not errors:
+        return results
+    answered = iter(results)  # back in the order the images were given
+    return [
+        LookupResult(str(img), root.name, "", "", [], errors[str(img)])
+        if str(img) in errors
+        else next(answered)
+        for img in images
+    ]
 
 
 def _details(manifest: Path, keys: list[str], names: set[str]) -> dict[str, dict[str, Any]]:

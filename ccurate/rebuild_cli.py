@@ -250,7 +250,7 @@ def register(app: typer.Typer) -> None:
         """Is this image (or a near copy) in a release? Keys, licence and attribution."""
         from ccurate.lookup import lookup
 
-        def go() -> None:
+        def go() -> bool:
             where = release
             if where is None:
                 if config is None:
@@ -260,9 +260,13 @@ def register(app: typer.Typer) -> None:
                 from ccurate.rebuild import load_rebuild_config
 
                 where = Path(load_rebuild_config(config)[0].run.release_dir)
-            results = lookup(list(images), where, radius)
-            if as_json:
-                for r in results:
+            results = lookup(list(images), where, radius, skip_unreadable=True)
+            for r in results:
+                if as_json:
+                    if r.error:
+                        row = {"query": r.query, "release": r.release, "found": None}
+                        typer.echo(json.dumps({**row, "error": r.error}, ensure_ascii=False))
+                        continue
                     for m in r.to_json()["matches"] or [None]:
                         typer.echo(
                             json.dumps(
@@ -277,24 +281,27 @@ def register(app: typer.Typer) -> None:
                                 ensure_ascii=False,
                             )
                         )
-                return
-            for r in results:
-                if not r.matches:
+                elif r.error:
+                    err.print(f"[red]error[/red]: {escape(r.error)}")
+                elif not r.matches:
                     out.print(
                         f"{escape(r.query)}: not in release {escape(r.release)} (radius {radius})"
                     )
-                    continue
-                table = Table(
-                    title=f"{escape(r.query)}: {len(r.matches)} match(es) in {escape(r.release)}"
-                )
-                for c in ("key", "match", "bits", "licence", "attribution", "url"):
-                    table.add_column(c, overflow="fold")
-                for m in r.matches:
-                    row = (m.key, m.match, str(m.distance), m.license, m.attribution, m.url)
-                    table.add_row(*(escape(v or "") for v in row))
-                out.print(table)
+                else:
+                    table = Table(
+                        title=f"{escape(r.query)}: {len(r.matches)} match(es) in "
+                        f"{escape(r.release)}"
+                    )
+                    for c in ("key", "match", "bits", "licence", "attribution", "url"):
+                        table.add_column(c, overflow="fold")
+                    for m in r.matches:
+                        row = (m.key, m.match, str(m.distance), m.license, m.attribution, m.url)
+                        table.add_row(*(escape(v or "") for v in row))
+                    out.print(table)
+            return any(r.error for r in results)
 
-        _guard(go)
+        if _guard(go):  # some images could not be read; the others were answered
+            raise typer.Exit(_codes()[1])
 
 
 def _print_result(info: dict[str, Any], as_json: bool) -> None:

@@ -19,18 +19,25 @@ cc2dataset) is::
 
 `extract_wat_images` turns `HTML-Metadata` into the same `PageExtract` that
 `ingest.html.extract_images` makes from the page, so `ingest.warc.iter_warc`
-applies opt-outs, stats and drops identically to both. What a WAT cannot tell,
+applies opt-outs, stats and drops identically to both. webarchive-commons copies
+attribute values raw, so they are entity-decoded here (`unescape_attr`) as the
+HTML parser decodes them. What a WAT cannot tell,
 by construction: `srcset`/lazy-load candidates (only `IMG@/src` is kept),
 containers (figure, ccREL blocks: all licence evidence is page scope), footer
-rights text, and RDFa/microdata `property`/`itemprop` licences.
+rights text, and RDFa/microdata `property`/`itemprop` licences; with several
+`<base>` or `<title>` elements (an inline SVG's `<title>`) the WAT keeps the last,
+the HTML path the first.
 """
 
 from __future__ import annotations
 
+import html as _html
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from html.entities import html5 as _HTML5
 from typing import Any
 
 from ccurate.ingest.html import (
@@ -75,13 +82,57 @@ def _obj(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
+    """A JSON string, else ''. Lone surrogates (`"\\ud83d"` escapes from a non-Java WAT
+    writer, or a cut pair) are dropped as the HTML parser drops them: no UTF-8 writer
+    downstream (parquet, tar) can encode them."""
+    if not isinstance(value, str):
+        return ""
+    return value if value.isascii() else _SURROGATE.sub("", value)
+
+
+_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
+
+
+def unescape_attr(value: str) -> str:
+    """An attribute value as an HTML parser reads it: character references decoded.
+
+    webarchive-commons copies attribute values raw (`a.jpg?w=1&amp;h=2`,
+    `&quot;Keep calm&quot;`), where `ingest.html` (lexbor) decodes them: without
+    this, URLs, keys and alt text differ from the HTML path's. Attribute rules
+    (WHATWG): a legacy reference without `;` followed by `=` or an alphanumeric
+    stays raw, so query strings such as `?a=1&copy=2` keep their `&copy`.
+    """
+    if "&" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        ref = m.group(1)
+        if ref.startswith("#") or (ref.endswith(";") and ref in _HTML5):
+            return _html.unescape(m.group(0))
+        if not ref.endswith(";") and ref in _HTML5 and value[m.end() : m.end() + 1] != "=":
+            return _HTML5[ref]  # a legacy name (`&amp`, `&copy`) that ends the reference
+        return m.group(0)
+
+    return _CHARREF.sub(sub, value)
+
+
+def _attr(obj: Mapping[str, Any], name: str) -> str:
+    """A WAT attribute value, decoded (see `unescape_attr`); '' when absent or not a string."""
+    return unescape_attr(_str(obj.get(name)))
 
 
 def parse_wat_json(payload: bytes) -> Mapping[str, Any]:
     """The JSON object of a WAT record; raises ValueError when it is not one with an Envelope."""
-    doc = json.loads(payload)  # JSONDecodeError is a ValueError; bytes may be UTF-8/16/32
+    try:
+        doc = json.loads(payload)  # JSONDecodeError is a ValueError; bytes may be UTF-8/16/32
+    except UnicodeDecodeError:
+        # a stray non-UTF-8 byte (a writer that copied page bytes raw): keep the record's
+        # links, with U+FFFD for the bad bytes, as the HTML path decodes a page
+        doc = json.loads(payload.decode("utf-8", "replace"))
     if not isinstance(doc, Mapping) or not isinstance(doc.get("Envelope"), Mapping):
         raise ValueError("WAT JSON without an Envelope object")
     return doc
@@ -136,9 +187,10 @@ def extract_wat_images(
     """
     try:
         head = _obj(html.get("Head"))
-        base_raw = _str(head.get("Base"))
+        base_raw = unescape_attr(_str(head.get("Base")))
         base = (norm_url(base_raw, page_url) or page_url) if base_raw.strip() else page_url
-        out = PageExtract(images=[], title=clean_text(_str(head.get("Title"))) or None)
+        title_text = _html.unescape(_str(head.get("Title")))  # text, not attribute, rules
+        out = PageExtract(images=[], title=clean_text(title_text) or None)
         facts = PageFacts(base)  # opt-outs, author and page evidence as ingest.html reads them
 
         def add(kind: str, value: str) -> None:
@@ -147,17 +199,17 @@ def extract_wat_images(
         for meta in head.get("Metas") or []:
             meta = _obj(meta)
             if _str(meta.get("name")).strip():  # `http-equiv`/`property` metas carry none
-                facts.read_meta(_str(meta.get("name")), _str(meta.get("content")), user_agent_token)
+                facts.read_meta(_attr(meta, "name"), _attr(meta, "content"), user_agent_token)
         out.optout, out.optouts = facts.optout, facts.optouts
         out.page_license_evidence = facts.evidence
         page_author = facts.page_author
         for link in head.get("Link") or []:
             link = _obj(link)
-            if is_license_rel(_str(link.get("rel"))) and _str(link.get("url")).strip():
-                add("link_rel_license", abs_or_raw(_str(link["url"]), base))
+            if is_license_rel(_attr(link, "rel")) and _str(link.get("url")).strip():
+                add("link_rel_license", abs_or_raw(_attr(link, "url"), base))
         links = [_obj(lk) for lk in html.get("Links") or []]
         for link in links:  # licence links first: every image carries the page evidence
-            path, url, rel = _str(link.get("path")), _str(link.get("url")), _str(link.get("rel"))
+            path, url, rel = _str(link.get("path")), _attr(link, "url"), _attr(link, "rel")
             if path not in _ANCHOR_PATHS or not url.strip():
                 continue
             if is_license_rel(rel):
@@ -169,7 +221,7 @@ def extract_wat_images(
             if _str(link.get("path")) != IMG_PATH:
                 continue
             out.n_img += 1
-            raw = _str(link.get("url")).strip()
+            raw = _attr(link, "url").strip()
             img_url = norm_url(raw, base)
             if img_url is None:
                 kind = (
@@ -185,8 +237,8 @@ def extract_wat_images(
             if first is not None:
                 out.repeat(first)
                 continue
-            alt = clean_text(_str(link["alt"])) if "alt" in link else None
-            title = clean_text(_str(link.get("title"))) or None
+            alt = clean_text(_attr(link, "alt")) if "alt" in link else None
+            title = clean_text(_attr(link, "title")) or None
             own: list[LicenseEvidence] = []
             for text in (title, alt):
                 snip = rights_snippet(text or "")

@@ -145,3 +145,26 @@ def test_radius_zero_only_finds_exact_copies(
     assert none.matches == []
     with pytest.raises(ReleaseLookupError):
         lookup([tmp_path / "missing.jpg"], rel)
+
+
+def test_cli_answers_the_readable_images_and_exits_2_for_an_unreadable_one(
+    release: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    """One unreadable file among the queries used to abort the whole lookup, so the
+    rights holder learnt nothing about the images that were fine."""
+    from ccurate.cli import app
+
+    rel, originals = release
+    url, f = next(iter(originals.items()))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    res = CliRunner().invoke(app, ["lookup", str(broken), str(f), "--release", str(rel), "--json"])
+    assert res.exit_code == 2, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["query"] for r in rows] == [str(broken), str(f)]
+    assert rows[0]["found"] is None and rows[0]["error"]
+    assert rows[1]["found"] and rows[1]["url"] == url
+    res = CliRunner().invoke(app, ["lookup", str(broken), str(f), "--release", str(rel)])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "error" in text and f"{f}: 1 match(es) in" in text
