@@ -65,7 +65,10 @@ def hub_file(spec: str, key: str) -> Path:
         raise ValueError(f"{key} = {spec!r}: expected 'hf-hub:<org>/<repo>/<file>'")
     repo, filename = "/".join(parts[:2]), parts[2]
     try:
-        return Path(hf_hub_download(repo, filename))
+        # offline and cache read now: huggingface_hub fixed both at import
+        return Path(
+            hf_hub_download(repo, filename, cache_dir=hub_cache(), local_files_only=hub_offline())
+        )
     except Exception as e:
         state = "HF_HUB_OFFLINE=1, so only" if hub_offline() else "looked in"
         raise WeightsNotFoundError(

@@ -7,8 +7,11 @@ one string:
   Hugging Face cache when ``HF_HUB_OFFLINE=1``;
 - a folder holding ``open_clip_config.json`` and a checkpoint (or ``local-dir:<folder>``);
 - a checkpoint file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``) for the architecture
-  named by ``model`` (e.g. ``ViT-L-14``);
-- an open_clip pretrained tag of that architecture (e.g. ``openai``), from the cache.
+  named by ``model`` (e.g. ``ViT-L-14``); inside an open_clip export folder, the folder's
+  preprocessing (mean/std, resize) and QuickGELU setting apply;
+- an open_clip pretrained tag of that architecture (e.g. ``openai``), from the cache,
+  built with the tag's QuickGELU setting (OpenAI's weights need it; the plain
+  ``ViT-L-14`` config says GELU).
 
 A configured source that cannot be found is an error naming the expected path
 and how to fetch it; a filter whose weights are not configured is off and says
@@ -19,6 +22,8 @@ embeddings are cached per image bytes so the two do not encode an image twice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -80,6 +85,27 @@ class ClipSource:
     model_name: str
     pretrained: str | None
     describe: str
+    # QuickGELU weights (OpenAI's) in an architecture whose config says GELU: open_clip only
+    # warns, and the activations (so every embedding) come out wrong
+    quick_gelu: bool = False
+    # the preprocessing an open_clip export folder declares for a checkpoint file inside it
+    # (JSON, hashable for the model cache); None: the architecture's or the tag's own
+    preprocess: str | None = None
+
+
+def _folder_config(path: Path) -> dict[str, Any]:
+    """The open_clip_config.json next to a checkpoint file (an `hf download` folder), or {}."""
+    cfg = path.parent / "open_clip_config.json"
+    try:
+        data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _checkpoint_in(folder: Path) -> bool:
+    """Whether open_clip's local-dir loader finds a checkpoint in `folder`."""
+    return any(p.is_file() for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext))
 
 
 def resolve_clip_source(model: str, weights: str, key: str) -> ClipSource:
@@ -101,13 +127,35 @@ def resolve_clip_source(model: str, weights: str, key: str) -> ClipSource:
                 "point it at an open_clip export (config + open_clip_model.safetensors) "
                 f"or at a checkpoint file for model {model!r}"
             )
+        if not _checkpoint_in(path):  # open_clip would fail with a bare "could not be loaded"
+            raise WeightsNotFoundError(
+                f"{key} = {weights!r}: folder has open_clip_config.json but no checkpoint "
+                f"(expected {path / 'open_clip_model.safetensors'} or "
+                f"{path / 'open_clip_pytorch_model.bin'}); fetch the full export, e.g. "
+                f"`hf download <org>/<repo> --local-dir {path}`"
+            )
         return ClipSource(f"{LOCAL_PREFIX}{path}", None, str(path))
     if path.is_file():
-        return ClipSource(model, str(path), str(path))
+        folder = _folder_config(path)
+        model_cfg = folder.get("model_cfg")
+        pre = folder.get("preprocess_cfg")
+        if isinstance(pre, dict):  # the input size is the architecture's, not the folder's
+            pre = {k: v for k, v in pre.items() if k != "size"}
+        return ClipSource(
+            model,
+            str(path),
+            str(path),
+            quick_gelu=isinstance(model_cfg, dict) and bool(model_cfg.get("quick_gelu")),
+            preprocess=json.dumps(pre, sort_keys=True) if isinstance(pre, dict) and pre else None,
+        )
     import open_clip
 
     if model in open_clip.list_models() and w in open_clip.list_pretrained_tags_by_model(model):
-        return ClipSource(model, w, f"{model}/{w}")
+        from open_clip.pretrained import get_pretrained_cfg
+
+        tag_qg = bool(get_pretrained_cfg(model, w).get("quick_gelu", False))
+        model_qg = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
+        return ClipSource(model, w, f"{model}/{w}", quick_gelu=tag_qg and not model_qg)
     raise WeightsNotFoundError(
         f"{key} = {weights!r}: no such file or folder (expected {path.resolve()}) and not an "
         f"open_clip tag of {model!r}. Put the weights there, e.g. "
@@ -126,7 +174,9 @@ class ClipModel:
     device: torch.device
     embed_dim: int
     source: str
-    _emb_cache: OrderedDict[int, tuple[bytes, np.ndarray]] = field(default_factory=OrderedDict)
+    # keyed by a digest of the bytes: holding the bytes themselves kept up to `cache_size`
+    # encoded images (hundreds of MB to GB per worker) alive after their batch was gone
+    _emb_cache: OrderedDict[bytes, np.ndarray] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     cache_size: int = 4096
 
@@ -153,34 +203,70 @@ class ClipModel:
     def image_embeddings(
         self, datas: list[bytes | None], batch_size: int = 32
     ) -> list[np.ndarray | None]:
-        """Embeddings of encoded images (None where undecodable), cached per bytes object."""
+        """Embeddings of encoded images (None where undecodable), cached per image content."""
         out: list[np.ndarray | None] = [None] * len(datas)
         todo: list[tuple[int, bytes, Image.Image]] = []
         for i, data in enumerate(datas):
             if not data:
                 continue
+            digest = hashlib.blake2b(data, digest_size=16).digest()
             with self._lock:
-                hit = self._emb_cache.get(id(data))
-            if hit is not None and hit[0] is data:
-                out[i] = hit[1]
+                hit = self._emb_cache.get(digest)
+                if hit is not None:
+                    self._emb_cache.move_to_end(digest)
+            if hit is not None:
+                out[i] = hit
                 continue
             try:
-                todo.append((i, data, decode_rgb(data)))
+                todo.append((i, digest, decode_rgb(data)))
             except DecodeError:
                 continue
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             embs = self.encode_images([im for _, _, im in chunk])
             with self._lock:
-                for (i, data, _), emb in zip(chunk, embs, strict=True):
+                for (i, digest, _), emb in zip(chunk, embs, strict=True):
                     out[i] = emb
-                    self._emb_cache[id(data)] = (data, emb)
+                    self._emb_cache[digest] = emb
                 while len(self._emb_cache) > self.cache_size:
                     self._emb_cache.popitem(last=False)
         return out
 
 
-_loaded: dict[tuple[str, str | None, str], ClipModel] = {}
+def _cached_snapshot(repo: str) -> str:
+    """The cached snapshot folder of an open_clip hub repo, without touching the network."""
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(repo, cache_dir=hub_cache(), local_files_only=True))
+
+
+def _cached_tag(model: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """An open_clip tag's weights file from the hub cache (offline), with the tag's
+    preprocessing, which open_clip applies only when it resolves the tag itself."""
+    import os
+
+    from huggingface_hub import hf_hub_download
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model, tag)
+    pre = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    if cfg.get("file"):
+        return str(cfg["file"]), pre
+    if not cfg.get("hf_hub"):
+        raise FileNotFoundError(f"tag {tag!r} of {model!r} has no hub copy to read offline")
+    repo, filename = os.path.split(str(cfg["hf_hub"]))
+    filename = filename or HF_WEIGHTS_NAME
+    err: Exception | None = None
+    for name in [*_get_safe_alternatives(filename), filename]:  # open_clip's own order
+        try:
+            return hf_hub_download(repo, name, cache_dir=hub_cache(), local_files_only=True), pre
+        except Exception as e:  # not cached under this name
+            err = err or e
+    assert err is not None
+    raise err
+
+
+_loaded: dict[tuple[str, str | None, str, bool, str | None], ClipModel] = {}
 _load_lock = threading.Lock()
 
 
@@ -188,20 +274,31 @@ def load_clip(model: str, weights: str, device: str = "auto", key: str = "weight
     """Load (once per process) the CLIP model named by `model` + `weights`."""
     src = resolve_clip_source(model, weights, key)
     dev = resolve_device(device)
-    cache_key = (src.model_name, src.pretrained, str(dev))
+    cache_key = (src.model_name, src.pretrained, str(dev), src.quick_gelu, src.preprocess)
     with _load_lock:
         if cache_key in _loaded:
             return _loaded[cache_key]
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
+        name, pretrained = src.model_name, src.pretrained
+        force_pre = json.loads(src.preprocess) if src.preprocess else None
         try:
+            # huggingface_hub reads HF_HUB_OFFLINE once, at import: set later (as tests and
+            # wrappers do), open_clip's downloads would still go to the network
+            if name.startswith(HF_PREFIX) and hub_offline():
+                name = f"{LOCAL_PREFIX}{_cached_snapshot(name[len(HF_PREFIX) :])}"
+            elif pretrained and not Path(pretrained).exists() and hub_offline():
+                pretrained, force_pre = _cached_tag(name, pretrained)
             clip = open_clip.create_model(
-                src.model_name,
-                src.pretrained,
+                name,
+                pretrained,
+                cache_dir=hub_cache(),
                 device=dev,
                 pretrained_text=False,
                 require_pretrained=True,
+                force_quick_gelu=src.quick_gelu,
+                force_preprocess_cfg=force_pre,
             )
         except Exception as e:
             state = "HF_HUB_OFFLINE=1, so only" if hub_offline() else "looked in"
@@ -215,13 +312,17 @@ def load_clip(model: str, weights: str, device: str = "auto", key: str = "weight
                     f"pretrained='{src.pretrained}')\"` and copy the cache, or configure a "
                     "checkpoint file"
                 )
-            else:
-                raise
+            else:  # a local checkpoint or folder whose weights do not fit the architecture
+                raise ValueError(
+                    f"{key} = {weights!r}: could not be loaded as open_clip model "
+                    f"{src.model_name!r} (weights of another architecture? set the model to "
+                    f"the one they were trained as): {e}"
+                ) from e
             raise WeightsNotFoundError(
                 f"{key} = {weights!r}: CLIP weights could not be loaded {where}: {e}. {hint}"
             ) from e
         clip.eval()
-        tokenizer = open_clip.get_tokenizer(src.model_name)
+        tokenizer = open_clip.get_tokenizer(name)
         preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
         embed_dim = _probe_dim(clip, preprocess, dev)
         loaded = ClipModel(clip, preprocess, tokenizer, dev, embed_dim, src.describe)

@@ -671,7 +671,13 @@ def _fingerprint(inputs: list[str], cfg: DedupConfig) -> str:
     for prefix in inputs:
         st = os.stat(f"{prefix}.parquet")
         h.update(f"{prefix}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    for f in reference_files([*cfg.against, *cfg.previous]):
+    files = list(reference_files([*cfg.against, *cfg.previous]))
+    if cfg.semantic:  # new weights under the same path embed differently: a new plan
+        for spec in (cfg.semantic_weights, cfg.semantic_model_config):
+            if spec and not spec.startswith("hf-hub:"):
+                p = Path(spec.removeprefix("local-dir:")).expanduser()
+                files += [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    for f in files:
         st = f.stat()
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()

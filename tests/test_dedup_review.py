@@ -89,3 +89,22 @@ def test_reference_match_holds_for_exact_copies(tmp_path: Path) -> None:
     _, d = plan(tmp_path / "p", [[png, fresh], [tiff]], previous=[str(prev)])
     for s in (png, tiff):
         assert d[s.key]["reason"] == "duplicate_exact" and d[s.key]["duplicate_of"] == "rel1/7"
+
+
+def test_new_semantic_weights_under_the_same_path_make_a_new_plan(tmp_path: Path) -> None:
+    """The plan fingerprint covered the config strings only: replacing the CLIP weights
+    file (same path) reused the old semantic plan on a rerun."""
+    from ccurate.filters.dedup import _fingerprint
+
+    shard = tmp_path / "part-00000"
+    shard.with_suffix(".parquet").write_bytes(b"x")
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"old weights")
+    cfg = DedupConfig(semantic=True, semantic_weights=str(weights))
+    before = _fingerprint([str(shard)], cfg)
+    assert _fingerprint([str(shard)], cfg) == before  # stable when nothing changed
+    weights.write_bytes(b"new weights, longer")
+    os.utime(weights, ns=(1, 1))
+    assert _fingerprint([str(shard)], cfg) != before
+    off = DedupConfig(semantic=False, semantic_weights=str(weights))
+    assert _fingerprint([str(shard)], off) == _fingerprint([str(shard)], off)
