@@ -264,8 +264,8 @@ def register(app: typer.Typer) -> None:
             for r in results:
                 if as_json:
                     if r.error:
-                        row = {"query": r.query, "release": r.release, "found": None}
-                        typer.echo(json.dumps({**row, "error": r.error}, ensure_ascii=False))
+                        failed = {"query": r.query, "release": r.release, "found": None}
+                        typer.echo(json.dumps({**failed, "error": r.error}, ensure_ascii=False))
                         continue
                     for m in r.to_json()["matches"] or [None]:
                         typer.echo(
