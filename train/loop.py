@@ -48,6 +48,7 @@ from ccurate.train.models import (
     place,
     resolve_refs,
     vae_scale_factor,
+    vae_shift_factor,
 )
 from ccurate.train.presets import get_preset
 from ccurate.train.stream import (
@@ -253,6 +254,7 @@ def sample_grid(
     sched.set_timesteps(cfg.sample_steps or get_preset(cfg.preset).sample_steps)
     factor = vae_scale_factor(vae)
     scale = float(vae.config.scaling_factor)  # type: ignore[union-attr, arg-type]
+    shift = vae_shift_factor(vae)
     n = len(prompts)
     cond = text_encoder.encode(prompts, device).float()
     uncond = text_encoder.encode([""] * n, device).float()
@@ -267,7 +269,7 @@ def sample_grid(
         u, c = out.float().chunk(2)
         x = sched.step(u + cfg.guidance_scale * (c - u), t, x).prev_sample
     vae_dtype = next(vae.parameters()).dtype
-    images = vae.decode((x / scale).to(vae_dtype)).sample.float()  # type: ignore[operator]
+    images = vae.decode((x / scale + shift).to(vae_dtype)).sample.float()  # type: ignore[operator]
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -336,6 +338,25 @@ class Trainer:
                     f"this run uses {cfg.preset!r}"
                 )
             self.resolution = int(self.manifest["resolution"])
+            if cfg.resolution and cfg.resolution != self.resolution:
+                raise DataError(
+                    f"resolution = {cfg.resolution} but the latent shards are of "
+                    f"{self.resolution} px images (precompute again at {cfg.resolution}, "
+                    "or set resolution = 0 to take the shards' value)"
+                )
+            need = {"synthetic": {"emb"}, "alt_text": {"alt"}, "mix": {"emb", "alt"}}
+            carried = self.manifest.get("captions")
+            if carried is not None and not need[cfg.caption_source] <= set(carried):
+                raise DataError(
+                    f"caption_source = {cfg.caption_source!r} but the latent shards carry "
+                    f"embeddings of {self.manifest.get('caption_source')!r} captions only "
+                    f"(precompute again with caption_source = {cfg.caption_source!r})"
+                )
+            if bool(self.manifest.get("aspect_buckets")) and not cfg.aspect_buckets:
+                raise DataError(
+                    "the latent shards were precomputed with aspect_buckets = true: their "
+                    "latents differ in shape, so this run needs aspect_buckets = true too"
+                )
         else:
             self.resolution = cfg.resolution or self.preset.resolution
         self.log_path = out_dir / "train_log.jsonl"
@@ -352,7 +373,11 @@ class Trainer:
     def text_encoder(self) -> TextEncoder:
         if self._text is None:
             ref = self.manifest["text_encoder"] if self.manifest else None
-            self._text = place(build_text_encoder(self.cfg, ref), self.device, self.frozen_dtype)
+            cfg = self.cfg
+            if self.manifest and self.manifest.get("text_layer"):
+                # sample with the layer the UNet was conditioned on, not this run's setting
+                cfg = cfg.model_copy(update={"text_layer": self.manifest["text_layer"]})
+            self._text = place(build_text_encoder(cfg, ref), self.device, self.frozen_dtype)
         return self._text
 
     def log(self, entry: dict[str, Any], console: bool = True) -> None:
@@ -377,6 +402,7 @@ class Trainer:
         unet = build_unet(cfg, device).to(device)
         unet.train()
         cross_dim = int(unet.config.cross_attention_dim)
+        in_channels = int(unet.config.in_channels)
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
         named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
@@ -393,7 +419,9 @@ class Trainer:
                     f"UNet expects {cross_dim} (precompute with the same preset)"
                 )
             scale = float(self.manifest["scaling_factor"])
+            shift = float(self.manifest.get("shift_factor") or 0.0)
             factor = int(self.manifest["vae_scale_factor"])
+            latent_channels = int(self.manifest.get("latent_channels", in_channels))
             tokenizer = None
         else:
             vae, text = self.vae(), self.text_encoder()
@@ -403,8 +431,15 @@ class Trainer:
                 )
             uncond_t = text.tokenize([""]).to(device)
             scale = float(vae.config.scaling_factor)  # type: ignore[union-attr, arg-type]
+            shift = vae_shift_factor(vae)
             factor = vae_scale_factor(vae)
+            latent_channels = int(vae.config.latent_channels)  # type: ignore[union-attr, arg-type]
             tokenizer = text.tokenizer
+        if latent_channels != in_channels:  # else a conv shape error at the first step
+            raise ValueError(
+                f"the VAE makes {latent_channels}-channel latents but the UNet takes "
+                f"{in_channels} input channels (use a VAE and UNet of the same family)"
+            )
 
         # data
         spec = StreamSpec(tuple(self.shards), cfg.seed, cfg.shuffle_shards, cfg.shuffle_buffer)
@@ -590,7 +625,7 @@ class Trainer:
                             json.dumps({"step": step, "micro": micro, "keys": batch["keys"]}) + "\n"
                         )
                     gen.manual_seed(step_seed(cfg.seed, step, micro, ctx.rank))
-                    latents, cond = self._inputs(batch, gen, uncond_t, scale)
+                    latents, cond = self._inputs(batch, gen, uncond_t, scale, shift)
                     noise = torch.randn(latents.shape, generator=gen, device=device)
                     timesteps = torch.randint(
                         0,
@@ -697,9 +732,15 @@ class Trainer:
         return summary
 
     def _inputs(
-        self, batch: dict[str, Any], gen: torch.Generator, uncond: torch.Tensor, scale: float
+        self,
+        batch: dict[str, Any],
+        gen: torch.Generator,
+        uncond: torch.Tensor,
+        scale: float,
+        shift: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (sampled from the VAE posterior) and the text conditioning, dropout applied."""
+        """Latents (sampled from the VAE posterior, `(z - shift) * scale` as diffusers'
+        pipelines undo it) and the text conditioning, dropout applied."""
         cfg, device = self.cfg, self.device
         with torch.no_grad():
             if self.latent_mode:
@@ -708,7 +749,7 @@ class Trainer:
                 drop = dropout_mask(n, cfg.caption_dropout, gen, device)
                 mean, std = moments.chunk(2, dim=1)
                 latents = (
-                    mean + std * torch.randn(mean.shape, generator=gen, device=device)
+                    mean + std * torch.randn(mean.shape, generator=gen, device=device) - shift
                 ) * scale
                 cond = torch.where(drop.view(-1, 1, 1), uncond.unsqueeze(0), batch["emb"].float())
                 return latents, cond
@@ -718,7 +759,7 @@ class Trainer:
             x = pixels.to(self.frozen_dtype) / 127.5 - 1.0
             vae = self.vae()
             dist_ = vae.encode(x).latent_dist  # type: ignore[operator]
-            latents = dist_.sample(generator=gen).float() * scale
+            latents = (dist_.sample(generator=gen).float() - shift) * scale
             ids = torch.where(drop.view(-1, 1), uncond, batch["input_ids"])
             cond = self.text_encoder()(ids).float()
             return latents, cond

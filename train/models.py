@@ -54,19 +54,24 @@ def _fetch_hint(ref: str, subfolder: str | None) -> str:
     )
 
 
-def _pretrained(cls: Any, ref: str, subfolder: str, what: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained` for a local dir (with or without the subfolder) or hub id."""
+def _pretrained(
+    cls: Any, ref: str, subfolder: str, what: str, marker: str = "config.json", **kwargs: Any
+) -> Any:
+    """`cls.from_pretrained` for a local dir (with or without the subfolder) or hub id.
+
+    `marker` is the file that says the folder holds one: a tokenizer folder has
+    `tokenizer_config.json`, no `config.json`."""
     path = Path(ref).expanduser()
     sub: str | None = subfolder
     if path.exists():
-        if (path / subfolder / "config.json").exists():
+        if (path / subfolder / marker).exists():
             sub = subfolder
-        elif (path / "config.json").exists():
+        elif (path / marker).exists():
             sub = None
         else:
             raise WeightsNotFoundError(
-                f"{what}: no model at {path} (looked for {path / subfolder / 'config.json'} "
-                f"and {path / 'config.json'}); {_fetch_hint(ref, subfolder)}"
+                f"{what}: no model at {path} (looked for {path / subfolder / marker} "
+                f"and {path / marker}); {_fetch_hint(ref, subfolder)}"
             )
         ref = str(path)
     try:
@@ -126,6 +131,11 @@ def vae_scale_factor(vae: Any) -> int:
     return int(2 ** (len(vae.config.block_out_channels) - 1))
 
 
+def vae_shift_factor(vae: Any) -> float:
+    """The VAE's latent shift (SD3 / Flux VAEs: `(z - shift) * scale`); 0 when it has none."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 # ---- tokenizers -------------------------------------------------------------
 
 
@@ -158,11 +168,16 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A transformers CLIP tokenizer padded to its model length (picklable for workers)."""
+    """A transformers CLIP tokenizer padded to its model length (picklable for workers).
 
-    def __init__(self, tok: Any) -> None:
+    `limit` is the text model's position count: a tokenizer saved without
+    `model_max_length` reports 1e30, and padding to that never ends well.
+    """
+
+    def __init__(self, tok: Any, limit: int | None = None) -> None:
         self.tok = tok
-        self.max_length = int(tok.model_max_length)
+        length = int(tok.model_max_length)
+        self.max_length = min(length, limit) if limit else length
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         enc = self.tok(
@@ -226,7 +241,9 @@ class HFCLIPTextEncoder(TextEncoder):
         if self.layer == "penultimate":
             out = self.model(ids, output_hidden_states=True)
             hidden = out.hidden_states[-2]
-            normed: torch.Tensor = self.model.text_model.final_layer_norm(hidden)
+            # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x nests it
+            inner = getattr(self.model, "text_model", self.model)
+            normed: torch.Tensor = inner.final_layer_norm(hidden)
             return normed
         last: torch.Tensor = self.model(ids).last_hidden_state
         return last
@@ -317,8 +334,9 @@ def build_text_encoder(cfg: TrainConfig, ref: str | None = None) -> TextEncoder:
         enc = _scratch_text_encoder(preset, layer, ref)
     else:
         model = _pretrained(CLIPTextModel, ref, "text_encoder", "text encoder")
-        tok = _pretrained(CLIPTokenizer, ref, "tokenizer", "tokenizer")
-        enc = HFCLIPTextEncoder(model, HFTokenizer(tok), layer or "last", ref)
+        tok = _pretrained(CLIPTokenizer, ref, "tokenizer", "tokenizer", "tokenizer_config.json")
+        limit = int(model.config.max_position_embeddings)
+        enc = HFCLIPTextEncoder(model, HFTokenizer(tok, limit), layer or "last", ref)
     enc.requires_grad_(False).eval()
     return enc
 

@@ -5,7 +5,7 @@ forward passes on every epoch. Each input shard gives one output shard with the
 same relative name, holding per sample:
 
 - `{key}.latent.npy`  VAE posterior moments (mean ‖ std along channels), float16,
-  unscaled: the trainer samples `mean + std·ε` and applies `scaling_factor`;
+  unscaled: the trainer samples `mean + std·ε` and applies `shift_factor` and `scaling_factor`;
 - `{key}.emb.npy`     text-encoder hidden states of the synthetic caption, float16;
 - `{key}.alt.npy`     the same for the alt text (caption policy `alt_text` / `mix`);
 - `{key}.json`        the release record, plus the captions used and `latent_hw`.
@@ -44,6 +44,7 @@ from ccurate.train.models import (
     place,
     resolve_refs,
     vae_scale_factor,
+    vae_shift_factor,
 )
 from ccurate.train.presets import get_preset
 from ccurate.train.stream import (
@@ -74,6 +75,34 @@ def _out_name(shard: str, release: Path | None, name: str) -> str:
         except ValueError:
             pass
     return name
+
+
+def _settings(cfg: TrainConfig, resolution: int) -> dict[str, Any]:
+    """What a latent shard's content depends on: a finished shard made with other values is
+    stale and must be redone by a rerun, not kept next to a manifest that describes others."""
+    refs = resolve_refs(cfg)
+    return {
+        "preset": cfg.preset,
+        "vae": refs["vae"],
+        "text_encoder": refs["text_encoder"],
+        "text_layer": cfg.text_layer,
+        "resolution": resolution,
+        "aspect_buckets": cfg.aspect_buckets,
+        "max_aspect": cfg.max_aspect if cfg.aspect_buckets else None,
+    }
+
+
+def _captions(cfg: TrainConfig) -> list[str]:
+    """The embedding members the caption policy needs in every sample."""
+    return {"synthetic": ["emb"], "alt_text": ["alt"], "mix": ["alt", "emb"]}[cfg.caption_source]
+
+
+def _reusable(marker: dict[str, Any], settings: dict[str, Any], captions: list[str]) -> bool:
+    """A finished shard is kept when made with these settings and carries these captions
+    (markers written before settings were recorded are trusted as they are)."""
+    if "settings" in marker and marker["settings"] != settings:
+        return False
+    return "captions" not in marker or set(captions) <= set(marker["captions"])
 
 
 class _Encoder:
@@ -120,7 +149,13 @@ def _process_shard(
         "image", resolution, resolution, cfg.caption_source, cfg.caption_mix, cfg.seed
     )
     reader = MemberReader()
-    stats: dict[str, Any] = {"samples": 0, "dropped": {}, "source": src}
+    stats: dict[str, Any] = {
+        "samples": 0,
+        "dropped": {},
+        "source": src,
+        "settings": _settings(cfg, resolution),
+        "captions": _captions(cfg),
+    }
     pending: list[tuple[RawSample, dict[str, Any], np.ndarray, str, str]] = []
 
     def flush(tf: TarWriter) -> None:
@@ -188,7 +223,8 @@ def _process_shard(
 def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str | Path) -> list[str]:
     """Write latent shards for `release` under `out_dir`; returns this rank's shard paths.
 
-    Resumable: shards with a `.done` marker are kept as they are.
+    Resumable: shards with a `.done` marker made with the same settings are kept as they are;
+    those made with others (resolution, models, captions) are redone.
     """
     import torch.distributed as dist
 
@@ -209,8 +245,10 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
     enc = _Encoder(cfg, ctx.device)
     names = dict(zip(shards, shard_names(shards), strict=True))
     mine = [s for i, s in enumerate(shards) if i % ctx.world == ctx.rank]
+    settings, captions = _settings(cfg, resolution), _captions(cfg)
     written: list[str] = []
     totals: dict[str, Any] = {"samples": 0, "dropped": {}}
+    carried = {"emb", "alt"}  # the embedding members every shard has (kept ones may have more)
     bar = Progress("precompute", total=len(mine), enabled=ctx.rank == 0)
     try:
         for src in mine:
@@ -218,19 +256,23 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
             if dst.suffix != ".tar":
                 dst = dst.with_suffix(".tar")
             prefix = str(dst)[: -len(".tar")]
-            stats = (
-                read_marker(prefix)
-                if is_done(prefix)
-                else _process_shard(enc, cfg, src, dst, resolution, buckets)
-            )
+            marker = read_marker(prefix) if is_done(prefix) else None
+            if marker is not None and _reusable(marker, settings, captions):
+                stats = marker
+            else:
+                stats = _process_shard(enc, cfg, src, dst, resolution, buckets)
             totals["samples"] += int(stats.get("samples", 0))
+            carried &= set(stats.get("captions") or captions)
             for k, v in stats.get("dropped", {}).items():
                 totals["dropped"][k] = totals["dropped"].get(k, 0) + v
             written.append(str(dst))
             bar.advance()
         bar.close()
         if ctx.world > 1:
-            dist.barrier()
+            gathered: list[Any] = [None] * ctx.world
+            dist.all_gather_object(gathered, sorted(carried))
+            for other in gathered:
+                carried &= set(other)
         if ctx.rank == 0:
             refs = resolve_refs(cfg)
             uncond = enc.texts([""])[0]
@@ -247,10 +289,13 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
                     "resolution": resolution,
                     "aspect_buckets": cfg.aspect_buckets,
                     "scaling_factor": float(enc.vae.config.scaling_factor),
+                    "shift_factor": vae_shift_factor(enc.vae),
                     "vae_scale_factor": enc.factor,
                     "latent_channels": int(enc.vae.config.latent_channels),
                     "moments": True,
                     "caption_source": cfg.caption_source,
+                    # what the trainer may ask for: "emb" (synthetic), "alt" (alt text)
+                    "captions": sorted(carried),
                     "text_dim": int(uncond.shape[-1]),
                     "uncond": "uncond.npy",
                     "source": [str(s) for s in shards]
