@@ -14,7 +14,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -144,12 +144,17 @@ class Executor(ABC):
             scratch.mkdir(parents=True, exist_ok=True)
             stage.prepare([t.src for t in tasks], str(scratch))
         bar = Progress(label or stage.name, total=len(todo), enabled=self.progress)
+        results = self._run(stage, todo)
         try:
-            for stats in self._run(stage, todo):
+            for stats in results:
                 total.add(stats)
                 bar.advance()
         finally:
             bar.close()
+            if isinstance(results, Generator):
+                # if the loop raised, the executor's clean-up (cancelling Ray tasks or a
+                # Slurm array) runs now, not whenever the generator is garbage-collected
+                results.close()
         return total
 
     @abstractmethod

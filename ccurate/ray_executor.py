@@ -15,12 +15,15 @@ imports `ray`, and the local executor never does.
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 from collections.abc import Iterator
 from typing import Any
 
 from ccurate.executor import Executor, ShardTask, run_task, set_worker_cpus
 from ccurate.stage import Stage, StageStats
+
+log = logging.getLogger(__name__)
 
 # stage fingerprint -> set-up stage, per Ray worker process
 _STAGE_CACHE: dict[str, Stage] = {}
@@ -33,6 +36,10 @@ def _fingerprint(stage: Stage) -> str:
 def _cached_stage(blob: bytes, fingerprint: str) -> Stage:
     stage = _STAGE_CACHE.get(fingerprint)
     if stage is None:
+        # one stage per worker: the previous step's models (OCR, NSFW, CLIP) are released
+        # before the next step's load, not kept in every worker for the rest of the run
+        while _STAGE_CACHE:
+            _STAGE_CACHE.popitem()[1].teardown()
         stage = pickle.loads(blob)
         set_worker_cpus(int(stage.resources.cpus))
         stage.setup()
@@ -87,24 +94,34 @@ class RayExecutor(Executor):
     def _run(self, stage: Stage, todo: list[ShardTask]) -> Iterator[StageStats]:
         ray = self._ray()
         res = stage.resources
+        cpus = _feasible_cpus(ray, stage.name, res.cpus)
         blob = pickle.dumps(stage)
         if res.gpus > 0:
-            yield from self._run_actors(ray, blob, res.cpus, res.gpus, todo)
+            yield from self._run_actors(ray, stage.name, blob, cpus, res.gpus, todo)
             return
-        fn = ray.remote(num_cpus=res.cpus, max_retries=self.max_retries, retry_exceptions=True)(
+        fn = ray.remote(num_cpus=cpus, max_retries=self.max_retries, retry_exceptions=True)(
             _shard_task
         )
         blob_ref = ray.put(blob)
         fp = _fingerprint(stage)
         pending = {fn.remote(blob_ref, fp, t): t for t in todo}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                pending.pop(ref)
-                yield ray.get(ref)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    task = pending.pop(ref)
+                    try:
+                        stats = ray.get(ref)
+                    except Exception as err:
+                        raise _shard_failed(stage.name, task, self.max_retries, err) from err
+                    yield stats
+        finally:
+            # a failed shard or an interrupted driver: the other shards must not keep
+            # writing outputs behind the driver's back (a rerun would race them)
+            _cancel(ray, list(pending))
 
     def _run_actors(
-        self, ray: Any, blob: bytes, cpus: float, gpus: float, todo: list[ShardTask]
+        self, ray: Any, name: str, blob: bytes, cpus: float, gpus: float, todo: list[ShardTask]
     ) -> Iterator[StageStats]:
         total_gpus = float(ray.cluster_resources().get("GPU", 0))
         n = self.actors or (max(1, int(total_gpus / gpus)) if total_gpus else 1)
@@ -122,19 +139,68 @@ class RayExecutor(Executor):
                 task = queue.pop(0)
                 running[actor.run.remote(task)] = (actor, task)
 
-        for a in actors:
-            submit(a)
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                actor, task = running.pop(ref)
-                try:
-                    stats = ray.get(ref)
-                except Exception:
-                    attempts[task] = attempts.get(task, 0) + 1
-                    if attempts[task] > self.max_retries:
-                        raise
-                    queue.append(task)  # retry the shard, on whichever actor frees first
-                else:
-                    yield stats
-                submit(actor)
+        try:
+            for a in actors:
+                submit(a)
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    actor, task = running.pop(ref)
+                    try:
+                        stats = ray.get(ref)
+                    except Exception as err:
+                        attempts[task] = attempts.get(task, 0) + 1
+                        if attempts[task] > self.max_retries:
+                            raise _shard_failed(name, task, self.max_retries, err) from err
+                        queue.append(task)  # retry the shard, on whichever actor frees first
+                        if isinstance(err, ray.exceptions.RayActorError):
+                            # the actor died (OOM, lost node): once its restarts are spent it
+                            # fails every shard it is given, so it is replaced by a fresh one
+                            ray.kill(actor, no_restart=True)
+                            actors[actors.index(actor)] = actor = actor_cls.remote(blob)
+                    else:
+                        yield stats
+                    submit(actor)
+        finally:
+            # done, failed or interrupted: the actors release their GPUs now, and no shard
+            # keeps running behind the driver's back
+            for a in actors:
+                ray.kill(a, no_restart=True)
+
+
+def _feasible_cpus(ray: Any, name: str, cpus: float) -> float:
+    """The stage's CPU request, capped at the largest node's CPUs: Ray waits forever on a
+    request no node can meet (captioning declares 4 CPUs; a laptop may have 2), where the
+    local executor just runs the stage."""
+    most = max(
+        (float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
+        default=0.0,
+    )
+    if 0 < most < cpus:
+        log.warning(
+            "stage %s asks for %s CPUs per task; the largest Ray node has %s: using %s",
+            name,
+            cpus,
+            most,
+            most,
+        )
+        return most
+    return cpus
+
+
+def _shard_failed(name: str, task: ShardTask, retries: int, err: Exception) -> RuntimeError:
+    """The error for a shard that failed every try: names the stage and the shard."""
+    return RuntimeError(
+        f"stage {name}: shard {task.dst} (input {task.src}) failed after "
+        f"{retries + 1} attempt(s): {type(err).__name__}: {err}"
+    )
+
+
+def _cancel(ray: Any, refs: list[Any], wait_s: float = 10.0) -> None:
+    """Cancel unfinished shard tasks and wait (bounded) until they have stopped: a running
+    one gets KeyboardInterrupt, so `run_task` aborts its shard and publishes nothing."""
+    if not refs:
+        return
+    for ref in refs:
+        ray.cancel(ref, force=False, recursive=True)
+    ray.wait(refs, num_returns=len(refs), timeout=wait_s)

@@ -108,7 +108,8 @@ class SlurmExecutor(Executor):
         with atomic_path(job_dir / STAGE_FILE) as tmp:
             tmp.write_bytes(pickle.dumps(stage))
         with atomic_path(job_dir / TASKS_FILE) as tmp:
-            tmp.write_text(json.dumps([[[t.src, t.dst] for t in g] for g in groups]))
+            # absolute: an array task runs wherever its `setup` lines `cd` to
+            tmp.write_text(json.dumps([[[_abs(t.src), _abs(t.dst)] for t in g] for g in groups]))
         script = job_dir / SCRIPT_FILE
         script.write_text(sbatch_script(self.cfg, stage, job_dir, len(groups)))
         proc = subprocess.run(
@@ -183,13 +184,24 @@ def sbatch_script(cfg: SlurmConfig, stage: Stage, job_dir: Path, n_tasks: int) -
     opts += cfg.sbatch_args
     python = cfg.python or sys.executable
     lines = ["#!/bin/bash"]
-    lines += [f"#SBATCH {o}" for o in opts]
+    lines += [f"#SBATCH {_sbatch_quote(o)}" for o in opts]
     lines += ["set -euo pipefail", *cfg.setup]
     lines.append(
         f"exec {shlex.quote(python)} -m ccurate.slurm_task {shlex.quote(str(job_dir))} "
         '"$SLURM_ARRAY_TASK_ID"'
     )
     return "\n".join(lines) + "\n"
+
+
+def _sbatch_quote(option: str) -> str:
+    """An option as sbatch reads it back from a `#SBATCH` line: sbatch splits the line at
+    white space, takes an unquoted `#` as a comment and strips quotes and backslashes, so a
+    log path with a space, `#` or quote is double-quoted with `\\` and `"` escaped."""
+    if "\n" in option or "\r" in option:
+        raise SlurmError(f"a #SBATCH option cannot hold a line break: {option!r}")
+    if not re.search(r"[\s#\"'\\]", option):
+        return option
+    return '"' + option.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _groups(tasks: list[ShardTask], max_groups: int) -> list[list[ShardTask]]:
@@ -206,13 +218,17 @@ def _groups(tasks: list[ShardTask], max_groups: int) -> list[list[ShardTask]]:
 
 def _jobs_root(stage: Stage, tasks: list[ShardTask]) -> Path:
     """Beside the step's outputs: `_slurm/<stage>`, one folder per submitted job in it."""
-    return Path(tasks[0].dst).parent / "_slurm" / stage.name
+    return Path(os.path.abspath(tasks[0].dst)).parent / "_slurm" / stage.name
 
 
 def _job_dir(stage: Stage, tasks: list[ShardTask], attempt: int) -> Path:
     """`<_jobs_root>/<time>-<attempt>-<random>`."""
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{attempt}-{uuid.uuid4().hex[:6]}"
     return _jobs_root(stage, tasks) / stamp
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(path)
 
 
 def _require(*commands: str) -> None:

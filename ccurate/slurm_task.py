@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import sys
+import traceback
 from pathlib import Path
 
 from ccurate.executor import ShardTask, run_task, set_worker_cpus, usable_cpus
@@ -27,17 +28,29 @@ def task_cpus() -> int:
 
 
 def run_group(job_dir: Path, index: int) -> int:
-    """Run group `index` of the job; returns the number of shards processed."""
+    """Run group `index` of the job; returns the number of shards processed.
+
+    A shard that raises is logged by name and the group goes on with its other shards (a
+    corrupt shard must not keep its group-mates from ever finishing); the task then exits
+    non-zero naming the failed shards, which the driver resubmits."""
     groups = json.loads((job_dir / TASKS_FILE).read_text())
     if not 0 <= index < len(groups):
         raise SystemExit(f"array index {index} out of range: the job has {len(groups)} groups")
     stage: Stage = pickle.loads((job_dir / STAGE_FILE).read_bytes())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     set_worker_cpus(task_cpus())
+    failed: list[str] = []
     stage.setup()
     try:
         for src, dst in groups[index]:
-            stats = run_task(stage, ShardTask(src, dst))
+            try:
+                stats = run_task(stage, ShardTask(src, dst))
+            except Exception:
+                print(f"{stage.name} {Path(dst).name}: FAILED (input {src})", flush=True)
+                traceback.print_exc()
+                sys.stderr.flush()
+                failed.append(Path(dst).name)
+                continue
             print(
                 f"{stage.name} {Path(dst).name}: in={stats.n_in} kept={stats.n_kept} "
                 f"dropped={stats.n_dropped}" + (" (already done)" if stats.skipped_shards else ""),
@@ -45,6 +58,11 @@ def run_group(job_dir: Path, index: int) -> int:
             )
     finally:
         stage.teardown()
+    if failed:
+        raise SystemExit(
+            f"array task {index}: {len(failed)} of {len(groups[index])} shard(s) failed: "
+            + ", ".join(failed)
+        )
     return len(groups[index])
 
 

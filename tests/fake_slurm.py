@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 _SBATCH = r"""
-import os, re, subprocess, sys
+import os, re, shlex, subprocess, sys
 from pathlib import Path
 state = Path(os.environ["FAKE_SLURM_STATE"])
 with open(state / "calls.log", "a") as log:
@@ -27,6 +27,7 @@ if os.environ.get("FAKE_SBATCH_ERROR"):
     sys.exit(1)
 script = sys.argv[-1]
 opts = dict(re.findall(r"^#SBATCH --([a-z-]+)=(.*)$", Path(script).read_text(), re.M))
+opts = {k: (shlex.split(v) or [""])[0] for k, v in opts.items()}  # quotes as sbatch reads them
 first, last = opts["array"].split("%")[0].split("-")
 counter = state / "next_id"
 job = int(counter.read_text()) if counter.exists() else 1000

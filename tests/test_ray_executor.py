@@ -15,14 +15,6 @@ from tests.test_spine import _inputs, _OddDropper
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_local_executor_does_not_import_ray():
     import subprocess
 

@@ -27,16 +27,6 @@ from tests.test_spine import _inputs, _OddDropper
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Stand-in sbatch/squeue/scancel first on the PATH; returns their state folder."""
-    state = tmp_path / "slurm-state"
-    fake_slurm.install(tmp_path / "slurm-bin", state)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'slurm-bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM_STATE", str(state))
-    return state
-
-
 def _cfg(**kw: object) -> SlurmConfig:
     # array tasks import the test's stage classes: the repo on their PYTHONPATH, as a
     # site's `setup` lines would activate its environment
