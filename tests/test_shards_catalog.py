@@ -354,11 +354,12 @@ def test_cli_tables_errors_and_keys(world: dict, tmp_path: Path) -> None:
     release = str(world["r1"])
     export = ["export", release, "--out", str(tmp_path / "mds")]
     assert runner.invoke(app, export).exit_code == 0
+    assert runner.invoke(app, export).exit_code == 0  # the same export again: already done
     for args, message in [
         (["diff", "v1", "v9", *cat], "error: unknown release 'v9'"),
         (["stats", "--catalog", str(tmp_path / "none")], "error: no catalog at"),
         (["query", "SELECT * FROM no_such_table", *cat], "no_such_table"),
-        (export, "exists (pass overwrite=True"),
+        ([*export, "--size-limit", "4096"], "exists (pass overwrite=True"),  # other settings
         ([*export, "--split", "comercial", "--overwrite"], "has no split 'comercial'"),
         (["export", str(tmp_path), "--out", str(tmp_path / "x")], "not a complete release"),
     ]:
