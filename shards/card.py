@@ -74,6 +74,48 @@ def _json_block(obj: Any) -> str:
     return "```json\n" + json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n```\n"
 
 
+def _yaml_fields(fields: list[dict[str, Any]], pad: str) -> list[str]:
+    """`dataset_info.features` entries as YAML (names JSON-quoted: a score name may hold
+    any character)."""
+    out: list[str] = []
+    for f in fields:
+        out.append(f"{pad}- name: {json.dumps(f['name'])}")
+        kind = next((k for k in ("struct", "list") if k in f), None)
+        if kind is None:
+            out.append(f"{pad}  dtype: {f['dtype']}")
+        elif not f[kind]:
+            out.append(f"{pad}  {kind}: []")
+        else:
+            out.append(f"{pad}  {kind}:")
+            out += _yaml_fields(f[kind], pad + "  ")
+    return out
+
+
+def front_matter(s: dict[str, Any]) -> list[str]:
+    """The card's YAML header, read by the Hugging Face Hub and by
+    `datasets.load_dataset(<release dir>)`: a split per licence family with its shards, and
+    the declared sample features (no guessing from the first samples), licence "other"
+    pointing at ATTRIBUTION (each image has its own CC licence)."""
+    buckets = bool((s.get("config") or {}).get("resolution_buckets"))
+    lines = [
+        "---",
+        "license: other",
+        "license_name: creative-commons-per-image",
+        "license_link: ATTRIBUTION",
+        "pretty_name: " + json.dumps(f"ccurate release {s['release']}"),
+        "task_categories:",
+        "- text-to-image",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+    ]
+    for split in sorted(s.get("shards_per_split") or {}):
+        pattern = f"{split}/res-*/*.tar" if buckets else f"{split}/*.tar"
+        lines += [f"  - split: {split}", f"    path: {pattern}"]
+    lines += ["dataset_info:", "  features:", *_yaml_fields(s["features"], "  "), "---", ""]
+    return lines
+
+
 def render_card(s: dict[str, Any]) -> str:
     """Markdown card for the summary `s` built by the release writer."""
     ri: dict[str, Any] = s.get("run_info") or {}
@@ -84,7 +126,7 @@ def render_card(s: dict[str, Any]) -> str:
 
     cfg: dict[str, Any] = s["config"]
     n = s["published_samples"]
-    lines: list[str] = []
+    lines: list[str] = front_matter(s) if s.get("features") and s.get("shards_per_split") else []
     add = lines.append
     add(f"# ccurate release `{s['release']}`\n")
     add(
@@ -241,4 +283,9 @@ def render_card(s: dict[str, Any]) -> str:
             f'.to_tuple("{cfg["image_format"]}", "txt", "json")'
         )
         add("```")
+    add("With Hugging Face `datasets` (splits and features from this card's header):\n")
+    add("```python")
+    add("import datasets")
+    add('ds = datasets.load_dataset("path/to/this/release")')
+    add("```")
     return "\n".join(lines) + "\n"

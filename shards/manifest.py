@@ -251,6 +251,57 @@ def build_record(
     return rec
 
 
+# the published json's fields in build_record's order, as Hugging Face `datasets` types
+_JSON_TYPES: list[tuple[str, Any]] = [
+    *((n, "string") for n in (
+        "key", "url", "page_url", "source_url", "text", "caption_source", "alt_text", "caption",
+        "caption_model", "license", "license_name", "license_url", "license_deed",
+        "license_rule", "license_family",
+    )),
+    ("license_evidence", [("scope", "string"), ("kind", "string"), ("value", "string")]),
+    ("author", "string"), ("title", "string"), ("attribution", "string"), ("modified", "bool"),
+    ("modifications", "string"), ("mime", "string"),
+    *((n, "int64") for n in (
+        "width", "height", "original_width", "original_height", "image_bytes",
+    )),
+    *((n, "string") for n in ("sha256", "image_sha256", "pixel_sha256", "phash")),
+    ("scores", None),  # a struct of the release's score names
+    ("decisions", [("filter", "string"), ("keep", "bool"), ("reason", "string")]),
+    ("duplicate_count", "int64"),
+    ("extra", None),  # a struct of the release's extra column names
+]  # fmt: skip
+
+
+def hf_features(
+    fmt: str, score_names: list[str], extra_names: list[str], alt_txt: bool = False
+) -> list[dict[str, Any]]:
+    """The features of a release's samples in the Hugging Face card format
+    (`dataset_info.features`): declared, so `datasets` does not infer them from the first
+    5 samples, which fails when a score is null in all of them and set later."""
+
+    def fields(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        return [{"name": n, "dtype": t} for n, t in pairs]
+
+    record: list[dict[str, Any]] = []
+    for name, kind in _JSON_TYPES:
+        if name == "scores":
+            record.append({"name": name, "struct": fields([(n, "float64") for n in score_names])})
+        elif name == "extra":
+            record.append({"name": name, "struct": fields([(n, "string") for n in extra_names])})
+        elif isinstance(kind, list):
+            record.append({"name": name, "list": fields(kind)})
+        else:
+            record.append({"name": name, "dtype": kind})
+    return [
+        {"name": fmt, "dtype": "image"},
+        {"name": "txt", "dtype": "string"},
+        *([{"name": "alt.txt", "dtype": "string"}] if alt_txt else []),
+        {"name": "json", "struct": record},
+        {"name": "__key__", "dtype": "string"},
+        {"name": "__url__", "dtype": "string"},
+    ]
+
+
 def index_row(rec: dict[str, Any], offset: int) -> dict[str, Any]:
     """One row of a shard's parquet index (img2dataset columns + ours), real nulls."""
 

@@ -58,6 +58,7 @@ from .manifest import (
     MANIFEST_SCHEMA,
     build_record,
     choose_text,
+    hf_features,
     index_row,
     manifest_row,
     prepare_image,
@@ -484,6 +485,9 @@ def _build(
 
     shard_stats = [st for sink in sinks.values() for st in sink.closed]
     summary = _summary(name, cfg, tally, shard_stats, dropped, inputs, run_info)
+    summary["features"] = hf_features(
+        cfg.image_format, score_names, extra_names, alt_txt=cfg.caption_source == "both"
+    )
     (tmp / "release.json").write_text(
         json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n"
     )

@@ -90,6 +90,62 @@ def test_hf_datasets_loads_shards(release: Path, tmp_path: Path) -> None:
     assert [r["__key__"] for r in ds] == [r["key"] for r in man]
 
 
+@pytest.mark.parametrize("caption_source", ["synthetic", "both"])
+def test_hf_datasets_loads_the_release_folder_by_its_card(
+    release: Path, tmp_path: Path, caption_source: str
+) -> None:
+    """`load_dataset(<release dir>)` reads the card's YAML header: a split per licence
+    family and the declared features, which are exactly what `datasets` infers from the
+    shards of a clean release (so the declaration and build_record stay in step)."""
+    import datasets
+
+    if caption_source == "both":  # samples also carry {key}.alt.txt
+        kept, dropped = make_inputs(tmp_path / "in", n_shards=1, per_shard=12)
+        cfg = ShardsConfig(samples_per_shard=5, caption_source="both")
+        release = write_release(kept, dropped, tmp_path / "out", cfg, name="v2")
+    ds = datasets.load_dataset(str(release), cache_dir=str(tmp_path / "hf"))
+    assert set(ds) == {"commercial", "noncommercial"}
+    for split in ds:
+        assert [r["__key__"] for r in ds[split]] == [r["key"] for r in _manifest(release, split)]
+    urls = [str(p) for p in release_shards(release, "commercial")]
+    inferred = datasets.load_dataset(
+        "webdataset", data_files={"train": urls}, split="train", cache_dir=str(tmp_path / "hf2")
+    ).features
+    assert ds["commercial"].features == inferred
+    first = json.loads(next(iter_tar(urls[0]))[1]["json"])
+    assert list(ds["commercial"].features["json"]) == list(first)  # build_record's order
+
+
+def test_hf_datasets_loads_a_score_the_first_samples_lack(tmp_path: Path) -> None:
+    """`datasets` guesses the schema from a split's first 5 samples: a score that is null
+    in all of them (the licence filter's attribution scores on CC0 works, say) and set
+    later failed the whole load ('Couldn't cast double to null'). The card declares it."""
+    import datasets
+
+    from ccurate.record import Sample, make_key
+    from ccurate.shardio import ShardWriter
+
+    w = ShardWriter(tmp_path / "in" / "part-00000")
+    for i in range(8):
+        url = f"https://pics.example.org/{i}.jpg"
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (30 * i, 90, 160)).save(buf, "JPEG")
+        w.write(
+            Sample(
+                key=make_key(url), url=url, image=buf.getvalue(), mime="image/jpeg", width=64,
+                height=48, license="CC0-1.0" if i < 6 else "CC-BY-4.0", author=f"A{i}",
+                scores={"quality.blur": 10.0 + i, **({"license.complete": 1.0} if i >= 6 else {})},
+            )
+        )  # fmt: skip
+    w.commit({"stage": "caption"})
+    rel = write_release(
+        [str(tmp_path / "in" / "part-00000")], [], tmp_path / "out", ShardsConfig(), name="v1"
+    )
+    ds = datasets.load_dataset(str(rel), split="commercial", cache_dir=str(tmp_path / "hf"))
+    got = {r["__key__"]: r["json"]["scores"]["license.complete"] for r in ds}
+    assert sorted(got.values(), key=lambda v: v is None) == [1.0, 1.0] + [None] * 6
+
+
 def test_duckdb_reads_every_parquet(release: Path) -> None:
     files = sorted(release.rglob("*.parquet"))
     assert {f.name for f in files} >= {"manifest.parquet", "excluded.parquet"}
