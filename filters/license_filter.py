@@ -32,7 +32,8 @@ writer should use the same fallback). With `author_fallback = "site"` (default)
 a missing author becomes "Unknown author via <host of the source page>" and the
 score `author_fallback = 1` records it; with "none" it stays missing. With
 `strict_attribution` (default) a missing source page, licence URL or author
-(after the fallback) drops the sample as `attribution_incomplete`.
+(after the fallback) drops the sample as `attribution_incomplete`. Licences without
+BY need no credit: their `attribution_complete` is 1 and `author_fallback` 0.
 """
 
 from __future__ import annotations
@@ -222,12 +223,14 @@ class LicenseFilter(Filter):
         reason = policy_reason(info, self.cfg)
         if reason is not None:
             return self.reject(reason, **scores)
-        if info.attribution:
-            complete, fallback = self._attribution(sample, info)
-            scores["author_fallback"] = float(fallback)
-            scores["attribution_complete"] = float(complete)
-            if not complete and self.cfg.strict_attribution:
-                return self.reject("attribution_incomplete", **scores)
+        # recorded for every admitted sample (a licence without BY needs nothing, so its
+        # attribution is complete): a score set on some samples only is null on the rest
+        # of a release, which schema-guessing readers choke on
+        complete, fallback = self._attribution(sample, info) if info.attribution else (True, False)
+        scores["author_fallback"] = float(fallback)
+        scores["attribution_complete"] = float(complete)
+        if not complete and self.cfg.strict_attribution:
+            return self.reject("attribution_incomplete", **scores)
         # the scope of the most specific item that names the chosen licence
         scope = min(
             (ev.scope for ev, x in readings if x.family == info.family),
