@@ -150,6 +150,10 @@ class Resolver:
         self._lock = threading.Lock()
 
     def resolve(self, host: str, port: int) -> tuple[str, ...]:
+        try:  # an IP literal needs no lookup (nor a thread to wait on one)
+            return (str(ipaddress.ip_address(host)),)
+        except ValueError:
+            pass
         key = (host, port)
         with self._lock:
             hit = self._cache.get(key)

@@ -355,6 +355,9 @@ def test_dns_lookup_has_a_deadline_and_concurrent_askers_share_one_lookup(
         t.join()
     assert got == [("93.184.216.34",)] * 8
     assert calls.count("ok.example") == 1 and calls.count("hang.example") == 1
+    # an IP literal is its own answer: no lookup, no thread (the SSRF guard still vets it)
+    assert r.resolve("10.0.0.7", 80) == ("10.0.0.7",) and r.resolve("::1", 80) == ("::1",)
+    assert len(calls) == 2
     release.set()
 
 
