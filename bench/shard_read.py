@@ -169,8 +169,8 @@ def _finish_hwc(arr: np.ndarray, rng: random.Random) -> torch.Tensor:
 
 def aug_trainer(data: bytes, rng: random.Random) -> torch.Tensor:
     """The trainer's own transform (`ccurate.train.decode.decode_resize_crop`: covering resize +
-    centre crop, the SD2 recipe), HWC uint8."""
-    t = torch.from_numpy(decode_resize_crop(data, SIZE, SIZE))
+    centre crop, the SD2 recipe; libjpeg-turbo's fast IDCT as `[train] fast_jpeg`), HWC uint8."""
+    t = torch.from_numpy(decode_resize_crop(data, SIZE, SIZE, fast=True))
     return t.float().div_(255) if FLOAT else t
 
 
@@ -256,13 +256,14 @@ def decode_loader(
     `BatchRing` (the design before it)."""
     spec = StreamSpec(tuple(urls), seed=0, shuffle_shards=True, shuffle_buffer=256)
     if mode == "image":
-        decoder = Decoder("image", SIZE, SIZE, "alt_text", random_flip=True)
+        decoder = Decoder("image", SIZE, SIZE, "alt_text", random_flip=True, fast_jpeg=True)
     else:
         decoder = Decoder("latent", SIZE, SIZE, "synthetic")
     n_total = sum(count_samples(u) for u in urls)
     steps = epochs * n_total // batch
     ds = ShardDataset(spec, decoder, batch, num_workers=workers)
-    loader = TrainLoader(ds, steps, prefetch_factor=4, reuse_buffers=not fresh)
+    # as the trainer makes it: batches handed out in their ring buffers (copy_out=False)
+    loader = TrainLoader(ds, steps, prefetch_factor=4, reuse_buffers=not fresh, copy_out=False)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = time.process_time()
     t0 = time.perf_counter()

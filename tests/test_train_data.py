@@ -416,3 +416,52 @@ def test_npy_view_reads_without_copying_and_refuses_pickles():
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="refused"):
         npy_view(buf.getvalue(), "k")
+
+
+def test_loader_without_copy_out_hands_out_ring_buffers_valid_until_the_next(release):
+    """`copy_out=False` (the trainer's setting) saves the copy out of the workers' ring:
+    each batch, cloned at once by the consumer, equals the copy-out loader's, and the
+    buffers in use are the ring's own."""
+    shards = find_shards(release[0])
+
+    def loader(copy_out: bool) -> TrainLoader:
+        spec = StreamSpec(tuple(shards), seed=7, shuffle_shards=True, shuffle_buffer=16)
+        ds = ShardDataset(spec, Decoder("image", 16, 16, random_flip=True), 3, num_workers=2)
+        return TrainLoader(ds, 100, prefetch_factor=1, copy_out=copy_out)
+
+    inplace = loader(copy_out=False)
+    got, ptrs = [], set()
+    for _ in range(24):  # 4 times the ring's depth per worker: slots are reused
+        b = next(inplace)
+        ptrs.add(b["pixels"].untyped_storage().data_ptr())
+        got.append((b["keys"], b["pixels"].clone()))
+        inplace.mark(b)
+    inplace.close()
+    assert len(ptrs) == 2 * 3  # the 6 ring buffers themselves, no copies
+    copied = loader(copy_out=True)
+    for keys, pixels in got:
+        b = next(copied)
+        copied.mark(b)
+        assert b["keys"] == keys and torch.equal(b["pixels"], pixels)
+    copied.close()
+
+
+def test_fast_jpeg_decode_is_close_to_the_accurate_one_and_reuses_its_buffer():
+    from PIL import Image
+
+    from ccurate.train.decode import DecodeBuffer, decode_resize_crop
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((320, 256), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    accurate = decode_resize_crop(data, 256, 256)
+    scratch = DecodeBuffer()
+    fast = decode_resize_crop(data, 256, 256, fast=True, buffer=scratch)
+    assert fast.shape == accurate.shape == (256, 256, 3)
+    mse = np.mean((fast.astype(float) - accurate.astype(float)) ** 2)
+    assert mse > 0 and 10 * np.log10(255**2 / mse) > 38  # not identical, visually the same
+    again = decode_resize_crop(data, 256, 256, fast=True, buffer=scratch)
+    assert np.shares_memory(fast, again)  # decoded into the same buffer, no new array

