@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing.util
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -103,8 +104,25 @@ def worker_cpus() -> int:
     return _WORKER_CPUS or usable_cpus()
 
 
-def _init_worker(stage: Stage, cpus: int) -> None:
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """End this worker process when the driver that started it is gone.
+
+    A pool worker holds both ends of its task pipe, so a driver killed with SIGKILL
+    leaves it blocked on that pipe forever: an orphan holding its stage's models
+    (GPU memory) and, mid-shard, racing the rerun that redoes the same shard."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ccurate-parent-watch", daemon=True).start()
+
+
+def _init_worker(stage: Stage, cpus: int, parent: int | None = None) -> None:
     global _WORKER_STAGE
+    if parent is not None:
+        _exit_with_parent(parent)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     set_worker_cpus(cpus)
     stage.setup()
@@ -184,7 +202,7 @@ class LocalExecutor(Executor):
             max_workers=workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(stage, usable_cpus() // workers),
+            initargs=(stage, usable_cpus() // workers, os.getpid()),
         ) as pool:
             futures = [pool.submit(_run_in_worker, t) for t in todo]
             for fut in as_completed(futures):

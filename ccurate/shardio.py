@@ -44,6 +44,15 @@ def ext_for(mime: str | None) -> str:
     return MIME_EXT.get(mime or "", "bin")
 
 
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it over `path` only if the block succeeds."""
@@ -52,7 +61,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        # the data is durable before its name, and the name before whatever is written
+        # next (a marker): a crash must never leave a marker naming an empty file
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -97,6 +110,23 @@ def clear_shard(prefix: str | Path) -> None:
             p.unlink()
 
 
+def clear_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporaries (`.{name}.tmp-*`, see `atomic_path`) a killed writer left
+    directly in `directory`; returns them. Only for a folder no live writer is using, e.g.
+    a step's own folders as the step starts (as `clear_shard` does for one shard)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [
+        p
+        for p in directory.iterdir()
+        if p.name.startswith(".") and ".tmp-" in p.name and p.is_file()
+    ]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 class ShardWriter:
     """Collects the samples of one output shard and publishes them atomically.
 
@@ -138,14 +168,14 @@ class ShardWriter:
         assert self._tar is not None
         self._tar.close()
         self._tar = None
-        with open(self._tmp_tar, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(self._tmp_tar)
         write_table_atomic(f"{self.prefix}.parquet", rows_to_table(self._kept))
         write_table_atomic(
             f"{self.prefix}.dropped.parquet",
             samples_to_table(self._dropped, with_image=self.keep_dropped_images),
         )
         os.replace(self._tmp_tar, f"{self.prefix}.tar")
+        fsync_path(self.prefix.parent)  # the tar's name is durable before the marker's
         write_json_atomic(f"{self.prefix}{MARKER}", stats)
 
     def abort(self) -> None:

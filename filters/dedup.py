@@ -751,9 +751,11 @@ class DedupStage(Stage):
 
         plan = plan_dedup(rows, self.cfg, against, previous, embed)
         table = plan.table.replace_schema_metadata({"ccurate.dedup.fingerprint": fp})
-        write_table_atomic(out, table)
         plan.summary["config"] = json.loads(self.cfg.model_dump_json())
+        # the summary first: the decisions file is what a rerun adopts, so a kill between
+        # the two must not leave a plan whose summary is an older plan's (or missing)
         write_json_atomic(Path(scratch_dir) / SUMMARY_FILE, plan.summary)
+        write_table_atomic(out, table)
         self.decisions_path = str(out)
         log.info("dedup plan: %s", {k: plan.summary[k] for k in ("rows", "kept", "drops")})
 
