@@ -17,6 +17,7 @@ Work directory layout::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -29,7 +30,7 @@ import pyarrow as pa
 
 from ccurate.config import PipelineConfig
 from ccurate.executor import Executor, LocalExecutor, tasks_for
-from ccurate.shardio import list_shards, write_json_atomic
+from ccurate.shardio import clear_temporaries, list_shards, write_json_atomic
 from ccurate.stage import Stage, StageStats
 
 STEPS = ["ingest", "filter", "dedup", "caption", "shard", "train"]
@@ -54,6 +55,8 @@ PERF_KEYS = frozenset({
 
 # the keys of a step's `_COMPLETE` marker that are the step's own; others are its passes
 _TOTALS = frozenset({"shards", "stats"})
+# stats fields that tell how a run went (resumed or not), not what it produced
+_RUN_HISTORY = frozenset({"skipped_shards"})
 
 log = logging.getLogger("ccurate.pipeline")
 
@@ -132,13 +135,19 @@ class Pipeline:
         out_dir = self.step_dir(step)
         complete = out_dir / "_COMPLETE"
         earlier: dict[str, Any] = {}  # e.g. the retry passes of a finished ingest
+        for d in (out_dir, out_dir / "_prepare"):  # what a killed run was writing
+            clear_temporaries(d)
+        passes_path = out_dir / "_PASSES"  # them while `_COMPLETE` is away: a kill keeps them
         if name is None:
             self._check_settings(step)
         if complete.exists() and name is None:
             earlier = {
                 k: v for k, v in json.loads(complete.read_text()).items() if k not in _TOTALS
             }
+            write_json_atomic(passes_path, earlier)
             complete.unlink()  # the inputs may have grown; recheck every shard
+        elif name is None and passes_path.exists():  # a kill came between unlink and rewrite
+            earlier = json.loads(passes_path.read_text())
         stats = self.executor.map(stage, tasks_for(inputs, out_dir), label=name or step)
         stats.stage = name or step
         if also is not None:
@@ -170,6 +179,7 @@ class Pipeline:
         out_dir = self.step_dir(step)
         path = out_dir / "_SETTINGS"
         want = self.step_settings(step)
+        _remove_cleared(out_dir)
         if path.exists():
             have = json.loads(path.read_text())
             if have == want:
@@ -194,15 +204,19 @@ class Pipeline:
         return result
 
     def ingest(self) -> StepResult:
-        from ccurate.ingest.sources import plan_sources
+        from ccurate.config import ConfigError
+        from ccurate.ingest.sources import SourceError, plan_sources
         from ccurate.ingest.stage import IngestStage
 
         if not self.cfg.sources:
             raise PipelineError("no [[sources]] configured: nothing to ingest")
+        clear_temporaries(self.step_dir("plan"))  # a planner killed mid-write
         try:
             planned = plan_sources(
                 list(self.cfg.sources), self.step_dir("plan"), self.cfg.run.partition_size
             )
+        except SourceError as err:  # a missing file or column: the config's fault (exit 2)
+            raise ConfigError(str(err)) from None
         except ValueError as err:  # e.g. sources changed under an existing work directory
             raise PipelineError(str(err)) from None
         # finished `--retry-failed` passes are ingest shards too: their partitions are
@@ -294,13 +308,15 @@ class Pipeline:
         t0 = time.perf_counter()
         inputs = self.finished_inputs("shard")
         self._check_named_release()
+        dropped = self.dropped_outputs()
+        run_info = {**self.run_info(), "inputs_digest": _inputs_digest(inputs, dropped)}
         release = write_release(
             inputs,
-            self.dropped_outputs(),
+            dropped,
             self.cfg.run.release_dir,
             self.cfg.shards,
-            name=self.cfg.run.release_name,
-            run_info=self.run_info(),
+            name=self.cfg.run.release_name or self._same_latest_release(run_info),
+            run_info=run_info,
         )
         catalog = Catalog(self.cfg.run.catalog)
         try:
@@ -345,6 +361,37 @@ class Pipeline:
                 "run.release_name, or leave it empty for the next version"
             )
 
+    def _same_latest_release(self, run_info: dict[str, Any]) -> str | None:
+        """The newest numbered release (`vN`) when it was built from these very inputs with
+        these settings: a rerun returns it (rerunning a finished step is a no-op) instead of
+        publishing a byte-identical copy as the next version. None: build the next one."""
+        from ccurate.shards.release import is_release
+
+        root = Path(self.cfg.run.release_dir)
+        if not root.is_dir():
+            return None
+        numbered = [
+            (int(p.name[1:]), p)
+            for p in root.iterdir()
+            if p.name[:1] == "v" and p.name[1:].isdigit() and is_release(p)
+        ]
+        if not numbered:
+            return None
+        latest = max(numbered)[1]
+        try:
+            built = json.loads((latest / "release.json").read_text()).get("run_info", {})
+        except (OSError, ValueError):
+            return None
+        if built.get("inputs_digest") != run_info["inputs_digest"]:
+            return None
+        keys = [*SECTION.values(), "shards"]
+        was, now = built.get("config", {}), run_info["config"]
+        same = not _changed_keys(
+            {k: _without_perf_keys(was.get(k)) for k in keys},
+            {k: _without_perf_keys(now.get(k)) for k in keys},
+        )
+        return latest.name if same else None
+
     def latest_release(self) -> Path:
         root = Path(self.cfg.run.release_dir)
         name = self.cfg.run.release_name
@@ -379,6 +426,7 @@ class Pipeline:
         """Run the steps; summary.json and the report are of this run only (a second
         `run` of the same pipeline must not count the first one's steps again)."""
         self.results = []
+        clear_temporaries(self.work)  # a killed run's summary.json or report
         for step in steps or STEPS:
             if step not in STEPS and step != "retry":
                 raise PipelineError(f"unknown step {step!r}; expected one of {', '.join(STEPS)}")
@@ -403,6 +451,11 @@ class Pipeline:
                 for i, p in enumerate(done.get("retry", []), 1):
                     stages[f"retry-{i}"] = p["stats"]
         stages.update({r.step: r.to_json() for r in self.results})
+        # how many shards a resumed run found done is no fact about the data: it would
+        # give a release built after a kill other bytes than an uninterrupted run's
+        stages = {
+            k: {f: v for f, v in s.items() if f not in _RUN_HISTORY} for k, s in stages.items()
+        }
         return {"config": json.loads(self.cfg.model_dump_json()), "stages": stages}
 
     def write_summary(self) -> Path:
@@ -506,6 +559,21 @@ def _restate_ingest_marker(prefix: Path, dropped: pa.Table) -> None:
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _inputs_digest(inputs: list[str], dropped: list[str]) -> str:
+    """SHA-256 over what a release is built from: each kept shard's parquet index (it holds
+    every record's hashes) and tar size, and each side output of dropped samples."""
+    h = hashlib.sha256()
+    for path in [*(f"{p}.parquet" for p in inputs), *dropped]:
+        h.update(f"{Path(path).name}\0".encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    for p in inputs:
+        tar = Path(f"{p}.tar")
+        h.update(f"{tar.name}:{tar.stat().st_size if tar.exists() else -1}\0".encode())
+    return h.hexdigest()
+
+
 def _without_perf_keys(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_perf_keys(v) for k, v in value.items() if k not in PERF_KEYS}
@@ -525,8 +593,24 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _clear_step(step_dir: Path) -> None:
-    """Forget a step's results (its input changed): the next run recomputes them."""
+    """Forget a step's results (its input changed): the next run recomputes them.
+
+    The folder leaves under its name in one rename before it is deleted: an rmtree killed
+    halfway could remove `_SETTINGS` and keep finished shards, which the rerun would
+    then adopt as they are (a step folder without `_SETTINGS` predates settings)."""
+    import os
     import shutil
 
+    _remove_cleared(step_dir)
     if step_dir.exists():
-        shutil.rmtree(step_dir)
+        trash = step_dir.with_name(f".{step_dir.name}.cleared-{os.getpid()}")
+        os.rename(step_dir, trash)
+        shutil.rmtree(trash)
+
+
+def _remove_cleared(step_dir: Path) -> None:
+    """Delete what a `_clear_step` killed after its rename left behind."""
+    import shutil
+
+    for old in step_dir.parent.glob(f".{step_dir.name}.cleared-*"):
+        shutil.rmtree(old, ignore_errors=True)

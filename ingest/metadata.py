@@ -109,6 +109,9 @@ def wikimedia_evidence(extmetadata: dict[str, Any]) -> tuple[list[LicenseEvidenc
     """
     if not isinstance(extmetadata, dict):
         raise ValueError(f"extmetadata must be a dict, got {type(extmetadata).__name__}")
+    info = extmetadata.get("imageinfo")
+    if isinstance(info, list) and info and isinstance(info[0], dict):
+        extmetadata = info[0]  # the API's `{"imageinfo": [item]}` answer, kept whole in a column
     ext = extmetadata.get("extmetadata", extmetadata)  # tolerate the enclosing imageinfo item
     if not isinstance(ext, dict):
         ext = {}  # `"extmetadata": null` (a catalog row without it): no evidence, no crash

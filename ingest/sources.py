@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ccurate.configbase import Section
 from ccurate.ingest.metadata import flickr_evidence, wikimedia_evidence
@@ -74,6 +74,12 @@ _WARC_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz")  # CC names WATs *.war
 _WARC_WHAT = "a .warc[.gz] or .wat[.gz] file, a directory of them, or a glob"
 
 
+class SourceError(ValueError):
+    """A `[[sources]]` entry that cannot be read as configured (no such file, a column it
+    names is missing, an unknown format, an unreadable file): the user's config or data,
+    so the CLI reports it as a config error (exit 2), not as a step that cannot run yet."""
+
+
 class UrlListSource(Section):
     """A list of image URLs (img2dataset style): parquet, csv, tsv or jsonl (+ .gz)."""
 
@@ -93,6 +99,17 @@ class UrlListSource(Section):
     title_col: str | None = None
     page_url_col: str | None = None
     extra_cols: list[str] | None = None  # None: carry every other column; []: none
+
+    @model_validator(mode="after")
+    def _flickr_needs_its_column(self) -> UrlListSource:
+        """Without a column to read, `license_format = "flickr"` was silently ignored and
+        every row was dropped as license_unknown."""
+        if self.license_format == "flickr" and not self.license_col:
+            raise ValueError(
+                'license_format = "flickr" reads Flickr licence ids from license_col: '
+                'set license_col (e.g. "license")'
+            )
+        return self
 
     def named_cols(self) -> list[tuple[str, str]]:
         """(setting, column) of every column a setting names (the caption's too)."""
@@ -156,20 +173,20 @@ def is_http_url(url: object) -> bool:
 def _expand(label: str, path: str, suffixes: tuple[str, ...], what: str) -> list[Path]:
     """A file, a directory (its files with `suffixes`), or a glob -> sorted files."""
     if not path:
-        raise ValueError(f"{label}: `path` is empty; expected {what}")
+        raise SourceError(f"{label}: `path` is empty; expected {what}")
     if _GLOB_CHARS.search(path):
         files = sorted(Path(p) for p in globmod.glob(path, recursive=True) if Path(p).is_file())
         if not files:
-            raise ValueError(f"{label}: glob {path!r} matches no file; expected {what}")
+            raise SourceError(f"{label}: glob {path!r} matches no file; expected {what}")
         return files
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(suffixes))
         if not files:
-            raise ValueError(f"{label}: directory {path!r} holds no {'/'.join(suffixes)} file")
+            raise SourceError(f"{label}: directory {path!r} holds no {'/'.join(suffixes)} file")
         return files
     if not p.is_file():
-        raise ValueError(f"{label}: file {path!r} not found; expected {what}")
+        raise SourceError(f"{label}: file {path!r} not found; expected {what}")
     return [p]
 
 
@@ -180,7 +197,7 @@ def _format_of(label: str, path: Path, fmt: str) -> str:
     for suffix, kind in _FORMATS.items():
         if name.endswith(suffix):
             return kind
-    raise ValueError(
+    raise SourceError(
         f"{label}: cannot tell the format of {path.name!r} from its suffix; expected one of "
         f"{sorted(_FORMATS)} (optionally .gz) or set `format`"
     )
@@ -203,7 +220,7 @@ class _Rows:
         self.label = _label(src)
         self.fmt = _format_of(self.label, path, src.format)
         if self.fmt == "parquet" and path.name.lower().endswith(".gz"):
-            raise ValueError(
+            raise SourceError(
                 f"{self.label}: {path.name!r} is a gzipped parquet file, which cannot be read "
                 "in row batches (parquet compresses inside and needs random access): gunzip it"
             )
@@ -214,13 +231,13 @@ class _Rows:
         want = [(o, c) for o, c in src.named_cols() if (o, c) != ("caption_col", _DEFAULT_CAPTION)]
         for opt, col in want:
             if col not in cols:
-                raise ValueError(
+                raise SourceError(
                     f"{self.label}: column {col!r} ({opt}) not found in {self.path.name}; "
                     f"columns are {sorted(cols)[:50]}; set `{opt}` to one of them"
                 )
         for col in src.extra_cols or []:
             if col not in cols:
-                raise ValueError(
+                raise SourceError(
                     f"{self.label}: column {col!r} (extra_cols) not found in {self.path.name}; "
                     f"columns are {sorted(cols)[:50]}"
                 )
@@ -235,7 +252,9 @@ class _Rows:
             else:
                 yield from self._csv("\t" if self.fmt == "tsv" else ",")
         except (OSError, EOFError, pa.ArrowException, csv.Error, UnicodeError) as exc:
-            raise ValueError(f"{self.label}: cannot read {self.path} as {self.fmt}: {exc}") from exc
+            raise SourceError(
+                f"{self.label}: cannot read {self.path} as {self.fmt}: {exc}"
+            ) from exc
 
     def _parquet(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
         pf = pq.ParquetFile(self.path)
@@ -418,7 +437,7 @@ def iter_pages(src: PageListSource) -> Iterator[Sample]:
                         yield _page_sample(line, str(path), i)
                         i += 1
             except (OSError, EOFError, UnicodeError) as exc:
-                raise ValueError(f"{_label(src)}: cannot read {path}: {exc}") from exc
+                raise SourceError(f"{_label(src)}: cannot read {path}: {exc}") from exc
 
 
 def iter_warcs(src: WarcSource, stats: Counter[str] | None = None) -> Iterator[Sample]:
@@ -446,7 +465,7 @@ def iter_source(
         return iter_warcs(src, stats)
     if isinstance(src, PageListSource):
         return iter_pages(src)
-    raise ValueError(f"unknown source type {type(src).__name__}; expected urls, warc or pages")
+    raise SourceError(f"unknown source type {type(src).__name__}; expected urls, warc or pages")
 
 
 def check_source(src: UrlListSource | WarcSource | PageListSource) -> None:

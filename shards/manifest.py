@@ -343,6 +343,43 @@ def index_row(rec: dict[str, Any], offset: int) -> dict[str, Any]:
     }
 
 
+def manifest_extras(schemas: list[pa.Schema], extra_names: list[str]) -> list[pa.Field]:
+    """The manifest's columns for the input's extra columns (`similarity`, `NSFW`, ...), with
+    the type they had in the input, so DuckDB can filter a release on them. A type that
+    differs between input shards is unified (null -> the other, int -> float), else it is
+    stored as the json `extra` writes it (a string). A name the manifest already has gets an
+    `extra_` prefix."""
+    out: list[pa.Field] = []
+    for name in extra_names:
+        types = [sc.field(name).type for sc in schemas if name in sc.names]
+        try:
+            unified = (
+                pa.unify_schemas(
+                    [pa.schema([(name, t)]) for t in types], promote_options="permissive"
+                )
+                .field(name)
+                .type
+            )
+        except (pa.ArrowException, ValueError):
+            unified = pa.string()
+        if pa.types.is_null(unified) or not types:
+            unified = pa.string()
+        col = f"extra_{name}" if name in MANIFEST_SCHEMA.names else name
+        out.append(pa.field(col, unified, metadata={b"ccurate_extra": name.encode()}))
+    return out
+
+
+def manifest_extra_cells(s: Sample, columns: list[pa.Field]) -> dict[str, Any]:
+    """One sample's values for `manifest_extras` columns (strings as the json has them)."""
+    cells: dict[str, Any] = {}
+    for f in columns:
+        v = s.extra.get((f.metadata or {}).get(b"ccurate_extra", f.name.encode()).decode())
+        if pa.types.is_string(f.type) and v is not None and not isinstance(v, str):
+            v = _extra_value(v)
+        cells[f.name] = v
+    return cells
+
+
 def manifest_row(
     release: str, rec: dict[str, Any], split: str, bucket: str, shard: str, offset: int
 ) -> dict[str, Any]:

@@ -60,6 +60,8 @@ from .manifest import (
     choose_text,
     hf_features,
     index_row,
+    manifest_extra_cells,
+    manifest_extras,
     manifest_row,
     prepare_image,
 )
@@ -314,7 +316,7 @@ def write_release(
         return final
 
 
-VOLATILE = frozenset({"seconds", "wall_seconds", "elapsed", "elapsed_seconds"})
+VOLATILE = frozenset({"seconds", "wall_seconds", "elapsed", "elapsed_seconds", "skipped_shards"})
 
 
 def stable_run_info(info: Any) -> Any:
@@ -363,8 +365,12 @@ def _build(
     seen: set[str] = set()
     excluded_rows: list[dict[str, Any]] = []
     attrib_files: dict[str, Any] = {}
+    extra_cols = manifest_extras(
+        [pq.read_schema(f"{p}.parquet") for p in inputs] if extra_names else [], extra_names
+    )
+    manifest_schema = pa.schema([*MANIFEST_SCHEMA, *extra_cols])
     manifest_writer = pq.ParquetWriter(
-        tmp / "manifest.parquet", MANIFEST_SCHEMA, compression="zstd"
+        tmp / "manifest.parquet", manifest_schema, compression="zstd"
     )
     manifest_buf: list[dict[str, Any]] = []
 
@@ -433,13 +439,14 @@ def _build(
                         if sink is None:
                             sink = sinks[(split, bucket)] = _ShardSink(tmp, split, bucket, cfg)
                         shard, offset = sink.add(members, rec)
-                        manifest_buf.append(manifest_row(name, rec, split, bucket, shard, offset))
+                        row = manifest_row(name, rec, split, bucket, shard, offset)
+                        manifest_buf.append({**row, **manifest_extra_cells(s, extra_cols)})
                         tally.rows_per_split[split] += 1
                         if bucket:
                             tally.rows_per_bucket[f"{split}/{bucket}"] += 1
                     if len(manifest_buf) >= _MANIFEST_BATCH:
                         manifest_writer.write_table(
-                            pa.Table.from_pylist(manifest_buf, schema=MANIFEST_SCHEMA)
+                            pa.Table.from_pylist(manifest_buf, schema=manifest_schema)
                         )
                         manifest_buf = []
                     lid = rec["license"]
@@ -469,7 +476,7 @@ def _build(
         for sink in sinks.values():
             sink.close()
         if manifest_buf:
-            manifest_writer.write_table(pa.Table.from_pylist(manifest_buf, schema=MANIFEST_SCHEMA))
+            manifest_writer.write_table(pa.Table.from_pylist(manifest_buf, schema=manifest_schema))
     finally:
         manifest_writer.close()
         for fh in attrib_files.values():

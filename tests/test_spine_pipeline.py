@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from ccurate.config import parse_config
+from ccurate.config import ConfigError, parse_config
 from ccurate.executor import LocalExecutor
 from ccurate.pipeline import Pipeline, PipelineError
 from ccurate.record import Decision, Sample, make_key
@@ -126,7 +126,7 @@ def test_runs_that_cannot_start_say_why(tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "summary.json").exists()
     missing = tmp_path / "lists" / "urls.parquet"
     listed = _pipe(tmp_path, sources=[{"type": "urls", "path": str(missing)}])
-    with pytest.raises(PipelineError, match=r"urls\.parquet"):
+    with pytest.raises(ConfigError, match=r"urls\.parquet.*not found"):  # exit 2, as a config
         listed.ingest()
     assert not listed.step_dir("ingest").exists()
 
