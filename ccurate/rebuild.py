@@ -111,7 +111,8 @@ class RebuildConfig(Section):
     """Give up on a URL after this many transient failures in a row."""
     recheck_optout_days: float | None = Field(default=30.0, ge=0.0)
     """Re-check the opt-out signals (X-Robots-Tag, TDMRep, robots.txt, the page's meta
-    robots) of released samples last checked longer ago than this. None: never."""
+    robots) of released samples last checked longer ago than this. None (`false` in
+    TOML): never."""
     recheck_threads: int = Field(default=16, ge=1, le=1024)
     refetch_after_days: float | None = Field(default=None, ge=0.0)
     """Fetch records again (pages and images) after this long, to catch changed licences
@@ -136,6 +137,16 @@ class RebuildConfig(Section):
             raise ValueError("release_name must contain {gen} (one release per generation)")
         if "/" in out or out.startswith("."):
             raise ValueError(f"release_name {v!r} gives a bad directory name {out!r}")
+        return v
+
+    @field_validator("recheck_optout_days", "refetch_after_days", mode="before")
+    @classmethod
+    def _false_is_never(cls, v: object) -> object:
+        """TOML has no null: `false` means never (pydantic would read it as 0 = always)."""
+        if v is False:
+            return None
+        if v is True:
+            raise ValueError("a number of days, or false for never")
         return v
 
 

@@ -229,3 +229,15 @@ def test_lookup_refuses_a_radius_that_cannot_mean_anything(tmp_path: Path, radiu
         ["lookup", str(tmp_path / "a.jpg"), "--release", str(tmp_path), "--radius", str(radius)],
     )
     assert res.exit_code == 2 and "radius" in res.output, res.output
+
+
+def test_false_in_toml_means_never_for_the_day_settings() -> None:
+    """TOML has no null: `recheck_optout_days = false` read as 0, re-checking on every
+    rebuild, the opposite of what it says."""
+    from ccurate.rebuild import RebuildConfig
+
+    cfg = RebuildConfig(recheck_optout_days=False, refetch_after_days=False)  # type: ignore[arg-type]
+    assert cfg.recheck_optout_days is None and cfg.refetch_after_days is None
+    assert RebuildConfig(recheck_optout_days=0).recheck_optout_days == 0
+    with pytest.raises(ValueError, match="false for never"):
+        RebuildConfig(recheck_optout_days=True)  # type: ignore[arg-type]

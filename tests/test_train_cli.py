@@ -92,3 +92,19 @@ def test_fit_errors_exit_2_with_a_message(
     assert message in text, r.output
     assert "Traceback" not in r.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_build_config_reads_train_keys_of_a_pipeline_config_or_a_bare_file(tmp_path: Path) -> None:
+    """`--config` says its [train] table is used: a pipeline config without one failed on
+    its other sections ('run: Extra inputs are not permitted')."""
+    from ccurate.train.cli import build_config
+
+    pipeline = tmp_path / "pipeline.toml"
+    pipeline.write_text('[run]\nwork_dir = "w"\n\n[ingest]\nthreads = 4\n')
+    assert build_config(pipeline, [], steps=7).steps == 7
+    with_train = tmp_path / "with_train.toml"
+    with_train.write_text('[run]\nwork_dir = "w"\n\n[train]\nsteps = 5\n')
+    assert build_config(with_train, []).steps == 5
+    bare = tmp_path / "bare.toml"
+    bare.write_text("steps = 3\n")
+    assert build_config(bare, []).steps == 3
