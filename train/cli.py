@@ -45,9 +45,10 @@ def build_config(config: Path | None, sets: list[str], **direct: Any) -> TrainCo
                 doc = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise typer.BadParameter(f"{config}: {exc}", param_hint="--config") from None
-        pipeline = {"run", "sources", "ingest", "filters", "dedup", "caption", "shards"}
-        if "train" in doc or pipeline & set(doc) or {"rebuild", "slurm"} & set(doc):
-            values.update(doc.get("train", {}))  # a pipeline config: its [train] table
+        from ccurate.config import PipelineConfig
+
+        if set(PipelineConfig.model_fields) & set(doc):  # a pipeline config: its [train] table
+            values.update(doc.get("train", {}))
         else:
             values.update(doc)  # a file of bare [train] keys
     values.update({k: v for k, v in direct.items() if v is not None})

@@ -274,7 +274,6 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
             for other in gathered:
                 carried &= set(other)
         if ctx.rank == 0:
-            refs = resolve_refs(cfg)
             uncond = enc.texts([""])[0]
             with atomic_path(out / "uncond.npy") as tmp:
                 tmp.write_bytes(npy_bytes(uncond))
@@ -282,12 +281,7 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
                 out / LATENT_MANIFEST,
                 {
                     "format": LATENT_FORMAT,
-                    "preset": cfg.preset,
-                    "vae": refs["vae"],
-                    "text_encoder": refs["text_encoder"],
-                    "text_layer": cfg.text_layer,
-                    "resolution": resolution,
-                    "aspect_buckets": cfg.aspect_buckets,
+                    **settings,  # what the shard markers record: preset, models, size
                     "scaling_factor": float(enc.vae.config.scaling_factor),
                     "shift_factor": vae_shift_factor(enc.vae),
                     "vae_scale_factor": enc.factor,
