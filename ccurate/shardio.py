@@ -73,10 +73,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:  # atomic_path syncs it once closed
         yield fh
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -46,7 +46,7 @@ from PIL import Image
 
 from ccurate.filters.license_filter import release_split
 from ccurate.record import METADATA_SCHEMA, Sample
-from ccurate.shardio import is_done, iter_samples, read_marker
+from ccurate.shardio import fsync_path, is_done, iter_samples, read_marker
 from ccurate.tario import TarWriter, archive_size
 
 from .attribution import SPLIT_SOURCE, license_link, license_name, one_line
@@ -143,7 +143,7 @@ class _ShardSink:
         self._tar.close()
         self._tar = None
         base = self.root / self.rel_dir / self.name
-        _fsync_file(base.with_suffix(".tar"))
+        fsync_path(base.with_suffix(".tar"))
         pq.write_table(
             pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA),
             base.with_suffix(".parquet"),
@@ -177,22 +177,6 @@ class _ShardSink:
         pause = os.environ.get(PAUSE_ENV)
         if pause:
             time.sleep(float(pause))
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -312,7 +296,7 @@ def write_release(
             shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 leaves it: the next run removes it
             raise
         os.rename(tmp, final)
-        _fsync_dir(out_root)
+        fsync_path(out_root)
         return final
 
 
@@ -509,9 +493,9 @@ def _build(
     (tmp / SUCCESS).write_text(json.dumps(success, sort_keys=True) + "\n")
     for p in tmp.rglob("*"):
         if p.is_file():
-            _fsync_file(p)
+            fsync_path(p)
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-        _fsync_dir(d)
+        fsync_path(d)
 
 
 def _write_attribution(
