@@ -55,8 +55,6 @@ PERF_KEYS = frozenset({
 
 # the keys of a step's `_COMPLETE` marker that are the step's own; others are its passes
 _TOTALS = frozenset({"shards", "stats"})
-# stats fields that tell how a run went (resumed or not), not what it produced
-_RUN_HISTORY = frozenset({"skipped_shards"})
 
 log = logging.getLogger("ccurate.pipeline")
 
@@ -451,11 +449,6 @@ class Pipeline:
                 for i, p in enumerate(done.get("retry", []), 1):
                     stages[f"retry-{i}"] = p["stats"]
         stages.update({r.step: r.to_json() for r in self.results})
-        # how many shards a resumed run found done is no fact about the data: it would
-        # give a release built after a kill other bytes than an uninterrupted run's
-        stages = {
-            k: {f: v for f, v in s.items() if f not in _RUN_HISTORY} for k, s in stages.items()
-        }
         return {"config": json.loads(self.cfg.model_dump_json()), "stages": stages}
 
     def write_summary(self) -> Path:

@@ -300,11 +300,14 @@ def write_release(
         return final
 
 
+# timings, and how a run went (how many shards a resumed run found done): not facts about
+# the data, and a release built after a kill must have an uninterrupted run's bytes
 VOLATILE = frozenset({"seconds", "wall_seconds", "elapsed", "elapsed_seconds", "skipped_shards"})
 
 
 def stable_run_info(info: Any) -> Any:
-    """run_info without timings: they differ between reruns and would change the release bytes."""
+    """run_info without `VOLATILE` fields: they differ between reruns and would change the
+    release bytes."""
     if isinstance(info, dict):
         return {k: stable_run_info(v) for k, v in info.items() if k not in VOLATILE}
     if isinstance(info, list | tuple):
