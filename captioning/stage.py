@@ -100,6 +100,11 @@ class CaptionStage(Stage):
                 self._captioner.close()
                 self._captioner = None
 
+    def checkpoint(self) -> None:
+        """Captions of a finished shard reach the cache before its marker does."""
+        if self._cache is not None:
+            self._cache.flush()
+
     def process(self, batch: list[Sample]) -> list[Sample]:
         if self.skipped:
             return batch

@@ -66,6 +66,7 @@ def run_task(stage: Stage, task: ShardTask) -> StageStats:
     except BaseException:
         writer.abort()
         raise
+    stage.checkpoint()
     stats.seconds = time.perf_counter() - t0
     writer.commit(stats.to_json())
     return stats

@@ -113,6 +113,11 @@ class Stage(ABC):
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release what `setup` acquired."""
 
+    def checkpoint(self) -> None:  # noqa: B027 - optional hook
+        """Persist what a rerun would otherwise recompute (caches), called after a shard's
+        samples are written and before its completion marker: a kill after the marker
+        must not lose work the marker vouches for."""
+
     @abstractmethod
     def process(self, batch: list[Sample]) -> list[Sample]:
         """Return every input sample (kept or marked dropped), or new samples for sources."""

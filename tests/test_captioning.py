@@ -305,6 +305,29 @@ def test_cache_hit_means_no_second_generate_call(captioner, tiny_dir, tmp_path):
     assert out3[0].caption is not None
 
 
+def test_finished_shard_captions_reach_the_cache_before_its_marker(captioner, tiny_dir, tmp_path):
+    """A worker killed after a shard's marker (teardown never runs) must not lose that
+    shard's captions: the rerun skips the shard, so they would never be made again."""
+    from ccurate.executor import ShardTask, run_task
+    from ccurate.shardio import ShardWriter, is_done
+
+    cache_dir = tmp_path / "caption_cache"
+    cfg = CaptionConfig(model=str(tiny_dir), cache_dir=str(cache_dir))
+    src, dst = tmp_path / "in" / "part-000000", tmp_path / "out" / "part-000000"
+    src.parent.mkdir()
+    dst.parent.mkdir()
+    writer = ShardWriter(src)
+    for s in samples(3):
+        writer.write(s)
+    writer.commit({})
+    stage = attached(cfg, captioner)
+    run_task(stage, ShardTask(str(src), str(dst)))
+    assert is_done(dst)
+    assert stage.counts["captioned"] == 3, stage.counts
+    # no teardown: the process "dies" here
+    assert CaptionCache(cache_dir, captioner.tag).load() == 3
+
+
 # ---- robustness -------------------------------------------------------------
 
 
