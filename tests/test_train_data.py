@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import threading
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,14 @@ import pytest
 import torch
 
 from ccurate.tario import TarWriter
-from ccurate.train.decode import Decoder, load_npy, npy_view, pick_caption, unit_hash
+from ccurate.train.decode import (
+    Decoder,
+    load_npy,
+    npy_view,
+    parse_record,
+    pick_caption,
+    unit_hash,
+)
 from ccurate.train.loader import BatchRing, ShardDataset, TrainLoader
 from ccurate.train.models import ByteTokenizer
 from ccurate.train.stream import (
@@ -179,6 +187,16 @@ def test_fewer_shards_than_slots_split_by_sample(tmp_path):
     ]
     assert not set(got[0]) & set(got[1])
     assert sorted(got[0] + got[1]) == sorted(keys)
+
+
+def test_parse_record_reads_what_json_dumps_writes_and_refuses_the_rest():
+    rec = {"caption": "a dog \u00e9", "alt_text": "x", "scores": {"blur": float("nan")}}
+    got = parse_record(json.dumps(rec).encode())  # NaN: orjson refuses, json reads it
+    assert got["caption"] == "a dog \u00e9" and math.isnan(got["scores"]["blur"])
+    assert parse_record(json.dumps({"caption": "c", "n": 1}).encode()) == {"caption": "c", "n": 1}
+    assert parse_record(b"[1, 2]") == {}  # not a record
+    assert parse_record(b'{"caption": "trunc') == {}
+    assert parse_record(b'{"caption": "\xff\xfe"}') == {}  # not UTF-8
 
 
 def test_pick_caption_policies():

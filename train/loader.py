@@ -28,6 +28,12 @@ from ccurate.train.stream import (
 )
 
 
+def _as_is(batch: Any) -> Any:
+    """The workers' batches are final (tensors in their ring buffers): the DataLoader's
+    default `default_convert` only walks every caption and key of each batch again."""
+    return batch
+
+
 class BatchRing:
     """A loader worker's `depth` shared-memory batch buffers, reused in turn.
 
@@ -214,6 +220,7 @@ class TrainLoader:
             pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if nw > 0 else None,
             persistent_workers=False,
+            collate_fn=_as_is,
         )
         self._it: Iterator[dict[str, Any]] | None = None
         # the received ring buffers, kept mapped: torch then maps each buffer once instead of
