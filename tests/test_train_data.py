@@ -23,7 +23,7 @@ from ccurate.train.decode import (
     pick_caption,
     unit_hash,
 )
-from ccurate.train.loader import BatchRing, ShardDataset, TrainLoader
+from ccurate.train.loader import BatchRing, RingRef, ShardDataset, TrainLoader
 from ccurate.train.models import ByteTokenizer
 from ccurate.train.stream import (
     DataError,
@@ -386,6 +386,32 @@ def test_batch_ring_reuses_a_buffer_only_once_its_batch_is_released():
     assert batch["ring"] == [0, 5, ["pixels"]]  # the entries that live in the ring
 
 
+def test_batch_ring_sends_a_buffer_once_then_references_into_it():
+    released = torch.zeros(1, dtype=torch.int64)
+    ring = BatchRing(released, worker=0, depth=1, by_reference=True)
+    flat = ring.buffer(64)
+    first = {"a": flat[:8].view(torch.float16).view(2, 2), "b": flat[8:40].view(4, 8), "n": 1}
+    ring.tag(first)
+    assert isinstance(first["a"], torch.Tensor)  # first use: the storage itself goes
+    released[0] = 1
+    flat = ring.buffer(64)
+    flat[:8].view(torch.float16).copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    flat[8:40] = torch.arange(32, dtype=torch.uint8)
+    second = {"a": flat[:8].view(torch.float16).view(2, 2), "b": flat[8:40].view(4, 8).t()}
+    ring.tag(second)
+    ref_a, ref_b = second["a"], second["b"]
+    assert isinstance(ref_a, RingRef) and isinstance(ref_b, RingRef)
+    storage = first["a"].untyped_storage()  # what the trainer mapped with the first batch
+    assert torch.equal(ref_a.view_of(storage), torch.tensor([[1.0, 2.0], [3.0, 4.0]]).half())
+    assert torch.equal(ref_b.view_of(storage), torch.arange(32, dtype=torch.uint8).view(4, 8).t())
+    released[0] = 2
+    big = ring.buffer(128)  # a bigger bucket: a new buffer, whose storage is sent again
+    third = {"a": big[:8]}
+    ring.tag(third)
+    assert isinstance(third["a"], torch.Tensor) and third["a"].data_ptr() == big.data_ptr()
+    assert second["ring"] == [0, 1, ["a", "b"]] and third["ring"] == [0, 2, ["a"]]
+
+
 @pytest.mark.parametrize("mode", ["image", "latent"])
 def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(release, tmp_path, mode):
     """Workers refill a few shared buffers in turn; every array handed out is a copy, so
@@ -405,9 +431,12 @@ def test_loader_batches_stay_intact_while_workers_reuse_their_buffers(release, t
 
     reused = loader()
     kept = _take(reused, n)
-    mapped = {t.untyped_storage().data_ptr() for t in reused._mapped.values()}
+    mapped = {s.data_ptr() for s in reused._mapped.values()}
+    by_reference = reused.by_reference
     reused.close()
     assert len(mapped) == 2 * 3  # 2 workers x depth 3 buffers served all 24 batches
+    # a buffer's storage was sent once; its later batches came as references to it
+    assert by_reference == n - 2 * 3
     for name in arrays:  # the handed-out copies
         assert len({b[name].data_ptr() for b in kept}) == n
     fresh_loader = loader(reuse_buffers=False)  # a new shared segment per batch
