@@ -93,6 +93,9 @@ class Sample:
     # attribution
     author: str | None = None
     title: str | None = None
+    # the attribution the licensor asks for, verbatim (CC BY 4.0 §3(a)(1)(A)(i): "in any
+    # reasonable manner requested"): Commons `Attribution`; None if none given
+    credit: str | None = None
     source_url: str | None = None
     # image
     image: bytes | None = None
@@ -201,6 +204,7 @@ SCHEMA = pa.schema(
         ("license_evidence", pa.list_(LicenseEvidence.arrow_type())),
         ("author", pa.string()),
         ("title", pa.string()),
+        ("credit", pa.string()),
         ("source_url", pa.string()),
         ("image", pa.binary()),
         ("mime", pa.string()),

@@ -14,7 +14,10 @@ no images and `error` set, so callers record a `page_error` and go on.
 Attribution decisions (documented here because the shard writer relies on them):
 - `Sample.author` comes only from markup tied to the image: ccREL
   `cc:attributionName`, `rel="author"` / `dc:creator` / `itemprop=author` in
-  its container, or a figcaption credit line ("Photo by X", "Credit: X").
+  its container, or a figcaption credit line ("Photo by X", "Credit: X", or "by" right
+  before a link: "Sunset, by <a>Jane Doe</a>", Flickr/Unsplash/Pixabay style; the link's
+  text is the name). A container without a caption is searched for the linked form only,
+  and only when it holds one image.
 - `<meta name="author">` names the page's author, not the photographer, so it
   goes to `sample.extra["page_author"]`, never to `Sample.author`.
 - `Sample.title`: img `title`, else ccREL `dct:title` / figcaption of its
@@ -79,6 +82,31 @@ _RIGHTS = re.compile(
 _CREDIT = re.compile(
     r"(?:photo(?:graph)?|image|picture|foto|illustration|credit)s?\s*(?:credit)?\s*(?:by|:)\s*"
     r"([^|;\n(),]{1,120})",
+    re.IGNORECASE,
+)
+# "by" right before a link (`Photo by <a>Jane</a>`): a word of its own (not "Standby", not
+# "/by/" in a URL, not "CC-BY"); the word before it is checked by `_credit_by`
+_BY_TAIL = re.compile(r"(?<![\w/.@#=&?%+-])by\s*:?\s*$", re.IGNORECASE)
+_PREV_WORD = re.compile(r"([^\W\d_]+)[^\S\n]*$")
+# "X by" phrases that do not name the image's creator: site software and hosts ("Powered by
+# WordPress"), licences ("CC BY"), verbs that credit someone else ("built by", "owned by",
+# any "-ed"/"-ing" word: "designed by <a>Gustave Eiffel</a>", "surrounded by <a>hills</a>")
+# and works shown in the image that are not it ("Statue by <a>Rodin</a>", "Novel by ...")
+_NOT_CREDIT_WORDS = frozenset({
+    "powered", "hosted", "sponsored", "supported", "cc", "you", "us", "licensed", "licenced",
+    "built", "led", "run", "held", "won", "bought", "sold", "brought", "caught", "sent", "found",
+    "kept", "told", "taught", "owned", "written", "known", "seen", "given", "made", "done",
+    "stolen", "statue", "sculpture", "monument", "building", "bridge", "tower", "church", "book",
+    "novel", "poem", "song", "album", "film", "movie", "opera", "play", "game", "logo",
+})  # fmt: skip
+# "-ed" / irregular verbs that do name the image's maker
+_IMAGE_VERBS = frozenset(
+    ["photographed", "painted", "illustrated", "captured", "sketched", "engraved", "rendered"]
+)
+# credit text that names nobody: a URL, a licence ("CC BY-SA 4.0"), "here", only digits
+_NOT_A_NAME = re.compile(
+    r"^(?:\S*://|www\.|cc\b|creative\s*commons|public\s+domain|licen[cs]e"
+    r"|(?:click\s+)?here$|this(?:\s+link)?$|[\W\d_]*$)",
     re.IGNORECASE,
 )
 _CC_HOST = re.compile(r"^(?:[a-z0-9-]+\.)*creativecommons\.org$", re.IGNORECASE)
@@ -529,6 +557,48 @@ def _node_text(node: LexborNode) -> str | None:
     return clean_text(node.attributes.get("content") or _text(node)) or None
 
 
+def _credit_by(before: str) -> bool:
+    """Whether text ends in a credit's "by" (`Photo by `, `Sunset, by `, `"Title" by `) and
+    not in one that names someone else (`Powered by `, `CC BY `, `designed by `)."""
+    m = _BY_TAIL.search(before)
+    if m is None:
+        return False
+    w = _PREV_WORD.search(before[: m.start()])
+    if w is None:
+        return True
+    word = w.group(1).lower()
+    if word in _IMAGE_VERBS:
+        return True
+    return word not in _NOT_CREDIT_WORDS and not word.endswith(("ed", "ing"))
+
+
+def _linked_credit(node: LexborNode) -> str | None:
+    """The text of the first link that follows a credit's "by" in `node` (`Photo by <a>Jane
+    Doe</a> on <a>Unsplash</a>` -> "Jane Doe"): the plain markup most sites use for a
+    photographer, which the text pattern reads badly ("Jane Doe on Unsplash") or not at all
+    ("Sunset, by Jane"). Licence links and link texts that are no name (a URL, "here", "CC
+    BY 4.0") are passed over."""
+    tail = ""  # the text before the current node (its end: all a "by" test reads)
+    for n in node.traverse(include_text=True):
+        if n.tag == "-text":
+            tail = (tail + (n.text(deep=False) or ""))[-200:]
+            continue
+        if n.tag != "a":
+            continue
+        if not _credit_by(_WS.sub(" ", tail)) or is_cc_url(n.attributes.get("href") or ""):
+            continue
+        name = _credit_name(_text(n))
+        if name is not None:
+            return name
+    return None
+
+
+def _credit_name(text: str) -> str | None:
+    """A credit's name, or None for text that names nobody (see `_NOT_A_NAME`)."""
+    name = clean_text(text) or ""
+    return name if 0 < len(name) <= 120 and not _NOT_A_NAME.search(name) else None
+
+
 def _image_facts(
     img: LexborNode, url: str, raw_cands: list[str], page: _Page
 ) -> tuple[list[LicenseEvidence], str | None, str | None, dict[str, object]]:
@@ -588,10 +658,14 @@ def _image_facts(
         if depth == 0:
             caption_node = box.css_first("figcaption, .wp-caption-text, .thumbcaption")
             caption = _text(caption_node) if caption_node is not None else ""
+            if author is None and caption_node is not None:
+                author = _linked_credit(caption_node)
+            elif author is None and len(box.css("img")) == 1:
+                author = _linked_credit(box)
             if author is None and caption:
                 m = _CREDIT.search(caption)
                 if m:
-                    author = clean_text(m.group(1)) or None
+                    author = _credit_name(m.group(1))
             snip = rights_snippet(_text(box))
             if snip:
                 add("container", "text", snip)

@@ -319,9 +319,11 @@ def _text(value: Any) -> str | None:
 def _row_licence(
     src: UrlListSource, row: dict[str, Any]
 ) -> tuple[list[LicenseEvidence], dict[str, Any]]:
-    """Licence evidence and attribution (author, title) a row carries, raw as everywhere in
-    ingest: the licence filter normalises. A Flickr id that is not one stays raw input
-    evidence (the filter then drops it as unknown); unreadable extmetadata adds nothing."""
+    """Licence evidence and attribution (author, title, credit) a row carries, raw as
+    everywhere in ingest: the licence filter normalises. A Flickr id that is not one stays raw
+    input evidence (the filter then drops it as unknown); unreadable extmetadata adds nothing.
+    `credit` is the attribution the licensor requests (CC BY 4.0 §3(a)(1)(A)(i)): Commons'
+    `Attribution`, HTML stripped (its `Credit` is the file's source, e.g. "Own work")."""
     evidence: list[LicenseEvidence] = []
     attribution: dict[str, Any] = {}
     if src.extmetadata_col:
@@ -332,8 +334,13 @@ def _row_licence(
             except ValueError:
                 ext = None
         if isinstance(ext, dict):
-            ev, attribution = wikimedia_evidence(ext)
+            ev, wiki = wikimedia_evidence(ext)
             evidence += ev
+            attribution = {
+                "author": wiki.get("author"),
+                "title": wiki.get("title"),
+                "credit": wiki.get("attribution"),
+            }
     cell = row.get(src.license_col) if src.license_col else None
     lic = _text(cell)
     if lic is not None:
@@ -382,6 +389,7 @@ def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | No
         license_evidence=evidence,
         author=attribution.get("author"),
         title=attribution.get("title"),
+        credit=attribution.get("credit"),
         source_url=page_url,
         extra=extra,
     )

@@ -2,8 +2,9 @@
 
 CC BY terms (4.0 §3(a)) ask for the creator, a copyright/licence notice with a
 link to the licence, the source, and an indication of modifications. Each
-published sample gets one such line (TASL: title, author, source, licence), in
-its json record, the manifest and the release's ATTRIBUTION file.
+published sample gets one such line (TASL: title, author, source, licence, plus the
+licensor's requested credit when the source gives one), in its json record, the manifest
+and the release's ATTRIBUTION file.
 
 The split of a licence into release families belongs to the licence filter
 (`ccurate.filters.license_filter.release_split`), and so do short licence names and
@@ -113,14 +114,23 @@ def one_line(value: Any) -> str:
 
 
 def attribution_line(rec: dict[str, Any], mods: list[str]) -> str:
-    """One TASL credit line: "Title" by Author, source URL, licence name (link), modified: ..."""
+    """One TASL credit line: "Title" by Author, credit: ..., source URL, licence name (link),
+    modified: ...
+
+    `credit` (when the record has one) is the attribution the licensor asked for, verbatim:
+    CC BY 4.0 §3(a)(1)(A)(i) asks to credit the creator in any reasonable manner requested,
+    so the line carries the request itself next to the author, never a paraphrase of it.
+    """
     title = one_line(rec.get("title"))
     author = one_line(rec.get("author"))
+    credit = one_line(rec.get("credit"))
     source = one_line(rec.get("source_url") or rec.get("page_url") or rec.get("url"))
     lid = rec.get("license") or "unknown licence"
     link = license_link(lid, rec.get("license_url"))
     parts = [f'"{title}"' if title else "Untitled"]
     parts.append(f"by {author}" if author else "by unknown author")
+    if credit:
+        parts.append(f"credit: {credit}")
     parts.append(f"source: {source}")
     lic = one_line(license_name(lid))
     parts.append(f"licence: {lic} <{link}>" if link else f"licence: {lic}")

@@ -173,7 +173,8 @@ def render_card(s: dict[str, Any]) -> str:
         )
     )
     add(
-        "Every image is credited in `ATTRIBUTION` (title, author, source, licence with link, "
+        "Every image is credited in `ATTRIBUTION` (title, author, the licensor's requested "
+        "credit where the source gives one, source, licence with link, "
         f"modifications). Modifications: {s['resized']} images were resized before release, "
         f"{s['reencoded']} re-encoded.\n"
     )

@@ -509,7 +509,8 @@ def _write_attribution(
         out.write(f"ATTRIBUTION — release {name}\n\n")
         out.write(
             "Every image in this release is credited below, grouped by licence: title, author,\n"
-            "source, licence name with a link to its deed, and whether we modified it.\n"
+            "the credit the licensor asked for (where the source gives one), source, licence\n"
+            "name with a link to its deed, and whether we modified it.\n"
             "CC0 and Public Domain Mark works need no credit; they are listed as a courtesy.\n"
         )
         for lid in sorted(files):
