@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import sys
 import tarfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from ccurate.shardio import (
     read_dropped,
 )
 from ccurate.stage import Filter, FilterStage, Resources, Stage
-from ccurate.tario import TarWriter, iter_members, iter_spans
+from ccurate.tario import TarWriter, _byte_sum, iter_members, iter_spans
 from tests.test_spine import _inputs, sample
 
 
@@ -198,6 +199,15 @@ def _with_checksum(hdr: bytearray) -> bytes:
     hdr[148:156] = b" " * 8
     hdr[148:156] = b"%06o\0 " % sum(hdr)
     return bytes(hdr)
+
+
+def test_header_byte_sum_is_exact_at_its_extremes() -> None:
+    """The checksum's fast byte sum (two Adler-32 halves) equals `sum` everywhere, also
+    where a modulus-65,521 sum would wrap: all-0xFF halves sum to 65,280."""
+    rng = random.Random(0)
+    headers = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
+    headers += [rng.randbytes(512) for _ in range(200)]
+    assert [_byte_sum(h) for h in headers] == [sum(h) for h in headers]
 
 
 def test_gnu_base256_sizes_are_read_as_tarfile_reads_them(tmp_path: Path) -> None:
