@@ -18,7 +18,8 @@ brand         0.95   a stock-photo brand (shutterstock, getty images, istock,
                      names under 8 letters only as whole words ('Gettysburg'); a word
                      that is a start or an end of a name, 70%+ of it and 5+ letters,
                      counts ('IStOC', 'amstime': tiles cut at the border, faint ends lost),
-                     unless it is a word of its own ('stock')
+                     unless it is a word of its own ('stock'); accents are dropped first
+                     (faint letters are read as 'iStóck')
 copyright     0.70   a © mark, "(c)" or (part of) "copyright"; "@ Name" (a faint © read as @)
 credit        0.40   a year then a name ("2015 John Smith", "2009 P. Dubois": a © line
                      whose © was lost; below 0.5 as a shop's "1925 Grand Cafe" reads the
@@ -28,7 +29,9 @@ credit        0.40   a year then a name ("2015 John Smith", "2009 P. Dubois": a 
 strong word   0.80   "watermark", "stock photo", "do not copy", "preview only", ...
                      (fuzzy like the brands)
 url           0.50   www., http or a domain ending: photographers' sites; a URL on a
-                     sign drops too, by design (a model should not learn to write URLs)
+                     sign drops too, by design (a model should not learn to write URLs).
+                     Also 'www.' misread as 'v.'/'vv.', and a lower-case host name whose
+                     ending the OCR cut ('leekimphoto.ne')
 weak word     0.40   "preview", "sample", "proof", "photography", "photo by", ...
 handle        0.30   an @handle
 repeated      0.85   the same word-like text in >= 3 boxes (tiled watermark; boxes sharing
@@ -36,6 +39,9 @@ repeated      0.85   the same word-like text in >= 3 boxes (tiled watermark; box
                      2+ distinct besides 'o' (a lit window grid reads '000', 'DOOOOS')
 central       <=0.3  word-like or confident text over the central region, growing with
                      its area
+pieces        0.60   2+ boxes that each read a piece of one brand or strong word (3+
+                     characters with a letter, 60%+ of it: '23R' and '3RF' of 123RF): a
+                     tiled watermark on busy ground, read a different piece per tile
 ============  =====  ==========================================================
 
 So one brand, ©, URL or strong word drops at the default threshold 0.5, while a
@@ -55,6 +61,9 @@ second detection on every colour image the first pass does not flag (about 2.2x 
 time per image on the bench; `ocr_achromatic_pass = false` turns it off). That pass sees
 the map at a long side of `ocr_achromatic_side` (480): recall and false positives on the
 bench unchanged from 640, and 2.19 -> 2.89 images per CPU-second on 575-px demo photos.
+An image whose own long side is at most that keeps the first pass's upscaled copy: its
+text is small in pixels, and shrinking the upscale again loses reads ('istock', 'alamy'
+on 200-500 px photos); small images are cheap, so this costs little.
 Scores recorded: `ocr_boxes`, `ocr_text_area` (fraction of the image),
 `ocr_brand`, `ocr_copyright`, `ocr_repeat` (max repeats of one text),
 `ocr_central`, `ocr_pass`, `pwatermark_ocr`.
@@ -116,6 +125,7 @@ WEAK_WORDS: list[str] = [
 
 W_BRAND, W_COPYRIGHT, W_STRONG, W_URL, W_WEAK, W_HANDLE = 0.95, 0.70, 0.80, 0.50, 0.40, 0.30
 W_REPEAT3, W_REPEAT2, W_CENTRAL, W_CREDIT, W_CREDIT_EDGE = 0.85, 0.35, 0.30, 0.40, 0.55
+W_PIECES = 0.60  # 2+ boxes reading pieces of one brand or strong word (`fragment_repeats`)
 EDGE_BAND = 0.15  # a credit whose centre lies this close to the top or bottom edge
 CENTRAL_MIN_SCORE = 0.8  # central text counts when word-like or read with this confidence
 
@@ -133,10 +143,13 @@ _ADDRESS_RE = re.compile(
     re.IGNORECASE,
 )
 _URL_RE = re.compile(
-    r"www\.|^w{1,2}\.[a-z]{2}|https?:|\.(?:com|net|org|co|de|uk|fr|it|es|nl|ru|jp|cn|io|me|info|biz|pl|au|ca|"
+    r"www\.|^\W*[vw]{1,3}\.[a-z]{2}|https?:|\.(?:com|net|org|co|de|uk|fr|it|es|nl|ru|jp|cn|io|me|info|biz|pl|au|ca|"
     r"photo|photos|photography|studio)\b",
     re.IGNORECASE,
 )
+# 'leekimphoto.ne': a lower-case host name and a 2-3 letter ending at the end of a line (the
+# OCR cut '.net'); case-sensitive, so a sign's 'MAIN ST.' or an initial's 'P.Dubois' is none
+_HOST_RE = re.compile(r"(?<![\w.])[a-z][a-z0-9-]{4,}\.[a-z]{2,3}$")
 _WORD_RE = re.compile(r"[^\W_]+")
 _HANDLE_RE = re.compile(r"(?:^|\s)@[a-z0-9_.]{3,}", re.IGNORECASE)
 
@@ -170,7 +183,8 @@ class WatermarkConfig(Section):
     # would then equal the luminance the first pass read, and the pass is skipped
     ocr_achromatic_min_chroma: Annotated[float, Field(ge=0.0, le=255.0)] = 12.0
     # long side of the second pass's map (at most the first pass's): its detection costs
-    # in proportion to the pixels
+    # in proportion to the pixels. An image whose own long side is at most this keeps the
+    # first pass's upscaled copy (small text must stay upscaled to be read)
     ocr_achromatic_side: Annotated[int, Field(ge=64, le=4096)] = 480
     threads: Annotated[int, Field(ge=0)] = 1  # onnxruntime intra-op threads; 0 = all cores
     brands: list[str] = Field(default_factory=lambda: list(DEFAULT_BRANDS))
@@ -187,10 +201,16 @@ class WatermarkConfig(Section):
 # ---- text cues ---------------------------------------------------------------------------
 
 
+def fold_text(s: str) -> str:
+    """NFKC, lower case, accents dropped: the OCR puts stray accents on faint letters
+    ('iStóck'), and a brand read with one must still match."""
+    s = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", s).lower())
+    return "".join(ch for ch in s if not unicodedata.combining(ch))
+
+
 def norm_text(s: str) -> str:
-    """Lower-case alphanumerics only: 'Getty Images®' -> 'gettyimages'."""
-    s = unicodedata.normalize("NFKC", s).lower()
-    return "".join(ch for ch in s if ch.isalnum())
+    """Lower-case alphanumerics only, accents dropped: 'Getty Images®' -> 'gettyimages'."""
+    return "".join(ch for ch in fold_text(s) if ch.isalnum())
 
 
 def substring_distance(pattern: str, text: str) -> int:
@@ -255,7 +275,7 @@ def brand_match(text: str, brands: Sequence[str]) -> str | None:
     word that is most of a name's start or end matches too (`is_brand_fragment`).
     """
     t = norm_text(text)
-    words = set(_WORD_RE.findall(unicodedata.normalize("NFKC", text).lower()))
+    words = set(_WORD_RE.findall(fold_text(text)))
     for brand in brands:
         b = norm_text(brand)
         if len(b) < 8:
@@ -293,6 +313,32 @@ def repeat_count(texts_norm: Sequence[str]) -> int:
     best = 0
     for a in items:
         n = sum(1 for b in items if a == b or _common_run(a, b, min(5, len(a), len(b))))
+        best = max(best, n)
+    return best
+
+
+FRAG_MIN_CHARS, FRAG_MIN_SHARE, FRAG_MIN_TERM = 3, 0.6, 5
+
+
+def fragment_repeats(texts_norm: Sequence[str], terms_norm: Sequence[str]) -> int:
+    """Most boxes reading pieces of one watermark term (a brand or strong word of 5+
+    characters): each box's whole text a run of the term, 3+ characters with a letter and
+    60%+ of it ('23R' and '3RF' of 123RF), or the term itself. A tiled watermark on busy
+    ground is read in pieces, a different piece in each tile, so `repeat_count` (same
+    text) misses it. Pieces that are words of their own ('stock') do not count."""
+    best = 0
+    for term in terms_norm:
+        if len(term) < FRAG_MIN_TERM:
+            continue
+        need = max(FRAG_MIN_CHARS, FRAG_MIN_SHARE * len(term))
+        n = sum(
+            1
+            for t in texts_norm
+            if len(t) >= need
+            and t in term
+            and t not in FRAGMENT_STOP
+            and any(ch.isalpha() for ch in t)
+        )
         best = max(best, n)
     return best
 
@@ -345,12 +391,13 @@ def ocr_cues(
     credit_edge = any(
         not EDGE_BAND <= b.box[:, 1].mean() / max(1, height) <= 1 - EDGE_BAND for b in credits
     )
-    url = any(_URL_RE.search(b.text) for b in texts)
+    url = any(_URL_RE.search(b.text) or _HOST_RE.search(b.text.strip()) for b in texts)
     handle = any(_HANDLE_RE.search(b.text) for b in texts)
     strong_hit = any(_contains_word(t, strong, fuzzy=True) for t in norm)
     weak_hit = any(_contains_word(t, weak) for t in norm)
 
     repeat = repeat_count(norm)
+    pieces = fragment_repeats(norm, [norm_text(w) for w in [*cfg.brands, *cfg.strong_words]])
 
     all_boxes = list(boxes)
     text_area = min(1.0, sum(_poly_area(b.box) for b in all_boxes) / area)
@@ -378,6 +425,7 @@ def ocr_cues(
         W_HANDLE if handle else 0.0,
         W_REPEAT3 if repeat >= 3 else W_REPEAT2 if repeat == 2 else 0.0,
         W_CENTRAL * min(1.0, central / 0.04),
+        W_PIECES if pieces >= 2 else 0.0,
     ]
     p_clear = 1.0
     for w in weights:
@@ -469,7 +517,7 @@ class OcrReader:
 
         The second pass runs only below `ocr_threshold` on a colourful image, so an image
         the first pass already flags costs one pass; a clean colour photo costs two."""
-        img = self.resized(img)
+        img_in, img = img, self.resized(img)
         rgb = np.asarray(img)
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         w, h = img.size
@@ -484,7 +532,9 @@ class OcrReader:
         ):
             amap = achromatic_map(rgb)
             w2, h2 = w, h
-            if max(w, h) > cfg.ocr_achromatic_side:
+            # the cap saves time on large images; a small one keeps its upscaled copy
+            # (its text is small in pixels, and shrinking the upscale loses it)
+            if max(img_in.size) > cfg.ocr_achromatic_side and max(w, h) > cfg.ocr_achromatic_side:
                 f = cfg.ocr_achromatic_side / max(w, h)
                 w2, h2 = max(1, round(w * f)), max(1, round(h * f))
                 amap = cv2.resize(amap, (w2, h2), interpolation=cv2.INTER_AREA)
