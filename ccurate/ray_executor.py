@@ -1,12 +1,13 @@
 """Run the same stages on a Ray cluster, unchanged.
 
 CPU stages run as Ray tasks over shards; stages that declare GPUs run on an
-actor pool whose actors load their models once (fractional GPU requests come
-straight from the stage's declared `Resources`). Task workers also keep one
-set-up stage per process, so CPU stages with models (OCR, NSFW) load them once
-per worker, not per shard. Failed shards are retried; completion markers on
-the shared filesystem are the same ones the local executor writes, so a run
-can resume on either executor.
+actor pool whose actors load their models once. Tasks and actors request the
+stage's declared `Resources`: CPUs, fractional GPUs and memory (Ray's `memory`
+resource, in bytes), CPUs and memory capped at the largest node's. Task workers
+also keep one set-up stage per process, so CPU stages with models (OCR, NSFW)
+load them once per worker, not per shard. Failed shards are retried; completion
+markers on the shared filesystem are the same ones the local executor writes, so
+a run can resume on either executor.
 
 Ray is an optional extra: importing this module is the only place that
 imports `ray`, and the local executor never does.
@@ -94,14 +95,11 @@ class RayExecutor(Executor):
     def _run(self, stage: Stage, todo: list[ShardTask]) -> Iterator[StageStats]:
         ray = self._ray()
         res = stage.resources
-        cpus = _feasible_cpus(ray, stage.name, res.cpus)
         blob = pickle.dumps(stage)
         if res.gpus > 0:
-            yield from self._run_actors(ray, stage.name, blob, cpus, res.gpus, todo)
+            yield from self._run_actors(ray, stage, blob, todo)
             return
-        fn = ray.remote(num_cpus=cpus, max_retries=self.max_retries, retry_exceptions=True)(
-            _shard_task
-        )
+        fn = ray.remote(**_task_options(ray, stage), max_retries=self.max_retries)(_shard_task)
         blob_ref = ray.put(blob)
         fp = _fingerprint(stage)
         pending = {fn.remote(blob_ref, fp, t): t for t in todo}
@@ -121,12 +119,13 @@ class RayExecutor(Executor):
             _cancel(ray, list(pending))
 
     def _run_actors(
-        self, ray: Any, name: str, blob: bytes, cpus: float, gpus: float, todo: list[ShardTask]
+        self, ray: Any, stage: Stage, blob: bytes, todo: list[ShardTask]
     ) -> Iterator[StageStats]:
+        name, gpus = stage.name, stage.resources.gpus
         total_gpus = float(ray.cluster_resources().get("GPU", 0))
         n = self.actors or (max(1, int(total_gpus / gpus)) if total_gpus else 1)
         n = max(1, min(n, len(todo)))
-        actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus if total_gpus else 0, max_restarts=2)(
+        actor_cls = ray.remote(**_actor_options(ray, stage, total_gpus), max_restarts=2)(
             _StageActor
         )
         actors = [actor_cls.remote(blob) for _ in range(n)]
@@ -168,14 +167,62 @@ class RayExecutor(Executor):
                 ray.kill(a, no_restart=True)
 
 
+def _task_options(ray: Any, stage: Stage) -> dict[str, Any]:
+    """`ray.remote` options of a CPU stage's shard task: its CPUs and memory, each capped at
+    the largest node's; failures are retried (`max_retries` is the caller's)."""
+    return {**_resource_options(ray, stage), "retry_exceptions": True}
+
+
+def _actor_options(ray: Any, stage: Stage, total_gpus: float) -> dict[str, Any]:
+    """`ray.remote` options of a GPU stage's actors; a cluster without GPUs runs them on
+    CPUs (num_gpus 0) rather than waiting forever."""
+    return {**_resource_options(ray, stage), "num_gpus": stage.resources.gpus if total_gpus else 0}
+
+
+def _resource_options(ray: Any, stage: Stage) -> dict[str, Any]:
+    """CPUs always; `memory` (bytes) only when the stage declares some, so Ray does not
+    pack memory-hungry workers (captioning, dedup) onto a node without room for them."""
+    res = stage.resources
+    opts: dict[str, Any] = {"num_cpus": _feasible_cpus(ray, stage.name, res.cpus)}
+    memory = _feasible_memory(ray, stage.name, res.memory_gb)
+    if memory > 0:
+        opts["memory"] = memory
+    return opts
+
+
+def _largest_node(ray: Any, resource: str) -> float:
+    """The most of `resource` any live node has (0 when none reports it)."""
+    return max(
+        (float(n["Resources"].get(resource, 0)) for n in ray.nodes() if n.get("Alive")),
+        default=0.0,
+    )
+
+
+def _feasible_memory(ray: Any, name: str, memory_gb: float) -> int:
+    """The stage's memory request in bytes (0: none), capped at the largest node's Ray
+    `memory` resource: a request no node can meet would wait forever, as for CPUs."""
+    if memory_gb <= 0:
+        return 0
+    want = int(memory_gb * 2**30)
+    most = int(_largest_node(ray, "memory"))
+    if 0 < most < want:
+        log.warning(
+            "stage %s asks for %.1f GiB of memory per worker; the largest Ray node has "
+            "%.1f GiB: using %.1f GiB",
+            name,
+            memory_gb,
+            most / 2**30,
+            most / 2**30,
+        )
+        return most
+    return want
+
+
 def _feasible_cpus(ray: Any, name: str, cpus: float) -> float:
     """The stage's CPU request, capped at the largest node's CPUs: Ray waits forever on a
     request no node can meet (captioning declares 4 CPUs; a laptop may have 2), where the
     local executor just runs the stage."""
-    most = max(
-        (float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
-        default=0.0,
-    )
+    most = _largest_node(ray, "CPU")
     if 0 < most < cpus:
         log.warning(
             "stage %s asks for %s CPUs per task; the largest Ray node has %s: using %s",

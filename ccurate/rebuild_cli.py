@@ -70,7 +70,8 @@ def _guard(fn: Callable[[], Any], state: dict[str, Any] | None = None) -> Any:
         raise typer.Exit(error) from None
 
 
-def _catalog_dir(config: Path | None, catalog: Path | None) -> Path:
+def catalog_dir(config: Path | None, catalog: Path | None) -> Path:
+    """The catalog folder of `--catalog`, else the one the config names (`[run] catalog_dir`)."""
     if catalog is not None:
         return catalog
     if config is not None:
@@ -195,7 +196,7 @@ def register(app: typer.Typer) -> None:
                     "nothing to add: give --url, --page-url, --domain, --author, --sha256, "
                     "--phash or --image"
                 )
-            lst = TakedownList(_catalog_dir(config, catalog))
+            lst = TakedownList(catalog_dir(config, catalog))
             for e, added in lst.add(entries):
                 if as_json:
                     typer.echo(json.dumps({**e.model_dump(exclude_none=True), "added": added}))
@@ -218,7 +219,7 @@ def register(app: typer.Typer) -> None:
         from ccurate.takedown import TakedownList
 
         def go() -> None:
-            lst = TakedownList(_catalog_dir(config, catalog))
+            lst = TakedownList(catalog_dir(config, catalog))
             entries = lst.load()
             if as_json:
                 for e in entries:

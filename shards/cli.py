@@ -1,7 +1,10 @@
 """CLI commands of the shards area: catalog query/stats, release export and diff.
 
 `register(app)` adds them to the main `ccurate` Typer app. The catalog is
-opened read-only here (the pipeline driver is its only writer).
+opened read-only here (the pipeline driver is its only writer). It is the one a
+config names (`-c CONFIG`, `[run] catalog_dir`, default `<work_dir>/catalog`,
+resolved like `ccurate run` resolves it), `--catalog DIR` (wins over `-c`), or
+without either `work/catalog` under the current directory.
 """
 
 from __future__ import annotations
@@ -25,7 +28,47 @@ from .catalog import Catalog
 
 # [run].catalog_dir, default <work_dir>/catalog: where the pipeline records runs
 _DEFAULT_CATALOG = RunConfig.model_validate({}).catalog
-CatalogOpt = Annotated[Path, typer.Option("--catalog", help="catalog directory")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="pipeline config (TOML): use the catalog it names (\\[run] catalog_dir, "
+        "default <work_dir>/catalog, relative to the config's folder)",
+        show_default=False,
+    ),
+]
+CatalogOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--catalog",
+        help=f"catalog directory (wins over --config; without either: {_DEFAULT_CATALOG}, "
+        "relative to the current directory)",
+        show_default=False,
+    ),
+]
+
+
+def _open_catalog(config: Path | None, catalog: Path | None) -> Catalog:
+    """The catalog of `--catalog`, else of the config, else the default one, read-only.
+
+    The config is resolved by the same helper as `ccurate takedown` (`load_config`: relative
+    paths against the config's folder); a config that cannot be loaded is a ConfigError, and
+    one whose catalog holds nothing yet says which config named it (both exit 2)."""
+    from ccurate.rebuild_cli import catalog_dir
+
+    if catalog is None and config is None:
+        return Catalog(_DEFAULT_CATALOG, read_only=True)
+    where = catalog_dir(config, catalog)
+    try:
+        return Catalog(where, read_only=True)
+    except FileNotFoundError as e:
+        if catalog is not None:
+            raise
+        raise FileNotFoundError(
+            f"{e}; it is the catalog that {config} names ([run] catalog_dir, default "
+            "<work_dir>/catalog): run the pipeline with that config first, or give --catalog"
+        ) from None
 
 
 def _usage_errors() -> AbstractContextManager[None]:
@@ -70,20 +113,22 @@ def register(app: typer.Typer) -> None:
         sql: Annotated[
             str, typer.Argument(help="SQL over samples, runs, releases, manifests, ...")
         ],
-        catalog: CatalogOpt = _DEFAULT_CATALOG,
+        config: ConfigOpt = None,
+        catalog: CatalogOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
     ) -> None:
-        """Run SQL against the catalog (read-only)."""
-        with _usage_errors(), Catalog(catalog, read_only=True) as cat:
+        """Run SQL against the catalog and the manifests of its recorded releases (read-only)."""
+        with _usage_errors(), _open_catalog(config, catalog) as cat:
             _print_table(cat.query(sql), as_json)
 
     @app.command("stats")
     def stats_cmd(
-        catalog: CatalogOpt = _DEFAULT_CATALOG,
+        config: ConfigOpt = None,
+        catalog: CatalogOpt = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """Counts of samples, URLs, statuses, drop reasons, licences and releases."""
-        with _usage_errors(), Catalog(catalog, read_only=True) as cat:
+        with _usage_errors(), _open_catalog(config, catalog) as cat:
             _print_dict(cat.stats(), as_json)
 
     @app.command("export")
@@ -113,12 +158,13 @@ def register(app: typer.Typer) -> None:
     def diff_cmd(
         release_a: Annotated[str, typer.Argument(help="release name (recorded) or directory")],
         release_b: Annotated[str, typer.Argument(help="release name (recorded) or directory")],
-        catalog: CatalogOpt = _DEFAULT_CATALOG,
+        config: ConfigOpt = None,
+        catalog: CatalogOpt = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
         keys: Annotated[bool, typer.Option("--keys", help="list every changed key")] = False,
     ) -> None:
         """What was added to / removed from a release, and why."""
-        with _usage_errors(), Catalog(catalog, read_only=True) as cat:
+        with _usage_errors(), _open_catalog(config, catalog) as cat:
             if keys:
                 t = cat.diff_table(release_a, release_b)
                 mask = pc.not_equal(t.column("change"), "unchanged")
