@@ -10,13 +10,22 @@ resolved against the config file's folder.
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ccurate.captioning.config import CaptionConfig
 from ccurate.configbase import Section
@@ -76,6 +85,8 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     rebuild: RebuildConfig = Field(default_factory=lambda: RebuildConfig())
     slurm: SlurmConfig = Field(default_factory=lambda: SlurmConfig())
+    # the config file's folder, which its relative paths were resolved against
+    _base: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _coherent(self) -> PipelineConfig:
@@ -172,7 +183,31 @@ def parse_config(
         raise ConfigError(_format_errors(err, origin)) from None
     if base is not None:
         _resolve_paths(cfg, base)
+        cfg._base = base
     return cfg
+
+
+def portable_dump(cfg: PipelineConfig) -> dict[str, Any]:
+    """The settings as JSON, for what a release publishes (`release.json`) and compares
+    reruns by: paths inside the config's folder stated relative to it again, as the file
+    wrote them. Resolved absolute paths would publish the builder's directory layout
+    (`/home/<user>/...`) and make the same release's bytes differ between checkouts."""
+    data: Any = json.loads(cfg.model_dump_json())
+    base = cfg._base
+    if base is None:
+        return dict(data)
+    inside = str(base).rstrip(os.sep) + os.sep
+
+    def rel(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: rel(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rel(v) for v in value]
+        if isinstance(value, str) and (value == str(base) or value.startswith(inside)):
+            return Path(os.path.relpath(value, base)).as_posix()
+        return value
+
+    return dict(rel(data))
 
 
 def load_config(path: str | Path) -> PipelineConfig:

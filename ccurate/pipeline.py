@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ccurate.config import PipelineConfig
+from ccurate.config import PipelineConfig, portable_dump
 from ccurate.executor import Executor, LocalExecutor, tasks_for
 from ccurate.shardio import clear_temporaries, list_shards, write_json_atomic
 from ccurate.stage import Stage, StageStats
@@ -346,7 +346,7 @@ class Pipeline:
         if info is None or not info.exists():
             return
         built = json.loads(info.read_text()).get("run_info", {}).get("config", {})
-        now = json.loads(self.cfg.model_dump_json())
+        now = portable_dump(self.cfg)
         keys = [*SECTION.values(), "shards"]
         changed = _changed_keys(
             {k: _without_perf_keys(built.get(k)) for k in keys},
@@ -449,7 +449,7 @@ class Pipeline:
                 for i, p in enumerate(done.get("retry", []), 1):
                     stages[f"retry-{i}"] = p["stats"]
         stages.update({r.step: r.to_json() for r in self.results})
-        return {"config": json.loads(self.cfg.model_dump_json()), "stages": stages}
+        return {"config": portable_dump(self.cfg), "stages": stages}
 
     def write_summary(self) -> Path:
         path = self.work / "summary.json"

@@ -733,10 +733,11 @@ def _publish(
     diff: dict[str, Any],
     n_decisions: int,
 ) -> Path:
+    from ccurate.config import portable_dump
     from ccurate.shards.release import write_release
 
     run_info = {
-        "config": json.loads(cfg.model_dump_json()),
+        "config": portable_dump(cfg),
         "stages": steps,
         "rebuild": {
             "generation": gen.number,

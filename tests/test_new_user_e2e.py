@@ -353,3 +353,15 @@ def test_flickr_format_without_its_column_is_a_config_error(tmp_path: Path) -> N
     assert res.exit_code == 2, res.output
     assert "config error" in res.output and "license_col" in res.output
     assert not (tmp_path / "work").exists()
+
+
+def test_published_files_name_no_local_path(world: World) -> None:
+    """The release states the config's paths relative to its folder: the builder's directory
+    layout (`/home/<user>/...`) is not published, and the same project built in another
+    checkout gives the same release.json."""
+    rel = world.releases / "v1"
+    root = str(world.root.resolve())
+    for name in ["release.json", "README.md", "ATTRIBUTION", "SHA256SUMS"]:
+        assert root not in (rel / name).read_text(encoding="utf-8"), name
+    config = json.loads((rel / "release.json").read_text())["run_info"]["config"]
+    assert config["run"]["work_dir"] == "out/work"  # as the config file says

@@ -39,7 +39,9 @@ def demo_config(
     caption_model: str | None,
     train_steps: int,
 ) -> PipelineConfig:
-    """The demo's pipeline config: every stage on, tuned to the corpus, private fetch allowed."""
+    """The demo's pipeline config: every stage on, tuned to the corpus, private fetch allowed.
+    Its paths are stated relative to `out`, as a config file in `out` would."""
+    out = out.resolve()
     data: dict[str, Any] = {
         "run": {
             "name": "demo",
@@ -56,7 +58,7 @@ def demo_config(
         "shards": {"samples_per_shard": 32},
         "train": {"preset": "tiny", "steps": train_steps},
     }
-    return parse_config(data, "demo")
+    return parse_config(data, "demo", base=out)
 
 
 @dataclass
