@@ -41,7 +41,7 @@ from pydantic import Field, field_validator
 
 from ccurate.configbase import Section
 from ccurate.filters.images import DecodeError, decode_rgb
-from ccurate.pixels import ORIENTATION_TAG, exif_orientation, to_rgb
+from ccurate.pixels import ORIENTATION_TAG, exif_orientation, save_jpeg, to_rgb
 from ccurate.record import Decision, Sample
 from ccurate.stage import Filter, Resources
 
@@ -246,7 +246,7 @@ def reencode_blurred(
     buf = io.BytesIO()
     try:
         if fmt == "JPEG":
-            blurred.convert("RGB").save(buf, "JPEG", quality=jpeg_quality, **meta)
+            save_jpeg(blurred.convert("RGB"), buf, jpeg_quality, **meta)
         elif fmt == "GIF":
             blurred.convert("RGB").quantize(256).save(buf, "GIF")
         elif fmt == "WEBP":

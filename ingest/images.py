@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ccurate.pixels import exif_orientation, upright_rgb
+from ccurate.pixels import exif_orientation, save_jpeg, upright_rgb
 
 if TYPE_CHECKING:
     from ccurate.ingest.config import IngestConfig
@@ -313,7 +313,7 @@ def _fast_jpeg(
 def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     buf = io.BytesIO()
     if fmt == "jpg":
-        img.save(buf, "JPEG", quality=quality)
+        save_jpeg(img, buf, quality)
     elif fmt == "png":
         img.save(buf, "PNG", compress_level=min(9, max(0, quality if quality <= 9 else 6)))
     elif fmt == "webp":

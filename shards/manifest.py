@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from ccurate.pixels import save_jpeg
 from ccurate.record import Sample
 from ccurate.shardio import EXT_MIME, MIME_EXT
 
@@ -128,7 +129,7 @@ def prepare_image(
         out = io.BytesIO()
         if cfg.image_format == "jpg":
             rgb = _flatten(im)
-            rgb.save(out, format="JPEG", quality=cfg.jpeg_quality, optimize=False)
+            save_jpeg(rgb, out, cfg.jpeg_quality)
         elif cfg.image_format == "webp":
             conv = (
                 im

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ccurate.pixels import save_jpeg
 from ccurate.record import Decision, LicenseEvidence, Sample, make_key
 from ccurate.shardio import ShardWriter, list_shards
 
@@ -57,7 +58,7 @@ def synth_image(
     out = io.BytesIO()
     im = Image.fromarray(arr, "RGB")
     if fmt == "JPEG":
-        im.save(out, format="JPEG", quality=quality)
+        save_jpeg(im, out, quality)  # as ingest writes them
     else:
         im.save(out, format=fmt)
     return out.getvalue()
