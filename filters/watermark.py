@@ -142,14 +142,19 @@ _ADDRESS_RE = re.compile(
     r"ct|court|sq|square|pkwy|way)\b\.?",
     re.IGNORECASE,
 )
+_TLDS = "com|net|org|co|de|uk|fr|it|es|nl|ru|jp|cn|io|me|info|biz|pl|au|ca"
 _URL_RE = re.compile(
-    r"www\.|^\W*[vw]{1,3}\.[a-z]{2}|https?:|\.(?:com|net|org|co|de|uk|fr|it|es|nl|ru|jp|cn|io|me|info|biz|pl|au|ca|"
-    r"photo|photos|photography|studio)\b",
+    rf"www\.|^w{{1,2}}\.[a-z]{{2}}|https?:|\.(?:{_TLDS}|photo|photos|photography|studio)\b",
     re.IGNORECASE,
 )
-# 'leekimphoto.ne': a lower-case host name and a 2-3 letter ending at the end of a line (the
-# OCR cut '.net'); case-sensitive, so a sign's 'MAIN ST.' or an initial's 'P.Dubois' is none
-_HOST_RE = re.compile(r"(?<![\w.])[a-z][a-z0-9-]{4,}\.[a-z]{2,3}$")
+# 'www.' read as 'v.'/'vv.' before a lower-case name ('v.anovak.'); case-sensitive, so an
+# Italian street sign's 'V.LE EUROPA' / 'V.Roma' or 'v.Chr.' is none
+_MISREAD_WWW_RE = re.compile(r"^\W*[vw]{1,3}\.[a-z]{3,}")
+# 'leekimphoto.ne': a lower-case host name whose domain ending the OCR cut short ('.net'
+# read as '.ne'), at the end of a line; the ending must start a domain ending, so a file
+# name ('photo.jpg', 'readme.txt') or two words glued by a missed space ('world.the') is none
+_HOST_RE = re.compile(r"(?<![\w.])[a-z][a-z0-9-]{4,}\.([a-z]{2,3})$")
+_TLD_STARTS = frozenset(t[:n] for t in _TLDS.split("|") for n in range(2, len(t) + 1))
 _WORD_RE = re.compile(r"[^\W_]+")
 _HANDLE_RE = re.compile(r"(?:^|\s)@[a-z0-9_.]{3,}", re.IGNORECASE)
 
@@ -251,7 +256,12 @@ def fuzzy_contains(needle: str, text: str) -> bool:
 
 FRAGMENT_MIN_LEN, FRAGMENT_MIN_FRAC = 5, 0.7
 # starts and ends of brand names that are words of their own ('stock' ends 'istock')
-FRAGMENT_STOP = frozenset({"stock", "stocks", "photos", "images", "dreams", "shutter"})
+# words of their own inside brand names or strong words: never a piece of a watermark
+FRAGMENT_STOP = frozenset({
+    "stock", "stocks", "photos", "images", "dreams", "shutter", "shutters", "search", "master",
+    "colour", "feature", "review", "license", "licensed", "photography", "photo", "image",
+    "preview", "sample", "copy", "only", "watermark",
+})  # fmt: skip
 
 
 def is_brand_fragment(word: str, brand_norm: str) -> bool:
@@ -331,16 +341,22 @@ def fragment_repeats(texts_norm: Sequence[str], terms_norm: Sequence[str]) -> in
         if len(term) < FRAG_MIN_TERM:
             continue
         need = max(FRAG_MIN_CHARS, FRAG_MIN_SHARE * len(term))
-        n = sum(
-            1
+        pieces = {
+            t
             for t in texts_norm
             if len(t) >= need
             and t in term
             and t not in FRAGMENT_STOP
             and any(ch.isalpha() for ch in t)
-        )
-        best = max(best, n)
+        }
+        best = max(best, len(pieces))  # distinct: the same word twice is `repeat_count`'s
     return best
+
+
+def _cut_host(text: str) -> bool:
+    """A host name whose domain ending was cut ('leekimphoto.ne'; see `_HOST_RE`)."""
+    m = _HOST_RE.search(text.strip())
+    return m is not None and m.group(1) in _TLD_STARTS
 
 
 def _contains_word(text_norm: str, words_norm: Sequence[str], fuzzy: bool = False) -> bool:
@@ -391,7 +407,9 @@ def ocr_cues(
     credit_edge = any(
         not EDGE_BAND <= b.box[:, 1].mean() / max(1, height) <= 1 - EDGE_BAND for b in credits
     )
-    url = any(_URL_RE.search(b.text) or _HOST_RE.search(b.text.strip()) for b in texts)
+    url = any(
+        _URL_RE.search(b.text) or _MISREAD_WWW_RE.search(b.text) or _cut_host(b.text) for b in texts
+    )
     handle = any(_HANDLE_RE.search(b.text) for b in texts)
     strong_hit = any(_contains_word(t, strong, fuzzy=True) for t in norm)
     weak_hit = any(_contains_word(t, weak) for t in norm)

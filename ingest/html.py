@@ -98,7 +98,14 @@ _NOT_CREDIT_WORDS = frozenset({
     "kept", "told", "taught", "owned", "written", "known", "seen", "given", "made", "done",
     "stolen", "statue", "sculpture", "monument", "building", "bridge", "tower", "church", "book",
     "novel", "poem", "song", "album", "film", "movie", "opera", "play", "game", "logo",
+    # the people of a story who did not make its pictures ("Words by", "Styling by")
+    "text", "words", "story", "article", "interview", "report", "reporting", "editing",
+    "edit", "styling", "style", "makeup", "hair", "design", "recipe", "translation",
 })  # fmt: skip
+# words before "by" that say the credit is the image's
+_PHOTO_WORDS = frozenset(
+    ["photo", "photos", "photograph", "photography", "image", "images", "picture", "pic", "shot"]
+)
 # "-ed" / irregular verbs that do name the image's maker
 _IMAGE_VERBS = frozenset(
     ["photographed", "painted", "illustrated", "captured", "sketched", "engraved", "rendered"]
@@ -557,9 +564,10 @@ def _node_text(node: LexborNode) -> str | None:
     return clean_text(node.attributes.get("content") or _text(node)) or None
 
 
-def _credit_by(before: str) -> bool:
+def _credit_by(before: str, photo_only: bool = False) -> bool:
     """Whether text ends in a credit's "by" (`Photo by `, `Sunset, by `, `"Title" by `) and
-    not in one that names someone else (`Powered by `, `CC BY `, `designed by `)."""
+    not in one that names someone else (`Powered by `, `CC BY `, `designed by `, `Words by
+    `); `photo_only`: a bare "by" or a photo's credit (`Photo by `, `photographed by `)."""
     m = _BY_TAIL.search(before)
     if m is None:
         return False
@@ -567,12 +575,14 @@ def _credit_by(before: str) -> bool:
     if w is None:
         return True
     word = w.group(1).lower()
-    if word in _IMAGE_VERBS:
+    if word in _IMAGE_VERBS or word in _PHOTO_WORDS:
         return True
+    if photo_only:
+        return False
     return word not in _NOT_CREDIT_WORDS and not word.endswith(("ed", "ing"))
 
 
-def _linked_credit(node: LexborNode) -> str | None:
+def _linked_credit(node: LexborNode, photo_only: bool = False) -> str | None:
     """The text of the first link that follows a credit's "by" in `node` (`Photo by <a>Jane
     Doe</a> on <a>Unsplash</a>` -> "Jane Doe"): the plain markup most sites use for a
     photographer, which the text pattern reads badly ("Jane Doe on Unsplash") or not at all
@@ -585,7 +595,9 @@ def _linked_credit(node: LexborNode) -> str | None:
             continue
         if n.tag != "a":
             continue
-        if not _credit_by(_WS.sub(" ", tail)) or is_cc_url(n.attributes.get("href") or ""):
+        if not _credit_by(_WS.sub(" ", tail), photo_only) or is_cc_url(
+            n.attributes.get("href") or ""
+        ):
             continue
         name = _credit_name(_text(n))
         if name is not None:
@@ -661,7 +673,9 @@ def _image_facts(
             if author is None and caption_node is not None:
                 author = _linked_credit(caption_node)
             elif author is None and len(box.css("img")) == 1:
-                author = _linked_credit(box)
+                # a container's text is not the image's caption: only a bare "by <a>X</a>"
+                # or a photo's credit ("Photo by <a>X</a>") counts there
+                author = _linked_credit(box, photo_only=True)
             if author is None and caption:
                 m = _CREDIT.search(caption)
                 if m:

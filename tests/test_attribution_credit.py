@@ -250,3 +250,23 @@ def test_marked_author_and_text_credit_still_rank_first() -> None:
         for h in (marked, text)
     ]
     assert got == ["Ann Author", "Jane Doe"]
+
+
+@pytest.mark.parametrize(
+    ("html", "author"),
+    [
+        # the story's writer is not the photographer: the explicit credit wins
+        ('<figcaption>Text by <a href="/u/a">Ann Writer</a>. Photo: Jo Bloggs</figcaption>',
+         "Jo Bloggs"),
+        ('<figcaption>Styling by <a href="/u/s">Sam Stylist</a></figcaption>', None),
+        # outside a caption only a bare "by" or a photo's credit counts
+        ('<p>Story by <a href="/u/r">Rita Reporter</a></p>', None),
+        ('<p>Sunset by <a href="/u/j">Jane Doe</a></p>', None),
+        ('<p>Photo by <a href="/u/j">Jane Doe</a></p>', "Jane Doe"),
+    ],
+)  # fmt: skip
+def test_editorial_credits_do_not_name_the_photographer(html: str, author: str | None) -> None:
+    page = extract_images(
+        f'<body><figure><img src="a.jpg">{html}</figure></body>', "https://s.test/p"
+    )
+    assert page.images[0].author == author

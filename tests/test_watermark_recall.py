@@ -122,3 +122,26 @@ def test_end_to_end_dark_tiled_flagged_sign_kept(filt: WatermarkFilter) -> None:
     assert out[0].scores["pwatermark_ocr"] >= 0.5
     assert out[1].keep, out[1].scores
     assert out[2].keep and out[2].scores["pwatermark_ocr"] < 0.5
+
+
+def test_url_cues_pass_over_scene_text_that_only_looks_like_a_host() -> None:
+    from ccurate.filters.watermark import _MISREAD_WWW_RE, _URL_RE, _cut_host
+
+    def url(t: str) -> bool:
+        return bool(_URL_RE.search(t) or _MISREAD_WWW_RE.search(t) or _cut_host(t))
+
+    for sign in ["V.LE EUROPA", "V.Roma 12", "(V.le Mazzini)", "v.Chr.", "photo.jpg",
+                 "readme.txt", "index.htm", "hello world.the"]:  # fmt: skip
+        assert not url(sign), sign
+    for mark in ["v.anovak.", "vv.janedoe", "leekimphoto.ne", "janedoephoto.co"]:
+        assert url(mark), mark
+
+
+def test_pieces_cue_needs_two_different_pieces_not_one_word_twice() -> None:
+    from ccurate.filters.watermark import WatermarkConfig, fragment_repeats, norm_text
+
+    cfg = WatermarkConfig()
+    terms = [norm_text(w) for w in [*cfg.brands, *cfg.strong_words]]
+    assert fragment_repeats(["23r", "3rf"], terms) == 2  # a tiled 123RF read in pieces
+    assert fragment_repeats(["search", "search"], terms) == 0  # a word of its own (fotosearch)
+    assert fragment_repeats(["3rf", "3rf"], terms) == 1  # the same piece twice: repeat_count's
