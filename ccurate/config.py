@@ -88,6 +88,11 @@ class PipelineConfig(Section):
     # the config file's folder, which its relative paths were resolved against
     _base: Path | None = PrivateAttr(default=None)
 
+    @property
+    def base_dir(self) -> Path | None:
+        """The config file's folder (None for a config built in code without one)."""
+        return self._base
+
     @model_validator(mode="after")
     def _coherent(self) -> PipelineConfig:
         """Settings of different sections that cannot work together: refused before any
@@ -192,22 +197,26 @@ def portable_dump(cfg: PipelineConfig) -> dict[str, Any]:
     reruns by: paths inside the config's folder stated relative to it again, as the file
     wrote them. Resolved absolute paths would publish the builder's directory layout
     (`/home/<user>/...`) and make the same release's bytes differ between checkouts."""
-    data: Any = json.loads(cfg.model_dump_json())
-    base = cfg._base
-    if base is None:
-        return dict(data)
+    return dict(portable(json.loads(cfg.model_dump_json()), cfg.base_dir))
+
+
+def portable(value: Any, base: Path | None) -> Any:
+    """`value` (JSON) with every string that is `base` or a path under it made relative to
+    it; also how a release written before `portable_dump` (absolute paths) is compared."""
+    if base is None or base.parent == base:  # no folder, or the root: every path is under it
+        return value
     inside = str(base).rstrip(os.sep) + os.sep
 
-    def rel(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: rel(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [rel(v) for v in value]
-        if isinstance(value, str) and (value == str(base) or value.startswith(inside)):
-            return Path(os.path.relpath(value, base)).as_posix()
-        return value
+    def rel(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: rel(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        if isinstance(v, str) and (v == str(base) or v.startswith(inside)):
+            return Path(os.path.relpath(v, base)).as_posix()
+        return v
 
-    return dict(rel(data))
+    return rel(value)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -63,10 +63,10 @@ def run_task(stage: Stage, task: ShardTask) -> StageStats:
                         _drop_repeat(sample, stats, stage.name, len(seen))
                     seen.add(sample.key)
                 writer.write(sample)
+        stage.checkpoint()
     except BaseException:
         writer.abort()
         raise
-    stage.checkpoint()
     stats.seconds = time.perf_counter() - t0
     writer.commit(stats.to_json())
     return stats

@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ccurate.config import PipelineConfig, portable_dump
+from ccurate.config import PipelineConfig, portable, portable_dump
 from ccurate.executor import Executor, LocalExecutor, tasks_for
 from ccurate.shardio import clear_temporaries, list_shards, write_json_atomic
 from ccurate.stage import Stage, StageStats
@@ -346,6 +346,7 @@ class Pipeline:
         if info is None or not info.exists():
             return
         built = json.loads(info.read_text()).get("run_info", {}).get("config", {})
+        built = portable(built, self.cfg.base_dir)  # a release from before portable_dump
         now = portable_dump(self.cfg)
         keys = [*SECTION.values(), "shards"]
         changed = _changed_keys(
@@ -383,7 +384,8 @@ class Pipeline:
         if built.get("inputs_digest") != run_info["inputs_digest"]:
             return None
         keys = [*SECTION.values(), "shards"]
-        was, now = built.get("config", {}), run_info["config"]
+        # a release from before portable_dump holds absolute paths
+        was, now = portable(built.get("config", {}), self.cfg.base_dir), run_info["config"]
         same = not _changed_keys(
             {k: _without_perf_keys(was.get(k)) for k in keys},
             {k: _without_perf_keys(now.get(k)) for k in keys},

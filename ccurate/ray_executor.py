@@ -122,12 +122,11 @@ class RayExecutor(Executor):
         self, ray: Any, stage: Stage, blob: bytes, todo: list[ShardTask]
     ) -> Iterator[StageStats]:
         name, gpus = stage.name, stage.resources.gpus
-        total_gpus = float(ray.cluster_resources().get("GPU", 0))
-        n = self.actors or (max(1, int(total_gpus / gpus)) if total_gpus else 1)
-        n = max(1, min(n, len(todo)))
-        actor_cls = ray.remote(**_actor_options(ray, stage, total_gpus), max_restarts=2)(
-            _StageActor
-        )
+        cluster = ray.cluster_resources()
+        total_gpus = float(cluster.get("GPU", 0))
+        options = _actor_options(ray, stage, total_gpus)
+        n = _actor_count(cluster, options, gpus, self.actors, len(todo))
+        actor_cls = ray.remote(**options, max_restarts=2)(_StageActor)
         actors = [actor_cls.remote(blob) for _ in range(n)]
         queue = list(todo)
         attempts: dict[ShardTask, int] = {}
@@ -165,6 +164,20 @@ class RayExecutor(Executor):
             # keeps running behind the driver's back
             for a in actors:
                 ray.kill(a, no_restart=True)
+
+
+def _actor_count(
+    cluster: dict[str, float], options: dict[str, Any], gpus: float, wanted: int | None, n_todo: int
+) -> int:
+    """Actors of a GPU stage: one per `gpus` of the cluster's GPUs (or `wanted`), no more than
+    the cluster's memory holds at the stage's request (an actor that cannot get its memory
+    never starts, and the shard handed to it would wait forever), nor than there are shards."""
+    total_gpus = float(cluster.get("GPU", 0))
+    n = wanted or (max(1, int(total_gpus / gpus)) if total_gpus else 1)
+    memory = options.get("memory")
+    if memory:
+        n = min(n, max(1, int(float(cluster.get("memory", 0)) // memory)))
+    return max(1, min(n, n_todo))
 
 
 def _task_options(ray: Any, stage: Stage) -> dict[str, Any]:

@@ -138,7 +138,9 @@ class Filter(ABC):
 
     @property
     def resources(self) -> Resources:
-        return Resources()
+        """What the filter adds to its stage's process (`FilterStage` sums them): a filter
+        without a model holds little; those with models declare their own."""
+        return Resources(memory_gb=0.1)
 
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models once per worker."""

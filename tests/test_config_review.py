@@ -186,3 +186,45 @@ def test_train_with_training_disabled_says_so(tmp_path: Path) -> None:
     """`ccurate train run` on a config whose [train] is off exited 0 having done nothing."""
     res = _invoke("train", "run", str(_config(tmp_path, "[train]\nenabled = false\n")))
     assert res.exit_code == 2 and "enabled = false" in _flat(res), res.output
+
+
+def test_portable_dump_states_paths_relative_to_the_config_and_reads_old_releases(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from ccurate.config import portable, portable_dump
+
+    (tmp_path / "blip").mkdir()
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text(
+        '[run]\nwork_dir = "out/work"\n[caption]\nmodel = "./blip"\n'
+        '[filters.watermark]\nmodel_weights = "/opt/elsewhere/wm.pt"\n',
+        encoding="utf-8",
+    )
+    cfg = load_config(cfg_file)
+    assert cfg.caption.model == str(tmp_path.resolve() / "blip")  # resolved for the run
+    dump = portable_dump(cfg)
+    assert dump["run"]["work_dir"] == "out/work" and dump["caption"]["model"] == "blip"
+    assert dump["filters"]["watermark"]["model_weights"] == "/opt/elsewhere/wm.pt"  # outside
+    # a release.json written before portable_dump held the absolute form: read as the same
+    old = json.loads(cfg.model_dump_json())
+    assert old != dump and portable(old, cfg.base_dir) == dump
+    # a config at the root would make every absolute string "relative": left as it is
+    assert portable({"a": "/x/y"}, Path("/")) == {"a": "/x/y"}
+
+
+def test_demo_caption_model_path_is_relative_to_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from ccurate.demo.run import demo_config
+
+    monkeypatch.chdir(tmp_path)
+    corpus: Any = SimpleNamespace(pages=["/p.html"])
+    cfg = demo_config(corpus, "http://127.0.0.1:1", Path("out"), 2, "./models/blip2", 1)
+    assert cfg.caption.model == str(tmp_path.resolve() / "models" / "blip2")
+    assert cfg.run.work_dir == str(tmp_path.resolve() / "out" / "work")
+    hub = demo_config(corpus, "http://127.0.0.1:1", Path("out"), 2, "Salesforce/blip2-x", 1)
+    assert hub.caption.model == "Salesforce/blip2-x"  # a hub id stays one

@@ -447,3 +447,17 @@ def test_written_jpegs_have_optimised_huffman_tables_and_the_same_pixels() -> No
     b = np.asarray(Image.open(io.BytesIO(plain.getvalue())))
     assert np.array_equal(a, b)  # lossless: only the entropy coding differs
     assert encode(img, "jpg", 95) == ours.getvalue()  # what ingest writes
+
+
+def test_save_jpeg_writes_noise_that_overflows_pillows_optimise_buffer() -> None:
+    """Pillow sizes its optimise buffer at 2 bytes a pixel at q95: full-chroma noise needs
+    more and fails; the JPEG is then written with the default tables, not lost."""
+    from ccurate.pixels import save_jpeg
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), np.uint8))
+    buf = io.BytesIO(b"head")
+    buf.seek(4)
+    save_jpeg(noise, buf, 95, subsampling=0)
+    data = buf.getvalue()
+    assert data[:4] == b"head"  # what the stream held before is kept
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data[4:]))).shape, (256, 256, 3))

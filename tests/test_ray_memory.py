@@ -126,3 +126,28 @@ def test_ray_runs_a_stage_with_memory_and_reserves_it(tmp_path: Path, ray_local:
     runner.start()
     runner.join(timeout=30)
     assert result == [4], "a stage asking for more memory than any node has never ran"
+
+
+def test_gpu_actors_are_no_more_than_the_cluster_memory_holds() -> None:
+    from ccurate.ray_executor import _actor_count
+
+    gib = 2**30
+    cluster = {"GPU": 4.0, "memory": 44.0 * gib}
+    # 4 GPUs, but 16 GiB each fits twice in 44 GiB: 2 actors, not 2 running and 2 waiting
+    assert _actor_count(cluster, {"memory": 16 * gib}, 1.0, 0, 100) == 2
+    assert _actor_count(cluster, {}, 1.0, 0, 100) == 4  # no memory request: by GPUs
+    assert _actor_count(cluster, {"memory": 16 * gib}, 1.0, 0, 1) == 1  # one shard
+    assert _actor_count({"memory": 8.0 * gib}, {"memory": 16 * gib}, 1.0, 3, 10) == 1
+
+
+def test_filters_without_models_declare_little_memory() -> None:
+    """The filter stage's request is the sum of its filters': model-free ones (licence,
+    basic quality, CLIP/aesthetic without weights) must not each count a full GiB, or Ray
+    runs far fewer filter tasks than there are cores."""
+    from ccurate.filters.chain import build_filter_stage
+    from ccurate.filters.config import FiltersConfig
+
+    stage = build_filter_stage(FiltersConfig())
+    by_name = {f.name: f.resources.memory_gb for f in stage.filters}
+    assert by_name["license"] <= 0.1 and by_name["quality"] <= 0.1
+    assert stage.resources.memory_gb < 3.0

@@ -42,6 +42,10 @@ def demo_config(
     """The demo's pipeline config: every stage on, tuned to the corpus, private fetch allowed.
     Its paths are stated relative to `out`, as a config file in `out` would."""
     out = out.resolve()
+    if caption_model and (
+        caption_model.startswith(("./", "../", "~")) or Path(caption_model).expanduser().exists()
+    ):  # a local folder given on the command line means one relative to the caller
+        caption_model = str(Path(caption_model).expanduser().resolve())
     data: dict[str, Any] = {
         "run": {
             "name": "demo",
