@@ -114,3 +114,43 @@ class CaptionCache:
         if self._registered:
             atexit.unregister(self.flush)
             self._registered = False
+
+
+def compact(directory: str | Path, min_parts: int = 64) -> int:
+    """Merge the cache's part files into one once there are `min_parts` of them; returns
+    how many were merged (0: left as they are).
+
+    Every finished shard flushes its captions as a part (`CaptionStage.checkpoint`), and
+    every worker's `load` reads every part: without merging, a cache rebuilt on a schedule
+    grows a file per shard per run. Runs on the driver before any caption worker starts
+    (`CaptionStage.prepare`). The merged file keeps each (image, caption model)'s newest
+    row and sorts right after the newest part it holds, so `load` still lets newer parts
+    win; unreadable parts are left in place."""
+    folder = Path(directory)
+    parts = sorted(folder.glob("part-*.parquet"))
+    if len(parts) < max(2, min_parts):
+        return 0
+    tables: list[pa.Table] = []
+    merged_parts: list[Path] = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA))
+        except Exception as exc:  # a damaged part: `load` skips it loudly, so does this
+            log.warning("caption cache: not merging unreadable %s (%s)", part, exc)
+            continue
+        merged_parts.append(part)
+    if len(merged_parts) < 2:
+        return 0
+    table = pa.concat_tables(tables)
+    keys = zip(
+        table.column("image_sha256").to_pylist(),
+        table.column("caption_model").to_pylist(),
+        strict=True,
+    )
+    newest = {key: i for i, key in enumerate(keys)}  # parts in name (time) order: last wins
+    table = table.take(pa.array(sorted(newest.values()), pa.int64()))
+    stamp = merged_parts[-1].name.split("-")[1]
+    write_table_atomic(folder / f"part-{stamp}-compact-{uuid.uuid4().hex[:8]}.parquet", table)
+    for part in merged_parts:
+        part.unlink(missing_ok=True)
+    return len(merged_parts)

@@ -100,6 +100,15 @@ class CaptionStage(Stage):
                 self._captioner.close()
                 self._captioner = None
 
+    def prepare(self, inputs: list[str], scratch_dir: str) -> None:
+        """Merge the cache's part files (one per captioned shard) before workers load it."""
+        if self.cfg.cache_dir and not self.skipped:
+            from ccurate.captioning.cache import compact
+
+            n = compact(self.cfg.cache_dir)
+            if n:
+                log.info("caption cache: merged %d part files", n)
+
     def checkpoint(self) -> None:
         """Captions of a finished shard reach the cache before its marker does."""
         if self._cache is not None:

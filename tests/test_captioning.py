@@ -328,6 +328,52 @@ def test_finished_shard_captions_reach_the_cache_before_its_marker(captioner, ti
     assert CaptionCache(cache_dir, captioner.tag).load() == 3
 
 
+def test_cache_parts_are_merged_keeping_the_newest_row(tmp_path):
+    from ccurate.captioning.cache import compact
+
+    folder = tmp_path / "cache"
+    for i in range(5):  # five flushes, as five finished shards leave them
+        cache = CaptionCache(folder, "m1", flush_rows=10_000)
+        cache.load()
+        cache.put(f"sha{i}", [f"caption {i}"])
+        cache.put("shared", [f"newest is {i}"])
+        cache.flush()
+    other = CaptionCache(folder, "m2")
+    other.load()
+    other.put("sha0", ["another model"])
+    other.flush()
+    (folder / "part-0-broken.parquet").write_bytes(b"not parquet")
+    assert compact(folder, min_parts=100) == 0  # below the threshold: left alone
+    assert compact(folder, min_parts=3) == 6
+    left = sorted(p.name for p in folder.glob("*.parquet"))
+    assert len(left) == 2 and "part-0-broken.parquet" in left  # unreadable: kept, not merged
+    got = CaptionCache(folder, "m1")
+    assert got.load() == 6
+    assert got.get("shared") == ["newest is 4"] and got.get("sha3") == ["caption 3"]
+    two = CaptionCache(folder, "m2")
+    assert two.load() == 1 and two.get("sha0") == ["another model"]
+    newer = CaptionCache(folder, "m1")  # a part written after the merge still wins
+    newer.load()
+    newer.put("shared", ["after the merge"])
+    newer.flush()
+    again = CaptionCache(folder, "m1")
+    again.load()
+    assert again.get("shared") == ["after the merge"]
+
+
+def test_caption_stage_prepare_merges_the_cache_before_workers_load_it(tiny_dir, tmp_path):
+    folder = tmp_path / "cache"
+    for i in range(64):
+        cache = CaptionCache(folder, "m")
+        cache.put(f"sha{i}", ["c"])
+        cache.flush()
+    CaptionStage(CaptionConfig(cache_dir=str(folder))).prepare([], str(tmp_path))  # no model
+    assert len(list(folder.glob("*.parquet"))) == 64
+    stage = CaptionStage(CaptionConfig(model=str(tiny_dir), cache_dir=str(folder)))
+    stage.prepare([], str(tmp_path))  # on the driver: no model is loaded for it
+    assert len(list(folder.glob("*.parquet"))) == 1 and stage._captioner is None
+
+
 # ---- robustness -------------------------------------------------------------
 
 
