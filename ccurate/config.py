@@ -256,7 +256,7 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> None:
         for part in section.split("."):
             owner = getattr(owner, part)
         value = getattr(owner, name)
-        if isinstance(value, str) and _looks_local(value, base):
+        if isinstance(value, str) and looks_local(value, base):
             setattr(owner, name, fix(value))
 
 
@@ -274,7 +274,7 @@ _WEIGHT_PATHS = [
 ]
 
 
-def _looks_local(value: str, base: Path) -> bool:
+def looks_local(value: str, base: Path) -> bool:
     """A path, not a hub id or tag: ./ ../ ~ prefixes, a weights suffix, or it exists there."""
     if not value or value == "scratch" or value.startswith(("hf-hub:", "http://", "https://", "/")):
         return False

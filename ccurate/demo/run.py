@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 
-from ccurate.config import PipelineConfig, parse_config
+from ccurate.config import PipelineConfig, looks_local, parse_config
 from ccurate.demo.corpus import DemoCorpus, generate, load
 from ccurate.demo.server import serve_directory
 
@@ -42,10 +42,10 @@ def demo_config(
     """The demo's pipeline config: every stage on, tuned to the corpus, private fetch allowed.
     Its paths are stated relative to `out`, as a config file in `out` would."""
     out = out.resolve()
-    if caption_model and (
-        caption_model.startswith(("./", "../", "~")) or Path(caption_model).expanduser().exists()
-    ):  # a local folder given on the command line means one relative to the caller
-        caption_model = str(Path(caption_model).expanduser().resolve())
+    cwd = Path.cwd()
+    if caption_model and looks_local(caption_model, cwd):
+        # a local path given on the command line means one relative to the caller
+        caption_model = str((cwd / Path(caption_model).expanduser()).resolve())
     data: dict[str, Any] = {
         "run": {
             "name": "demo",
