@@ -41,15 +41,18 @@ _META = re.compile(r"__[^/]*__($|/)")
 def split_key(name: str) -> tuple[str, str]:
     """`abc.alt.txt` -> (`abc`, `alt.txt`): webdataset's rule (the key ends at the first dot
     of the basename). A name it gives no field (`README`, `.hidden`) -> (name, "")."""
+    if "/" not in name:  # the usual flat name: the same split without the regex
+        dot = name.find(".")
+        return (name[:dot], name[dot + 1 :]) if dot > 0 else (name, "")
     m = _KEY_FIELD.match(name)
     return (m.group(1), m.group(2)) if m else (name, "")
 
 
 def is_meta(name: str) -> bool:
     """A member webdataset skips as tar metadata (`__index__`, `__x__/...`)."""
-    return bool(_META.match(name)) or (
-        "/" not in name and name.startswith("__") and name.endswith("__")
-    )
+    if "/" not in name and "\n" not in name:  # `_META` then matches exactly these names
+        return name.startswith("__") and name.endswith("__")
+    return bool(_META.match(name))
 
 
 T = TypeVar("T")

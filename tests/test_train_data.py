@@ -512,3 +512,31 @@ def test_fast_jpeg_decode_is_close_to_the_accurate_one_and_reuses_its_buffer():
     assert mse > 0 and 10 * np.log10(255**2 / mse) > 38  # not identical, visually the same
     again = decode_resize_crop(data, 256, 256, fast=True, buffer=scratch)
     assert np.shares_memory(fast, again)  # decoded into the same buffer, no new array
+
+
+def test_a_jpeg_already_at_the_training_size_is_decoded_straight_into_its_batch_slot():
+    from PIL import Image
+
+    from ccurate.train.decode import DecodeBuffer, decode_resize_crop
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+
+    def jpeg(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC).save(buf, "JPEG")
+        return buf.getvalue()
+
+    exact, wide = jpeg(64, 48), jpeg(80, 48)
+    slots = np.zeros((2, 48, 64, 3), np.uint8)
+    first, second = slots[0], slots[1]
+    got = decode_resize_crop(exact, 48, 64, buffer=DecodeBuffer(), out=second)
+    assert got is second  # no copy: the slot holds the pixels
+    assert np.array_equal(second, decode_resize_crop(exact, 48, 64)) and not first.any()
+    # a size that needs a crop: decoded elsewhere, the slot is left for the caller to fill
+    cropped = decode_resize_crop(wide, 48, 64, buffer=DecodeBuffer(), out=first)
+    assert cropped is not first and not first.any()
+    assert np.array_equal(cropped, decode_resize_crop(wide, 48, 64))
+    # a strided slot cannot take the decoder's rows: the result comes back as an array
+    strided = np.zeros((48, 128, 3), np.uint8)[:, ::2]
+    assert decode_resize_crop(exact, 48, 64, out=strided) is not strided
