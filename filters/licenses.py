@@ -438,6 +438,25 @@ _SPACE = re.compile(r"\s")
 _FLICKR = re.compile(r"flickr\s*:\s*(\d{1,3})", re.I)
 _WIKI_PD = re.compile(r"pd(?:[-_ ](?!mark\b)[\w.-]+)?", re.I)
 _NONFREE = re.compile(r"non[-_ ]?free", re.I)
+# A use restriction stated in words next to a licence ("CC BY-SA 4.0 but not for commercial
+# use", "CC BY 4.0, personal use only"): the licensor's words and the licence disagree, so
+# the licence is not read as granting what the words withhold. On lower-cased text with
+# hyphens, slashes and underscores as spaces.
+_NO_COMMERCIAL_TEXT = re.compile(
+    r"\bnon ?commercial|\bnot (?:\w+ ){0,2}for (?:\w+ ){0,2}commercial\b|\bno commercial\b"
+    r"|\bcommercial (?:use|usage|purposes?|reuse) (?:is |are )?(?:strictly )?"
+    r"(?:not (?:allowed|permitted)|prohibited|forbidden|excluded)"
+    r"|\b(?:personal|private|non ?profit|educational) use only\b"
+    r"|\bonly for (?:personal|private|non ?profit|educational)\b"
+    r"|\bnicht ?kommerziell|\bpas d.utilisation commerciale|\bnon commerciale?\b"
+    r"|\buso no comercial|\bno comercial\b"
+)
+_NO_DERIVATIVES_TEXT = re.compile(
+    r"\bno ?derivatives?\b|\bno derivative works?\b|\bno (?:modifications?|alterations?|edits?)\b"
+    r"|\b(?:do|may|must) not (?:be )?(?:modif|alter|edit|remix|adapt|crop)"
+    r"|\bwithout (?:any )?(?:modifications?|alterations?)\b"
+    r"|\bkeine bearbeitung|\bpas de modification"
+)
 
 
 @dataclass
@@ -671,11 +690,23 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     hints |= url_hints
     found += named
     rest = _NEUTRAL_TEXT.sub(" ", re.sub(r"[-_/]+", " ", text))
+    if _withheld(rest, found):
+        hints.add(UNREADABLE)  # agrees with no licence: a conflict, never the permissive one
     if _ARR_TEXT.search(rest):
         found.append(ARR)
     elif _NOTICE_TEXT.search(rest):
         found.append(NOTICE)
     return found, hints
+
+
+def _withheld(text: str, found: Sequence[LicenseInfo]) -> bool:
+    """Whether `text` withholds a use that a licence in `found` grants (commercial use,
+    derivatives). A licence that itself withholds it ("Attribution-NonCommercial 2.0",
+    "CC BY-NC 4.0, non-commercial use only") agrees with the words."""
+    text = re.sub(r"\s+", " ", text)
+    no_commercial = any(x.commercial for x in found) and _NO_COMMERCIAL_TEXT.search(text)
+    no_derivatives = any(x.derivatives for x in found) and _NO_DERIVATIVES_TEXT.search(text)
+    return bool(no_commercial or no_derivatives)
 
 
 def analyse(evidence: str) -> tuple[LicenseInfo | None, str | None]:

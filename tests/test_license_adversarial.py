@@ -103,6 +103,26 @@ TEXT = [
     ("This photo isn't licensed under a CC BY 4.0 licence", None, U),
     ("Not CC BY-NC 4.0 but CC BY 4.0", None, C),
     ("No rights reserved. CC0 1.0", "CC0-1.0", None),
+    # bug: a use withheld in words after the licence was ignored ("wrong commercial OK")
+    ("CC BY-SA 4.0 but not for commercial use", None, C),
+    ("CC BY 4.0, personal use only", None, C),
+    ("CC BY 4.0. Commercial use is strictly prohibited.", None, C),
+    ("Licence: CC BY 4.0 (only for educational purposes)", None, C),
+    ("CC BY 4.0 - no commercial reuse", None, C),
+    (f"{CC}/by/4.0/ - not for commercial purposes", None, C),
+    ("CC BY-SA 3.0, nicht kommerziell", None, U),  # read as an NC-SA name without version
+    ("CC0 1.0 - private use only", None, C),
+    ("Public domain, personal use only", None, C),
+    ("CC BY 4.0; please do not crop or alter", None, C),
+    ("Licensed CC BY-SA 3.0. May not be modified.", None, C),
+    ("CC BY 2.0, no modifications", None, C),
+    # words that agree with the licence, or withhold nothing, change nothing
+    ("CC BY-NC 4.0, non-commercial use only", "CC-BY-NC-4.0", None),
+    ("CC BY-NC-ND 4.0: no derivatives, non-commercial", "CC-BY-NC-ND-4.0", None),
+    ("CC BY-ND 4.0 - do not modify", "CC-BY-ND-4.0", None),
+    ("Attribution-NonCommercial-ShareAlike 2.0 Generic", "CC-BY-NC-SA-2.0", None),
+    ("CC BY 4.0. Commercial use allowed, modifications welcome.", "CC-BY-4.0", None),
+    ("CC BY-SA 4.0 - free for commercial use", "CC-BY-SA-4.0", None),
 ]
 
 FLICKR = [
