@@ -32,6 +32,10 @@ Recognised forms (all table-driven, see the tables below):
   prefix; the long form may start with "Attribution". Elements after the version
   ("CC BY 4.0 NC", "cc-by-4.0-nc") make the name unreadable, never plain BY, and a
   name within five words after a negation ("not", "isn't") is no evidence for it.
+  Words withholding a use the licence grants ("CC BY-SA 4.0 but not for commercial
+  use", "personal use only", "may not be modified") make a conflict; a licence
+  stated for a page's text ("Text is available under ...", "All text CC BY 4.0")
+  is none for its images: unknown, and a conflict with any other item beside it.
 - Rights reserved: "All rights reserved" and its translations, "royalty
   free", "rights managed", "editorial use only" are explicit ARR. A bare
   copyright notice ("©", "(c)", "Copyright 2020 X") is ARR with
@@ -451,6 +455,23 @@ _NO_COMMERCIAL_TEXT = re.compile(
     r"|\bnicht ?kommerziell|\bpas d.utilisation commerciale|\bnon commerciale?\b"
     r"|\buso no comercial|\bno comercial\b"
 )
+# A licence stated for the text alone ("Text is available under the Creative Commons
+# Attribution-ShareAlike License 4.0", "The text of this article is licensed CC BY 4.0",
+# "All text CC BY 4.0"): MediaWiki and news-site footers, where each image has its own
+# licence. Not "Photos and text licensed under ..." (media words joined to it).
+_TEXT_SCOPE = re.compile(
+    r"\b(?:article |written |all |the |our )?(?:text|texts|wording|prose)"
+    r"(?: (?:of|on|in) (?:this|the|our|these|all) \w+(?: \w+)?)?"
+    r"(?: (?:is|are|ist))?"
+    r"(?: (?:available|licensed|released|published|distributed|provided|shared|offered|verfügbar))?"
+    r" (?:under|unter|with|as|via|cc\b|creative commons|\(?cc[ -]by)"
+    r"|\b(?:le |el |o |il |der )?(?:texte|texto|testo) (?:est |está |ye |è |ist )?"
+    r"(?:disponible|disponível|disponibile)"
+)
+_MEDIA_AND = re.compile(
+    r"\b(?:images?|photos?|photographs?|pictures?|media|illustrations?|graphics?|figures?)"
+    r" ?(?:and|&|,|\+) ?(?:the |all |our )?$"
+)
 _NO_DERIVATIVES_TEXT = re.compile(
     r"\bno ?derivatives?\b|\bno derivative works?\b|\bno (?:modifications?|alterations?|edits?)\b"
     r"|\b(?:do|may|must) not (?:be )?(?:modif|alter|edit|remix|adapt|crop)"
@@ -690,13 +711,25 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     hints |= url_hints
     found += named
     rest = _NEUTRAL_TEXT.sub(" ", re.sub(r"[-_/]+", " ", text))
-    if _withheld(rest, found):
+    if _text_only(rest):  # says nothing of the image's licence: no licence, and against
+        found = [x for x in found if not x.open]  # any other item at this level
+        hints.add(UNREADABLE)
+    elif _withheld(rest, found):
         hints.add(UNREADABLE)  # agrees with no licence: a conflict, never the permissive one
     if _ARR_TEXT.search(rest):
         found.append(ARR)
     elif _NOTICE_TEXT.search(rest):
         found.append(NOTICE)
     return found, hints
+
+
+def _text_only(text: str) -> bool:
+    """Whether `text` scopes its licence to the text of a page, not its images."""
+    text = re.sub(r"\s+", " ", text)
+    for m in _TEXT_SCOPE.finditer(text):
+        if not _MEDIA_AND.search(text[max(0, m.start() - 30) : m.start()]):
+            return True
+    return False
 
 
 def _withheld(text: str, found: Sequence[LicenseInfo]) -> bool:

@@ -268,10 +268,10 @@ TEXTS = [
         "http://creativecommons.org/licenses/by-nc-nd/4.0/",
         "CC-BY-NC-ND-4.0",
     ),
-    (
+    (  # a licence for the page's text (Wikipedia's footer) is none for its images
         "Text is available under the Creative Commons Attribution-ShareAlike License 4.0; "
         "additional terms may apply.",
-        "CC-BY-SA-4.0",
+        None,
     ),
     ("Photo by Jane Doe, licensed under CC BY-SA 2.0 via Flickr", "CC-BY-SA-2.0"),
     ("The Kaaba at al-Haram Mosque, 2008 (photo: Al Jazeera English, CC: BY 2.0)", "CC-BY-2.0"),

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ccurate.filters.licenses import analyse, explain
 from tests.test_filters_license_cli import KEYS, app
-from tests.test_filters_license_filter import BY, BY_NC, BY_ND, ev, make, run
+from tests.test_filters_license_filter import BY, BY_NC, BY_ND, BY_SA, ev, make, run
 
 U, C = "license_unknown", "license_conflict"
 CC = "https://creativecommons.org/licenses"
@@ -123,6 +123,15 @@ TEXT = [
     ("Attribution-NonCommercial-ShareAlike 2.0 Generic", "CC-BY-NC-SA-2.0", None),
     ("CC BY 4.0. Commercial use allowed, modifications welcome.", "CC-BY-4.0", None),
     ("CC BY-SA 4.0 - free for commercial use", "CC-BY-SA-4.0", None),
+    # bug: a licence stated for a page's text was read as the image's (news and wiki footers)
+    ("The text of this article is licensed CC BY 4.0", None, U),
+    ("All text CC BY 4.0; images may be subject to copyright", None, U),
+    ("Photo © AP. Text CC BY 4.0", None, U),
+    ("Texts are available under CC BY-SA 3.0 unless otherwise noted", None, U),
+    ("Le texte est disponible sous licence Creative Commons BY-SA 4.0", None, U),
+    ("Photos and text licensed under CC BY 4.0", "CC-BY-4.0", None),
+    ("Text and images are available under CC BY-SA 4.0", "CC-BY-SA-4.0", None),
+    ("Text: Jane Doe. Photo: CC BY 4.0", "CC-BY-4.0", None),
 ]
 
 FLICKR = [
@@ -175,6 +184,15 @@ FILTER = [
     ([ev("image", f"{CC}/by%2Dnc/4.0/"), ev("image", BY)], {}, "license_conflict", None),
     # bug: with PD opted in, a negated claim was admitted as public domain
     ([ev("image", "not public domain")], {"allow_families": ["PD"]}, "license_unknown", None),
+    # bug: a footer scoping the site's licence to its text admitted every image by the
+    # footer's CC link (a MediaWiki or news site beyond Wikimedia's hosts)
+    (
+        [ev("page", BY_SA, "cc_link"), ev("page", "Text is available under CC BY-SA 4.0", "text")],
+        {},
+        "license_conflict",
+        None,
+    ),
+    ([ev("page", "All text CC BY 4.0", "text")], {}, "license_unknown", None),
 ]
 
 
@@ -182,3 +200,12 @@ FILTER = [
 def test_filter_levels_and_items_never_widen(evidence, cfg, reason, license) -> None:
     s = run(make(*evidence), **cfg)
     assert (s.drop_reason, s.license, s.license_rule) == (reason, license, None)
+
+
+def test_a_page_text_licence_leaves_the_images_own_licence_alone() -> None:
+    s = run(make(ev("image", BY), ev("page", "Text CC BY-SA 4.0", "text")))
+    assert (s.drop_reason, s.license, s.license_rule) == (
+        None,
+        "CC-BY-4.0",
+        "commercial:CC-BY-4.0@image",
+    )
