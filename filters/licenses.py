@@ -33,7 +33,8 @@ Recognised forms (all table-driven, see the tables below):
   ("CC BY 4.0 NC", "cc-by-4.0-nc") make the name unreadable, never plain BY, and a
   name within five words after a negation ("not", "isn't") is no evidence for it.
   Words withholding a use the licence grants ("CC BY-SA 4.0 but not for commercial
-  use", "personal use only", "may not be modified") make a conflict; a licence
+  use", "personal use only", "may not be modified", "reproduction prohibited",
+  "not without permission") make a conflict; a licence
   stated for a page's text ("Text is available under ...", "All text CC BY 4.0")
   is none for its images: unknown, and a conflict with any other item beside it.
 - Rights reserved: "All rights reserved" and its translations, "royalty
@@ -472,6 +473,12 @@ _MEDIA_AND = re.compile(
     r"\b(?:images?|photos?|photographs?|pictures?|media|illustrations?|graphics?|figures?)"
     r" ?(?:and|&|,|\+) ?(?:the |all |our )?$"
 )
+_NO_USE_TEXT = re.compile(
+    r"\breproduction (?:is )?(?:strictly )?(?:prohibited|forbidden|not (?:allowed|permitted))"
+    r"|\b(?:do|may|must) not (?:be )?(?:reproduc|redistribut|republish|cop(?:y|ied)\b)"
+    r"|\bwithout (?:the )?(?:prior |express )?(?:written )?(?:permission|consent)\b"
+    r"|\bno (?:reproduction|redistribution|reuse)\b"
+)
 _NO_DERIVATIVES_TEXT = re.compile(
     r"\bno ?derivatives?\b|\bno derivative works?\b|\bno (?:modifications?|alterations?|edits?)\b"
     r"|\b(?:do|may|must) not (?:be )?(?:modif|alter|edit|remix|adapt|crop)"
@@ -739,7 +746,8 @@ def _withheld(text: str, found: Sequence[LicenseInfo]) -> bool:
     text = re.sub(r"\s+", " ", text)
     no_commercial = any(x.commercial for x in found) and _NO_COMMERCIAL_TEXT.search(text)
     no_derivatives = any(x.derivatives for x in found) and _NO_DERIVATIVES_TEXT.search(text)
-    return bool(no_commercial or no_derivatives)
+    no_use = any(x.open for x in found) and _NO_USE_TEXT.search(text)
+    return bool(no_commercial or no_derivatives or no_use)
 
 
 def analyse(evidence: str) -> tuple[LicenseInfo | None, str | None]:

@@ -116,6 +116,9 @@ TEXT = [
     ("CC BY 4.0; please do not crop or alter", None, C),
     ("Licensed CC BY-SA 3.0. May not be modified.", None, C),
     ("CC BY 2.0, no modifications", None, C),
+    ("Reproduction prohibited. CC BY 4.0", None, C),
+    ("CC BY-SA 4.0. Do not reproduce without written permission.", None, C),
+    ("CC0 1.0 - may not be redistributed", None, C),
     # words that agree with the licence, or withhold nothing, change nothing
     ("CC BY-NC 4.0, non-commercial use only", "CC-BY-NC-4.0", None),
     ("CC BY-NC-ND 4.0: no derivatives, non-commercial", "CC-BY-NC-ND-4.0", None),
