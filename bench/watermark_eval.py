@@ -15,9 +15,11 @@ watermark" (what the cues buy over plain detection), (b) rapidocr at its own
 defaults (det min side 736, cls on) on a subset (what the speed settings buy).
 
 Prints recall by overlay parameter (tiling, opacity, text height, angle, light/dark,
-font) and the missed overlays' texts. --no-achromatic runs the first OCR pass only.
+font), the OCR pass that flagged each positive, and the missed overlays' texts.
+--no-achromatic runs the first OCR pass only; --no-tophat leaves out the third (top-hat).
 
 Usage: python bench/watermark_eval.py [--n-base 40] [--seed 0] [--threads 1] [--no-achromatic]
+       [--no-tophat]
 Ends with: RESULT watermark_eval recall=... fpr=... n_pos=... n_neg=... img_s=...
 """
 
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anchor-n", type=int, default=12, help="images timed at rapidocr defaults")
     ap.add_argument("--save", default=None, help="folder to write the generated images to")
     ap.add_argument("--no-achromatic", action="store_true", help="first OCR pass only")
+    ap.add_argument("--no-tophat", action="store_true", help="no third (top-hat) OCR pass")
     args = ap.parse_args(argv)
 
     nprng = np.random.default_rng(args.seed)
@@ -392,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             im.save(Path(args.save) / f"{i:04d}_{'pos' if lab else 'neg'}_{kind}.jpg", quality=90)
 
     cfg = WatermarkConfig(threads=args.threads, ocr_side=args.ocr_side,
-                          ocr_achromatic_pass=not args.no_achromatic)  # fmt: skip
+                          ocr_achromatic_pass=not args.no_achromatic,
+                          ocr_tophat_pass=not args.no_tophat)  # fmt: skip
     t0 = time.perf_counter()
     filt = WatermarkFilter(cfg)
     filt.setup()
@@ -435,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {src:32s} n_pos={int(pos.sum()):3d} recall={float(flag[pos].mean()):.2f}  "
               f"n_neg={int(neg.sum()):3d} fpr={float(flag[neg].mean()):.2f}")  # fmt: skip
     print_breakdown(metas, flag)
+    passes = np.array([d.scores.get("ocr_pass", 0.0) for d in decisions])
+    hit = flag & (y == 1)
+    by_pass = "  ".join(f"{k}={int((hit & (passes == k)).sum())}" for k in (1, 2, 3))
+    print(f"flagged positives by the OCR pass that flagged them: {by_pass}")
     ar, af = rates(boxes > 0)
     print(f"\nanchor 'any text detected = watermark': recall={ar:.3f} fpr={af:.3f}")
     flagged = p >= cfg.ocr_threshold

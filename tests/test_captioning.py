@@ -30,6 +30,7 @@ from ccurate.captioning.tiny import build_tiny_blip2
 from ccurate.record import Sample, make_key
 from ccurate.stage import StageStats, timed_process
 from ccurate.weights import WeightsNotFoundError
+from tests.benchload import load_bench as _load_bench
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,15 +103,8 @@ def attached(cfg: CaptionConfig, captioner: Blip2Captioner) -> CaptionStage:
 
 
 def load_bench() -> Any:
-    """bench/caption_throughput.py as a module (bench/ is no package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "caption_throughput.py"
-    spec = importlib.util.spec_from_file_location("caption_throughput", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    """bench/caption_throughput.py as a module."""
+    return _load_bench("caption_throughput")
 
 
 # ---- loading ----------------------------------------------------------------
