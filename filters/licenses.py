@@ -34,9 +34,12 @@ Recognised forms (all table-driven, see the tables below):
   name within five words after a negation ("not", "isn't") is no evidence for it.
   Words withholding a use the licence grants ("CC BY-SA 4.0 but not for commercial
   use", "personal use only", "may not be modified", "reproduction prohibited",
-  "not without permission") make a conflict; a licence
+  "not without permission", and their German, French, Spanish, Italian, Portuguese
+  and Dutch forms) make a conflict with every licence granting that use at the same
+  evidence level, whichever item names it; a licence
   stated for a page's text ("Text is available under ...", "All text CC BY 4.0")
   is none for its images: unknown, and a conflict with any other item beside it.
+  Evidence longer than `MAX_EVIDENCE` characters (a page dump, not a licence) is unknown.
 - Rights reserved: "All rights reserved" and its translations, "royalty
   free", "rights managed", "editorial use only" are explicit ARR. A bare
   copyright notice ("©", "(c)", "Copyright 2020 X") is ARR with
@@ -438,53 +441,113 @@ _NOTICE_TEXT = re.compile(r"©|\(c\)|\bcopyright\b|\bcopr\.")
 _NEUTRAL_TEXT = re.compile(
     r"no\s+known\s+copyright\s+restrictions|copyrighted\s+free\s+use|copyright\s+free"
 )
-_ANY_URL = re.compile(r"\S*(?://|\b(?:[\w-]+\.)+[a-z]{2,}(?::\d+)?/)\S*", re.I)
+_URL_WORD = re.compile(r"//|\b(?:[\w-]+\.)+[a-z]{2,}(?::\d+)?/", re.I)
+_URL_WORDS = re.compile(r"\S+")
+MAX_EVIDENCE = 10_000  # characters: a longer "licence" is a page dump, read as unknown
+
+
+def _drop_url_word(m: re.Match[str]) -> str:
+    """A whitespace-separated word that is (or holds) a URL becomes a space: one search per
+    word, never a pattern spanning a run of them (quadratic at worst, not cubic)."""
+    word = m.group(0)
+    return " " if len(word) > 2000 or _URL_WORD.search(word) else word
+
+
 _SPACE = re.compile(r"\s")
 _FLICKR = re.compile(r"flickr\s*:\s*(\d{1,3})", re.I)
 _WIKI_PD = re.compile(r"pd(?:[-_ ](?!mark\b)[\w.-]+)?", re.I)
 _NONFREE = re.compile(r"non[-_ ]?free", re.I)
-# A use restriction stated in words next to a licence ("CC BY-SA 4.0 but not for commercial
-# use", "CC BY 4.0, personal use only"): the licensor's words and the licence disagree, so
-# the licence is not read as granting what the words withhold. On lower-cased text with
-# hyphens, slashes and underscores as spaces.
+# A use restriction stated in words beside a licence ("CC BY-SA 4.0 but not for commercial
+# use", "personal use only", "Nachdruck verboten"): the licensor's words and the licence
+# disagree, so no licence at that evidence level is read as granting what the words withhold
+# (`withholds`, `resolve`). On lower-cased text, hyphens, slashes and underscores as spaces.
+_NEG = r"(?:(?:do|does|may|must|can|shall|should) not|cannot|can't|don't|not to)"
 _NO_COMMERCIAL_TEXT = re.compile(
-    r"\bnon ?commercial|\bnot (?:\w+ ){0,2}for (?:\w+ ){0,2}commercial\b|\bno commercial\b"
-    r"|\bcommercial (?:use|usage|purposes?|reuse) (?:is |are )?(?:strictly )?"
-    r"(?:not (?:allowed|permitted)|prohibited|forbidden|excluded)"
-    r"|\b(?:personal|private|non ?profit|educational) use only\b"
-    r"|\bonly for (?:personal|private|non ?profit|educational)\b"
-    r"|\bnicht ?kommerziell|\bpas d.utilisation commerciale|\bnon commerciale?\b"
-    r"|\buso no comercial|\bno comercial\b"
+    r"\bnon ?commercial|\bnot (?:\w+ ){0,3}for (?:\w+ ){0,3}commercial\b|\bno commercial\b"
+    r"|\bnot for (?:re)?sale\b"
+    rf"|\b{_NEG} (?:be )?(?:used|use|sold|sell|resold|resell)\b (?:\w+ ){{0,3}}commercial"
+    rf"|\b{_NEG} (?:be )?(?:sold|sell|resold|resell)\b"
+    r"|\bcommercial (?:use|usage|purposes?|reuse|exploitation)(?: of (?:\w+ ){0,2}\w+)?:? "
+    r"(?:is |are )?"
+    r"(?:strictly )?(?:not (?:allowed|permitted)|prohibited|forbidden|excluded|requires)"
+    r"|\b(?:prohibited|forbidden|not (?:allowed|permitted)) for commercial"
+    r"|\bcontact (?:\w+ ){0,2}for commercial"
+    r"|\b(?:personal|private|non ?profit|not for profit|educational|research|academic|internal"
+    r"|press|editorial|strictly personal) (?:use|purposes?)? ?only\b"
+    r"|\bfor (?:strictly )?(?:personal|private) use\b|\bstrictly (?:personal|private)\b"
+    r"|\bonly for (?:personal|private|non ?profit|educational|research|academic)\b"
+    r"|\bfor (?:educational|research|academic) purposes only\b|\beditorial only\b"
+    r"|\bnicht ?kommerziell|\bkeine kommerzielle"
+    r"|\bkommerzielle nutzung (?:\w+ )?(?:untersagt|verboten)"
+    r"|\bnicht für kommerzielle|\bnur für (?:den )?(?:private|persönliche)"
+    r"|\bpas d.(?:utilisation|usage) commercial|\b(?:utilisation|usage) commerciale? interdite?"
+    r"|\busage personnel uniquement|\bnon commerciale?\b"
+    r"|\buso no comercial|\bno comercial\b|\bsin fines comerciales|\buso comercial prohibido"
+    r"|\bprohibido (?:su |el )?uso comercial|\buso exclusivamente personal"
+    r"|\bvietato l.uso commerciale|\bsolo per uso personale"
+    r"|\bnão comercial|\bsem fins comerciais|\bproibido (?:o )?uso comercial"
+    r"|\bapenas para uso pessoal"
+    r"|\bniet (?:voor )?commercie|\bgeen commercieel|\balleen voor persoonlijk"
 )
-# A licence stated for the text alone ("Text is available under the Creative Commons
-# Attribution-ShareAlike License 4.0", "The text of this article is licensed CC BY 4.0",
-# "All text CC BY 4.0"): MediaWiki and news-site footers, where each image has its own
-# licence. Not "Photos and text licensed under ..." (media words joined to it).
-_TEXT_SCOPE = re.compile(
-    r"\b(?:article |written |all |the |our )?(?:text|texts|wording|prose)"
-    r"(?: (?:of|on|in) (?:this|the|our|these|all) \w+(?: \w+)?)?"
-    r"(?: (?:is|are|ist))?"
-    r"(?: (?:available|licensed|released|published|distributed|provided|shared|offered|verfügbar))?"
-    r" (?:under|unter|with|as|via|cc\b|creative commons|\(?cc[ -]by)"
-    r"|\b(?:le |el |o |il |der )?(?:texte|texto|testo) (?:est |está |ye |è |ist )?"
-    r"(?:disponible|disponível|disponibile)"
-)
-_MEDIA_AND = re.compile(
-    r"\b(?:images?|photos?|photographs?|pictures?|media|illustrations?|graphics?|figures?)"
-    r" ?(?:and|&|,|\+) ?(?:the |all |our )?$"
+_BOTH_USES = re.compile(r"\b(?:both )?commercial (?:and|or|&) non ?commercial(?: use)?")
+_NO_DERIVATIVES_TEXT = re.compile(
+    r"\bno ?derivatives?\b|\bno derivative works?\b|\bnon derivative\b"
+    r"|\bno (?:modifications?|alterations?|edits?|changes?)\b"
+    r"(?! (?:were|was|have been|has been|made))"
+    rf"|\b{_NEG} (?:be )?(?:modif|alter|edit|remix|adapt|crop|chang)"
+    r"|\b(?:modifications?|alterations?|changes?|editing) (?:are |is )?(?:not (?:allowed|permitted)"
+    r"|prohibited|forbidden)"
+    r"|\bkeine bearbeitung"
+    r"|\b(?:bearbeitung|veränderungen?) (?:ist |sind )?nicht (?:erlaubt|gestattet)"
+    r"|\bpas de modification|\bne pas modifier|\bsin modificaciones|\bnon modificare"
 )
 _NO_USE_TEXT = re.compile(
     r"\breproduction (?:is )?(?:strictly )?(?:prohibited|forbidden|not (?:allowed|permitted))"
-    r"|\b(?:do|may|must) not (?:be )?(?:reproduc|redistribut|republish|cop(?:y|ied)\b)"
-    r"|\bwithout (?:the )?(?:prior |express )?(?:written )?(?:permission|consent)\b"
-    r"|\bno (?:reproduction|redistribution|reuse)\b"
+    rf"|\b{_NEG} (?:be )?(?:reproduc|redistribut|republish|cop(?:y|ied)\b|share\b|shared\b|reuse)"
+    r"|\b(?:not|no|never|prohibited|forbidden)\b[^.;]{0,60}\bwithout (?:\w+ ){0,3}(?:permission"
+    r"|consent|authori[sz]ation)"
+    r"|\b(?:permission|consent) (?:is )?required\b|\bonly with (?:\w+ ){0,3}(?:permission|consent)"
+    r"|\b(?:ask|request|obtain|seek) (?:for )?(?:\w+ )?permission\b|\bunauthori[sz]ed use"
+    r"|\brequires (?:\w+ ){0,2}(?:permission|consent)\b"
+    r"|\bno (?:reproduction|redistribution|reuse)\b|\bnot for (?:redistribution|reproduction)\b"
+    r"|\bnur mit (?:\w+ )?genehmigung|\bgenehmigung (?:ist )?erforderlich"
+    r"|\bnachdruck (?:\w+ )?verboten|\bvervielfältigung (?:\w+ )?verboten"
+    r"|\b(?:toute )?reproduction interdite|\bprohibida (?:la )?reproducci|\briproduzione vietata"
+    r"|\breprodução proibida|\bverveelvoudiging (?:\w+ )?verboden"
 )
-_NO_DERIVATIVES_TEXT = re.compile(
-    r"\bno ?derivatives?\b|\bno derivative works?\b|\bno (?:modifications?|alterations?|edits?)\b"
-    r"|\b(?:do|may|must) not (?:be )?(?:modif|alter|edit|remix|adapt|crop)"
-    r"|\bwithout (?:any )?(?:modifications?|alterations?)\b"
-    r"|\bkeine bearbeitung|\bpas de modification"
+# A licence stated for the text alone ("Text is available under the Creative Commons
+# Attribution-ShareAlike License 4.0", "All text CC BY 4.0", "Text licence: CC BY 4.0",
+# "CC BY 4.0 (excluding images)"): MediaWiki and news-site footers, where each image has its
+# own licence. Not "Photos and text licensed under ..." (media words joined to it).
+_TEXT_SCOPE = re.compile(
+    r"\b(?:article |written |all |the |our |page |textual )?(?:text|texts|wording|prose|"
+    r"textual content|written content|page content|text content)"
+    r"(?: (?:of|on|in) (?:this|the|our|these|all) \w+(?: \w+)?)?"
+    r"(?: (?:is|are|ist))?"
+    r"(?: (?:available|licensed|released|published|distributed|provided|shared|offered|verfügbar))?"
+    r" ?:? (?:under|unter|cc\b|creative commons|\(?cc[ -]by)"
+    r"|\btext licen[cs]e\b|\blicen[cs]e (?:for|of) (?:the )?text\b|\btext(?:s)? only\b"
+    r"|\bapplies to (?:the )?text\b"
+    r"|\b(?:excluding|except(?: for)?|with the exception of|other than|not including) "
+    r"(?:the |all )?"
+    r"(?:images|photos|photographs|pictures|illustrations|media)\b"
+    r"|\b(?:le |el |o |il |der |de |les |los |i |os )?(?:texte|texto|testo|tekst|textes|textos"
+    r"|testi|texte) (?:est |está |ye |è |ist |is |sont |están |sono |estão )?"
+    r"(?:disponible|disponível|disponibile|beschikbaar|disponibles|disponíveis|disponibili"
+    r"|sous licence|unter|bajo|sob|sotto)"
+    r"|\btextinhalte\b"
 )
+_MEDIA = (
+    r"(?:images?|photos?|photographs?|pictures?|media|illustrations?|graphics?|figures?|bilder"
+    r"|fotos?|imágenes|immagini|imagens|afbeeldingen)"
+)
+_MEDIA_AND = re.compile(
+    rf"(?:^|[.;:!?(] |\b(?:all|both|our|the|his|her|their|my) ){_MEDIA}"
+    r"(?: as well as| and| &|,| \+| und| et| y| e| en) (?:the |all |our )?$"
+)
+_CLAUSE_EXCLUSION = re.compile(r"\b(?:except|excluding|exception|apart|other than)\b")
+WITHHELD = "WITHHOLDS-"  # hint prefix: a use the evidence's words withhold (see `resolve`)
+_USES = ("commercial", "derivatives", "use")
 
 
 @dataclass
@@ -663,15 +726,18 @@ def resolve(
     `hints` are CC mentions we could not read as a licence: a family ("CC BY-NC"
     without version) must agree with the licence found, `UNREADABLE` agrees with
     none, and any hint keeps a bare notice from being read as "all rights
-    reserved" (it is then unknown).
+    reserved" (it is then unknown). `WITHHELD` hints (uses withheld in words) make a
+    conflict with every licence granting that use, from any item at the level.
     """
     infos, hints = list(infos), set(hints)
+    withheld = {h for h in hints if h.startswith(WITHHELD)}
+    hints -= withheld
     strong = [x for x in infos if not x.notice_only]
     if any(x.family in _PD_TOOLS for x in strong):  # "Public Domain (CC0)"
         strong = [x for x in strong if x.family != "PD"]
     if strong:
         families = {x.family for x in strong} | (hints - {"CC"})
-        if len(families) > 1:
+        if len(families) > 1 or any(_grants(x, h) for x in strong for h in withheld):
             return None, "license_conflict"
         return max(strong, key=_rank), None
     if infos and not hints:
@@ -694,6 +760,8 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     s = _clean(evidence)
     if not s:
         return [], set()
+    if len(s) > MAX_EVIDENCE:
+        return [], {UNREADABLE}
     if m := _FLICKR.fullmatch(s):
         info = FLICKR.get(int(m.group(1)))
         return ([info] if info else []), set()
@@ -713,7 +781,7 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     if urls:
         return found, url_hints
     # names are read from the words around URLs, never from a URL's path or query
-    text = _ANY_URL.sub(" ", _TAGS.sub(" ", _URL_IN_TEXT.sub(" ", s))).lower()
+    text = _URL_WORDS.sub(_drop_url_word, _TAGS.sub(" ", _URL_IN_TEXT.sub(" ", s))).lower()
     named, hints = _walk(_TOKEN.findall(text))
     hints |= url_hints
     found += named
@@ -721,8 +789,7 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     if _text_only(rest):  # says nothing of the image's licence: no licence, and against
         found = [x for x in found if not x.open]  # any other item at this level
         hints.add(UNREADABLE)
-    elif _withheld(rest, found):
-        hints.add(UNREADABLE)  # agrees with no licence: a conflict, never the permissive one
+    hints |= withholds(rest)  # against every licence at this level granting that use
     if _ARR_TEXT.search(rest):
         found.append(ARR)
     elif _NOTICE_TEXT.search(rest):
@@ -734,20 +801,29 @@ def _text_only(text: str) -> bool:
     """Whether `text` scopes its licence to the text of a page, not its images."""
     text = re.sub(r"\s+", " ", text)
     for m in _TEXT_SCOPE.finditer(text):
-        if not _MEDIA_AND.search(text[max(0, m.start() - 30) : m.start()]):
+        before = text[max(0, m.start() - 40) : m.start()]
+        joined = _MEDIA_AND.search(before) and not _CLAUSE_EXCLUSION.search(before)
+        if not joined:
             return True
     return False
 
 
-def _withheld(text: str, found: Sequence[LicenseInfo]) -> bool:
-    """Whether `text` withholds a use that a licence in `found` grants (commercial use,
-    derivatives). A licence that itself withholds it ("Attribution-NonCommercial 2.0",
-    "CC BY-NC 4.0, non-commercial use only") agrees with the words."""
+def withholds(text: str) -> set[str]:
+    """`WITHHELD` hints for the uses `text` withholds in words: commercial use, derivatives,
+    any use (reproduction, redistribution, use without permission)."""
     text = re.sub(r"\s+", " ", text)
-    no_commercial = any(x.commercial for x in found) and _NO_COMMERCIAL_TEXT.search(text)
-    no_derivatives = any(x.derivatives for x in found) and _NO_DERIVATIVES_TEXT.search(text)
-    no_use = any(x.open for x in found) and _NO_USE_TEXT.search(text)
-    return bool(no_commercial or no_derivatives or no_use)
+    text = _BOTH_USES.sub("commercial", text)  # "commercial and non-commercial use"
+    patterns = (_NO_COMMERCIAL_TEXT, _NO_DERIVATIVES_TEXT, _NO_USE_TEXT)
+    return {WITHHELD + use for use, rx in zip(_USES, patterns, strict=True) if rx.search(text)}
+
+
+def _grants(info: LicenseInfo, hint: str) -> bool:
+    use = hint[len(WITHHELD) :]
+    if use == "commercial":
+        return info.commercial
+    if use == "derivatives":
+        return info.derivatives
+    return info.open
 
 
 def analyse(evidence: str) -> tuple[LicenseInfo | None, str | None]:

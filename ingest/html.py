@@ -79,6 +79,10 @@ _RIGHTS = re.compile(
     r"|\(c\)\s*(?:19|20)\d\d|\bcopyright\s*(?:©|\(c\)|(?:19|20)\d\d)",
     re.IGNORECASE,
 )
+# A footer's licence statement without a rights mark ("Text is available under the Creative
+# Commons Attribution-ShareAlike License"): its words say what the licence covers, which the
+# licence link beside it does not.
+_FOOTER_LICENCE = re.compile(r"creative\s+commons|\bcc[\s-]+(?:by|0|zero)\b", re.IGNORECASE)
 _CREDIT = re.compile(
     r"(?:photo(?:graph)?|image|picture|foto|illustration|credit)s?\s*(?:credit)?\s*(?:by|:)\s*"
     r"([^|;\n(),]{1,120})",
@@ -272,9 +276,9 @@ def is_cc_url(url: str) -> bool:
     return bool(_CC_HOST.match(host)) and bool(_CC_PATH.match(p.path or ""))
 
 
-def rights_snippet(text: str) -> str | None:
+def rights_snippet(text: str, pattern: re.Pattern[str] = _RIGHTS) -> str | None:
     """The rights mark with a little context, or None when the text has none."""
-    m = _RIGHTS.search(text)
+    m = pattern.search(text)
     if not m:
         return None
     start = max(0, m.start() - 60)
@@ -286,6 +290,10 @@ def rights_snippet(text: str) -> str | None:
         sp = text.rfind(" ", m.end(), end)
         end = sp if sp > m.end() else end
     return text[start:end].strip()[:MAX_SNIPPET]
+
+
+def _footer_snippet(text: str) -> str | None:
+    return rights_snippet(text) or rights_snippet(text, _FOOTER_LICENCE)
 
 
 def _text(node: LexborNode) -> str:
@@ -489,7 +497,7 @@ class _Page(PageFacts):
 
     def _read_footer(self) -> None:
         nodes = [n for n in self.tree.css(_FOOTER_SEL) if n.tag not in ("html", "body")]
-        marks = [(n, snip) for n in nodes if (snip := rights_snippet(_text(n)))]
+        marks = [(n, snip) for n in nodes if (snip := _footer_snippet(_text(n)))]
         # the innermost matches that carry a rights mark: a match around another is a
         # wrapper ("no-footer-widgets" around the whole page), whose first mark may be an
         # image caption's "© photographer" rather than the site's footer

@@ -302,6 +302,7 @@ def test_figure_rel_license_is_container_and_comes_first():
     assert ev(page) == [
         ("page", "link_rel_license", "https://example.org/site-license"),
         ("page", "cc_link", "https://creativecommons.org/licenses/by-nc/4.0/"),
+        ("page", "text", "site CC BY-NC"),  # the footer's words: what its licence covers
     ]
     # the figure's licence is not the other image's, nor the page's
     assert ev(b) == ev(page)

@@ -212,3 +212,100 @@ def test_a_page_text_licence_leaves_the_images_own_licence_alone() -> None:
         "CC-BY-4.0",
         "commercial:CC-BY-4.0@image",
     )
+
+
+# review of the restriction and text-scope rules: wordings that must never admit the licence
+WITHHELD_WORDS = [
+    "cannot be reproduced",
+    "not to be used for any commercial purposes whatsoever",
+    "use only with permission",
+    "unauthorized use prohibited",
+    "commercial use of this image is prohibited",
+    "contact us for commercial use",
+    "not for resale",
+    "research use only",
+    "editorial only",
+    "modifications are not allowed",
+    "keine kommerzielle Nutzung",
+    "Nachdruck verboten",
+    "utilisation commerciale interdite",
+    "prohibida la reproducción",
+    "riproduzione vietata",
+    "sem fins comerciais",
+    "niet voor commercieel gebruik",
+]
+TEXT_ONLY = [
+    "Except for images, text is available under CC BY 4.0",
+    "Photos © Getty Images and text under CC BY 4.0",
+    "Text licence: CC BY 4.0",
+    "CC BY 4.0 (excluding images)",
+    "Page content is licensed CC BY-SA 4.0; images have their own licences",
+    "Les textes sont disponibles sous licence CC BY-SA 4.0",
+    "De tekst is beschikbaar onder CC BY-SA 4.0",
+]
+ORDINARY = [
+    ("Photo by Jane Doe, CC BY 2.0. No modifications were made.", "CC-BY-2.0"),
+    ("This image can be used without permission under CC BY 4.0", "CC-BY-4.0"),
+    ("CC BY 4.0 (commercial and non-commercial use)", "CC-BY-4.0"),
+    ("A protest sign with the text as shown. CC BY 2.0", "CC-BY-2.0"),
+    ("Bilder und Text unter CC BY 4.0", "CC-BY-4.0"),
+    ("CC BY-NC 4.0: You may not use the material for commercial purposes.", "CC-BY-NC-4.0"),
+    ("Reproduced without modification under CC BY 4.0", "CC-BY-4.0"),
+]
+
+
+@pytest.mark.parametrize("words", WITHHELD_WORDS)
+def test_words_withholding_a_use_never_admit_the_licence(words: str) -> None:
+    assert analyse(f"CC BY 4.0 - {words}") == (None, C)
+
+
+@pytest.mark.parametrize("text", TEXT_ONLY)
+def test_a_licence_for_the_text_alone_is_none_for_the_images(text: str) -> None:
+    info, reason = analyse(text)
+    assert info is None and reason in (U, C)
+
+
+@pytest.mark.parametrize(("text", "license"), ORDINARY)
+def test_ordinary_statements_keep_their_licence(text: str, license: str) -> None:
+    info, reason = analyse(text)
+    assert (info.spdx if info else None, reason) == (license, None)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        "© 2024 Example. Licensed under CC BY. Not for commercial use.",
+        "© 2024 Example News. Reproduction prohibited without written permission.",
+    ],
+)
+def test_words_in_one_item_withhold_the_licence_of_another_at_that_level(words: str) -> None:
+    s = run(make(ev("page", BY, "cc_link"), ev("page", words, "text")))
+    assert (s.drop_reason, s.license) == (C, None)
+    s = run(make(ev("image", BY), ev("image", "Photo: Jane Doe. Personal use only.", "text")))
+    assert (s.drop_reason, s.license) == (C, None)
+
+
+def test_a_mediawiki_footer_without_a_rights_mark_still_scopes_its_licence_link() -> None:
+    from ccurate.filters.license_filter import LicenseConfig, LicenseFilter
+    from ccurate.ingest.html import extract_images
+
+    footer = (
+        '<div id="footer">{} the <a rel="license" href="{}">Creative Commons '
+        "Attribution-ShareAlike License</a>; additional terms may apply.</div>"
+    )
+    decide = LicenseFilter(LicenseConfig.model_validate({})).decide
+    for words, keep in (("Text is available under", False), ("This site is licensed under", True)):
+        html = '<img src="/a/Cat.jpg">' + footer.format(words, BY_SA)
+        sample = extract_images(html, "https://wiki.example.org/wiki/Cat").images[0]
+        assert ("page", "text") in {(e.scope, e.kind) for e in sample.license_evidence}
+        assert decide(sample).keep is keep
+
+
+def test_hostile_evidence_is_read_in_bounded_time() -> None:
+    import time
+
+    for hostile in ("CC BY 4.0 " + "a-" * 4000, "a" * 9000, "a" * 200_000, "not a b for c " * 700):
+        t0 = time.perf_counter()
+        analyse(hostile)
+        assert time.perf_counter() - t0 < 2.0, hostile[:20]
+    assert analyse("CC BY 4.0 " + "x" * 20_000) == (None, U)  # longer than any real licence
