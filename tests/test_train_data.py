@@ -540,3 +540,7 @@ def test_a_jpeg_already_at_the_training_size_is_decoded_straight_into_its_batch_
     # a strided slot cannot take the decoder's rows: the result comes back as an array
     strided = np.zeros((48, 128, 3), np.uint8)[:, ::2]
     assert decode_resize_crop(exact, 48, 64, out=strided) is not strided
+    for wrong in (np.zeros((64, 48, 3), np.uint8), np.zeros((48, 64, 3), np.float32),
+                  np.zeros((48, 64, 4), np.uint8)):  # fmt: skip
+        got = decode_resize_crop(exact, 48, 64, out=wrong)
+        assert got is not wrong and got.shape == (48, 64, 3) and got.dtype == np.uint8

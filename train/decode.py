@@ -117,7 +117,13 @@ def _decode_jpeg(
             return None
         scale = max(width / w0, height / h0)
         into = None
-        if out is not None and (h0, w0) == (height, width) and out.flags.c_contiguous:
+        if (
+            out is not None
+            and (h0, w0) == (height, width) == out.shape[:2]
+            and out.shape[2:] == (3,)
+            and out.dtype == np.uint8
+            and out.flags.c_contiguous
+        ):
             into = out  # already the wanted size: decoded where the caller wants it
         elif buffer is not None:  # room for the full size: the scaled one is never larger
             into = buffer.get(h0 * w0 * 3)
