@@ -547,7 +547,12 @@ _MEDIA_AND = re.compile(
 )
 _CLAUSE_EXCLUSION = re.compile(r"\b(?:except|excluding|exception|apart|other than)\b")
 WITHHELD = "WITHHOLDS-"  # hint prefix: a use the evidence's words withhold (see `resolve`)
-_USES = ("commercial", "derivatives", "use")
+# each use that words can withhold: its pattern, and the permission of a licence granting it
+_WITHHELD_USES = {
+    "commercial": (_NO_COMMERCIAL_TEXT, "commercial"),
+    "derivatives": (_NO_DERIVATIVES_TEXT, "derivatives"),
+    "use": (_NO_USE_TEXT, "open"),
+}
 
 
 @dataclass
@@ -785,11 +790,11 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     named, hints = _walk(_TOKEN.findall(text))
     hints |= url_hints
     found += named
-    rest = _NEUTRAL_TEXT.sub(" ", re.sub(r"[-_/]+", " ", text))
+    rest = re.sub(r"\s+", " ", _NEUTRAL_TEXT.sub(" ", re.sub(r"[-_/]+", " ", text)))
     if _text_only(rest):  # says nothing of the image's licence: no licence, and against
         found = [x for x in found if not x.open]  # any other item at this level
         hints.add(UNREADABLE)
-    hints |= withholds(rest)  # against every licence at this level granting that use
+    hints |= _withholds(rest)  # against every licence at this level granting that use
     if _ARR_TEXT.search(rest):
         found.append(ARR)
     elif _NOTICE_TEXT.search(rest):
@@ -798,8 +803,8 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
 
 
 def _text_only(text: str) -> bool:
-    """Whether `text` scopes its licence to the text of a page, not its images."""
-    text = re.sub(r"\s+", " ", text)
+    """Whether `text` (whitespace collapsed) scopes its licence to the text of a page, not
+    its images."""
     for m in _TEXT_SCOPE.finditer(text):
         before = text[max(0, m.start() - 40) : m.start()]
         joined = _MEDIA_AND.search(before) and not _CLAUSE_EXCLUSION.search(before)
@@ -808,22 +813,17 @@ def _text_only(text: str) -> bool:
     return False
 
 
-def withholds(text: str) -> set[str]:
-    """`WITHHELD` hints for the uses `text` withholds in words: commercial use, derivatives,
-    any use (reproduction, redistribution, use without permission)."""
-    text = re.sub(r"\s+", " ", text)
+def _withholds(text: str) -> set[str]:
+    """`WITHHELD` hints for the uses `text` (whitespace collapsed) withholds in words:
+    commercial use, derivatives, any use (reproduction, redistribution, use without
+    permission)."""
     text = _BOTH_USES.sub("commercial", text)  # "commercial and non-commercial use"
-    patterns = (_NO_COMMERCIAL_TEXT, _NO_DERIVATIVES_TEXT, _NO_USE_TEXT)
-    return {WITHHELD + use for use, rx in zip(_USES, patterns, strict=True) if rx.search(text)}
+    return {WITHHELD + use for use, (rx, _) in _WITHHELD_USES.items() if rx.search(text)}
 
 
 def _grants(info: LicenseInfo, hint: str) -> bool:
-    use = hint[len(WITHHELD) :]
-    if use == "commercial":
-        return info.commercial
-    if use == "derivatives":
-        return info.derivatives
-    return info.open
+    """Whether `info` grants the use a `WITHHELD` hint withholds."""
+    return bool(getattr(info, _WITHHELD_USES[hint[len(WITHHELD) :]][1]))
 
 
 def analyse(evidence: str) -> tuple[LicenseInfo | None, str | None]:

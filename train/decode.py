@@ -116,17 +116,17 @@ def _decode_jpeg(
         if colorspace not in ("Gray", "YCbCr", "RGB"):
             return None
         scale = max(width / w0, height / h0)
-        into = None
-        if (
+        # already the wanted size: decoded where the caller wants it
+        direct = (
             out is not None
             and (h0, w0) == (height, width) == out.shape[:2]
             and out.shape[2:] == (3,)
             and out.dtype == np.uint8
             and out.flags.c_contiguous
-        ):
-            into = out  # already the wanted size: decoded where the caller wants it
-        elif buffer is not None:  # room for the full size: the scaled one is never larger
-            into = buffer.get(h0 * w0 * 3)
+        )
+        into = out if direct else None
+        if not direct and buffer is not None:
+            into = buffer.get(h0 * w0 * 3)  # the full size: a scaled decode is never larger
         arr: np.ndarray = simplejpeg.decode_jpeg(
             data,
             colorspace="RGB",
@@ -136,7 +136,7 @@ def _decode_jpeg(
             min_width=min(w0, math.ceil(w0 * scale)),
             buffer=into,
         )
-        return out if into is out and out is not None else arr
+        return out if direct else arr
     except ValueError:
         return None
 
