@@ -6,6 +6,11 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """A validated config section. Wrong keys or values fail before any work starts."""
+    """A validated config section. Wrong keys or values fail before any work starts.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    inf and nan are refused for every float: an infinite timeout or factor is never what a
+    config means (`jpeg_draft_factor = inf` dropped every JPEG as a decode error)."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )

@@ -504,7 +504,9 @@ class HttpClient:
                 res.body, res.truncated = self._read_body(conn, resp, req)
                 encoding = (res.header("content-encoding") or "").strip().lower()
                 if encoding in ("gzip", "x-gzip", "deflate") and res.body:
-                    res.body = _decompress(res.body, encoding, req.max_bytes, req.truncate)
+                    res.body = _decompress(
+                        res.body, encoding, req.max_bytes, req.truncate, res.truncated
+                    )
         except _Failure:
             conn.close()
             raise
@@ -658,9 +660,17 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _decompress(body: bytes, encoding: str, max_bytes: int, truncate: bool) -> bytes:
-    """gzip/deflate with the same cap as the raw body (a small gzip can inflate to gigabytes)."""
-    wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS
+def _decompress(
+    body: bytes, encoding: str, max_bytes: int, truncate: bool, cut: bool = False
+) -> bytes:
+    """gzip/deflate with the same cap as the raw body (a small gzip can inflate to gigabytes).
+
+    Every member of a multi-member gzip is read (RFC 1952 2.2). A stream that ends before
+    its end marker is a broken transfer, as a short identity body is: a robots.txt cut
+    before its Disallow group must not read as a shorter file. Only a raw body already
+    cut at the cap (`cut`, pages read with `truncate`) may end mid-stream."""
+    gz = "gzip" in encoding
+    wbits = 16 + zlib.MAX_WBITS if gz else zlib.MAX_WBITS
     try:
         d = zlib.decompressobj(wbits)
         out = d.decompress(body, max_bytes + 1)
@@ -670,8 +680,16 @@ def _decompress(body: bytes, encoding: str, max_bytes: int, truncate: bool) -> b
             out = d.decompress(body, max_bytes + 1)
         except zlib.error as e:
             raise _Failure("connection_error", f"bad {encoding} body: {e}") from None
+    while gz and d.eof and d.unused_data and len(out) <= max_bytes:
+        rest, d = d.unused_data, zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(rest, max_bytes + 1 - len(out))
+        except zlib.error:  # trailing garbage after a whole member: ignored, as gzip(1) does
+            break
     if len(out) > max_bytes:
         if truncate:
             return out[:max_bytes]
         raise _Failure("too_large", f"decompressed body over {max_bytes} bytes")
+    if not d.eof and not cut:
+        raise _Failure("connection_error", f"{encoding} body ended before its end", True)
     return out

@@ -292,7 +292,7 @@ class _Rows:
                     continue
                 try:
                     obj = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested past the stack
                     obj = None
                 if not isinstance(obj, dict):
                     yield i, None
@@ -331,7 +331,7 @@ def _row_licence(
         if isinstance(ext, str) and ext.strip():
             try:
                 ext = json.loads(ext)
-            except ValueError:
+            except (ValueError, RecursionError):
                 ext = None
         if isinstance(ext, dict):
             ev, wiki = wikimedia_evidence(ext)

@@ -70,6 +70,9 @@ _RECORD_TYPES = {
 _CHARSET = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 def _dechunk(data: bytes) -> bytes:
     """Undo HTTP/1.1 chunked transfer coding (raw captures such as wget's keep it)."""
     out = bytearray()
@@ -78,7 +81,10 @@ def _dechunk(data: bytes) -> bytes:
         eol = data.find(b"\r\n", pos)
         if eol < 0:
             raise ValueError("chunked body without a chunk-size line")
-        size = int(data[pos:eol].split(b";", 1)[0].strip() or b"0", 16)
+        token = data[pos:eol].split(b";", 1)[0].strip() or b"0"
+        if not _CHUNK_SIZE.fullmatch(token):  # int() takes '-6': the loop would step back
+            raise ValueError(f"bad chunk size {token[:20]!r}")
+        size = int(token, 16)
         if size == 0:
             return bytes(out)
         start = eol + 2

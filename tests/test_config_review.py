@@ -51,6 +51,19 @@ def test_bad_release_name_fails_at_load(name: str) -> None:
     assert "run.release_name" in _error({"run": {"release_name": name}})
 
 
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"ingest": {"jpeg_draft_factor": float("inf")}}, "ingest.jpeg_draft_factor"),
+        ({"ingest": {"total_timeout": float("inf")}}, "ingest.total_timeout"),
+        ({"ingest": {"backoff_base": float("nan")}}, "ingest.backoff_base"),
+    ],
+)
+def test_infinite_or_nan_floats_are_refused(data: dict[str, Any], needle: str) -> None:
+    """inf passed every bound: jpeg_draft_factor = inf dropped every JPEG as decode_error."""
+    assert needle in _error(data)
+
+
 def test_ingest_min_size_above_max_size_is_refused() -> None:
     msg = _error({"ingest": {"min_image_size": 512, "max_image_size": 256}})
     assert "min_image_size" in msg and "max_image_size" in msg

@@ -200,6 +200,7 @@ def test_compressed_bodies_are_capped_like_raw_ones(srv: TestServer):
     body is a connection error, not a crash. Servers may compress even an image GET
     that asked for identity, so this holds for every request."""
     import gzip
+    import random
     import zlib
 
     page = b"<html>" + b"licence " * 2000 + b"</html>"
@@ -211,6 +212,13 @@ def test_compressed_bodies_are_capped_like_raw_ones(srv: TestServer):
     srv.route("/raw.html", Reply(body=raw.compress(page) + raw.flush(), headers=defl))
     srv.route("/bomb.jpg", Reply(body=bomb, headers=gz))
     srv.route("/bad.html", Reply(body=b"\x1f\x8bnot gzip", headers=gz))
+    # a gzip stream cut before its end (framing complete): a broken transfer, as a short
+    # identity body is; a robots.txt cut before its Disallow group must not read as allowed
+    noisy = random.Random(0).randbytes(20_000).hex().encode()  # gzip of it: ~22 KB
+    srv.route("/noisy.html", Reply(body=gzip.compress(noisy), headers=gz))
+    srv.route("/cut.txt", Reply(body=gzip.compress(page)[:-20], headers=gz))
+    # RFC 1952: a gzip file is a series of members, all of them the body
+    srv.route("/two.html", Reply(body=gzip.compress(page) + gzip.compress(b"<p>2</p>"), headers=gz))
     client = HttpClient(FetchOptions(allow_private=True, retries=0, total_timeout=5.0))
     try:
         for path in ("/gz.html", "/zl.html", "/raw.html"):
@@ -223,6 +231,14 @@ def test_compressed_bodies_are_capped_like_raw_ones(srv: TestServer):
         assert r.ok and r.body == bytes(1_000_000)
         r = client.get(srv.url("/bad.html"), gzip_ok=True)
         assert r.reason == "connection_error" and "bad gzip body" in r.detail
+        for kwargs in ({}, {"truncate": True}):
+            r = client.get(srv.url("/cut.txt"), gzip_ok=True, **kwargs)  # type: ignore[arg-type]
+            assert r.reason == "connection_error" and "ended before its end" in r.detail
+        r = client.get(srv.url("/two.html"), gzip_ok=True)
+        assert r.ok and r.body == page + b"<p>2</p>"
+        # a raw body cut at the cap (a page read as a prefix) may end mid-stream
+        r = client.get(srv.url("/noisy.html"), gzip_ok=True, max_bytes=2_000, truncate=True)
+        assert r.ok and noisy.startswith(r.body) and 0 < len(r.body) <= 2_000
     finally:
         client.close()
 

@@ -726,7 +726,12 @@ def _one_record_warc(tmp_path: Path, name: str, rec: bytes) -> Path:
     [
         (b"no size line at all", "without a chunk-size line"),
         (b"40\r\n<img src=x.jpg>\r\n0\r\n\r\n", "ends inside a chunk"),
-        (b"zz\r\n<img src=x.jpg>\r\n0\r\n\r\n", "invalid literal"),
+        (b"zz\r\n<img src=x.jpg>\r\n0\r\n\r\n", "bad chunk size"),
+        # int() reads a sign: -6 stepped back onto its own size line, forever
+        (b"-6\r\n<img src=x.jpg>\r\n0\r\n\r\n", "bad chunk size"),
+        (b"-8\r\n<img src=x.jpg>\r\n0\r\n\r\n", "bad chunk size"),
+        (b"+6\r\n<img>\r\n0\r\n\r\n", "bad chunk size"),
+        (b"0x6\r\n<img>\r\n0\r\n\r\n", "bad chunk size"),
     ],
 )
 def test_warc_broken_chunked_bodies_are_page_errors(tmp_path: Path, body: bytes, why: str):

@@ -149,6 +149,8 @@ def test_bad_rows_are_recorded_not_dropped_silently(tmp_path: Path):
                 "{not json",
                 "[1, 2]",
                 "",
+                "[" * 100_000 + "]" * 100_000,  # nested past the stack: RecursionError
+                '{"a": ' * 50_000 + "1" + "}" * 50_000,
                 json.dumps({"url": " https://a.test/2.jpg ", "n": "six", "deep": {"a": [1]}}),
             ]
         )
@@ -160,6 +162,8 @@ def test_bad_rows_are_recorded_not_dropped_silently(tmp_path: Path):
         (False, "bad_url"),
         (False, "bad_url"),
         (False, "bad_url"),
+        (False, "bad_row"),
+        (False, "bad_row"),
         (False, "bad_row"),
         (False, "bad_row"),
         (True, None),

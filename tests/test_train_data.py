@@ -197,6 +197,21 @@ def test_parse_record_reads_what_json_dumps_writes_and_refuses_the_rest():
     assert parse_record(b"[1, 2]") == {}  # not a record
     assert parse_record(b'{"caption": "trunc') == {}
     assert parse_record(b'{"caption": "\xff\xfe"}') == {}  # not UTF-8
+    # past orjson's 1,024 levels the standard parser raised RecursionError out of the batch
+    assert parse_record(b'{"a": ' * 5_000 + b"1" + b"}" * 5_000) == {}
+
+
+@pytest.mark.parametrize("value", [5, ["a"], {"t": "x"}, True, None])
+def test_a_caption_that_is_no_string_costs_the_caption_not_the_batch(value: object):
+    """A hand-edited shard's `"caption": 5` raised AttributeError out of the loader, and a
+    resumed run met the same sample again."""
+    rec = {"caption": value, "alt_text": value}
+    assert pick_caption(rec, "from txt", "synthetic") == ("from txt", "txt")
+    assert pick_caption(rec, None, "alt_text") == ("", "empty")
+    assert pick_caption({"caption": value, "alt_text": " alt "}, None, "synthetic") == (
+        "alt",
+        "alt_text",
+    )
 
 
 def test_pick_caption_policies():

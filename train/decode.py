@@ -192,7 +192,7 @@ def parse_record(data: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         try:
             rec = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested past 1,024
             return {}
     return rec if isinstance(rec, dict) else {}
 
@@ -208,6 +208,13 @@ def _unit_of(text: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def _text_field(record: dict[str, Any], name: str) -> str:
+    """A caption field, stripped; "" when absent or not a string (a hand-edited shard's
+    `"caption": 5` must cost one caption, not the training run)."""
+    value = record.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
 def pick_caption(
     record: dict[str, Any], txt: str | None, policy: str, mix: float = 0.5, u: float = 0.0
 ) -> tuple[str, str]:
@@ -216,8 +223,7 @@ def pick_caption(
     Falls back to the other field and then to the `.txt` member when the wanted
     one is empty; `u` is the sample's uniform draw that decides `mix`.
     """
-    synthetic = (record.get("caption") or "").strip()
-    alt = (record.get("alt_text") or "").strip()
+    synthetic, alt = _text_field(record, "caption"), _text_field(record, "alt_text")
     text = (txt or "").strip()
     if policy == "synthetic":
         order = [("synthetic", synthetic), ("txt", text), ("alt_text", alt)]
@@ -474,8 +480,12 @@ def bucket_reader(
         rec = parse_record(reader.read(m)) if m is not None else {}
         if mode == "latent":
             lat = rec.get("latent_hw")
-            if lat:
-                return int(lat[0]) * vae_factor, int(lat[1]) * vae_factor
+            if (
+                isinstance(lat, list)
+                and len(lat) == 2
+                and all(isinstance(v, int) and v > 0 for v in lat)
+            ):
+                return lat[0] * vae_factor, lat[1] * vae_factor
             arr = npy_view(reader.view(_need(raw, "latent.npy")), raw.key)
             return int(arr.shape[-2]) * vae_factor, int(arr.shape[-1]) * vae_factor
         w, h = rec.get("width"), rec.get("height")
