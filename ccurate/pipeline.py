@@ -450,7 +450,8 @@ class Pipeline:
                 stages[step] = done.get("stats", {})
                 for i, p in enumerate(done.get("retry", []), 1):
                     stages[f"retry-{i}"] = p["stats"]
-        stages.update({r.step: r.to_json() for r in self.results})
+        # this run's retry pass is already among the marker's passes (map_step appends it)
+        stages.update({r.step: r.to_json() for r in self.results if r.step != "retry"})
         return {"config": portable_dump(self.cfg), "stages": stages}
 
     def write_summary(self) -> Path:

@@ -712,6 +712,7 @@ def plan_sources(
         parts.append({"name": name, "count": len(buf)})
         buf.clear()
 
+    repeats: Counter[str] = Counter()  # repeats are rare: a counter of them only
     for src in sources:
         n = n_todo = 0
         for s in iter_source(src, warc_stats):
@@ -721,8 +722,11 @@ def plan_sources(
                 # points at the first record; a record dropped for another reason keeps it
                 if s.kept:
                     s.drop("duplicate_url", "ingest")
+                # the n-th repeat of its key: stable when unrelated rows come and go (the
+                # drop count so far re-keyed it whenever an earlier row changed status)
+                repeats[s.key] += 1
                 s.duplicate_of = s.key
-                s.key = make_key(f"dup:{s.key}:{drops.total()}")
+                s.key = make_key(f"dup:{s.key}:{repeats[s.key]}")
             if not s.kept:
                 drops[s.drop_reason or "dropped"] += 1
                 dropped.add(s)

@@ -114,8 +114,12 @@ def one_line(value: Any) -> str:
 
 
 def attribution_line(rec: dict[str, Any], mods: list[str]) -> str:
-    """One TASL credit line: "Title" by Author, credit: ..., source URL, licence name (link),
-    modified: ...
+    """One TASL credit line: "Title" by Author, credit: ..., source URL, image URL (when the
+    source is its page), licence name (link), modified: ...
+
+    The image URL is the "URI or hyperlink to the Licensed Material" of CC BY 4.0
+    §3(a)(1)(A)(v): without it, the images of one page shared one line and no entry told
+    which image it credits.
 
     `credit` (when the record has one) is the attribution the licensor asked for, verbatim:
     CC BY 4.0 §3(a)(1)(A)(i) asks to credit the creator in any reasonable manner requested,
@@ -132,6 +136,9 @@ def attribution_line(rec: dict[str, Any], mods: list[str]) -> str:
     if credit:
         parts.append(f"credit: {credit}")
     parts.append(f"source: {source}")
+    image = one_line(rec.get("url"))
+    if image and image != source:
+        parts.append(f"image: {image}")
     lic = one_line(license_name(lid))
     parts.append(f"licence: {lic} <{link}>" if link else f"licence: {lic}")
     parts.append(f"modified: {', '.join(mods)}" if mods else "not modified")

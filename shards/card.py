@@ -208,7 +208,7 @@ def render_card(s: dict[str, Any]) -> str:
         rows = [[st, f"`{r}`", c] for st, rs in drops["by_stage"].items() for r, c in rs.items()]
         add("Per stage:\n")
         add(_table(["stage", "reason", "records"], rows))
-    stages = s.get("stages") or []
+    stages = [st for st in s.get("stages") or [] if isinstance(st, dict)]
     if stages:
         add("Stage counts:\n")
         add(
@@ -217,10 +217,20 @@ def render_card(s: dict[str, Any]) -> str:
                 [
                     [_recorded(st.get(k)) for k in ("stage", "in", "kept", "dropped")]
                     for st in stages
-                    if isinstance(st, dict)
                 ],
             )
         )
+        # ingest's inputs are URLs, pages and WARC records: one page holds many images, so
+        # its row adds up only as images (the console summary says the same)
+        held = [
+            f"{st['stage']}: {st['in']} inputs held {st['kept'] + st['dropped']} images "
+            f"({st['kept']} kept, {st['dropped']} dropped)."
+            for st in stages
+            if all(isinstance(st.get(k), int) for k in ("in", "kept", "dropped"))
+            and st["kept"] + st["dropped"] > st["in"]
+        ]
+        if held:
+            add(" ".join(held) + "\n")
     if s["excluded"]:
         add("Kept by the run but not published here:\n")
         add(_table(["reason", "samples"], [[f"`{k}`", v] for k, v in s["excluded"].items()]))

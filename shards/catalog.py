@@ -31,6 +31,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .release import SUCCESS, is_release
 
@@ -349,6 +350,10 @@ class Catalog:
     def diff_table(self, release_a: str | Path, release_b: str | Path) -> pa.Table:
         """Per key: change (added/removed/moved/unchanged), splits in a and b, and why.
 
+        A moved key's why is `licence_family_changed` when its licence family differs,
+        `split_policy_changed` when only the splits holding it do (a release that also
+        writes commercial samples into its noncommercial superset split).
+
         The pipeline and the rebuild record each run under its release's name: when the
         run of a release is recorded, a removal is explained by that run's drop and an
         addition by drops before it, not by the catalog's latest state (a run after b
@@ -357,6 +362,11 @@ class Catalog:
         name_a, da = self._release_files(release_a)
         name_b, db = self._release_files(release_b)
         run_a, run_b = _lit(name_a), _lit(name_b)
+
+        def family(d: Path) -> str:
+            # a manifest without the column (hand-made, or older): unknown, so 'changed'
+            names = pq.read_schema(d / "manifest.parquet").names
+            return "any_value(license_family)" if "license_family" in names else "NULL::VARCHAR"
 
         def excluded(d: Path) -> str:
             # one row per key: a key met twice is excluded again as duplicate_key, and a
@@ -370,9 +380,11 @@ class Catalog:
             return "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS reason WHERE false"
 
         sql = f"""
-        WITH a AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits
+        WITH a AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits,
+                          {family(da)} AS family
                    FROM read_parquet({_lit(da / "manifest.parquet")}) GROUP BY key),
-             b AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits
+             b AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits,
+                          {family(db)} AS family
                    FROM read_parquet({_lit(db / "manifest.parquet")}) GROUP BY key),
              ea AS ({excluded(da)}), eb AS ({excluded(db)}),
              ra AS (SELECT key, drop_reason AS reason FROM sample_runs
@@ -386,6 +398,7 @@ class Catalog:
                        WHERE status <> 'ok' AND (cut.t IS NULL OR recorded_at < cut.t)
                        GROUP BY key),
              j AS (SELECT coalesce(a.key, b.key) AS key, a.splits AS split_a, b.splits AS split_b,
+                   coalesce(a.family <> b.family, true) AS family_changed,
                    CASE WHEN a.key IS NULL THEN 'added' WHEN b.key IS NULL THEN 'removed'
                         WHEN a.splits <> b.splits THEN 'moved' ELSE 'unchanged' END AS change
                    FROM a FULL OUTER JOIN b ON a.key = b.key)
@@ -401,7 +414,9 @@ class Catalog:
             WHEN j.change = 'added' THEN coalesce(
               'was_excluded:' || ea.reason, 'previously_dropped:' || ra.reason,
               'previously_dropped:' || p.reason, 'new')
-            WHEN j.change = 'moved' THEN 'licence_family_changed'
+            -- same family in other splits: the split policy changed (e.g. a superset split)
+            WHEN j.change = 'moved' THEN CASE WHEN j.family_changed
+              THEN 'licence_family_changed' ELSE 'split_policy_changed' END
           END AS why
         FROM j CROSS JOIN cut LEFT JOIN samples s ON s.key = j.key LEFT JOIN ea ON ea.key = j.key
           LEFT JOIN eb ON eb.key = j.key LEFT JOIN prior p ON p.key = j.key

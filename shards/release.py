@@ -444,7 +444,7 @@ def _build(
                             "w",
                             encoding="utf-8",
                         )
-                    fh.write(f"- {rec['attribution']}\n")
+                    fh.write(f"- {one_line(rec['key'])}: {rec['attribution']}\n")
                     tally.published_keys += 1
                     tally.per_license[lid] += 1
                     tally.per_family[family] += 1
@@ -508,9 +508,10 @@ def _write_attribution(
     with open(path, "w", encoding="utf-8") as out:  # authors' names: not the locale's charset
         out.write(f"ATTRIBUTION — release {name}\n\n")
         out.write(
-            "Every image in this release is credited below, grouped by licence: title, author,\n"
-            "the credit the licensor asked for (where the source gives one), source, licence\n"
-            "name with a link to its deed, and whether we modified it.\n"
+            "Every image in this release is credited below, grouped by licence: its key (as in\n"
+            "manifest.parquet), title, author, the credit the licensor asked for (where the\n"
+            "source gives one), source, image URL, licence name with a link to its deed, and\n"
+            "whether we modified it.\n"
             "CC0 and Public Domain Mark works need no credit; they are listed as a courtesy.\n"
         )
         for lid in sorted(files):
@@ -535,7 +536,8 @@ def _summary(
     """Everything the card says, as data (also written as release.json)."""
     stages = run_info.get("stages")
     if isinstance(stages, dict):  # the pipeline gives {step: stats}
-        stages = [{"stage": k, **v} if isinstance(v, dict) else v for k, v in stages.items()]
+        # the key names the row: a stats dict's own "stage" ("retry") would hide "retry-2"
+        stages = [{**v, "stage": k} if isinstance(v, dict) else v for k, v in stages.items()]
     if not stages:
         stages = [read_marker(p) for p in inputs if is_done(p)]
         stages = _sum_stage_markers(stages)

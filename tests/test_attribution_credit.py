@@ -144,7 +144,7 @@ def test_release_publishes_credit_in_json_index_manifest_and_attribution(
     assert list(new_rec) == [n for n, _ in _JSON_TYPES]  # type-stable, as the features say
 
     lines = (rel / "ATTRIBUTION").read_text().splitlines()
-    assert f"- {new_rec['attribution']}" in lines
+    assert f"- {s.key}: {new_rec['attribution']}" in lines
 
     man = pq.read_table(rel / "manifest.parquet").to_pylist()
     assert {r["key"]: r["credit"] for r in man} == {s.key: "Photo by PtrQs", old.key: None}

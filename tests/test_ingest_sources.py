@@ -564,3 +564,20 @@ def test_commons_extmetadata_and_flickr_ids_become_evidence_and_attribution(
 
     with pytest.raises(ValueError, match=r"column 'owner_name' \(author_col\) not found"):
         list(iter_source(fsrc.model_copy(update={"author_col": "owner_name"})))
+
+
+def test_a_repeat_keeps_its_key_when_unrelated_rows_change(tmp_path: Path):
+    """A repeat was re-keyed by the count of drops before it: an earlier row fixed upstream
+    (a bad URL now good) changed the key of every later repeat."""
+
+    def repeat_keys(first_url: str, name: str) -> list[str]:
+        path = tmp_path / f"{name}.jsonl"
+        rows = [first_url, "https://a.test/x.jpg", "https://a.test/x.jpg", "https://a.test/x.jpg"]
+        path.write_text("".join(json.dumps({"url": u}) + "\n" for u in rows))
+        plan_sources([UrlListSource(path=str(path))], tmp_path / name, partition_size=10)
+        dropped = table_to_samples(pq.read_table(tmp_path / name / PLANNED_DROPPED))
+        return [s.key for s in dropped if s.drop_reason == "duplicate_url"]
+
+    before = repeat_keys("ftp://a.test/bad.jpg", "before")  # a bad_url drop comes first
+    after = repeat_keys("https://a.test/fixed.jpg", "after")
+    assert len(before) == 2 and len(set(before)) == 2 and before == after

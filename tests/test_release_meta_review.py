@@ -49,7 +49,7 @@ def test_hostile_metadata_gives_one_attribution_line_per_sample(hostile: Path) -
     heads = [ln for ln in lines if ln.startswith("## ")]
     assert heads == [f"## {license_name(k)}" for k in sorted({r["license"] for r in man})]
     entries = [ln for ln in lines if ln.startswith("- ")]
-    assert sorted(entries) == sorted(f"- {r['attribution']}" for r in man)
+    assert sorted(entries) == sorted(f"- {r['key']}: {r['attribution']}" for r in man)
     assert len(entries) == len(man) == 5
     body = lines[lines.index(heads[0]) :]
     allowed = ("## ", "Licence id: ", "- ")
@@ -65,7 +65,7 @@ def test_hostile_metadata_gives_one_attribution_line_per_sample(hostile: Path) -
     assert "CC BY-SA 3.0 DE" in de and "<https://creativecommons.org/licenses/by-sa/3.0/de/>" in de
     assert '"Tab here next end"' in text
     fr = next(e for e in entries if "CC BY 2.0 FR" in e)
-    assert fr.startswith("- Untitled — by unknown author — source: https://x.example/3.jpg")
+    assert "Untitled — by unknown author — source: https://x.example/3.jpg" in fr
     assert '"Zürich — 東京" — by Ana' in text
 
 
@@ -91,6 +91,21 @@ def test_card_stage_table_says_not_recorded(tmp_path: Path) -> None:
     assert "None" not in card
     assert "| filter | not recorded | not recorded | not recorded |" in card
     assert "| dedup | 3 | not recorded | not recorded |" in card
+
+
+def test_card_explains_an_ingest_row_of_pages_that_held_images(tmp_path: Path) -> None:
+    """'| ingest | 34 | 255 | 4 |' did not add up and the card did not say why (34 pages
+    held 259 images); the console summary did."""
+    prefixes = _write_shard(tmp_path / "in-00000", [_img(0, author="A", title="T")])
+    stages = [
+        {"stage": "ingest", "in": 34, "kept": 255, "dropped": 4},
+        {"stage": "filter", "in": 255, "kept": 200, "dropped": 55},
+    ]
+    info = {**RUN_INFO, "stages": stages}
+    rel = write_release(prefixes, [], tmp_path / "out", ShardsConfig(), name="c", run_info=info)
+    card = (rel / "README.md").read_text()
+    assert "ingest: 34 inputs held 259 images (255 kept, 4 dropped)." in card
+    assert "filter:" not in card.split("Stage counts:")[1].split("###")[0]  # it adds up
 
 
 def _run(cat: Catalog, root: Path, name: str, kept: list[str], dropped: list[Sample]) -> None:

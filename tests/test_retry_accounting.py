@@ -90,7 +90,8 @@ def test_a_retry_and_the_next_full_run_count_each_record_once(tmp_path: Path) ->
         _pipe(cfg).run(["ingest"])
         srv.routes["/flaky.jpg"] = Reply(body=_jpeg(2), content_type="image/jpeg")
         srv.routes["/again.jpg"] = Reply(500)
-        _pipe(cfg).run(["retry"])
+        retry_run = _pipe(cfg)
+        retry_run.run(["retry"])
         assert srv.hits["/flaky.jpg"] == srv.hits["/again.jpg"] == 2
 
     work = Path(cfg.run.work_dir)
@@ -110,6 +111,11 @@ def test_a_retry_and_the_next_full_run_count_each_record_once(tmp_path: Path) ->
     assert list(summary) == ["retry", "ingest"]
     assert _stated(summary["ingest"]) == want and summary["ingest"]["shards"] == 2
     assert _stated(_pipe(cfg).run_info()["stages"]["ingest"]) == want
+    # the card's stage table: this run's retry pass once, under its marker's name (it was
+    # listed as 'retry-1' from the marker and again as this run's 'retry')
+    stages = retry_run.run_info()["stages"]
+    assert [k for k in stages if k.startswith("retry")] == ["retry-1"]
+    assert _stated(stages["retry-1"]) == _stated(marker["retry"][0]["stats"])
 
     # the next full run: ingest counts the retry shard (filter reads it), and it all balances
     _pipe(cfg).run()

@@ -130,6 +130,30 @@ def test_diff(world: dict) -> None:
         assert set(t.filter(pa.compute.equal(t["change"], "removed"))["key"].to_pylist()) == m1 - m2
 
 
+def test_diff_tells_a_split_policy_change_from_a_licence_change(world: dict) -> None:
+    """A release that also writes its commercial samples into the noncommercial superset
+    split moves them, but their licence family is the same: the diff said
+    'licence_family_changed' for every one."""
+    cfg = ShardsConfig(samples_per_shard=6, noncommercial_includes_commercial=True)
+    r3 = write_release(
+        world["kept"][:1],
+        world["dropped"],
+        world["root"] / "rel",
+        cfg,
+        name="v3",
+        run_info=RUN_INFO,
+    )
+    man2 = pq.read_table(world["r2"] / "manifest.parquet").to_pylist()
+    commercial = {r["key"] for r in man2 if r["license_family"] == "commercial"}
+    assert commercial and len(commercial) < len(man2)
+    with Catalog(world["cat"]) as cat:
+        rows = cat.diff_table(world["r2"], r3).to_pylist()
+    moved = {r["key"]: r["why"] for r in rows if r["change"] == "moved"}
+    assert set(moved) == commercial
+    assert set(moved.values()) == {"split_policy_changed"}
+    assert {r["change"] for r in rows if r["key"] not in commercial} == {"unchanged"}
+
+
 def test_diff_explains_a_takedown(world: dict, tmp_path: Path) -> None:
     """A sample dropped by a later run (e.g. a takedown) is reported with that reason."""
     from ccurate.record import table_to_samples

@@ -302,7 +302,8 @@ def test_attribution_real_cc_by_sample(tmp_path: Path) -> None:
     assert "<https://creativecommons.org/licenses/by-sa/4.0/>" in line
     assert line.endswith("modified: resized")
     rec = json.loads(next(iter(_records(rel)))[1]["json"])
-    assert rec["attribution"] == line[2:]
+    assert line == f"- {rec['key']}: {rec['attribution']}"
+    assert f"image: {s.url}" in line  # the licensed material's own URI, CC BY 4.0 3(a)(1)(A)(v)
     assert rec["modified"] is True and rec["license_family"] == "commercial"
 
 
@@ -313,7 +314,8 @@ def test_attribution_synthetic_groups(release: Path) -> None:
     lic = Counter(r["license"] for r in man)
     assert heads == [f"## {license_name(k)}" for k in sorted(lic)]
     entries = [ln for ln in text.splitlines() if ln.startswith("- ")]
-    assert sorted(entries) == sorted(f"- {r['attribution']}" for r in man)
+    assert sorted(entries) == sorted(f"- {r['key']}: {r['attribution']}" for r in man)
+    assert len(set(entries)) == len(entries)  # one line per image, each telling which
     by = [ln for ln in entries if "CC BY 4.0" in ln]
     assert len(by) == lic["CC-BY-4.0"]
     assert all(str(license_link("CC-BY-4.0")) in ln for ln in by)
