@@ -27,7 +27,9 @@ class OptoutRecheckStage(Stage):
 
     Uses the ingest fetcher (`HttpClient`: SSRF guard, per-host limits, retries,
     politeness) and opt-out checkers (`ccurate.ingest.optout`) with the same
-    `IngestConfig`, so a re-check honours exactly what ingest honours. Each
+    `IngestConfig`, so a re-check honours exactly what ingest honours (the page
+    origin's robots.txt / tdmrep.json for the page's path included: ingest checks
+    them for an image with a `page_url`, the re-check as it fetches the page). Each
     sample gets `extra["optout_recheck"]`: `ok`, the opt-out reason (the sample
     is dropped with it), `gone:<reason>` (404 and friends: a CC licence is not
     withdrawn by a dead link, the sample stays) or `transient:<reason>` (stays,
@@ -157,13 +159,15 @@ class OptoutRecheckStage(Stage):
         if not res.ok:
             return self._classify(res.reason, url)
         try:
-            optout = extract_images(res.body, res.url, user_agent_token=c.robots_token).optout
+            optouts = extract_images(res.body, res.url, user_agent_token=c.robots_token).optouts
         except Exception:  # an unparsable page says nothing new about opting out
             return "ok"
-        if optout == "optout_meta_robots" and c.respect_meta_robots:
-            return optout
-        if optout == "optout_tdmrep" and c.respect_tdmrep:
-            return optout
+        # every signal on its own, as ingest reads them: `optout` is only the first-ranked
+        # one, so meta robots not honoured would hide a TDM reservation on the same page
+        if "optout_meta_robots" in optouts and c.respect_meta_robots:
+            return "optout_meta_robots"
+        if "optout_tdmrep" in optouts and c.respect_tdmrep:
+            return "optout_tdmrep"
         return "ok"
 
     def _header_optout(self, headers: dict[str, list[str]]) -> str | None:

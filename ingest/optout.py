@@ -14,10 +14,14 @@ What counts as an opt-out (all on by default, each can be switched off in
   run). Rules are tried in file order and the first whose `location` pattern
   matches decides; patterns use robots.txt syntax (`*` any run, trailing `$`
   end of path). -> `optout_tdmrep`
-- robots.txt for our user-agent token, fetched once per origin and cached
-  (`urllib.robotparser`, which applies the first matching rule of the
-  group; a group is ours when its user-agent is our token, case-insensitive,
-  never merely a part of it, as RFC 9309 says). As Google does: 2xx is
+- robots.txt for our user-agent token, fetched once per origin and cached,
+  read as RFC 9309 says (not `urllib.robotparser`'s 1996 draft, which misses
+  wildcard and longest-match opt-outs): the rules of every group whose
+  user-agent is our product token (case-insensitive, never merely a part of
+  it) are merged, else those of every `*` group; `*` and a trailing `$` are
+  wildcards; the longest matching pattern wins and Allow wins a tie; paths
+  and patterns are compared percent-decoded then re-encoded; `/robots.txt`
+  itself is always allowed; a leading BOM is skipped. As Google does: 2xx is
   parsed; any 4xx means there is no robots.txt (everything allowed); 429
   and 5xx mean "disallow everything on this host for this run". If
   robots.txt cannot be reached at all (timeout, connection error) the
@@ -34,11 +38,10 @@ from __future__ import annotations
 import json
 import re
 import threading
-import urllib.robotparser
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 if TYPE_CHECKING:
     from ccurate.ingest.config import IngestConfig
@@ -52,6 +55,7 @@ _VALUED_DIRECTIVES = {
     "max-video-preview",
 }
 _UA_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+_DIRECTIVE_SEP = re.compile(r"[\s;]+")
 ROBOTS_MAX_BYTES = 512 * 1024
 TDMREP_MAX_BYTES = 256 * 1024
 
@@ -63,7 +67,9 @@ def x_robots_optout(
 
     Handles several header lines, comma-separated directives and the
     `botname: directive, directive` form (the bot name applies to the
-    directives that follow it in the same header value).
+    directives that follow it in the same header value). Directives are also
+    split on whitespace and `;`, as `<meta name=robots>` is read: the header
+    is comma-separated by spec, but a mis-separated opt-out is still one.
     """
     wanted = {d.lower() for d in directives}
     me = token.lower()
@@ -71,20 +77,17 @@ def x_robots_optout(
         current: str | None = None  # None: applies to every bot
         for raw in value.split(","):
             item = raw.strip()
-            if not item:
-                continue
             if ":" in item:
                 head, rest = item.split(":", 1)
                 head = head.strip().lower()
-                if head in _VALUED_DIRECTIVES:
-                    continue
-                if not _UA_NAME.match(head):
-                    continue  # e.g. the time of an unavailable_after date
-                current = head
-                item = rest.strip()
-                if not item:
-                    continue
-            if item.lower() in wanted and (current is None or current == me):
+                if head not in _VALUED_DIRECTIVES:
+                    if not _UA_NAME.match(head):
+                        continue  # e.g. the time of an unavailable_after date
+                    current = head
+                item = rest  # the directives after `bot:`; a valued one's value, scanned too
+            # 'noindex noai' and 'noindex;noai' as <meta name=robots> reads them (fail closed)
+            words = _DIRECTIVE_SEP.split(item.lower())
+            if wanted.intersection(words) and (current is None or current == me):
                 return True
     return False
 
@@ -102,26 +105,30 @@ class TdmRule:
     reserved: bool
 
     def matches(self, path: str) -> bool:
-        """Glob match in O(len(path) x len(pattern)), never by regex: a hostile file's
-        `/a*a*a*...b` costs a backtracking regex exponential time on a long path."""
-        pattern = self.location
-        anchored = pattern.endswith("$")
-        parts = (pattern[:-1] if anchored else pattern).split("*")
-        head, rest = parts[0], parts[1:]
-        if not path.startswith(head):
+        return glob_match(self.location, path)
+
+
+def glob_match(pattern: str, path: str) -> bool:
+    """robots.txt-style match (`*` any run, trailing `$` end of path) in O(len(path) x
+    len(pattern)), never by regex: a hostile file's `/a*a*a*...b` costs a backtracking
+    regex exponential time on a long path."""
+    anchored = pattern.endswith("$")
+    parts = (pattern[:-1] if anchored else pattern).split("*")
+    head, rest = parts[0], parts[1:]
+    if not path.startswith(head):
+        return False
+    if not rest:
+        return not anchored or path == head
+    pos = len(head)
+    last = rest[-1]
+    for part in rest[:-1]:  # leftmost match of each middle literal is always safe
+        found = path.find(part, pos)
+        if found < 0:
             return False
-        if not rest:
-            return not anchored or path == head
-        pos = len(head)
-        last = rest[-1]
-        for part in rest[:-1]:  # leftmost match of each middle literal is always safe
-            found = path.find(part, pos)
-            if found < 0:
-                return False
-            pos = found + len(part)
-        if anchored:
-            return len(path) - len(last) >= pos and path.endswith(last)
-        return path.find(last, pos) >= 0
+        pos = found + len(part)
+    if anchored:
+        return len(path) - len(last) >= pos and path.endswith(last)
+    return path.find(last, pos) >= 0
 
 
 def parse_tdmrep(body: bytes) -> list[TdmRule]:
@@ -211,37 +218,87 @@ def open_client(
     return client, policies
 
 
+# Google's accepted misspellings: honouring a misspelt opt-out costs nothing (fail closed)
+_DISALLOW_KEYS = frozenset({"disallow", "dissallow", "dissalow", "disalow", "diasllow", "disallaw"})
+# what a robots.txt pattern and a path keep unescaped after decoding, so both compare alike
+_ROBOTS_SAFE = "/*$?=&;:@!'()+,"
+
+
+def _robots_norm(text: str) -> str:
+    """Percent-decode, then re-encode all but `_ROBOTS_SAFE`: `/%7Ejoe` and `/~joe`, `/é` and
+    `/%C3%A9` compare equal, on both sides of the match."""
+    return quote(unquote(text), safe=_ROBOTS_SAFE)
+
+
+@dataclass(frozen=True)
+class RobotsRules:
+    """The Allow/Disallow rules robots.txt sets for our token (RFC 9309 section 2.2)."""
+
+    rules: tuple[tuple[str, bool], ...] = ()  # (normalised pattern, allow)
+
+    def allows(self, path: str) -> bool:
+        """The longest matching pattern decides, Allow on a tie (RFC 9309 2.2.2); no match
+        allows; `/robots.txt` is always allowed."""
+        path = _robots_norm(path)
+        if path.split("?", 1)[0] == "/robots.txt":
+            return True
+        best, allow = -1, True
+        for pattern, rule_allows in self.rules:
+            size = len(pattern)
+            if (size > best or (size == best and rule_allows)) and glob_match(pattern, path):
+                best, allow = size, rule_allows
+        return allow
+
+
+def parse_robots(body: bytes, token: str) -> RobotsRules:
+    """The rules of robots.txt for the product `token` (RFC 9309 2.1-2.2.1).
+
+    A group is one or more consecutive user-agent lines and the rules up to the next
+    user-agent line after a rule (blank and other lines end nothing). The rules of all
+    groups naming `token` (case-insensitive, the name before any `/version`, never a mere
+    part of it) are merged, else those of all `*` groups. An empty Disallow is no rule.
+    """
+    me = token.strip().lower()
+    mine: list[tuple[str, bool]] = []
+    anyone: list[tuple[str, bool]] = []
+    ours = star = named = in_rules = False
+    text = body.decode("utf-8", "replace").removeprefix("\ufeff")
+    for line in text.splitlines():
+        key, sep, value = line.split("#", 1)[0].partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not sep:
+            continue
+        if key == "user-agent":
+            if in_rules:  # a user-agent after rules starts the next group
+                ours = star = in_rules = False
+            agent = value.split("/", 1)[0].strip().lower()
+            ours = ours or agent == me
+            star = star or agent == "*"
+            named = named or agent == me
+            continue
+        allow = key == "allow"
+        if not (allow or key in _DISALLOW_KEYS):
+            continue  # sitemap, crawl-delay, ...: no rule, and no group boundary
+        in_rules = True
+        if not value or not (ours or star):
+            continue  # empty pattern: no rule; a rule before any user-agent: none
+        if not value.startswith(("/", "*")):
+            value = "/" + value  # 'images/' means '/images/' (fail closed)
+        rule = (_robots_norm(value), allow)
+        if ours:
+            mine.append(rule)
+        if star:
+            anyone.append(rule)
+    return RobotsRules(tuple(mine if named else anyone))
+
+
 @dataclass
 class _OriginPolicy:
     ready: threading.Event
-    robots: urllib.robotparser.RobotFileParser | None = None
+    robots: RobotsRules | None = None
     robots_all: bool | None = None  # True allow all, False disallow all, None: parsed
     unreachable: str | None = None  # transient reason when robots.txt could not be fetched
     tdm_rules: list[TdmRule] | None = None
-
-
-def _exact_agents(parser: urllib.robotparser.RobotFileParser, token: str) -> None:
-    """Keep only the groups named for our product token (RFC 9309: case-insensitive, the
-    name before any '/version'). robotparser would apply a group to every agent whose name
-    *contains* the group's ('User-agent: rat' to 'ccurate'), so a group meant for another
-    bot could allow what `User-agent: *` disallows for us."""
-    me = token.strip().lower()
-    for entry in getattr(parser, "entries", []):
-        ours = any(a.split("/")[0].strip().lower() == me for a in entry.useragents)
-        entry.useragents = [me] if ours else []
-
-
-_UNUSED_ROBOTS_FIELDS = frozenset({"crawl-delay", "request-rate"})
-
-
-def _robots_lines(body: bytes) -> list[str]:
-    """robots.txt lines for robotparser, less the rate fields we never read: robotparser
-    int()s them after `isdigit()`, so `Crawl-delay: ²` or a 5000-digit delay raises."""
-    return [
-        line
-        for line in body.decode("utf-8", "replace").splitlines()
-        if line.split("#", 1)[0].split(":", 1)[0].strip().lower() not in _UNUSED_ROBOTS_FIELDS
-    ]
 
 
 PolicyFetcher = Callable[[str, int], PolicyFetch]
@@ -282,7 +339,7 @@ class OriginPolicies:
         if self.robots:
             if pol.robots_all is False:
                 return "optout_robots_txt"
-            if pol.robots is not None and not pol.robots.can_fetch(self.token, origin + path):
+            if pol.robots is not None and not pol.robots.allows(path):
                 return "optout_robots_txt"
         if self.tdmrep and pol.tdm_rules and tdmrep_reserved(pol.tdm_rules, path):
             return "optout_tdmrep"
@@ -320,10 +377,7 @@ class OriginPolicies:
                 else:  # blocked redirect, bad body...: as if there were no robots.txt
                     pol.robots_all = True
             elif 200 <= got.status < 300:
-                parser = urllib.robotparser.RobotFileParser()
-                parser.parse(_robots_lines(got.body))
-                _exact_agents(parser, self.token)
-                pol.robots = parser
+                pol.robots = parse_robots(got.body, self.token)
             elif got.status == 429 or got.status >= 500:
                 pol.robots_all = False
             else:  # 3xx left after redirects, 4xx: no robots.txt

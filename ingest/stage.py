@@ -2,8 +2,12 @@
 
 Input records come from `ingest.sources`:
 - image records (`mime` is not HTML): fetch the URL, check opt-outs, decode,
-  validate, resize, hash. A record that already carries `image` bytes (e.g.
-  from a WARC capture) skips the fetch and is only decoded and resized.
+  validate, resize, hash. An image with a `page_url` is also held to the page
+  origin's robots.txt / tdmrep.json for the page's path (cached per origin),
+  as the opt-out re-check holds it when it fetches the page: an opt-out on the
+  page must not be published until a re-check runs. A record that already
+  carries `image` bytes (e.g. from a WARC capture) skips the fetch and is only
+  decoded and resized.
 - page records (`mime == "text/html"`): fetch the page, honour its header and
   meta opt-outs, extract its images with `ingest.html.extract_images`, then
   fetch those images in the same batch. A page that fails, opts out or holds
@@ -38,7 +42,7 @@ from PIL import Image
 from ccurate.executor import worker_cpus
 from ccurate.ingest.config import IngestConfig
 from ccurate.ingest.fetch import HttpClient
-from ccurate.ingest.guard import Target
+from ccurate.ingest.guard import Blocked, Target, split_url
 from ccurate.ingest.images import (
     ImageDrop,
     ImageOptions,
@@ -241,6 +245,10 @@ class IngestStage(Stage):
         c = self.config
         body = s.image
         if body is None:
+            reason = self._page_policy(s)
+            if reason is not None:
+                s.drop(reason, STAGE)
+                return s
             res = self._client.get(
                 s.url,
                 accept=IMAGE_ACCEPT,
@@ -281,6 +289,19 @@ class IngestStage(Stage):
         if hashes is not None:
             s.pixel_sha256, s.phash, s.dhash = hashes
         return s
+
+    def _page_policy(self, s: Sample) -> str | None:
+        """The page origin's robots.txt / tdmrep.json verdict for the page's path: the opt-out
+        re-check fetches the page (and so applies them), so ingest must too. Cached per
+        origin; fetched through the same client (SSRF guard); an unparsable page URL has no
+        policy, as the re-check's fetch of it ends in `gone`."""
+        if not s.page_url or s.page_url == s.url:
+            return None
+        try:
+            page = Target(s.page_url, *split_url(s.page_url), addresses=())
+        except Blocked:
+            return None
+        return self._hop_check(page)
 
     def _hop_check(self, target: Target) -> str | None:
         # set with the client in setup: a fetch without policies must fail, never skip them

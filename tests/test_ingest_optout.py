@@ -9,8 +9,10 @@ from ccurate.ingest.config import IngestConfig
 from ccurate.ingest.optout import (
     OriginPolicies,
     PolicyFetch,
+    glob_match,
     header_optout,
     open_client,
+    parse_robots,
     parse_tdmrep,
     tdmrep_reserved,
     x_robots_optout,
@@ -32,6 +34,15 @@ from ccurate.ingest.optout import (
         (["otherbot: noindex", "noai"], True),  # a new header line is for every bot again
         (["Other Bot: noai"], False),  # not a bot name: the item is ignored
         (["max-image-preview:none, noai"], True),
+        # directives separated by spaces or ';', as <meta name=robots> reads them (fail closed)
+        (["noindex noai"], True),
+        (["noindex;noai"], True),
+        (["NOINDEX ;\tNoImageAI"], True),
+        (["ccurate: noindex noai"], True),
+        (["otherbot: noindex noai"], False),
+        (["max-image-preview:none noai"], True),
+        (["noindex nofollow", "none;noarchive"], False),
+        (["noaix noindex"], False),  # whole words only
     ],
 )
 def test_x_robots_tag_forms(values: list[str], expected: bool):
@@ -130,6 +141,117 @@ def test_robots_txt_groups_for_our_token(text: str, allowed: list[str], denied: 
         assert pol.check("https://e.test", path) is None, path
     for path in denied:
         assert pol.check("https://e.test", path) == "optout_robots_txt", path
+
+
+RFC_5_1 = """User-Agent: *
+Disallow: *.gif$
+Disallow: /example/
+Allow: /publications/
+
+User-Agent: foobot
+Disallow:/
+Allow:/example/page.html
+Allow:/example/allowed.gif
+
+User-Agent: barbot
+User-Agent: bazbot
+Disallow: /example/page.html
+
+User-Agent: quxbot
+"""
+RFC_5_2 = "User-Agent: foobot\nAllow: /example/page/\nDisallow: /example/page/disallowed.gif\n"
+
+# (robots.txt, our token, path, allowed): RFC 9309's examples, the review's six, and what
+# must stay allowed
+ROBOTS_CASES: list[tuple[str, str, str, bool]] = [
+    # RFC 9309 5.1: our token's group only, else '*'; a group without rules allows all
+    (RFC_5_1, "foobot", "/example/page.html", True),
+    (RFC_5_1, "foobot", "/example/allowed.gif", True),
+    (RFC_5_1, "foobot", "/example/other.html", False),
+    (RFC_5_1, "foobot", "/publications/a", False),  # foobot's group, not '*', applies
+    (RFC_5_1, "barbot", "/example/page.html", False),
+    (RFC_5_1, "bazbot", "/example/page.html", False),
+    (RFC_5_1, "bazbot", "/example/x.gif", True),
+    (RFC_5_1, "quxbot", "/example/page.html", True),
+    (RFC_5_1, "ccurate", "/a/b.gif", False),
+    (RFC_5_1, "ccurate", "/a/b.gif?x=1", True),  # '$': a longer path does not match
+    (RFC_5_1, "ccurate", "/example/x", False),
+    (RFC_5_1, "ccurate", "/publications/x", True),
+    # RFC 9309 5.2: the longest match wins
+    (RFC_5_2, "foobot", "/example/page/", True),
+    (RFC_5_2, "foobot", "/example/page/disallowed.gif", False),
+    # RFC 9309 2.2.2/2.2.3: percent-encoding compares equal, wildcards
+    ("User-agent: *\nDisallow: /foo/bar/ツ\n", "ccurate", "/foo/bar/%E3%83%84", False),
+    ("User-agent: *\nDisallow: /foo/bar/%62%61%7A\n", "ccurate", "/foo/bar/baz", False),
+    ("User-agent: *\nDisallow: /%7Ejoe/\n", "ccurate", "/~joe/a.jpg", False),
+    ("User-agent: *\nDisallow: /this/*/exactly\n", "ccurate", "/this/a/b/exactly", False),
+    ("User-agent: *\nDisallow: /this/path/exactly$\n", "ccurate", "/this/path/exactly", False),
+    ("User-agent: *\nDisallow: /this/path/exactly$\n", "ccurate", "/this/path/exactly/", True),
+    # the review's six: all opt-outs robotparser missed
+    ("User-agent: ccurate\nDisallow: /*.jpg$\n", "ccurate", "/img/a.jpg", False),
+    (
+        "User-agent: *\nDisallow: /wp-content/uploads/*\n",
+        "ccurate",
+        "/wp-content/uploads/a.jpg",
+        False,
+    ),
+    ("User-agent: ccurate\nDisallow: /*/images/\n", "ccurate", "/en/images/a.jpg", False),
+    ("User-agent: ccurate\nAllow: /\nDisallow: /images/\n", "ccurate", "/images/a.jpg", False),
+    (
+        "User-agent: ccurate\nDisallow: /a/\n\nUser-agent: ccurate\nDisallow: /b/\n",
+        "ccurate",
+        "/b/x.jpg",
+        False,
+    ),
+    ("\ufeffUser-agent: *\nDisallow: /\n", "ccurate", "/a.jpg", False),
+    # allowed
+    (
+        "User-agent: *\nDisallow: /images/\nAllow: /images/public/\n",
+        "ccurate",
+        "/images/public/a.jpg",
+        True,
+    ),
+    (
+        "User-agent: *\nDisallow: /images/\nAllow: /images/public/\n",
+        "ccurate",
+        "/images/a.jpg",
+        False,
+    ),
+    ("User-agent: *\nDisallow: /a\nAllow: /a\n", "ccurate", "/a.jpg", True),  # a tie: Allow
+    ("User-agent: *\nDisallow:\n", "ccurate", "/a.jpg", True),  # empty: no rule
+    ("User-agent: otherbot\nDisallow: /\n", "ccurate", "/a.jpg", True),
+    ("User-agent: *\nDisallow: /*.jpg$\n", "ccurate", "/a.jpg.html", True),
+    ("User-agent: *\nDisallow: /\n", "ccurate", "/robots.txt", True),  # always allowed
+    ("Disallow: /\nUser-agent: *\nAllow: /\n", "ccurate", "/a.jpg", True),  # rule w/o group
+    # grouping: blank lines and other fields end nothing; rules after a user-agent do
+    ("User-agent: ccurate\n\nDisallow: /x/\n", "ccurate", "/x/a.jpg", False),
+    (
+        "User-agent: a\nCrawl-delay: 5\nUser-agent: ccurate\nDisallow: /x/\n",
+        "ccurate",
+        "/x/1",
+        False,
+    ),
+    ("User-agent: ccurate\nDisallow: /x/\nUser-agent: b\nDisallow: /y/\n", "ccurate", "/y/1", True),
+    ("User-agent: *\nDisallow: images/\n", "ccurate", "/images/a.jpg", False),  # no '/'
+    ("User-agent: *\nDisalow: /x/\n", "ccurate", "/x/a.jpg", False),  # Google's misspelling
+    ("User-agent: *\r\nDisallow: /x/ # comment\r\n", "ccurate", "/x/a.jpg", False),
+    ("User-agent: *\nDisallow: /a?b=1\n", "ccurate", "/a?b=1&c", False),  # query included
+]
+
+
+@pytest.mark.parametrize(("text", "token", "path", "allowed"), ROBOTS_CASES)
+def test_robots_txt_rfc9309(text: str, token: str, path: str, allowed: bool):
+    pol = OriginPolicies(FakeFetch(robots(text)), token, tdmrep=False)
+    assert pol.check("https://e.test", path) == (None if allowed else "optout_robots_txt")
+
+
+def test_robots_txt_hostile_patterns_stay_linear():
+    # a backtracking regex takes exponential time on these; the glob match is linear-ish
+    text = "User-agent: *\n" + "Disallow: /" + "a*" * 2000 + "b\n"
+    rules = parse_robots(text.encode(), "ccurate")
+    assert rules.allows("/" + "a" * 5000)
+    assert not rules.allows("/" + "a" * 5000 + "b")
+    assert glob_match("/*x*y$", "/axby") and not glob_match("/*x*y$", "/axbyz")
 
 
 @pytest.mark.parametrize(
