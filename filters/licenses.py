@@ -32,19 +32,37 @@ Recognised forms (all table-driven, see the tables below):
   prefix; the long form may start with "Attribution". Elements after the version
   ("CC BY 4.0 NC", "cc-by-4.0-nc") make the name unreadable, never plain BY, and a
   name within five words after a negation ("not", "isn't") is no evidence for it.
+  A CC URL inside text reads as its licence's name for the words after it
+  ("…/by/4.0/ NC" is "CC BY 4.0 NC"), and "by" before more elements continues a name
+  ("CC BY 4.0 by-nc" is unreadable).
   Words withholding a use the licence grants ("CC BY-SA 4.0 but not for commercial
-  use", "personal use only", "may not be modified", "reproduction prohibited",
-  "not without permission", and their German, French, Spanish, Italian, Portuguese
-  and Dutch forms) make a conflict with every licence granting that use at the same
-  evidence level, whichever item names it; a licence
+  use", "personal use only", "may not be modified", "derivative works prohibited",
+  "reproduction prohibited", "not without permission", "used with permission", and their
+  German, French, Spanish, Italian, Portuguese and Dutch forms) make a conflict with every
+  licence granting that use at the same evidence level, whichever item names it.
+  Commercial use fails closed: a commerce word (commercial, kommerziell, gewerblich,
+  comercial, коммерческий, 商用, 商业, ...) followed by a use word ("use", "rights",
+  "purposes", "Nutzung", "uso", ...) or a colon ("Commercial: no"), or after a negation or
+  exclusion ("except", "keine", "sans"), or any CJK one, withholds it, unless it is part of
+  a phrase granting it ("free for commercial use", "commercial and non-commercial use",
+  "even commercially", "sogar kommerziell", "y compris commerciale", "可商用", ... and not
+  negated: `_GRANTS_COMMERCIAL`); a commerce word describing a thing ("Commercial Street")
+  withholds nothing. A licence
   stated for a page's text ("Text is available under ...", "All text CC BY 4.0")
-  is none for its images: unknown, and a conflict with any other item beside it.
+  is none for its images: unknown, and a conflict with any other item beside it; so is a
+  rights notice for the pictures ("Story CC BY 4.0. Photo © Reuters", "CC BY 4.0. Images
+  © their respective owners", "© Getty Images") unless its own clause (up to . ; ! ? |)
+  goes on to name the licence and no other subject: "Photo © Jane Doe, CC BY 4.0" is the
+  licensor's notice, "Photo © Jane Doe. CC BY 4.0" fails closed (`_MEDIA_NOTICE`).
+  `MIXED_RIGHTS` (ingest's mark for a container of several images whose text has a
+  licence and a notice apart from it, see `notice_apart`) is unreadable.
   Evidence longer than `MAX_EVIDENCE` characters (a page dump, not a licence) is unknown.
 - Rights reserved: "All rights reserved" and its translations, "royalty
   free", "rights managed", "editorial use only" are explicit ARR. A bare
   copyright notice ("©", "(c)", "Copyright 2020 X") is ARR with
   `notice_only=True`: a CC licence in the same evidence wins over it (a CC
-  work still carries its author's copyright notice), and a CC mention we
+  work still carries its author's copyright notice; not a notice for the pictures
+  apart from the licence, above), and a CC mention we
   cannot read (e.g. a name without version) turns it into unknown, not ARR.
 
 Ids: the SPDX id where the SPDX licence list has one (checked against the list:
@@ -488,8 +506,16 @@ _NO_COMMERCIAL_TEXT = re.compile(
     r"|\bnão comercial|\bsem fins comerciais|\bproibido (?:o )?uso comercial"
     r"|\bapenas para uso pessoal"
     r"|\bniet (?:voor )?commercie|\bgeen commercieel|\balleen voor persoonlijk"
+    # selling; personal or private use in other languages and word orders
+    r"|\b(?:selling|sale|sales|resale|reselling)(?: of (?:\w+ ){0,2}\w+)? (?:is |are )?"
+    r"(?:strictly )?(?:prohibited|forbidden|not (?:allowed|permitted))"
+    r"|\b(?:personal|private) use\b"
+    r"|\b(?:uso|usage|utilisation|utilizzo|gebrauch|nutzung|verwendung|gebruik) (?:\w+ )?"
+    r"(?:personal|personale|personnel|privé|privée|privado|privato|pessoal|privat|persönlich)"
+    r"|\b(?:private?[nr]?|persönliche?[nr]?|privé|privée|personnel|persoonlijk) ?"
+    r"(?:gebrauch|nutzung|verwendung|usage|utilisation|gebruik)\b"
+    r"|个人(?:使用|用途)|個人(?:利用|使用|用途)|\bтолько для личного|\bличного использования"
 )
-_BOTH_USES = re.compile(r"\b(?:both )?commercial (?:and|or|&) non ?commercial(?: use)?")
 _NO_DERIVATIVES_TEXT = re.compile(
     r"\bno ?derivatives?\b|\bno derivative works?\b|\bnon derivative\b"
     r"|\bno (?:modifications?|alterations?|edits?|changes?)\b"
@@ -500,13 +526,20 @@ _NO_DERIVATIVES_TEXT = re.compile(
     r"|\bkeine bearbeitung"
     r"|\b(?:bearbeitung|veränderungen?) (?:ist |sind )?nicht (?:erlaubt|gestattet)"
     r"|\bpas de modification|\bne pas modifier|\bsin modificaciones|\bnon modificare"
+    r"|\bderivatives?(?: works?)? (?:are |is )?(?:strictly )?(?:not (?:allowed|permitted)"
+    r"|prohibited|forbidden)"
+    r"|\b(?:modifications?|alterations?|bearbeitungen|veränderungen|modificaciones"
+    r"|modifiche|modificações) (?:\w+ )?(?:untersagt|verboten|interdites?|prohibidas?"
+    r"|vietate?|proibidas?)"
+    r"|\bno se permiten (?:modificaciones|obras derivadas)"
 )
 _NO_USE_TEXT = re.compile(
     r"\breproduction (?:is )?(?:strictly )?(?:prohibited|forbidden|not (?:allowed|permitted))"
     rf"|\b{_NEG} (?:be )?(?:reproduc|redistribut|republish|cop(?:y|ied)\b|share\b|shared\b|reuse)"
     r"|\b(?:not|no|never|prohibited|forbidden)\b[^.;]{0,60}\bwithout (?:\w+ ){0,3}(?:permission"
     r"|consent|authori[sz]ation)"
-    r"|\b(?:permission|consent) (?:is )?required\b|\bonly with (?:\w+ ){0,3}(?:permission|consent)"
+    r"|(?<!\bno )(?<!\bwithout )\b(?:permission|consent) (?:is )?required\b"
+    r"|\bonly with (?:\w+ ){0,3}(?:permission|consent)"
     r"|\b(?:ask|request|obtain|seek) (?:for )?(?:\w+ )?permission\b|\bunauthori[sz]ed use"
     r"|\brequires (?:\w+ ){0,2}(?:permission|consent)\b"
     r"|\bno (?:reproduction|redistribution|reuse)\b|\bnot for (?:redistribution|reproduction)\b"
@@ -514,6 +547,11 @@ _NO_USE_TEXT = re.compile(
     r"|\bnachdruck (?:\w+ )?verboten|\bvervielfältigung (?:\w+ )?verboten"
     r"|\b(?:toute )?reproduction interdite|\bprohibida (?:la )?reproducci|\briproduzione vietata"
     r"|\breprodução proibida|\bverveelvoudiging (?:\w+ )?verboden"
+    # shown by someone's leave ("used with permission", "use by permission only"): not a
+    # licence to anyone else
+    r"|\b(?:by|with) (?:\w+ ){0,3}(?:permission|consent)\b|\bmit (?:\w+ )?genehmigung"
+    r"|\bavec (?:l.|la )?(?:aimable )?(?:autorisation|permission)|\bcon (?:el )?permiso\b"
+    r"|\bcon (?:il )?permesso\b|\bcom (?:a )?(?:permissão|autorização)|\bmet (?:\w+ )?toestemming"
 )
 # A licence stated for the text alone ("Text is available under the Creative Commons
 # Attribution-ShareAlike License 4.0", "All text CC BY 4.0", "Text licence: CC BY 4.0",
@@ -546,6 +584,116 @@ _MEDIA_AND = re.compile(
     r"(?: as well as| and| &|,| \+| und| et| y| e| en) (?:the |all |our )?$"
 )
 _CLAUSE_EXCLUSION = re.compile(r"\b(?:except|excluding|exception|apart|other than)\b")
+
+# Commercial use, failing closed: a commerce word in a use context ("except commercial use",
+# "commercial rights reserved", "Commercial: no", "keine gewerbliche Nutzung", "禁止商用")
+# withholds commercial use unless it is part of a licence name or of a phrase granting it
+# (`_GRANTS_COMMERCIAL`). A commerce word describing a thing ("Commercial Street", "a
+# commercial airliner") is no use context: followed by no use word, after no negation.
+_COMMERCE = re.compile(
+    r"commercia\w*|commerci[eë]\w*|comercia\w*|kommerz\w*|gewerb\w*|коммерч\w*"
+    r"|(商用|商业|商業|営利|营利|營利)"  # group 1: CJK, no words around it to read
+)
+# fmt: off
+_USE_WORDS = frozenset({
+    "use", "uses", "used", "user", "users", "using", "usage", "usages", "reuse", "purpose",
+    "purposes", "right", "rights", "sale", "sales", "resale", "selling", "request", "requests",
+    "inquiries", "enquiries", "contact", "project", "projects", "application", "applications",
+    "permission", "exploitation", "distribution", "redistribution", "licence", "license",
+    "licences", "licenses", "licensing", "fins", "fines", "fini", "fin", "scopi", "scopo", "uso",
+    "usos", "usi", "droits", "anfrage", "anfragen", "einsatz", "doeleinden", "doeleinde",
+})
+_USE_PREFIXES = (
+    "gebrauch", "nutzung", "nutzer", "zweck", "verwend", "verwert", "lizenz", "rechte",
+    "utilis", "exploit", "distribu", "licen", "permis", "finalidad", "finalidade", "utiliz",
+    "derech", "direit", "diritt", "gebruik", "rechten", "propósito", "использ", "лиценз", "цел",
+    "прав",
+)
+_NEGATIONS = frozenset({
+    "not", "no", "non", "never", "t", "cannot", "nicht", "kein", "keine", "keinen", "keiner",
+    "keinerlei", "pas", "nem", "niet", "geen", "nie", "не", "без", "except", "excepting",
+    "excluding", "excluded", "exclude", "sans", "sin", "senza", "sem", "zonder", "ohne",
+    "without", "ausgenommen", "außer", "ausser", "sauf", "salvo", "tranne", "exceto",
+})
+# fmt: on
+_CJK_NEGATION = frozenset("不非禁没沒無无")
+_COMMERCE_WORD = r"(?:commercia|commerci[eë]|comercia|kommerz|gewerb)\w*"
+_GRANT = (
+    r"(?:allowed|permitted|ok|okay|fine|welcome|free|authori[sz]ed|granted|included"
+    r"|yes|erlaubt|gestattet|zulässig|frei|autorisée?|permise?|libre|permitido"
+    r"|autorizado|consentito|permesso|ammesso|toegestaan|разрешено|допускается)"
+)
+# Phrases granting commercial use (or naming both uses), masked before the check above.
+_GRANTS_COMMERCIAL = re.compile(
+    rf"\b(?:both |sowohl )?(?:non ?|nicht ?|no |não |niet )?{_COMMERCE_WORD}(?: use| usage)?"
+    rf" (?:and|or|&|et|ou|und|oder|als auch|y|o|e|en|of) (?:non ?|nicht ?|no |não |niet ?)?"
+    rf"(?:{_COMMERCE_WORD}|personal|private|privaten?|persönlichen?|editorial|educational)"
+    r"|\b(?:personal|private|privaten?|persönlichen?|editorial|educational|privé|personnel)"
+    rf" (?:and|or|&|et|ou|und|oder) {_COMMERCE_WORD}"
+    r"|\b(?:free|ok|okay|allowed|permitted|suitable|fine|safe|approved|cleared) (?:to use )?"
+    rf"(?:for|in) (?:any |all |both )?{_COMMERCE_WORD}"
+    rf"|\b{_COMMERCE_WORD}(?: (?:use|uses|usage|reuse|purposes?|nutzung|verwendung|gebrauch"
+    rf"|utilisation|usage|uso|utilizzo|gebruik|использование))? ?:? (?:is |are |ist |est |es |é "
+    rf"|è |is |также |ebenfalls |also |auch )?(?:ausdrücklich |expressly )?{_GRANT}\b"
+    r"|\b(?:can|may|could) (?:also |freely |even )?be used (?:also |freely |even )?"
+    rf"(?:commercially|for {_COMMERCE_WORD})"
+    rf"|\b(?:including|incl|even|also|allows?|allowing|permits?|permitting|sogar|auch"
+    rf"|einschließlich|inklusive|erlaubt|gestattet|y compris|incluso"
+    rf"|anche|inclusive|incluindo|mesmo que|inclusief|даже|включая|в том числе) (?:for |für "
+    rf"|pour |para |per |voor |в |для |à des fins |a fini |con fines |para fins )?"
+    rf"(?:{_COMMERCE_WORD}|коммерч\w*)"
+    r"|可商用|允许商用|允許商用|可以商用|商用可|商用利用可|商業利用可|商用ok|商用無料|免费商用"
+    r"|商用免费|可用于商业|可用於商業|営利目的も含め|甚至商业|甚至商業"
+)
+# A rights notice whose subject is the media ("Photo © Reuters", "Images © their respective
+# owners", "© Getty Images", "images are copyright of their creators") says the pictures are
+# not under a licence stated for something else beside it. It is the licensor's own notice on
+# a CC photo only when its clause (up to . ; ! ? |) goes on to name the licence and names no
+# other subject: "Photo © Jane Doe, CC BY 4.0", "Photo: © Jane Doe / CC BY-SA 4.0".
+_MARK = (
+    r"(?:©|(?<![\d)])(?<![\d)] )\(c\)|\bcopyright(?:ed)?\b|\bcopr\.|\ball rights reserved\b"
+    r"|\balle rechte vorbehalten\b|\btous droits réservés\b|\btodos los derechos reservados\b)"
+)
+_MEDIA_SUBJECT = rf"(?:{_MEDIA}|photography|pics?|bild|photographies|fotografie|fotografías?)"
+_MEDIA_NOUN = (
+    r"(?:images?|photos?|photographs?|pictures?|fotos?|bilder|bild|illustrations?|imágenes"
+    r"|immagini|imagens|afbeeldingen|photographies|fotografie|fotografías?)"
+)
+_MEDIA_NOTICE = re.compile(
+    rf"\b{_MEDIA_SUBJECT}\b[^.;!?|©]{{0,30}}?{_MARK}"
+    rf"|{_MARK} ?:?(?: (?:of|for|on|in|to|für|auf|de|des|du|di|sur|van|op))?"
+    rf"(?: (?:the|all|these|this|our|its|their|die|der|les|la|le|los|las|gli|os|as))?"
+    rf"(?: \w+){{0,2}}? {_MEDIA_NOUN}\b"
+    rf"|{_MARK}[^.;!?|()©]{{1,40}}\( ?{_MEDIA_SUBJECT} ?\)"
+)
+_ANY_NOTICE = re.compile(_MARK)
+_CLAUSE_END = re.compile(r"[.;!?|](?: |$)")
+# fmt: off
+_OTHER_SUBJECTS = frozenset({
+    "text", "texts", "story", "stories", "article", "articles", "words", "wording", "content",
+    "contents", "post", "posts", "blog", "site", "website", "page", "rest", "else", "other",
+    "others", "everything", "video", "videos", "audio", "music", "logo", "logos", "except",
+    "unless", "excluding", "but", "whereas", "however", "texte", "texto", "testo", "tekst",
+    "artikel", "inhalt", "inhalte",
+})
+# fmt: on
+
+
+def _notice_apart(text: str, notices: re.Pattern[str]) -> bool:
+    """Whether a `notices` match in `text` (normalised as in `read`) stands apart from every
+    licence: its clause, from the notice on, names no licence, or names another subject
+    after the notice ("Photo © Reuters, story CC BY 4.0")."""
+    for m in notices.finditer(text):
+        end = _CLAUSE_END.search(text, m.end(), m.start() + 300)
+        stop = end.start() if end else m.start() + 300
+        if not _OTHER_SUBJECTS.isdisjoint(_TOKEN.findall(text[m.end() : stop])):
+            return True
+        found, hints = _walk(_TOKEN.findall(text[m.start() : stop]))
+        if not (hints or any(x.open for x in found)):
+            return True
+    return False
+
+
 WITHHELD = "WITHHOLDS-"  # hint prefix: a use the evidence's words withhold (see `resolve`)
 # each use that words can withhold: its pattern, and the permission of a licence granting it
 _WITHHELD_USES = {
@@ -656,6 +804,8 @@ def _match_cc(tokens: Sequence[str], i: int) -> _Match | None:
             k += len(p)
         elif tokens[k] in _TRAILING or tokens[k] in _PORTS:
             k += 1
+        elif tokens[k] == "by" and (p := _phrase_at(tokens, k + 1, _ELEMENTS)) is not None:
+            k += 1  # "CC BY 4.0 by-nc": a second name's elements; "by" alone ends the name
         else:
             break
     if set(extra) - set(elems):
@@ -756,6 +906,43 @@ def _clean(evidence: str) -> str:
     return s.strip().strip("\"'")
 
 
+# What ingest records for a container holding several images whose text has a licence and
+# a rights notice standing apart from it (`notice_apart`): which image each one concerns is
+# unknown, so no licence at the container's level is any one image's.
+MIXED_RIGHTS = "ccurate:mixed-rights"
+
+
+_AFTER_VERSION = re.compile(r"\d\.\d[\s(\[<\"'>:,]*$")
+
+
+def _url_as_name(m: re.Match[str]) -> str:
+    """A CC URL in text becomes its licence's name, so the words after it are read as after
+    a name ("…/by/4.0/ NC" is "CC BY 4.0 NC"); right after a name's version ("CC BY 4.0
+    <URL> NC"), other URLs, become a space. The sentence punctuation after the URL stays."""
+    url = m.group(0).rstrip(".,;:!?)]}")
+    info = parse_url(url)
+    after_name = _AFTER_VERSION.search(m.string[max(0, m.start() - 20) : m.start()])
+    name = info.name if info is not None and after_name is None else ""
+    return f" {name} {m.group(0)[len(url) :]} "
+
+
+def _normalised(s: str) -> tuple[str, str]:
+    """The words of cleaned evidence as the text rules read them, and the same without
+    neutral phrases ("copyright free"): URLs as licence names, tags dropped, lower-cased,
+    hyphens, underscores and slashes as spaces, whitespace collapsed."""
+    text = _URL_WORDS.sub(_drop_url_word, _TAGS.sub(" ", _URL_IN_TEXT.sub(_url_as_name, s)))
+    text = re.sub(r"\s+", " ", re.sub(r"[-_/]+", " ", text.lower()))
+    return text, re.sub(r"\s+", " ", _NEUTRAL_TEXT.sub(" ", text))
+
+
+def notice_apart(evidence: str) -> bool:
+    """Whether `evidence` has a rights notice (©, "copyright", "all rights reserved") that
+    stands apart from any licence in it (see `_MEDIA_NOTICE`), e.g. "Left: Jane Doe, CC BY
+    4.0. Right: © Reuters" but not "© Jane Doe, CC BY 4.0"."""
+    s = _clean(evidence)
+    return len(s) <= MAX_EVIDENCE and _notice_apart(_normalised(s)[1], _ANY_NOTICE)
+
+
 def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     """Everything one string says: the licences named in it, and unreadable CC mentions.
 
@@ -765,7 +952,7 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
     s = _clean(evidence)
     if not s:
         return [], set()
-    if len(s) > MAX_EVIDENCE:
+    if len(s) > MAX_EVIDENCE or s.lower() == MIXED_RIGHTS:
         return [], {UNREADABLE}
     if m := _FLICKR.fullmatch(s):
         info = FLICKR.get(int(m.group(1)))
@@ -785,14 +972,17 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
             url_hints.add(hint)
     if urls:
         return found, url_hints
-    # names are read from the words around URLs, never from a URL's path or query
-    text = _URL_WORDS.sub(_drop_url_word, _TAGS.sub(" ", _URL_IN_TEXT.sub(" ", s))).lower()
+    # names are read from the words around URLs, never from a URL's path or query (a CC
+    # URL reads as its licence's name, for the words after it)
+    text, rest = _normalised(s)
     named, hints = _walk(_TOKEN.findall(text))
     hints |= url_hints
     found += named
-    rest = re.sub(r"\s+", " ", _NEUTRAL_TEXT.sub(" ", re.sub(r"[-_/]+", " ", text)))
-    if _text_only(rest):  # says nothing of the image's licence: no licence, and against
-        found = [x for x in found if not x.open]  # any other item at this level
+    # a licence for the text alone, or a rights notice for the pictures apart from the
+    # licence, says nothing of the image's licence: no licence, and against any other item
+    # at this level
+    if _text_only(rest) or _notice_apart(rest, _MEDIA_NOTICE):
+        found = [x for x in found if not x.open]
         hints.add(UNREADABLE)
     hints |= _withholds(rest)  # against every licence at this level granting that use
     if _ARR_TEXT.search(rest):
@@ -813,12 +1003,68 @@ def _text_only(text: str) -> bool:
     return False
 
 
+_WORD = re.compile(r"\w+")
+
+
+def _negated(text: str, start: int) -> bool:
+    """Whether a negation or exclusion is among the three words before `start`."""
+    before = text[max(0, start - 40) : start]
+    if before.rstrip()[-1:] in _CJK_NEGATION:
+        return True
+    return not _NEGATIONS.isdisjoint(_WORD.findall(before)[-3:])
+
+
+def _mask_grants(text: str) -> str:
+    """`text` with each phrase granting commercial use (not negated) blanked out, same length."""
+    out, last = [], 0
+    for m in _GRANTS_COMMERCIAL.finditer(text):
+        if not _negated(text, m.start()):
+            out += [text[last : m.start()], " " * (m.end() - m.start())]
+            last = m.end()
+    return "".join(out) + text[last:]
+
+
+def _commerce_spans(text: str) -> list[tuple[int, int]]:
+    """Commerce words in a use context (see `_COMMERCE`) in masked text."""
+    spans = []
+    for m in _COMMERCE.finditer(text):
+        after = text[m.end() : m.end() + 60]
+        if (
+            m.group(1)
+            or after.lstrip()[:1] == ":"
+            or any(w in _USE_WORDS or w.startswith(_USE_PREFIXES) for w in _WORD.findall(after)[:3])
+            or _negated(text, m.start())
+        ):
+            spans.append(m.span())
+    return spans
+
+
+def _withheld_spans(text: str) -> dict[str, list[tuple[int, int]]]:
+    """Where `text` (lower-cased, hyphens as spaces) withholds each use in words."""
+    masked = _mask_grants(text)
+    out = {use: [m.span() for m in rx.finditer(masked)] for use, (rx, _) in _WITHHELD_USES.items()}
+    out["commercial"] += _commerce_spans(masked)
+    return out
+
+
 def _withholds(text: str) -> set[str]:
     """`WITHHELD` hints for the uses `text` (whitespace collapsed) withholds in words:
     commercial use, derivatives, any use (reproduction, redistribution, use without
     permission)."""
-    text = _BOTH_USES.sub("commercial", text)  # "commercial and non-commercial use"
-    return {WITHHELD + use for use, (rx, _) in _WITHHELD_USES.items() if rx.search(text)}
+    return {WITHHELD + use for use, spans in _withheld_spans(text).items() if spans}
+
+
+_ONE_TO_ONE = str.maketrans({c: " " for c in "-_/\u2010\u2011\u2012\u2013\u2014\u2015\u2212"})
+
+
+def restriction_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every phrase in `text` withholding a use (the words `read` turns into
+    `WITHHELD` hints), on `text`'s own offsets: for ingest, to keep such words in the
+    snippet it records."""
+    if len(text) > MAX_EVIDENCE:
+        text = text[:MAX_EVIDENCE]
+    low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text).translate(_ONE_TO_ONE)
+    return sorted(span for spans in _withheld_spans(low).values() for span in spans)
 
 
 def _grants(info: LicenseInfo, hint: str) -> bool:

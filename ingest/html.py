@@ -30,12 +30,14 @@ import codecs
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding, map_encoding_to_html5
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
+from ccurate.filters.licenses import MIXED_RIGHTS, notice_apart, restriction_spans
 from ccurate.record import LicenseEvidence, Sample, make_key
 
 REASONS: dict[str, str] = {
@@ -51,8 +53,11 @@ EVIDENCE_KINDS: dict[str, str] = {
     "about= block",
     "schema_license": "schema.org microdata itemprop=license (e.g. Google's ImageObject licence)",
     "meta_license": "<meta name=license|dcterms.license|dc.rights-like content> in the head",
-    "text": "a textual rights mark (All rights reserved, ©, Copyright 2020) near the image or "
-    "in the footer",
+    "text": "a textual rights mark (All rights reserved, ©, Copyright 2020) or words withholding "
+    "a use (not for commercial use) near the image or in the footer, with context; a "
+    "container's caption whole when it has a licence link, a mark or such words; "
+    "`ccurate:mixed-rights` for a container of several images whose licence and rights notice "
+    "stand apart",
 }
 
 # keys of `PageExtract.skipped`
@@ -67,7 +72,8 @@ LAZY_SRC_ATTRS = ("data-src", "data-lazy-src", "data-original")
 SRCSET_ATTRS = ("srcset", "data-srcset", "data-lazy-srcset")
 MAX_URL_LEN = 8192
 MAX_TEXT = 2000  # alt/title/author longer than this are cut (giant attributes on junk pages)
-MAX_SNIPPET = 200
+MAX_SNIPPET = 200  # one rights mark or restriction with its context
+MAX_CAPTION = 1000  # a caption recorded whole; also the most a snippet of several marks keeps
 MAX_CONTAINER_DEPTH = 8
 _CONTAINER_CLASSES = {"wp-caption", "thumbinner", "gallerybox", "gallery-item", "wp-block-image"}
 _WS = re.compile(r"\s+")
@@ -276,24 +282,64 @@ def is_cc_url(url: str) -> bool:
     return bool(_CC_HOST.match(host)) and bool(_CC_PATH.match(p.path or ""))
 
 
-def rights_snippet(text: str, pattern: re.Pattern[str] = _RIGHTS) -> str | None:
-    """The rights mark with a little context, or None when the text has none."""
-    m = pattern.search(text)
-    if not m:
-        return None
-    start = max(0, m.start() - 60)
-    end = min(len(text), m.end() + 100)
+def _window(text: str, a: int, b: int) -> tuple[int, int]:
+    """A mark at text[a:b] with a little context, cut at spaces."""
+    start, end = max(0, a - 60), min(len(text), b + 100)
     if start > 0:
         sp = text.find(" ", start)
-        start = sp + 1 if 0 <= sp < m.start() else start
+        start = sp + 1 if 0 <= sp < a else start
     if end < len(text):
-        sp = text.rfind(" ", m.end(), end)
-        end = sp if sp > m.end() else end
-    return text[start:end].strip()[:MAX_SNIPPET]
+        sp = text.rfind(" ", b, end)
+        end = sp if sp > b else end
+    return start, min(end, start + MAX_SNIPPET)
+
+
+def rights_snippet(text: str, pattern: re.Pattern[str] = _RIGHTS) -> str | None:
+    """Every rights mark (`pattern`) and every phrase withholding a use ("not for commercial
+    use", `licenses.restriction_spans`) with a little context, joined by " ... " (a clause
+    break to the licence reader), at most `MAX_CAPTION` characters with the restrictions
+    kept first; None when the text has neither."""
+    marks = [m.span() for m in pattern.finditer(text[:20_000])]
+    spans = restriction_spans(text[:20_000]) + marks[:100]
+    if not spans:
+        return None
+    chosen: list[tuple[int, int]] = []
+    for a, b in spans:  # restrictions first: they must survive the bound
+        start, end = _window(text, a, b)
+        if any(s <= a and b <= e for s, e in chosen):
+            continue
+        if sum(e - s + 5 for s, e in chosen) + end - start > MAX_CAPTION:
+            continue
+        chosen.append((start, end))
+    chosen.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in chosen:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return " ... ".join(text[s:e].strip() for s, e in merged)[:MAX_CAPTION] or None
+
+
+_FOOTER_MARKS = re.compile(f"{_RIGHTS.pattern}|{_FOOTER_LICENCE.pattern}", re.IGNORECASE)
 
 
 def _footer_snippet(text: str) -> str | None:
-    return rights_snippet(text) or rights_snippet(text, _FOOTER_LICENCE)
+    return rights_snippet(text, _FOOTER_MARKS)
+
+
+def _caption_text(node: LexborNode) -> str:
+    """A caption's text with the URL of each CC licence link after its text ("Photo ©
+    Jane Doe, <a href=…/by/4.0/>licence</a>" reads "… licence https://…/by/4.0/"): the
+    licence reader tells a licensor's own notice ("Photo © X" with the licence in the same
+    clause) from a notice apart from the licence by the words of one clause."""
+    parts: list[str] = []
+    for n in node.traverse(include_text=True):
+        if n.tag == "-text":
+            parts.append(n.text(deep=False) or "")
+        elif n.tag in ("a", "area") and is_cc_url(href := n.attributes.get("href") or ""):
+            parts.append(f" {href.strip()} ")
+    return _WS.sub(" ", " ".join(parts)).strip()
 
 
 def _text(node: LexborNode) -> str:
@@ -643,7 +689,7 @@ def _image_facts(
         add("image", "schema_license", abs_or_raw(attrs.get("content") or "", base))
     for a in ("title", "alt"):
         snip = rights_snippet(clean_text(attrs.get(a)) or "")
-        if snip:
+        if snip:  # a rights mark or words withholding a use ("Sunset. Not for resale")
             add("image", "text", snip)
 
     author: str | None = None
@@ -656,6 +702,7 @@ def _image_facts(
         box_ccrel = "xmlns:cc" in box.attributes or about is not None
         about_is_img = about is not None and norm_url(about, base) in own
         scope = "image" if about_is_img else "container"
+        licence_nodes = 0
         for node in page.owned.get(box.mem_id, []):
             kind = _marked_kind(node)
             na = node.attributes
@@ -663,6 +710,7 @@ def _image_facts(
                 if kind == "rel_license" and box_ccrel:
                     kind = "ccrel"
                 add(scope, kind, abs_or_raw(_attr_value(node), base))
+                licence_nodes += 1
             elif kind == "attribution":
                 toks = set(_tokens(na.get("property"))) | set(_tokens(na.get("rel")))
                 if author is None and "cc:attributionname" in set(_tokens(na.get("property"))):
@@ -688,9 +736,7 @@ def _image_facts(
                 m = _CREDIT.search(caption)
                 if m:
                     author = _credit_name(m.group(1))
-            snip = rights_snippet(_text(box))
-            if snip:
-                add("container", "text", snip)
+            _container_text(box, caption_node, licence_nodes > 0, add)
             if title is None and caption:
                 title = clean_text(caption) or None
     if page.page_author:
@@ -700,6 +746,37 @@ def _image_facts(
         if v.isdigit() and len(v) < 7:
             extra[f"html_{a}"] = int(v)
     return ev, author, title or page.title, extra
+
+
+def _container_text(
+    box: LexborNode,
+    caption_node: LexborNode | None,
+    has_licence: bool,
+    add: Callable[[str, str, str], None],
+) -> None:
+    """A container's words as `container` text evidence: its caption whole (up to
+    `MAX_CAPTION`) when it has a licence link, a rights mark or words withholding a use,
+    so "CC BY 4.0 - not for commercial use" and "Story CC BY 4.0. Photo © Reuters" reach the
+    licence reader as written; its other text as a snippet around each rights mark or
+    restriction. A container holding several images whose text has a licence and a rights
+    notice apart from it ("Left: Jane Doe, CC BY 4.0. Right: © Reuters") also gets
+    `MIXED_RIGHTS`: its licence is not known to be any one image's."""
+    box_text = _text(box)
+    recorded = ""
+    if caption_node is not None:
+        caption = _caption_text(caption_node)
+        if has_licence or rights_snippet(caption):
+            recorded = caption if len(caption) <= MAX_CAPTION else rights_snippet(caption) or ""
+            add("container", "text", recorded)
+            # the rest of the container's text, beside the caption
+            box_text = box_text.replace(_text(caption_node), " ", 1)
+    snip = rights_snippet(box_text)
+    if snip:
+        add("container", "text", snip)
+    if len(box.css("img")) > 1:
+        words = f"{recorded} ... {snip or ''}"
+        if (has_licence or _FOOTER_LICENCE.search(words)) and notice_apart(words):
+            add("container", "text", MIXED_RIGHTS)
 
 
 def extract_images(

@@ -297,7 +297,14 @@ def test_figure_rel_license_is_container_and_comes_first():
     a = imgs["https://example.org/blog/a.jpg"]
     b = imgs["https://example.org/blog/b.jpg"]
     assert ev(a)[0] == ("container", "rel_license", "https://creativecommons.org/licenses/by/4.0/")
-    assert ev(a)[1:] == ev(page)
+    # the caption of a container with a licence link, as written (the link's URL after its
+    # text): words beside the licence ("not for commercial use") reach the licence reader
+    assert ev(a)[1] == (
+        "container",
+        "text",
+        "Photo by Jane Doe, https://creativecommons.org/licenses/by/4.0/ CC BY 4.0",
+    )
+    assert ev(a)[2:] == ev(page)
     assert a.author == "Jane Doe" and a.title == "Cat on a mat" and a.alt_text == "A cat"
     assert ev(page) == [
         ("page", "link_rel_license", "https://example.org/site-license"),
