@@ -11,6 +11,8 @@ so they survive a wiped work directory:
   bytes), `phash` (64-bit perceptual hash, near matches within a radius) and
   `image` (a file: its sha256, pixel sha256 and phash). `ccurate takedown add`
   appends under an flock; an entry that is already listed is not added again.
+  URLs and hosts match however they are spelled (`url_key`, `canonical_host`:
+  http/https, default port, trailing dot, IDNA, escapes, dot-segments).
 - `removals/*.parquet`: every sample a rebuild removed (takedown or opt-out),
   with its hashes. Later rebuilds drop those keys, the same image bytes or
   pixels anywhere, and near copies (pHash within the radius), so a removed
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,7 +73,10 @@ class TakedownError(ValueError):
 
 
 def normalize_url(url: str) -> str:
-    """`scheme://host` lower-cased, fragment dropped: how URLs are compared here."""
+    """`scheme://host` lower-cased, fragment dropped: the stored form of a URL entry.
+
+    Kept as it is because an entry's id is a hash of it (a listed id must keep
+    matching); matching compares `url_key`s, which fold the other spellings."""
     url = url.strip()
     try:
         parts = urlsplit(url)
@@ -85,15 +90,125 @@ def normalize_url(url: str) -> str:
     return out.split("#", 1)[0]
 
 
+def canonical_host(host: str) -> str | None:
+    """A host as DNS resolves it: lower-case, no trailing dot, IDNA (punycode) form.
+
+    None for what is not a plain host name or IP literal (a `%`, an empty label,
+    characters no host has): callers deciding on a host must then fail closed.
+    """
+    h = host.strip().lower().rstrip(".")
+    if not h.isascii():
+        try:  # IDNA 2003 also maps full-width dots and the like, as browsers do
+            h = h.encode("idna").decode("ascii").lower().rstrip(".")
+        except UnicodeError:
+            return None
+    return h if _HOSTNAME.match(h) else None
+
+
+def url_host(url: str | None, unescape: bool = False) -> str | None:
+    """The `canonical_host` of a URL; None without one. `unescape` decodes escapes in it
+    first, as browsers do (takedowns: err towards matching); else a `%` makes it None."""
+    if not url:
+        return None
+    try:
+        host = urlsplit(url.strip()).hostname
+    except ValueError:
+        return None
+    if host and unescape:
+        host = unquote(host)
+    return canonical_host(host) if host else None
+
+
+def url_key(url: str, page: bool = False) -> str:
+    """The form URL takedowns are matched in (entries and rows alike): one per resource.
+
+    RFC 3986 6.2.2-6.2.3: http and https folded (`//host/path`), default ports and
+    userinfo dropped, host canonical (`canonical_host`, escapes in it decoded), path
+    and query escaped as the fetcher sends them, escapes of unreserved characters
+    decoded and others upper-cased, dot-segments removed, empty path `/`, empty
+    query and fragment dropped. `page`: a trailing slash is ignored (`/post/` is
+    `/post`). Path case and the query are kept: they may name another resource.
+    """
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port
+    except ValueError as e:  # bad port, bad IPv6 literal
+        raise TakedownError(f"unparsable URL {url!r}: {e}") from None
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise TakedownError(f"not an http(s) URL with a host: {url!r}")
+    host = canonical_host(unquote(parts.hostname))
+    if host is None:
+        raise TakedownError(f"not a host name in {url!r}")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    path = _remove_dot_segments(normalize_escapes(parts.path)) or "/"
+    if page and len(path) > 1:
+        path = path.removesuffix("/")
+    query = normalize_escapes(parts.query)
+    return f"//{netloc}{path}?{query}" if query else f"//{netloc}{path}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^[0-9a-f:.]*:[0-9a-f:.]*$")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_NOT_SENT_AS_IS = re.compile(r"[^\x21-\x7e]")  # what ingest.guard escapes in a request line
+
+
+def normalize_escapes(s: str) -> str:
+    """Percent-escapes in one form: non-ASCII and spaces escaped (UTF-8), unreserved
+    characters decoded, the hex of the rest upper-cased (RFC 3986 6.2.2.1-2)."""
+    if _NOT_SENT_AS_IS.search(s):
+        s = _NOT_SENT_AS_IS.sub(
+            lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), s
+        )
+    if "%" not in s:
+        return s
+
+    def one(m: re.Match[str]) -> str:
+        c = chr(int(m.group(1), 16))
+        return c if c in _UNRESERVED else "%" + m.group(1).upper()
+
+    return _ESCAPE.sub(one, s)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 on an absolute path: `/a/./b/../c` -> `/a/c`."""
+    if "." not in path:
+        return path
+    segs = path.split("/")
+    out: list[str] = []
+    for i, seg in enumerate(segs):
+        last = i == len(segs) - 1
+        if seg == "..":
+            if len(out) > 1:
+                out.pop()
+            if last:
+                out.append("")
+        elif seg == ".":
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/".join(out)
+
+
 def normalize_domain(value: str) -> str:
-    """`example.com`, `*.example.com`, `.example.com` or a URL -> `example.com`."""
+    """`example.com`, `*.example.com`, `.example.com` or a URL -> `example.com` (IDNA form)."""
     v = value.strip().lower()
     if "://" in v:
-        v = (urlsplit(v).hostname or "").lower()
-    v = v.removeprefix("*.").lstrip(".").rstrip(".")
-    if not v or not _HOST.match(v):
+        try:
+            v = urlsplit(v).hostname or ""
+        except ValueError:
+            v = ""
+    v = v.removeprefix("*.").lstrip(".")
+    host = v if v.startswith("[") else canonical_host(v) if v else None  # [IPv6] as listed
+    if host is None or not _HOST.match(host):
         raise TakedownError(f"not a domain name: {value!r} (expected e.g. example.com)")
-    return v
+    return host
 
 
 def normalize_author(value: str) -> str:

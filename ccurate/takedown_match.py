@@ -16,14 +16,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ccurate.takedown import HEX16, TakedownEntry, TakedownError, normalize_url
+from ccurate.takedown import (
+    HEX16,
+    TakedownEntry,
+    TakedownError,
+    canonical_host,
+    normalize_escapes,
+    url_host,
+    url_key,
+)
 
 DEFAULT_RADIUS = 8
 """pHash bits for near matches of takedowns, removals and `ccurate lookup` (the pHash alone,
 erring towards removing): re-posts land within 4, crops and heavy recompression within 8,
 distinct photos rarely below 12 (bench/dedup_eval.py)."""
 
-_HOST_OF = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^:/?#]*)"
+_SCHEME = r"^[A-Za-z][A-Za-z0-9+.\-]*://"
+_PLAIN_HOST = r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.*$"  # the whole authority: no port, user, escapes
+_NOT_PLAIN = r"[^\x21-\x7e]|%"  # what `url_key` may respell (escapes, non-ASCII, spaces)
 
 
 @dataclass
@@ -100,9 +110,55 @@ def _col(t: pa.Table, name: str) -> pa.ChunkedArray:
     return pa.chunked_array([pa.nulls(t.num_rows, pa.string())])
 
 
-def _hosts(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    host = pc.struct_field(pc.extract_regex(col, _HOST_OF), "host")
-    return pc.utf8_lower(host)
+def _hosts(col: pa.ChunkedArray) -> pa.Array:
+    """Each row's host as `url_key` reads it (`url_host(url, unescape=True)`). Vectorised:
+    where the authority is a plain ASCII host it is only lower-cased and loses its trailing
+    dots; Python parses the few others (port, userinfo, IDNA, escapes, IPv6), so no spelling
+    slips past the rules."""
+    url = pc.fill_null(pc.match_substring_regex(col, _SCHEME), False)
+    parts = pc.split_pattern(pc.if_else(url, col, pa.scalar("-://")), "/", max_splits=3)
+    auth = pc.utf8_lower(pc.list_element(parts, 2))  # `scheme:`, ``, authority, rest
+    plain = pc.and_(url, pc.fill_null(pc.match_substring_regex(auth, _PLAIN_HOST), False))
+    hosts = pc.if_else(plain, pc.utf8_rtrim(auth, characters="."), pa.scalar(None, pa.string()))
+    hosts = hosts.combine_chunks()
+    odd = pc.and_(pc.invert(plain), pc.is_valid(col)).combine_chunks()
+    if pc.any(odd).as_py():
+        urls = col.filter(odd).to_pylist()
+        hosts = pc.replace_with_mask(
+            hosts, odd, pa.array([url_host(u, unescape=True) for u in urls], pa.string())
+        )
+    return hosts
+
+
+class _UrlColumn:
+    """A URL column and its hosts (`_hosts`), parsed once, when a rule first needs them."""
+
+    def __init__(self, values: pa.ChunkedArray) -> None:
+        self.values = values
+        self._hosts: pa.Array | None = None
+
+    @property
+    def hosts(self) -> pa.Array:
+        if self._hosts is None:
+            self._hosts = _hosts(self.values)
+        return self._hosts
+
+
+def _bools(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), bool)
+
+
+def _last_segments(urls: pa.ChunkedArray) -> pa.ChunkedArray:
+    """What follows the last `/` before any `?` or `#`, trailing slashes ignored: a plain
+    URL's last path segment (its authority when the path is empty; null without a `/`)."""
+    head = pc.list_element(pc.split_pattern(urls, "?", max_splits=1), 0)
+    if pc.any(pc.fill_null(pc.match_substring(head, "#"), False)).as_py():
+        head = pc.list_element(pc.split_pattern(head, "#", max_splits=1), 0)
+    head = pc.utf8_rtrim(head, characters="/")
+    last = pc.split_pattern(head, "/", max_splits=1, reverse=True)
+    one = pc.equal(pc.list_value_length(last), 1)
+    last = pc.if_else(one, pa.scalar(["", ""], pa.list_(pa.string())), last)
+    return pc.if_else(one, pa.scalar(None, pa.string()), pc.list_element(last, 1))
 
 
 class _Hits:
@@ -136,7 +192,7 @@ class _Hits:
             self.dist[m] = dist[m]
 
     def lookup(
-        self, values: pa.ChunkedArray, table: dict[str, tuple[str, str]], label: str
+        self, values: pa.Array | pa.ChunkedArray, table: dict[str, tuple[str, str]], label: str
     ) -> None:
         """Rows whose value is a key of `table` (exact, via Arrow's hash lookup)."""
         if not table:
@@ -208,59 +264,83 @@ class _Hits:
 
 
 def _url_hits(
-    hits: _Hits, col: pa.ChunkedArray, rules: dict[str, tuple[str, str]], label: str
+    hits: _Hits, col: _UrlColumn, rules: dict[str, tuple[str, str]], label: str, page: bool
 ) -> None:
-    """URL rules: a fast lower-cased prefilter, then `normalize_url` on the few candidates."""
-    low = pc.utf8_lower(col)
-    if pc.any(pc.fill_null(pc.match_substring(col, "#"), False)).as_py():
-        low = pc.replace_substring_regex(low, r"#.*$", "")
-    lowered = {k.lower() for k in rules}
-    cand = pc.fill_null(pc.is_in(low, value_set=pa.array(sorted(lowered), pa.string())), False)
-    rows = np.flatnonzero(np.asarray(cand.to_numpy(zero_copy_only=False), bool) & hits.free)
+    """Rows whose `url_key` is a rule's. Python keys only the rows vectorised prefilters
+    keep: the host is a rule's, and so is the last path segment, unless that segment has
+    escapes or non-ASCII (`url_key` respells it) or is a dot-segment. Escapes elsewhere
+    cannot change it: decoding yields unreserved characters only, never a `/`."""
+    keys = list(rules)
+    where: dict[str, int] = {}
+    rule_hosts: set[str] = set()
+    segs = {".", ".."}  # dot-segments may remove the segment a rule ends with
+    for i, k in enumerate(keys):
+        try:
+            key = url_key(k, page)
+        except TakedownError:
+            continue
+        where.setdefault(key, i)
+        rule_hosts.add(url_host(k, unescape=True) or "")
+        path = key[2:].partition("/")[2].partition("?")[0]
+        segs.add(next((x for x in reversed(path.split("/")) if x), ""))
+    if not where:
+        return
+    on_host = _bools(pc.is_in(col.hosts, pa.array(sorted(rule_hosts), pa.string())))
+    rows = np.flatnonzero(on_host & hits.free)
     if not len(rows):
         return
-    keys = list(rules)
-    where = {k: i for i, k in enumerate(keys)}
-    mask = np.zeros(len(low), bool)
-    pos = np.zeros(len(low), np.int64)
-    for r, raw in zip(rows.tolist(), col.take(pa.array(rows)).to_pylist(), strict=True):
+    if "" not in segs:  # a rule for a site's root (`/`) reads every row of its host
+        seg = _last_segments(col.values.take(pa.array(rows)))
+        same = pc.fill_null(pc.is_in(seg, pa.array(sorted(segs))), True)
+        odd = pc.and_(
+            pc.invert(same), pc.fill_null(pc.match_substring_regex(seg, _NOT_PLAIN), True)
+        )
+        keep = np.asarray(pc.or_(same, odd).to_numpy(zero_copy_only=False), bool)
+        at = np.flatnonzero(np.asarray(odd.to_numpy(zero_copy_only=False), bool))
+        for j, x in zip(at.tolist(), seg.take(pa.array(at)).to_pylist(), strict=True):
+            if x is not None and x.isprintable() and x.isascii() and " " not in x:
+                keep[j] = normalize_escapes(x) in segs  # only escapes: spelled as `url_key` does
+        rows = rows[keep]
+    mask = np.zeros(len(hits.free), bool)
+    pos = np.zeros(len(hits.free), np.int64)
+    urls = col.values.take(pa.array(rows, pa.int64())).to_pylist()
+    for r, raw in zip(rows.tolist(), urls, strict=True):
         try:
-            i = where.get(normalize_url(raw))
+            at_rule = where.get(url_key(raw, page))
         except TakedownError:
-            i = None
-        if i is not None:
-            mask[r], pos[r] = True, i
+            at_rule = None
+        if at_rule is not None:
+            mask[r], pos[r] = True, at_rule
     hits.add(mask, pos, [rules[k] for k in keys], label)
 
 
 def _domain_hits(
-    hits: _Hits, col: pa.ChunkedArray, rules: dict[str, tuple[str, str]], label: str
+    hits: _Hits, col: _UrlColumn, rules: dict[str, tuple[str, str]], label: str
 ) -> None:
-    """Host = a listed domain or one of its subdomains; substring prefilter for short lists."""
-    if len(rules) > 256:  # many domains: parse every host (vectorised)
-        for level in _parent_domains(_hosts(col)):
-            hits.lookup(level, rules, label)
+    """Host = a listed domain or one of its subdomains: a suffix test per domain for short
+    lists, a hash lookup of every parent level of every host for long ones."""
+    table = {canonical_host(k.strip("[]")) or k: why for k, why in rules.items()}
+    if len(table) > 16:
+        levels = _parent_domains(col.hosts)
+        for level in levels:
+            hits.lookup(level, table, label)
+        deep = np.flatnonzero(_bools(pc.match_substring(levels[-1], ".")) & hits.free)
+        if len(deep):  # more labels than `_parent_domains` peels: the rest in Python
+            where = {d: i for i, d in enumerate(table)}
+            mask = np.zeros(len(hits.free), bool)
+            pos = np.zeros(len(hits.free), np.int64)
+            rest = levels[-1].take(pa.array(deep)).to_pylist()
+            for r, h in zip(deep.tolist(), rest, strict=True):
+                while "." in h and not mask[r]:
+                    h = h.split(".", 1)[1]
+                    mask[r], pos[r] = h in where, where.get(h, 0)
+            hits.add(mask, pos, list(table.values()), label)
         return
-    low = pc.utf8_lower(col)
-    cand = np.zeros(len(low), bool)
-    for d in rules:
-        cand |= np.asarray(
-            pc.fill_null(pc.match_substring(low, d), False).to_numpy(zero_copy_only=False), bool
-        )
-    rows = np.flatnonzero(cand & hits.free)
-    if not len(rows):
-        return
-    sub = col.take(pa.array(rows))
-    inner = _Hits(len(rows))
-    for level in _parent_domains(_hosts(sub)):
-        inner.lookup(level, rules, label)
-    found = ~inner.free
-    if found.any():
-        mask = np.zeros(len(low), bool)
-        mask[rows[found]] = True
-        pos = np.zeros(len(low), np.int64)
-        pos[rows[found]] = inner.pos[found]
-        hits.add(mask, pos, inner.rules[0][0], label)
+    domains = sorted(table, key=lambda d: -d.count("."))  # the most specific entry wins
+    whys = [table[d] for d in domains]
+    for i, d in enumerate(domains):
+        on = pc.or_(pc.equal(col.hosts, d), pc.ends_with(col.hosts, "." + d))
+        hits.add(_bools(on), np.full(len(hits.free), i, np.int64), whys, label)
 
 
 def _authors(col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -272,7 +352,7 @@ def _authors(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pa.chunked_array([pc.take(pa.array(names, pa.string()), enc.indices)])
 
 
-def _parent_domains(hosts: pa.ChunkedArray, depth: int = 8) -> list[pa.ChunkedArray]:
+def _parent_domains(hosts: pa.Array, depth: int = 8) -> list[pa.Array]:
     """`a.b.example.org` -> [a.b.example.org, b.example.org, example.org, org] (vectorised)."""
     out = [hosts]
     h = hosts
@@ -302,12 +382,13 @@ def match_index(table: pa.Table, block: Blocklist, radius: int = DEFAULT_RADIUS)
         return DECISION_SCHEMA.empty_table()
     hits = _Hits(n)
     hits.lookup(_col(table, "key"), block.keys, "key")
+    urls = {c: _UrlColumn(_col(table, c)) for c in ("url", "page_url")}  # hosts parsed once
     for col, rules in (("url", block.urls), ("page_url", block.pages)):
         if rules:
-            _url_hits(hits, _col(table, col), rules, col)
+            _url_hits(hits, urls[col], rules, col, page=col == "page_url")
     if block.domains:
         for col in ("url", "page_url"):
-            _domain_hits(hits, _col(table, col), block.domains, f"{col} host")
+            _domain_hits(hits, urls[col], block.domains, f"{col} host")
     if block.authors:
         hits.lookup(_authors(_col(table, "author")), block.authors, "author")
     if block.hashes:

@@ -39,7 +39,6 @@ BY need no credit: their `attribution_complete` is 1 and `author_fallback` 0.
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -47,6 +46,7 @@ from ccurate.configbase import Section
 from ccurate.filters.licenses import REASONS, LicenseInfo, normalize, read, resolve
 from ccurate.record import Decision, LicenseEvidence, Sample
 from ccurate.stage import Filter
+from ccurate.takedown import url_host
 
 __all__ = [
     "IMAGE_SCOPES",
@@ -161,12 +161,9 @@ def _evidence_value(ev: LicenseEvidence) -> str:
 
 
 def _host(url: str | None) -> str | None:
-    if not url:
-        return None
-    try:
-        host = urlsplit(url.strip()).hostname
-    except ValueError:
-        return None
+    """The page's host as DNS resolves it (`url_host`: no trailing dot, IDNA form), so
+    `en.wikipedia.org.` is a text-only host too; None when unparsable (`%` in it, say)."""
+    host = url_host(url)
     return host.removeprefix("www.") if host else None
 
 

@@ -468,3 +468,25 @@ def test_page_licence_needs_a_page_with_a_host(page: str) -> None:
     assert s.drop_reason == "license_unknown" and s.license is None
     assert run(make(ev("image", BY), page=page)).license == "CC-BY-4.0"  # image-level: fine
     assert run(make(ev("page", BY), page=None)).license == "CC-BY-4.0"  # no page URL at all
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        "https://en.wikipedia.org./wiki/Escopete",  # a trailing dot: the same host to DNS
+        "https://EN.Wikipedia.ORG../wiki/Escopete",
+        "https://en.wikipedia.org%2E/wiki/X",  # an escape: not a host we can check, fail closed
+        "https://en%2Ewikipedia.org/wiki/X",
+        "https://en．wikipedia．org/wiki/X",  # full-width dots: IDNA maps them to `.`
+        "https://user@en.wikipedia.org.:443/wiki/X",
+    ],
+)
+def test_text_only_hosts_hold_however_the_host_is_spelled(page: str) -> None:
+    s = run(make(ev("page", BY_SA, "link_rel_license"), page=page))
+    assert s.drop_reason == "license_unknown" and s.license_rule is None
+
+
+def test_a_trailing_dot_host_is_credited_without_it() -> None:
+    s = run(make(ev("page", BY), author=None, page="https://www.Blog.example.org./p/1"))
+    assert s.kept and s.license_rule == "commercial:CC-BY-4.0@page"
+    assert s.author == "Unknown author via blog.example.org"

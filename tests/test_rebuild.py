@@ -609,15 +609,24 @@ def test_a_killed_rebuild_resumes_its_generation_without_fetching_again(
     assert g2.info["diff"]["added"] == 1
 
 
-def test_a_page_taken_down_before_its_first_fetch_is_never_fetched(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "spelling",
+    ["{base}/pages/q.html", "{https}/pages/%71.html/#top"],  # the plan matches the resource
+    ids=["as-fetched", "other-spelling"],
+)
+def test_a_page_taken_down_before_its_first_fetch_is_never_fetched(
+    tmp_path: Path, spelling: str
+) -> None:
     _tiny_site(tmp_path)
     _second_page(tmp_path)
     handler: type[CountingHandler] = type(
         "H", (CountingHandler,), {"hits": Counter(), "fail": {}, "headers_for": {}}
     )
     server, base = _serve(tmp_path / "corpus", handler)
+    host, port = base.removeprefix("http://").split(":")
+    https = f"HTTPS://{host}.:{port}"  # scheme, case and a trailing dot are not the resource
     TakedownList(tmp_path / "catalog").add(
-        [make_entry("page_url", base + "/pages/q.html", "site owner asked")]
+        [make_entry("page_url", spelling.format(base=base, https=https), "site owner asked")]
     )
     pages = ["/pages/p.html", "/pages/q.html", "/pages/p.html"]  # p listed twice
     try:
