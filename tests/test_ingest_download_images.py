@@ -284,7 +284,7 @@ def test_pixel_budget_serialises_big_images_only():
 
     from ccurate.ingest.images import PixelBudget
 
-    budget = PixelBudget(100)
+    budget = PixelBudget(100)  # pixels of 4 bytes: 400 bytes, held in bytes
     seen: set[int] = set()
     lock = threading.Lock()
 
@@ -294,27 +294,27 @@ def test_pixel_budget_serialises_big_images_only():
                 seen.add(budget.used)
             time.sleep(0.05)
 
-    threads = [threading.Thread(target=work, args=(60,)) for _ in range(4)]
-    threads.append(threading.Thread(target=work, args=(500,)))  # above the budget: alone
+    threads = [threading.Thread(target=work, args=(240,)) for _ in range(4)]
+    threads.append(threading.Thread(target=work, args=(2000,)))  # above the budget: alone
     for t in threads:
         t.start()
     for t in threads:
         t.join(5)
-    assert seen == {60, 500} and budget.used == 0  # never two at once over the budget
-    shared = PixelBudget(1000, threads=4)  # 4 x 125 px pass freely, big ones share 500
+    assert seen == {240, 2000} and budget.used == 0  # never two at once over the budget
+    shared = PixelBudget(1000, threads=4)  # 4000 B: 4 x 500 B pass freely, big ones share 2000
     entered = threading.Event()
 
     def second_big() -> None:
-        with shared.hold(300):
+        with shared.hold(1200):
             entered.set()
 
-    with shared.hold(125), shared.hold(125):  # ordinary images neither wait nor count
+    with shared.hold(500), shared.hold(500):  # ordinary images neither wait nor count
         assert shared.used == 0
-        with shared.hold(300):
-            assert shared.used == 300
+        with shared.hold(1200):
+            assert shared.used == 1200
             t = threading.Thread(target=second_big)
             t.start()
-            assert not entered.wait(0.2)  # 600 > 500: the second big one waits
+            assert not entered.wait(0.2)  # 2400 > 2000: the second big one waits
         assert entered.wait(5)
         t.join(5)
     assert shared.used == 0
@@ -461,3 +461,134 @@ def test_save_jpeg_writes_noise_that_overflows_pillows_optimise_buffer() -> None
     data = buf.getvalue()
     assert data[:4] == b"head"  # what the stream held before is kept
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data[4:]))).shape, (256, 256, 3))
+
+
+def _ico(frame: bytes, claimed: int = 16) -> bytes:
+    """An ICO with one directory entry (claiming claimed x claimed) whose frame is `frame`."""
+    entry = struct.pack("<BBBBHHII", claimed, claimed, 0, 0, 1, 32, len(frame), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + frame
+
+
+def test_an_icon_bomb_is_refused_from_its_headers_before_any_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pillow decodes an ICO frame inside `Image.open` (before `process_image` sees a size):
+    a 688 KB ICO whose directory says 16x16 but whose PNG says 13300x13300 took 730 MB."""
+    from PIL import IcoImagePlugin
+
+    def no_decode(*a, **k):
+        raise AssertionError("an ICO frame was decoded")
+
+    monkeypatch.setattr(IcoImagePlugin.IcoFile, "frame", no_decode)
+    for body in (_ico(bomb_png(20_000, 20_000)), _ico(bomb_png(400, 400))):
+        with pytest.raises(ImageDrop) as e:
+            process_image(body, ImageOptions(image_size=64, max_pixels=100_000))
+        assert e.value.reason == "decompression_bomb"
+    # a BMP frame: its header height counts the AND mask (Pillow halves it)
+    dib = struct.pack("<IiiHHIIiiII", 40, 30_000, 60_000, 1, 32, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ImageDrop) as e:
+        process_image(_ico(dib), OPT)
+    assert e.value.reason == "decompression_bomb"
+
+
+def test_favicons_still_decode() -> None:
+    from ccurate.ingest.images import _icon_pixels
+
+    src = photo(48, 48).convert("RGBA")
+    data = _save(src, "ICO", sizes=[(16, 16), (32, 32), (48, 48)])
+    assert _icon_pixels(data) == 48 * 48
+    r = process_image(data, ImageOptions(image_size=32, output_format="png"))
+    assert (r.width, r.height, r.original_width, r.original_height) == (32, 32, 48, 48)
+    png_inside = _ico(_save(photo(40, 40), "PNG"), claimed=40)
+    assert process_image(png_inside, OPT).original_width == 40
+
+
+def test_pillows_own_bomb_error_fires_at_max_pixels() -> None:
+    try:
+        for cap in (1000, 1001):
+            configure_pillow(cap)
+            Image._decompression_bomb_check((cap, 1))  # at the cap: allowed
+            with pytest.raises(Image.DecompressionBombError):
+                Image._decompression_bomb_check((cap + 2, 1))
+    finally:
+        configure_pillow(ImageOptions().max_pixels)
+
+
+def test_alpha_on_white_is_the_old_alpha_composite_for_every_value_and_alpha() -> None:
+    from ccurate.pixels import to_rgb
+
+    v, a = np.meshgrid(np.arange(256), np.arange(256))
+    rgba = Image.fromarray(np.stack([v, 255 - v, v // 3, a], -1).astype(np.uint8), "RGBA")
+    for img in (rgba, rgba.convert("LA")):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        old = Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        assert np.array_equal(np.asarray(to_rgb(img)), np.asarray(old)), img.mode
+
+
+def _noise_bodies(w: int, h: int) -> dict[str, bytes]:
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    a[: h // 2, :, 3] = 255  # opaque and translucent halves
+    p = Image.fromarray(a[..., :3], "RGB").quantize(64)
+    return {
+        "RGBA": _save(Image.fromarray(a, "RGBA"), "PNG", compress_level=1),
+        "P+tRNS": _save(p, "PNG", transparency=bytes(range(0, 256, 4)), compress_level=1),
+        "I;16": _save(Image.fromarray(a[..., 0].astype(np.uint16) * 257), "PNG", compress_level=1),
+        "RGB+key": _save(
+            Image.fromarray(a[..., :3] // 128 * 128, "RGB"), "PNG", transparency=(0, 0, 0)
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("size", "filt", "plan"),
+    [
+        (256, "area", (1, 1)),
+        (300, "area", (7, 7)),
+        (256, "lanczos", (2, 2)),
+        (200, "bicubic", (3, 3)),
+    ],
+)
+def test_big_downscales_in_bands_give_the_full_size_pixels(size: int, filt: str, plan) -> None:
+    """A big downscale converts to RGB a band at a time (box-reduce first, or `area` as
+    separable passes): the same pixels as converting the whole image first."""
+    from ccurate.ingest.images import _prereduce, _resize, _upright_resized
+    from ccurate.pixels import to_rgb
+
+    opt = ImageOptions(image_size=size, resize_filter=filt, resize_mode="center_crop")
+    for name, data in _noise_bodies(2100, 2100).items():
+        img = decode(data)
+        assert _prereduce(*img.size, img.mode, opt) == plan, name
+        banded = np.asarray(_upright_resized(img, opt))
+        full = np.asarray(_resize(to_rgb(img), opt))
+        assert banded.shape == (size, size, 3) and np.array_equal(banded, full), name
+
+
+def test_the_budget_holds_bytes_by_mode_and_path() -> None:
+    """`decode_pixel_budget` counted pixels (~4 B each) while the decode took 10-28 B a pixel:
+    each decode now holds its measured peak in bytes."""
+    from ccurate.ingest.images import PixelBudget
+
+    class Spy(PixelBudget):
+        held: list[int]
+
+        def hold(self, nbytes: int):
+            self.held.append(nbytes)
+            return super().hold(nbytes)
+
+    spy = Spy(10**9)
+    spy.held = []
+    bodies = _noise_bodies(2100, 2100)
+    px = 2100 * 2100
+    for name, keep, least in [
+        ("RGBA", True, 8),  # decoded RGBA + the RGB canvas
+        ("RGBA", False, 4),  # downscaled in bands: the decoded RGBA
+        ("P+tRNS", True, 9),  # P + RGBA + RGB
+        ("P+tRNS", False, 1),
+        ("I;16", True, 12),
+    ]:
+        opt = ImageOptions(image_size=64, keep_original=keep)
+        process_image(bodies[name], opt, spy)
+        band = 0 if keep else 40_000_000  # a band's copies, whatever the image size
+        assert least * px <= spy.held[-1] <= (least + 6) * px + band, (name, keep)
+    assert PixelBudget(100, threads=1).limit + PixelBudget(100, threads=1).free == 400
