@@ -17,11 +17,12 @@ Attribution decisions (documented here because the shard writer relies on them):
   its container, or a figcaption credit line ("Photo by X", "Credit: X", or "by" right
   before a link: "Sunset, by <a>Jane Doe</a>", Flickr/Unsplash/Pixabay style; the link's
   text is the name). A container without a caption is searched for the linked form only,
-  and only when it holds one image.
+  and only when it holds one image. A figcaption that is only a person's name ("Kofi
+  Mensah", `_person_name`) is the author when nothing else names one, and never the title.
 - `<meta name="author">` names the page's author, not the photographer, so it
   goes to `sample.extra["page_author"]`, never to `Sample.author`.
 - `Sample.title`: img `title`, else ccREL `dct:title` / figcaption of its
-  container, else the page `<title>`.
+  container (without its licence links' words), else the page `<title>`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from __future__ import annotations
 import codecs
 import math
 import re
+from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -75,6 +76,23 @@ MAX_TEXT = 2000  # alt/title/author longer than this are cut (giant attributes o
 MAX_SNIPPET = 200  # one rights mark or restriction with its context
 MAX_CAPTION = 1000  # a caption recorded whole; also the most a snippet of several marks keeps
 MAX_CONTAINER_DEPTH = 8
+# distinct licence values kept per container and per page: each one is copied into every
+# sample of the page, so a page of N images and N licence links would cost N x N
+MAX_EVIDENCE = 100
+# a nested footer's text as its enclosing footer reads it: head and tail, enough for every
+# snippet window that crosses into it (a footer whose own text has a mark never gets there)
+_FOOTER_KEEP = 1000
+# footer matches nested deeper than this below another are not read as footers (a site's
+# footer nests a few; 4,000 nested `<div class=footer>` would be read 4,000 times)
+_FOOTER_NESTING = 8
+# elements that do not break a word: their text joins the text around them as written
+# ("Photo by <span>Li Wei</span>, ..." reads "Photo by Li Wei, ..."); any other element,
+# <br> and <img> included, separates words as a browser lays them out
+_INLINE = frozenset({
+    "a", "abbr", "acronym", "b", "bdi", "bdo", "big", "cite", "code", "data", "del", "dfn", "em",
+    "font", "i", "ins", "kbd", "label", "mark", "nobr", "q", "rp", "rt", "ruby", "s", "samp",
+    "small", "span", "strike", "strong", "sub", "sup", "time", "tt", "u", "var", "wbr",
+})  # fmt: skip
 _CONTAINER_CLASSES = {"wp-caption", "thumbinner", "gallerybox", "gallery-item", "wp-block-image"}
 _WS = re.compile(r"\s+")
 _RIGHTS = re.compile(
@@ -342,8 +360,51 @@ def _caption_text(node: LexborNode) -> str:
     return _WS.sub(" ", " ".join(parts)).strip()
 
 
+def _walk_text(
+    root: LexborNode, known: dict[int, str] | None = None, met: list[int] | None = None
+) -> str:
+    """The text under `root` as laid out: inline elements join their neighbours, others
+    separate words. `known` maps nodes (`mem_id`) whose text is already read to that text,
+    so nested footers are not read again; `met` collects those met (a loop, not recursion:
+    pages nest deeply)."""
+    parts: list[str] = []
+    stop = root.mem_id
+    node: LexborNode | None = root.child
+    while node is not None:
+        tag = node.tag or ""
+        descend = False
+        if tag == "-text":
+            parts.append(node.text_content or "")
+        elif tag[:1] not in ("-", "_"):  # an element (comments and doctypes say nothing)
+            sep = "" if tag in _INLINE else " "
+            parts.append(sep)
+            done = known.get(node.mem_id) if known is not None else None
+            if done is not None:
+                parts.append(done + sep)
+                if met is not None:
+                    met.append(node.mem_id)
+            elif node.child is not None:
+                descend = True
+            else:
+                parts.append(sep)
+        if descend:
+            node = node.child
+            continue
+        while node is not None:  # the next sibling, closing each element left on the way
+            nxt = node.next
+            if nxt is not None:
+                node = nxt
+                break
+            node = node.parent
+            if node is None or node.mem_id == stop:
+                node = None
+            elif (node.tag or "") not in _INLINE:
+                parts.append(" ")
+    return "".join(parts)
+
+
 def _text(node: LexborNode) -> str:
-    return _WS.sub(" ", node.text(deep=True, separator=" ", strip=False)).strip()
+    return _WS.sub(" ", _walk_text(node)).strip()
 
 
 def _decode(html: bytes, encoding: str | None) -> str:
@@ -420,11 +481,17 @@ class PageFacts:
         self.page_author: str | None = None
         self.evidence: list[LicenseEvidence] = []
         self._seen: set[tuple[str, str]] = set()
+        self._overflow = False  # more than MAX_EVIDENCE distinct values: MIXED_RIGHTS added
 
     def add(self, ev: LicenseEvidence) -> None:
-        if ev.value and (ev.kind, ev.value) not in self._seen:
+        if not ev.value or (ev.kind, ev.value) in self._seen:
+            return
+        if len(self._seen) < MAX_EVIDENCE:
             self._seen.add((ev.kind, ev.value))
             self.evidence.append(ev)
+        elif not self._overflow:  # what is left out may be the restriction: fail closed
+            self._overflow = True
+            self.evidence.append(LicenseEvidence(ev.scope, "text", MIXED_RIGHTS))
 
     def read_meta(self, name: str, content: str, ua_token: str) -> None:
         """One `<meta name content>`: an opt-out, the author, a licence or a rights notice."""
@@ -440,6 +507,54 @@ class PageFacts:
             self.add(LicenseEvidence("page", "meta_license", abs_or_raw(content, self.base)))
         elif name in _META_RIGHTS_NAMES and content.strip():
             self.add(LicenseEvidence("page", "text", clean_text(content, MAX_SNIPPET) or ""))
+
+
+class _ImgIndex:
+    """Where each image URL sits in the page, to answer "does this `about` block hold an
+    image named X" by position (an `about` block around N images asked for each of them
+    would cost N x N)."""
+
+    def __init__(self, tree: LexborHTMLParser, base: str) -> None:
+        self.pos: dict[int, int] = {}
+        self.by_url: dict[str, list[int]] = {}
+        self._end: dict[int, int] = {}
+        root = tree.root
+        nodes = root.traverse(include_text=True) if root is not None else iter(())
+        for i, node in enumerate(nodes):
+            self.pos[node.mem_id] = i
+            if node.tag == "img":
+                for u in {u for c in _image_candidates(node) if (u := norm_url(c, base))}:
+                    self.by_url.setdefault(u, []).append(i)
+        self.size = len(self.pos)
+
+    def end(self, node: LexborNode) -> int:
+        """The position just past `node`'s subtree: its next sibling's, else its parent's end."""
+        chain: list[int] = []
+        cur: LexborNode | None = node
+        end = self.size
+        while cur is not None:
+            hit = self._end.get(cur.mem_id)
+            if hit is not None:
+                end = hit
+                break
+            chain.append(cur.mem_id)
+            nxt = cur.next
+            if nxt is not None and nxt.mem_id in self.pos:
+                end = self.pos[nxt.mem_id]
+                break
+            cur = cur.parent
+        for mid in chain:
+            self._end[mid] = end
+        return end
+
+    def holds(self, node: LexborNode, url: str) -> bool:
+        """Whether an image with candidate `url` is inside `node`."""
+        start = self.pos.get(node.mem_id)
+        at = self.by_url.get(url)
+        if start is None or not at:
+            return False
+        i = bisect_right(at, start)
+        return i < len(at) and at[i] < self.end(node)
 
 
 class _Page(PageFacts):
@@ -464,6 +579,9 @@ class _Page(PageFacts):
         title_node = _document_title(tree)
         self.title = (clean_text(title_node.text()) or None) if title_node is not None else None
         self._is_box: dict[int, bool] = {}
+        self._boxes: dict[int, _Box] = {}
+        self._near: dict[int, _Near] = {}
+        self._imgs_at: _ImgIndex | None = None
         # containers some <img> looks up to (`containers_of(img)`): only these may own a
         # licence node, else a node owned by a container no image reaches is lost
         self._reached: set[int] = {
@@ -498,9 +616,9 @@ class _Page(PageFacts):
         if about is not None:
             target = norm_url(about, self.base)
             if target:
-                for img in node.css("img"):
-                    if target in {norm_url(c, self.base) for c in _image_candidates(img)}:
-                        return True
+                if self._imgs_at is None:
+                    self._imgs_at = _ImgIndex(self.tree, self.base)
+                return self._imgs_at.holds(node, target)
         return False
 
     def containers_of(self, node: LexborNode, depth: int = MAX_CONTAINER_DEPTH) -> list[LexborNode]:
@@ -542,15 +660,34 @@ class _Page(PageFacts):
                 self.add(LicenseEvidence("page", kind, abs_or_raw(_attr_value(node), self.base)))
 
     def _read_footer(self) -> None:
+        """The innermost footer matches that carry a rights mark: a match around another is
+        a wrapper ("no-footer-widgets" around the whole page), whose first mark may be an
+        image caption's "© photographer" rather than the site's footer. Read innermost
+        first, each node's text once: an enclosing match reads a nested one's text from
+        `texts`, cut to its head and tail (nested footers would cost depth x text); a
+        match with more than `_FOOTER_NESTING` levels of matches inside is not read."""
         nodes = [n for n in self.tree.css(_FOOTER_SEL) if n.tag not in ("html", "body")]
-        marks = [(n, snip) for n in nodes if (snip := _footer_snippet(_text(n)))]
-        # the innermost matches that carry a rights mark: a match around another is a
-        # wrapper ("no-footer-widgets" around the whole page), whose first mark may be an
-        # image caption's "© photographer" rather than the site's footer
-        outer = {a.mem_id for n, _ in marks for a in _ancestors(n, 64)}
-        for node, snip in marks:
-            if node.mem_id not in outer:
-                self.add(LicenseEvidence("page", "text", snip))
+        texts: dict[int, str] = {}
+        levels: dict[int, int] = {}  # matches nested inside, counted in levels
+        outer: set[int] = set()  # within 64 levels above a match with a mark
+        found: list[str] = []
+        for node in reversed(nodes):  # descendants before their ancestors
+            met: list[int] = []
+            raw = _walk_text(node, texts, met)
+            keep = len(raw) <= 2 * _FOOTER_KEEP + 1
+            texts[node.mem_id] = raw if keep else f"{raw[:_FOOTER_KEEP]} {raw[-_FOOTER_KEEP:]}"
+            levels[node.mem_id] = level = max((levels[m] + 1 for m in met), default=0)
+            if node.mem_id in outer:  # its text holds the nested match's mark
+                outer.update(a.mem_id for a in _ancestors(node, 64))
+                continue
+            if level > _FOOTER_NESTING:
+                continue
+            snip = _footer_snippet(_WS.sub(" ", raw).strip())
+            if snip:
+                found.append(snip)
+                outer.update(a.mem_id for a in _ancestors(node, 64))
+        for snip in reversed(found):  # in page order
+            self.add(LicenseEvidence("page", "text", snip))
         if not nodes:
             # no footer element at all: the end of the body is where sites put "©"
             body = self.tree.body
@@ -665,10 +802,165 @@ def _credit_name(text: str) -> str | None:
     return name if 0 < len(name) <= 120 and not _NOT_A_NAME.search(name) else None
 
 
+_LICENCE_KINDS = ("rel_license", "ccrel", "schema_license", "cc_link")
+# a bare-name caption ("Kofi Mensah"): 2-5 capitalised words, lower-case name particles
+# between them; words that name places and things are not people ("Lake Geneva")
+_NAME_WORD = re.compile(r"^(?:[^\W\d_]\.|[^\W\d_][^\W\d_'’.-]*(?:['’-][^\W\d_]+)*\.?)$")
+_NAME_PARTICLES = frozenset({
+    "de", "da", "di", "del", "della", "der", "den", "van", "von", "la", "le", "du", "dos", "das",
+    "bin", "ibn", "al", "el", "y", "e", "ter", "ten",
+})  # fmt: skip
+_NOT_NAME_WORDS = frozenset({
+    "lake", "mount", "mt", "river", "sea", "ocean", "bay", "beach", "island", "isle", "city",
+    "town", "village", "street", "st", "road", "avenue", "park", "garden", "gardens", "bridge",
+    "tower", "castle", "church", "cathedral", "temple", "palace", "museum", "hall", "house",
+    "square", "station", "valley", "forest", "hill", "hills", "mountain", "mountains", "falls",
+    "canyon", "harbor", "harbour", "port", "gate", "golden", "great", "new", "old", "north",
+    "south", "east", "west", "upper", "lower", "national", "state", "royal", "saint", "fig",
+    "figure", "photo", "image", "picture", "sunset", "sunrise", "the", "and", "of", "on", "in",
+    "at", "for", "with", "from", "to", "my", "our", "your", "view", "views",
+})  # fmt: skip
+
+
+def _person_name(text: str) -> str | None:
+    """`text` when it is only a person's name ("Kofi Mensah", "Jean-Luc van der Berg"):
+    what `_credit_name` accepts and shaped like a name. A single word or a title ("Sunset",
+    "Cat on a mat", "Figure 2", "Lake Geneva") is not taken: a wrong author is worse than
+    none."""
+    name = _credit_name(text)
+    if name is None:
+        return None
+    words = name.split()
+    if not 2 <= len(words) <= 5 or words[-1].lower() in _NAME_PARTICLES:
+        return None
+    for i, w in enumerate(words):
+        if w.lower() in _NOT_NAME_WORDS or not _NAME_WORD.match(w):
+            return None
+        if not w[0].isupper() and (i == 0 or w.lower() not in _NAME_PARTICLES):
+            return None
+    return name
+
+
+@dataclass
+class _Box:
+    """What a container's own marked nodes say, the same for every image in it."""
+
+    licences: list[tuple[str, str]]  # (kind, value), in page order, at most MAX_EVIDENCE
+    n_licence_nodes: int = 0
+    author: str | None = None  # cc:attributionName / rel=author ...
+    attribution_url: str | None = None
+    title: str | None = None
+
+
+@dataclass
+class _Near:
+    """A container's caption facts, read for the images it is the nearest container of."""
+
+    credit: str | None  # the caption's credit line, or a linked one in a one-image box
+    caption_name: str | None  # a caption that is only a name: the author, not the title
+    caption_title: str | None
+    evidence: list[tuple[str, str, str]]  # `_container_text`
+
+
+def _box_facts(page: _Page, box: LexborNode) -> _Box:
+    """`page.owned` nodes of `box` read once (a box holding N images is read once, not N
+    times)."""
+    hit = page._boxes.get(box.mem_id)
+    if hit is not None:
+        return hit
+    base = page.base
+    box_ccrel = "xmlns:cc" in box.attributes or "about" in box.attributes
+    out = _Box([])
+    seen: set[tuple[str, str]] = set()
+    for node in page.owned.get(box.mem_id, []):
+        kind = _marked_kind(node)
+        na = node.attributes
+        if kind in _LICENCE_KINDS:
+            if kind == "rel_license" and box_ccrel:
+                kind = "ccrel"
+            out.n_licence_nodes += 1
+            item = (kind, abs_or_raw(_attr_value(node), base))
+            if item[1] and item not in seen:
+                seen.add(item)
+                if len(seen) <= MAX_EVIDENCE:
+                    out.licences.append(item)
+                elif len(seen) == MAX_EVIDENCE + 1:  # the rest may restrict: fail closed
+                    out.licences.append(("text", MIXED_RIGHTS))
+        elif kind == "attribution":
+            toks = set(_tokens(na.get("property"))) | set(_tokens(na.get("rel")))
+            if out.author is None and "cc:attributionname" in set(_tokens(na.get("property"))):
+                out.author = _node_text(node)
+            if "cc:attributionurl" in toks and out.attribution_url is None:
+                href = na.get("href") or na.get("resource") or ""
+                if href.strip():
+                    out.attribution_url = abs_or_raw(href, base)
+        elif kind == "author" and out.author is None:
+            out.author = _node_text(node)
+        elif kind == "title" and out.title is None:
+            out.title = _node_text(node)
+    page._boxes[box.mem_id] = out
+    return out
+
+
+def _near_facts(page: _Page, box: LexborNode) -> _Near:
+    """The caption, credit and container text of `box`, read once per container."""
+    hit = page._near.get(box.mem_id)
+    if hit is not None:
+        return hit
+    caption_node = box.css_first("figcaption, .wp-caption-text, .thumbcaption")
+    caption = _text(caption_node) if caption_node is not None else ""
+    n_img = len(box.css("img"))
+    credit: str | None = None
+    if caption_node is not None:
+        credit = _linked_credit(caption_node)
+    elif n_img == 1:
+        # a container's text is not the image's caption: only a bare "by <a>X</a>"
+        # or a photo's credit ("Photo by <a>X</a>") counts there
+        credit = _linked_credit(box, photo_only=True)
+    if credit is None and caption:
+        m = _CREDIT.search(caption)
+        if m:
+            credit = _credit_name(m.group(1))
+    name = _person_name(caption) if caption and caption_node is not None else None
+    links = caption_node.css("a") if name is not None and caption_node is not None else []
+    if links and (len(links) > 1 or _text(links[0]) != caption):
+        name = None  # part of it a link ("Standby <a>Mode</a>"): words, not one name
+    evidence: list[tuple[str, str, str]] = []
+    has_licence = _box_facts(page, box).n_licence_nodes > 0
+    _container_text(box, caption_node, has_licence, n_img, evidence)
+    near = _Near(
+        credit=credit,
+        caption_name=name,
+        caption_title=_caption_title(caption_node) if caption_node is not None else None,
+        evidence=evidence,
+    )
+    page._near[box.mem_id] = near
+    return near
+
+
+def _caption_title(caption_node: LexborNode) -> str | None:
+    """A caption as a title, without its licence links' words ("Photo by Li Wei, <a
+    rel=license>CC BY 4.0</a>" -> "Photo by Li Wei"): the licence is evidence, not the
+    work's name."""
+    links = {
+        n.mem_id: ""
+        for n in caption_node.css("a, area")
+        if is_license_rel(n.attributes.get("rel")) or is_cc_url(n.attributes.get("href") or "")
+    }
+    text = _WS.sub(" ", _walk_text(caption_node, links)).strip()
+    if links:
+        text = _TITLE_TRIM.sub("", text)
+    return clean_text(text) or None
+
+
+_TITLE_TRIM = re.compile(r"(?:[\s,;:|/·•–—-]|\(\s*\))+$")
+
+
 def _image_facts(
     img: LexborNode, url: str, raw_cands: list[str], page: _Page
 ) -> tuple[list[LicenseEvidence], str | None, str | None, dict[str, object]]:
-    """Evidence tied to one image (image scope, then container), its author, title, extras."""
+    """Evidence tied to one image (image scope, then container), its author, title, extras.
+    What a container says is read once per container (`_box_facts`, `_near_facts`)."""
     base = page.base
     ev: list[LicenseEvidence] = []
     seen: set[tuple[str, str, str]] = set()
@@ -699,46 +991,27 @@ def _image_facts(
     # 2) containers, nearest first: licence nodes each owns, then attribution
     for depth, box in enumerate(boxes):
         about = box.attributes.get("about")
-        box_ccrel = "xmlns:cc" in box.attributes or about is not None
         about_is_img = about is not None and norm_url(about, base) in own
         scope = "image" if about_is_img else "container"
-        licence_nodes = 0
-        for node in page.owned.get(box.mem_id, []):
-            kind = _marked_kind(node)
-            na = node.attributes
-            if kind in ("rel_license", "ccrel", "schema_license", "cc_link"):
-                if kind == "rel_license" and box_ccrel:
-                    kind = "ccrel"
-                add(scope, kind, abs_or_raw(_attr_value(node), base))
-                licence_nodes += 1
-            elif kind == "attribution":
-                toks = set(_tokens(na.get("property"))) | set(_tokens(na.get("rel")))
-                if author is None and "cc:attributionname" in set(_tokens(na.get("property"))):
-                    author = _node_text(node)
-                if "cc:attributionurl" in toks and "attribution_url" not in extra:
-                    href = na.get("href") or na.get("resource") or ""
-                    if href.strip():
-                        extra["attribution_url"] = abs_or_raw(href, base)
-            elif kind == "author" and author is None:
-                author = _node_text(node)
-            elif kind == "title" and title is None:
-                title = _node_text(node)
+        facts = _box_facts(page, box)
+        for kind, value in facts.licences:
+            add(scope, kind, value)
+        if author is None:
+            author = facts.author
+        if facts.attribution_url is not None and "attribution_url" not in extra:
+            extra["attribution_url"] = facts.attribution_url
+        if title is None:
+            title = facts.title
         if depth == 0:
-            caption_node = box.css_first("figcaption, .wp-caption-text, .thumbcaption")
-            caption = _text(caption_node) if caption_node is not None else ""
-            if author is None and caption_node is not None:
-                author = _linked_credit(caption_node)
-            elif author is None and len(box.css("img")) == 1:
-                # a container's text is not the image's caption: only a bare "by <a>X</a>"
-                # or a photo's credit ("Photo by <a>X</a>") counts there
-                author = _linked_credit(box, photo_only=True)
-            if author is None and caption:
-                m = _CREDIT.search(caption)
-                if m:
-                    author = _credit_name(m.group(1))
-            _container_text(box, caption_node, licence_nodes > 0, add)
-            if title is None and caption:
-                title = clean_text(caption) or None
+            near = _near_facts(page, box)
+            if author is None:
+                author = near.credit
+            if author is None and near.caption_name is not None:
+                author = near.caption_name
+            for item in near.evidence:
+                add(*item)
+            if title is None and near.caption_name is None:  # a name is no title
+                title = near.caption_title
     if page.page_author:
         extra["page_author"] = page.page_author
     for a in ("width", "height"):
@@ -752,7 +1025,8 @@ def _container_text(
     box: LexborNode,
     caption_node: LexborNode | None,
     has_licence: bool,
-    add: Callable[[str, str, str], None],
+    n_img: int,
+    out: list[tuple[str, str, str]],
 ) -> None:
     """A container's words as `container` text evidence: its caption whole (up to
     `MAX_CAPTION`) when it has a licence link, a rights mark or words withholding a use,
@@ -767,16 +1041,16 @@ def _container_text(
         caption = _caption_text(caption_node)
         if has_licence or rights_snippet(caption):
             recorded = caption if len(caption) <= MAX_CAPTION else rights_snippet(caption) or ""
-            add("container", "text", recorded)
+            out.append(("container", "text", recorded))
             # the rest of the container's text, beside the caption
             box_text = box_text.replace(_text(caption_node), " ", 1)
     snip = rights_snippet(box_text)
     if snip:
-        add("container", "text", snip)
-    if len(box.css("img")) > 1:
+        out.append(("container", "text", snip))
+    if n_img > 1:
         words = f"{recorded} ... {snip or ''}"
         if (has_licence or _FOOTER_LICENCE.search(words)) and notice_apart(words):
-            add("container", "text", MIXED_RIGHTS)
+            out.append(("container", "text", MIXED_RIGHTS))
 
 
 def extract_images(
