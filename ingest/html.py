@@ -28,6 +28,7 @@ Attribution decisions (documented here because the shard writer relies on them):
 from __future__ import annotations
 
 import codecs
+import contextvars
 import math
 import re
 from bisect import bisect_right
@@ -75,6 +76,27 @@ MAX_URL_LEN = 8192
 MAX_TEXT = 2000  # alt/title/author longer than this are cut (giant attributes on junk pages)
 MAX_SNIPPET = 200  # one rights mark or restriction with its context
 MAX_CAPTION = 1000  # a caption recorded whole; also the most a snippet of several marks keeps
+# characters of page text the licence reader may scan per page (~3 us each): a real page
+# of thousands of captioned images scans well under 1M; a hostile one (a chain of nested
+# figures, each reading the text of all inside it) would scan without end: its page fails
+PAGE_TEXT_BUDGET = 2_000_000
+_SCAN_LEFT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "ccurate_html_scan_left", default=None
+)
+
+
+class PageTooHeavy(Exception):
+    """More licence-relevant text than `PAGE_TEXT_BUDGET`: the page is an error, not read."""
+
+
+def _spend(n: int) -> None:
+    left = _SCAN_LEFT.get()
+    if left is not None:
+        left[0] -= n
+        if left[0] < 0:
+            raise PageTooHeavy(f"over {PAGE_TEXT_BUDGET:,} characters of text to read")
+
+
 MAX_CONTAINER_DEPTH = 8
 # distinct licence values kept per container and per page: each one is copied into every
 # sample of the page, so a page of N images and N licence links would cost N x N
@@ -317,6 +339,7 @@ def rights_snippet(text: str, pattern: re.Pattern[str] = _RIGHTS) -> str | None:
     use", `licenses.restriction_spans`) with a little context, joined by " ... " (a clause
     break to the licence reader), at most `MAX_CAPTION` characters with the restrictions
     kept first; None when the text has neither."""
+    _spend(min(len(text), 20_000))
     marks = [m.span() for m in pattern.finditer(text[:20_000])]
     spans = restriction_spans(text[:20_000]) + marks[:100]
     if not spans:
@@ -1063,12 +1086,14 @@ def extract_images(
     """Every `<img>` of a page as a `Sample`, with evidence, attribution and the page's opt-out.
 
     `encoding` is the HTTP charset when known (it outranks `<meta charset>`).
-    Never raises: a page that cannot be decoded or parsed returns no images and
-    `error` set. The same image URL twice on a page keeps the first occurrence
-    as is (nothing of the repeats, e.g. another alt text, is merged into it);
-    repeats are counted in `skipped["duplicate_in_page"]` and on the kept
-    sample as `extra["repeats_in_page"]` (repeated images are often logos).
+    Never raises: a page that cannot be decoded or parsed, or that holds more text for
+    the licence reader than `PAGE_TEXT_BUDGET`, returns no images and `error` set.
+    The same image URL twice on a page keeps the first occurrence as is (nothing of
+    the repeats, e.g. another alt text, is merged into it); repeats are counted in
+    `skipped["duplicate_in_page"]` and on the kept sample as `extra["repeats_in_page"]`
+    (repeated images are often logos).
     """
+    budget = _SCAN_LEFT.set([PAGE_TEXT_BUDGET])
     try:
         text = _decode(html, encoding) if isinstance(html, bytes | bytearray) else html
         tree = LexborHTMLParser(text)  # lone surrogates in a str are dropped, not raised
@@ -1112,3 +1137,5 @@ def extract_images(
         return out
     except Exception as exc:  # a broken page must not stop a crawl
         return PageExtract(images=[], error=f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        _SCAN_LEFT.reset(budget)

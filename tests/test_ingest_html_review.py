@@ -195,3 +195,35 @@ def test_footer_text_joins_punctuation() -> None:
     page = extract_images(html, "https://ex.test/p")
     texts = [e.value for e in page.page_license_evidence if e.kind == "text"]
     assert texts == ["Content is licensed under CC BY-SA 2.0."]
+
+
+def test_a_page_with_more_text_to_read_than_the_budget_is_an_error_in_bounded_time() -> None:
+    """A chain of nested figures, each with an image and a caption, makes every figure's
+    text hold all the figures inside it: the licence reader scanned ~20k characters per
+    image, quadratic in the chain (30 s for 1,000 figures on a loaded box)."""
+    n = 1_000
+    html = (
+        "<html><body>"
+        + "".join(
+            f'<figure><img src="/i{k}.jpg" alt="a">caption words number {k} with some text. '
+            for k in range(n)
+        )
+        + "</figure>" * n
+        + "</body></html>"
+    )
+    t0 = time.perf_counter()
+    page = extract_images(html, "https://ex.test/p")
+    assert time.perf_counter() - t0 < 15
+    assert page.images == [] and page.error is not None and "PageTooHeavy" in page.error
+    # a page of many captioned figures side by side reads well within it
+    flat = (
+        "<html><body>"
+        + "".join(
+            f'<figure><img src="/i{k}.jpg"><figcaption>Photo © Jane Doe {k}, CC BY 4.0</figcaption>'
+            "</figure>"
+            for k in range(2_000)
+        )
+        + "</body></html>"
+    )
+    page = extract_images(flat, "https://ex.test/p")
+    assert page.error is None and len(page.images) == 2_000
