@@ -46,7 +46,7 @@ from ccurate.configbase import Section
 from ccurate.filters.licenses import REASONS, LicenseInfo, normalize, read, resolve
 from ccurate.record import Decision, LicenseEvidence, Sample
 from ccurate.stage import Filter
-from ccurate.takedown import url_host
+from ccurate.takedown import canonical_host, url_host
 
 __all__ = [
     "IMAGE_SCOPES",
@@ -110,6 +110,18 @@ class LicenseConfig(Section):
     author_fallback: Literal["site", "none"] = Field(
         default="site", description='site: a missing author becomes "Unknown author via <host>"'
     )
+
+    @field_validator("page_text_only_hosts")
+    @classmethod
+    def _canonical_hosts(cls, v: list[str]) -> list[str]:
+        """In the form page hosts are compared in ('Wikipedia.org.' matched nothing)."""
+        out = []
+        for host in v:
+            h = canonical_host(host)
+            if h is None:
+                raise ValueError(f"{host!r} is not a host name (e.g. 'wikipedia.org')")
+            out.append(h)
+        return list(dict.fromkeys(out))
 
     @field_validator("evidence_levels")
     @classmethod

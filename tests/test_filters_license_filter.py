@@ -437,6 +437,25 @@ def test_config_defaults_are_the_safe_documented_ones() -> None:
     assert levels == ["image", "page"]
 
 
+def test_text_only_hosts_are_compared_in_canonical_form() -> None:
+    """A configured 'Wikipedia.org.' matched no page host (page hosts are lower-cased, their
+    trailing dot dropped): the site's text licence became its images'."""
+    cfg = LicenseConfig(page_text_only_hosts=["Wikipedia.org.", "wiki.example"])
+    assert cfg.page_text_only_hosts == ["wikipedia.org", "wiki.example"]
+    again = LicenseConfig(page_text_only_hosts=["WIKIPEDIA.org", "wikipedia.org."])
+    assert again.page_text_only_hosts == ["wikipedia.org"]
+    ev = [
+        LicenseEvidence("page", "link_rel_license", "https://creativecommons.org/licenses/by/4.0/")
+    ]
+    page = "https://en.wikipedia.org/wiki/X"
+    s = Sample(key="k", url="https://u.test/a.jpg", page_url=page, source_url=page, author="A")
+    s.license_evidence = ev
+    assert LicenseFilter(cfg).decide(s).reason == "license_unknown"
+    for bad in ("wiki%2Eexample", "not a host", ""):
+        with pytest.raises(ValidationError, match="not a host name"):
+            LicenseConfig(page_text_only_hosts=[bad])
+
+
 @pytest.mark.parametrize(
     ("license_id", "split"),
     [
