@@ -120,7 +120,7 @@ class LicenseConfig(Section):
             h = canonical_host(host)
             if h is None:
                 raise ValueError(f"{host!r} is not a host name (e.g. 'wikipedia.org')")
-            out.append(h)
+            out.append(h.removeprefix("www."))  # page hosts are compared without it too
         return list(dict.fromkeys(out))
 
     @field_validator("evidence_levels")

@@ -442,7 +442,9 @@ def test_text_only_hosts_are_compared_in_canonical_form() -> None:
     trailing dot dropped): the site's text licence became its images'."""
     cfg = LicenseConfig(page_text_only_hosts=["Wikipedia.org.", "wiki.example"])
     assert cfg.page_text_only_hosts == ["wikipedia.org", "wiki.example"]
-    again = LicenseConfig(page_text_only_hosts=["WIKIPEDIA.org", "wikipedia.org."])
+    again = LicenseConfig(
+        page_text_only_hosts=["WIKIPEDIA.org", "wikipedia.org.", "www.wikipedia.org"]
+    )
     assert again.page_text_only_hosts == ["wikipedia.org"]
     ev = [
         LicenseEvidence("page", "link_rel_license", "https://creativecommons.org/licenses/by/4.0/")
@@ -451,6 +453,12 @@ def test_text_only_hosts_are_compared_in_canonical_form() -> None:
     s = Sample(key="k", url="https://u.test/a.jpg", page_url=page, source_url=page, author="A")
     s.license_evidence = ev
     assert LicenseFilter(cfg).decide(s).reason == "license_unknown"
+    # 'www.' too: the page's host is compared without it, so a listed www. host matched nothing
+    www = LicenseConfig(page_text_only_hosts=["www.example.org"])
+    page = "https://www.example.org/wiki/X"
+    s = Sample(key="k", url="https://www.example.org/a.jpg", page_url=page, source_url=page)
+    s.author, s.license_evidence = "A", list(ev)
+    assert LicenseFilter(www).decide(s).reason == "license_unknown"
     for bad in ("wiki%2Eexample", "not a host", ""):
         with pytest.raises(ValidationError, match="not a host name"):
             LicenseConfig(page_text_only_hosts=[bad])
