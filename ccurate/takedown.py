@@ -12,7 +12,8 @@ so they survive a wiped work directory:
   `image` (a file: its sha256, pixel sha256 and phash). `ccurate takedown add`
   appends under an flock; an entry that is already listed is not added again.
   URLs and hosts match however they are spelled (`url_key`, `canonical_host`:
-  http/https, default port, trailing dot, IDNA, escapes, dot-segments).
+  http/https, default port, trailing dot, IDNA 2008, IP literal forms,
+  escapes, dot-segments).
 - `removals/*.parquet`: every sample a rebuild removed (takedown or opt-out),
   with its hashes. Later rebuilds drop those keys, the same image bytes or
   pixels anywhere, and near copies (pHash within the radius), so a removed
@@ -28,6 +29,7 @@ import fcntl
 import getpass
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+import idna
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -93,16 +96,38 @@ def normalize_url(url: str) -> str:
 def canonical_host(host: str) -> str | None:
     """A host as DNS resolves it: lower-case, no trailing dot, IDNA (punycode) form.
 
-    None for what is not a plain host name or IP literal (a `%`, an empty label,
-    characters no host has): callers deciding on a host must then fail closed.
+    Non-ASCII names take UTS-46 mapping and IDNA 2008 (non-transitional, as browsers:
+    `faß.de` is `xn--fa-hia.de`, never `fass.de`, another domain); full-width dots map
+    to dots. IP literals take one form (`ipaddress`): IPv6 compressed, an IPv4-mapped
+    IPv6 address as its IPv4, and the IPv4 spellings the resolver (`inet_aton`) reads as
+    one address (`16909060`, `0x1.2.3.4`, `01.02.03.04` are `1.2.3.4`). None for what
+    is not a plain host name or IP literal (a `%`, an empty label, characters no host
+    has): callers deciding on a host must then fail closed.
     """
     h = host.strip().lower().rstrip(".")
     if not h.isascii():
-        try:  # IDNA 2003 also maps full-width dots and the like, as browsers do
-            h = h.encode("idna").decode("ascii").lower().rstrip(".")
-        except UnicodeError:
+        try:
+            mapped = idna.uts46_remap(h, std3_rules=False, transitional=False)
+            h = ".".join(
+                x if x.isascii() else idna.alabel(x).decode("ascii")
+                for x in mapped.rstrip(".").split(".")
+            ).lower()
+        except (idna.IDNAError, UnicodeError, ValueError):
             return None
-    return h if _HOSTNAME.match(h) else None
+    if not _HOSTNAME.match(h):
+        return None
+    if ":" in h:
+        try:
+            ip = ipaddress.IPv6Address(h)
+        except ValueError:
+            return None
+        return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else ip.compressed
+    if _IPV4_SPELLING.match(h):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(h))
+        except OSError:  # out of range: a name to the resolver, as it is
+            return h
+    return h
 
 
 def url_host(url: str | None, unescape: bool = False) -> str | None:
@@ -153,6 +178,9 @@ def url_key(url: str, page: bool = False) -> str:
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^[0-9a-f:.]*:[0-9a-f:.]*$")
+# what `inet_aton` (and so the fetcher's resolver) reads as an IPv4 address: 1 to 4
+# numbers, decimal, octal (`0` first) or hex (`0x`); a name that ends in a number
+_IPV4_SPELLING = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _NOT_SENT_AS_IS = re.compile(r"[^\x21-\x7e]")  # what ingest.guard escapes in a request line
@@ -205,7 +233,9 @@ def normalize_domain(value: str) -> str:
         except ValueError:
             v = ""
     v = v.removeprefix("*.").lstrip(".")
-    host = v if v.startswith("[") else canonical_host(v) if v else None  # [IPv6] as listed
+    # [IPv6] and IPv4 spellings as listed (an entry's id hashes its value); matching
+    # compares them in `canonical_host` form
+    host = v if v.startswith("[") or _IPV4_SPELLING.match(v) else canonical_host(v) if v else None
     if host is None or not _HOST.match(host):
         raise TakedownError(f"not a domain name: {value!r} (expected e.g. example.com)")
     return host

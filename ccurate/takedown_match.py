@@ -33,6 +33,8 @@ distinct photos rarely below 12 (bench/dedup_eval.py)."""
 
 _SCHEME = r"^[A-Za-z][A-Za-z0-9+.\-]*://"
 _PLAIN_HOST = r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.*$"  # the whole authority: no port, user, escapes
+# an IPv4 address as `inet_aton` spells it (`16909060`, `01.02.03.04`): `canonical_host` respells it
+_IPV4_SPELLING = r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.*$"
 _NOT_PLAIN = r"[^\x21-\x7e]|%"  # what `url_key` may respell (escapes, non-ASCII, spaces)
 
 
@@ -113,12 +115,13 @@ def _col(t: pa.Table, name: str) -> pa.ChunkedArray:
 def _hosts(col: pa.ChunkedArray) -> pa.Array:
     """Each row's host as `url_key` reads it (`url_host(url, unescape=True)`). Vectorised:
     where the authority is a plain ASCII host it is only lower-cased and loses its trailing
-    dots; Python parses the few others (port, userinfo, IDNA, escapes, IPv6), so no spelling
+    dots; Python parses the few others (port, userinfo, IDNA, escapes, IP literals), so no spelling
     slips past the rules."""
     url = pc.fill_null(pc.match_substring_regex(col, _SCHEME), False)
     parts = pc.split_pattern(pc.if_else(url, col, pa.scalar("-://")), "/", max_splits=3)
     auth = pc.utf8_lower(pc.list_element(parts, 2))  # `scheme:`, ``, authority, rest
     plain = pc.and_(url, pc.fill_null(pc.match_substring_regex(auth, _PLAIN_HOST), False))
+    plain = pc.and_not(plain, pc.fill_null(pc.match_substring_regex(auth, _IPV4_SPELLING), False))
     hosts = pc.if_else(plain, pc.utf8_rtrim(auth, characters="."), pa.scalar(None, pa.string()))
     hosts = hosts.combine_chunks()
     odd = pc.and_(pc.invert(plain), pc.is_valid(col)).combine_chunks()

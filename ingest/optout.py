@@ -19,8 +19,11 @@ What counts as an opt-out (all on by default, each can be switched off in
   wildcard and longest-match opt-outs): the rules of every group whose
   user-agent is our product token (case-insensitive, never merely a part of
   it) are merged, else those of every `*` group; `*` and a trailing `$` are
-  wildcards; the longest matching pattern wins and Allow wins a tie; paths
-  and patterns are compared percent-decoded then re-encoded; `/robots.txt`
+  wildcards (`%2A` and `%24` match a literal `*` and `$`); the longest
+  matching pattern wins and Allow wins a tie; paths and patterns are
+  compared percent-decoded then re-encoded; Google's leniencies are kept
+  (the `useragent` key, a missing colon, `ccurate (+url)` as our product
+  token: all fail closed); `/robots.txt`
   itself is always allowed; a leading BOM is skipped. As Google does: 2xx is
   parsed; any 4xx means there is no robots.txt (everything allowed); 429
   and 5xx mean "disallow everything on this host for this run". If
@@ -220,21 +223,68 @@ def open_client(
 
 # Google's accepted misspellings: honouring a misspelt opt-out costs nothing (fail closed)
 _DISALLOW_KEYS = frozenset({"disallow", "dissallow", "dissalow", "disalow", "diasllow", "disallaw"})
-# what a robots.txt pattern and a path keep unescaped after decoding, so both compare alike
-_ROBOTS_SAFE = "/*$?=&;:@!'()+,"
+_USER_AGENT_KEYS = frozenset({"user-agent", "useragent", "user agent"})
+# what a robots.txt pattern and a path keep unescaped after decoding, so both compare alike;
+# `*` and `$` are not among them: in a path (and `%2A`/`%24` in a pattern) they are literal
+# characters, kept escaped so that they never act as a wildcard or an end anchor
+_ROBOTS_SAFE = "/?=&;:@!'()+,"
+_LITERAL_ESCAPE = re.compile(r"(%2[aA]|%24)")
+_UA_TOKEN_CHAR = re.compile(r"[a-z_-]")  # Google's product token: the leading [A-Za-z_-]+
 
 
-def _robots_norm(text: str) -> str:
+def _robots_norm(text: str, pattern: bool = False) -> str:
     """Percent-decode, then re-encode all but `_ROBOTS_SAFE`: `/%7Ejoe` and `/~joe`, `/é` and
-    `/%C3%A9` compare equal, on both sides of the match."""
-    return quote(unquote(text), safe=_ROBOTS_SAFE)
+    `/%C3%A9` compare equal, on both sides of the match. `%2A` and `%24` stay escaped (RFC
+    9309 2.2.3: they match a literal `*`/`$`), and so do a literal `*` and `$` of a path;
+    a `pattern` keeps its `*` wildcards and its trailing `$` end anchor (any other `$` is
+    literal)."""
+    anchored = pattern and text.endswith("$")
+    if anchored:
+        text = text[:-1]
+    safe = _ROBOTS_SAFE + ("*" if pattern else "")
+    parts = _LITERAL_ESCAPE.split(text)
+    out = "".join(
+        part.upper() if i % 2 else quote(unquote(part), safe=safe) for i, part in enumerate(parts)
+    )
+    return out + "$" if anchored else out
+
+
+def _robots_line(line: str) -> tuple[str, str] | None:
+    """(lower-case key, value) of one robots.txt line, comment dropped; None if it has none.
+    As Google's parser: `key: value`, or `key value` (a forgotten colon) when the line is
+    exactly two words, which is also tried when the text before a colon is no known key."""
+    line = line.split("#", 1)[0].strip()
+    key, sep, value = line.partition(":")
+    key = " ".join(key.split()).lower()
+    if sep and (key in _USER_AGENT_KEYS or key == "allow" or key in _DISALLOW_KEYS):
+        return key, value.strip()
+    words = line.split()
+    if len(words) == 2:
+        return words[0].lower(), words[1]
+    return (key, value.strip()) if sep else None
+
+
+def _names_us(agent: str, me: str) -> bool:
+    """A user-agent value names the product `me` (lower-case): it starts with it and the
+    product token does not go on (Google: the token is the leading `[A-Za-z_-]+` run), so
+    `ccurate/1.0`, `ccurate*` and `ccurate (+https://...)` are ours, `ccurate-bot` and
+    `ccuratex` are other bots."""
+    agent = agent.lower()
+    return agent.startswith(me) and not _UA_TOKEN_CHAR.match(agent[len(me) : len(me) + 1])
 
 
 @dataclass(frozen=True)
 class RobotsRules:
     """The Allow/Disallow rules robots.txt sets for our token (RFC 9309 section 2.2)."""
 
-    rules: tuple[tuple[str, bool], ...] = ()  # (normalised pattern, allow)
+    # (normalised pattern, allow), longest pattern first, Allow first among equals
+    rules: tuple[tuple[str, bool], ...] = ()
+
+    @classmethod
+    def of(cls, rules: Iterable[tuple[str, bool]]) -> RobotsRules:
+        """Rules in the order `allows` needs (the first match is then the deciding one)."""
+        unique = set(rules)
+        return cls(tuple(sorted(unique, key=lambda r: (-len(r[0]), not r[1], r[0]))))
 
     def allows(self, path: str) -> bool:
         """The longest matching pattern decides, Allow on a tie (RFC 9309 2.2.2); no match
@@ -242,12 +292,10 @@ class RobotsRules:
         path = _robots_norm(path)
         if path.split("?", 1)[0] == "/robots.txt":
             return True
-        best, allow = -1, True
         for pattern, rule_allows in self.rules:
-            size = len(pattern)
-            if (size > best or (size == best and rule_allows)) and glob_match(pattern, path):
-                best, allow = size, rule_allows
-        return allow
+            if glob_match(pattern, path):
+                return rule_allows
+        return True
 
 
 def parse_robots(body: bytes, token: str) -> RobotsRules:
@@ -255,8 +303,10 @@ def parse_robots(body: bytes, token: str) -> RobotsRules:
 
     A group is one or more consecutive user-agent lines and the rules up to the next
     user-agent line after a rule (blank and other lines end nothing). The rules of all
-    groups naming `token` (case-insensitive, the name before any `/version`, never a mere
-    part of it) are merged, else those of all `*` groups. An empty Disallow is no rule.
+    groups naming `token` (case-insensitive, as Google reads the product token: `ccurate/1.0`
+    and `ccurate (+url)` name it, `ccurate-bot` does not) are merged, else those of all `*`
+    groups. An empty Disallow is no rule. Google's leniencies are kept (fail closed): the
+    `useragent` and `user agent` keys, misspelt Disallow keys, and a missing colon.
     """
     me = token.strip().lower()
     mine: list[tuple[str, bool]] = []
@@ -264,17 +314,17 @@ def parse_robots(body: bytes, token: str) -> RobotsRules:
     ours = star = named = in_rules = False
     text = body.decode("utf-8", "replace").removeprefix("\ufeff")
     for line in text.splitlines():
-        key, sep, value = line.split("#", 1)[0].partition(":")
-        key, value = key.strip().lower(), value.strip()
-        if not sep:
+        got = _robots_line(line)
+        if got is None:
             continue
-        if key == "user-agent":
+        key, value = got
+        if key in _USER_AGENT_KEYS:
             if in_rules:  # a user-agent after rules starts the next group
                 ours = star = in_rules = False
-            agent = value.split("/", 1)[0].strip().lower()
-            ours = ours or agent == me
-            star = star or agent == "*"
-            named = named or agent == me
+            us = bool(me) and _names_us(value, me)
+            ours = ours or us
+            star = star or value == "*" or (value[:1] == "*" and value[1:2].isspace())
+            named = named or us
             continue
         allow = key == "allow"
         if not (allow or key in _DISALLOW_KEYS):
@@ -284,12 +334,12 @@ def parse_robots(body: bytes, token: str) -> RobotsRules:
             continue  # empty pattern: no rule; a rule before any user-agent: none
         if not value.startswith(("/", "*")):
             value = "/" + value  # 'images/' means '/images/' (fail closed)
-        rule = (_robots_norm(value), allow)
+        rule = (_robots_norm(value, pattern=True), allow)
         if ours:
             mine.append(rule)
         if star:
             anyone.append(rule)
-    return RobotsRules(tuple(mine if named else anyone))
+    return RobotsRules.of(mine if named else anyone)
 
 
 @dataclass

@@ -236,6 +236,45 @@ ROBOTS_CASES: list[tuple[str, str, str, bool]] = [
     ("User-agent: *\nDisalow: /x/\n", "ccurate", "/x/a.jpg", False),  # Google's misspelling
     ("User-agent: *\r\nDisallow: /x/ # comment\r\n", "ccurate", "/x/a.jpg", False),
     ("User-agent: *\nDisallow: /a?b=1\n", "ccurate", "/a?b=1&c", False),  # query included
+    # RFC 9309 2.2.3: %2A and %24 in a pattern match a literal '*' and '$', never a
+    # wildcard or an end anchor; a literal '*'/'$' in a path is no wildcard either
+    ("User-agent: *\nDisallow: /a%24b\n", "ccurate", "/a%24b", False),
+    ("User-agent: *\nDisallow: /a%24b\n", "ccurate", "/a$b", False),
+    ("User-agent: *\nDisallow: /price%24\n", "ccurate", "/price%24/list", False),
+    ("User-agent: *\nDisallow: /price%24\n", "ccurate", "/price", True),
+    ("User-agent: *\nDisallow: /file-%2A.html\n", "ccurate", "/file-%2a.html", False),
+    ("User-agent: *\nDisallow: /file-%2A.html\n", "ccurate", "/file-*.html", False),
+    ("User-agent: *\nDisallow: /file-%2A.html\n", "ccurate", "/file-x.html", True),
+    ("User-agent: *\nDisallow: /a$b\n", "ccurate", "/a$b", False),  # '$' inside: literal
+    ("User-agent: *\nDisallow: /a$b\n", "ccurate", "/a", True),
+    ("User-agent: *\nDisallow: /a$$\n", "ccurate", "/a$", False),
+    ("User-agent: *\nDisallow: /a$$\n", "ccurate", "/a$b", True),
+    ("User-agent: *\nDisallow: /a/*\n", "ccurate", "/b*/a/", True),  # a path '*' is literal
+    ("User-agent: *\nDisallow: /a$\n", "ccurate", "/a%24", True),
+    # Google's leniencies, all failing closed: typo'd user-agent keys, a forgotten colon,
+    # the product token as the leading [A-Za-z_-]+ of the value
+    ("User-agent: ccurate\nDisallow /x\n", "ccurate", "/x/a.jpg", False),
+    ("User-agent ccurate\nDisallow: /x\n", "ccurate", "/x/a.jpg", False),
+    ("User-agent: *\nDisallow /a:b\n", "ccurate", "/a:b", False),
+    ("User-agent: *\nAllow: /\nUseragent: ccurate\nDisallow: /\n", "ccurate", "/x", False),
+    ("User agent: ccurate\nDisallow: /\n", "ccurate", "/x", False),
+    ("User-agent: *\nAllow: /\nUser  Agent: ccurate\nDisallow: /\n", "ccurate", "/x", False),
+    ("User-agent: ccurate (+https://x.example)\nDisallow: /\n", "ccurate", "/x", False),
+    ("User-agent: ccurate*\nDisallow: /\n", "ccurate", "/x", False),
+    ("User-agent: ccurate 1.0\nDisallow: /\n", "ccurate", "/x", False),
+    ("User-agent: * (all)\nDisallow: /\n", "ccurate", "/x", False),
+    # ... and a longer product token is another bot's (Google's [A-Za-z_-]+ token)
+    ("User-agent: *\nDisallow: /\nUser-agent: ccurate-bot\nAllow: /\n", "ccurate", "/x", False),
+    ("User-agent: *\nDisallow: /\nUser-agent: ccuratex\nAllow: /\n", "ccurate", "/x", False),
+    ("User-agent: *\nDisallow: /\nUser-agent: ccurate_x\nAllow: /\n", "ccurate", "/x", False),
+    ("User-agent: ccurate-bot\nDisallow: /\n", "ccurate", "/x", True),
+    ("User-agent: *bot\nDisallow: /\n", "ccurate", "/x", True),  # no '*' group
+    ("User agent ccurate\nDisallow: /\n", "ccurate", "/x", True),  # 3 words: no line
+    # longest match first, Allow first among equals, whatever the file order
+    ("User-agent: *\nAllow: /a/b\nDisallow: /a/b/c\n", "ccurate", "/a/b/c/d", False),
+    ("User-agent: *\nDisallow: /a/b/c\nAllow: /a/b\n", "ccurate", "/a/b/x", True),
+    ("User-agent: *\nDisallow: /a*\nAllow: /a/\n", "ccurate", "/a/x", True),
+    ("User-agent: *\nAllow: /a/\nDisallow: /a*\n", "ccurate", "/a/x", True),
 ]
 
 
@@ -252,6 +291,18 @@ def test_robots_txt_hostile_patterns_stay_linear():
     assert rules.allows("/" + "a" * 5000)
     assert not rules.allows("/" + "a" * 5000 + "b")
     assert glob_match("/*x*y$", "/axby") and not glob_match("/*x*y$", "/axbyz")
+
+
+def test_robots_rules_are_sorted_once_and_the_first_match_decides():
+    text = "User-agent: *\n" + "".join(f"Disallow: /d/{i}\n" for i in range(2000))
+    text += "Allow: /d/1\nDisallow: /d/1\nDisallow: /d/1\n"
+    rules = parse_robots(text.encode(), "ccurate")
+    sizes = [len(p) for p, _ in rules.rules]
+    assert sizes == sorted(sizes, reverse=True)
+    assert rules.rules.count(("/d/1", False)) == 1  # duplicates merged
+    assert rules.rules.index(("/d/1", True)) < rules.rules.index(("/d/0", False))
+    assert not rules.allows("/d/1999/x") and not rules.allows("/d/10")
+    assert rules.allows("/d/1") and rules.allows("/e")
 
 
 @pytest.mark.parametrize(

@@ -207,3 +207,45 @@ def test_stored_url_entries_keep_their_form_and_id() -> None:
     e = make_entry("url", "https://Example.com:443/img/a%2ejpg#x")
     assert e.value == "https://example.com:443/img/a%2ejpg"
     assert e.id == make_entry("url", e.value).id
+
+
+def test_canonical_host_uses_idna_2008_and_one_form_per_ip() -> None:
+    # UTS-46 non-transitional (IDNA 2008), as browsers: faß.de and fass.de are two domains
+    assert canonical_host("faß.de") == canonical_host("xn--fa-hia.de") == "xn--fa-hia.de"
+    assert canonical_host("FAß.DE.") == "xn--fa-hia.de"
+    assert canonical_host("fass.de") == "fass.de"
+    assert canonical_host("a_b.bücher.de") == "a_b.xn--bcher-kva.de"
+    # IP literals: IPv6 compressed, IPv4-mapped as IPv4, inet_aton's IPv4 spellings
+    assert canonical_host("2001:0DB8::1") == canonical_host("2001:db8:0::1") == "2001:db8::1"
+    assert canonical_host("::ffff:1.2.3.4") == "1.2.3.4"
+    for spelling in ["1.2.3.4", "16909060", "01.02.03.04", "0x1.0x2.0x3.0x4", "1.2.0x304"]:
+        assert canonical_host(spelling) == "1.2.3.4", spelling
+    assert canonical_host("1.2.3.999") == "1.2.3.999"  # no address: a name, as it is
+    for bad in ["fe80::1%eth0", "1:2:3", "faß..de"]:
+        assert canonical_host(bad) is None, bad
+    assert url_key("https://[2001:0db8::1]/a.jpg") == url_key("https://[2001:db8::1]/a.jpg")
+    assert url_key("https://[::ffff:1.2.3.4]/a.jpg") == "//1.2.3.4/a.jpg"
+    # an IPv4 domain entry keeps its spelling (its id hashes it); matching canonicalises
+    assert normalize_domain("16909060") == "16909060"
+
+
+def test_url_takedown_by_idna_2008_host_and_ip_literal() -> None:
+    rows = ["https://xn--fa-hia.de/a.jpg", "https://FAß.de/a.jpg", "https://fass.de/a.jpg"]
+    assert _removed("url", rows, ("url", "https://faß.de/a.jpg")) == set(rows[:2])
+    rows = ["https://[2001:0db8::1]/a.jpg", "https://[2001:db8:0::1]/a.jpg", "https://[::2]/a.jpg"]
+    assert _removed("url", rows, ("url", "https://[2001:db8::1]/a.jpg")) == set(rows[:2])
+    rows = [
+        "https://16909060/a.jpg",
+        "https://01.02.03.04./a.jpg",
+        "https://[::ffff:1.2.3.4]/a.jpg",
+        "https://1.2.3.4/a.jpg",
+        "https://1.2.3.5/a.jpg",
+    ]
+    assert _removed("url", rows, ("url", "https://1.2.3.4/a.jpg")) == set(rows[:4])
+    assert _removed("url", rows, ("url", "https://16909060/a.jpg")) == set(rows[:4])
+    for col in ("url", "page_url"):
+        assert _removed(col, rows, ("domain", "16909060")) == set(rows[:4])
+        assert _removed(col, rows, ("domain", "[::ffff:1.2.3.4]")) == set(rows[:4])
+    rows = ["https://x.faß.de/a.jpg", "https://xn--fa-hia.de/b.jpg", "https://fass.de/a.jpg"]
+    assert _removed("url", rows, ("domain", "faß.de")) == set(rows[:2])
+    assert _removed("url", rows, ("domain", "fass.de")) == {rows[2]}
