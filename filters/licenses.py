@@ -37,17 +37,28 @@ Recognised forms (all table-driven, see the tables below):
   ("CC BY 4.0 by-nc" is unreadable).
   Words withholding a use the licence grants ("CC BY-SA 4.0 but not for commercial
   use", "personal use only", "may not be modified", "derivative works prohibited",
-  "reproduction prohibited", "not without permission", "used with permission", and their
-  German, French, Spanish, Italian, Portuguese and Dutch forms) make a conflict with every
-  licence granting that use at the same evidence level, whichever item names it.
+  "reproduction prohibited", "redistribution prohibited", "do not repost", "no adaptations",
+  "not for profit", "for editorial use", "not without permission", "used with permission",
+  "not for AI training", and their German, French, Spanish, Italian, Portuguese and Dutch
+  forms) make a conflict with every licence granting that use at the same evidence level,
+  whichever item names it. Unicode format characters (zero-width space, soft hyphen, word
+  joiner) are dropped before reading, and a word mixing Latin with Cyrillic or Greek letters
+  ("cоmmercial") makes the evidence unreadable.
   Commercial use fails closed: a commerce word (commercial, kommerziell, gewerblich,
   comercial, коммерческий, 商用, 商业, ...) followed by a use word ("use", "rights",
-  "purposes", "Nutzung", "uso", ...) or a colon ("Commercial: no"), or after a negation or
-  exclusion ("except", "keine", "sans"), or any CJK one, withholds it, unless it is part of
-  a phrase granting it ("free for commercial use", "commercial and non-commercial use",
-  "even commercially", "sogar kommerziell", "y compris commerciale", "可商用", ... and not
-  negated: `_GRANTS_COMMERCIAL`); a commerce word describing a thing ("Commercial Street")
-  withholds nothing. A licence
+  "purposes", "Nutzung", "uso", ...), a colon or a "no" ("Commercial: no", "Commercial -
+  No"), or after a use word ("uso comercial no permitido", "toute utilisation commerciale")
+  or a negation or exclusion ("except", "keine", "sans"), or glued to other letters
+  ("NotForCommercialUse"), or any CJK one or one of a language whose wording is not read
+  here (kommerciel, kommersiell, komercyjny, komerční, ticari, εμπορικ, 상업, 영리, מסחרי,
+  تجاري, व्यावसायिक, ...), withholds it, unless it is part of a phrase granting it ("free for
+  commercial use", "commercial and non-commercial use", "even commercially", "sogar
+  kommerziell", "y compris commerciale", "可商用", ...: `_GRANTS_COMMERCIAL`; overlapping ones
+  read as one) that is not negated and whose own clause (to . ; !) holds no word taking it
+  back or making it conditional ("Personal and commercial use is prohibited", "Commercial
+  use allowed? No", "... only for members", "... after purchasing a license", "... if you
+  pay": `_GRANT_UNDONE`), in which case the grant itself withholds; a commerce word
+  describing a thing ("Commercial Street") withholds nothing. A licence
   stated for a page's text ("Text is available under ...", "All text CC BY 4.0")
   is none for its images: unknown, and a conflict with any other item beside it; so is a
   rights notice for the pictures ("Story CC BY 4.0. Photo © Reuters", "CC BY 4.0. Images
@@ -495,6 +506,10 @@ _NO_COMMERCIAL_TEXT = re.compile(
     r"|\bfor (?:strictly )?(?:personal|private) use\b|\bstrictly (?:personal|private)\b"
     r"|\bonly for (?:personal|private|non ?profit|educational|research|academic)\b"
     r"|\bfor (?:educational|research|academic) purposes only\b|\beditorial only\b"
+    # profit; uses narrower than the licence's ("For editorial use", "Free for educational
+    # use") stated beside it: which one the licensor meant is not said, fail closed
+    r"|\bfor (?:non ?)?profit\b|\b(?:non ?profit|not for profit) (?:use|purposes?)\b"
+    r"|\bfor (?:\w+ )?(?:editorial|educational) (?:use|purposes?)\b"
     r"|\bnicht ?kommerziell|\bkeine kommerzielle"
     r"|\bkommerzielle nutzung (?:\w+ )?(?:untersagt|verboten)"
     r"|\bnicht für kommerzielle|\bnur für (?:den )?(?:private|persönliche)"
@@ -532,6 +547,13 @@ _NO_DERIVATIVES_TEXT = re.compile(
     r"|modifiche|modificações) (?:\w+ )?(?:untersagt|verboten|interdites?|prohibidas?"
     r"|vietate?|proibidas?)"
     r"|\bno se permiten (?:modificaciones|obras derivadas)"
+    r"|\bno (?:adaptations?|remix\w*)\b|\badaptations? (?:are |is )?(?:strictly )?"
+    r"(?:not (?:allowed|permitted)|prohibited|forbidden)"
+    r"|\b(?:unmodified|unaltered|unedited) (?:use )?only\b"
+    r"|\buse (?:\w+ )?(?:unmodified|unaltered|unedited) only\b"
+    r"|\bonly (?:in |as )?(?:unmodified|unaltered|unedited)\b"
+    r"|\b(?:bearbeitung|veränderung)\w* (?:\w+ )?(?:untersagt|verboten)"
+    r"|\bkeine (?:bearbeitung|veränderung)"
 )
 _NO_USE_TEXT = re.compile(
     r"\breproduction (?:is )?(?:strictly )?(?:prohibited|forbidden|not (?:allowed|permitted))"
@@ -552,6 +574,19 @@ _NO_USE_TEXT = re.compile(
     r"|\b(?:by|with) (?:\w+ ){0,3}(?:permission|consent)\b|\bmit (?:\w+ )?genehmigung"
     r"|\bavec (?:l.|la )?(?:aimable )?(?:autorisation|permission)|\bcon (?:el )?permiso\b"
     r"|\bcon (?:il )?permesso\b|\bcom (?:a )?(?:permissão|autorização)|\bmet (?:\w+ )?toestemming"
+    # redistribution, reposting, any use ("Redistribution prohibited", "Do not repost",
+    # "Use of this image is prohibited", "Not for reuse", "Ask before using")
+    r"|\b(?:re ?)?(?:distribution|use|posting|publication|uploading)(?: of (?:\w+ ){0,2}\w+)?"
+    r" (?:is |are )?(?:strictly )?(?:prohibited|forbidden|not (?:allowed|permitted))"
+    rf"|\b{_NEG} (?:be )?(?:re ?)?(?:distribut|post|upload)"
+    rf"|\b{_NEG} (?:re ?)?use(?: (?:it|them|this|these|this \w+|these \w+))? ?(?:[.;!?]|$)"
+    r"|\bno (?:re ?)?(?:posting|uploading|distribution|use)\b|\bnot (?:\w+ )?for (?:re ?)?use\b"
+    r"|\b(?:ask|check|contact(?: \w+){0,2}) before (?:using|use|reuse|reusing)\b"
+    r"|\blicen[cs]ed exclusively\b|\bexclusive(?:ly)? licen[cs]"
+    r"|\bweitergabe (?:\w+ )?(?:verboten|untersagt|nicht gestattet)"
+    # machine learning: an opt-out the licence does not make, fail closed
+    r"|\b(?:ai|machine learning|ml) training\b|\bnot? (?:\w+ ){0,3}(?:machine learning|ai\b)"
+    r"|\b(?:text and )?data mining (?:is )?(?:prohibited|forbidden|not)"
 )
 # A licence stated for the text alone ("Text is available under the Creative Commons
 # Attribution-ShareAlike License 4.0", "All text CC BY 4.0", "Text licence: CC BY 4.0",
@@ -592,7 +627,11 @@ _CLAUSE_EXCLUSION = re.compile(r"\b(?:except|excluding|exception|apart|other tha
 # commercial airliner") is no use context: followed by no use word, after no negation.
 _COMMERCE = re.compile(
     r"commercia\w*|commerci[eë]\w*|comercia\w*|kommerz\w*|gewerb\w*|коммерч\w*"
-    r"|(商用|商业|商業|営利|营利|營利)"  # group 1: CJK, no words around it to read
+    # group 1: CJK, and languages whose word order and grants are not read here: any such
+    # word withholds (Danish, Swedish, Norwegian, Polish, Czech, Slovak, Turkish, Greek,
+    # Finnish, Hungarian, Indonesian, Vietnamese, Korean, Hebrew, Arabic, Hindi)
+    r"|(商用|商业|商業|営利|营利|營利|kommerci|kommersi|komercyj|komerčn|komerc|ticari"
+    r"|εμπορικ|kaupalli|kereskedelmi|komersial|thương mại|상업|영리|מסחרי|تجاري|व्यावसायिक)"
 )
 # fmt: off
 _USE_WORDS = frozenset({
@@ -613,8 +652,19 @@ _NEGATIONS = frozenset({
     "not", "no", "non", "never", "t", "cannot", "nicht", "kein", "keine", "keinen", "keiner",
     "keinerlei", "pas", "nem", "niet", "geen", "nie", "не", "без", "except", "excepting",
     "excluding", "excluded", "exclude", "sans", "sin", "senza", "sem", "zonder", "ohne",
-    "without", "ausgenommen", "außer", "ausser", "sauf", "salvo", "tranne", "exceto",
+    "without", "ausgenommen", "außer", "ausser", "sauf", "salvo", "tranne", "exceto", "nu",
+    "ne", "ej", "ikke", "icke", "ei", "nej", "niente",
 })
+# fmt: on
+# a use word right before a commerce word (Romance order: "uso comercial no permitido",
+# "toute utilisation commerciale est interdite"), searched in the 40 characters before it
+_USE_BEFORE = re.compile(
+    r"\b(?:use|uso|usos|usage|utilisation|utilizzo|utilização|utilizacion|utilización"
+    r"|gebruik|nutzung|uz|exploitation)(?: (?:de|d|of|a|in|per|for|para|pour))? $"
+)
+# fmt: off
+# a commerce word answered "no" ("Commercial - No", "Commercial: nein", "Commercial ✗")
+_ANSWERED_NO = re.compile(r"\s*:?\s*(?:(?:no|nein|non|não|nee|niet|nej|nie)\b|[✗✘❌×])")
 # fmt: on
 _CJK_NEGATION = frozenset("不非禁没沒無无")
 _COMMERCE_WORD = r"(?:commercia|commerci[eë]|comercia|kommerz|gewerb)\w*"
@@ -632,9 +682,17 @@ _GRANTS_COMMERCIAL = re.compile(
     rf" (?:and|or|&|et|ou|und|oder) {_COMMERCE_WORD}"
     r"|\b(?:free|ok|okay|allowed|permitted|suitable|fine|safe|approved|cleared) (?:to use )?"
     rf"(?:for|in) (?:any |all |both )?{_COMMERCE_WORD}"
-    rf"|\b{_COMMERCE_WORD}(?: (?:use|uses|usage|reuse|purposes?|nutzung|verwendung|gebrauch"
-    rf"|utilisation|usage|uso|utilizzo|gebruik|использование))? ?:? (?:is |are |ist |est |es |é "
-    rf"|è |is |также |ebenfalls |also |auch )?(?:ausdrücklich |expressly )?{_GRANT}\b"
+    rf"|\b(?:{_COMMERCE_WORD}|коммерч\w*)(?: (?:use|uses|usage|reuse|purposes?|nutzung"
+    rf"|verwendung|gebrauch|utilisation|usage|uso|utilizzo|gebruik|использование))?"
+    r"(?: of (?:this|the|these|my|our) (?:image|photo|picture|photograph|work|file)s?)?"
+    rf" ?:? (?:is |are |ist |est |es |é |è |также )?(?:ebenfalls |also |auch |hereby )?"
+    rf"(?:ausdrücklich |expressly )?{_GRANT}\b"
+    r"|\b(?:you |anyone )?(?:can|may) (?:freely |also )?use (?:it|them|this|these|this (?:image"
+    r"|photo|picture|work)|these (?:images|photos|pictures)) (?:freely |also |even )?"
+    rf"(?:commercially|(?:for|in) {_COMMERCE_WORD})"
+    r"|\bfree to use (?:it|them|this|these) (?:freely |also |even )?commercially"
+    r"|\b(?:se permite|está permitido|é permitido|è consentito|est autorisée?)"
+    rf"(?: (?:el|su|o|l|la|il|le))? ?(?:uso|usage|utilisation|utilizzo) {_COMMERCE_WORD}"
     r"|\b(?:can|may|could) (?:also |freely |even )?be used (?:also |freely |even )?"
     rf"(?:commercially|for {_COMMERCE_WORD})"
     rf"|\b(?:including|incl|even|also|allows?|allowing|permits?|permitting|sogar|auch"
@@ -643,7 +701,8 @@ _GRANTS_COMMERCIAL = re.compile(
     rf"|pour |para |per |voor |в |для |à des fins |a fini |con fines |para fins )?"
     rf"(?:{_COMMERCE_WORD}|коммерч\w*)"
     r"|可商用|允许商用|允許商用|可以商用|商用可|商用利用可|商業利用可|商用ok|商用無料|免费商用"
-    r"|商用免费|可用于商业|可用於商業|営利目的も含め|甚至商业|甚至商業"
+    r"|商用免费|可用于商业|可用於商業|営利目的も含め|甚至商业|甚至商業|允许商业使用|允許商業使用"
+    r"|商业用途允许|商業用途允許|商業利用ok|영리목적으로도|영리 목적으로도"
 )
 # A rights notice whose subject is the media ("Photo © Reuters", "Images © their respective
 # owners", "© Getty Images", "images are copyright of their creators") says the pictures are
@@ -900,8 +959,17 @@ def resolve(
     return None, "license_unknown"
 
 
+def _drop_format(s: str) -> str:
+    """`s` without Unicode format characters (zero-width space and joiners, soft hyphen,
+    word joiner, BOM, bidi marks): invisible, they would split the words the rules read."""
+    return "".join(c for c in s if unicodedata.category(c) != "Cf") if _MAY_FORMAT.search(s) else s
+
+
+_MAY_FORMAT = re.compile(r"[^\x00-\x7f]")
+
+
 def _clean(evidence: str) -> str:
-    s = unicodedata.normalize("NFKC", html.unescape(evidence or ""))
+    s = _drop_format(unicodedata.normalize("NFKC", html.unescape(evidence or "")))
     s = re.sub(r"[\u2010-\u2015\u2212]", "-", s)
     return s.strip().strip("\"'")
 
@@ -985,6 +1053,8 @@ def read(evidence: str) -> tuple[list[LicenseInfo], set[str]]:
         found = [x for x in found if not x.open]
         hints.add(UNREADABLE)
     hints |= _withholds(rest)  # against every licence at this level granting that use
+    if _MIXED_SCRIPT.search(text):  # "cоmmercial" with a Cyrillic о: unreadable
+        hints.add(UNREADABLE)
     if _ARR_TEXT.search(rest):
         found.append(ARR)
     elif _NOTICE_TEXT.search(rest):
@@ -1004,6 +1074,7 @@ def _text_only(text: str) -> bool:
 
 
 _WORD = re.compile(r"\w+")
+_MIXED_SCRIPT = re.compile(r"[a-z][\u0370-\u03ff\u0400-\u04ff]|[\u0370-\u03ff\u0400-\u04ff][a-z]")
 
 
 def _negated(text: str, start: int) -> bool:
@@ -1014,14 +1085,68 @@ def _negated(text: str, start: int) -> bool:
     return not _NEGATIONS.isdisjoint(_WORD.findall(before)[-3:])
 
 
-def _mask_grants(text: str) -> str:
-    """`text` with each phrase granting commercial use (not negated) blanked out, same length."""
+# Words after a grant, in its clause, that take it back or make it conditional ("Personal and
+# commercial use is prohibited", "Commercial use allowed? No", "Free for commercial use after
+# purchasing a license"): such a grant is not masked, so its commerce word withholds.
+_GRANT_UNDONE = re.compile(
+    r"\b(?:no|not|nein|non|nicht|nie|never|nobody|none|nothing|kein\w*|prohibited|forbidden|banned|excluded"
+    r"|restricted|verboten|untersagt|interdit\w*|vietat\w*|prohibid\w*|proibid\w*"
+    r"|only|solely|exclusively|nur|seulement|uniquement|solo|sólo|apenas|alleen|if|when"
+    r"|after|before|once|upon|unless|requires?|required|requiring|needs?"
+    r"|needed|fee|fees|paid|pay|paying|payment|purchas\w*|buy\w*|bought|price|cost|charge"
+    r"|royalt\w*|subscri\w*|members?|registered|contact|ask|permission|consent|approval"
+    r"|written|agreement|except|excluding|but|gegen|gebühr\w*|kostenpflichtig|payant\w*"
+    r"|pago|pagamento|pagando|sauf|salvo|tranne|exceto|не|нет|только|лишь|нельзя|запрещ\w*"
+    r"|если|после|платн\w*|кроме)\b"
+    r"|\b(?:a|an|paid|separate|extended|commercial|own) licen[cs]e\b|[?✗✘❌]"
+    r"|[不非禁没沒無无需仅僅只除但]|불|금지|않|없|유료|허가|조건|만"
+)
+_GRANT_CLAUSE_END = re.compile(r"[.;!。；！]")
+# ... or, before it in its clause, that limit who or when ("Only members may use it for
+# commercial purposes", "If you pay, commercial use is allowed")
+_GRANT_LIMITED = re.compile(
+    r"\b(?:only|solely|exclusively|nur|seulement|solo|sólo|if|once|after|unless|members?"
+    r"|subscribers?|customers?|clients?|nobody|no one|none|nur|только|лишь|если)\b"
+)
+# ... but not these, which say the grant needs nothing ("even for commercial purposes, all
+# without asking permission", "no attribution required")
+_GRANT_NEUTRAL = re.compile(
+    r"\b(?:without|no need to) (?:\w+ ){0,2}(?:permission|consent|attribution|credit)"
+    r"|\bno (?:attribution|credit|sign up|registration|login)(?: is)?(?: required| needed)?"
+)
+
+
+def _mask_grants(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """`text` with each phrase granting commercial use blanked out, same length: not negated,
+    and nothing in the rest of its clause taking it back; and the spans of the grants that
+    are negated or taken back ("You can use it commercially? No"), which withhold it.
+    Overlapping grants ("free for commercial and personal use") are masked as one."""
     out, last = [], 0
-    for m in _GRANTS_COMMERCIAL.finditer(text):
-        if not _negated(text, m.start()):
-            out += [text[last : m.start()], " " * (m.end() - m.start())]
-            last = m.end()
-    return "".join(out) + text[last:]
+    undone: list[tuple[int, int]] = []
+    pos = 0
+    while m := _GRANTS_COMMERCIAL.search(text, pos):
+        start, end = m.start(), m.end()
+        # a longer grant starting inside this one ("commercial and personal") joins it
+        k = start + 1
+        while k < end:
+            if (n := _GRANTS_COMMERCIAL.match(text, k)) and n.end() > end:
+                end = n.end()
+            k = text.find(" ", k, end) + 1 or end
+        pos = max(end, start + 1)
+        stop = _GRANT_CLAUSE_END.search(text, end, end + 120)
+        rest = text[end : stop.start() if stop else end + 120]
+        # and its clause before it ("Only members may use it for commercial purposes")
+        before = _GRANT_CLAUSE_END.split(text[max(0, start - 60) : start])[-1]
+        if (
+            not _negated(text, start)
+            and not _GRANT_UNDONE.search(_GRANT_NEUTRAL.sub(" ", rest))
+            and not _GRANT_LIMITED.search(before)
+        ):
+            out += [text[last:start], " " * (end - start)]
+            last = end
+        else:
+            undone.append((start, end))
+    return "".join(out) + text[last:], undone
 
 
 def _commerce_spans(text: str) -> list[tuple[int, int]]:
@@ -1032,6 +1157,9 @@ def _commerce_spans(text: str) -> list[tuple[int, int]]:
         if (
             m.group(1)
             or after.lstrip()[:1] == ":"
+            or _ANSWERED_NO.match(after)
+            or _USE_BEFORE.search(text, max(0, m.start() - 40), m.start())
+            or text[m.start() - 1 : m.start()].isalpha()  # glued: "notforcommercialuse"
             or any(w in _USE_WORDS or w.startswith(_USE_PREFIXES) for w in _WORD.findall(after)[:3])
             or _negated(text, m.start())
         ):
@@ -1041,9 +1169,9 @@ def _commerce_spans(text: str) -> list[tuple[int, int]]:
 
 def _withheld_spans(text: str) -> dict[str, list[tuple[int, int]]]:
     """Where `text` (lower-cased, hyphens as spaces) withholds each use in words."""
-    masked = _mask_grants(text)
+    masked, undone = _mask_grants(text)
     out = {use: [m.span() for m in rx.finditer(masked)] for use, (rx, _) in _WITHHELD_USES.items()}
-    out["commercial"] += _commerce_spans(masked)
+    out["commercial"] += _commerce_spans(masked) + undone
     return out
 
 
@@ -1063,8 +1191,22 @@ def restriction_spans(text: str) -> list[tuple[int, int]]:
     snippet it records."""
     if len(text) > MAX_EVIDENCE:
         text = text[:MAX_EVIDENCE]
-    low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text).translate(_ONE_TO_ONE)
-    return sorted(span for spans in _withheld_spans(low).values() for span in spans)
+    # read as `read` does (NFKC, format characters dropped, lower case), keeping where each
+    # character read came from
+    chars: list[str] = []
+    where: list[int] = []
+    for i, c in enumerate(text):
+        if c > "\x7f":
+            if unicodedata.category(c) == "Cf":
+                continue
+            n = unicodedata.normalize("NFKC", c)
+            c = n if len(n) == 1 else c
+        chars.append(c if len(c.lower()) != 1 else c.lower())
+        where.append(i)
+    where.append(len(text))
+    low = "".join(chars).translate(_ONE_TO_ONE)
+    spans = (span for spans in _withheld_spans(low).values() for span in spans)
+    return sorted((where[a], where[b - 1] + 1) for a, b in spans if b > a)
 
 
 def _grants(info: LicenseInfo, hint: str) -> bool:

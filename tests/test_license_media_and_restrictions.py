@@ -381,3 +381,139 @@ def test_rights_snippet_keeps_every_mark_and_restriction() -> None:
     assert rights_snippet("Sunset. Not for resale") == "Sunset. Not for resale"
     # one mark: the snippet it always was
     assert rights_snippet("x " * 100 + "© Jane Doe 2020") == "x " * 29 + "© Jane Doe 2020"
+
+
+# Review round 2: a grant taken back in its own clause, Romance word order and languages
+# without grant phrases, invisible characters, remaining wordings: never admitted
+TAKEN_BACK = [
+    "CC BY 4.0. Personal and commercial use is prohibited.",
+    "CC BY 4.0. Commercial and personal use prohibited.",
+    "CC BY 4.0. Private und kommerzielle Nutzung verboten.",
+    "CC BY 4.0. Commercial use allowed? No.",
+    "CC BY 4.0. Kommerzielle Nutzung erlaubt: nein",
+    "CC BY 4.0. Commercial use allowed only for members.",
+    "CC BY 4.0. Free for commercial use after purchasing a license.",
+    "CC BY 4.0. Commercial or editorial use requires a licence.",
+    "CC BY 4.0. Also free for commercial use in exchange for a fee.",
+    "CC BY 4.0. You can use it commercially? No.",
+    "CC BY 4.0. Free for commercial and personal use? No.",
+    "CC BY 4.0. Commercial use of this image is allowed for subscribers.",
+    "CC BY 4.0. Коммерческое использование разрешено только с согласия автора.",
+    "CC BY 4.0. 允许商业使用需付费",
+    "CC BY 4.0. 不允许商业使用",
+    "CC BY 4.0. Se permite el uso comercial solo con permiso.",
+    "CC BY 4.0. Only members may use it for commercial purposes.",
+    "CC BY 4.0. Nobody may use it commercially.",
+    "CC BY 4.0. If you pay, commercial use is allowed.",
+    "CC BY 4.0. Commercial use is welcome for a fee.",
+    "CC BY 4.0. Free for commercial use with a paid license.",
+]
+OTHER_LANGUAGES = [
+    "CC BY 4.0. Uso comercial no permitido.",
+    "CC BY 4.0. No se permite el uso comercial.",
+    "CC BY 4.0. Toute utilisation commerciale est interdite.",
+    "CC BY 4.0. Interdit pour un usage commercial.",
+    "CC BY 4.0. Uso commerciale vietato.",
+    "CC BY 4.0. Uso commerciale non consentito.",
+    "CC BY 4.0. Uso comercial proibido.",
+    "CC BY 4.0. Nu pentru uz comercial.",
+    "CC BY 4.0. Ikke til kommerciel brug.",
+    "CC BY 4.0. Ej för kommersiellt bruk.",
+    "CC BY 4.0. Zakaz użytku komercyjnego.",
+    "CC BY 4.0. Nekomerční použití.",
+    "CC BY 4.0. Ticari kullanım yasaktır.",
+    "CC BY 4.0. Μη εμπορική χρήση.",
+    "CC BY 4.0. 상업적 이용 금지",
+    "CC BY 4.0. 영리목적으로도 이용이 불가능합니다",
+    "CC BY 4.0. לא לשימוש מסחרי",
+    "CC BY 4.0. غير تجاري",
+    "CC BY 4.0. व्यावसायिक उपयोग निषिद्ध",
+    "CC BY 4.0. Weitergabe verboten.",
+    "CC BY 4.0. Bearbeitung untersagt.",
+    "CC BY 4.0. Keine Veränderungen.",
+]
+INVISIBLE = [
+    "CC BY 4.0. Not for commer\u200bcial use.",
+    "CC BY 4.0. Not for commer\u00adcial use.",
+    "CC BY 4.0. Not for commer\u2060cial use.",
+    "CC BY 4.0. Noncommer\u00adcial only.",
+    "CC BY 4.0. Per\u200bsonal use only.",
+    "CC BY 4.0. No deriv\u00adatives.",
+    "CC BY 4.0. Repro\u00adduction prohibited.",
+    "CC BY 4.0. Not for c\u043emmercial use.",  # Cyrillic о in a Latin word: unreadable
+    "CC BY 4.0. NotForCommercialUse",
+]
+WORDINGS = [
+    "CC BY 4.0. Redistribution prohibited.",
+    "CC BY 4.0. Do not distribute.",
+    "CC BY 4.0. Reuse is prohibited.",
+    "CC BY 4.0. Do not repost.",
+    "CC BY 4.0. No adaptations.",
+    "CC BY 4.0. No remixing.",
+    "CC BY 4.0. Distribution prohibited.",
+    "CC BY 4.0. Redistribution is not permitted.",
+    "CC BY 4.0. Use prohibited.",
+    "CC BY 4.0. Do not use.",
+    "CC BY 4.0. Not for reuse.",
+    "CC BY 4.0. Adaptations not allowed.",
+    "CC BY 4.0. Unmodified use only.",
+    "CC BY 4.0. Cannot be used for profit.",
+    "CC BY 4.0. Not for profit use.",
+    "CC BY 4.0. Commercial - No",
+    "CC BY 4.0. Commercial: ✗",
+    "CC BY 4.0. Commercial use permitted: No",
+    "CC BY 4.0. Commercial use OK? No",
+    "CC BY 4.0. Commercial use is fine if you pay.",
+    "CC BY 4.0. For editorial use.",
+    "CC BY 4.0. Free for educational use.",
+    "CC BY 4.0. Contact me before using.",
+    "CC BY 4.0. Not for AI training.",
+]
+
+
+@pytest.mark.parametrize("text", TAKEN_BACK + OTHER_LANGUAGES + INVISIBLE + WORDINGS)
+def test_words_withholding_a_use_are_read_in_every_form(text: str) -> None:
+    info, reason = analyse(text)
+    assert info is None and reason in (U, C)
+
+
+GRANTS = [
+    "CC BY 4.0. Free for commercial and personal use.",
+    "CC BY 4.0. Free for commercial & non-commercial use.",
+    "CC BY 4.0. Suitable for commercial and non-commercial use.",
+    "CC BY 4.0. Free to use for commercial and noncommercial purposes.",
+    "CC BY 4.0. Commercial use is also allowed",
+    "CC BY 4.0. Commercial use of this image is allowed.",
+    "CC BY 4.0. You can use it for commercial purposes.",
+    "CC BY 4.0. You may use this image for commercial purposes.",
+    "CC BY 4.0 — you may use it commercially",
+    "CC BY 4.0. Feel free to use it commercially.",
+    "CC BY 4.0. Se permite el uso comercial.",
+    "CC BY 4.0. Free for commercial use, no attribution required.",
+    "CC BY 4.0. Коммерческое использование разрешено.",
+    "CC BY 4.0. 允许商业使用",
+]
+
+
+@pytest.mark.parametrize("text", GRANTS)
+def test_phrases_granting_commercial_use_keep_the_licence(text: str) -> None:
+    info, reason = analyse(text)
+    assert (info.spdx if info else None, reason) == ("CC-BY-4.0", None)
+
+
+def test_restriction_spans_read_full_width_and_invisible_characters() -> None:
+    for text in (
+        "ｎｏｔ ｆｏｒ ｃｏｍｍｅｒｃｉａｌ ｕｓｅ",
+        "Not for commer\u200bcial use",
+        "Not for commer\u00adcial use.",
+        "Per\u200bsonal use only",
+        "CC BY 4.0. No com\u200bmercial use",
+    ):
+        spans = restriction_spans(text)
+        assert spans and all(0 <= a < b <= len(text) for a, b in spans), text
+        assert any(
+            "ommer" in text[a:b].replace("\u200b", "").replace("\u00ad", "")
+            or "ｏｍｍｅｒ" in text[a:b]
+            or "sonal" in text[a:b]
+            for a, b in spans
+        ), text
