@@ -59,7 +59,7 @@ EVIDENCE_KINDS: dict[str, str] = {
     "a use (not for commercial use) near the image or in the footer, with context; a "
     "container's caption whole when it has a licence link, a mark or such words; "
     "`ccurate:mixed-rights` for a container of several images whose licence and rights notice "
-    "stand apart",
+    "stand apart, or whose words give parts of the caption to some images (left/right/...)",
 }
 
 # keys of `PageExtract.skipped`
@@ -370,26 +370,30 @@ def _footer_snippet(text: str) -> str | None:
 
 
 def _caption_text(node: LexborNode) -> str:
-    """A caption's text with the URL of each CC licence link after its text ("Photo ©
-    Jane Doe, <a href=…/by/4.0/>licence</a>" reads "… licence https://…/by/4.0/"): the
+    """A caption's text as laid out (`_walk_text`: "com<span>mercial</span>" reads
+    "commercial"), with the URL of each CC licence link before the link's text ("Photo ©
+    Jane Doe, <a href=…/by/4.0/>licence</a>" reads "… https://…/by/4.0/ licence"): the
     licence reader tells a licensor's own notice ("Photo © X" with the licence in the same
     clause) from a notice apart from the licence by the words of one clause."""
-    parts: list[str] = []
-    for n in node.traverse(include_text=True):
-        if n.tag == "-text":
-            parts.append(n.text(deep=False) or "")
-        elif n.tag in ("a", "area") and is_cc_url(href := n.attributes.get("href") or ""):
-            parts.append(f" {href.strip()} ")
-    return _WS.sub(" ", " ".join(parts)).strip()
+    lead = {
+        n.mem_id: f" {href.strip()} "
+        for n in node.css("a, area")
+        if is_cc_url(href := n.attributes.get("href") or "")
+    }
+    text = lead.get(node.mem_id, "") + _walk_text(node, lead=lead)  # `css` matches `node` too
+    return _WS.sub(" ", text).strip()
 
 
 def _walk_text(
-    root: LexborNode, known: dict[int, str] | None = None, met: list[int] | None = None
+    root: LexborNode,
+    known: dict[int, str] | None = None,
+    met: list[int] | None = None,
+    lead: dict[int, str] | None = None,
 ) -> str:
     """The text under `root` as laid out: inline elements join their neighbours, others
     separate words. `known` maps nodes (`mem_id`) whose text is already read to that text,
-    so nested footers are not read again; `met` collects those met (a loop, not recursion:
-    pages nest deeply)."""
+    so nested footers are not read again; `met` collects those met; `lead` maps elements
+    to words read before their text (a loop, not recursion: pages nest deeply)."""
     parts: list[str] = []
     stop = root.mem_id
     node: LexborNode | None = root.child
@@ -401,6 +405,8 @@ def _walk_text(
         elif tag[:1] not in ("-", "_"):  # an element (comments and doctypes say nothing)
             sep = "" if tag in _INLINE else " "
             parts.append(sep)
+            if lead is not None and node.mem_id in lead:
+                parts.append(lead[node.mem_id])
             done = known.get(node.mem_id) if known is not None else None
             if done is not None:
                 parts.append(done + sep)
@@ -1012,6 +1018,7 @@ def _image_facts(
     boxes = page.containers_of(img)
     own = {url} | {u for c in raw_cands if (u := norm_url(c, base))}
     # 2) containers, nearest first: licence nodes each owns, then attribution
+    licensed = False  # a container licence read so far (this box or one inside it)
     for depth, box in enumerate(boxes):
         about = box.attributes.get("about")
         about_is_img = about is not None and norm_url(about, base) in own
@@ -1025,6 +1032,7 @@ def _image_facts(
             extra["attribution_url"] = facts.attribution_url
         if title is None:
             title = facts.title
+        licensed = licensed or bool(facts.licences)
         if depth == 0:
             near = _near_facts(page, box)
             if author is None:
@@ -1035,6 +1043,12 @@ def _image_facts(
                 add(*item)
             if title is None and near.caption_name is None:  # a name is no title
                 title = near.caption_title
+        elif licensed:
+            # an outer box around a licence read here (a gallery's caption "All photos CC
+            # BY 4.0, not for commercial use"; a `<p>` beside a licensed figure): its
+            # words reach the licence reader too (read once per box)
+            for item in _near_facts(page, box).evidence:
+                add(*item)
     if page.page_author:
         extra["page_author"] = page.page_author
     for a in ("width", "height"):
@@ -1042,6 +1056,17 @@ def _image_facts(
         if v.isdigit() and len(v) < 7:
             extra[f"html_{a}"] = int(v)
     return ev, author, title or page.title, extra
+
+
+# words that give a caption's parts to some of its images: a licence beside them in a
+# caption of several images is not known to be every image's (fail closed)
+_PER_IMAGE = re.compile(
+    r"\b(?:left|right|top|bottom|above|below|clockwise|links|rechts|gauche|droite|izquierda"
+    r"|derecha|oben|unten)\b",
+    re.IGNORECASE,
+)
+# where `licenses.notice_apart` may find a notice (to charge its cost, not to decide)
+_NOTICE_HINT = re.compile(r"©|&copy;|\(c\)|copyright|copr\.|rights|rechte|droits|derechos", re.I)
 
 
 def _container_text(
@@ -1056,8 +1081,9 @@ def _container_text(
     so "CC BY 4.0 - not for commercial use" and "Story CC BY 4.0. Photo © Reuters" reach the
     licence reader as written; its other text as a snippet around each rights mark or
     restriction. A container holding several images whose text has a licence and a rights
-    notice apart from it ("Left: Jane Doe, CC BY 4.0. Right: © Reuters") also gets
-    `MIXED_RIGHTS`: its licence is not known to be any one image's."""
+    notice apart from it ("Left: Jane Doe, CC BY 4.0. Right: © Reuters"), or a licence
+    and words giving parts of it to some images (`_PER_IMAGE`: "Left: …, CC BY 4.0. Right:
+    Reuters"), also gets `MIXED_RIGHTS`: its licence is not known to be any one image's."""
     box_text = _text(box)
     recorded = ""
     if caption_node is not None:
@@ -1072,7 +1098,16 @@ def _container_text(
         out.append(("container", "text", snip))
     if n_img > 1:
         words = f"{recorded} ... {snip or ''}"
-        if (has_licence or _FOOTER_LICENCE.search(words)) and notice_apart(words):
+        if not (has_licence or _FOOTER_LICENCE.search(words)):
+            return
+        if _PER_IMAGE.search(words):  # "Left: Jane Doe, CC BY 4.0. Right: Reuters"
+            out.append(("container", "text", MIXED_RIGHTS))
+            return
+        # the licence reader reads up to 300 characters from each notice, at about thrice
+        # the cost of a character scanned elsewhere: charged to the page's budget
+        n = len(words)
+        _spend(n + sum(3 * min(300, n - m.start()) for m in _NOTICE_HINT.finditer(words)))
+        if notice_apart(words):
             out.append(("container", "text", MIXED_RIGHTS))
 
 

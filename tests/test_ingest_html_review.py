@@ -227,3 +227,108 @@ def test_a_page_with_more_text_to_read_than_the_budget_is_an_error_in_bounded_ti
     )
     page = extract_images(flat, "https://ex.test/p")
     assert page.error is None and len(page.images) == 2_000
+
+
+# --------------------------------------------------------------------------- review round 2
+def decide_all(html: str) -> list[tuple[bool, str | None]]:
+    """Each image of `html` through the default licence filter: (keep, drop reason)."""
+    from ccurate.filters.license_filter import LicenseConfig, LicenseFilter
+
+    flt = LicenseFilter(LicenseConfig())
+    page = extract_images(html, "https://news.example.com/story")
+    assert page.error is None and page.images
+    out = []
+    for s in page.images:
+        d = flt.decide(s)
+        out.append((d.keep, None if d.keep else d.reason))
+    return out
+
+
+LINK = f'<a rel="license" href="{CC_BY}">CC BY 4.0</a>'
+
+
+@pytest.mark.parametrize("words", ["com<span>mercial</span>", "commer<wbr>cial"])
+def test_a_restriction_split_by_inline_markup_is_read_whole(words: str) -> None:
+    html = (
+        f'<figure><img src="/a.jpg"><figcaption>Photo by Jane Doe, {LINK}. Not for {words} use.'
+        "</figcaption></figure>"
+    )
+    assert decide_all(html) == [(False, "license_conflict")]
+    page = extract_images(html, "https://news.example.com/story")
+    caption = page.images[0].license_evidence[1]
+    assert (caption.scope, caption.kind) == ("container", "text")
+    assert caption.value == f"Photo by Jane Doe, {CC_BY} CC BY 4.0. Not for commercial use."
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        # a WordPress gallery: the licence and its restriction in the gallery's caption
+        '<figure class="wp-block-gallery"><figure class="wp-block-image"><img src="/a.jpg">'
+        '<figcaption>Jane Doe</figcaption></figure><figure class="wp-block-image">'
+        '<img src="/b.jpg"><figcaption>John Roe</figcaption></figure>'
+        f'<figcaption class="blocks-gallery-caption">All photos <a href="{CC_BY}">CC BY 4.0</a>'
+        ", not for commercial use</figcaption></figure>",
+        # a licensed figure in a WordPress image block, the restriction beside it
+        f'<div class="wp-block-image"><figure><img src="/a.jpg"><figcaption>Jane Doe, '
+        f'<a href="{CC_BY}">CC BY 4.0</a></figcaption></figure><p>Not for commercial use.</p>'
+        "</div>",
+    ],
+)
+def test_an_outer_containers_restriction_is_read_with_its_licence(html: str) -> None:
+    assert set(decide_all(html)) == {(False, "license_conflict")}
+
+
+def test_an_outer_container_without_a_licence_adds_nothing() -> None:
+    html = (
+        f'<div class="wp-block-image"><figure><img src="/a.jpg"><figcaption>Jane Doe, '
+        f'<a href="{CC_BY}">CC BY 4.0</a></figcaption></figure><p>A sunny day.</p></div>'
+    )
+    assert decide_all(html) == [(True, None)]
+
+
+def test_a_caption_giving_its_licence_to_one_of_two_images_licenses_neither() -> None:
+    html = (
+        f'<figure><img src="/a.jpg"><img src="/b.jpg"><figcaption>Left: Jane Doe, <a href="'
+        f'{CC_BY}">CC BY 4.0</a>. Right: Reuters / Getty Images</figcaption></figure>'
+    )
+    assert decide_all(html) == [(False, "license_conflict")] * 2
+    page = extract_images(html, "https://news.example.com/story")
+    assert all(MIXED_RIGHTS in [e.value for e in s.license_evidence] for s in page.images)
+
+
+def test_a_gallery_caption_licensing_every_image_keeps_it() -> None:
+    html = (
+        f'<figure><img src="/a.jpg"><img src="/b.jpg"><figcaption>Photos: Jane Doe, <a href="'
+        f'{CC_BY}">CC BY 4.0</a></figcaption></figure>'
+    )
+    assert decide_all(html) == [(True, None)] * 2
+
+
+def test_notices_in_captions_of_several_images_are_charged_to_the_budget() -> None:
+    # each caption makes the licence reader walk 300 characters from each of 40 notices
+    unit = "images © cc by 4.0, " * 40
+    fig = (
+        f'<figure><img src="/a{{i}}.jpg"><img src="/b{{i}}.jpg"><figcaption>J, <a href="{CC_BY}">'
+        f"CC BY 4.0</a>. Then: © Reuters {unit}</figcaption></figure>"
+    )
+    page, took = timed("".join(fig.format(i=i) for i in range(150)))
+    assert page.images == [] and page.error is not None and "PageTooHeavy" in page.error
+    assert took < 10, took  # 40 s before the charge
+
+
+def test_thousands_of_ordinary_captioned_figures_still_read() -> None:
+    one_img = "".join(
+        f'<figure><img src="/a{i}.jpg"><figcaption>Photo by Jane Doe {i}, <a href="{CC_BY}">'
+        "CC BY 4.0</a>. © 2020 Jane Doe</figcaption></figure>"
+        for i in range(2000)
+    )
+    page, took = timed(one_img)
+    assert page.error is None and len(page.images) == 2000 and took < 10, took
+    two_img = "".join(
+        f'<figure><img src="/a{i}.jpg"><img src="/b{i}.jpg"><figcaption>Photos © Jane Doe {i},'
+        f' <a href="{CC_BY}">CC BY 4.0</a>. A walk in the park.</figcaption></figure>'
+        for i in range(1000)
+    )
+    page, took = timed(two_img)
+    assert page.error is None and len(page.images) == 2000 and took < 10, took
