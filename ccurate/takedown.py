@@ -177,13 +177,17 @@ def url_key(url: str, page: bool = False) -> str:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^[0-9a-f:.]*:[0-9a-f:.]*$")
+# unanchored patterns, shared with the vectorised prefilters of `takedown_match`
+HOST_LABELS = r"[a-z0-9_-]+(\.[a-z0-9_-]+)*"  # a plain (lower-case ASCII) host name
 # what `inet_aton` (and so the fetcher's resolver) reads as an IPv4 address: 1 to 4
 # numbers, decimal, octal (`0` first) or hex (`0x`); a name that ends in a number
-_IPV4_SPELLING = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
+IPV4_SPELLING = r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}"
+NOT_SENT_AS_IS = r"[^\x21-\x7e]"  # what ingest.guard escapes in a request line
+_HOSTNAME = re.compile(rf"^{HOST_LABELS}$|^[0-9a-f:.]*:[0-9a-f:.]*$")
+_IPV4_SPELLING = re.compile(rf"^{IPV4_SPELLING}$")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-_NOT_SENT_AS_IS = re.compile(r"[^\x21-\x7e]")  # what ingest.guard escapes in a request line
+_NOT_SENT_AS_IS = re.compile(NOT_SENT_AS_IS)
 
 
 def normalize_escapes(s: str) -> str:

@@ -18,6 +18,9 @@ import pyarrow.compute as pc
 
 from ccurate.takedown import (
     HEX16,
+    HOST_LABELS,
+    IPV4_SPELLING,
+    NOT_SENT_AS_IS,
     TakedownEntry,
     TakedownError,
     canonical_host,
@@ -32,10 +35,10 @@ erring towards removing): re-posts land within 4, crops and heavy recompression 
 distinct photos rarely below 12 (bench/dedup_eval.py)."""
 
 _SCHEME = r"^[A-Za-z][A-Za-z0-9+.\-]*://"
-_PLAIN_HOST = r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.*$"  # the whole authority: no port, user, escapes
+_PLAIN_HOST = rf"^{HOST_LABELS}\.*$"  # the whole authority: no port, user, escapes
 # an IPv4 address as `inet_aton` spells it (`16909060`, `01.02.03.04`): `canonical_host` respells it
-_IPV4_SPELLING = r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.*$"
-_NOT_PLAIN = r"[^\x21-\x7e]|%"  # what `url_key` may respell (escapes, non-ASCII, spaces)
+_IPV4_SPELLING = rf"^{IPV4_SPELLING}\.*$"
+_NOT_PLAIN = rf"{NOT_SENT_AS_IS}|%"  # what `url_key` may respell (escapes, non-ASCII, spaces)
 
 
 @dataclass
