@@ -956,7 +956,7 @@ def _near_facts(page: _Page, box: LexborNode) -> _Near:
         name = None  # part of it a link ("Standby <a>Mode</a>"): words, not one name
     evidence: list[tuple[str, str, str]] = []
     has_licence = _box_facts(page, box).n_licence_nodes > 0
-    _container_text(box, caption_node, has_licence, n_img, evidence)
+    _container_text(box, caption_node, caption, has_licence, n_img, evidence)
     near = _Near(
         credit=credit,
         caption_name=name,
@@ -1072,6 +1072,7 @@ _NOTICE_HINT = re.compile(r"©|&copy;|\(c\)|copyright|copr\.|rights|rechte|droit
 def _container_text(
     box: LexborNode,
     caption_node: LexborNode | None,
+    caption_words: str,
     has_licence: bool,
     n_img: int,
     out: list[tuple[str, str, str]],
@@ -1079,20 +1080,24 @@ def _container_text(
     """A container's words as `container` text evidence: its caption whole (up to
     `MAX_CAPTION`) when it has a licence link, a rights mark or words withholding a use,
     so "CC BY 4.0 - not for commercial use" and "Story CC BY 4.0. Photo © Reuters" reach the
-    licence reader as written; its other text as a snippet around each rights mark or
-    restriction. A container holding several images whose text has a licence and a rights
-    notice apart from it ("Left: Jane Doe, CC BY 4.0. Right: © Reuters"), or a licence
-    and words giving parts of it to some images (`_PER_IMAGE`: "Left: …, CC BY 4.0. Right:
-    Reuters"), also gets `MIXED_RIGHTS`: its licence is not known to be any one image's."""
+    licence reader as written; its other text (less `caption_words`, the caption's text)
+    as a snippet around each rights mark or restriction. A container holding several
+    images whose text has a licence and a rights notice apart from it ("Left: Jane Doe,
+    CC BY 4.0. Right: © Reuters"), or a licence and words giving parts of it to some
+    images (`_PER_IMAGE`: "Left: …, CC BY 4.0. Right: Reuters"), also gets
+    `MIXED_RIGHTS`: its licence is not known to be any one image's."""
     box_text = _text(box)
     recorded = ""
     if caption_node is not None:
         caption = _caption_text(caption_node)
-        if has_licence or rights_snippet(caption):
-            recorded = caption if len(caption) <= MAX_CAPTION else rights_snippet(caption) or ""
+        short = len(caption) <= MAX_CAPTION
+        # read once: it decides whether the caption is recorded and is what a long one keeps
+        cap_snip = None if has_licence and short else rights_snippet(caption)
+        if has_licence or cap_snip:
+            recorded = caption if short else cap_snip or ""
             out.append(("container", "text", recorded))
-            # the rest of the container's text, beside the caption
-            box_text = box_text.replace(_text(caption_node), " ", 1)
+            # the rest of the container's text, beside the caption (as `_near_facts` read it)
+            box_text = box_text.replace(caption_words, " ", 1)
     snip = rights_snippet(box_text)
     if snip:
         out.append(("container", "text", snip))
