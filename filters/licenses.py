@@ -1192,20 +1192,25 @@ def restriction_spans(text: str) -> list[tuple[int, int]]:
     if len(text) > MAX_EVIDENCE:
         text = text[:MAX_EVIDENCE]
     # read as `read` does (NFKC, format characters dropped, lower case), keeping where each
-    # character read came from
-    chars: list[str] = []
-    where: list[int] = []
-    for i, c in enumerate(text):
-        if c > "\x7f":
-            if unicodedata.category(c) == "Cf":
-                continue
-            n = unicodedata.normalize("NFKC", c)
-            c = n if len(n) == 1 else c
-        chars.append(c if len(c.lower()) != 1 else c.lower())
-        where.append(i)
-    where.append(len(text))
-    low = "".join(chars).translate(_ONE_TO_ONE)
-    spans = (span for spans in _withheld_spans(low).values() for span in spans)
+    # character read came from; most alt texts are ASCII: one character read per character
+    where: Sequence[int] = range(len(text) + 1)
+    if text.isascii():
+        low = text.lower()
+    else:
+        chars: list[str] = []
+        at: list[int] = []
+        for i, c in enumerate(text):
+            if c > "\x7f":
+                if unicodedata.category(c) == "Cf":
+                    continue
+                n = unicodedata.normalize("NFKC", c)
+                c = n if len(n) == 1 else c
+            chars.append(c if len(c.lower()) != 1 else c.lower())
+            at.append(i)
+        where, low = [*at, len(text)], "".join(chars)
+    spans = (
+        span for spans in _withheld_spans(low.translate(_ONE_TO_ONE)).values() for span in spans
+    )
     return sorted((where[a], where[b - 1] + 1) for a, b in spans if b > a)
 
 
