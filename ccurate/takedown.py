@@ -152,7 +152,11 @@ def url_key(url: str, page: bool = False) -> str:
     and query escaped as the fetcher sends them, escapes of unreserved characters
     decoded and others upper-cased, dot-segments removed, empty path `/`, empty
     query and fragment dropped. `page`: a trailing slash is ignored (`/post/` is
-    `/post`). Path case and the query are kept: they may name another resource.
+    `/post`). Path case and query values are kept: they may name another resource. The
+    query's parameters are sorted and tracking parameters (`utm_*`, `fbclid`, `gclid`,
+    ...) dropped: neither names another resource, and a takedown of a page must also
+    remove the copy a newsletter or social link led the crawler to (matching more is
+    the safe side of a takedown).
     """
     url = url.strip()
     try:
@@ -172,8 +176,25 @@ def url_key(url: str, page: bool = False) -> str:
     path = _remove_dot_segments(normalize_escapes(parts.path)) or "/"
     if page and len(path) > 1:
         path = path.removesuffix("/")
-    query = normalize_escapes(parts.query)
+    query = _query_key(normalize_escapes(parts.query))
     return f"//{netloc}{path}?{query}" if query else f"//{netloc}{path}"
+
+
+# parameters that say where a visitor came from, never which resource (a link
+# shortener's or a mail campaign's), as browsers' and Firefox's tracking strippers list them
+_TRACKING = re.compile(
+    r"(utm_[a-z_]+|fbclid|gclid|gclsrc|dclid|gbraid|wbraid|msclkid|twclid|igshid|"
+    r"mc_cid|mc_eid|_hsenc|_hsmi|mkt_tok|yclid|ref_src|oly_anon_id|oly_enc_id|vero_id)",
+    re.IGNORECASE,
+)
+
+
+def _query_key(query: str) -> str:
+    """The query without tracking parameters, its parameters sorted (stable, by name)."""
+    if not query:
+        return ""
+    params = [p for p in query.split("&") if p and not _TRACKING.fullmatch(p.partition("=")[0])]
+    return "&".join(sorted(params, key=lambda p: p.partition("=")[0]))
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # ccurate's per-machine cache (weight digests): the tests' own, never the user's
 os.environ["CCURATE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ccurate-test-cache-")
+# removed when the test process ends (204 empty ones had piled up in /tmp on a dev box)
+atexit.register(shutil.rmtree, os.environ["CCURATE_CACHE_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = Path(os.environ.get("CCURATE_REAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "real"))

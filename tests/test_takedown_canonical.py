@@ -92,10 +92,17 @@ def test_url_takedown_removes_every_spelling_and_nothing_else() -> None:
 
 def test_url_takedown_keeps_its_query_but_not_its_spelling() -> None:
     entry = "https://example.com/photo.php?id=7&s=l"
-    same = ["http://example.com./photo.php?id=%37&s=l", "https://example.com/photo.php?id=7&s=l#c"]
+    same = [
+        "http://example.com./photo.php?id=%37&s=l",
+        "https://example.com/photo.php?id=7&s=l#c",
+        "https://example.com/photo.php?s=l&id=7",  # parameter order names no other resource
+        "https://example.com/photo.php?id=7&utm_source=mail&s=l&fbclid=Ab1",
+    ]
     other = [
         "https://example.com/photo.php?id=8&s=l",
-        "https://example.com/photo.php?s=l&id=7",  # parameter order is the server's business
+        "https://example.com/photo.php?id=7&s=m",
+        "https://example.com/photo.php?id=7",
+        "https://example.com/photo.php?id=7&s=l&size=big",
         "https://example.com/photo.php",
     ]
     assert _removed("url", [entry, *same, *other], ("url", entry)) == {entry, *same}
@@ -108,9 +115,12 @@ def test_page_takedown_ignores_a_trailing_slash_and_the_scheme() -> None:
         "http://blog.example.com/post/",
         "https://blog.example.com./post",
         "https://blog.example.com/%70ost/",
+        "https://blog.example.com/post?utm_source=x&UTM_Medium=y",  # tracking, no resource
+        "https://blog.example.com/post/?fbclid=IwAR0&gclid=1",
     ]
     other = [
-        "https://blog.example.com/post?utm_source=x",  # the query is kept, as for images
+        "https://blog.example.com/post?p=2",  # another query names another resource
+        "https://blog.example.com/post?utm=1",  # not a tracking parameter's name
         "https://blog.example.com/post/2",
         "https://blog.example.com/Post/",
         "https://blog.example.com.evil.org/post/",
