@@ -257,7 +257,7 @@ def demo(
         str | None,
         typer.Option(help="BLIP-2 weights (hub id or local dir); without it captioning is skipped"),
     ] = None,
-    train_steps: Annotated[int, typer.Option(help="tiny-model training steps")] = 20,
+    train_steps: Annotated[int, typer.Option(min=1, help="tiny-model training steps")] = 20,
 ) -> None:
     """Generate the embedded demo corpus, serve it on loopback, and run every step on it."""
     from ccurate.demo.run import run_demo

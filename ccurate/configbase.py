@@ -9,8 +9,15 @@ class Section(BaseModel):
     """A validated config section. Wrong keys or values fail before any work starts.
 
     inf and nan are refused for every float: an infinite timeout or factor is never what a
-    config means (`jpeg_draft_factor = inf` dropped every JPEG as a decode error)."""
+    config means (`jpeg_draft_factor = inf` dropped every JPEG as a decode error).
+    Values are strict: TOML has its own booleans and numbers, so `"yes"`, `"8"` or `0` for
+    a boolean are mistakes, not conversions (`allow_private = "yes"` had turned the
+    private-address guard off). An integer is still taken for a float."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+        extra="forbid",
+        validate_assignment=True,
+        frozen=False,
+        allow_inf_nan=False,
+        strict=True,
     )

@@ -84,6 +84,16 @@ class IngestConfig(Section):
             ipaddress.ip_network(cidr, strict=False)  # ValueError -> config error
         return v
 
+    @field_validator("max_aspect_ratio")
+    @classmethod
+    def _aspect(cls, v: float) -> float:
+        if 0 < v < 1:  # long side / short side is never below 1
+            raise ValueError(
+                f"max_aspect_ratio is long side / short side (>= 1, 0 = off): {v} would drop "
+                f"every image (for 1:{1 / v:g} write {1 / v:g})"
+            )
+        return v
+
     @model_validator(mode="after")
     def _sizes(self) -> IngestConfig:
         if (

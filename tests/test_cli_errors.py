@@ -202,7 +202,7 @@ def test_demo_passes_its_options_and_maps_errors(
 
     def fake_demo(out: Path, **kw: Any) -> None:
         calls.append((out, kw))
-        if kw["train_steps"] == 0:
+        if kw["train_steps"] == 2:
             raise PipelineError("no finished release in [demo]: run 'ccurate shard' first")
         if kw["train_steps"] == 1:
             raise ConfigError("caption.model: not found")
@@ -214,8 +214,10 @@ def test_demo_passes_its_options_and_maps_errors(
     out, kw = calls[0]
     assert out == tmp_path / "d"
     assert (kw["workers"], kw["caption_model"], kw["train_steps"]) == (3, "blip", 7)
-    res = _invoke(*args, "--train-steps", "0")
+    res = _invoke(*args, "--train-steps", "2")
     assert res.exit_code == 3 and "no finished release in [demo]" in _flat(res)
+    res = _invoke(*args, "--train-steps", "0")  # refused before the demo starts
+    assert res.exit_code == 2 and len(calls) == 2
     res = _invoke(*args, "--train-steps", "1")
     assert res.exit_code == 2 and "config error: caption.model: not found" in _flat(res)
 

@@ -140,3 +140,39 @@ def test_the_demo_check_reports_every_kind_of_miss(tmp_path: Path) -> None:
         work / "20_filter/p.dropped.parquet",
     )
     assert check_demo(corpus, base, work).ok
+
+
+def _project(root: Path) -> Path:
+    """A project folder: its catalog and a published release in the default places."""
+    (root / "work" / "catalog").mkdir(parents=True)
+    (root / "work" / "catalog" / "catalog.duckdb").write_text("precious")
+    (root / "releases" / "mydata-v7").mkdir(parents=True)
+    (root / "releases" / "mydata-v7" / "_SUCCESS").write_text("{}")
+    return root
+
+
+def test_the_demo_refuses_a_folder_whose_work_and_releases_it_did_not_make(
+    tmp_path: Path,
+) -> None:
+    """`work/` and `releases/` are every project's default folders; the demo remakes its
+    own each run, so `--out .` in a project used to delete its catalog and releases."""
+    from ccurate.config import ConfigError
+
+    root = _project(tmp_path / "proj")
+    with pytest.raises(ConfigError, match="did not make"):
+        run_demo(root, train_steps=2, console=Console(file=io.StringIO()))
+    assert (root / "work" / "catalog" / "catalog.duckdb").read_text() == "precious"
+    assert (root / "releases" / "mydata-v7" / "_SUCCESS").exists()
+
+
+def test_a_bad_demo_setting_removes_nothing(tmp_path: Path) -> None:
+    """Settings are checked before the demo's own folders are started afresh."""
+    from ccurate.config import ConfigError
+
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / ".ccurate-demo").write_text("")
+    _project(root)
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        run_demo(root, train_steps=0, console=Console(file=io.StringIO()))
+    assert (root / "releases" / "mydata-v7" / "_SUCCESS").exists()

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 
-from ccurate.config import PipelineConfig, looks_local, parse_config
+from ccurate.config import ConfigError, PipelineConfig, looks_local, parse_config
 from ccurate.demo.corpus import DemoCorpus, generate, load
 from ccurate.demo.server import serve_directory
 
@@ -148,6 +148,27 @@ def check_demo(corpus: DemoCorpus, base_url: str, work: Path) -> DemoCheck:
     return check
 
 
+DEMO_MARKER = ".ccurate-demo"
+
+
+def _claim(out: Path) -> None:
+    """Mark `out` as the demo's, refusing a folder whose `work/` or `releases/` the demo did
+    not make: those are every project's default work and release folders, and each demo
+    run starts them afresh (`--out .` in a project would have deleted its catalog and
+    releases)."""
+    marker = out / DEMO_MARKER
+    # a demo folder from before the marker has the demo corpus's truth file
+    if not marker.exists() and not (out / "corpus" / "truth.json").exists():
+        theirs = [d for d in ("work", "releases") if (out / d).exists()]
+        if theirs:
+            raise ConfigError(
+                f"{out} holds {' and '.join(d + '/' for d in theirs)} that `ccurate demo` did "
+                "not make, and a demo run starts them afresh: choose another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `ccurate demo`: its work/ and releases/ are remade each run\n")
+
+
 def run_demo(
     out: Path,
     workers: int = 2,
@@ -161,8 +182,11 @@ def run_demo(
 
     console = console or Console()
     out = Path(out).resolve()
+    _claim(out)
     corpus_dir = out / "corpus"
     corpus = load(corpus_dir) if (corpus_dir / "truth.json").exists() else generate(corpus_dir)
+    # the settings are checked before anything is removed: a bad option changes nothing
+    demo_config(corpus, f"http://127.0.0.1:{DEMO_PORT}", out, workers, caption_model, train_steps)
     for stale in ("work", "releases"):
         shutil.rmtree(out / stale, ignore_errors=True)
     console.print(
