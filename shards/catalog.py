@@ -358,6 +358,19 @@ class Catalog:
         run of a release is recorded, a removal is explained by that run's drop and an
         addition by drops before it, not by the catalog's latest state (a run after b
         that kept, or dropped, the sample again must not rewrite why b differs from a).
+
+        When both releases' runs are recorded and other runs lie between them (a diff
+        across generations), each key's why is the one the chain of consecutive diffs
+        gives for the step where the key last changed, so a -> c agrees with a -> b -> c:
+        a removal is explained by the *first* event after the last release (a, or one
+        between) that still held the key: a drop in any run, or at a release between,
+        its exclusion or `not_in_release_inputs`; only when there is none, by b's own
+        exclusion or drop. The first, not the latest: that event took the key out of the
+        line; a later run that drops the already-removed sample again (a takedown still
+        listed, a refetch refused for another reason) does not say why a and b differ.
+        An addition is explained from the last release before b that lacked the key (a,
+        or one between): its exclusion or drop, else the latest drop before the release
+        that brought the key back.
         """
         name_a, da = self._release_files(release_a)
         name_b, db = self._release_files(release_b)
@@ -393,18 +406,67 @@ class Catalog:
                     WHERE run_id = {run_b} AND status <> 'ok'),
              cut AS (SELECT max(recorded_at) AS t, count(*) > 0 AS known
                      FROM runs WHERE run_id = {run_b}),
-             prior AS (SELECT key, arg_max(drop_reason, (recorded_at, run_id)) AS reason
-                       FROM sample_runs JOIN runs USING (run_id), cut
-                       WHERE status <> 'ok' AND (cut.t IS NULL OR recorded_at < cut.t)
-                       GROUP BY key),
+             cut_a AS (SELECT max(recorded_at) AS t FROM runs WHERE run_id = {run_a}),
+             -- runs strictly between a's and b's (none unless both are recorded runs, and
+             -- none for consecutive releases), and the recorded releases among them
+             win AS (SELECT r.run_id, r.recorded_at AS t FROM runs r, cut, cut_a
+                     WHERE r.recorded_at > cut_a.t AND r.recorded_at < cut.t),
+             mid AS (SELECT win.* FROM win JOIN releases ON releases.name = win.run_id),
+             -- one reason per key and release: its first exclusion (as `excluded` above)
+             mx AS (SELECT release, key, arg_min(reason, rowid) AS reason
+                    FROM release_excluded WHERE release IN (SELECT run_id FROM mid)
+                    GROUP BY release, key),
              j AS (SELECT coalesce(a.key, b.key) AS key, a.splits AS split_a, b.splits AS split_b,
                    coalesce(a.family <> b.family, true) AS family_changed,
                    CASE WHEN a.key IS NULL THEN 'added' WHEN b.key IS NULL THEN 'removed'
                         WHEN a.splits <> b.splits THEN 'moved' ELSE 'unchanged' END AS change
-                   FROM a FULL OUTER JOIN b ON a.key = b.key)
+                   FROM a FULL OUTER JOIN b ON a.key = b.key),
+             -- a key's membership of the releases between a and b
+             jm AS (SELECT j.key, j.change, m.run_id, m.t,
+                           EXISTS (SELECT 1 FROM release_samples rs
+                                   WHERE rs.release = m.run_id AND rs.key = j.key) AS holds
+                    FROM j CROSS JOIN mid m WHERE j.change IN ('removed', 'added')),
+             -- removed: the last release that held the key, then the first event after it
+             held AS (SELECT key, max(t) AS t FROM jm WHERE change = 'removed' AND holds
+                      GROUP BY key),
+             gone_ev AS (
+               SELECT sr.key, w.t, w.run_id, 'dropped:' || sr.drop_reason AS why
+               FROM sample_runs sr JOIN win w USING (run_id) JOIN j ON j.key = sr.key
+               WHERE j.change = 'removed' AND sr.status <> 'ok'
+               UNION ALL
+               SELECT jm.key, jm.t, jm.run_id, coalesce('excluded:' || mx.reason,
+                 CASE WHEN s.key IS NOT NULL THEN 'not_in_release_inputs' ELSE 'unknown' END)
+               FROM jm LEFT JOIN mx ON mx.release = jm.run_id AND mx.key = jm.key
+                 LEFT JOIN samples s ON s.key = jm.key
+               WHERE jm.change = 'removed' AND NOT jm.holds AND NOT EXISTS (
+                 SELECT 1 FROM sample_runs sr WHERE sr.run_id = jm.run_id
+                   AND sr.key = jm.key AND sr.status <> 'ok')),
+             gone AS (SELECT g.key, arg_min(g.why, (g.t, g.run_id)) AS why
+                      FROM gone_ev g CROSS JOIN cut_a LEFT JOIN held h ON h.key = g.key
+                      WHERE g.t > coalesce(h.t, cut_a.t) GROUP BY g.key),
+             -- added: the last release that lacked the key, and the first after it holding it
+             lacked AS (SELECT key, arg_max(run_id, t) AS run_id, max(t) AS t FROM jm
+                        WHERE change = 'added' AND NOT holds GROUP BY key),
+             back AS (SELECT jm.key, min(jm.t) AS t FROM jm CROSS JOIN cut_a
+                        LEFT JOIN lacked l ON l.key = jm.key
+                      WHERE jm.change = 'added' AND jm.holds AND jm.t > coalesce(l.t, cut_a.t)
+                      GROUP BY jm.key),
+             lx AS (SELECT l.key, mx.reason FROM lacked l
+                    JOIN mx ON mx.release = l.run_id AND mx.key = l.key),
+             ld AS (SELECT l.key, sr.drop_reason AS reason FROM lacked l
+                    JOIN sample_runs sr ON sr.run_id = l.run_id AND sr.key = l.key
+                    WHERE sr.status <> 'ok'),
+             prior AS (SELECT sr.key, arg_max(sr.drop_reason, (r.recorded_at, r.run_id)) AS reason
+                       FROM sample_runs sr JOIN runs r USING (run_id)
+                         JOIN j ON j.key = sr.key AND j.change = 'added' CROSS JOIN cut
+                         LEFT JOIN back bk ON bk.key = sr.key
+                       WHERE sr.status <> 'ok' AND (coalesce(bk.t, cut.t) IS NULL
+                             OR r.recorded_at < coalesce(bk.t, cut.t))
+                       GROUP BY sr.key)
         SELECT j.key, j.change, j.split_a, j.split_b,
           CASE
             WHEN j.change = 'removed' THEN coalesce(
+              g.why,
               'excluded:' || eb.reason,
               'dropped:' || rb.reason,
               CASE WHEN s.status = 'dropped' AND NOT cut.known
@@ -412,7 +474,10 @@ class Catalog:
               CASE WHEN s.key IS NOT NULL THEN 'not_in_release_inputs' END,
               'unknown')
             WHEN j.change = 'added' THEN coalesce(
-              'was_excluded:' || ea.reason, 'previously_dropped:' || ra.reason,
+              CASE WHEN l.key IS NOT NULL
+                   THEN coalesce('was_excluded:' || lx.reason, 'previously_dropped:' || ld.reason)
+                   ELSE coalesce('was_excluded:' || ea.reason, 'previously_dropped:' || ra.reason)
+              END,
               'previously_dropped:' || p.reason, 'new')
             -- same family in other splits: the split policy changed (e.g. a superset split)
             WHEN j.change = 'moved' THEN CASE WHEN j.family_changed
@@ -421,6 +486,8 @@ class Catalog:
         FROM j CROSS JOIN cut LEFT JOIN samples s ON s.key = j.key LEFT JOIN ea ON ea.key = j.key
           LEFT JOIN eb ON eb.key = j.key LEFT JOIN prior p ON p.key = j.key
           LEFT JOIN ra ON ra.key = j.key LEFT JOIN rb ON rb.key = j.key
+          LEFT JOIN gone g ON g.key = j.key LEFT JOIN lacked l ON l.key = j.key
+          LEFT JOIN lx ON lx.key = j.key LEFT JOIN ld ON ld.key = j.key
         ORDER BY j.change, j.key
         """
         return self.con.sql(sql).to_arrow_table()
