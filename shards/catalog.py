@@ -24,6 +24,7 @@ while no writer holds it.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -79,7 +80,62 @@ def _list(paths: list[str]) -> str:
     return "[" + ", ".join(_lit(p) for p in paths) + "]"
 
 
-_QUERY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}  # what `ccurate query` may run
+_QUERY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "MULTI"}  # what `ccurate query` may run
+# PRAGMAs that only read (others set options, or import a database: a SQL file that runs)
+_READ_PRAGMAS = {
+    "version",
+    "platform",
+    "table_info",
+    "show",
+    "show_tables",
+    "show_tables_expanded",
+    "show_databases",
+    "database_list",
+    "database_size",
+    "storage_info",
+    "functions",
+    "collations",
+    "metadata_info",
+}
+# no extension is fetched behind a query's back (a https:// path made DuckDB download httpfs)
+_NO_AUTOLOAD: dict[str, str | bool | int | float | list[str]] = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+}
+
+
+def _check_query(sql: str) -> None:
+    """One statement that only reads (`ccurate query`'s contract), else a ValueError."""
+    statements = duckdb.extract_statements(sql)
+    if len(statements) != 1:
+        raise ValueError(
+            f"ccurate query runs one statement; got {len(statements)}"
+            + (" (only the last result would show)" if statements else "")
+        )
+    st = statements[0]
+    kind = st.type.name
+    text = st.query.strip()
+    if kind == "EXPLAIN":
+        # EXPLAIN ANALYZE runs what it explains: a COPY inside it wrote files
+        inner = re.sub(r"(?is)^explain\s+(analy[sz]e\s+)?", "", text)
+        inner_kinds = {s.type.name for s in duckdb.extract_statements(inner)} if inner else set()
+        if inner_kinds - {"SELECT"}:
+            raise ValueError(
+                f"ccurate query explains queries only; refused: EXPLAIN {', '.join(inner_kinds)}"
+            )
+    elif kind == "PRAGMA":
+        m = re.match(r"(?is)^pragma\s+([a-z_]+)", text)  # `PRAGMA x = y` parses as a SET
+        if m is None or m.group(1).lower() not in _READ_PRAGMAS:
+            raise ValueError(
+                "ccurate query runs PRAGMAs that only read ("
+                + ", ".join(sorted(_READ_PRAGMAS))
+                + ")"
+            )
+    elif kind not in _QUERY_STATEMENTS:
+        raise ValueError(
+            "ccurate query runs queries only (SELECT, WITH, FROM, SHOW, DESCRIBE, SUMMARIZE, "
+            f"PIVOT, EXPLAIN, reading PRAGMAs); refused: {kind}"
+        )
 
 
 class Catalog:
@@ -96,7 +152,8 @@ class Catalog:
         if not read_only:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.read_only = read_only
-        self.con = duckdb.connect(str(self.db), read_only=read_only)
+        self.con = duckdb.connect(str(self.db), read_only=read_only, config=_NO_AUTOLOAD)
+        self._sandboxed = False
         if not read_only:
             self.con.execute(_SCHEMA)
         self._refresh_views()
@@ -131,12 +188,13 @@ class Catalog:
             self.con.execute(
                 "CREATE OR REPLACE TEMP VIEW manifests AS SELECT * FROM release_samples WHERE false"
             )
-        cache = self.dir / "caption_cache"
-        if cache.is_dir() and any(cache.glob("*.parquet")):
+        cache = sorted(str(p) for p in (self.dir / "caption_cache").glob("*.parquet"))
+        if cache:  # listed, not globbed: a query's sandbox admits these files only
             self.con.execute(
                 f"CREATE OR REPLACE TEMP VIEW caption_cache AS SELECT * FROM "
-                f"read_parquet({_lit(cache / '*.parquet')}, union_by_name=true)"
+                f"read_parquet({_list(cache)}, union_by_name=true)"
             )
+        self._view_files = paths + cache
         self.con.execute(
             "CREATE OR REPLACE TEMP VIEW sample_releases AS SELECT s.*, "
             "coalesce(r.releases, []) AS releases FROM samples s LEFT JOIN ("
@@ -279,22 +337,28 @@ class Catalog:
     def query(self, sql: str) -> pa.Table:
         """Run SQL over the tables and views; the result as an Arrow table.
 
-        A read-only catalog (the CLI's) runs queries only: DuckDB's read-only mode guards
-        the database file, not the file system, so `COPY ... TO` could still overwrite a
-        release's manifest.parquet, and ATTACH/INSTALL reach beyond the catalog."""
+        A read-only catalog (the CLI's) runs one query and nothing else: DuckDB's read-only
+        mode guards the database file, not the file system, so `COPY ... TO` (also inside
+        `EXPLAIN ANALYZE`) could overwrite a release's manifest.parquet, `PRAGMA
+        import_database` run a SQL file, and `read_csv` read any file. The statement is
+        checked, then the connection is sandboxed for good: files other than the views'
+        manifests and caption cache are out of reach, and extensions are never fetched."""
         if self.read_only:
-            refused = {
-                t.name for t in (s.type for s in duckdb.extract_statements(sql))
-            } - _QUERY_STATEMENTS
-            if refused:
-                raise ValueError(
-                    f"ccurate query runs queries only (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, "
-                    f"PRAGMA); refused: {', '.join(sorted(refused))}"
-                )
+            _check_query(sql)
+            self._sandbox()
         rel = self.con.sql(sql)
         if rel is None:
             return pa.table({})
         return rel.to_arrow_table()
+
+    def _sandbox(self) -> None:
+        """No file but the views' own from here on, and no setting can undo that."""
+        if self._sandboxed:
+            return
+        self.con.execute(f"SET allowed_paths = {_list(self._view_files)}")
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
+        self._sandboxed = True
 
     def stats(self) -> dict[str, Any]:
         def counts(sql: str) -> dict[str, int]:

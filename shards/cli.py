@@ -125,7 +125,7 @@ def register(app: typer.Typer) -> None:
     def stats_cmd(
         config: ConfigOpt = None,
         catalog: CatalogOpt = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     ) -> None:
         """Counts of samples, URLs, statuses, drop reasons, licences and releases."""
         with _usage_errors(), _open_catalog(config, catalog) as cat:
@@ -139,7 +139,9 @@ def register(app: typer.Typer) -> None:
         split: Annotated[
             list[str] | None, typer.Option("--split", help="splits (default all)")
         ] = None,
-        size_limit: Annotated[int, typer.Option(help="MDS shard size limit, bytes")] = 1 << 26,
+        size_limit: Annotated[
+            int, typer.Option(help="MDS shard size limit, bytes (0: no limit)")
+        ] = 1 << 26,
         overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     ) -> None:
         """Export a release to another training format (MosaicML Streaming MDS)."""
@@ -160,7 +162,7 @@ def register(app: typer.Typer) -> None:
         release_b: Annotated[str, typer.Argument(help="release name (recorded) or directory")],
         config: ConfigOpt = None,
         catalog: CatalogOpt = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         keys: Annotated[bool, typer.Option("--keys", help="list every changed key")] = False,
     ) -> None:
         """What was added to / removed from a release, and why."""
