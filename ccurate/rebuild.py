@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -62,21 +62,23 @@ from ccurate.rebuild_ledger import (
     Ledger,
     fetch_due,
     fetch_outcomes,
-    ingest_observed,
     update_ledger,
 )
-from ccurate.record import samples_to_table
+from ccurate.record import Sample, samples_to_table
 from ccurate.release_diff import diff_release_inputs
 from ccurate.release_gate import (
+    GATE_SCHEMA,
     ReleaseGateStage,
     dropped_duplicates,
     gate_decisions,
+    old_record_fate,
+    policy_withdrawals,
     read_index,
     released_hashes,
     superseded_keys,
 )
 from ccurate.shardio import list_shards, write_json_atomic, write_table_atomic
-from ccurate.stage import StageStats
+from ccurate.stage import Resources, Stage, StageStats
 from ccurate.takedown import (
     REMOVAL_SCHEMA,
     REMOVALS_DIR,
@@ -303,6 +305,12 @@ def _set_dropped(t: pa.Table, reason: str, by: str) -> pa.Table:
     return t
 
 
+def never_fetch(block: Blocklist) -> Blocklist:
+    """What a rebuild never requests: taken-down URLs, pages and domains, removed keys
+    (hash and pHash entries need the image, so they apply after the fetch)."""
+    return Blocklist(urls=block.urls, pages=block.pages, domains=block.domains, keys=block.keys)
+
+
 def plan_generation(
     cfg: PipelineConfig,
     rcfg: RebuildConfig,
@@ -334,9 +342,7 @@ def plan_generation(
         full = plan_sources(list(cfg.sources), gen.step("00_sources"), cfg.run.partition_size)
     except ValueError as err:
         raise PipelineError(str(err)) from None
-    url_block = Blocklist(
-        urls=block.urls, pages=block.pages, domains=block.domains, keys=block.keys
-    )
+    url_block = never_fetch(block)
     counts: Counter[str] = Counter()
     dropped: list[pa.Table] = []
     planned_keys: set[str] = set()
@@ -411,8 +417,12 @@ def _recheck(
     ledger: Ledger,
     skip: set[str],
     now: float,
+    block: Blocklist | None = None,
 ) -> tuple[dict[str, str], list[str], dict[str, int]]:
-    """(opted-out key -> reason, keys seen allowing us, counts) for released samples due."""
+    """(opted-out key -> reason, keys seen allowing us, counts) for released samples due.
+
+    Not re-checked: `skip` (fetched in this generation) and what `block` matches (the gate
+    removes it anyway, and a taken-down URL, page or host is not requested again)."""
     from ccurate.optout_recheck import OptoutRecheckStage
 
     counts: Counter[str] = Counter()
@@ -426,6 +436,12 @@ def _recheck(
         counts.update(m.get("counts", {}))
     else:
         idx_cols = ["key", "url", "page_url"]
+        if block is not None and len(block):
+            hits = match_index(read_index(old_inputs, MATCH_COLUMNS), block, rcfg.takedown_radius)
+            blocked = set(hits.column("key").to_pylist()) - skip
+            if blocked:
+                counts["takedown_not_checked"] = len(blocked)
+                skip = skip | blocked
 
         def due_tables() -> Iterator[pa.Table]:
             for p in old_inputs:
@@ -498,22 +514,113 @@ def _gen_pipeline(
     g.run.train_dir = str(cfg.run.train_out)
     if previous_ref is not None:
         g.dedup.previous = [*cfg.dedup.previous, str(previous_ref)]
+        g.dedup.previous_own_key_kept = True
     return Pipeline(g, executor)
 
 
+PREVIOUS_COLUMNS = ["key", "sha256", "pixel_sha256", "phash"]
+
+
 def _previous_reference(gen: Generation, old_inputs: list[str]) -> Path | None:
-    """Hashes of the current release input minus the keys fetched again now (written once)."""
+    """Dedup's `previous`: what stays released after this generation, as far as the filter
+    step knows (written once, after the filter step).
+
+    The rule is the gate's (`old_record_fate`): a released record whose refetch failed
+    stays (and keeps its hashes here, so a new copy of it is a duplicate); one that a
+    filter or an opt-out withdraws leaves; one whose fresh record passed the filter is
+    listed with the fresh hashes under its own key, which dedup does not count as a
+    copy of itself (`previous_own_key_kept`): a new copy elsewhere is dropped as its
+    duplicate instead of replacing a long-released sample."""
     if not old_inputs:
         return None
     path = gen.dir / "previous.parquet"
     if path.exists():
         return path
-    t = read_index(old_inputs, ["key", "sha256", "pixel_sha256", "phash"])
-    seen = ingest_observed(gen).column("key")
-    if len(seen):
-        t = t.filter(pc.invert(pc.is_in(t.column("key"), value_set=seen)))
+    t = read_index(old_inputs, PREVIOUS_COLUMNS)
+    outcomes = fetch_outcomes(gen, through="20_filter")
+    fates = {k: old_record_fate(*v) for k, v in outcomes.items()}
+    gone = [k for k, f in fates.items() if f is not None]
+    if gone:
+        t = t.filter(pc.invert(pc.is_in(t.column("key"), value_set=pa.array(gone, pa.string()))))
+    fresh = [f"{p}" for p in list_shards(gen.step("20_filter"))]
+    if fresh:
+        again = read_index(fresh, PREVIOUS_COLUMNS)
+        released = read_index(old_inputs, ["key"]).column("key")
+        t = pa.concat_tables([t, again.filter(pc.is_in(again.column("key"), value_set=released))])
     write_table_atomic(path, t)
     return path
+
+
+PREGATE = "35_pregate"
+
+
+class _WithholdStage(Stage):
+    """`inner` (the caption stage) never sees the samples the decisions list (takedown and
+    removal matches): they pass through uncaptioned, and the gate drops them as before."""
+
+    name: ClassVar[str] = "caption"
+    preserves_keys: ClassVar[bool] = True
+
+    def __init__(self, inner: Stage, decisions_path: str) -> None:
+        self.inner = inner
+        self.decisions_path = decisions_path
+        self.batch_size = inner.batch_size
+        self._withheld: set[str] | None = None
+
+    @property
+    def resources(self) -> Resources:
+        return self.inner.resources
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_withheld": None}
+
+    def prepare(self, inputs: list[str], scratch_dir: str) -> None:
+        self.inner.prepare(inputs, scratch_dir)
+
+    def setup(self) -> None:
+        keys = pq.read_table(self.decisions_path, columns=["key"]).column("key").to_pylist()
+        self._withheld = set(keys)
+        self.inner.setup()
+        self.batch_size = self.inner.batch_size
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+        self._withheld = None
+
+    def checkpoint(self) -> None:
+        self.inner.checkpoint()
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        if self._withheld is None:
+            self.setup()
+        assert self._withheld is not None
+        held = [s for s in batch if s.key in self._withheld]
+        if not held:
+            return self.inner.process(batch)
+        out = self.inner.process([s for s in batch if s.key not in self._withheld])
+        return [*out, *held]
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+
+def _caption(pipe: Pipeline, gen: Generation, block: Blocklist, radius: int) -> None:
+    """The caption step, withholding from the model what the takedown list and the removals
+    match by key, URL, page, domain, hash or pHash (near copies included), decided once on
+    dedup's output: no GPU time or cache entry for what the gate is bound to drop."""
+    from ccurate.captioning.stage import CaptionStage
+
+    path = gen.step(PREGATE) / "decisions.parquet"
+    if not path.exists():
+        inputs = [str(p) for p in list_shards(gen.step("30_dedup"))]
+        hits = match_index(read_index(inputs, MATCH_COLUMNS), block, radius)
+        table = hits.append_column("scope", pa.array(["all"] * hits.num_rows, pa.string()))
+        write_table_atomic(path, table.cast(GATE_SCHEMA))
+    cap = pipe.cfg.caption  # as Pipeline.caption sets it up
+    if cap.cache_dir is None:
+        cap = cap.model_copy(update={"cache_dir": str(pipe.cfg.run.catalog / "caption_cache")})
+    stage = _WithholdStage(CaptionStage(cap), str(path))
+    pipe.map_step("caption", stage, pipe.finished_inputs("caption"))
 
 
 def _map_gate(
@@ -619,12 +726,14 @@ def _run_generation(
 
         pipe = _gen_pipeline(cfg, gen, executor, None)
         if not (gen.step("10_ingest") / "_COMPLETE").exists():
-            pipe.map_step("ingest", IngestStage(cfg.ingest), planned)
-        ref = _previous_reference(gen, old_inputs)
-        pipe = _gen_pipeline(cfg, gen, executor, ref)
+            pipe.map_step("ingest", IngestStage(cfg.ingest, never_fetch(block)), planned)
         pipe.filter()
+        ref = _previous_reference(gen, old_inputs)  # needs the filter's verdicts
+        done = pipe.results
+        pipe = _gen_pipeline(cfg, gen, executor, ref)
+        pipe.results.extend(done)
         pipe.dedup()
-        pipe.caption()
+        _caption(pipe, gen, block, rcfg.takedown_radius)
         pipe.write_summary()
         if rcfg.report:
             from ccurate.report import write_report
@@ -640,7 +749,7 @@ def _run_generation(
     outcomes = fetch_outcomes(gen) if planned else {}
     superseded = superseded_keys(old_inputs, outcomes)
     optouts, rechecked_ok, recheck_counts = _recheck(
-        executor, cfg, rcfg, gen, old_inputs, ledger, set(outcomes), now
+        executor, cfg, rcfg, gen, old_inputs, ledger, set(outcomes), now, block
     )
     last_release = _last_release(gen.dir.parent, gen)
     decisions_path = gen.step("50_gate") / "decisions.parquet"
@@ -659,6 +768,7 @@ def _run_generation(
             dropped_duplicates(catalog, dup_files),
             rcfg.takedown_radius,
             released_hashes(last_release),
+            policy_withdrawals(old_inputs, cfg.filters.license),
         )
     gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs)
     removal_path = _removals_from_gate(gen, catalog)
@@ -674,10 +784,20 @@ def _run_generation(
         gen.dir,
     )
     changed = bool(diff["added"] or diff["removed"] or diff["changed"])
+    digest = settings_digest(cfg)
+    judged = _judged_settings(gen, digest, release_inputs)
     release: Path | None = None
     if changed or last_release is None or rcfg.publish_unchanged:
         release = _publish(
-            cfg, gen, release_inputs, _gen_dropped(gen), steps, diff, decisions.num_rows
+            cfg,
+            gen,
+            release_inputs,
+            _gen_dropped(gen),
+            steps,
+            diff,
+            decisions.num_rows,
+            judged,
+            _replaced(gen, release_inputs, superseded),
         )
     _record_catalog(cfg, gen, release_inputs, _gen_dropped(gen), release)
     update_ledger(gen, prev, ledger, planned, rechecked_ok, now, rcfg.max_attempts)
@@ -689,6 +809,8 @@ def _run_generation(
         "fetched_records": int(steps.get("ingest", {}).get("in", 0)),
         "steps": steps,
         "recheck": recheck_counts,
+        "settings_digest": digest,
+        "settings": judged,
         "gate": gate_stats.to_json(),
         "removals_file": str(removal_path) if removal_path else None,
         "diff": {k: v for k, v in diff.items() if k != "examples"},
@@ -701,6 +823,66 @@ def _run_generation(
     write_json_atomic(gen.dir / GEN_DONE, {"finished_at": time.time()})
     log.info("rebuild %s done: %s", gen.dir.name, info["diff"])
     return RebuildResult(gen.number, gen.dir, release, info)
+
+
+def settings_digest(cfg: PipelineConfig) -> str:
+    """Digest of the settings that judge a record (filters, captioning)."""
+    import hashlib
+
+    blob = json.dumps(
+        {
+            "filters": cfg.filters.model_dump(mode="json"),
+            "caption": cfg.caption.model_dump(mode="json"),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _judged_settings(gen: Generation, digest: str, release_inputs: list[str]) -> dict[str, Any]:
+    """How many released samples were judged under other filter/caption settings than now.
+
+    A release-input shard keeps the name its generation gave it (`gNNNN-...`), and each
+    finished generation records its digest in `rebuild.json`; a generation from before
+    digests were recorded counts as unknown."""
+    digests = {g.number: g.info().get("settings_digest") for g in generations(gen.dir.parent)}
+    digests[gen.number] = digest
+    earlier = unknown = 0
+    for p in release_inputs:
+        name = Path(p).name
+        n = pq.read_metadata(f"{p}.parquet").num_rows
+        g = int(name[1:5]) if name[:1] == "g" and name[1:5].isdigit() else None
+        d = digests.get(g) if g is not None else None
+        if d is None:
+            unknown += n
+        elif d != digest:
+            earlier += n
+    prev = [d for n, d in sorted(digests.items()) if n < gen.number and d]
+    out: dict[str, Any] = {
+        "digest": digest,
+        "changed_since_last_generation": bool(prev) and prev[-1] != digest,
+        "released_under_earlier_settings": earlier,
+    }
+    if unknown:
+        out["released_under_unknown_settings"] = unknown
+    if earlier:
+        log.warning(
+            "filter/caption settings differ from earlier generations': %d released samples "
+            "were judged under earlier settings (the licence policy is applied to them again; "
+            "other filters and captions only on a refetch: set refetch_after_days)",
+            earlier,
+        )
+    return out
+
+
+def _replaced(gen: Generation, release_inputs: list[str], superseded: dict[str, str]) -> int:
+    """Released samples fetched again whose fresh record is in this release (replaced, not
+    dropped: the card says so)."""
+    keys = {k for k, v in superseded.items() if v == "superseded"}
+    mine = [p for p in release_inputs if Path(p).name.startswith(f"g{gen.number:04d}-")]
+    if not keys or not mine:
+        return 0
+    return sum(k in keys for k in read_index(mine, ["key"]).column("key").to_pylist())
 
 
 def _last_release(work: Path, current: Generation) -> Path | None:
@@ -732,6 +914,8 @@ def _publish(
     steps: dict[str, Any],
     diff: dict[str, Any],
     n_decisions: int,
+    judged: dict[str, Any],
+    replaced: int = 0,
 ) -> Path:
     from ccurate.config import portable_dump
     from ccurate.shards.release import write_release
@@ -743,6 +927,8 @@ def _publish(
             "generation": gen.number,
             "diff": {k: v for k, v in diff.items() if k != "examples"},
             "gate_decisions": n_decisions,
+            "replaced": replaced,
+            "settings": judged,
         },
         "release_date": datetime.fromtimestamp(gen.started_at, UTC).strftime("%Y-%m-%d"),
     }

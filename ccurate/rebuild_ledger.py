@@ -103,10 +103,17 @@ def fetch_due(
     return ~known, retry_due, transient & ~retry_due, refetch
 
 
-def fetch_outcomes(gen: Generation) -> dict[str, tuple[str, str | None, str | None]]:
-    """key -> (final status, reason, dropped_by) of every record this generation fetched."""
+FETCH_STEPS = ("10_ingest", "20_filter", "30_dedup", "40_caption")
+
+
+def fetch_outcomes(
+    gen: Generation, through: str = "40_caption"
+) -> dict[str, tuple[str, str | None, str | None]]:
+    """key -> (final status, reason, dropped_by) of every record this generation fetched.
+
+    `through` stops at an earlier step: its kept records count as `ok` (so far)."""
     out: dict[str, tuple[str, str | None, str | None]] = {}
-    for step in ("10_ingest", "20_filter", "30_dedup", "40_caption"):
+    for step in FETCH_STEPS[: FETCH_STEPS.index(through) + 1]:
         d = gen.step(step)
         for p in sorted(d.glob("*.dropped.parquet")) if d.exists() else []:
             t = pq.read_table(p, columns=["key", "drop_reason", "dropped_by"])
@@ -117,7 +124,7 @@ def fetch_outcomes(gen: Generation) -> dict[str, tuple[str, str | None, str | No
                 strict=True,
             ):
                 out[k] = ("dropped", r, by)
-    for p in list_shards(gen.step("40_caption")):
+    for p in list_shards(gen.step(through)):
         for k in pq.read_table(f"{p}.parquet", columns=["key"]).column("key").to_pylist():
             out[k] = ("ok", None, None)
     return out

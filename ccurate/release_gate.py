@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +23,9 @@ from ccurate.stage import Resources, Stage
 from ccurate.takedown import TakedownEntry
 from ccurate.takedown_match import MATCH_COLUMNS, Blocklist, match_index
 
+if TYPE_CHECKING:
+    from ccurate.filters.license_filter import LicenseConfig
+
 log = logging.getLogger("ccurate.rebuild")  # the rebuild's log (rebuild.log), as before the split
 
 REASONS: dict[str, str] = {
@@ -31,6 +34,8 @@ REASONS: dict[str, str] = {
     "<filter reason>": "an older record whose refetch is now dropped by a filter or dedup "
     "(e.g. license_not_allowed: the licence changed): withdrawn with the new reason",
     "optout_*": "an older record whose refetch or re-check found an opt-out",
+    "license_not_allowed": "also: an older record whose stored licence the licence policy "
+    "now configured does not admit (the policy changed since it was released)",
     "takedown": "see ccurate.takedown.REASONS",
 }
 
@@ -175,13 +180,51 @@ def superseded_keys(
         return out
     for k in read_index(old_inputs, ["key"]).column("key").to_pylist():
         got = outcomes.get(k)
-        if got is None:
+        fate = old_record_fate(*got) if got is not None else None
+        if fate is not None:
+            out[k] = fate
+    return out
+
+
+def old_record_fate(status: str, reason: str | None, by: str | None) -> str | None:
+    """What a fresh record of a released key does to the released one: None (it stays: a
+    fetch failure, a dead link), `superseded` (kept: it replaces it) or the drop reason
+    (a filter, dedup or an opt-out withdraws it). One rule for the gate and dedup's
+    `previous` (`ccurate.rebuild`), so a released record is never in neither."""
+    if status == "ok":
+        return "superseded"
+    if reason and (reason.startswith("optout_") or by != "ingest"):
+        return reason
+    return None
+
+
+def policy_withdrawals(old_inputs: list[str], cfg: LicenseConfig) -> dict[str, tuple[str, str]]:
+    """key -> (reason, detail) of released records whose stored licence the licence policy in
+    force does not admit: a policy change reaches released samples without a refetch.
+
+    The licence filter's own code judges the stored licence id (`normalize`, then
+    `policy_reason`); an id it cannot read is left alone (it was admitted once)."""
+    from ccurate.filters.license_filter import policy_reason
+    from ccurate.filters.licenses import normalize
+
+    out: dict[str, tuple[str, str]] = {}
+    if not cfg.enabled or not old_inputs:
+        return out
+    t = read_index(old_inputs, ["key", "license"])
+    verdicts: dict[str, str | None] = {}
+    for key, lic in zip(t.column("key").to_pylist(), t.column("license").to_pylist(), strict=True):
+        if not lic:
             continue
-        status, reason, by = got
-        if status == "ok":
-            out[k] = "superseded"
-        elif reason and (reason.startswith("optout_") or by != "ingest"):
-            out[k] = reason
+        if lic not in verdicts:
+            info = normalize(lic)
+            verdicts[lic] = policy_reason(info, cfg) if info is not None else None
+        reason = verdicts[lic]
+        if reason is not None:
+            out[key] = (
+                reason,
+                f"policy changed: {lic} is not admitted by the licence policy now configured "
+                f"(policy={cfg.policy}, allow_nd={cfg.allow_nd})",
+            )
     return out
 
 
@@ -196,11 +239,13 @@ def gate_decisions(
     dup_tables: pa.Table,
     radius: int,
     released: pa.Table | None = None,
+    policy: dict[str, tuple[str, str]] | None = None,
 ) -> pa.Table:
     """Decide, over every release-input candidate, what is dropped and why; write `out`.
 
     `released` (key, image_sha256: `released_hashes`) lets hash takedowns match the bytes
-    a release holds, which differ from the fetched file's when ingest re-encoded it."""
+    a release holds, which differ from the fetched file's when ingest re-encoded it;
+    `policy` (`policy_withdrawals`) withdraws old records the licence policy now refuses."""
     block = Blocklist()
     block.add_entries(entries, radius)
     block.add_removals(removals, radius)
@@ -251,6 +296,9 @@ def gate_decisions(
                 if r == "superseded"
                 else (f"fetched again: now {r}")
             )
+            rows[k] = (r, detail, "previous")
+    for k, (r, detail) in (policy or {}).items():  # old records the policy no longer admits
+        if k not in rows:
             rows[k] = (r, detail, "previous")
     result = pa.table(
         {

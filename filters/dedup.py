@@ -156,6 +156,10 @@ class DedupConfig(Section):
     keep: KeepPolicy = "best_license"
     against: list[str] = Field(default_factory=list)
     previous: list[str] = Field(default_factory=list)
+    # a row matching a `previous` row of its own key is that sample fetched again, not a
+    # copy of it (rebuilds: a released sample refetched keeps its place, and new copies of
+    # it are dropped as its duplicates); off: such a row is dropped like any other match
+    previous_own_key_kept: bool = False
     # near-search threads: numpy holds the GIL for part of each probe, and on a shared
     # 2-core box a second thread measured slower, so one by default
     threads: int = Field(default=1, ge=1)
@@ -495,6 +499,16 @@ def _spread_to_exact_copies(
     match[fill], dist[fill], exact[fill] = match[s], dist[s], exact[s]
 
 
+def _own_key(keys: pa.ChunkedArray, ref: RefSet, match: np.ndarray) -> np.ndarray:
+    """Rows whose reference match carries the row's own key."""
+    same = np.zeros(len(match), bool)
+    hit = np.flatnonzero(match >= 0)
+    if len(hit):
+        eq = pc.equal(keys.take(pa.array(hit)), ref.keys.take(pa.array(match[hit])))
+        same[hit] = np.asarray(pc.fill_null(eq, False).to_numpy(zero_copy_only=False), bool)
+    return same
+
+
 @dataclass
 class Plan:
     """The decisions for every row (arrays over all input rows) and a summary."""
@@ -530,7 +544,12 @@ def plan_dedup(
         if ref is None:
             continue
         match, dist, exact = match_reference(rows, alive, ref, cfg)
+        own = not is_eval and cfg.previous_own_key_kept
+        if own:
+            match[_own_key(rows.keys, ref, match)] = -1
         _spread_to_exact_copies(rows, alive, rank, match, dist, exact)
+        if own:  # a copy's match spread back onto the sample itself
+            match[_own_key(rows.keys, ref, match)] = -1
         hit = np.flatnonzero(match >= 0)
         ext_src[hit] = src
         ext_idx[hit] = match[hit]

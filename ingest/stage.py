@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -58,6 +58,9 @@ from ccurate.ingest.optout import (
 from ccurate.record import KEEP, LicenseEvidence, Sample, make_key
 from ccurate.shardio import read_dropped, read_index, shards_in_completion_order
 from ccurate.stage import Resources, Stage
+
+if TYPE_CHECKING:
+    from ccurate.takedown_match import Blocklist
 
 STAGE = "ingest"
 HTML_MIMES = ("text/html", "application/xhtml+xml")
@@ -146,8 +149,11 @@ class IngestStage(Stage):
     name: ClassVar[str] = STAGE
     preserves_keys: ClassVar[bool] = False
 
-    def __init__(self, config: IngestConfig | None = None) -> None:
+    def __init__(self, config: IngestConfig | None = None, skip: Blocklist | None = None) -> None:
         self.config = config or IngestConfig()
+        # URLs, pages, domains and keys never to fetch (rebuilds: takedowns and removals): an
+        # image found on a page that matches is dropped with the match's reason before its GET
+        self.skip = skip if skip is not None and len(skip) else None
         self.batch_size = self.config.batch_size
         self._client: HttpClient | None = None
         self._policies: OriginPolicies | None = None
@@ -244,6 +250,8 @@ class IngestStage(Stage):
         assert self._client is not None
         c = self.config
         body = s.image
+        if not s.kept:  # dropped on its page (`skip`): not fetched
+            return s
         if body is None:
             reason = self._page_policy(s)
             if reason is not None:
@@ -373,7 +381,37 @@ class IngestStage(Stage):
         if not images:
             page.drop("page_no_images", STAGE)
             return page
+        if self.skip is not None:
+            _drop_skipped(images, self.skip)
         return images
+
+
+def _drop_skipped(images: list[Sample], skip: Blocklist) -> None:
+    """Drop the images of a page that `skip` matches by key, URL, page or domain."""
+    import pyarrow as pa
+
+    from ccurate.takedown_match import match_index
+
+    index = pa.table(
+        {
+            "key": pa.array([s.key for s in images], pa.string()),
+            "url": pa.array([s.url for s in images], pa.string()),
+            "page_url": pa.array([s.page_url for s in images], pa.string()),
+        }
+    )
+    hits = match_index(index, skip)
+    why = dict(
+        zip(
+            hits.column("key").to_pylist(),
+            zip(hits.column("reason").to_pylist(), hits.column("detail").to_pylist(), strict=True),
+            strict=True,
+        )
+    )
+    for s in images:
+        got = why.get(s.key)
+        if got is not None:
+            s.extra["removed_because"] = got[1]
+            s.drop(got[0] or "takedown", "takedown")
 
 
 def _inherit(img: Sample, page: Sample, page_evidence: list[LicenseEvidence]) -> None:

@@ -116,6 +116,29 @@ def front_matter(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rebuild_changes(add: Any, rebuild: dict[str, Any]) -> None:
+    """A rebuild release: what changed since the previous release, per sample key (as the
+    generation's `diff.json`); a record fetched again and kept replaced the released one."""
+    diff = rebuild["diff"]
+    gen = rebuild.get("generation")
+    add(
+        f"Rebuild generation {gen}: against the previous release, {diff.get('removed', 0)} "
+        f"samples were removed, {diff.get('added', 0)} added and {diff.get('changed', 0)} "
+        f"changed (per sample key, as `diff.json`); {rebuild.get('replaced', 0)} released "
+        "samples were fetched again and replaced by their fresh record (still published).\n"
+    )
+    for title, key in (("Removed", "removed_by_reason"), ("Added", "added_by_reason")):
+        rows = [[f"`{k}`", v] for k, v in (diff.get(key) or {}).items()]
+        if rows:
+            add(f"{title}, by reason:\n")
+            add(_table(["reason", "samples"], rows))
+    if diff.get("changed_fields"):
+        add("Changed, by field:\n")
+        add(
+            _table(["field", "samples"], [[f"`{k}`", v] for k, v in diff["changed_fields"].items()])
+        )
+
+
 def render_card(s: dict[str, Any]) -> str:
     """Markdown card for the summary `s` built by the release writer."""
     ri: dict[str, Any] = s.get("run_info") or {}
@@ -199,12 +222,16 @@ def render_card(s: dict[str, Any]) -> str:
 
     add("## How samples were selected\n")
     drops = s["drops"]
-    add(
-        f"The curation run dropped {drops['total']} records (counted from "
-        f"{drops['files']} dropped side outputs); reasons:\n"
-    )
-    add(_table(["reason", "records"], [[f"`{k}`", v] for k, v in drops["by_reason"].items()]))
-    if drops["by_stage"]:
+    rebuild = ri.get("rebuild") if isinstance(ri.get("rebuild"), dict) else None
+    if rebuild and isinstance(rebuild.get("diff"), dict):
+        _rebuild_changes(add, rebuild)
+    else:
+        add(
+            f"The curation run dropped {drops['total']} records (counted from "
+            f"{drops['files']} dropped side outputs); reasons:\n"
+        )
+        add(_table(["reason", "records"], [[f"`{k}`", v] for k, v in drops["by_reason"].items()]))
+    if drops["by_stage"] and not rebuild:
         rows = [[st, f"`{r}`", c] for st, rs in drops["by_stage"].items() for r, c in rs.items()]
         add("Per stage:\n")
         add(_table(["stage", "reason", "records"], rows))
@@ -243,6 +270,14 @@ def render_card(s: dict[str, Any]) -> str:
             )
     filters = setting("filters")
     add("### Filters and thresholds\n")
+    judged = (ri.get("rebuild") or {}).get("settings") or {}
+    if judged.get("released_under_earlier_settings"):
+        add(
+            f"Note: {judged['released_under_earlier_settings']} of the published samples were "
+            "judged under earlier filter or caption settings than those below (released by an "
+            "earlier rebuild and not fetched again; the licence policy below was applied to "
+            "them again).\n"
+        )
     if filters:
         add(_json_block(filters))
     else:
