@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     _recover(root)
     final = root / f"step-{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".{final.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         for sub, weights in (("unet", unet_state), ("unet_ema", ema_state)):
             if weights is None:
@@ -122,10 +123,44 @@ def save_checkpoint(
     return final
 
 
+def _host() -> str:
+    """This machine's name as it goes into a temporary's name (no `-`: the name is split on it)."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a pid we cannot probe): keep its files
+    return True
+
+
+def _stale_tmp(tmp: Path, newest: float | None) -> bool:
+    """A `.step-N.tmp-<host>-<pid>-<id>` temporary no live writer can still be filling: its
+    writer ran on this machine and is gone (or was an earlier process with our pid: this one
+    writes one checkpoint at a time and calls this before it starts), or it is older than
+    the newest complete checkpoint (written after it, so its writer stopped; this is also
+    the rule for names without a host, from before hosts were recorded)."""
+    parts = tmp.name.split(".tmp-", 1)[-1].rsplit("-", 2)
+    if len(parts) == 3 and parts[0] == _host() and parts[1].isdigit():
+        pid = int(parts[1])
+        if pid == os.getpid() or not _pid_alive(pid):
+            return True
+    try:
+        return newest is not None and tmp.stat().st_mtime < newest
+    except OSError:
+        return False
+
+
 def _recover(root: Path) -> None:
     """Finish a replacement a kill interrupted: a `.step-N.old-*` whose step-N is missing
     (killed between the two renames) is moved back; one whose step-N exists (killed while
-    deleting it) is deleted."""
+    deleting it) is deleted. Then delete the temporaries of checkpoints whose writing a
+    kill interrupted (`_stale_tmp`): each is a checkpoint's full size (~13 GB at SD2 size
+    with EMA and optimizer), and a few preemptions during saves would fill the disk."""
     for old in root.glob(".step-*.old-*"):
         final = root / old.name[1:].split(".old-", 1)[0]
         if not old.is_dir():
@@ -134,6 +169,11 @@ def _recover(root: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, final)
+    done = [p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists()]
+    newest = max((p.stat().st_mtime for p in done), default=None)
+    for tmp in root.glob(".step-*.tmp-*"):
+        if tmp.is_dir() and _stale_tmp(tmp, newest):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prune_checkpoints(root: str | Path, keep: int, newest: Path | None = None) -> None:

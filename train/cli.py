@@ -92,7 +92,10 @@ def add_commands(app: typer.Typer) -> None:
     @app.command("precompute")
     def precompute_cmd(
         data: Annotated[
-            str, typer.Option("--data", help="release directory, shard file or URL pattern")
+            str,
+            typer.Option(
+                "--data", help="release directory (its train.splits), shard file or URL pattern"
+            ),
         ],
         out: Annotated[Path, typer.Option("--out", help="directory for the latent shards")],
         config: ConfigOpt = None,
@@ -113,7 +116,10 @@ def add_commands(app: typer.Typer) -> None:
 
     @app.command("fit")
     def fit_cmd(
-        data: Annotated[str, typer.Option("--data", help="release or latent directory, or shard")],
+        data: Annotated[
+            str,
+            typer.Option("--data", help="release (its train.splits) or latent directory, or shard"),
+        ],
         out: Annotated[
             Path, typer.Option("--out", help="run directory (logs, checkpoints, samples)")
         ],

@@ -23,6 +23,10 @@ DEFAULT_PROMPTS = [
 ]
 
 
+Split = Literal["commercial", "noncommercial"]
+DEFAULT_SPLITS: tuple[Split, ...] = ("commercial",)
+
+
 class TrainConfig(Section):
     """Model preset, data, optimisation and checkpointing."""
 
@@ -37,6 +41,13 @@ class TrainConfig(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
     # ---- data ---------------------------------------------------------------
+    # which splits of a release to train on. Default: the commercial split only (the
+    # CommonCanvas recipe: its commercial model is trained on CC-BY, CC-BY-SA and CC0 /
+    # public-domain images); add "noncommercial" only to train a non-commercial model. When
+    # the release's noncommercial split already includes the commercial samples
+    # (shards.noncommercial_includes_commercial), choose ["noncommercial"] alone: both is
+    # refused, as it would train each commercial sample twice. A missing split is an error.
+    splits: list[Split] = Field(default_factory=lambda: list(DEFAULT_SPLITS), min_length=1)
     resolution: int = Field(0, ge=0)  # 0 = preset default (pixels)
     aspect_buckets: bool = False
     max_aspect: float = Field(2.0, ge=1.0)
@@ -108,6 +119,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits {self.splits} names a split twice")
         if self.resolution and self.resolution % 8:
             raise ValueError(f"resolution {self.resolution} must be a multiple of 8")
         return self

@@ -5,6 +5,14 @@ reduced DCT scale, the covering resize + crop, the caption pick, and `.npy`
 members viewed without a copy. Arrays are written straight into one flat buffer
 per batch that the caller allocates (shared memory in loader workers), so
 handing a batch to the trainer moves no data.
+
+A sample whose image does not decode costs its whole sample: its row trains on the
+pixels *and* caption (or latent and embedding) of a good sample of the same batch, listed
+in the batch's `bad`; a batch with no good sample raises `BadBatch` and the loader skips
+it (counted). A sample with no caption at all (`pick_caption` -> "empty") is kept and
+trains unconditionally, on the empty caption: the same null-condition training that
+caption dropout does for classifier-free guidance (Ho & Salimans, 2022), and its image
+still teaches the image prior; each batch counts them in `empty`.
 """
 
 from __future__ import annotations
@@ -260,6 +268,14 @@ def batch_buffer(nbytes: int) -> torch.Tensor:
     return shared_uint8(nbytes)
 
 
+class BadBatch(DataError):
+    """No sample of a batch is usable: the loader skips the batch and counts `keys`."""
+
+    def __init__(self, keys: list[str], error: str) -> None:
+        super().__init__(f"every sample of a batch is unreadable: {error}")
+        self.keys = keys
+
+
 @dataclass
 class Decoder:
     """Turns raw samples into a batch: pixels + token ids, or latents + text embeddings."""
@@ -319,6 +335,7 @@ class Decoder:
         bad_rows: list[int] = []
         captions: list[str] = []
         bad: list[str] = []
+        first_error = ""
         mix = self.caption_source == "mix"
         prefix = f"{self.seed}:{epoch}:"  # unit_hash(seed, epoch, key, what), joined once
         for i, raw in enumerate(group):
@@ -340,17 +357,22 @@ class Decoder:
                     # crop across (numpy's copy of a mirrored view: 50x slower)
                     cv2.flip(slot, 1, dst=slot)
                 ok.append(i)
-            except Exception:  # undecodable image: keep the batch shape, count it
+            except Exception as exc:  # undecodable image: keep the batch shape, count it
+                first_error = first_error or f"{raw.key}: {exc}"
                 bad.append(raw.key)
                 bad_rows.append(i)
-        if ok and bad_rows:  # stand-ins for the bad ones: a good image of the batch
+        if bad_rows:
+            if not ok:  # nothing to train on: no black images with real captions
+                raise BadBatch([r.key for r in group], first_error)
+            # the whole sample is a stand-in: a good sample's pixels *and* caption
             pixels[bad_rows] = pixels[ok[0]]
-        elif bad_rows:
-            pixels[:] = 0
+            for i in bad_rows:
+                captions[i] = captions[ok[0]]
         out: dict[str, Any] = {
             "pixels": batch.permute(0, 3, 1, 2),
             "keys": [r.key for r in group],
             "bad": bad,
+            "empty": captions.count(""),  # trained unconditionally (see the module docstring)
         }
         if self.tokenizer is not None:
             out["input_ids"] = self.tokenizer(captions)
@@ -393,7 +415,7 @@ class Decoder:
             embs.append(emb)
         good = next((i for i, a in enumerate(latents) if a is not None), None)
         if good is None:
-            raise DataError(f"every sample of a batch is unreadable: {first_error}")
+            raise BadBatch([r.key for r in group], first_error)
         lat_ok = [a if a is not None else latents[good] for a in latents]
         emb_ok = [e if e is not None else embs[good] for e in embs]
         lat_t, emb_t = stack_into([lat_ok, emb_ok], alloc)  # type: ignore[list-item]

@@ -17,21 +17,35 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ccurate.train.decode import Decoder, batch_buffer, bucket_reader, shared_uint8
+from ccurate.train.decode import BadBatch, Decoder, batch_buffer, bucket_reader, shared_uint8
 from ccurate.train.stream import (
     DataError,
     MemberReader,
     Position,
+    RawSample,
     StreamSpec,
     bucket_batches,
     fixed_batches,
+    shard_counts,
 )
+
+# a worker gives up (DataError) after this many consecutive batches without a usable sample
+MAX_SKIPPED_BATCHES = 64
 
 
 def _as_is(batch: Any) -> Any:
     """The workers' batches are final (tensors in their ring buffers): the DataLoader's
     default `default_convert` only walks every caption and key of each batch again."""
     return batch
+
+
+STAT_KEYS = (
+    "bad_samples",
+    "empty_captions",
+    "skipped_batches",
+    "skipped_samples",
+    "bucket_padding",
+)
 
 
 class RingRef(NamedTuple):
@@ -93,6 +107,11 @@ class BatchRing:
         self.seq, self.issued = seq + 1, seq
         return flat[:nbytes]
 
+    def cancel(self) -> None:
+        """The buffer last taken was not sent (its batch was skipped): the next batch takes it."""
+        if self.issued is not None:
+            self.seq, self.issued = self.issued, None
+
     def tag(self, batch: dict[str, Any]) -> None:
         """Mark `batch` with its buffer and the entries that live in it, for the trainer to
         copy out and release; no-op when no buffer was taken."""
@@ -148,6 +167,8 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
         self.vae_factor = vae_factor
         self.start = dict(start or {})
         self.rotate = rotate
+        # counted once here: every worker splits each data epoch by them (`slot_raw`)
+        self.counts = shard_counts(spec.shards)
         # set by TrainLoader: worker batch buffers are then reused (`BatchRing`)
         self.ring_released: torch.Tensor | None = None
         self.ring_depth = 0
@@ -163,6 +184,7 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
         nw = self.n_logical
         lw = (physical + self.rotate) % nw
         slot, n_slots = self.rank * nw + lw, self.world * nw
+        shard_counts(self.spec.shards, self.counts)  # a spawned worker: no recount
         start = self.start.get(lw, (0, 0))
         reader = MemberReader()
         ring = None
@@ -170,34 +192,41 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
             ring = BatchRing(self.ring_released, physical, self.ring_depth, self.ring_by_reference)
         alloc = ring.buffer if ring is not None else batch_buffer
         errors: list[str] = []  # broken shards met since the last batch: handed out with it
-        try:
-            if self.buckets is None:
+        groups: Iterator[tuple[list[RawSample], Position, tuple[int, int] | None, int]]
+        if self.buckets is None:
+            groups = (
+                (group, pos, None, 0)
                 for group, pos in fixed_batches(
                     self.spec, slot, n_slots, self.batch_size, start, errors
-                ):
-                    batch = self.decoder.decode(group, pos[0], reader, alloc=alloc)
-                    batch["pos"] = [lw, pos[0], pos[1]]
-                    batch["bad_shards"], errors[:] = list(errors), []
-                    if ring is not None:
-                        ring.tag(batch)
-                    yield batch
-            else:
-                of = bucket_reader(self.decoder.mode, self.buckets, self.vae_factor)
-                for group, pos, hw in bucket_batches(
-                    self.spec,
-                    slot,
-                    n_slots,
-                    self.batch_size,
-                    lambda r: of(r, reader),
-                    start,
-                    errors,
-                ):
+                )
+            )
+        else:
+            of = bucket_reader(self.decoder.mode, self.buckets, self.vae_factor)
+            groups = bucket_batches(
+                self.spec, slot, n_slots, self.batch_size, lambda r: of(r, reader), start, errors
+            )
+        skipped: list[str] = []  # keys of the batches skipped since the last batch
+        try:
+            for group, pos, hw, padded in groups:
+                try:
                     batch = self.decoder.decode(group, pos[0], reader, hw, alloc)
-                    batch["pos"] = [lw, pos[0], pos[1]]
-                    batch["bad_shards"], errors[:] = list(errors), []
+                except BadBatch as exc:  # not one usable sample: skipped, counted
+                    skipped.extend(exc.keys)
+                    if len(skipped) > MAX_SKIPPED_BATCHES * self.batch_size:
+                        raise DataError(
+                            f"{MAX_SKIPPED_BATCHES} batches in a row had no usable sample; "
+                            f"last: {exc}"
+                        ) from exc
                     if ring is not None:
-                        ring.tag(batch)
-                    yield batch
+                        ring.cancel()
+                    continue
+                batch["pos"] = [lw, pos[0], pos[1]]
+                batch["bad_shards"], errors[:] = list(errors), []
+                batch["skipped"], skipped = skipped, []
+                batch["padded"] = padded
+                if ring is not None:
+                    ring.tag(batch)
+                yield batch
         finally:
             reader.close()
 
@@ -263,6 +292,13 @@ class TrainLoader:
         # on every batch (and its page faults with it)
         self._mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
         self.by_reference = 0  # batches whose arrays came as `RingRef`s
+        # what the batches consumed (`mark`) since this loader started, for the trainer's logs:
+        # bad_samples: rows whose image did not decode, trained as a stand-in (a good sample
+        #   of the batch, pixels and caption); empty_captions: rows trained on the empty
+        #   caption because the sample has none; skipped_batches/skipped_samples: batches
+        #   with no usable sample, not trained; bucket_padding: rows repeating a sample to
+        #   fill an aspect bucket's last batch of a data epoch (`bucket_batches`)
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -313,6 +349,14 @@ class TrainLoader:
         lw, epoch, n = batch.pop("pos")
         self.positions[int(lw)] = (int(epoch), int(n))
         self.batches += 1
+        stats = self.stats
+        stats["bad_samples"] += len(batch.get("bad", ()))
+        stats["empty_captions"] += int(batch.get("empty", 0))
+        skipped = batch.get("skipped", ())
+        if skipped:
+            stats["skipped_batches"] += -(-len(skipped) // self.dataset.batch_size)
+            stats["skipped_samples"] += len(skipped)
+        stats["bucket_padding"] += int(batch.get("padded", 0))
 
     def epoch(self) -> Iterator[dict[str, Any]]:
         """Exactly `epoch_batches` batches: the same count on every rank."""

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,10 @@ from ccurate.train.stream import (
     LATENT_FORMAT,
     DataError,
     StreamSpec,
-    count_samples,
     find_manifest,
     find_shards,
     make_buckets,
+    shard_counts,
     shard_names,
 )
 
@@ -290,6 +290,64 @@ def save_png(array: np.ndarray, path: Path) -> Path:
     return path
 
 
+# ---- what the data is -------------------------------------------------------------------
+
+RELEASE_SUMS = "SHA256SUMS"  # a release's `sha256sum -c` list (ccurate.shards.release)
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    table = {}
+    for line in path.read_text().splitlines():
+        digest, _, rel = line.partition("  ")
+        if rel:
+            table[rel] = digest
+    return table
+
+
+def shard_sources(
+    shards: Sequence[str], with_mtime: bool = False
+) -> tuple[list[str], list[str], list[str]]:
+    """What identifies each shard's content without reading it; the releases and splits
+    the shards are of.
+
+    A release shard is identified by the sha256 its release records in `SHA256SUMS` (a
+    release is never changed once published, and a rebuild with the same bytes gives the
+    same digest, whatever its name); another local file by its size (and mtime when asked:
+    precompute's reuse check, tied to one location anyway; not the resume check, which must
+    accept the same shards copied elsewhere); a URL by nothing ("")."""
+    tables: dict[Path, dict[str, str] | None] = {}
+    sources: list[str] = []
+    releases: set[str] = set()
+    splits: set[str] = set()
+    for shard in shards:
+        path = Path(shard)
+        if not path.is_file():
+            sources.append("")
+            continue
+        found = ""
+        for root in list(path.absolute().parents)[:4]:
+            if root not in tables:
+                sums = root / RELEASE_SUMS
+                tables[root] = _read_sums(sums) if sums.is_file() else None
+            table = tables[root]
+            if table is not None:
+                found = table.get(path.absolute().relative_to(root).as_posix(), "")
+                if found:
+                    releases.add(root.name)
+                    splits.add(path.absolute().relative_to(root).parts[0])
+                    break
+        if found:
+            sources.append(f"sha256:{found}")
+        else:
+            st = path.stat()
+            sources.append(f"size:{st.st_size}" + (f":{st.st_mtime_ns}" if with_mtime else ""))
+    return sources, sorted(releases), sorted(splits)
+
+
+def sources_digest(sources: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+
+
 # ---- the trainer -----------------------------------------------------------------------
 
 
@@ -309,7 +367,7 @@ class Trainer:
         self.frozen_dtype = torch.bfloat16 if self.autocast else torch.float32
         self.preset = get_preset(cfg.preset)
         self.batch_size = cfg.batch_size or self.preset.batch_size
-        self.shards = find_shards(data)
+        self.shards = find_shards(data, cfg.splits)
         self.manifest: dict[str, Any] | None = None
         self.manifest_dir: Path | None = None
         if cfg.latents != "no":
@@ -352,6 +410,23 @@ class Trainer:
                     f"embeddings of {self.manifest.get('caption_source')!r} captions only "
                     f"(precompute again with caption_source = {cfg.caption_source!r})"
                 )
+            made_from = self.manifest.get("splits")
+            if made_from is not None and sorted(made_from) != sorted(cfg.splits):
+                raise DataError(
+                    f"the latent shards were precomputed from the {made_from} split(s), "
+                    f"this run selects train.splits = {list(cfg.splits)} (precompute again "
+                    "with these splits, or set train.splits to the latents')"
+                )
+            refs = resolve_refs(cfg)
+            for model in ("vae", "text_encoder"):
+                # a model set in [train] must be the one the latents were made with: the UNet
+                # would otherwise be trained (and sampled) in another latent / text space
+                if getattr(cfg, model) and refs[model] != self.manifest.get(model):
+                    raise DataError(
+                        f"train.{model} = {refs[model]!r} but the latent shards were made with "
+                        f"{self.manifest.get(model)!r} (precompute again with this {model}, or "
+                        f"set {model} = '' to use the latents' one)"
+                    )
             if bool(self.manifest.get("aspect_buckets")) and not cfg.aspect_buckets:
                 raise DataError(
                     "the latent shards were precomputed with aspect_buckets = true: their "
@@ -359,9 +434,32 @@ class Trainer:
                 )
         else:
             self.resolution = cfg.resolution or self.preset.resolution
+        # what the data is, by content: a resume on other data (a new release with the same
+        # shard names, latents of another release or VAE) must not pass for an exact one
+        refs = resolve_refs(cfg)
+        if self.manifest is not None:
+            # latents made from the same release as a pixel run carry its digest; older
+            # manifests without one: the latent shards' own sizes
+            digest = self.manifest.get("source_digest")
+            self.data_digest = str(digest or sources_digest(shard_sources(self.shards)[0]))
+            self.releases = list(self.manifest.get("releases") or [])
+            self.models = {
+                "vae": self.manifest.get("vae"),
+                "text_encoder": self.manifest.get("text_encoder"),
+                "text_layer": self.manifest.get("text_layer"),
+            }
+        else:
+            sources, self.releases, _ = shard_sources(self.shards)
+            self.data_digest = sources_digest(sources)
+            self.models = {
+                "vae": refs["vae"],
+                "text_encoder": refs["text_encoder"],
+                "text_layer": cfg.text_layer,
+            }
         self.log_path = out_dir / "train_log.jsonl"
         self._vae: nn.Module | None = None
         self._text: TextEncoder | None = None
+        self._keys_fh: Any = None
 
     # -- models on demand (sampling in latent mode needs them only on rank 0) --
     def vae(self) -> nn.Module:
@@ -462,14 +560,21 @@ class Trainer:
         # what fixes the sample order besides the positions: a resume must find the same
         names = shard_names(self.shards)
         self.stream_id: dict[str, Any] = {
+            # 2: slots split each data epoch by sample counts and buckets flush leftovers;
+            # a checkpoint of the earlier stream (no key: 1) cannot resume its position
+            "stream": 2,
             "seed": cfg.seed,
             "shuffle_shards": cfg.shuffle_shards,
             "shuffle_buffer": cfg.shuffle_buffer,
             "buckets": [list(b) for b in buckets] if buckets else None,
             "shards": len(names),
             "shards_digest": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
+            "data_digest": self.data_digest,
+            "mode": "latents" if self.latent_mode else "pixels",
+            **self.models,
         }
-        total = cfg.epoch_samples or sum(count_samples(s) for s in self.shards)
+        # the loader's cached counts (a broken shard without an index counts to its break)
+        total = cfg.epoch_samples or sum(n for n, _ in shard_counts(self.shards))
         per_step = self.batch_size * cfg.grad_accum * ctx.world
         epoch_batches = max(1, total // (self.batch_size * ctx.world))
 
@@ -519,13 +624,20 @@ class Trainer:
                 else:  # EMA turned on at resume: average from the resumed weights, not the init
                     ema = EMA(named, cfg.ema_decay)
             saved = dict(data_state.get("stream") or {"seed": data_state.get("seed", cfg.seed)})
+            saved.setdefault("stream", 1)
             changed = [k for k, v in saved.items() if self.stream_id.get(k, v) != v]
             if changed and cfg.resume_data == "exact":
                 diff = ", ".join(f"{k}={saved[k]!r} (now {self.stream_id[k]!r})" for k in changed)
+                other = ""
+                if "data_digest" in changed:
+                    was = ", ".join(data_state.get("releases") or []) or "other shards"
+                    reads = ", ".join(self.releases) or "other shards"
+                    other = f"the checkpoint was written on {was}, this run reads {reads}; "
                 raise CheckpointError(
-                    f"{ckpt_path}: the data stream was recorded with {diff}; the data position "
-                    "cannot be restored exactly: resume with the same data and settings, or "
-                    "set train.resume_data = 'restart' to read the current shards from their start"
+                    f"{ckpt_path}: {other}the data stream was recorded with {diff}; the data "
+                    "position cannot be restored exactly: resume with the same data and "
+                    "settings, or set train.resume_data = 'restart' to keep the weights, "
+                    "optimizer and step and read the current data from its start"
                 )
             start_step = ck.step
             ranks = data_state.get("ranks", []) if cfg.resume_data == "exact" else []
@@ -540,7 +652,7 @@ class Trainer:
                     "resume with the same values"
                 )
             self.log({"event": "resume", "step": start_step, "checkpoint": str(ckpt_path),
-                      "data": cfg.resume_data})  # fmt: skip
+                      "data": cfg.resume_data, "changed": changed})  # fmt: skip
         dataset = ShardDataset(
             spec,
             decoder,
@@ -585,7 +697,8 @@ class Trainer:
 
         gen = torch.Generator(device=device)
         prefetch = Prefetcher(loader, device, cfg.gpu_prefetch)
-        keys_fh = open(self.out / f"keys-rank{ctx.rank}.jsonl", "a") if cfg.log_keys else None  # noqa: SIM115
+        keys_fh = self._open_keys_log(start_step) if cfg.log_keys else None
+        self._keys_fh = keys_fh
         skip = cfg.timing_skip_steps
         if skip < 0:
             skip = min(max(3, (cfg.steps - start_step) // 10), (cfg.steps - start_step) // 2)
@@ -685,6 +798,7 @@ class Trainer:
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
                             "bad_samples": bad,
                             "bad_shards": bad_shards,
+                            **{k: v for k, v in loader.stats.items() if k != "bad_samples"},
                         }
                     )
                     loss_sum.zero_()
@@ -731,6 +845,8 @@ class Trainer:
             "epoch_batches": epoch_batches,
             "bad_samples": bad,
             "bad_shards": bad_shards,
+            # empty captions, skipped all-bad batches, bucket padding (stats outlive close())
+            **{k: v for k, v in loader.stats.items() if k != "bad_samples"},
         }
         self.log({"event": "done", **summary}, console=False)
         return summary
@@ -768,6 +884,25 @@ class Trainer:
             cond = self.text_encoder()(ids).float()
             return latents, cond
 
+    def _open_keys_log(self, start_step: int) -> Any:
+        """The per-step keys log, holding only the steps before `start_step` (a killed run may
+        have written steps past its checkpoint, which the resumed run writes again), line
+        buffered so that a kill loses at most the line being written."""
+        from ccurate.shardio import atomic_path
+
+        path = self.out / f"keys-rank{self.ctx.rank}.jsonl"
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines(keepends=True):
+                try:
+                    if int(json.loads(line)["step"]) < start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # the line a kill cut short
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(kept))
+        return open(path, "a", buffering=1)  # closed at the end of run()
+
     def _reduce_mean(self, value: torch.Tensor) -> float:
         if self.ctx.world > 1:
             value = value.detach().clone()
@@ -784,6 +919,9 @@ class Trainer:
         loader: TrainLoader,
         loss: float,
     ) -> Path:
+        if self._keys_fh is not None:  # the keys of the steps this checkpoint covers are on disk
+            self._keys_fh.flush()
+            os.fsync(self._keys_fh.fileno())
         states: list[Any] = [loader.state()]
         if self.ctx.world > 1:
             states = [None] * self.ctx.world
@@ -802,6 +940,7 @@ class Trainer:
                         "world_size": self.ctx.world,
                         "seed": self.cfg.seed,
                         "stream": self.stream_id,
+                        "releases": self.releases,
                         "ranks": states,
                     },
                     "config": self.cfg.model_dump(),
@@ -851,6 +990,10 @@ class Trainer:
 
 def train(cfg: TrainConfig, data: str | Path | list[str], out_dir: str | Path) -> dict[str, Any]:
     """Train (or resume) a latent diffusion UNet on release shards; returns a summary.
+
+    A release directory gives the shards of `cfg.splits` only (default: commercial). An
+    exact resume needs the same data by content (the release's recorded shard digests, or
+    the latents' source digest), the same pixel or latent mode and the same models.
 
     Summary keys: steps, final_loss, images_per_s (all ranks, after warm-up steps),
     data_wait (fraction of wall time the loop waited for batches), checkpoint,

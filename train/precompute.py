@@ -10,11 +10,21 @@ same relative name, holding per sample:
 - `{key}.alt.npy`     the same for the alt text (caption policy `alt_text` / `mix`);
 - `{key}.json`        the release record, plus the captions used and `latent_hw`.
 
-`latents.json` (written last) names the models, resolution and the empty-caption
-embedding (`uncond.npy`) used for caption dropout. Shards are published
-atomically with a `.done` marker, so a rerun skips finished ones and redoes the
-rest; under `torchrun` each rank takes every world-th shard. Undecodable samples
-are left out and counted with their reason in the marker.
+`latents.json` (written last) names the models, resolution, the source release (its
+content digest, from the release's `SHA256SUMS`, which the trainer's resume check compares)
+and the empty-caption embedding (`uncond.npy`) used for caption dropout. Shards are
+published atomically with a `.done` marker, so a rerun skips finished ones made from the
+same source shard (same recorded digest, or same file, size and mtime) with the same
+settings and redoes the rest; a rerun first removes `latents.json` and the finished shards
+no longer in the source, so the folder never mixes two releases under one manifest. Under
+`torchrun` each rank takes every world-th shard. Only the `train.splits` of a release are
+encoded.
+
+Undecodable samples are left out and counted with their reason in the marker (and in
+`latents.json`'s `dropped`). The pixel path keeps such a sample's slot (another sample's
+image stands in), so when any sample is dropped the latent stream holds fewer samples than
+the release and its order differs from the pixel stream's for the same seed; a checkpoint
+of a pixel run therefore never resumes exactly on latents (nor the other way round).
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from ccurate.train.presets import get_preset
 from ccurate.train.stream import (
     LATENT_FORMAT,
     LATENT_MANIFEST,
+    DataError,
     MemberReader,
     RawSample,
     find_shards,
@@ -97,12 +108,46 @@ def _captions(cfg: TrainConfig) -> list[str]:
     return {"synthetic": ["emb"], "alt_text": ["alt"], "mix": ["alt", "emb"]}[cfg.caption_source]
 
 
-def _reusable(marker: dict[str, Any], settings: dict[str, Any], captions: list[str]) -> bool:
-    """A finished shard is kept when made with these settings and carries these captions
-    (markers written before settings were recorded are trusted as they are)."""
+def _reusable(
+    marker: dict[str, Any],
+    settings: dict[str, Any],
+    captions: list[str],
+    src: str,
+    source_id: str,
+) -> bool:
+    """A finished shard is kept when made from this source shard (same content identity;
+    the same path for a marker without one) with these settings and carries these captions
+    (markers written before settings were recorded are trusted on those)."""
+    same = (
+        marker["source_id"] == source_id if "source_id" in marker else marker.get("source") == src
+    )
+    if not same or (not source_id and marker.get("source") != src):  # a URL: only its name
+        return False
     if "settings" in marker and marker["settings"] != settings:
         return False
     return "captions" not in marker or set(captions) <= set(marker["captions"])
+
+
+def _dst(out: Path, name: str) -> Path:
+    dst = out / name
+    return dst if dst.suffix == ".tar" else dst.with_suffix(".tar")
+
+
+def _clear_stale(out: Path, expected: set[Path]) -> None:
+    """Remove `latents.json` (rewritten last, once every shard is of this source) and the
+    finished latent shards that are not this run's (a previous release's extra shards);
+    a shard precompute did not write is refused rather than deleted."""
+    (out / LATENT_MANIFEST).unlink(missing_ok=True)
+    for tar in sorted(out.glob("**/*.tar")):
+        if tar in expected or any(p.startswith(".") for p in tar.relative_to(out).parts):
+            continue
+        prefix = str(tar)[: -len(".tar")]
+        if not (is_done(prefix) and "settings" in read_marker(prefix)):
+            raise DataError(
+                f"{tar} is not a latent shard of precompute: the trainer would read it with "
+                f"the latents in {out}; precompute into an empty folder"
+            )
+        clear_shard(prefix)
 
 
 class _Encoder:
@@ -136,6 +181,7 @@ def _process_shard(
     enc: _Encoder,
     cfg: TrainConfig,
     src: str,
+    source_id: str,
     dst: Path,
     resolution: int,
     buckets: list[tuple[int, int]] | None,
@@ -152,7 +198,9 @@ def _process_shard(
     stats: dict[str, Any] = {
         "samples": 0,
         "dropped": {},
+        "empty_captions": 0,  # trained as the null condition (see ccurate.train.decode)
         "source": src,
+        "source_id": source_id,
         "settings": _settings(cfg, resolution),
         "captions": _captions(cfg),
     }
@@ -190,7 +238,7 @@ def _process_shard(
         for raw in iter_tar(src):
             rec = decoder.record(raw, reader)
             txt = decoder.text(raw, reader)
-            syn_text = pick_caption(rec, txt, "synthetic")[0]
+            syn_text, syn_src = pick_caption(rec, txt, "synthetic")
             alt_text = pick_caption(rec, txt, "alt_text")[0]
             if not any(ext in raw.members for ext in IMAGE_EXTS):
                 stats["dropped"]["no_image"] = stats["dropped"].get("no_image", 0) + 1
@@ -210,6 +258,7 @@ def _process_shard(
             except Exception:
                 stats["dropped"]["decode_error"] = stats["dropped"].get("decode_error", 0) + 1
                 continue
+            stats["empty_captions"] += syn_src == "empty"  # its fallbacks cover all fields
             pending.append((raw, rec, pixels, syn_text, alt_text))
             if len(pending) >= cfg.precompute_batch:
                 flush(tf)
@@ -223,17 +272,20 @@ def _process_shard(
 def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str | Path) -> list[str]:
     """Write latent shards for `release` under `out_dir`; returns this rank's shard paths.
 
-    Resumable: shards with a `.done` marker made with the same settings are kept as they are;
-    those made with others (resolution, models, captions) are redone.
+    Resumable: shards with a `.done` marker made from the same source shard with the same
+    settings are kept as they are; those made from another (a new release) or with other
+    settings (resolution, models, captions) are redone.
     """
     import torch.distributed as dist
 
-    from ccurate.train.loop import init_distributed
+    from ccurate.train.loop import init_distributed, shard_sources, sources_digest
 
     ctx = init_distributed(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards = find_shards(release)
+    shards = find_shards(release, cfg.splits)
+    sources, releases, splits = shard_sources(shards)
+    source_ids = dict(zip(shards, shard_sources(shards, with_mtime=True)[0], strict=True))
     rel_root = Path(release) if isinstance(release, (str, Path)) else None
     preset = get_preset(cfg.preset)
     resolution = cfg.resolution or preset.resolution
@@ -244,24 +296,28 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
     )
     enc = _Encoder(cfg, ctx.device)
     names = dict(zip(shards, shard_names(shards), strict=True))
+    dsts = {s: _dst(out, _out_name(s, rel_root, names[s])) for s in shards}
+    if ctx.rank == 0:
+        _clear_stale(out, set(dsts.values()))
+    if ctx.world > 1:
+        dist.barrier()  # no shard is rewritten while latents.json may still name the old set
     mine = [s for i, s in enumerate(shards) if i % ctx.world == ctx.rank]
     settings, captions = _settings(cfg, resolution), _captions(cfg)
     written: list[str] = []
-    totals: dict[str, Any] = {"samples": 0, "dropped": {}}
+    totals: dict[str, Any] = {"samples": 0, "dropped": {}, "empty_captions": 0}
     carried = {"emb", "alt"}  # the embedding members every shard has (kept ones may have more)
     bar = Progress("precompute", total=len(mine), enabled=ctx.rank == 0)
     try:
         for src in mine:
-            dst = out / _out_name(src, rel_root, names[src])
-            if dst.suffix != ".tar":
-                dst = dst.with_suffix(".tar")
+            dst = dsts[src]
             prefix = str(dst)[: -len(".tar")]
             marker = read_marker(prefix) if is_done(prefix) else None
-            if marker is not None and _reusable(marker, settings, captions):
+            if marker is not None and _reusable(marker, settings, captions, src, source_ids[src]):
                 stats = marker
             else:
-                stats = _process_shard(enc, cfg, src, dst, resolution, buckets)
+                stats = _process_shard(enc, cfg, src, source_ids[src], dst, resolution, buckets)
             totals["samples"] += int(stats.get("samples", 0))
+            totals["empty_captions"] += int(stats.get("empty_captions", 0))
             carried &= set(stats.get("captions") or captions)
             for k, v in stats.get("dropped", {}).items():
                 totals["dropped"][k] = totals["dropped"].get(k, 0) + v
@@ -295,8 +351,14 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
                     "source": [str(s) for s in shards]
                     if len(shards) <= 64
                     else f"{len(shards)} shards",
+                    # the source's content identity, as the trainer computes it for the
+                    # release itself: a resume compares it (and the models above)
+                    "source_digest": sources_digest(sources),
+                    "releases": releases,
+                    "splits": splits or None,
                     "samples": totals["samples"] if ctx.world == 1 else None,
                     "dropped": totals["dropped"] if ctx.world == 1 else None,
+                    "empty_captions": totals["empty_captions"] if ctx.world == 1 else None,
                 },
             )
     finally:

@@ -4,26 +4,28 @@ The stream is a pure function of (seed, data epoch, slot), where a *slot* is one
 DataLoader worker of one rank (`slot = rank * workers + worker`):
 
 - every data epoch the shard list is permuted with the seed and the epoch, the
-  same way on every rank; with at least as many shards as slots each slot takes
-  every n-th shard, otherwise every slot reads all shards and keeps every n-th
-  sample (skipping the others at the tar-member level);
+  same way on every rank, and cut by sample counts into one contiguous part per
+  slot, of equal size within one sample (`slot_raw`): the slots of a data epoch
+  show every sample exactly once and end it together, whatever the shard sizes;
 - a seeded shuffle buffer mixes samples within the slot's epoch;
 - batches are cut from the slot's endless concatenation of epochs, so no rank
   ever runs dry: every rank yields the same number of batches per training
   epoch (`with_epoch` semantics) and DDP never hangs at an epoch end.
 
 A position is therefore just `(data epoch, samples consumed in it)` per slot
-(`(epoch, batches emitted)` with aspect buckets, whose leftovers are dropped at
-each epoch end). A resumed run replays the slot's epoch *lazily*: local tars are
-scanned header by header and members are read only when a sample is used, so
-skipping costs no image reads and no decoding. A broken shard (truncated, bad
-header) is read up to the break and reported, not fatal. Nothing here decodes a member
-(`ccurate.train.decode`) or runs workers (`ccurate.train.loader`).
+(`(epoch, batches emitted)` with aspect buckets, whose leftovers end each epoch
+in one padded batch per bucket: `bucket_batches`). A resumed run replays the slot's
+epoch *lazily*: local tars are scanned header by header and members are read only
+when a sample is used, so skipping costs no image reads and no decoding. A broken
+shard (truncated, bad header) is read up to the break and reported, not fatal.
+Nothing here decodes a member (`ccurate.train.decode`) or runs workers
+(`ccurate.train.loader`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import mmap
@@ -48,24 +50,91 @@ class DataError(RuntimeError):
 # ---- shard discovery ---------------------------------------------------------
 
 
-def find_shards(data: str | Path | Sequence[str | Path]) -> list[str]:
+RELEASE_SUCCESS = "_SUCCESS"  # a release's completion marker (ccurate.shards.release)
+RELEASE_SPLITS = ("commercial", "noncommercial")
+DEFAULT_SPLITS = ("commercial",)
+
+
+def _tars_under(path: Path) -> list[str]:
+    return sorted(
+        str(p)
+        for p in path.glob("**/*.tar")
+        if not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+
+
+def _release_root(path: Path) -> Path | None:
+    """The release a path lies in (the path itself or one of its 3 parents), if any."""
+    for root in [path, *list(path.absolute().parents)[:3]]:
+        if (root / RELEASE_SUCCESS).is_file():
+            return root
+    return None
+
+
+def _superset_splits(root: Path) -> bool:
+    """Whether the release's noncommercial split repeats its commercial samples."""
+    try:
+        info = json.loads((root / "release.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((info.get("config") or {}).get("noncommercial_includes_commercial"))
+
+
+def _release_shards(root: Path, splits: Sequence[str]) -> list[str]:
+    """The shards of the chosen splits of a release (`<split>/[res-N/]*.tar`)."""
+    have = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name in RELEASE_SPLITS)
+    missing = [s for s in splits if s not in have]
+    if missing:
+        raise DataError(
+            f"release {root} has no {' or '.join(map(repr, missing))} split (it has "
+            f"{have or 'none'}): set train.splits to the splits to train on"
+        )
+    if len(set(splits)) > 1 and _superset_splits(root):
+        raise DataError(
+            f"the noncommercial split of release {root} already holds every commercial sample "
+            "(shards.noncommercial_includes_commercial): reading both would train each "
+            "commercial sample twice; set train.splits = ['noncommercial'] to train on both"
+        )
+    return sorted(t for s in dict.fromkeys(splits) for t in _tars_under(root / s))
+
+
+def _check_split(path: Path, splits: Sequence[str]) -> None:
+    """A shard or folder picked inside a release must belong to a chosen split."""
+    root = _release_root(path.parent if path.is_file() else path)
+    if root is None or root == path:
+        return
+    split = path.absolute().relative_to(root.absolute()).parts[0]
+    if split in RELEASE_SPLITS and split not in splits:
+        raise DataError(
+            f"{path} is in the {split!r} split of release {root}, but train.splits = "
+            f"{list(splits)}: add {split!r} to train.splits to train on it"
+        )
+
+
+def find_shards(
+    data: str | Path | Sequence[str | Path], splits: Sequence[str] = DEFAULT_SPLITS
+) -> list[str]:
     """Tar shards of a release: a directory (globbed `**/*.tar`), a file, a URL or a list.
 
-    Hidden files (temporaries of unfinished shards) are ignored; the order is
-    sorted, so every rank sees the same list.
+    A release directory (one with `_SUCCESS`) gives only the shards of `splits`: a
+    release also publishes a noncommercial split, which a commercial run must not read,
+    and with `noncommercial_includes_commercial` that split repeats the commercial samples
+    (choosing both splits of such a release is refused). A folder or file inside a release
+    must belong to a chosen split; other folders are read whole. Hidden files (temporaries
+    of unfinished shards) are ignored; the order is sorted, so every rank sees the same list.
     """
     items: list[str | Path] = [data] if isinstance(data, (str, Path)) else list(data)
     out: list[str] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                str(p)
-                for p in path.glob("**/*.tar")
-                if not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            out.extend(found)
+            if (path / RELEASE_SUCCESS).is_file():
+                out.extend(_release_shards(path, splits))
+            else:
+                _check_split(path, splits)
+                out.extend(_tars_under(path))
         elif path.exists():
+            _check_split(path, splits)
             out.append(str(path))
         elif isinstance(item, str) and ("://" in item or item.startswith("pipe:") or "{" in item):
             from webdataset.shardlists import expand_urls
@@ -247,33 +316,97 @@ def epoch_shard_order(spec: StreamSpec, epoch: int) -> list[str]:
     return order
 
 
-def _readable(shard: str, errors: list[str] | None) -> Iterator[RawSample]:
-    """The samples of `shard` up to where it is broken (truncated, bad header): the rest is
-    skipped and the error appended to `errors` (raised when None). Deterministic, so a
-    resumed run skips the same samples."""
+_COUNTS: dict[tuple[str, int, int], tuple[int, str]] = {}  # (shard, bytes, mtime_ns) ->
+
+
+def _stamp(shard: str) -> tuple[str, int, int]:
     try:
-        yield from iter_tar(shard)
+        st = os.stat(shard)
+    except OSError:  # a URL: its name is all there is
+        return (shard, -1, -1)
+    return (shard, st.st_size, st.st_mtime_ns)
+
+
+def _count(shard: str) -> tuple[int, str]:
+    """(samples, "") by `count_samples`; a shard with no index that breaks: (samples up to
+    the break, the error)."""
+    try:
+        return count_samples(shard), ""
+    except DataError:
+        pass
+    n = 0
+    try:
+        for _ in iter_tar(shard):
+            n += 1
     except DataError as exc:
-        if errors is None:
-            raise
-        errors.append(str(exc))
+        return n, str(exc)
+    return n, ""
+
+
+def shard_counts(
+    shards: Sequence[str], known: Sequence[tuple[int, str]] | None = None
+) -> list[tuple[int, str]]:
+    """(samples, error) per shard (`_count`), cached per process by path, size and mtime;
+    `known` (counted in the parent process) fills the cache of a loader worker. Every slot
+    splits each data epoch by these counts, so all must agree on them."""
+    out = []
+    for i, shard in enumerate(shards):
+        stamp = _stamp(shard)
+        got = _COUNTS.get(stamp)
+        if got is None:
+            got = (int(known[i][0]), str(known[i][1])) if known is not None else _count(shard)
+            _COUNTS[stamp] = got
+        out.append(got)
+    return out
 
 
 def slot_raw(
     spec: StreamSpec, slot: int, n_slots: int, epoch: int, errors: list[str] | None = None
 ) -> Iterator[RawSample]:
-    """This slot's share of one data epoch, before shuffling; broken shards go to `errors`."""
+    """This slot's share of one data epoch, before shuffling; broken shards go to `errors`.
+
+    The epoch's shards, in their permuted order, are one sequence of N samples (counted by
+    `shard_counts`), cut into `n_slots` contiguous parts of N // n_slots or one more samples;
+    the slot takes part `(slot + epoch) % n_slots`, so which slots get the longer parts
+    rotates and no slot runs through its epochs faster than the others. The slots of one
+    data epoch thus show every sample exactly once, and all slots end their epochs together
+    whatever the shard sizes: a training epoch (`TrainLoader`, batches round-robin over
+    workers) is exactly one data epoch when N is a multiple of batch size x workers x ranks,
+    otherwise it ends less than a batch per slot away from one. A slot reads only the
+    shards its part overlaps; the samples before its part in its first shard are skipped by
+    their headers, reading no member. A broken shard is reported by one slot only: the one
+    whose part holds the first sample missing (a shard shorter than its index says), or its
+    last readable sample (a shard without index, counted up to its break).
+    """
     order = epoch_shard_order(spec, epoch)
-    if len(order) >= n_slots:
-        for shard in order[slot::n_slots]:
-            yield from _readable(shard, errors)
-        return
-    i = 0  # fewer shards than slots: split by sample (slot 0 alone reports a broken shard)
+    counts = dict(zip(spec.shards, shard_counts(spec.shards), strict=True))
+    total = sum(counts[shard][0] for shard in order)
+    part = (slot + epoch) % n_slots
+    lo, hi = part * total // n_slots, (part + 1) * total // n_slots
+    offset = 0
     for shard in order:
-        for raw in _readable(shard, errors if errors is None or slot == 0 else []):
-            if i % n_slots == slot:
-                yield raw
-            i += 1
+        size, broken = counts[shard]
+        if broken and lo <= min(offset + max(size - 1, 0), total - 1) < hi:
+            if errors is None:
+                raise DataError(broken)
+            errors.append(broken)
+        first, last = max(lo - offset, 0), min(hi - offset, size)
+        offset += size
+        if first >= last:
+            if offset >= hi:
+                return
+            continue
+        samples = iter_tar(shard)
+        stage = 0
+        try:
+            next(itertools.islice(samples, first, first), None)  # header scans only
+            stage = 1  # the break, if any, is now at a sample of this part: ours to report
+            yield from itertools.islice(samples, last - first)
+        except DataError as exc:
+            if errors is None:
+                raise
+            if stage:
+                errors.append(str(exc))
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -343,12 +476,22 @@ def bucket_batches(
     bucket_of: Callable[[RawSample], tuple[int, int]],
     start: Position = (0, 0),
     errors: list[str] | None = None,
-) -> Iterator[tuple[list[RawSample], Position, tuple[int, int]]]:
-    """Batches of one aspect bucket each; leftovers are dropped at each epoch end."""
+) -> Iterator[tuple[list[RawSample], Position, tuple[int, int], int]]:
+    """(batch, position, bucket, padded): batches of one aspect bucket each.
+
+    Every sample of the slot's data epoch trains in it: at the epoch's end each bucket
+    that holds leftovers (fewer than `batch_size`, e.g. a rare aspect whose share of the
+    slot never fills a batch) gives one last batch, filled up to `batch_size` (a fixed
+    shape for DDP and compiled models) with repeats: samples of that bucket's last full
+    batch of the epoch, else the leftovers themselves in turn. `padded` is the number of
+    repeated rows (the loader counts them as `bucket_padding`): a repeat trains a sample
+    twice in the epoch; a bucket far below `batch_size` gets its few samples weighted up.
+    """
     epoch, skip = start
     empty = 0
     while True:
         buckets: dict[tuple[int, int], list[RawSample]] = {}
+        full: dict[tuple[int, int], list[RawSample]] = {}  # each bucket's last full batch
         emitted = 0
         for raw in slot_epoch(spec, slot, n_slots, epoch, errors):
             b = bucket_of(raw)
@@ -356,14 +499,22 @@ def bucket_batches(
             group.append(raw)
             if len(group) == batch_size:
                 del buckets[b]
+                full[b] = group
                 emitted += 1
                 if emitted > skip:
-                    yield group, (epoch, emitted), b
+                    yield group, (epoch, emitted), b, 0
+        for b, group in buckets.items():  # in the order the buckets were first met
+            fill = full.get(b) or list(group)
+            padded = batch_size - len(group)
+            group.extend(fill[i % len(fill)] for i in range(padded))
+            emitted += 1
+            if emitted > skip:
+                yield group, (epoch, emitted), b, padded
         empty = empty + 1 if emitted == 0 else 0
         if empty >= MAX_EMPTY_EPOCHS:
             raise DataError(
-                f"slot {slot}/{n_slots} filled no aspect bucket in {empty} data epochs: "
-                "too few samples per bucket; lower batch_size or disable aspect_buckets"
+                f"slot {slot}/{n_slots} got no samples in {empty} data epochs: "
+                f"too few samples for {n_slots} loader slots; use fewer workers or ranks"
             )
         epoch, skip = epoch + 1, 0
 
