@@ -427,11 +427,15 @@ class Catalog:
         across generations), each key's why is the one the chain of consecutive diffs
         gives for the step where the key last changed, so a -> c agrees with a -> b -> c:
         a removal is explained by the *first* event after the last release (a, or one
-        between) that still held the key: a drop in any run, or at a release between,
-        its exclusion or `not_in_release_inputs`; only when there is none, by b's own
-        exclusion or drop. The first, not the latest: that event took the key out of the
-        line; a later run that drops the already-removed sample again (a takedown still
-        listed, a refetch refused for another reason) does not say why a and b differ.
+        between) that still held the key: at a release between, its run's drop, its
+        exclusion or `not_in_release_inputs`; only when there is none, by b's own
+        exclusion or drop. A run that published nothing changed no release (a rebuild's
+        failed refetch keeps the released record): its drops explain nothing. Releases
+        between count only when of the same line (names equal but for a trailing number,
+        as a rebuild's `ds-r0002`); another dataset's releases in the catalog do not.
+        The first, not the latest: that event took the key out of the line; a later run
+        that drops the already-removed sample again (a takedown still listed, a refetch
+        refused for another reason) does not say why a and b differ.
         An addition is explained from the last release before b that lacked the key (a,
         or one between): its exclusion or drop, else the latest drop before the release
         that brought the key back.
@@ -471,10 +475,16 @@ class Catalog:
              cut AS (SELECT max(recorded_at) AS t, count(*) > 0 AS known
                      FROM runs WHERE run_id = {run_b}),
              cut_a AS (SELECT max(recorded_at) AS t FROM runs WHERE run_id = {run_a}),
-             -- runs strictly between a's and b's (none unless both are recorded runs, and
-             -- none for consecutive releases), and the recorded releases among them
+             -- runs strictly between a's and b's of the same line of releases (names equal
+             -- but for their trailing number, as `ds-r0002`; another dataset recorded in
+             -- the same catalog is not a step of this one), none unless both are recorded
+             -- runs, none for consecutive releases; and the recorded releases among them
              win AS (SELECT r.run_id, r.recorded_at AS t FROM runs r, cut, cut_a
-                     WHERE r.recorded_at > cut_a.t AND r.recorded_at < cut.t),
+                     WHERE r.recorded_at > cut_a.t AND r.recorded_at < cut.t
+                       AND regexp_replace(r.run_id, '[0-9]+$', '')
+                           = regexp_replace({run_b}, '[0-9]+$', '')
+                       AND regexp_replace({run_a}, '[0-9]+$', '')
+                           = regexp_replace({run_b}, '[0-9]+$', '')),
              mid AS (SELECT win.* FROM win JOIN releases ON releases.name = win.run_id),
              -- one reason per key and release: its first exclusion (as `excluded` above)
              mx AS (SELECT release, key, arg_min(reason, rowid) AS reason
@@ -494,8 +504,10 @@ class Catalog:
              held AS (SELECT key, max(t) AS t FROM jm WHERE change = 'removed' AND holds
                       GROUP BY key),
              gone_ev AS (
+               -- a drop in a run that published a release (one that published nothing
+               -- changed no release: a rebuild's failed refetch keeps the released record)
                SELECT sr.key, w.t, w.run_id, 'dropped:' || sr.drop_reason AS why
-               FROM sample_runs sr JOIN win w USING (run_id) JOIN j ON j.key = sr.key
+               FROM sample_runs sr JOIN mid w USING (run_id) JOIN j ON j.key = sr.key
                WHERE j.change = 'removed' AND sr.status <> 'ok'
                UNION ALL
                SELECT jm.key, jm.t, jm.run_id, coalesce('excluded:' || mx.reason,

@@ -170,15 +170,26 @@ def test_consecutive_and_reverse_diffs_keep_their_reasons(cat_dir: Path) -> None
         assert back["fresh"] == ("removed", "not_in_release_inputs")
 
 
-def test_a_drop_in_an_unpublished_run_between_releases_explains_a_removal(
-    tmp_path: Path,
-) -> None:
-    """A generation that recorded its run but published nothing still dropped the key: its
-    drop, not `not_in_release_inputs`, explains the removal between the two releases."""
+def test_a_drop_in_an_unpublished_run_explains_nothing(tmp_path: Path) -> None:
+    """A generation that published nothing changed no release: its transient refetch
+    failure (the released record stays) must not explain a later takedown."""
     with Catalog(tmp_path / "catalog") as cat:
         _run(cat, tmp_path / "runs" / "r1", "r1", ["x", "y"], {})
         cat.record_release(_release(tmp_path / "rel" / "r1", "r1", ["x", "y"], {}))
-        _run(cat, tmp_path / "runs" / "g2", "g2", [], {"x": "takedown"})  # no release
-        _run(cat, tmp_path / "runs" / "r3", "r3", [], {})
+        _run(cat, tmp_path / "runs" / "r2", "r2", [], {"x": "http_503"})  # no release
+        _run(cat, tmp_path / "runs" / "r3", "r3", [], {"x": "takedown"})
         cat.record_release(_release(tmp_path / "rel" / "r3", "r3", ["y"], {}))
         assert _whys(cat, "r1", "r3") == {"x": ("removed", "dropped:takedown")}
+
+
+def test_another_datasets_releases_in_the_catalog_are_not_steps(tmp_path: Path) -> None:
+    """Two datasets recorded in one catalog: y's release between x's two is not a step of
+    x's line (it does not hold x's keys, which read as removed there)."""
+    with Catalog(tmp_path / "catalog") as cat:
+        _run(cat, tmp_path / "runs" / "x-r1", "x-r1", ["a", "b"], {})
+        cat.record_release(_release(tmp_path / "rel" / "x-r1", "x-r1", ["a", "b"], {}))
+        _run(cat, tmp_path / "runs" / "y-r1", "y-r1", ["c"], {})
+        cat.record_release(_release(tmp_path / "rel" / "y-r1", "y-r1", ["c"], {}))
+        _run(cat, tmp_path / "runs" / "x-r2", "x-r2", ["b"], {"a": "takedown"})
+        cat.record_release(_release(tmp_path / "rel" / "x-r2", "x-r2", ["b"], {}))
+        assert _whys(cat, "x-r1", "x-r2") == {"a": ("removed", "dropped:takedown")}
