@@ -17,8 +17,10 @@ from ccurate.stage import Resources, Stage
 
 if TYPE_CHECKING:
     from ccurate.ingest.config import IngestConfig
+    from ccurate.takedown_match import Blocklist
 
 _STOP = "_headers_seen"  # header_check verdict that ends a re-check GET before the body
+_TAKEDOWN = "takedown"  # a redirect hop `skip` matches: not requested, the sample withdrawn
 
 
 class OptoutRecheckStage(Stage):
@@ -34,18 +36,23 @@ class OptoutRecheckStage(Stage):
     is dropped with it), `gone:<reason>` (404 and friends: a CC licence is not
     withdrawn by a dead link, the sample stays) or `transient:<reason>` (stays,
     checked again next time). A robots.txt answering 429/5xx means "come back
-    later" here, not an opt-out.
+    later" here, not an opt-out. A redirect hop that `skip` (the rebuild's `never_fetch`
+    list) matches is not requested: `takedown`, and the sample is withdrawn (its bytes came
+    through that redirect), as a refetch would withdraw it.
     """
 
     name: ClassVar[str] = "optout_recheck"
     preserves_keys: ClassVar[bool] = True
     batch_size: int = 256
 
-    def __init__(self, config: IngestConfig | None = None, threads: int = 16) -> None:
+    def __init__(
+        self, config: IngestConfig | None = None, threads: int = 16, skip: Blocklist | None = None
+    ) -> None:
         from ccurate.ingest.config import IngestConfig
 
         self.config = config or IngestConfig()
         self.threads = threads
+        self.skip = skip if skip is not None and len(skip) else None
         self._client: Any = None
         self._policies: Any = None
         self._pool: ThreadPoolExecutor | None = None
@@ -93,7 +100,7 @@ class OptoutRecheckStage(Stage):
         for fut, s in futures.items():
             outcome = fut.result()
             s.extra["optout_recheck"] = outcome
-            if outcome.startswith("optout_"):
+            if outcome.startswith("optout_") or outcome == _TAKEDOWN:
                 s.drop(outcome, "takedown")
         for s in batch:
             s.extra.setdefault("optout_recheck", None)
@@ -102,7 +109,7 @@ class OptoutRecheckStage(Stage):
     # -- checks ------------------------------------------------------------------
     def check(self, url: str, page_url: str | None) -> str:
         """`ok`, an opt-out reason, `gone:<reason>` or `transient:<reason>` for one sample."""
-        outcome = self._check_image(url)
+        outcome = self._check_image(url, page_url)
         if outcome == "ok" and page_url and page_url != url:
             with self._lock:
                 fut = self._pages.get(page_url)
@@ -123,6 +130,8 @@ class OptoutRecheckStage(Stage):
 
         if reason is None or reason == _STOP:
             return "ok"
+        if reason == _TAKEDOWN:
+            return reason
         if reason == "optout_robots_txt":
             origin = _origin(url)
             status = self._policy_status.get(origin)
@@ -134,12 +143,12 @@ class OptoutRecheckStage(Stage):
             return f"transient:{reason}"
         return f"gone:{reason}"
 
-    def _check_image(self, url: str) -> str:
+    def _check_image(self, url: str, page_url: str | None) -> str:
         res = self._client.get(
             url,
             accept="image/*,*/*;q=0.5",
             max_bytes=self.config.max_bytes,
-            hop_check=self._hop_check,
+            hop_check=self._hops(url, page_url),
             header_check=lambda status, headers: self._header_optout(headers) or _STOP,
         )
         return self._classify(res.reason, url)
@@ -152,7 +161,7 @@ class OptoutRecheckStage(Stage):
             url,
             accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5",
             max_bytes=c.max_page_bytes,
-            hop_check=self._hop_check,
+            hop_check=self._hops(url, None),
             header_check=lambda status, headers: self._header_optout(headers),
             gzip_ok=True,
         )
@@ -179,6 +188,21 @@ class OptoutRecheckStage(Stage):
         # only called by self._client.get: setup/teardown set and clear client and policies together
         result: str | None = self._policies.check(target.origin, target.path)
         return result
+
+    def _hops(self, url: str, page_url: str | None) -> Any:
+        """The hop check of one GET: a redirect hop that `skip` matches is refused with
+        `takedown` (not requested, nor its robots.txt), as in ingest (`skip_match`)."""
+        skip = self.skip
+        if skip is None:
+            return self._hop_check
+        from ccurate.ingest.stage import skip_match
+
+        def check(target: Any) -> str | None:
+            if target.url != url and skip_match(skip, target.url, page_url) is not None:
+                return _TAKEDOWN
+            return self._hop_check(target)
+
+        return check
 
     def _saw_policy(self, url: str, got: Any) -> None:
         if url.endswith("/robots.txt"):

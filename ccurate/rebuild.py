@@ -467,7 +467,11 @@ def _recheck(
     out_dir = base / "out"
     tasks = [ShardTask(p, str(out_dir / Path(p).name)) for p in parts]
     stats = executor.map(
-        OptoutRecheckStage(cfg.ingest, rcfg.recheck_threads), tasks, label="optout recheck"
+        OptoutRecheckStage(
+            cfg.ingest, rcfg.recheck_threads, never_fetch(block) if block is not None else None
+        ),
+        tasks,
+        label="optout recheck",
     )
     counts["checked"] = stats.n_in
     optouts: dict[str, str] = {}
@@ -521,14 +525,18 @@ def _gen_pipeline(
 PREVIOUS_COLUMNS = ["key", "sha256", "pixel_sha256", "phash"]
 
 
-def _previous_reference(gen: Generation, old_inputs: list[str]) -> Path | None:
+def _previous_reference(
+    gen: Generation, old_inputs: list[str], policy: dict[str, tuple[str, str]]
+) -> Path | None:
     """Dedup's `previous`: what stays released after this generation, as far as the filter
     step knows (written once, after the filter step).
 
-    The rule is the gate's (`old_record_fate`): a released record whose refetch failed
-    stays (and keeps its hashes here, so a new copy of it is a duplicate); one that a
-    filter or an opt-out withdraws leaves; one whose fresh record passed the filter is
-    listed with the fresh hashes under its own key, which dedup does not count as a
+    The rule is the gate's (`old_record_fate`, then `policy`: `policy_withdrawals`): a
+    released record whose refetch failed stays (and keeps its hashes here, so a new copy
+    of it is a duplicate); one that a filter, an opt-out or the licence policy now in
+    force withdraws leaves (a new copy under an admitted licence is then released, not
+    dropped as the duplicate of a withdrawn one); one whose fresh record passed the filter
+    is listed with the fresh hashes under its own key, which dedup does not count as a
     copy of itself (`previous_own_key_kept`): a new copy elsewhere is dropped as its
     duplicate instead of replacing a long-released sample."""
     if not old_inputs:
@@ -540,6 +548,7 @@ def _previous_reference(gen: Generation, old_inputs: list[str]) -> Path | None:
     outcomes = fetch_outcomes(gen, through="20_filter")
     fates = {k: old_record_fate(*v) for k, v in outcomes.items()}
     gone = [k for k, f in fates.items() if f is not None]
+    gone += [k for k in policy if k not in fates or fates[k] is None]  # as the gate does
     if gone:
         t = t.filter(pc.invert(pc.is_in(t.column("key"), value_set=pa.array(gone, pa.string()))))
     fresh = [f"{p}" for p in list_shards(gen.step("20_filter"))]
@@ -719,6 +728,9 @@ def _run_generation(
     # 1. plan and the pipeline on the new work only
     planned, plan_counts = plan_generation(cfg, rcfg, gen, prev, ledger, block, now)
     old_inputs = [str(p) for p in list_shards(prev.step(RELEASE_INPUT))] if prev else []
+    # released records the licence policy in force withdraws: one set for the gate and
+    # dedup's `previous`, so an image is never withdrawn and its admitted copy deduped away
+    policy = policy_withdrawals(old_inputs, cfg.filters.license)
     steps: dict[str, Any] = {}
     pipe = None
     if planned:
@@ -728,7 +740,7 @@ def _run_generation(
         if not (gen.step("10_ingest") / "_COMPLETE").exists():
             pipe.map_step("ingest", IngestStage(cfg.ingest, never_fetch(block)), planned)
         pipe.filter()
-        ref = _previous_reference(gen, old_inputs)  # needs the filter's verdicts
+        ref = _previous_reference(gen, old_inputs, policy)  # needs the filter's verdicts
         done = pipe.results
         pipe = _gen_pipeline(cfg, gen, executor, ref)
         pipe.results.extend(done)
@@ -768,7 +780,7 @@ def _run_generation(
             dropped_duplicates(catalog, dup_files),
             rcfg.takedown_radius,
             released_hashes(last_release),
-            policy_withdrawals(old_inputs, cfg.filters.license),
+            policy,
         )
     gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs)
     removal_path = _removals_from_gate(gen, catalog)

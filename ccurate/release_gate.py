@@ -259,7 +259,8 @@ def gate_decisions(
             if why is not None:
                 block.keys.setdefault(k, (why[0], f"{why[1]} (released bytes)"))
     for key, reason in optouts.items():
-        block.keys.setdefault(key, (reason, "opt-out found by the re-check"))
+        found = "opt-out" if reason.startswith("optout_") else "redirect to a taken-down URL"
+        block.keys.setdefault(key, (reason, f"{found} found by the re-check"))
     # URL- and author-level takedowns of samples merged away as duplicates: block their
     # images too (the released copy may credit someone else; the catalog's history keeps no
     # author, so authors are matched on this generation's duplicates)

@@ -257,16 +257,17 @@ class IngestStage(Stage):
             if reason is not None:
                 s.drop(reason, STAGE)
                 return s
+            hops, hit = self._hops(s.page_url)
             res = self._client.get(
                 s.url,
                 accept=IMAGE_ACCEPT,
                 max_bytes=c.max_bytes,
-                hop_check=self._hop_check,
+                hop_check=hops,
                 header_check=self._image_headers,
             )
             if not res.ok:
                 assert res.reason is not None
-                s.drop(res.reason, STAGE)
+                _drop_failed(s, res.reason, hit)
                 return s
             body = res.body
         if self._decoders is None:
@@ -316,6 +317,31 @@ class IngestStage(Stage):
         assert self._policies is not None
         return self._policies.check(target.origin, target.path)
 
+    def _hops(
+        self, page_url: str | None
+    ) -> tuple[Callable[[Target], str | None], list[tuple[str, str]]]:
+        """The hop check of one GET, and the list where it puts a `skip` match: a redirect hop
+        that `skip` matches (a taken-down URL, page or host, a removed key) is not requested,
+        nor its origin's robots.txt; then the origin's policies, as for every hop. The first
+        URL was matched before the GET (the plan, `_drop_skipped`)."""
+        skip = self.skip
+        if skip is None:
+            return self._hop_check, []
+        hit: list[tuple[str, str]] = []
+        first = True
+
+        def check(target: Target) -> str | None:
+            nonlocal first
+            if not first:
+                got = skip_match(skip, target.url, page_url)
+                if got is not None:
+                    hit.append(got)
+                    return got[0]
+            first = False
+            return self._hop_check(target)
+
+        return check, hit
+
     def _image_headers(self, status: int, headers: dict[str, list[str]]) -> str | None:
         reason = header_optout(headers, self.config)
         if reason is not None:
@@ -329,17 +355,18 @@ class IngestStage(Stage):
     def _page(self, page: Sample) -> Sample | list[Sample]:
         assert self._client is not None
         c = self.config
+        hops, hit = self._hops(None)
         res = self._client.get(
             page.url,
             accept=PAGE_ACCEPT,
             max_bytes=c.max_page_bytes,
-            hop_check=self._hop_check,
+            hop_check=hops,
             header_check=lambda status, headers: header_optout(headers, self.config),
             gzip_ok=True,
         )
         if not res.ok:
             assert res.reason is not None
-            page.drop(res.reason, STAGE)
+            _drop_failed(page, res.reason, hit)
             return page
         head = res.body[:512].lstrip().lower()
         if res.content_type not in HTML_MIMES and not (
@@ -384,6 +411,39 @@ class IngestStage(Stage):
         if self.skip is not None:
             _drop_skipped(images, self.skip)
         return images
+
+
+def skip_match(skip: Blocklist, url: str, page_url: str | None) -> tuple[str, str] | None:
+    """(reason, detail) if `skip` matches a redirect hop to `url`: by its URL, its host, the
+    page (`page_url`; a page's own hop is its page), or the key it would have. Also used by
+    the opt-out re-check, so neither requests a taken-down URL behind a redirect."""
+    import pyarrow as pa
+
+    from ccurate.takedown_match import match_index
+
+    page = page_url or url
+    index = pa.table(
+        {
+            "key": pa.array([make_key(url, page_url)], pa.string()),
+            "url": pa.array([url], pa.string()),
+            "page_url": pa.array([page], pa.string()),
+        }
+    )
+    hits = match_index(index, skip)
+    if not hits.num_rows:
+        return None
+    reason, detail = hits.column("reason")[0].as_py(), hits.column("detail")[0].as_py()
+    return reason or "takedown", f"redirect to {url}: {detail}"
+
+
+def _drop_failed(s: Sample, reason: str, hit: list[tuple[str, str]]) -> None:
+    """A failed GET: dropped as a takedown when a redirect hop matched `skip` (never
+    fetched again, like `_drop_skipped`), else with the fetch's reason."""
+    if hit:
+        s.extra["removed_because"] = hit[0][1]
+        s.drop(hit[0][0], "takedown")
+    else:
+        s.drop(reason, STAGE)
 
 
 def _drop_skipped(images: list[Sample], skip: Blocklist) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow.parquet as pq
 import pytest
@@ -328,3 +328,132 @@ def test_dedup_previous_own_key_is_opt_in(tmp_path: Path) -> None:
         dropped = {r["key"]: r["duplicate_of"] for r in plan if r["action"] == "drop"}
         assert {"k1", "k2"} - dropped.keys() == kept
         assert dropped["k2"] == "k1"
+
+
+# --------------------------------------------------------------------------- review 2: F1, F2
+
+
+def test_a_policy_withdrawn_image_is_released_from_its_admitted_copy(tmp_path: Path) -> None:
+    """Review 2 F1: the policy goes noncommercial -> commercial as a byte-identical copy of a
+    released CC BY-NC image arrives under CC BY. The NC record is withdrawn, so dedup's
+    `previous` must not hold it: the BY copy is released, not dropped as its duplicate."""
+    _tiny_site(tmp_path, n=1)
+    corpus = tmp_path / "corpus"
+    (corpus / "img" / "nc.jpg").write_bytes(_jpeg(landscape(31, 300, 200)))
+    fig = FIGURE.format(src="/img/nc.jpg", alt="forest edge nc by Ana Ruiz")
+    fig = fig.replace("licenses/by/4.0", "licenses/by-nc/4.0").replace("BY 4.0", "BY-NC 4.0")
+    (corpus / "pages" / "nc.html").write_text(f"<html><body>{fig}</body></html>")
+    server, base = _serve(corpus, _handler())
+    rc = RebuildConfig(report=False, recheck_optout_days=None)
+    try:
+        cfg = _config(tmp_path, base, ["/pages/p.html", "/pages/nc.html"])
+        cfg.filters.license.policy = "noncommercial"
+        g1 = rebuild(cfg, rc, EX)
+        _copy_page(tmp_path, "by.html", "copy.jpg", of="nc.jpg")  # under CC BY 4.0
+        cfg = _config(tmp_path, base, ["/pages/p.html", "/pages/nc.html", "/pages/by.html"])
+        cfg.filters.license.policy = "commercial"
+        g2 = rebuild(cfg, rc, EX)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert g1.release is not None and len(_manifest(g1.release)) == 2
+    assert g2.release is not None
+    assert {r["url"] for r in _manifest(g2.release)} == {
+        base + "/img/0.jpg",
+        base + "/img/copy.jpg",
+    }
+    assert g2.info["diff"]["removed_by_reason"] == {"license_not_allowed": 1}
+    assert g2.info["diff"]["added"] == 1
+    deduped = [pq.read_table(p).num_rows for p in (g2.dir / "30_dedup").glob("*.dropped.parquet")]
+    assert sum(deduped) == 0
+
+
+class _Redirects(CountingHandler):
+    """`redirects`: path -> Location, answered 302 (and counted)."""
+
+    redirects: ClassVar[dict[str, str]] = {}
+
+    def do_GET(self) -> None:
+        to = self.redirects.get(self.path)
+        if to is None:
+            super().do_GET()
+            return
+        type(self).hits[self.path] += 1
+        self.send_response(302)
+        self.send_header("Location", to)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def _redirect_site(root: Path) -> type[_Redirects]:
+    """p.html links /img/0.jpg and /r/x.jpg; /r/x.jpg redirects to /img/t.jpg."""
+    _tiny_site(root, n=1)
+    corpus = root / "corpus"
+    (corpus / "img" / "t.jpg").write_bytes(_jpeg(landscape(41, 300, 200)))
+    page = corpus / "pages" / "p.html"
+    fig = FIGURE.format(src="/r/x.jpg", alt="forest edge t by Ana Ruiz")
+    page.write_text(page.read_text().replace("</body>", f"{fig}</body>"))
+    attrs = {"hits": Counter(), "fail": {}, "headers_for": {}, "redirects": {}}
+    h = type("H", (_Redirects,), attrs)
+    h.redirects["/r/x.jpg"] = "/img/t.jpg"
+    return h
+
+
+def test_a_redirect_to_a_taken_down_url_is_not_followed(tmp_path: Path) -> None:
+    """Review 2 F2: a URL taken down before we ever held it, reached through a redirect from
+    a linked URL: the hop is not requested and the sample is dropped as a takedown."""
+    from ccurate.takedown import TakedownList, make_entry
+
+    h = _redirect_site(tmp_path)
+    server, base = _serve(tmp_path / "corpus", h)
+    try:
+        TakedownList(tmp_path / "catalog").add([make_entry("url", base + "/img/t.jpg", "DMCA")])
+        g1 = rebuild(
+            _config(tmp_path, base, ["/pages/p.html"]),
+            RebuildConfig(report=False, recheck_optout_days=None),
+            EX,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert h.hits["/r/x.jpg"] == 1 and "/img/t.jpg" not in h.hits, h.hits
+    assert g1.release is not None
+    assert [r["url"] for r in _manifest(g1.release)] == [base + "/img/0.jpg"]
+    drops = pq.read_table(
+        next((g1.dir / "10_ingest").glob("*.dropped.parquet")),
+        columns=["url", "drop_reason", "dropped_by", "removed_because"],
+    ).to_pylist()
+    assert len(drops) == 1 and drops[0]["url"] == base + "/r/x.jpg"
+    assert (drops[0]["drop_reason"], drops[0]["dropped_by"]) == ("takedown", "takedown")
+    assert drops[0]["removed_because"].startswith(f"redirect to {base}/img/t.jpg")
+
+
+def test_the_optout_recheck_does_not_follow_a_redirect_to_a_taken_down_url(
+    tmp_path: Path,
+) -> None:
+    """Review 2 F2: released /r/x.jpg was fetched through a redirect to /img/t.jpg, which is
+    then taken down: the re-check does not request it, and the sample is withdrawn."""
+    from ccurate.takedown import TakedownList, make_entry
+
+    h = _redirect_site(tmp_path)
+    server, base = _serve(tmp_path / "corpus", h)
+    cfg = _config(tmp_path, base, ["/pages/p.html"])
+    try:
+        g1 = rebuild(cfg, RebuildConfig(report=False, recheck_optout_days=None), EX)
+        TakedownList(tmp_path / "catalog").add([make_entry("url", base + "/img/t.jpg", "DMCA")])
+        h.hits.clear()
+        g2 = rebuild(cfg, RebuildConfig(report=False, recheck_optout_days=0), EX)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert g1.release is not None and len(_manifest(g1.release)) == 2
+    assert h.hits["/r/x.jpg"] == 1 and h.hits["/img/0.jpg"] == 1, h.hits  # both re-checked
+    assert "/img/t.jpg" not in h.hits, h.hits
+    assert [r["url"] for r in _manifest(_latest(g2.info))] == [base + "/img/0.jpg"]
+    assert g2.info["diff"]["removed_by_reason"] == {"takedown": 1}
+    gate = pq.read_table(
+        next((g2.dir / "50_release_input").glob("*.dropped.parquet")),
+        columns=["url", "removed_because"],
+    ).to_pylist()
+    assert [r["url"] for r in gate] == [base + "/r/x.jpg"]
+    assert gate[0]["removed_because"].startswith("redirect to a taken-down URL found by the re")
