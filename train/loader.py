@@ -25,12 +25,10 @@ from ccurate.train.stream import (
     RawSample,
     StreamSpec,
     bucket_batches,
+    countable,
     fixed_batches,
     shard_counts,
 )
-
-# a worker gives up (DataError) after this many consecutive batches without a usable sample
-MAX_SKIPPED_BATCHES = 64
 
 
 def _as_is(batch: Any) -> Any:
@@ -167,8 +165,9 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
         self.vae_factor = vae_factor
         self.start = dict(start or {})
         self.rotate = rotate
-        # counted once here: every worker splits each data epoch by them (`slot_raw`)
-        self.counts = shard_counts(spec.shards)
+        # counted once here: every worker splits each data epoch by them (`slot_raw`); a
+        # stream with URL or `pipe:` shards is not counted (that would download them all)
+        self.counts = shard_counts(spec.shards) if countable(spec.shards) else None
         # set by TrainLoader: worker batch buffers are then reused (`BatchRing`)
         self.ring_released: torch.Tensor | None = None
         self.ring_depth = 0
@@ -184,7 +183,8 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
         nw = self.n_logical
         lw = (physical + self.rotate) % nw
         slot, n_slots = self.rank * nw + lw, self.world * nw
-        shard_counts(self.spec.shards, self.counts)  # a spawned worker: no recount
+        if self.counts is not None:
+            shard_counts(self.spec.shards, self.counts)  # a spawned worker: no recount
         start = self.start.get(lw, (0, 0))
         reader = MemberReader()
         ring = None
@@ -206,20 +206,27 @@ class ShardDataset(IterableDataset[dict[str, Any]]):
                 self.spec, slot, n_slots, self.batch_size, lambda r: of(r, reader), start, errors
             )
         skipped: list[str] = []  # keys of the batches skipped since the last batch
+        # where the current run of skipped batches began: a wholly bad shard (or several) is
+        # skipped whatever its size; only a whole data epoch of the slot without one usable
+        # batch (the same position one epoch later) is fatal, as no later epoch can do better
+        run_start: Position | None = None
         try:
             for group, pos, hw, padded in groups:
                 try:
                     batch = self.decoder.decode(group, pos[0], reader, hw, alloc)
                 except BadBatch as exc:  # not one usable sample: skipped, counted
                     skipped.extend(exc.keys)
-                    if len(skipped) > MAX_SKIPPED_BATCHES * self.batch_size:
+                    if run_start is None:
+                        run_start = pos
+                    elif (pos[0], pos[1]) >= (run_start[0] + 1, run_start[1]):
                         raise DataError(
-                            f"{MAX_SKIPPED_BATCHES} batches in a row had no usable sample; "
-                            f"last: {exc}"
+                            f"loader slot {slot}/{n_slots}: a whole data epoch without a "
+                            f"usable sample ({len(skipped)} skipped); last: {exc}"
                         ) from exc
                     if ring is not None:
                         ring.cancel()
                     continue
+                run_start = None
                 batch["pos"] = [lw, pos[0], pos[1]]
                 batch["bad_shards"], errors[:] = list(errors), []
                 batch["skipped"], skipped = skipped, []

@@ -55,6 +55,7 @@ from ccurate.train.stream import (
     LATENT_FORMAT,
     DataError,
     StreamSpec,
+    countable,
     find_manifest,
     find_shards,
     make_buckets,
@@ -312,9 +313,9 @@ def shard_sources(
 
     A release shard is identified by the sha256 its release records in `SHA256SUMS` (a
     release is never changed once published, and a rebuild with the same bytes gives the
-    same digest, whatever its name); another local file by its size (and mtime when asked:
-    precompute's reuse check, tied to one location anyway; not the resume check, which must
-    accept the same shards copied elsewhere); a URL by nothing ("")."""
+    same digest, whatever its name); another local file by its size and `edge_digest` (and
+    mtime when asked: precompute's reuse check, tied to one location anyway; not the resume
+    check, which must accept the same shards copied elsewhere); a URL by nothing ("")."""
     tables: dict[Path, dict[str, str] | None] = {}
     sources: list[str] = []
     releases: set[str] = set()
@@ -340,8 +341,32 @@ def shard_sources(
             sources.append(f"sha256:{found}")
         else:
             st = path.stat()
-            sources.append(f"size:{st.st_size}" + (f":{st.st_mtime_ns}" if with_mtime else ""))
+            sources.append(
+                f"size:{st.st_size}:{edge_digest(path, st.st_size)}"
+                + (f":{st.st_mtime_ns}" if with_mtime else "")
+            )
     return sources, sorted(releases), sorted(splits)
+
+
+EDGE_BYTES = 16 << 10
+
+
+def edge_digest(path: Path, size: int) -> str:
+    """sha256 of a loose shard's first and last 16 KiB: a content identity read in two small
+    reads at every start, not a hash of the whole shard. Size alone is not one: tar pads to
+    10 KiB records, so another shard set with the same sample counts often has the same
+    sizes. The head holds the first tar headers, whose names carry the first sample's key,
+    and the first members; the tail the last sample's members and headers: a shard rebuilt
+    with other samples (a new filter, another source) or other order differs there, while a
+    byte-identical copy elsewhere keeps its identity. (Edited in its middle only, with the
+    same size, a shard would pass: the release's SHA256SUMS covers that case for releases.)"""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(EDGE_BYTES))
+        if size > EDGE_BYTES:
+            fh.seek(max(EDGE_BYTES, size - EDGE_BYTES))
+            h.update(fh.read(EDGE_BYTES))
+    return h.hexdigest()[:16]
 
 
 def sources_digest(sources: Sequence[str]) -> str:
@@ -562,7 +587,8 @@ class Trainer:
         self.stream_id: dict[str, Any] = {
             # 2: slots split each data epoch by sample counts and buckets flush leftovers;
             # a checkpoint of the earlier stream (no key: 1) cannot resume its position
-            "stream": 2,
+            # 3: streamed (URL, `pipe:`) shards, never counted, split by whole shards
+            "stream": 2 if countable(self.shards) else 3,
             "seed": cfg.seed,
             "shuffle_shards": cfg.shuffle_shards,
             "shuffle_buffer": cfg.shuffle_buffer,
@@ -573,7 +599,8 @@ class Trainer:
             "mode": "latents" if self.latent_mode else "pixels",
             **self.models,
         }
-        # the loader's cached counts (a broken shard without an index counts to its break)
+        # the loader's cached counts (a broken shard without an index counts to its break);
+        # streamed shards are counted (read whole) only when epoch_samples is not set
         total = cfg.epoch_samples or sum(n for n, _ in shard_counts(self.shards))
         per_step = self.batch_size * cfg.grad_accum * ctx.world
         epoch_batches = max(1, total // (self.batch_size * ctx.world))

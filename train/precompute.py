@@ -30,6 +30,7 @@ of a pixel run therefore never resumes exactly on latents (nor the other way rou
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from ccurate.train.stream import (
     DataError,
     MemberReader,
     RawSample,
+    _release_root,
     find_shards,
     iter_tar,
     make_buckets,
@@ -133,14 +135,44 @@ def _dst(out: Path, name: str) -> Path:
     return dst if dst.suffix == ".tar" else dst.with_suffix(".tar")
 
 
-def _clear_stale(out: Path, expected: set[Path]) -> None:
+def _check_out(out: Path, shards: list[str], dsts: dict[str, Path]) -> None:
+    """Refuse an output folder that overlaps the source: precompute clears each destination
+    shard (tar, index, stats) before writing it, and removes stale ones, so a destination
+    that is a source shard, a folder holding source shards, one inside a source folder, or
+    one in or around a release would delete the data it is about to read."""
+    o = out.resolve()
+    src_dirs = {Path(s).resolve().parent for s in shards if os.path.exists(s)}
+    src_files = {Path(s).resolve() for s in shards if os.path.exists(s)}
+    bad = [d for d in dsts.values() if d.resolve() in src_files]
+    overlap = next(
+        (d for d in sorted(src_dirs) if d == o or o in d.parents or d in o.parents), None
+    )
+    release = _release_root(o)
+    if bad or overlap is not None or release is not None:
+        what = (
+            f"source shard {bad[0]}"
+            if bad
+            else f"source folder {overlap}"
+            if overlap is not None
+            else f"release {release}"
+        )
+        raise DataError(
+            f"precompute output {out} overlaps the {what}: writing latents there would delete "
+            "or mix with the source shards; choose a separate, empty folder"
+        )
+
+
+def _clear_stale(out: Path, expected: set[Path], sources: frozenset[Path] = frozenset()) -> None:
     """Remove `latents.json` (rewritten last, once every shard is of this source) and the
     finished latent shards that are not this run's (a previous release's extra shards);
-    a shard precompute did not write is refused rather than deleted."""
+    a shard precompute did not write is refused rather than deleted, and a source shard is
+    never deleted."""
     (out / LATENT_MANIFEST).unlink(missing_ok=True)
     for tar in sorted(out.glob("**/*.tar")):
         if tar in expected or any(p.startswith(".") for p in tar.relative_to(out).parts):
             continue
+        if tar.resolve() in sources:
+            raise DataError(f"{tar} is a source shard: precompute into a separate folder")
         prefix = str(tar)[: -len(".tar")]
         if not (is_done(prefix) and "settings" in read_marker(prefix)):
             raise DataError(
@@ -188,6 +220,8 @@ def _process_shard(
 ) -> dict[str, Any]:
     """One input shard -> one latent shard (+ marker). Returns the marker's stats."""
     prefix = Path(str(dst)[: -len(".tar")])
+    if dst.resolve() == Path(src).resolve():
+        raise DataError(f"precompute would overwrite its source shard {src}")
     clear_shard(prefix)
     want_alt = cfg.caption_source in ("alt_text", "mix")
     want_syn = cfg.caption_source in ("synthetic", "mix")
@@ -282,7 +316,6 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
 
     ctx = init_distributed(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     shards = find_shards(release, cfg.splits)
     sources, releases, splits = shard_sources(shards)
     source_ids = dict(zip(shards, shard_sources(shards, with_mtime=True)[0], strict=True))
@@ -294,11 +327,13 @@ def precompute(cfg: TrainConfig, release: str | Path | list[str], out_dir: str |
         if cfg.aspect_buckets
         else None
     )
-    enc = _Encoder(cfg, ctx.device)
     names = dict(zip(shards, shard_names(shards), strict=True))
     dsts = {s: _dst(out, _out_name(s, rel_root, names[s])) for s in shards}
+    _check_out(out, shards, dsts)  # on every rank, before anything is touched or loaded
+    out.mkdir(parents=True, exist_ok=True)
+    enc = _Encoder(cfg, ctx.device)
     if ctx.rank == 0:
-        _clear_stale(out, set(dsts.values()))
+        _clear_stale(out, set(dsts.values()), frozenset(Path(s).resolve() for s in shards))
     if ctx.world > 1:
         dist.barrier()  # no shard is rewritten while latents.json may still name the old set
     mine = [s for i, s in enumerate(shards) if i % ctx.world == ctx.rank]

@@ -144,7 +144,42 @@ def find_shards(
             raise DataError(f"no such shard or directory: {item}")
     if not out:
         raise DataError(f"no .tar shards found in {data}")
+    _check_shard_splits(out, splits)
     return out
+
+
+def _check_shard_splits(shards: Sequence[str], splits: Sequence[str]) -> None:
+    """The split rule on every local shard, whatever form `data` took (a brace pattern, a
+    list of files or of split folders): a shard in a release split must be of a chosen
+    split, and the two splits of a release whose noncommercial split repeats the commercial
+    samples must not both be read. One release lookup per folder, not per shard."""
+    roots: dict[Path, Path | None] = {}
+    seen: dict[Path, set[str]] = {}
+    for shard in shards:
+        if "://" in shard or shard.startswith("pipe:") or not os.path.exists(shard):
+            continue
+        path = Path(shard).absolute()
+        if path.parent not in roots:
+            roots[path.parent] = _release_root(path.parent)
+        root = roots[path.parent]
+        if root is None:
+            continue
+        parts = path.relative_to(root).parts
+        if len(parts) < 2 or parts[0] not in RELEASE_SPLITS:
+            continue
+        if parts[0] not in splits:
+            raise DataError(
+                f"{shard} is in the {parts[0]!r} split of release {root}, but train.splits = "
+                f"{list(splits)}: add {parts[0]!r} to train.splits to train on it"
+            )
+        seen.setdefault(root, set()).add(parts[0])
+    for root, got in seen.items():
+        if len(got) > 1 and _superset_splits(root):
+            raise DataError(
+                f"the noncommercial split of release {root} already holds every commercial "
+                "sample (shards.noncommercial_includes_commercial): reading both would train "
+                "each commercial sample twice; read only its noncommercial split"
+            )
 
 
 def find_manifest(data: str | Path | Sequence[str | Path]) -> Path | None:
@@ -343,6 +378,14 @@ def _count(shard: str) -> tuple[int, str]:
     return n, ""
 
 
+def countable(shards: Sequence[str]) -> bool:
+    """Whether every shard is a local file, counted cheaply (index, marker or header scan)
+    before training. A URL or `pipe:` shard can only be counted by reading it whole, so a
+    stream with one is never counted: its slots split each data epoch by whole shards
+    (`slot_raw`), and the trainer takes its epoch length from `epoch_samples`."""
+    return all(os.path.exists(s) for s in shards)
+
+
 def shard_counts(
     shards: Sequence[str], known: Sequence[tuple[int, str]] | None = None
 ) -> list[tuple[int, str]]:
@@ -376,9 +419,13 @@ def slot_raw(
     shards its part overlaps; the samples before its part in its first shard are skipped by
     their headers, reading no member. A broken shard is reported by one slot only: the one
     whose part holds the first sample missing (a shard shorter than its index says), or its
-    last readable sample (a shard without index, counted up to its break).
+    last readable sample (a shard without index, counted up to its break). Streamed shards
+    (URL, `pipe:`) are never read to be counted: `_slot_raw_by_shard` splits by shard.
     """
     order = epoch_shard_order(spec, epoch)
+    if not _countable(spec.shards):
+        yield from _slot_raw_by_shard(order, slot, n_slots, epoch, errors)
+        return
     counts = dict(zip(spec.shards, shard_counts(spec.shards), strict=True))
     total = sum(counts[shard][0] for shard in order)
     part = (slot + epoch) % n_slots
@@ -407,6 +454,47 @@ def slot_raw(
                 raise
             if stage:
                 errors.append(str(exc))
+
+
+_COUNTABLE: dict[tuple[str, ...], bool] = {}
+
+
+def _countable(shards: tuple[str, ...]) -> bool:
+    got = _COUNTABLE.get(shards)
+    if got is None:
+        got = _COUNTABLE[shards] = countable(shards)
+    return got
+
+
+def _readable(shard: str, errors: list[str] | None) -> Iterator[RawSample]:
+    try:
+        yield from iter_tar(shard)
+    except DataError as exc:
+        if errors is None:
+            raise
+        errors.append(str(exc))
+
+
+def _slot_raw_by_shard(
+    order: list[str], slot: int, n_slots: int, epoch: int, errors: list[str] | None
+) -> Iterator[RawSample]:
+    """`slot_raw` for streamed (URL, `pipe:`) shards, which are not counted: the slot reads
+    whole shards, every `n_slots`-th of the epoch's order from part `(slot + epoch) %
+    n_slots`, or, with fewer shards than slots, every `n_slots`-th sample (one part alone
+    reports a broken shard). A data epoch still shows every sample once, but slots end it
+    together only when the shards are even: with uneven shards a training epoch is not
+    exactly one pass (`epoch_samples` sets its length)."""
+    part = (slot + epoch) % n_slots
+    if len(order) >= n_slots:
+        for shard in order[part::n_slots]:
+            yield from _readable(shard, errors)
+        return
+    i = 0
+    for shard in order:
+        for raw in _readable(shard, errors if errors is None or part == 0 else []):
+            if i % n_slots == part:
+                yield raw
+            i += 1
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
