@@ -837,14 +837,42 @@ def _run_generation(
     return RebuildResult(gen.number, gen.dir, release, info)
 
 
+# how a filter or the captioner runs, not what it decides: changing one judges no record anew
+_OPERATIONAL = frozenset(
+    {
+        "threads",
+        "device",
+        "batch_size",
+        "max_batch_size",
+        "decode_workers",
+        "cuda_graphs",
+        "cache_dir",
+        "cache_flush_rows",
+        "ocr_mem_arena",
+    }
+)
+
+
+def _judging(section: dict[str, Any]) -> dict[str, Any]:
+    """A settings table without its operational keys; a disabled one is just `enabled`."""
+    if section.get("enabled") is False:
+        return {"enabled": False}
+    return {
+        k: _judging(v) if isinstance(v, dict) else v
+        for k, v in section.items()
+        if k not in _OPERATIONAL
+    }
+
+
 def settings_digest(cfg: PipelineConfig) -> str:
-    """Digest of the settings that judge a record (filters, captioning)."""
+    """Digest of the settings that judge a record (filters, captioning): thread counts,
+    devices and batch sizes, or the thresholds of a filter that is off, change nothing."""
     import hashlib
 
     blob = json.dumps(
         {
-            "filters": cfg.filters.model_dump(mode="json"),
-            "caption": cfg.caption.model_dump(mode="json"),
+            "filters": _judging(cfg.filters.model_dump(mode="json")),
+            "caption": _judging(cfg.caption.model_dump(mode="json")),
         },
         sort_keys=True,
     )
