@@ -130,8 +130,6 @@ class OptoutRecheckStage(Stage):
 
         if reason is None or reason == _STOP:
             return "ok"
-        if reason == _TAKEDOWN:
-            return reason
         if reason == "optout_robots_txt":
             origin = _origin(url)
             status = self._policy_status.get(origin)
@@ -144,27 +142,31 @@ class OptoutRecheckStage(Stage):
         return f"gone:{reason}"
 
     def _check_image(self, url: str, page_url: str | None) -> str:
+        hops, hit = self._hops(page_url)
         res = self._client.get(
             url,
             accept="image/*,*/*;q=0.5",
             max_bytes=self.config.max_bytes,
-            hop_check=self._hops(url, page_url),
+            hop_check=hops,
             header_check=lambda status, headers: self._header_optout(headers) or _STOP,
         )
-        return self._classify(res.reason, url)
+        return _TAKEDOWN if hit else self._classify(res.reason, url)
 
     def _check_page(self, url: str) -> str:
         from ccurate.ingest.html import extract_images
 
         c = self.config
+        hops, hit = self._hops(None)
         res = self._client.get(
             url,
             accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5",
             max_bytes=c.max_page_bytes,
-            hop_check=self._hops(url, None),
+            hop_check=hops,
             header_check=lambda status, headers: self._header_optout(headers),
             gzip_ok=True,
         )
+        if hit:
+            return _TAKEDOWN
         if not res.ok:
             return self._classify(res.reason, url)
         try:
@@ -189,20 +191,14 @@ class OptoutRecheckStage(Stage):
         result: str | None = self._policies.check(target.origin, target.path)
         return result
 
-    def _hops(self, url: str, page_url: str | None) -> Any:
-        """The hop check of one GET: a redirect hop that `skip` matches is refused with
-        `takedown` (not requested, nor its robots.txt), as in ingest (`skip_match`)."""
-        skip = self.skip
-        if skip is None:
-            return self._hop_check
-        from ccurate.ingest.stage import skip_match
+    def _hops(self, page_url: str | None) -> tuple[Any, list[tuple[str, str]]]:
+        """The hop check of one GET and the list where it puts a `skip` match: a redirect
+        hop to a taken-down URL is not requested, as in ingest (`skipping_hops`)."""
+        if self.skip is None:
+            return self._hop_check, []
+        from ccurate.ingest.stage import skipping_hops
 
-        def check(target: Any) -> str | None:
-            if target.url != url and skip_match(skip, target.url, page_url) is not None:
-                return _TAKEDOWN
-            return self._hop_check(target)
-
-        return check
+        return skipping_hops(self.skip, self._hop_check, page_url)
 
     def _saw_policy(self, url: str, got: Any) -> None:
         if url.endswith("/robots.txt"):

@@ -320,27 +320,11 @@ class IngestStage(Stage):
     def _hops(
         self, page_url: str | None
     ) -> tuple[Callable[[Target], str | None], list[tuple[str, str]]]:
-        """The hop check of one GET, and the list where it puts a `skip` match: a redirect hop
-        that `skip` matches (a taken-down URL, page or host, a removed key) is not requested,
-        nor its origin's robots.txt; then the origin's policies, as for every hop. The first
-        URL was matched before the GET (the plan, `_drop_skipped`)."""
-        skip = self.skip
-        if skip is None:
+        """The hop check of one GET and the list where it puts a `skip` match
+        (`skipping_hops`); without `skip`, the origin's policies alone."""
+        if self.skip is None:
             return self._hop_check, []
-        hit: list[tuple[str, str]] = []
-        first = True
-
-        def check(target: Target) -> str | None:
-            nonlocal first
-            if not first:
-                got = skip_match(skip, target.url, page_url)
-                if got is not None:
-                    hit.append(got)
-                    return got[0]
-            first = False
-            return self._hop_check(target)
-
-        return check, hit
+        return skipping_hops(self.skip, self._hop_check, page_url)
 
     def _image_headers(self, status: int, headers: dict[str, list[str]]) -> str | None:
         reason = header_optout(headers, self.config)
@@ -413,65 +397,89 @@ class IngestStage(Stage):
         return images
 
 
-def skip_match(skip: Blocklist, url: str, page_url: str | None) -> tuple[str, str] | None:
-    """(reason, detail) if `skip` matches a redirect hop to `url`: by its URL, its host, the
-    page (`page_url`; a page's own hop is its page), or the key it would have. Also used by
-    the opt-out re-check, so neither requests a taken-down URL behind a redirect."""
+def _skip_hits(
+    skip: Blocklist, rows: list[tuple[str, str, str | None]]
+) -> dict[str, tuple[str, str]]:
+    """key -> (reason, detail) of the (key, url, page_url) rows `skip` matches by key, URL,
+    host or page (`ccurate.takedown_match.match_index`, the gate's own matcher)."""
     import pyarrow as pa
 
     from ccurate.takedown_match import match_index
 
-    page = page_url or url
+    keys, urls, pages = zip(*rows, strict=True) if rows else ((), (), ())
     index = pa.table(
         {
-            "key": pa.array([make_key(url, page_url)], pa.string()),
-            "url": pa.array([url], pa.string()),
-            "page_url": pa.array([page], pa.string()),
+            "key": pa.array(keys, pa.string()),
+            "url": pa.array(urls, pa.string()),
+            "page_url": pa.array(pages, pa.string()),
         }
     )
     hits = match_index(index, skip)
-    if not hits.num_rows:
-        return None
-    reason, detail = hits.column("reason")[0].as_py(), hits.column("detail")[0].as_py()
-    return reason or "takedown", f"redirect to {url}: {detail}"
+    return {
+        k: (reason or "takedown", detail)
+        for k, reason, detail in zip(
+            hits.column("key").to_pylist(),
+            hits.column("reason").to_pylist(),
+            hits.column("detail").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def skip_match(skip: Blocklist, url: str, page_url: str | None) -> tuple[str, str] | None:
+    """(reason, detail) if `skip` matches a redirect hop to `url`: by its URL, its host, the
+    page (`page_url`; a page's own hop is its page), or the key it would have."""
+    key = make_key(url, page_url)
+    got = _skip_hits(skip, [(key, url, page_url or url)]).get(key)
+    return None if got is None else (got[0], f"redirect to {url}: {got[1]}")
+
+
+def skipping_hops(
+    skip: Blocklist, hop_check: Callable[[Target], str | None], page_url: str | None
+) -> tuple[Callable[[Target], str | None], list[tuple[str, str]]]:
+    """A hop check for one GET that refuses a redirect hop `skip` matches (a taken-down URL,
+    page or host, a removed key: not requested, nor its origin's robots.txt), putting the
+    match in the returned list; then `hop_check` (the origin's policies), as for every hop.
+    The first URL was matched before the GET. Ingest and the opt-out re-check both use it,
+    so neither requests a taken-down URL behind a redirect."""
+    hit: list[tuple[str, str]] = []
+    first = True
+
+    def check(target: Target) -> str | None:
+        nonlocal first
+        if not first:
+            got = skip_match(skip, target.url, page_url)
+            if got is not None:
+                hit.append(got)
+                return got[0]
+        first = False
+        return hop_check(target)
+
+    return check, hit
+
+
+def _drop_taken_down(s: Sample, reason: str, detail: str) -> None:
+    """Dropped by `skip` before its GET: never fetched again, the match recorded."""
+    s.extra["removed_because"] = detail
+    s.drop(reason, "takedown")
 
 
 def _drop_failed(s: Sample, reason: str, hit: list[tuple[str, str]]) -> None:
-    """A failed GET: dropped as a takedown when a redirect hop matched `skip` (never
-    fetched again, like `_drop_skipped`), else with the fetch's reason."""
+    """A failed GET: dropped as a takedown when a redirect hop matched `skip`, else with the
+    fetch's reason."""
     if hit:
-        s.extra["removed_because"] = hit[0][1]
-        s.drop(hit[0][0], "takedown")
+        _drop_taken_down(s, *hit[0])
     else:
         s.drop(reason, STAGE)
 
 
 def _drop_skipped(images: list[Sample], skip: Blocklist) -> None:
     """Drop the images of a page that `skip` matches by key, URL, page or domain."""
-    import pyarrow as pa
-
-    from ccurate.takedown_match import match_index
-
-    index = pa.table(
-        {
-            "key": pa.array([s.key for s in images], pa.string()),
-            "url": pa.array([s.url for s in images], pa.string()),
-            "page_url": pa.array([s.page_url for s in images], pa.string()),
-        }
-    )
-    hits = match_index(index, skip)
-    why = dict(
-        zip(
-            hits.column("key").to_pylist(),
-            zip(hits.column("reason").to_pylist(), hits.column("detail").to_pylist(), strict=True),
-            strict=True,
-        )
-    )
+    why = _skip_hits(skip, [(s.key, s.url, s.page_url) for s in images])
     for s in images:
         got = why.get(s.key)
         if got is not None:
-            s.extra["removed_because"] = got[1]
-            s.drop(got[0] or "takedown", "takedown")
+            _drop_taken_down(s, *got)
 
 
 def _inherit(img: Sample, page: Sample, page_evidence: list[LicenseEvidence]) -> None:
