@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from ccurate.train.config import DEFAULT_SPLITS
+
 LATENT_MANIFEST = "latents.json"
 LATENT_FORMAT = "ccurate-latents/1"
 MAX_EMPTY_EPOCHS = 8
@@ -52,7 +54,6 @@ class DataError(RuntimeError):
 
 RELEASE_SUCCESS = "_SUCCESS"  # a release's completion marker (ccurate.shards.release)
 RELEASE_SPLITS = ("commercial", "noncommercial")
-DEFAULT_SPLITS = ("commercial",)
 
 
 def _tars_under(path: Path) -> list[str]:
