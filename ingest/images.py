@@ -550,54 +550,67 @@ def process_image(data: bytes, opt: ImageOptions, budget: PixelBudget | None = N
 
 
 def _process(data: bytes, opt: ImageOptions, budget: PixelBudget | None) -> ImageResult:
+    """`_normalise` with the opened image closed afterwards, unless the result holds it:
+    an upright RGB image that needs no new pixels (`keep_original`, or already at the
+    target size) is returned as it was opened, and closing it broke hashing."""
     img = _open(data)
-    fmt_name = img.format or ""
+    res: ImageResult | None = None
     try:
-        w0, h0 = img.size
-        if w0 <= 0 or h0 <= 0:
-            raise ImageDrop("decode_error", f"bad size {w0}x{h0}")
-        if w0 * h0 > opt.max_pixels:
-            raise ImageDrop("decompression_bomb", f"{w0}x{h0} > {opt.max_pixels} pixels")
-        orientation = exif_orientation(img)
-        if orientation in (5, 6, 7, 8):
-            w0, h0 = h0, w0
-        _check_size_filters(w0, h0, opt)
-        if (
-            not opt.keep_original
-            and opt.resize_filter == "area"
-            and fmt_name == "JPEG"
-            and img.mode in ("RGB", "L")
-            and orientation == 1
-        ):
-            fast = _fast_jpeg(data, w0, h0, opt, budget)
-            if fast is not None:
-                return _encoded(Image.fromarray(fast, "RGB"), data, w0, h0, opt)
-        if not opt.keep_original:
-            _draft(img, opt)
-        peak = _peak_bytes(img, opt, orientation)
-        with budget.hold(peak) if budget is not None else nullcontext():
-            try:
-                img.load()  # first frame of animations
-            except Image.DecompressionBombError as e:
-                raise ImageDrop("decompression_bomb", str(e)) from None
-            except (
-                OSError,
-                SyntaxError,
-                ValueError,
-                struct.error,
-                EOFError,
-                IndexError,
-                TypeError,
-                MemoryError,
-            ) as e:
-                raise ImageDrop("decode_error", f"{type(e).__name__}: {e}") from None
-            if opt.keep_original:
-                mime = FORMAT_MIME.get(fmt_name, "application/octet-stream")
-                sha = hashlib.sha256(data).hexdigest()
-                return ImageResult(data, mime, w0, h0, w0, h0, sha, upright_rgb(img))
-            return _encoded(_upright_resized(img, opt), data, w0, h0, opt)
+        res = _normalise(img, data, opt, budget)
+        return res
     finally:
-        img.close()
+        if res is None or res.image is not img:
+            img.close()
+
+
+def _normalise(
+    img: Image.Image, data: bytes, opt: ImageOptions, budget: PixelBudget | None
+) -> ImageResult:
+    """Checks, decode and resize of an opened body (`process_image`)."""
+    fmt_name = img.format or ""
+    w0, h0 = img.size
+    if w0 <= 0 or h0 <= 0:
+        raise ImageDrop("decode_error", f"bad size {w0}x{h0}")
+    if w0 * h0 > opt.max_pixels:
+        raise ImageDrop("decompression_bomb", f"{w0}x{h0} > {opt.max_pixels} pixels")
+    orientation = exif_orientation(img)
+    if orientation in (5, 6, 7, 8):
+        w0, h0 = h0, w0
+    _check_size_filters(w0, h0, opt)
+    if (
+        not opt.keep_original
+        and opt.resize_filter == "area"
+        and fmt_name == "JPEG"
+        and img.mode in ("RGB", "L")
+        and orientation == 1
+    ):
+        fast = _fast_jpeg(data, w0, h0, opt, budget)
+        if fast is not None:
+            return _encoded(Image.fromarray(fast, "RGB"), data, w0, h0, opt)
+    if not opt.keep_original:
+        _draft(img, opt)
+    peak = _peak_bytes(img, opt, orientation)
+    with budget.hold(peak) if budget is not None else nullcontext():
+        try:
+            img.load()  # first frame of animations
+        except Image.DecompressionBombError as e:
+            raise ImageDrop("decompression_bomb", str(e)) from None
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            struct.error,
+            EOFError,
+            IndexError,
+            TypeError,
+            MemoryError,
+        ) as e:
+            raise ImageDrop("decode_error", f"{type(e).__name__}: {e}") from None
+        if opt.keep_original:
+            mime = FORMAT_MIME.get(fmt_name, "application/octet-stream")
+            sha = hashlib.sha256(data).hexdigest()
+            return ImageResult(data, mime, w0, h0, w0, h0, sha, upright_rgb(img))
+        return _encoded(_upright_resized(img, opt), data, w0, h0, opt)
 
 
 def _encoded(out: Image.Image, data: bytes, w0: int, h0: int, opt: ImageOptions) -> ImageResult:
