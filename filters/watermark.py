@@ -147,6 +147,9 @@ STRONG_WORDS: list[str] = [
     "preview only", "not for use", "unlicensed", "proof only", "all rights reserved",
     "for preview", "not for resale", "comp image",
 ]  # fmt: skip
+# words stamped over proofs on their own; inside a longer line ('free sample', 'proof of
+# purchase') they stay weak words
+STAMP_WORDS: list[str] = ["preview", "sample", "proof", "specimen"]
 WEAK_WORDS: list[str] = [
     "preview", "sample", "proof", "photograph", "photo by", "image by",
     "licensed", "photos", "images", "studio",
@@ -155,6 +158,7 @@ WEAK_WORDS: list[str] = [
 W_BRAND, W_COPYRIGHT, W_STRONG, W_URL, W_WEAK, W_HANDLE = 0.95, 0.70, 0.80, 0.50, 0.40, 0.30
 W_REPEAT3, W_REPEAT2, W_CENTRAL, W_CREDIT, W_CREDIT_EDGE = 0.85, 0.35, 0.30, 0.40, 0.55
 W_PIECES = 0.60  # 2+ boxes reading pieces of one brand or strong word (`fragment_repeats`)
+W_STAMP = 0.60  # a text line that reads exactly one stamp word ('PREVIEW', 'SAMPLE') and no more
 EDGE_BAND = 0.15  # a credit whose centre lies this close to the top or bottom edge
 CENTRAL_MIN_SCORE = 0.8  # central text counts when word-like or read with this confidence
 
@@ -242,6 +246,7 @@ class WatermarkConfig(Section):
     brands: list[str] = Field(default_factory=lambda: list(DEFAULT_BRANDS))
     strong_words: list[str] = Field(default_factory=lambda: list(STRONG_WORDS))
     weak_words: list[str] = Field(default_factory=lambda: list(WEAK_WORDS))
+    stamp_words: list[str] = Field(default_factory=lambda: list(STAMP_WORDS))
     # LAION watermark classifier (watermark_model_v1.pt): a local path or hf-hub:org/repo/file
     model_weights: str | None = None
     model_arch: str = "efficientnet_b3"  # timm name; efficientnet_b3a is its old alias
@@ -284,10 +289,12 @@ def allowed_edits(n: int) -> int:
 PARTIAL_MIN_BRAND, PARTIAL_MIN_RUN = 11, 8
 
 
-def fuzzy_contains(needle: str, text: str) -> bool:
+def fuzzy_contains(needle: str, text: str, own: Sequence[tuple[int, int]] = ()) -> bool:
     """`needle` (normalised) in `text`: exact, within `allowed_edits`, or - for names of 11+
     letters - any 8-letter run of it (faint text often loses its first or last letters:
-    'ettyimag' is Getty Images)."""
+    'ettyimag' is Getty Images). A run lying inside one of the spans `own` of `text` (its
+    words of their own, `own_word_spans`) does not count: 'SHUTTERS' over a shop is no
+    Shutterstock and 'RESERVED' over a parking bay no 'all rights reserved'."""
     if not needle or not text:
         return False
     if needle in text:
@@ -295,10 +302,33 @@ def fuzzy_contains(needle: str, text: str) -> bool:
     k = allowed_edits(len(needle))
     if k and len(text) >= len(needle) - k and substring_distance(needle, text) <= k:
         return True
-    if len(needle) >= PARTIAL_MIN_BRAND and len(text) >= PARTIAL_MIN_RUN:
-        runs = {needle[i : i + PARTIAL_MIN_RUN] for i in range(len(needle) - PARTIAL_MIN_RUN + 1)}
-        return any(r in text for r in runs)
+    if len(needle) < PARTIAL_MIN_BRAND or len(text) < PARTIAL_MIN_RUN:
+        return False
+    n = PARTIAL_MIN_RUN
+    for run in {needle[i : i + n] for i in range(len(needle) - n + 1)}:
+        j = text.find(run)
+        while j >= 0:
+            if not any(a <= j and j + n <= b for a, b in own):
+                return True
+            j = text.find(run, j + 1)
     return False
+
+
+def own_word_spans(text: str, phrase: str) -> list[tuple[int, int]]:
+    """Spans, in `norm_text(text)`, of its words that are words of their own
+    (`FRAGMENT_STOP`) or words of `phrase`, the name looked for (see `fuzzy_contains`)."""
+    own = {norm_text(w) for w in _WORD_RE.findall(fold_text(phrase))}
+    t = norm_text(text)
+    spans, pos = [], 0
+    for w in _WORD_RE.findall(fold_text(text)):
+        nw = norm_text(w)
+        at = t.find(nw, pos) if nw else -1
+        if at < 0:
+            continue
+        pos = at + len(nw)
+        if nw in FRAGMENT_STOP or nw in own:
+            spans.append((at, pos))
+    return spans
 
 
 FRAGMENT_MIN_LEN, FRAGMENT_MIN_FRAC = 5, 0.7
@@ -338,7 +368,7 @@ def brand_match(text: str, brands: Sequence[str]) -> str | None:
         if len(b) < 8:
             if b in words or (b == t and b):
                 return brand
-        elif fuzzy_contains(b, t):
+        elif fuzzy_contains(b, t, own_word_spans(text, brand)):
             return brand
         if any(is_brand_fragment(w, b) for w in words):
             return brand
@@ -406,10 +436,14 @@ def _cut_host(text: str) -> bool:
     return m is not None and m.group(1) in _TLD_STARTS
 
 
-def _contains_word(text_norm: str, words_norm: Sequence[str], fuzzy: bool = False) -> bool:
-    if fuzzy:
-        return any(fuzzy_contains(w, text_norm) for w in words_norm)
+def _contains_word(text_norm: str, words_norm: Sequence[str]) -> bool:
     return any(w and w in text_norm for w in words_norm)
+
+
+def _contains_phrase(text: str, phrases: Sequence[str]) -> bool:
+    """A strong phrase in one box's `text`, fuzzily (`fuzzy_contains`)."""
+    t = norm_text(text)
+    return any(fuzzy_contains(norm_text(p), t, own_word_spans(text, p)) for p in phrases)
 
 
 @dataclass
@@ -442,7 +476,6 @@ def ocr_cues(
     area = float(max(1, width * height))
     texts = [b for b in boxes if b.text.strip()]
     norm = [norm_text(b.text) for b in texts]
-    strong = [norm_text(w) for w in cfg.strong_words]
     weak = [norm_text(w) for w in cfg.weak_words]
     joined = " ".join(b.text for b in texts)
 
@@ -458,8 +491,10 @@ def ocr_cues(
         _URL_RE.search(b.text) or _MISREAD_WWW_RE.search(b.text) or _cut_host(b.text) for b in texts
     )
     handle = any(_HANDLE_RE.search(b.text) for b in texts)
-    strong_hit = any(_contains_word(t, strong, fuzzy=True) for t in norm)
+    strong_hit = any(_contains_phrase(b.text, cfg.strong_words) for b in texts)
     weak_hit = any(_contains_word(t, weak) for t in norm)
+    stamps = {norm_text(w) for w in cfg.stamp_words} - {""}
+    stamp_hit = any(t in stamps for t in norm)
 
     repeat = repeat_count(norm)
     pieces = fragment_repeats(norm, [norm_text(w) for w in [*cfg.brands, *cfg.strong_words]])
@@ -487,6 +522,7 @@ def ocr_cues(
         W_STRONG if strong_hit else 0.0,
         W_URL if url else 0.0,
         W_WEAK if weak_hit else 0.0,
+        W_STAMP if stamp_hit else 0.0,
         W_HANDLE if handle else 0.0,
         W_REPEAT3 if repeat >= 3 else W_REPEAT2 if repeat == 2 else 0.0,
         W_CENTRAL * min(1.0, central / 0.04),

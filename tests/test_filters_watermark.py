@@ -197,6 +197,11 @@ def test_brand_matching_is_fuzzy_for_long_names_only() -> None:
     assert brand_match("Fresh stock", CFG.brands) is None  # 'stock' is a word of its own
     assert brand_match("DREAMS", CFG.brands) is None  # 60% of 'dreamstime' and a word
     assert brand_match("Sunshine", CFG.brands) is None
+    # an 8-letter run of a long name, but inside a word of its own: a shop sign, not a brand
+    assert brand_match("SHUTTERS", CFG.brands) is None
+    assert brand_match("Window Shutters", CFG.brands) is None
+    assert brand_match("Shutterst", CFG.brands) == "shutterstock"  # a cut name still is
+    assert brand_match("Shutters tock", CFG.brands) == "shutterstock"
     assert substring_distance("watermark", "nwatermak!") == 1
 
 
@@ -212,7 +217,10 @@ def test_cue_weights() -> None:
     assert p(box(10, 10, 120, 20, "2011 Main St")) < 0.5  # an address, not a credit
     assert p(box(210, 215, 220, 50, "2015 John Smith")) >= 0.5  # © lost, large and central
     assert p(box(500, 440, 120, 20, "alamy")) >= 0.9
-    assert p(box(10, 10, 100, 20, "sample")) < 0.5  # weak word alone
+    assert p(box(10, 10, 100, 20, "Free sample")) < 0.5  # a weak word inside a line
+    assert p(box(10, 10, 160, 20, "Proof of purchase")) < 0.5
+    assert p(box(10, 10, 100, 20, "sample")) >= 0.5  # a stamp word, the whole line
+    assert p(box(10, 10, 100, 20, "PREVIEW")) >= 0.5
     assert p(box(200, 200, 240, 60, "SAMPLE")) >= 0.5  # weak word, large and central
     tiles = [box(x, y, 90, 20, "PROOF") for x, y in ((0, 0), (200, 100), (400, 200))]
     assert p(*tiles) >= 0.8
@@ -229,6 +237,11 @@ def test_cue_weights() -> None:
     assert p(box(40, 445, 120, 20, "2011 Main St")) < 0.5  # an address, even at the edge
     assert p(box(210, 215, 220, 50, "2011 Main St")) < 0.5  # an address, even central
     assert p(box(250, 220, 140, 40, "Adobe Stoc")) >= 0.9  # fuzzy: last letter lost
+    # words of a strong phrase are no piece of it on their own: parking and studio signs
+    for sign in ("RESERVED", "Reserved Parking", "Wedding Photography"):
+        assert p(box(250, 220, 140, 40, sign)) < 0.5, sign
+    assert p(box(500, 440, 120, 20, "ll rights reser")) >= 0.5  # a cut phrase still is
+    assert p(box(500, 440, 120, 20, "tock photogra")) >= 0.5
 
 
 def test_window_grid_garble_is_not_a_tiled_watermark() -> None:
