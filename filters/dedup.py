@@ -425,17 +425,14 @@ def keep_rank(
     return rank
 
 
-def _repeated_keys(keys: pa.ChunkedArray) -> np.ndarray:
-    """True for every row whose key already appeared in an earlier row."""
-    n = len(keys)
-    if n == 0:
-        return np.zeros(0, bool)
+def _first_of_key(keys: pa.ChunkedArray) -> np.ndarray:
+    """For every row, the first row with its key (itself unless the key repeats)."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64)
     codes = keys.combine_chunks().dictionary_encode().indices.fill_null(-1)
     idx = np.asarray(codes.to_numpy(), np.int64)
-    _, first = np.unique(idx, return_index=True)
-    repeat = np.ones(n, bool)
-    repeat[first] = False
-    return repeat
+    _, first, inv = np.unique(idx, return_index=True, return_inverse=True)
+    return np.asarray(first[inv.reshape(-1)], np.int64)
 
 
 def _resolve(target: np.ndarray, reason: np.ndarray) -> None:
@@ -533,8 +530,10 @@ def plan_dedup(
     hdist = np.full(n, -1, np.int16)
     cosine = np.full(n, np.nan, np.float32)
     # a key seen twice (same URL + page ingested into two shards) can carry one decision
-    # only: later copies stay out of the plan and share the first copy's fate in `process`
-    repeat = _repeated_keys(rows.keys)
+    # only: later copies stay out of the plan and share the first copy's fate in `process`,
+    # which is how the summary counts them too
+    first_of = _first_of_key(rows.keys)
+    repeat = first_of != np.arange(n)
     alive[repeat] = False
     ext_src = np.full(n, -1, np.int8)  # which reference set a row matched (0 against, 1 previous)
     ext_idx = np.zeros(n, np.int64)  # and which row of it
@@ -661,11 +660,12 @@ def plan_dedup(
             "dhash": pa.array(comp_cols[3], pa.string()),
         }
     )
-    counts = {name: int((reason == code).sum()) for code, name in _REASON_NAMES.items()}
-    summary = {
+    fate = reason[first_of]  # what `process` does to every row, repeated keys included
+    counts = {name: int((fate == code).sum()) for code, name in _REASON_NAMES.items()}
+    summary: dict[str, Any] = {
         "rows": n,
-        "kept": int(n - dropped.sum()),
-        "dropped": int(dropped.sum()),
+        "kept": int((fate == _NONE).sum()),
+        "dropped": int((fate > _NONE).sum()),
         "drops": counts,
         "groups": int((group_size > 1).sum()),
         "hashes_computed": len(rows.computed),
@@ -673,6 +673,12 @@ def plan_dedup(
         "missing_perceptual_hash": int((~rows.code_ok).sum()),
         "repeated_keys": int(repeat.sum()),
     }
+    for name, ref in (("against", against), ("previous", previous)):
+        report = ref.report if ref is not None else {}
+        # what the decontamination promise rests on: reference rows read, and usable
+        summary[f"{name}_rows"] = report.get("rows", 0)
+        summary[f"{name}_usable"] = report.get("usable", 0)
+        summary[f"{name}_unread"] = {k: v for k, v in report.items() if k not in ("rows", "usable")}
     if repeat.any():
         log.warning(
             "dedup: %d rows repeat an earlier row's key; they follow its decision",

@@ -2,9 +2,14 @@
 the verified near match that the plan shares with them.
 
 A reference set is parquet files or folders (with `sha256`, `pixel_sha256`, `phash`
-or `dhash` columns, and `key` when known) or plain images, hashed here. An input row
-matches a reference row on equal file or pixel SHA-256 (the first reference row
-wins), else, with near dedup on, on the closest verified near match.
+or `dhash` columns, and `key` when known; perceptual hashes as 16 hex digits or 64-bit
+integers), images, webdataset `.tar` files (their image members), or releases (their
+`manifest.parquet`), hashed here. An input row matches a reference row on equal file or
+pixel SHA-256 (the first reference row wins), else, with near dedup on, on the closest
+verified near match. A decontamination promise must hold or fail loudly: a path that
+gives no usable hash is an error naming it, and files of unknown type, undecodable
+images and unparsable hash values are logged and counted (`RefSet.report`, which the
+dedup summary records).
 
 `near_matches` is the near rule of [dedup]: pHash within `radius`, and with
 `verify = "dhash"` also pHash + dHash distance <= `verify_sum` (rows without a
@@ -21,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +40,19 @@ from PIL import Image
 from ccurate.filters.hamming import group_ids, near_pairs
 from ccurate.filters.hashing import hex_to_u64, image_hashes
 from ccurate.pixels import upright_rgb
+from ccurate.shards.release import is_release
+from ccurate.tario import iter_members
 
-_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+log = logging.getLogger(__name__)
+
+# compared lower-cased; a file named directly is read as an image whatever its name
+_IMAGE_EXTS = frozenset(
+    {
+        *(".jpg", ".jpeg", ".jpe", ".jfif", ".pjpeg", ".pjp", ".png", ".apng", ".webp"),
+        *(".gif", ".bmp", ".dib", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jp2"),
+        *(".j2k", ".ico", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".qoi"),
+    }
+)
 
 Hash128 = tuple[np.ndarray, np.ndarray, np.ndarray]
 """(high 64 bits, low 64 bits, valid) of hex SHA-256 strings: 16 bytes a row instead of ~70."""
@@ -103,53 +120,140 @@ class RefSet:
     code_ok: np.ndarray
     check: np.ndarray | None = None  # dHash, when verifying
     check_ok: np.ndarray | None = None
+    # rows, usable (a parseable hash, not an undecodable image), skipped_files,
+    # undecodable_images, unparsable (per hash column): what the dedup summary records
+    report: dict[str, Any] = field(default_factory=dict)
 
 
-def reference_files(paths: list[str]) -> list[Path]:
-    """The files of reference paths: folders give their parquet and image files, sorted
-    (hidden and `.dropped.parquet` files left out); a missing path is an error."""
-    files: list[Path] = []
+def _kind(f: Path) -> str:
+    """How a reference file is read: parquet, tar (webdataset), image, or other (skipped)."""
+    name = f.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".tar"):
+        return "tar"
+    return "image" if f.suffix.lower() in _IMAGE_EXTS else "other"
+
+
+def _scan(folder: Path, files: list[Path], skipped: list[Path]) -> None:
+    """A folder's reference files in sorted path order; a release gives its manifest only
+    (its shard indexes repeat it, and excluded.parquet has no hashes)."""
+    if is_release(folder):
+        files.append(folder / "manifest.parquet")
+        return
+    entries = sorted(folder.iterdir())
+    names = {e.name.lower() for e in entries}
+    for e in entries:
+        name = e.name.lower()
+        if name.startswith(".") or name.endswith(".dropped.parquet"):
+            continue  # hidden (stale builds) and pipeline side outputs of dropped samples
+        if e.is_dir():
+            _scan(e, files, skipped)
+        elif e.is_file():
+            kind = _kind(e)
+            if kind == "other":
+                skipped.append(e)
+            elif kind != "tar" or f"{name[:-4]}.parquet" not in names:
+                files.append(e)  # a shard's tar is read through its parquet index
+
+
+def _scan_paths(paths: list[str]) -> list[tuple[Path, list[Path], list[Path]]]:
+    """(path, files, skipped files) per reference path; a missing path is an error."""
+    out: list[tuple[Path, list[Path], list[Path]]] = []
     for p in paths:
         path = Path(p).expanduser()
+        files: list[Path] = []
+        skipped: list[Path] = []
         if path.is_dir():
-            files.extend(
-                f
-                for f in sorted(path.rglob("*"))
-                if f.is_file()
-                and not f.name.startswith(".")
-                and not f.name.endswith(".dropped.parquet")
-                and (f.suffix == ".parquet" or f.suffix.lower() in _IMAGE_EXTS)
-            )
+            _scan(path, files, skipped)
         elif path.is_file():
             files.append(path)
         else:
             raise FileNotFoundError(f"dedup reference set not found: {path}")
-    return files
+        out.append((path, files, skipped))
+    return out
+
+
+def reference_files(paths: list[str]) -> list[Path]:
+    """The files that reference paths are read from, in order (see `load_reference`)."""
+    return [f for _, files, _ in _scan_paths(paths) for f in files]
+
+
+def _u64_hex(col: pa.Array) -> pa.Array:
+    """Integer hashes (e.g. `int(str(imagehash.phash(im)), 16)`, often stored as a signed
+    int64) as the 16 hex digits of their unsigned 64-bit value; nulls stay null."""
+    v = np.asarray(col.fill_null(0).to_numpy(zero_copy_only=False)).astype(np.uint64)
+    nib = v.astype(">u8").view(np.uint8).reshape(-1, 8)
+    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    chars = np.empty((len(v), 16), np.uint8)
+    chars[:, 0::2] = digits[nib >> 4]
+    chars[:, 1::2] = digits[nib & 15]
+    null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
+    return pa.array(chars.view("S16").ravel(), pa.binary(), mask=null).cast(pa.string())
+
+
+def _hash_column(t: pa.Table, name: str, f: Path) -> pa.Array:
+    """A hash column as hex strings; a type that cannot hold one is refused, not ignored."""
+    col = t.column(name).combine_chunks()
+    if pa.types.is_integer(col.type) and name in ("phash", "dhash"):
+        return _u64_hex(col)
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.cast(pa.string())
+    if pa.types.is_null(col.type):
+        return pa.nulls(len(col), pa.string())
+    want = "hex strings or 64-bit integers" if name in ("phash", "dhash") else "hex strings"
+    raise ValueError(f"dedup reference {f}: column {name} is {col.type}; expected {want}")
 
 
 def load_reference(paths: list[str], hash_name: str = "phash", check: bool = False) -> RefSet:
-    """Parquet files/dirs with `sha256`/`pixel_sha256`/`phash` (or `dhash`) columns, or images.
+    """Parquet files/dirs with `sha256`/`pixel_sha256`/`phash` (or `dhash`) columns, images,
+    webdataset tars or releases (see the module docstring).
 
     Parquet rows keep their `key` column (if any) as the `duplicate_of` target, rows
     without one are named `<file>#row=<i>`; image files are hashed here and named by
-    their path. `check` also loads the
-    `dhash` column to verify pHash matches (rows without one: pHash <= 4 only).
+    their path, tar members by `<tar>#<member>`. `check` also loads the `dhash` column to
+    verify pHash matches (rows without one: pHash <= 4 only). A path without a usable
+    row is a ValueError naming it; what was skipped or unreadable is logged.
     """
     keys: list[pa.Array] = []
-    sha: list[pa.Array] = []
-    pix: list[pa.Array] = []
-    codes: list[pa.Array] = []
-    checks: list[pa.Array] = []
-    for f in reference_files(paths):
-        if f.suffix == ".parquet":
+    cols: dict[str, list[pa.Array]] = {c: [] for c in ("sha256", "pixel_sha256", "code", "dhash")}
+    broken: list[np.ndarray] = []  # per row: an image that did not decode
+    scanned = _scan_paths(paths)
+
+    def add_image(key: str, data: bytes) -> None:
+        got = hash_image(data)
+        keys.append(pa.array([key], pa.string()))
+        cols["sha256"].append(pa.array([hashlib.sha256(data).hexdigest()], pa.string()))
+        pix, ph, dh = got if got else (None, None, None)
+        for c, v in (("pixel_sha256", pix), ("code", dh if hash_name == "dhash" else ph)):
+            cols[c].append(pa.array([v], pa.string()))
+        cols["dhash"].append(pa.array([dh], pa.string()))
+        broken.append(np.array([got is None]))
+
+    chunk_at = []  # per path: its first chunk of `keys`
+    for _, files, _ in scanned:
+        chunk_at.append(len(keys))
+        for f in files:
+            kind = _kind(f)
+            if kind == "tar":
+                for member, data in iter_members(f):
+                    if Path(member).suffix.lower() in _IMAGE_EXTS:
+                        add_image(f"{f}#{member}", data)
+                continue
+            if kind != "parquet":
+                add_image(str(f), f.read_bytes())
+                continue
             names = set(pq.read_schema(f).names)
-            cols = dict.fromkeys(("key", "sha256", "pixel_sha256", hash_name, "dhash"))
-            wanted = [c for c in cols if c in names]
             if not {"sha256", "pixel_sha256", hash_name} & names:
                 raise ValueError(
                     f"dedup reference {f} has none of the columns sha256, pixel_sha256, {hash_name}"
                 )
-            t = pq.read_table(f, columns=wanted)
+            wanted = [
+                c for c in ("key", "sha256", "pixel_sha256", hash_name, "dhash") if c in names
+            ]
+            t = pq.read_table(f, columns=list(dict.fromkeys(wanted)))
             n = t.num_rows
             # a row without a key is named by its file and row, so a dropped sample still
             # says which reference row it matched (`duplicate_of` is never left empty)
@@ -160,35 +264,71 @@ def load_reference(paths: list[str], hash_name: str = "phash", check: bool = Fal
                 else where
             )
             for out, c in (
-                (sha, "sha256"),
-                (pix, "pixel_sha256"),
-                (codes, hash_name),
-                (checks, "dhash"),
+                ("sha256", "sha256"),
+                ("pixel_sha256", "pixel_sha256"),
+                ("code", hash_name),
+                ("dhash", "dhash"),
             ):
-                out.append(
-                    t.column(c).combine_chunks().cast(pa.string())
-                    if c in names
-                    else pa.nulls(n, pa.string())
-                )
-        else:
-            data = f.read_bytes()
-            got = hash_image(data)
-            keys.append(pa.array([str(f)], pa.string()))
-            sha.append(pa.array([hashlib.sha256(data).hexdigest()], pa.string()))
-            pix.append(pa.array([got[0] if got else None], pa.string()))
-            code = (got[2] if hash_name == "dhash" else got[1]) if got else None
-            codes.append(pa.array([code], pa.string()))
-            checks.append(pa.array([got[2] if got else None], pa.string()))
-    code_u, ok = hex_to_u64(pa.chunked_array(codes, pa.string()))
-    chk_u, chk_ok = hex_to_u64(pa.chunked_array(checks, pa.string())) if check else (None, None)
+                cols[out].append(_hash_column(t, c, f) if c in names else pa.nulls(n, pa.string()))
+            broken.append(np.zeros(n, bool))
+
+    def chunked(c: str) -> pa.ChunkedArray:
+        return pa.chunked_array(cols[c], pa.string())
+
+    sha, pix = sha_parts(chunked("sha256")), sha_parts(chunked("pixel_sha256"))
+    code_u, ok = hex_to_u64(chunked("code"))
+    chk_u, chk_ok = hex_to_u64(chunked("dhash"))
+    bad = np.concatenate(broken) if broken else np.zeros(0, bool)
+    usable = (sha[2] | pix[2] | ok) & ~bad
+    parsed = {"sha256": sha[2], "pixel_sha256": pix[2], hash_name: ok}
+    if check:
+        parsed["dhash"] = chk_ok
+    unparsable = {}  # per column: rows with a value that is not a hash
+    for c, valid in parsed.items():
+        length = pc.utf8_length(chunked("code" if c == hash_name else c))
+        unparsable[c] = (np.asarray(pc.fill_null(length, 0).to_numpy()) > 0) & ~valid
+    skipped = [f for _, _, sk in scanned for f in sk]
+
+    def counts(a: int, b: int, sk: list[Path]) -> dict[str, Any]:
+        return {
+            "rows": int(b - a),
+            "usable": int(usable[a:b].sum()),
+            "skipped_files": len(sk),
+            "undecodable_images": int(bad[a:b].sum()),
+            "unparsable": {c: int(m[a:b].sum()) for c, m in unparsable.items() if m[a:b].any()},
+        }
+
+    at = np.cumsum([0, *(len(k) for k in keys)])[[*chunk_at, len(keys)]]
+    for (path, _, sk), a, b in zip(scanned, at[:-1], at[1:], strict=True):
+        if not usable[a:b].any():
+            got = ", ".join(f"{k} {v}" for k, v in counts(a, b, sk).items())
+            raise ValueError(
+                f"dedup reference {path} gives no usable hash ({got}): it reads parquet "
+                f"with sha256/pixel_sha256/{hash_name} columns, images, webdataset .tar "
+                "files and releases (their manifest.parquet)"
+            )
+    report = counts(0, len(usable), skipped)
+    if skipped or report["undecodable_images"] or report["unparsable"]:
+        log.warning(
+            "dedup reference %s: %d of %d rows usable; %d files of unknown type skipped%s; "
+            "%d undecodable images; unparsable hash values: %s",
+            ", ".join(paths),
+            report["usable"],
+            report["rows"],
+            len(skipped),
+            f" (e.g. {', '.join(str(f) for f in skipped[:3])})" if skipped else "",
+            report["undecodable_images"],
+            report["unparsable"] or "none",
+        )
     return RefSet(
         pa.chunked_array(keys, pa.string()),
-        sha_parts(pa.chunked_array(sha, pa.string())),
-        sha_parts(pa.chunked_array(pix, pa.string())),
+        sha,
+        pix,
         code_u,
         ok,
-        chk_u,
-        chk_ok,
+        chk_u if check else None,
+        chk_ok if check else None,
+        report,
     )
 
 

@@ -575,7 +575,8 @@ def test_repeated_key_follows_first_copy(tmp_path: Path) -> None:
     assert set(d) == {first.key, other.key}
     assert d[first.key]["duplicate_of"] == other.key  # one decision per key, never self
     summary = json.loads((tmp_path / "scratch" / "dedup_summary.json").read_text())
-    assert summary["repeated_keys"] == 1 and summary["drops"]["duplicate_exact"] == 1
+    # both rows of the key are dropped by the stage, and counted so
+    assert summary["repeated_keys"] == 1 and summary["drops"]["duplicate_exact"] == 2
 
 
 def test_empty_input_plans_nothing(tmp_path: Path) -> None:
@@ -789,13 +790,15 @@ def test_reference_parquet_without_hash_columns_is_an_error(tmp_path: Path) -> N
     assert ref.code_ok.all()
 
 
-def test_empty_reference_folder_contaminates_nothing(tmp_path: Path) -> None:
+def test_empty_reference_folder_is_an_error_naming_it(tmp_path: Path) -> None:
+    """A reference set that gives no hash checked nothing, silently."""
     empty = tmp_path / "evalset"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     s = sample("a.png", encode(photo(92)))
-    _, d = plan(tmp_path, [[s]], against=[str(empty)], previous=[str(empty)])
-    assert d == {}
+    for ref in ({"against": [str(empty)]}, {"previous": [str(empty)]}):
+        with pytest.raises(ValueError, match=f"{empty} gives no usable hash.*skipped_files 1"):
+            plan(tmp_path, [[s]], **ref)
 
 
 def test_near_matches_verify_none_ignores_the_dhash() -> None:
