@@ -13,7 +13,10 @@ for the new work only:
                          new copies of released images are dropped as duplicates
     45_recheck/          opt-out re-check of released samples checked too long ago
     50_release_input/    the *gate*: last generation's release input + this one's
-                         captioned shards, minus takedowns, opt-outs, superseded records
+                         captioned shards, minus takedowns, opt-outs, superseded records;
+                         released samples judged under other safety settings are judged
+                         again (faces blurred, NSFW dropped: `SafetyRejudge`)
+    safety_judged.json   per release-input shard: the safety settings that judged it
     ledger.parquet       per key: last outcome, when, attempts, last opt-out check
     retry.parquet        transient failures still to retry (full records)
     diff.json / .parquet added, removed (by reason), changed (which fields)
@@ -23,7 +26,9 @@ Each step is resumable (markers, as everywhere in ccurate): a killed rebuild
 finishes on rerun, in the same generation. Stages run on any `Executor`
 (local or Ray). Captions are reused through the caption cache (keyed by image
 hash and model), and a released sample is never re-filtered: only new or
-changed records go through the expensive stages.
+changed records go through the expensive stages. Two policies reach released samples
+without a refetch: the licence policy (`policy_withdrawals`) and the safety filter
+(`SafetyRejudge`, on the shards judged under other safety settings).
 
 Removed samples (takedowns, opt-outs) are persisted in the catalog directory
 (`ccurate.takedown`), so they never come back: later plans skip their keys and
@@ -69,6 +74,7 @@ from ccurate.release_diff import diff_release_inputs
 from ccurate.release_gate import (
     GATE_SCHEMA,
     ReleaseGateStage,
+    SafetyRejudge,
     dropped_duplicates,
     gate_decisions,
     old_record_fate,
@@ -90,6 +96,7 @@ from ccurate.takedown import (
 from ccurate.takedown_match import DEFAULT_RADIUS, MATCH_COLUMNS, Blocklist, match_index
 
 if TYPE_CHECKING:
+    from ccurate.captioning.config import CaptionConfig
     from ccurate.config import PipelineConfig
     from ccurate.pipeline import Pipeline
 
@@ -101,6 +108,7 @@ GEN_META = "_GEN.json"
 GEN_DONE = "_DONE"
 RELEASE_INPUT = "50_release_input"
 RECHECK = "45_recheck"
+SAFETY_JUDGED = "safety_judged.json"
 
 
 class RebuildConfig(Section):
@@ -522,7 +530,9 @@ def _gen_pipeline(
     return Pipeline(g, executor)
 
 
-PREVIOUS_COLUMNS = ["key", "sha256", "pixel_sha256", "phash"]
+# dhash: dedup's default `verify = "dhash"` matches a row without one only within pHash 4,
+# so crops of released images would come back (older release inputs without it: nulls)
+PREVIOUS_COLUMNS = ["key", "sha256", "pixel_sha256", "phash", "dhash"]
 
 
 def _previous_reference(
@@ -538,7 +548,10 @@ def _previous_reference(
     dropped as the duplicate of a withdrawn one); one whose fresh record passed the filter
     is listed with the fresh hashes under its own key, which dedup does not count as a
     copy of itself (`previous_own_key_kept`): a new copy elsewhere is dropped as its
-    duplicate instead of replacing a long-released sample."""
+    duplicate instead of replacing a long-released sample. A released record the gate's
+    safety re-judgement drops (`SafetyRejudge`, after dedup) stays listed: its new copies
+    were judged by the same safety settings here, and at worst a near copy the filter
+    passes is not released in its stead (never an unsafe one released)."""
     if not old_inputs:
         return None
     path = gen.dir / "previous.parquet"
@@ -625,28 +638,100 @@ def _caption(pipe: Pipeline, gen: Generation, block: Blocklist, radius: int) -> 
         hits = match_index(read_index(inputs, MATCH_COLUMNS), block, radius)
         table = hits.append_column("scope", pa.array(["all"] * hits.num_rows, pa.string()))
         write_table_atomic(path, table.cast(GATE_SCHEMA))
-    cap = pipe.cfg.caption  # as Pipeline.caption sets it up
-    if cap.cache_dir is None:
-        cap = cap.model_copy(update={"cache_dir": str(pipe.cfg.run.catalog / "caption_cache")})
-    stage = _WithholdStage(CaptionStage(cap), str(path))
+    stage = _WithholdStage(CaptionStage(_caption_config(pipe.cfg)), str(path))
     pipe.map_step("caption", stage, pipe.finished_inputs("caption"))
 
 
+def _caption_config(cfg: PipelineConfig) -> CaptionConfig:
+    """[caption] as Pipeline.caption sets it up (the cache in the catalog folder by default)."""
+    cap = cfg.caption
+    if cap.cache_dir is None:
+        cap = cap.model_copy(update={"cache_dir": str(cfg.run.catalog / "caption_cache")})
+    return cap
+
+
 def _map_gate(
-    executor: Executor, gen: Generation, decisions: Path, old: list[str], new: list[str]
+    executor: Executor,
+    gen: Generation,
+    decisions: Path,
+    old: list[str],
+    new: list[str],
+    rejudge: SafetyRejudge | None = None,
+    stale: frozenset[str] = frozenset(),
 ) -> StageStats:
+    """The gate over old and new shards; `rejudge` judges the old shards named in `stale`
+    again (`_safety_judged`)."""
     out = gen.step(RELEASE_INPUT)
     out.mkdir(parents=True, exist_ok=True)
     total = StageStats("takedown")
     old_tasks = [ShardTask(p, str(out / Path(p).name)) for p in old]
     new_tasks = [ShardTask(p, str(out / f"g{gen.number:04d}-{Path(p).name}")) for p in new]
-    for tasks, previous in ((old_tasks, True), (new_tasks, False)):
+    again = [t for t in old_tasks if Path(t.src).name in stale]
+    for tasks, stage in (
+        ([t for t in old_tasks if t not in again], ReleaseGateStage(str(decisions), True)),
+        (again, ReleaseGateStage(str(decisions), True, rejudge)),
+        (new_tasks, ReleaseGateStage(str(decisions), False)),
+    ):
         if tasks:
-            total.add(
-                executor.map(ReleaseGateStage(str(decisions), previous), tasks, label="takedown")
-            )
+            total.add(executor.map(stage, tasks, label="takedown"))
     write_json_atomic(out / "_COMPLETE", {"shards": len(old) + len(new), "stats": total.to_json()})
     return total
+
+
+def safety_digest(section: dict[str, Any]) -> str:
+    """Digest of the [filters.safety] settings that judge a record (`_judging`)."""
+    import hashlib
+
+    blob = json.dumps(_judging(section), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _safety_judged(work: Path, prev: Generation | None, old_inputs: list[str]) -> dict[str, str]:
+    """Release-input shard name -> digest of the safety settings its samples were judged
+    under ("" unknown): the last generation's `safety_judged.json`, else (a generation from
+    before it was written) the filter settings of the generation that made the shard."""
+    known: dict[str, str] = {}
+    if prev is not None and (prev.dir / SAFETY_JUDGED).exists():
+        known = json.loads((prev.dir / SAFETY_JUDGED).read_text())
+    out: dict[str, str] = {}
+    for p in old_inputs:
+        name = Path(p).name
+        if name not in known and name[:1] == "g" and name[1:5].isdigit():
+            made = work / GEN_FMT.format(int(name[1:5])) / "20_filter" / "_SETTINGS"
+            if made.exists():
+                section = json.loads(made.read_text()).get("filters", {}).get("safety")
+                known[name] = safety_digest(section) if isinstance(section, dict) else ""
+        out[name] = known.get(name, "")
+    return out
+
+
+def _rejudged_counts(gen: Generation, stale: frozenset[str], blur: bool) -> dict[str, Any]:
+    """What judging the `stale` shards again did, read back from the gate's output: samples
+    judged, dropped by reason, images whose faces were blurred (`blur`), and what became of
+    the captions made from their unblurred pixels."""
+    out = gen.step(RELEASE_INPUT)
+    counts: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    for name in sorted(stale):
+        side = out / f"{name}.dropped.parquet"
+        if side.exists():
+            d = pq.read_table(side, columns=["drop_reason", "dropped_by"]).to_pylist()
+            dropped.update(r["drop_reason"] for r in d if r["dropped_by"] == "safety")
+        kept = pq.read_table(out / f"{name}.parquet", columns=["scores", "caption_model"])
+        counts["judged"] += kept.num_rows
+        if not blur:
+            continue
+        for r in kept.to_pylist():
+            if dict(r["scores"] or []).get("safety.faces_blurred", 0.0) > 0:
+                counts["faces_blurred"] += 1
+                counts["captioned_again" if r["caption_model"] else "without_caption"] += 1
+    counts["judged"] += sum(dropped.values())
+    return {
+        "shards": len(stale),
+        **{k: counts[k] for k in ("judged", "faces_blurred", "captioned_again")},
+        "blurred_without_caption": counts["without_caption"],
+        "dropped": dict(sorted(dropped.items())),
+    }
 
 
 def _removal_path(gen: Generation, catalog: Path) -> Path:
@@ -782,7 +867,14 @@ def _run_generation(
             released_hashes(last_release),
             policy,
         )
-    gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs)
+    # released samples judged under other safety settings are judged again by the gate
+    safety = cfg.filters.safety
+    now_safety = safety_digest(safety.model_dump(mode="json"))
+    judged_by = _safety_judged(gen.dir.parent, prev, old_inputs)
+    stale = frozenset(n for n, d in judged_by.items() if d != now_safety and safety.enabled)
+    rejudge = SafetyRejudge(safety, _caption_config(cfg)) if stale else None
+    gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs, rejudge, stale)
+    safety_counts = _rejudged_counts(gen, stale, safety.blur_faces)
     removal_path = _removals_from_gate(gen, catalog)
 
     # 3. diff, release, catalog, ledger
@@ -795,9 +887,19 @@ def _run_generation(
         prev.dir / "ledger.parquet" if prev else None,
         gen.dir,
     )
-    changed = bool(diff["added"] or diff["removed"] or diff["changed"])
+    # blurring changes no field the diff compares: a release without it would leave the
+    # latest release holding the unblurred faces
+    changed = bool(
+        diff["added"] or diff["removed"] or diff["changed"] or safety_counts["faces_blurred"]
+    )
     digest = settings_digest(cfg)
     judged = _judged_settings(gen, digest, release_inputs)
+    judged["safety_judged_again"] = safety_counts
+    names = [Path(p).name for p in release_inputs]  # new shards: judged by this generation
+    write_json_atomic(
+        gen.dir / SAFETY_JUDGED,
+        {n: now_safety if n in stale else judged_by.get(n, now_safety) for n in names},
+    )
     release: Path | None = None
     if changed or last_release is None or rcfg.publish_unchanged:
         release = _publish(
@@ -908,8 +1010,9 @@ def _judged_settings(gen: Generation, digest: str, release_inputs: list[str]) ->
     if earlier:
         log.warning(
             "filter/caption settings differ from earlier generations': %d released samples "
-            "were judged under earlier settings (the licence policy is applied to them again; "
-            "other filters and captions only on a refetch: set refetch_after_days)",
+            "were judged under earlier settings (the licence policy and the safety filter are "
+            "applied to them again; other filters and captions only on a refetch: set "
+            "refetch_after_days)",
             earlier,
         )
     return out

@@ -322,6 +322,13 @@ def _print_result(info: dict[str, Any], as_json: bool) -> None:
             f"opt-out re-check: {rc.get('checked', 0)} checked, "
             f"{sum(v for k, v in rc.items() if k.startswith('optout_'))} opted out"
         )
+    again = (info.get("settings") or {}).get("safety_judged_again") or {}
+    if again.get("judged"):
+        out.print(
+            f"safety settings changed: {again['judged']} released samples judged again, "
+            f"{again.get('faces_blurred', 0)} with faces blurred, "
+            f"dropped {again.get('dropped', {})}"
+        )
     out.print(
         f"diff: +{diff.get('added', 0)} added, -{diff.get('removed', 0)} removed "
         f"{diff.get('removed_by_reason', {})}, ~{diff.get('changed', 0)} changed "

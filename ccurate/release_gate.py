@@ -4,7 +4,9 @@ shards goes into the next release.
 Decisions (takedown matches and their near copies, opt-outs found by the re-check,
 earlier removals, released records superseded by a fresh fetch) are computed once
 per generation on the driver (`gate_decisions`, written to a parquet file), then
-applied shard by shard by `ReleaseGateStage` on any executor.
+applied shard by shard by `ReleaseGateStage` on any executor. Released samples judged
+under other safety settings than now are judged again there (`SafetyRejudge`): their
+stored bytes are at hand, so blurring faces or a stricter NSFW rule needs no refetch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from ccurate.takedown import TakedownEntry
 from ccurate.takedown_match import MATCH_COLUMNS, Blocklist, match_index
 
 if TYPE_CHECKING:
+    from ccurate.captioning.config import CaptionConfig
     from ccurate.filters.license_filter import LicenseConfig
+    from ccurate.filters.safety import SafetyConfig
 
 log = logging.getLogger("ccurate.rebuild")  # the rebuild's log (rebuild.log), as before the split
 
@@ -36,8 +40,87 @@ REASONS: dict[str, str] = {
     "optout_*": "an older record whose refetch or re-check found an opt-out",
     "license_not_allowed": "also: an older record whose stored licence the licence policy "
     "now configured does not admit (the policy changed since it was released)",
+    **{
+        reason: "also: an older record the safety filter now configured drops when it judges "
+        "the released bytes again (the safety settings changed since it was released; "
+        "`removed_because` says so)"
+        for reason in ("nsfw", "nd_needs_blur", "decode_error")
+    },
     "takedown": "see ccurate.takedown.REASONS",
 }
+
+REJUDGED = "judged again: the safety settings changed since it was released"
+
+
+class SafetyRejudge(Stage):
+    """The safety filter now configured, run again on released samples judged under other
+    safety settings: a face-blurring or NSFW policy reaches every released sample, as the
+    licence policy does, without a refetch (the release input holds the bytes).
+
+    A sample whose faces it blurs loses the caption made from the unblurred pixels (the
+    caption cache is keyed by image bytes, so it cannot come back): captioned again from the
+    blurred bytes when a caption model is configured, else left without one."""
+
+    name: ClassVar[str] = "safety"
+    preserves_keys: ClassVar[bool] = True
+
+    def __init__(self, safety: SafetyConfig, caption: CaptionConfig) -> None:
+        from ccurate.captioning.stage import CaptionStage
+        from ccurate.filters.safety import SafetyFilter
+
+        self.filter = SafetyFilter(safety)
+        self.captioner = CaptionStage(caption) if caption.model is not None else None
+        self._captioning = False
+
+    @property
+    def resources(self) -> Resources:
+        r = self.filter.resources
+        c = self.captioner.resources if self.captioner is not None else Resources(0, 0, 0)
+        return Resources(max(r.cpus, c.cpus), c.gpus, r.memory_gb + c.memory_gb)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_captioning": False}
+
+    def prepare(self, inputs: list[str], scratch_dir: str) -> None:
+        if self.captioner is not None:
+            self.captioner.prepare(inputs, scratch_dir)
+
+    def setup(self) -> None:
+        self.filter.setup()  # BLIP-2 only once a caption is to be made again (`process`)
+
+    def teardown(self) -> None:
+        self.filter.teardown()
+        if self.captioner is not None and self._captioning:
+            self.captioner.teardown()
+        self._captioning = False
+
+    def checkpoint(self) -> None:
+        if self._captioning:
+            assert self.captioner is not None
+            self.captioner.checkpoint()
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        live = [s for s in batch if s.kept]
+        if not live:
+            return batch
+        stale: list[Sample] = []
+        for s, d in zip(live, self.filter.decide_batch(live), strict=True):
+            s.record(d)
+            if not s.kept:
+                s.extra["removed_because"] = REJUDGED
+            elif d.scores.get("faces_blurred", 0.0) > 0 and s.caption_model is not None:
+                s.caption = s.caption_model = None
+                s.extra.pop("captions", None)
+                stale.append(s)
+        if stale and self.captioner is not None:
+            if not self._captioning:
+                self.captioner.setup()
+                self._captioning = True
+            self.captioner.process(stale)
+        return batch
+
+    def describe(self) -> dict[str, Any]:
+        return {"safety": self.filter.describe(), "caption_again": self.captioner is not None}
 
 
 class ReleaseGateStage(Stage):
@@ -46,21 +129,36 @@ class ReleaseGateStage(Stage):
     Decisions are computed once per generation on the driver (`gate_decisions`)
     and loaded by each worker in `setup`. `previous=True` marks the stage that
     reads last generation's release input: only there are superseded records
-    dropped (the new record with the same key comes from this generation).
+    dropped (the new record with the same key comes from this generation). `rejudge`
+    then judges what stays again (shards judged under other safety settings).
     """
 
     name: ClassVar[str] = "takedown"
     preserves_keys: ClassVar[bool] = True
     batch_size: int = 256
 
-    def __init__(self, decisions_path: str, previous: bool) -> None:
+    def __init__(
+        self, decisions_path: str, previous: bool, rejudge: SafetyRejudge | None = None
+    ) -> None:
         self.decisions_path = decisions_path
         self.previous = previous
+        self.rejudge = rejudge
         self._decisions: dict[str, tuple[str, str, str]] | None = None
 
     @property
     def resources(self) -> Resources:
-        return Resources(cpus=1.0, memory_gb=1.0)
+        if self.rejudge is None:
+            return Resources(cpus=1.0, memory_gb=1.0)
+        r = self.rejudge.resources
+        return Resources(max(1.0, r.cpus), r.gpus, 1.0 + r.memory_gb)
+
+    def prepare(self, inputs: list[str], scratch_dir: str) -> None:
+        if self.rejudge is not None:
+            self.rejudge.prepare(inputs, scratch_dir)
+
+    def checkpoint(self) -> None:
+        if self.rejudge is not None:
+            self.rejudge.checkpoint()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -79,9 +177,13 @@ class ReleaseGateStage(Stage):
                 strict=True,
             )
         }
+        if self.rejudge is not None:
+            self.rejudge.setup()
 
     def teardown(self) -> None:
         self._decisions = None
+        if self.rejudge is not None:
+            self.rejudge.teardown()
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         if self._decisions is None:
@@ -97,10 +199,13 @@ class ReleaseGateStage(Stage):
             s.extra["removed_because"] = detail
             by = "takedown" if reason == "takedown" or reason.startswith("optout_") else "rebuild"
             s.record(Decision(by, False, reason))
-        return batch
+        return self.rejudge.process(batch) if self.rejudge is not None else batch
 
     def describe(self) -> dict[str, Any]:
-        return {"decisions": self.decisions_path, "previous": self.previous}
+        out: dict[str, Any] = {"decisions": self.decisions_path, "previous": self.previous}
+        if self.rejudge is not None:
+            out["rejudge"] = self.rejudge.describe()
+        return out
 
 
 GATE_SCHEMA = pa.schema(

@@ -3,6 +3,11 @@
 Everything is read back from the work directory (stage shards and their
 dropped side outputs), so the report can be made for any finished or
 resumed run, and embedded images make it a single file to share.
+
+Being shared, it shows no image the run would not publish: never one of an `nsfw` drop,
+and, when the run blurs faces (`[filters.safety] blur_faces` in the filter step's
+`_SETTINGS`), each dropped sample shown goes through the run's safety filter first (most
+were dropped before it, unblurred): faces blurred, or no image when the filter drops it.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from ccurate.pixels import to_rgb
+from ccurate.record import Sample
 from ccurate.shardio import iter_samples, list_shards
+
+if TYPE_CHECKING:
+    from ccurate.filters.safety import SafetyFilter
 
 STEP_ORDER = ["00_plan", "10_ingest", "20_filter", "30_dedup", "40_caption"]
 
@@ -80,8 +89,12 @@ class _Drops:
     scores: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
+NOT_SHOWN = "image not shown"
+
+
 def _drops(work: Path, per_reason: int) -> _Drops:
     out = _Drops()
+    faces = _face_blur(work)
     for step in STEP_ORDER:
         for p in sorted((work / step).glob("*dropped.parquet")):
             # counts from the small columns; image bytes only for the rows shown (reading
@@ -100,22 +113,59 @@ def _drops(work: Path, per_reason: int) -> _Drops:
                 if len(out.examples[reason]) < per_reason:
                     out.examples[reason].append(row)
                     picked.append((i, row))
+            for _, row in picked:
+                if row.get("drop_reason") == "nsfw":
+                    row["hidden"] = f"{NOT_SHOWN} (nsfw)"
+            picked = [(i, row) for i, row in picked if "hidden" not in row]
             if picked and "image" in names:
                 column = pq.read_table(p, columns=["image"])["image"]
                 images = column.take([i for i, _ in picked]).to_pylist()
                 for (_, row), image in zip(picked, images, strict=True):
                     row["image"] = image
+                if faces is not None:
+                    _blur_faces([row for _, row in picked], faces)
     return out
 
 
-def _thresholds(work: Path) -> dict[str, list[tuple[str, float]]]:
-    """score -> [(setting, value)] from the filter step's recorded settings (`_SETTINGS`:
-    what the run was made with, not today's config file)."""
-    path = work / "20_filter" / "_SETTINGS"
+def _face_blur(work: Path) -> SafetyFilter | None:
+    """The run's safety filter when the run blurs faces, else None. Its recorded settings,
+    with the NSFW rule on even if the run had it off: what it judges here is only shown."""
+    from ccurate.filters.safety import SafetyConfig, SafetyFilter
+
+    section = _filter_settings(work).get("safety")
+    if not isinstance(section, dict) or not section.get("blur_faces"):
+        return None
     try:
-        filters = json.loads(path.read_text()).get("filters", {})
+        cfg = SafetyConfig.model_validate({**section, "enabled": True})
+    except ValueError:  # settings of another version: the defaults, blurring on
+        cfg = SafetyConfig(blur_faces=True)
+    return SafetyFilter(cfg)
+
+
+def _blur_faces(rows: list[dict[str, Any]], faces: SafetyFilter) -> None:
+    """Replace each row's image by the safety filter's output (faces blurred); a row the
+    filter drops (NSFW, undecodable) keeps no image."""
+    shown = [r for r in rows if r.get("image")]
+    samples = [Sample(key=str(i), url="", image=r["image"]) for i, r in enumerate(shown)]
+    for row, s, d in zip(shown, samples, faces.decide_batch(samples), strict=True):
+        row["image"] = s.image if d.keep else None
+        if not d.keep:
+            row["hidden"] = f"{NOT_SHOWN} ({d.reason})"
+
+
+def _filter_settings(work: Path) -> dict[str, Any]:
+    """The filter step's recorded settings (`_SETTINGS`: what the run was made with, not
+    today's config file); {} when not recorded."""
+    try:
+        filters = json.loads((work / "20_filter" / "_SETTINGS").read_text()).get("filters", {})
     except (OSError, ValueError, AttributeError):
         return {}
+    return filters if isinstance(filters, dict) else {}
+
+
+def _thresholds(work: Path) -> dict[str, list[tuple[str, float]]]:
+    """score -> [(setting, value)] from the filter step's recorded settings."""
+    filters = _filter_settings(work)
     out: dict[str, list[tuple[str, float]]] = {}
     for score, settings in THRESHOLDS.items():
         for section, key in settings:
@@ -244,7 +294,8 @@ def write_report(
         parts.append(f"<h3>{html.escape(reason)} ({drop_counts[reason]})</h3><div class='grid'>")
         for row in rows:
             thumb = _thumb(row.get("image"))
-            img = f"<img src='{thumb}'>" if thumb else "<div style='height:128px'>no image</div>"
+            why = html.escape(row.get("hidden", "no image"))
+            img = f"<img src='{thumb}'>" if thumb else f"<div style='height:128px'>{why}</div>"
             parts.append(
                 f"<div class='cell'>{img}<br>{html.escape(str(row.get('url'))[-60:])}</div>"
             )

@@ -21,14 +21,27 @@ FEMALE_BREAST_EXPOSED, with face scores <= 0.34, and a plain 0.5 threshold drops
 Face blurring (off by default) uses the same detections' FACE_FEMALE/FACE_MALE
 boxes — a learned detector that ships in the wheel, stronger than OpenCV's Haar
 cascade, which is the alternative (`face_detector = "haar"`). Faces are
-Gaussian-blurred in place and the image is re-encoded in its own format;
-`sha256`/`pixel_sha256`/`phash` keep describing the downloaded file
-(provenance, exact dedup). Scores: `faces` (found) and `faces_blurred`.
+Gaussian-blurred in place; `sha256`/`pixel_sha256`/`phash` keep describing the
+downloaded file (provenance, exact dedup). Scores: `faces` (found) and `faces_blurred`.
+
+What ships is what was judged. The detector sees one frame's upright pixels, but a
+file kept as downloaded (`[ingest] keep_original`) can carry more: an EXIF thumbnail
+of the uncropped photo, maker-note previews, GPS, XMP and APP13 blocks, further
+frames (animated WebP/PNG/GIF, MPO). So with `blur_faces` every kept image is
+re-encoded (`safe_reencode`), faces or not, unless it is ccurate's own encode of the
+resized pixels (no metadata) with no face; without it every multi-frame one is:
+the judged first frame only, upright, with descriptive EXIF (creator, copyright,
+camera) and an RGB colour profile, nothing else. Scores `reencoded` (1 when the
+stored bytes were replaced) and `frames` (when the file had more than one).
+
+A BY-ND work whose faces would be blurred is dropped (`nd_needs_blur`): the blurred
+image is an adaptation, which ND does not allow to share.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 from pathlib import Path
@@ -37,10 +50,11 @@ from typing import Annotated, Any, ClassVar, Literal
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ccurate.configbase import Section
 from ccurate.filters.images import DecodeError, decode_rgb
+from ccurate.filters.licenses import normalize
 from ccurate.pixels import ORIENTATION_TAG, exif_orientation, save_jpeg, to_rgb
 from ccurate.record import Decision, Sample
 from ccurate.stage import Filter, Resources
@@ -51,6 +65,8 @@ REASONS: dict[str, str] = {
     "decode_error": "the image bytes could not be decoded",
     "nsfw": "NudeNet's highest exposed-class score >= safety.threshold_alone, or >= "
     "safety.threshold with a face >= safety.person_min",
+    "nd_needs_blur": "a no-derivatives (ND) licensed image with faces to blur (safety.blur_faces): "
+    "the blurred image would be an adaptation, which ND does not allow to share",
 }
 
 LABELS: list[str] = [
@@ -95,6 +111,18 @@ class SafetyConfig(Section):
         if unknown:
             raise ValueError(f"unknown NudeNet classes {unknown}; known: {LABELS}")
         return v
+
+    @model_validator(mode="after")
+    def _blur_needs_the_filter(self) -> SafetyConfig:
+        # faces are found by this filter's detector: turned off, it would blur nothing
+        # while the recorded settings said `blur_faces = true`
+        if self.blur_faces and not self.enabled:
+            raise ValueError(
+                "[filters.safety] blur_faces = true needs enabled = true (faces are found "
+                "by the safety filter's detector; disabled, it would blur nothing): set "
+                "enabled = true, or blur_faces = false"
+            )
+        return self
 
 
 def default_model_path() -> Path:
@@ -216,52 +244,109 @@ def blur_regions(
     return out, n
 
 
-def reencode_blurred(
+# EXIF tags a re-encoded image keeps: who made it and with what, in plain text. Everything
+# else goes: GPS, the IFD1 thumbnail, the Exif IFD (maker notes hold previews), XMP/IPTC/
+# Photoshop blocks, sub-IFDs.
+SAFE_EXIF_TAGS = (
+    0x010E,  # ImageDescription
+    0x010F,  # Make
+    0x0110,  # Model
+    0x0131,  # Software
+    0x0132,  # DateTime
+    0x013B,  # Artist
+    0x8298,  # Copyright
+)
+
+
+def _safe_exif(im: Image.Image) -> bytes:
+    """The `SAFE_EXIF_TAGS` of an image, orientation 1 (its pixels are written upright)."""
+    try:
+        src = im.getexif()
+        out = Image.Exif()
+        for tag in SAFE_EXIF_TAGS:
+            if isinstance(src.get(tag), str):
+                out[tag] = src[tag]
+        if out or ORIENTATION_TAG in src:
+            out[ORIENTATION_TAG] = 1
+        return out.tobytes() if out else b""
+    except Exception:  # a corrupt EXIF block (Pillow raises many types): keep none of it
+        return b""
+
+
+def frame_count(data: bytes) -> int:
+    """Frames in an image file (animated WebP/PNG/GIF, MPO: more than 1), from its headers."""
+    with Image.open(io.BytesIO(data)) as im:
+        return int(getattr(im, "n_frames", 1) or 1)
+
+
+def safe_reencode(
     data: bytes, boxes: list[tuple[int, int, int, int, float]], jpeg_quality: int = 95
 ) -> tuple[bytes, str, int]:
-    """Blur `boxes` and re-encode in the image's own format -> (bytes, mime, boxes blurred)."""
+    """The first frame, upright, `boxes` blurred, re-encoded in the image's own format with
+    only safe metadata (see the module doc) -> (bytes, mime, boxes blurred).
+
+    Boxes are in the upright frame (the filters decode with EXIF orientation applied). Alpha
+    is kept, but colour under fully transparent pixels, which the detector saw as white, is
+    made white; a CMYK or grey colour profile no longer fits the RGB pixels and is dropped.
+    """
     with Image.open(io.BytesIO(data)) as im:
-        fmt = im.format or "PNG"
-        im.load()
+        fmt = "JPEG" if im.format == "MPO" else im.format or "PNG"
+        im.load()  # the first frame
         has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-        # Boxes are in the upright frame (the filters decode with EXIF orientation applied):
-        # the blurred image is written upright and its orientation tag reset to 1, the rest
-        # of the EXIF kept, and so is an RGB colour profile (a CMYK or grey one no longer
-        # fits the RGB pixels).
         upright = ImageOps.exif_transpose(im) if exif_orientation(im) != 1 else im
         src = upright.convert("RGBA") if has_alpha else to_rgb(upright)  # 16-bit scaled
         meta: dict[str, Any] = {}
-        exif = im.getexif()
-        if ORIENTATION_TAG in exif:
-            exif[ORIENTATION_TAG] = 1
+        exif = _safe_exif(im)
         if exif:
-            meta["exif"] = exif.tobytes()
+            meta["exif"] = exif
         icc = im.info.get("icc_profile")
         if icc and im.mode in ("RGB", "RGBA"):
             meta["icc_profile"] = icc
     arr, n = blur_regions(np.asarray(src), boxes)
-    if n == 0:
-        return data, Image.MIME.get(fmt, "image/png"), 0
-    blurred = Image.fromarray(arr)
+    if has_alpha:
+        arr[arr[..., 3] == 0, :3] = 255
+    out = Image.fromarray(arr)
     buf = io.BytesIO()
     try:
         if fmt == "JPEG":
-            save_jpeg(blurred.convert("RGB"), buf, jpeg_quality, **meta)
+            save_jpeg(out.convert("RGB"), buf, jpeg_quality, **meta)
         elif fmt == "GIF":
-            blurred.convert("RGB").quantize(256).save(buf, "GIF")
+            out.convert("RGB").quantize(256).save(buf, "GIF")
         elif fmt == "WEBP":
-            blurred.save(buf, "WEBP", quality=jpeg_quality, **meta)
+            out.save(buf, "WEBP", quality=jpeg_quality, **meta)
         else:
-            blurred.save(buf, fmt, **meta)
+            out.save(buf, fmt, **meta)
     except (OSError, KeyError, ValueError):
         fmt = "PNG"
         buf = io.BytesIO()
-        blurred.save(buf, "PNG", **meta)
+        out.save(buf, "PNG", **meta)
     return buf.getvalue(), Image.MIME.get(fmt, "image/png"), n
 
 
+def reencode_blurred(
+    data: bytes, boxes: list[tuple[int, int, int, int, float]], jpeg_quality: int = 95
+) -> tuple[bytes, str, int]:
+    """`safe_reencode` when a box was blurred, else the bytes unchanged (same return)."""
+    out, mime, n = safe_reencode(data, boxes, jpeg_quality)
+    return (out, mime, n) if n else (data, mime, 0)
+
+
+def _as_downloaded(sample: Sample) -> bool:
+    """The stored bytes are the downloaded file (`keep_original`, or no record of it), which
+    may carry metadata; otherwise they are ccurate's own encode of the pixels, with none."""
+    image = sample.image or b""
+    return sample.sha256 is None or hashlib.sha256(image).hexdigest() == sample.sha256
+
+
+def no_derivatives(license_id: str | None) -> bool:
+    """The licence (as the licence filter recorded it) forbids sharing adaptations (ND)."""
+    info = normalize(license_id) if license_id else None
+    return info is not None and not info.derivatives
+
+
 class SafetyFilter(Filter):
-    """Drops `nsfw`; with `blur_faces`, blurs faces in the kept images it passes."""
+    """Drops `nsfw`; stores what it judged (see the module doc), faces blurred with
+    `blur_faces`."""
 
     name: ClassVar[str] = "safety"
 
@@ -326,24 +411,48 @@ class SafetyFilter(Filter):
             if self.is_nsfw(nsfw, person):
                 out.append(self.reject("nsfw", **scores))
                 continue
-            if self.cfg.blur_faces:
-                scores.update(self._blur(s, arr, anchors, scale))
-            out.append(self.keep(**scores))
+            reason = self._store_judged(s, arr, anchors, scale, scores)
+            out.append(self.reject(reason, **scores) if reason else self.keep(**scores))
         return out
 
-    def _blur(
-        self, sample: Sample, arr: np.ndarray, anchors: np.ndarray, scale: float
-    ) -> dict[str, float]:
-        if self.cfg.face_detector == "haar":
-            faces = haar_faces(arr)
-        else:
-            faces = NudeNetScorer.boxes(anchors, scale, FACES, self.cfg.face_min_score)
-        blurred = 0
-        if faces and sample.image:
-            data, mime, blurred = reencode_blurred(sample.image, faces, self.cfg.jpeg_quality)
-            if blurred:
-                sample.image, sample.mime = data, mime
-        return {"faces": float(len(faces)), "faces_blurred": float(blurred)}
+    def _store_judged(
+        self,
+        sample: Sample,
+        arr: np.ndarray,
+        anchors: np.ndarray,
+        scale: float,
+        scores: dict[str, float],
+    ) -> str | None:
+        """Replace the stored image by what was judged (see the module doc), faces blurred
+        with `blur_faces`; adds the scores, returns a drop reason (`nd_needs_blur`) or None."""
+        if not sample.image:
+            return None
+        try:
+            frames = frame_count(sample.image)
+        except Exception:  # later frames unreadable (Pillow raises many types): keep frame 0
+            frames = 0
+        if frames > 1:
+            scores["frames"] = float(frames)
+        if not self.cfg.blur_faces and frames == 1:
+            return None
+        faces: list[tuple[int, int, int, int, float]] = []
+        if self.cfg.blur_faces:
+            if self.cfg.face_detector == "haar":
+                faces = haar_faces(arr)
+            else:
+                faces = NudeNetScorer.boxes(anchors, scale, FACES, self.cfg.face_min_score)
+        if not faces and frames == 1 and not _as_downloaded(sample):
+            if self.cfg.blur_faces:
+                scores.update(faces=0.0, faces_blurred=0.0)
+            return None  # ccurate's own encode (ingest resized it): no metadata, no face
+        data, mime, blurred = safe_reencode(sample.image, faces, self.cfg.jpeg_quality)
+        if self.cfg.blur_faces:
+            scores.update(faces=float(len(faces)), faces_blurred=float(blurred))
+        if blurred and no_derivatives(sample.license):
+            return "nd_needs_blur"
+        sample.image, sample.mime = data, mime
+        scores["reencoded"] = 1.0
+        return None
 
     def describe(self) -> dict[str, Any]:
         return self.cfg.model_dump()

@@ -79,13 +79,18 @@ def license_link(license_id: str, recorded_url: str | None = None) -> str | None
     return str(info.url) if info is not None and info.url else recorded_url
 
 
-def modifications(rec: dict[str, Any], reencoded_as: str | None) -> list[str]:
-    """What we changed relative to the source image (CC BY asks to indicate it)."""
+def modifications(
+    rec: dict[str, Any], reencoded_as: str | None, faces_blurred: float = 0.0
+) -> list[str]:
+    """What we changed relative to the source image (CC BY asks to indicate it); faces
+    blurred by the safety filter (`safety.faces_blurred`) are a change of the work too."""
     mods: list[str] = []
     ow, oh = rec.get("original_width"), rec.get("original_height")
     w, h = rec.get("width"), rec.get("height")
     if ow and oh and w and h and (ow, oh) != (w, h):
         mods.append("resized")
+    if faces_blurred > 0:
+        mods.append("faces blurred")
     if reencoded_as:
         mods.append(f"converted to {reencoded_as.upper()}")
     return mods

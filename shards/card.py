@@ -139,6 +139,30 @@ def _rebuild_changes(add: Any, rebuild: dict[str, Any]) -> None:
         )
 
 
+def _faces(filters: Any, blurred: int, n: int) -> str:
+    """What the card says about faces: whether blurring was on, and how many were blurred."""
+    safety = filters.get("safety") if isinstance(filters, dict) else None
+    on = isinstance(safety, dict) and bool(safety.get("blur_faces"))
+    if not on and not blurred:
+        if isinstance(safety, dict):
+            return (
+                "Face blurring: off (`[filters.safety] blur_faces`): faces are published "
+                "as found.\n"
+            )
+        return "Face blurring: not recorded (the run passed no safety settings).\n"
+    detector = f"{safety.get('face_detector', 'nudenet')} " if isinstance(safety, dict) else ""
+    return (
+        f"Face blurring: on (`[filters.safety] blur_faces`); {blurred} of the {n} published "
+        f"images had faces blurred ({detector}face detector: automatic and imperfect, a face "
+        "it misses is published unblurred). Each kept image stored as downloaded, or with "
+        "faces blurred, is re-encoded to the frame the filter judged, without metadata it "
+        "could not see (EXIF thumbnails, GPS, XMP); "
+        "no-derivatives (ND) works with faces to blur are dropped (`nd_needs_blur`). Blurring "
+        "covers the published image only: `url` and `page_url` point to the unblurred "
+        "original.\n"
+    )
+
+
 def render_card(s: dict[str, Any]) -> str:
     """Markdown card for the summary `s` built by the release writer."""
     ri: dict[str, Any] = s.get("run_info") or {}
@@ -199,7 +223,7 @@ def render_card(s: dict[str, Any]) -> str:
         "Every image is credited in `ATTRIBUTION` (title, author, the licensor's requested "
         "credit where the source gives one, source, licence with link, "
         f"modifications). Modifications: {s['resized']} images were resized before release, "
-        f"{s['reencoded']} re-encoded.\n"
+        f"{s['reencoded']} re-encoded, {s.get('faces_blurred', 0)} had faces blurred.\n"
     )
 
     add("## Text\n")
@@ -285,7 +309,11 @@ def render_card(s: dict[str, Any]) -> str:
     if setting("dedup"):
         add("Deduplication settings:\n")
         add(_json_block(setting("dedup")))
-    add(f"Exact duplicates merged into published samples: {s['duplicates_merged']}.\n")
+    add(
+        "Duplicates merged into published samples (exact, near and semantic copies together, "
+        f"each published sample's `duplicate_count` - 1): {s['duplicates_merged']}.\n"
+    )
+    add(_faces(filters, s.get("faces_blurred", 0), n))
 
     add("## Known limitations\n")
     add(

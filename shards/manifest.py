@@ -16,9 +16,9 @@ import math
 from typing import Any
 
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageOps
 
-from ccurate.pixels import save_jpeg
+from ccurate.pixels import exif_orientation, save_jpeg
 from ccurate.record import Sample
 from ccurate.shardio import EXT_MIME, MIME_EXT
 
@@ -58,6 +58,7 @@ INDEX_SCHEMA = pa.schema(
         ("image_sha256", pa.string()),
         ("pixel_sha256", pa.string()),
         ("phash", pa.string()),
+        ("dhash", pa.string()),  # absent from releases before it: readers take it as null
         ("duplicate_count", pa.int32()),
         ("offset", pa.int64()),
     ]
@@ -80,6 +81,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("image_sha256", pa.string()),
         ("pixel_sha256", pa.string()),
         ("phash", pa.string()),
+        ("dhash", pa.string()),  # absent from releases before it: readers take it as null
         ("url", pa.string()),
         ("page_url", pa.string()),
         ("width", pa.int32()),
@@ -117,14 +119,18 @@ def prepare_image(
 ) -> tuple[bytes, str | None, tuple[int, int] | None]:
     """(member bytes, format re-encoded to or None, decoded size when we decoded it).
 
-    Stored bytes are copied untouched when their type is the configured one, so
-    a release never loses quality to a needless re-encode.
+    Stored bytes are copied untouched when their type is the configured one and they hold
+    one frame, so a release never loses quality to a needless re-encode. A file of more
+    frames (animated WebP/PNG, an MPO that ingest stores as image/jpeg) ships its
+    first frame only: the one the filters judged. A re-encode is written upright (EXIF
+    orientation applied), as the record's width and height describe it.
     """
-    if MIME_EXT.get(mime or "") == cfg.image_format:
-        return data, None, None
-    with Image.open(io.BytesIO(data)) as im:
-        im.seek(0)
-        im.load()
+    with Image.open(io.BytesIO(data)) as src:
+        if MIME_EXT.get(mime or "") == cfg.image_format and getattr(src, "n_frames", 1) == 1:
+            return data, None, None
+        src.seek(0)
+        src.load()
+        im = ImageOps.exif_transpose(src) if exif_orientation(src) != 1 else src
         size = im.size
         out = io.BytesIO()
         if cfg.image_format == "jpg":
@@ -208,7 +214,7 @@ def build_record(
         "original_height": s.original_height or height,
     }
     lid = s.license or ""
-    mods = modifications(base, reencoded_as)
+    mods = modifications(base, reencoded_as, s.scores.get("safety.faces_blurred") or 0.0)
     rec: dict[str, Any] = {
         "key": s.key,
         "url": s.url,
@@ -242,6 +248,7 @@ def build_record(
         "image_sha256": image_sha256,
         "pixel_sha256": _s(s.pixel_sha256),
         "phash": _s(s.phash),
+        "dhash": _s(s.dhash),
         "scores": {n: _f(s.scores.get(n)) for n in score_names},
         "decisions": [
             {"filter": d.filter, "keep": bool(d.keep), "reason": _s(d.reason)} for d in s.decisions
@@ -269,7 +276,7 @@ _JSON_TYPES: list[tuple[str, Any]] = [
     *((n, "int64") for n in (
         "width", "height", "original_width", "original_height", "image_bytes",
     )),
-    *((n, "string") for n in ("sha256", "image_sha256", "pixel_sha256", "phash")),
+    *((n, "string") for n in ("sha256", "image_sha256", "pixel_sha256", "phash", "dhash")),
     ("scores", None),  # a struct of the release's score names
     ("decisions", [("filter", "string"), ("keep", "bool"), ("reason", "string")]),
     ("duplicate_count", "int64"),
@@ -344,6 +351,7 @@ def index_row(rec: dict[str, Any], offset: int) -> dict[str, Any]:
         "image_sha256": rec["image_sha256"],
         "pixel_sha256": n(rec["pixel_sha256"]),
         "phash": n(rec["phash"]),
+        "dhash": n(rec["dhash"]),
         "duplicate_count": rec["duplicate_count"],
         "offset": offset,
     }
@@ -405,6 +413,7 @@ def manifest_row(
         "image_sha256": rec["image_sha256"],
         "pixel_sha256": rec["pixel_sha256"] or None,
         "phash": rec["phash"] or None,
+        "dhash": rec["dhash"] or None,
         "url": rec["url"],
         "page_url": rec["page_url"] or None,
         "width": rec["width"],

@@ -332,6 +332,7 @@ class _Tally:
         self.page_evidence = 0
         self.resized = 0
         self.reencoded = 0
+        self.faces_blurred = 0
         self.duplicates_merged = 0
         self.image_bytes = 0
 
@@ -457,6 +458,8 @@ def _build(
                         tally.resized += 1
                     if reencoded:
                         tally.reencoded += 1
+                    if "faces blurred" in rec["modifications"]:
+                        tally.faces_blurred += 1
                     if rec["duplicate_count"] > 1:
                         tally.duplicates_merged += rec["duplicate_count"] - 1
                     tally.image_bytes += len(data)
@@ -563,6 +566,7 @@ def _summary(
         "page_evidence": tally.page_evidence,
         "resized": tally.resized,
         "reencoded": tally.reencoded,
+        "faces_blurred": tally.faces_blurred,
         "duplicates_merged": tally.duplicates_merged,
         "image_bytes": tally.image_bytes,
         "shards": len(shard_stats),
