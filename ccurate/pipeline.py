@@ -452,12 +452,33 @@ class Pipeline:
                     stages[f"retry-{i}"] = p["stats"]
         # this run's retry pass is already among the marker's passes (map_step appends it)
         stages.update({r.step: r.to_json() for r in self.results if r.step != "retry"})
-        return {"config": portable_dump(self.cfg), "stages": stages}
+        info: dict[str, Any] = {"config": portable_dump(self.cfg), "stages": stages}
+        refs = _dedup_references(self.step_dir("dedup"))
+        if refs:
+            info["dedup_references"] = refs
+        return info
 
     def write_summary(self) -> Path:
         path = self.work / "summary.json"
         write_json_atomic(path, {"steps": [r.to_json() for r in self.results]})
         return path
+
+
+def _dedup_references(dedup_dir: Path) -> dict[str, Any]:
+    """What the dedup plan read of its `against` (decontamination) and `previous` references:
+    rows, usable rows and what it could not read, for the card to state what the
+    decontamination promise rests on. Empty when the plan has not run."""
+    from ccurate.filters.dedup import SUMMARY_FILE
+
+    path = dedup_dir / "_prepare" / SUMMARY_FILE
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())
+    return {
+        name: {k: summary[f"{name}_{k}"] for k in ("rows", "usable", "unread")}
+        for name in ("against", "previous")
+        if summary.get(f"{name}_rows")
+    }
 
 
 def _plan_drops(plan_dir: Path) -> StageStats:

@@ -299,8 +299,19 @@ def render_card(s: dict[str, Any]) -> str:
         add(
             f"Note: {judged['released_under_earlier_settings']} of the published samples were "
             "judged under earlier filter or caption settings than those below (released by an "
-            "earlier rebuild and not fetched again; the licence policy below was applied to "
-            "them again).\n"
+            "earlier rebuild and not fetched again; the licence policy and the safety filter "
+            "below were applied to them again).\n"
+        )
+    again = judged.get("safety_judged_again") or {}
+    if again.get("judged"):
+        dropped = again.get("dropped") or {}
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
+        add(
+            f"Judged again by the safety filter (its settings changed since they were "
+            f"released): {again['judged']} samples; faces blurred in "
+            f"{again.get('faces_blurred', 0)}, withdrawn {sum(dropped.values())}"
+            + (f" ({why})" if why else "")
+            + ".\n"
         )
     if filters:
         add(_json_block(filters))
@@ -309,6 +320,16 @@ def render_card(s: dict[str, Any]) -> str:
     if setting("dedup"):
         add("Deduplication settings:\n")
         add(_json_block(setting("dedup")))
+    for name, what in (("against", "Decontamination"), ("previous", "Earlier releases")):
+        ref = (ri.get("dedup_references") or {}).get(name)
+        if ref:
+            unread = {k: v for k, v in (ref.get("unread") or {}).items() if v}
+            add(
+                f"{what} (`[dedup] {name}`): {ref['usable']} usable of {ref['rows']} reference "
+                "rows"
+                + (f"; not read: {json.dumps(unread, sort_keys=True)}" if unread else "")
+                + ".\n"
+            )
     add(
         "Duplicates merged into published samples (exact, near and semantic copies together, "
         f"each published sample's `duplicate_count` - 1): {s['duplicates_merged']}.\n"

@@ -207,3 +207,37 @@ def test_a_reencoded_file_is_written_upright() -> None:
     with Image.open(io.BytesIO(out)) as im:
         assert im.size == size == (64, 96)
         assert im.getexif().get(ORIENTATION_TAG, 1) == 1
+
+
+def test_card_states_the_dedup_references_and_the_safety_rejudging(tmp_path: Path) -> None:
+    """What the decontamination promise rests on (reference rows read and usable, what was
+    not read), and what a rebuild's second safety judgement did, are on the card."""
+    w = ShardWriter(tmp_path / "in")
+    w.write(_sample(7, blurred=1.0, dhash=None))
+    w.commit({})
+    info = {
+        "date": "2026-01-01",
+        "filters": {"safety": {"enabled": True, "blur_faces": True}},
+        "dedup_references": {
+            "against": {"rows": 12, "usable": 10, "unread": {"undecodable_images": 2}},
+            "previous": {"rows": 5, "usable": 5, "unread": {}},
+        },
+        "rebuild": {
+            "settings": {
+                "released_under_earlier_settings": 3,
+                "safety_judged_again": {"judged": 3, "faces_blurred": 1, "dropped": {"nsfw": 1}},
+            }
+        },
+    }
+    rel = write_release(
+        [str(tmp_path / "in")], [], tmp_path / "out", ShardsConfig(), name="r", run_info=info
+    )
+    card = (rel / "README.md").read_text(encoding="utf-8")
+    assert (
+        "Decontamination (`[dedup] against`): 10 usable of 12 reference rows; "
+        'not read: {"undecodable_images": 2}.' in card
+    )
+    assert "Earlier releases (`[dedup] previous`): 5 usable of 5 reference rows." in card
+    assert "the licence policy and the safety filter below were applied to them again" in card
+    assert "Judged again by the safety filter" in card
+    assert "3 samples; faces blurred in 1, withdrawn 1 (nsfw: 1)." in card
