@@ -21,8 +21,9 @@ FEMALE_BREAST_EXPOSED, with face scores <= 0.34, and a plain 0.5 threshold drops
 Face blurring (off by default) uses the same detections' FACE_FEMALE/FACE_MALE
 boxes — a learned detector that ships in the wheel, stronger than OpenCV's Haar
 cascade, which is the alternative (`face_detector = "haar"`). Faces are
-Gaussian-blurred in place; `sha256`/`pixel_sha256`/`phash` keep describing the
-downloaded file (provenance, exact dedup). Scores: `faces` (found) and `faces_blurred`.
+Gaussian-blurred in place; the hashes keep describing what ingest saw, unblurred:
+`sha256` the downloaded file (provenance), `pixel_sha256`/`phash`/`dhash` its ingested
+pixels (dedup, takedown matching). Scores: `faces` (found) and `faces_blurred`.
 
 What ships is what was judged. The detector sees one frame's upright pixels, but a
 file kept as downloaded (`[ingest] keep_original`) can carry more: an EXIF thumbnail
