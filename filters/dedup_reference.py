@@ -7,9 +7,12 @@ integers), images, webdataset `.tar` files (their image members), or releases (t
 `manifest.parquet`), hashed here. An input row matches a reference row on equal file or
 pixel SHA-256 (the first reference row wins), else, with near dedup on, on the closest
 verified near match. A decontamination promise must hold or fail loudly: a path that
-gives no usable hash is an error naming it, and files of unknown type, undecodable
-images and unparsable hash values are logged and counted (`RefSet.report`, which the
-dedup summary records).
+gives no usable hash is an error naming it, as is a file that cannot be read, and what
+is not read (files of unknown type, hidden files, FIFOs and other specials, links to
+nothing or back into the tree, non-image tar members, images over `REFERENCE_MAX_BYTES`),
+undecodable images and unparsable hash values are logged and counted (`RefSet.report`,
+which the dedup summary records). Folders are walked following links, each folder and
+file once.
 
 `near_matches` is the near rule of [dedup]: pHash within `radius`, and with
 `verify = "dhash"` also pHash + dHash distance <= `verify_sum` (rows without a
@@ -24,9 +27,15 @@ the other way round.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
+import os
+import stat
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -41,7 +50,7 @@ from ccurate.filters.hamming import group_ids, near_pairs
 from ccurate.filters.hashing import hex_to_u64, image_hashes
 from ccurate.pixels import upright_rgb
 from ccurate.shards.release import is_release
-from ccurate.tario import iter_members
+from ccurate.tario import iter_spans
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,15 @@ _IMAGE_EXTS = frozenset(
         *(".j2k", ".ico", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".qoi"),
     }
 )
+# webdataset members that travel with an image and are no image: not counted as skipped
+_SIDECAR_EXTS = frozenset({".json", ".txt", ".cls", ".caption", ".tags"})
+
+REFERENCE_MAX_BYTES = 64_000_000
+"""Image files and tar members over this many bytes are skipped and counted, never read:
+a 3 GB member was copied whole (6.4 GB peak, or a bare MemoryError). Above ingest's
+default 20 MB body cap, so the full-size original of anything ingest keeps is read."""
+
+_IMAGE_BATCH = 65_536  # image rows per Arrow array
 
 Hash128 = tuple[np.ndarray, np.ndarray, np.ndarray]
 """(high 64 bits, low 64 bits, valid) of hex SHA-256 strings: 16 bytes a row instead of ~70."""
@@ -121,7 +139,8 @@ class RefSet:
     check: np.ndarray | None = None  # dHash, when verifying
     check_ok: np.ndarray | None = None
     # rows, usable (a parseable hash, not an undecodable image), skipped_files,
-    # undecodable_images, unparsable (per hash column): what the dedup summary records
+    # undecodable_images, unparsable (per hash column), and when there are any
+    # skipped_members (tar) and oversized_images: what the dedup summary records
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,48 +154,100 @@ def _kind(f: Path) -> str:
     return "image" if f.suffix.lower() in _IMAGE_EXTS else "other"
 
 
-def _scan(folder: Path, files: list[Path], skipped: list[Path]) -> None:
+def _special(mode: int) -> str:
+    """What a folder entry that is neither a regular file nor a folder is."""
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "not a regular file"
+
+
+@dataclass
+class _Scan:
+    """One reference path: the files read from it, and what was left out with why
+    (`skipped`: folder entries, `members`: tar members, `oversized`: images over the cap)."""
+
+    path: Path
+    files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    members: list[tuple[str, str]] = field(default_factory=list)
+    oversized: list[str] = field(default_factory=list)
+
+
+def _scan(folder: Path, out: _Scan, seen: set[tuple[int, int]]) -> None:
     """A folder's reference files in sorted path order; a release gives its manifest only
-    (its shard indexes repeat it, and excluded.parquet has no hashes)."""
+    (its shard indexes repeat it, and excluded.parquet has no hashes).
+
+    Links are followed, but each folder and file (by device and inode) is read once: a
+    link back into the tree made every file count 41 times, and two such links never
+    ended. Whatever is not read is recorded in `out.skipped` with why."""
     if is_release(folder):
-        files.append(folder / "manifest.parquet")
+        out.files.append(folder / "manifest.parquet")
         return
     entries = sorted(folder.iterdir())
     names = {e.name.lower() for e in entries}
     for e in entries:
         name = e.name.lower()
-        if name.startswith(".") or name.endswith(".dropped.parquet"):
-            continue  # hidden (stale builds) and pipeline side outputs of dropped samples
-        if e.is_dir():
-            _scan(e, files, skipped)
-        elif e.is_file():
-            kind = _kind(e)
-            if kind == "other":
-                skipped.append(e)
-            elif kind != "tar" or f"{name[:-4]}.parquet" not in names:
-                files.append(e)  # a shard's tar is read through its parquet index
+        if name.startswith("."):
+            out.skipped.append((str(e), "hidden"))  # e.g. stale builds
+            continue
+        if name.endswith(".dropped.parquet"):
+            out.skipped.append((str(e), "dropped samples' side output"))
+            continue
+        try:
+            st = e.stat()
+        except FileNotFoundError:
+            out.skipped.append((str(e), "dangling link"))
+            continue
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            out.skipped.append((str(e), "link loop"))
+            continue
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            out.skipped.append((str(e), _special(st.st_mode)))
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen:
+            out.skipped.append((str(e), "already read through a link"))
+            continue
+        seen.add(ident)
+        if stat.S_ISDIR(st.st_mode):
+            _scan(e, out, seen)
+        elif _kind(e) == "other":
+            out.skipped.append((str(e), "unknown type"))
+        elif _kind(e) != "tar" or f"{name[:-4]}.parquet" not in names:
+            out.files.append(e)  # a shard's tar is read through its parquet index
 
 
-def _scan_paths(paths: list[str]) -> list[tuple[Path, list[Path], list[Path]]]:
-    """(path, files, skipped files) per reference path; a missing path is an error."""
-    out: list[tuple[Path, list[Path], list[Path]]] = []
+def _scan_paths(paths: list[str]) -> list[_Scan]:
+    """Each reference path's scan; a missing path, or one that is no file or folder (a
+    FIFO, a device), is an error naming it."""
+    out: list[_Scan] = []
     for p in paths:
-        path = Path(p).expanduser()
-        files: list[Path] = []
-        skipped: list[Path] = []
-        if path.is_dir():
-            _scan(path, files, skipped)
-        elif path.is_file():
-            files.append(path)
+        scan = _Scan(Path(p).expanduser())
+        try:
+            st = scan.path.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"dedup reference set not found: {scan.path}") from None
+        if stat.S_ISDIR(st.st_mode):
+            _scan(scan.path, scan, {(st.st_dev, st.st_ino)})
+        elif stat.S_ISREG(st.st_mode):
+            scan.files.append(scan.path)
         else:
-            raise FileNotFoundError(f"dedup reference set not found: {path}")
-        out.append((path, files, skipped))
+            raise ValueError(
+                f"dedup reference {scan.path} is a {_special(st.st_mode)}, not a file or folder"
+            )
+        out.append(scan)
     return out
 
 
 def reference_files(paths: list[str]) -> list[Path]:
     """The files that reference paths are read from, in order (see `load_reference`)."""
-    return [f for _, files, _ in _scan_paths(paths) for f in files]
+    return [f for scan in _scan_paths(paths) for f in scan.files]
 
 
 def _u64_hex(col: pa.Array) -> pa.Array:
@@ -207,70 +278,175 @@ def _hash_column(t: pa.Table, name: str, f: Path) -> pa.Array:
     raise ValueError(f"dedup reference {f}: column {name} is {col.type}; expected {want}")
 
 
-def load_reference(paths: list[str], hash_name: str = "phash", check: bool = False) -> RefSet:
+def _row_names(f: Path, rows: np.ndarray) -> pa.Array:
+    """`<file>#row=<i>` for rows without a key, built in Arrow: a Python string per row
+    was 837 MB of a 4M-row parquet's 1.4 GB peak."""
+    return pc.binary_join_element_wise(f"{f}#row=", pa.array(rows).cast(pa.string()), "")
+
+
+def _keys(t: pa.Table, f: Path) -> pa.Array:
+    """The `duplicate_of` targets of a parquet's rows: its `key` column (strings or
+    integers), rows without one named by file and row so that it is never left empty."""
+    n = t.num_rows
+    if "key" not in t.column_names:
+        return _row_names(f, np.arange(n))
+    col = t.column("key").combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    typ = col.type
+    if pa.types.is_null(typ):
+        return _row_names(f, np.arange(n))
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_integer(typ)):
+        raise ValueError(f"dedup reference {f}: column key is {typ}; expected strings or integers")
+    col = col.cast(pa.string())
+    if not col.null_count:
+        return col
+    null = col.is_null()
+    where = np.flatnonzero(np.asarray(null.to_numpy(zero_copy_only=False), bool))
+    return pc.replace_with_mask(col, null, _row_names(f, where))
+
+
+@contextmanager
+def _naming(f: Path) -> Iterator[None]:
+    """Errors reading reference file `f` name it: in a set of thousands of files a bare
+    `ArrowInvalid: Parquet file size is 508 bytes` did not say which one was bad."""
+    try:
+        yield
+    except pa.ArrowException as e:  # ArrowInvalid and kin: a corrupt or odd file
+        raise ValueError(f"dedup reference {f}: {type(e).__name__}: {e}") from e
+    except MemoryError as e:
+        raise MemoryError(f"dedup reference {f}: out of memory reading it") from e
+    except OSError as e:
+        if str(f) in str(e) or e.filename is not None:
+            raise
+        if e.errno is None:  # pyarrow's: "Couldn't deserialize thrift" and the like
+            raise OSError(f"dedup reference {f}: {e}") from e
+        raise OSError(e.errno, f"dedup reference {f}: {e.strerror}") from e
+
+
+def _read_capped(f: Path, cap: int) -> bytes | None:
+    """A file's bytes, None when over `cap` bytes; never more than `cap` + 1 bytes are
+    read, whatever the size said (a file that grows while read). `read(cap + 1)` for
+    every file would allocate the cap each time."""
+    with open(f, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > cap:
+            return None
+        data = fh.read(size + 1)
+        if len(data) > size:  # grew since: read on, up to the cap
+            data += fh.read(cap + 1 - len(data))
+    return None if len(data) > cap else data
+
+
+def _tally(items: list[tuple[str, str]]) -> str:
+    """'3 unknown type, 1 FIFO (e.g. a, b, c)' for (where, why) pairs."""
+    by = Counter(why for _, why in items)
+    eg = ", ".join(w for w, _ in items[:3])
+    return f"{', '.join(f'{n} {why}' for why, n in by.most_common())} (e.g. {eg})"
+
+
+def load_reference(
+    paths: list[str],
+    hash_name: str = "phash",
+    check: bool = False,
+    max_bytes: int = REFERENCE_MAX_BYTES,
+) -> RefSet:
     """Parquet files/dirs with `sha256`/`pixel_sha256`/`phash` (or `dhash`) columns, images,
     webdataset tars or releases (see the module docstring).
 
     Parquet rows keep their `key` column (if any) as the `duplicate_of` target, rows
     without one are named `<file>#row=<i>`; image files are hashed here and named by
     their path, tar members by `<tar>#<member>`. `check` also loads the `dhash` column to
-    verify pHash matches (rows without one: pHash <= 4 only). A path without a usable
-    row is a ValueError naming it; what was skipped or unreadable is logged.
+    verify pHash matches (rows without one: pHash <= 4 only). An image file or tar member
+    over `max_bytes` is skipped and counted, never read whole. A path without a usable
+    row is a ValueError naming it; what was skipped or unreadable is logged and counted.
     """
     keys: list[pa.Array] = []
     cols: dict[str, list[pa.Array]] = {c: [] for c in ("sha256", "pixel_sha256", "code", "dhash")}
     broken: list[np.ndarray] = []  # per row: an image that did not decode
     scanned = _scan_paths(paths)
+    # image rows as Python lists, one Arrow array per file (or per `_IMAGE_BATCH` rows):
+    # five one-row arrays per image took ~6 KB per tar member
+    img: dict[str, list[str | None]] = {c: [] for c in ("key", *cols)}
+    img_bad: list[bool] = []
+
+    def flush() -> None:
+        if img_bad:
+            keys.append(pa.array(img["key"], pa.string()))
+            for c in cols:
+                cols[c].append(pa.array(img[c], pa.string()))
+            broken.append(np.array(img_bad, bool))
+            for v in img.values():
+                v.clear()
+            img_bad.clear()
 
     def add_image(key: str, data: bytes) -> None:
         got = hash_image(data)
-        keys.append(pa.array([key], pa.string()))
-        cols["sha256"].append(pa.array([hashlib.sha256(data).hexdigest()], pa.string()))
         pix, ph, dh = got if got else (None, None, None)
-        for c, v in (("pixel_sha256", pix), ("code", dh if hash_name == "dhash" else ph)):
-            cols[c].append(pa.array([v], pa.string()))
-        cols["dhash"].append(pa.array([dh], pa.string()))
-        broken.append(np.array([got is None]))
+        for c, v in (
+            ("key", key),
+            ("sha256", hashlib.sha256(data).hexdigest()),
+            ("pixel_sha256", pix),
+            ("code", dh if hash_name == "dhash" else ph),
+            ("dhash", dh),
+        ):
+            img[c].append(v)
+        img_bad.append(got is None)
+        if len(img_bad) >= _IMAGE_BATCH:
+            flush()
+
+    def read_tar(f: Path, scan: _Scan) -> None:
+        with open(f, "rb") as fh:  # member by member: memory is one member, at most the cap
+            for member, begin, n in iter_spans(f):
+                where, ext = f"{f}#{member}", Path(member).suffix.lower()
+                if ext not in _IMAGE_EXTS:
+                    if ext not in _SIDECAR_EXTS:
+                        why = "of unknown type" if ext else "without an extension"
+                        scan.members.append((where, f"tar member {why}"))
+                    continue
+                if n > max_bytes:
+                    scan.oversized.append(where)
+                    continue
+                fh.seek(begin)
+                data = fh.read(n)
+                if len(data) != n:
+                    raise ValueError(f"{f}: member {member} ends early (changed while read?)")
+                add_image(where, data)
+
+    def read_parquet(f: Path) -> None:
+        names = set(pq.read_schema(f).names)
+        if not {"sha256", "pixel_sha256", hash_name} & names:
+            raise ValueError(
+                f"dedup reference {f} has none of the columns sha256, pixel_sha256, {hash_name}"
+            )
+        wanted = [c for c in ("key", "sha256", "pixel_sha256", hash_name, "dhash") if c in names]
+        t = pq.read_table(f, columns=list(dict.fromkeys(wanted)))
+        n = t.num_rows
+        keys.append(_keys(t, f))
+        for out, c in (
+            ("sha256", "sha256"),
+            ("pixel_sha256", "pixel_sha256"),
+            ("code", hash_name),
+            ("dhash", "dhash"),
+        ):
+            cols[out].append(_hash_column(t, c, f) if c in names else pa.nulls(n, pa.string()))
+        broken.append(np.zeros(n, bool))
 
     chunk_at = []  # per path: its first chunk of `keys`
-    for _, files, _ in scanned:
+    for scan in scanned:
         chunk_at.append(len(keys))
-        for f in files:
+        for f in scan.files:
             kind = _kind(f)
-            if kind == "tar":
-                for member, data in iter_members(f):
-                    if Path(member).suffix.lower() in _IMAGE_EXTS:
-                        add_image(f"{f}#{member}", data)
-                continue
-            if kind != "parquet":
-                add_image(str(f), f.read_bytes())
-                continue
-            names = set(pq.read_schema(f).names)
-            if not {"sha256", "pixel_sha256", hash_name} & names:
-                raise ValueError(
-                    f"dedup reference {f} has none of the columns sha256, pixel_sha256, {hash_name}"
-                )
-            wanted = [
-                c for c in ("key", "sha256", "pixel_sha256", hash_name, "dhash") if c in names
-            ]
-            t = pq.read_table(f, columns=list(dict.fromkeys(wanted)))
-            n = t.num_rows
-            # a row without a key is named by its file and row, so a dropped sample still
-            # says which reference row it matched (`duplicate_of` is never left empty)
-            where = pa.array([f"{f}#row={i}" for i in range(n)], pa.string())
-            keys.append(
-                pc.coalesce(t.column("key").combine_chunks().cast(pa.string()), where)
-                if "key" in names
-                else where
-            )
-            for out, c in (
-                ("sha256", "sha256"),
-                ("pixel_sha256", "pixel_sha256"),
-                ("code", hash_name),
-                ("dhash", "dhash"),
-            ):
-                cols[out].append(_hash_column(t, c, f) if c in names else pa.nulls(n, pa.string()))
-            broken.append(np.zeros(n, bool))
+            with _naming(f):
+                if kind == "tar":
+                    read_tar(f, scan)
+                elif kind == "parquet":
+                    read_parquet(f)
+                elif (data := _read_capped(f, max_bytes)) is None:
+                    scan.oversized.append(str(f))
+                else:
+                    add_image(str(f), data)
+            flush()
 
     def chunked(c: str) -> pa.ChunkedArray:
         return pa.chunked_array(cols[c], pa.string())
@@ -287,36 +463,61 @@ def load_reference(paths: list[str], hash_name: str = "phash", check: bool = Fal
     for c, valid in parsed.items():
         length = pc.utf8_length(chunked("code" if c == hash_name else c))
         unparsable[c] = (np.asarray(pc.fill_null(length, 0).to_numpy()) > 0) & ~valid
-    skipped = [f for _, _, sk in scanned for f in sk]
 
-    def counts(a: int, b: int, sk: list[Path]) -> dict[str, Any]:
-        return {
+    def counts(a: int, b: int, scans: list[_Scan]) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "rows": int(b - a),
             "usable": int(usable[a:b].sum()),
-            "skipped_files": len(sk),
-            "undecodable_images": int(bad[a:b].sum()),
-            "unparsable": {c: int(m[a:b].sum()) for c, m in unparsable.items() if m[a:b].any()},
+            "skipped_files": sum(len(s.skipped) for s in scans),
         }
+        # counted only when there are any: most sets have neither
+        for name, n in (
+            ("skipped_members", sum(len(s.members) for s in scans)),
+            ("oversized_images", sum(len(s.oversized) for s in scans)),
+            # a pHash but no dHash (a release from before its `dhash` column): the dHash
+            # check cannot run, so near matches against these rows stop at pHash <= 4
+            ("without_dhash", int((ok[a:b] & ~chk_ok[a:b]).sum()) if check else 0),
+        ):
+            if n:
+                out[name] = n
+        out["undecodable_images"] = int(bad[a:b].sum())
+        out["unparsable"] = {c: int(m[a:b].sum()) for c, m in unparsable.items() if m[a:b].any()}
+        return out
 
     at = np.cumsum([0, *(len(k) for k in keys)])[[*chunk_at, len(keys)]]
-    for (path, _, sk), a, b in zip(scanned, at[:-1], at[1:], strict=True):
+    for scan, a, b in zip(scanned, at[:-1], at[1:], strict=True):
         if not usable[a:b].any():
-            got = ", ".join(f"{k} {v}" for k, v in counts(a, b, sk).items())
+            got = ", ".join(f"{k} {v}" for k, v in counts(a, b, [scan]).items())
             raise ValueError(
-                f"dedup reference {path} gives no usable hash ({got}): it reads parquet "
+                f"dedup reference {scan.path} gives no usable hash ({got}): it reads parquet "
                 f"with sha256/pixel_sha256/{hash_name} columns, images, webdataset .tar "
                 "files and releases (their manifest.parquet)"
             )
-    report = counts(0, len(usable), skipped)
-    if skipped or report["undecodable_images"] or report["unparsable"]:
+    report = counts(0, len(usable), scanned)
+    skipped = [s for scan in scanned for s in (*scan.skipped, *scan.members)]
+    oversized = [w for scan in scanned for w in scan.oversized]
+    if report.get("without_dhash"):
         log.warning(
-            "dedup reference %s: %d of %d rows usable; %d files of unknown type skipped%s; "
+            "dedup reference %s: %d of %d rows have a pHash but no dHash (e.g. a release "
+            "written before its dhash column): near copies of them are found only within "
+            "pHash distance 4, not by the pHash + dHash rule; a reference with dHash (a newer "
+            "release, or hashes re-computed from the images) restores it",
+            ", ".join(paths),
+            report["without_dhash"],
+            report["rows"],
+        )
+    if skipped or oversized or report["undecodable_images"] or report["unparsable"]:
+        log.warning(
+            "dedup reference %s: %d of %d rows usable; skipped: %s; %s; "
             "%d undecodable images; unparsable hash values: %s",
             ", ".join(paths),
             report["usable"],
             report["rows"],
-            len(skipped),
-            f" (e.g. {', '.join(str(f) for f in skipped[:3])})" if skipped else "",
+            _tally(skipped) if skipped else "none",
+            f"{len(oversized)} images over {max_bytes} bytes not read (e.g. "
+            f"{', '.join(oversized[:3])})"
+            if oversized
+            else "no image over the size cap",
             report["undecodable_images"],
             report["unparsable"] or "none",
         )
