@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Iterator
 from typing import IO, Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile
+
+# ---- Pillow's decompression-bomb guard ---------------------------------------------------
+# Every stage decodes under one rule, whatever process it runs in (a fresh `ccurate dedup`,
+# a resumed run, a Ray/Slurm worker, or the process where ingest ran first): importing this
+# module sets Pillow's process-wide limit to `MAX_PIXELS`, which ingest may raise (never
+# lower) to its `max_pixels`, and every decode outside ingest opens through `open_image`,
+# which checks its own cap explicitly, so a decision (a reference image decodable or not, a
+# sample kept or dropped) never depends on which stage ran first in the process.
+
+MAX_PIXELS = 89_478_485
+"""The pixel cap of every decode outside ingest: Pillow's own limit and ingest's default
+`max_pixels`. Raising `[ingest] max_pixels` above it does not raise it: later stages refuse
+such images (filters: `decode_error`, release: `image_error`)."""
+
+
+def configure_pillow(max_pixels: int = MAX_PIXELS) -> None:
+    """Pillow's process-wide settings: its `DecompressionBombError` fires above
+    max(`max_pixels`, `MAX_PIXELS`) (it errors at 2 x `MAX_IMAGE_PIXELS` and only warns
+    above it, hence half; the warning is silenced), truncated files are errors. Never below
+    `MAX_PIXELS`: lowering a process-wide limit would make other stages' decisions depend on
+    whether ingest ran in the same process; a smaller cap is checked explicitly instead
+    (`open_image`, ingest's header checks). Call before any decode thread starts."""
+    Image.MAX_IMAGE_PIXELS = (max(max_pixels, MAX_PIXELS) + 1) // 2
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+configure_pillow()
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`Image.open` of bytes, refused (`DecompressionBombError`, nothing decoded) above
+    `max_pixels`: checked here, not left to Pillow's process-wide limit (see above)."""
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels > {max_pixels}")
+    return im
+
+
+_HIGH_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -16,7 +60,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if mode in _HIGH_BIT:
         arr = np.asarray(img)
         if mode == "F":
             lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
@@ -42,6 +86,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("PA", "RGBa", "La"):
         return _on_white(img.convert("RGBA"))
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """Whether `to_rgba` keeps transparency: an alpha band, or a transparency key on 8-bit
+    pixels. 16-/32-bit and float greys are judged opaque (`to_rgb` scales them and ignores
+    their key), so what ships of them is opaque too."""
+    if img.mode in _HIGH_BIT:
+        return False
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def to_rgba(img: Image.Image) -> Image.Image:
+    """What a format with alpha stores of the judged pixels: 8-bit RGBA when the image has
+    transparency (`has_alpha`), else `to_rgb` (16-bit greys scaled, not clipped white)."""
+    if not has_alpha(img):
+        return to_rgb(img)
+    return img if img.mode == "RGBA" else img.convert("RGBA")
 
 
 def _on_white(img: Image.Image) -> Image.Image:
@@ -71,12 +132,29 @@ def exif_orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # ImageOps.exif_transpose's table
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it (EXIF orientation applied), the image itself when
+    upright. Pixels only: `ImageOps.exif_transpose` also rewrites the EXIF block, which
+    raises (`struct.error`, ...) on a malformed tag that `exif_orientation` reads past."""
+    method = _TRANSPOSE.get(exif_orientation(img))
+    return img if method is None else img.transpose(method)
+
+
 def upright_rgb(img: Image.Image) -> Image.Image:
     """The image as viewers show it, as 8-bit RGB: EXIF orientation applied, then `to_rgb`.
     What ingest hashes and stores sizes of, so what every later decoder must produce."""
-    if exif_orientation(img) != 1:
-        img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    return to_rgb(upright(img))
 
 
 def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
@@ -100,6 +178,72 @@ def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
         if marker == 0xDA:  # start of scan: entropy-coded data follows
             return
         i += 2 + length
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """Bytes of a JPEG up to and including the EOI that ends its (first) image; None when
+    the structure is cut or corrupt (no EOI after a scan, another SOI or frame header). What
+    follows (a motion photo's MP4, an MPO's second picture without its index, any appended
+    file) is not part of the decoded image."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n, scanned = 2, len(data), False
+    while i + 2 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return i + 2 if scanned else None
+        if marker == 0xD8 or (scanned and marker in _SOF):
+            return None  # another image starts: not this one's end
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no payload
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+        if marker == 0xDA:  # entropy-coded data: ends at the next marker (not 00 or RSTn)
+            scanned = True
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    return None
+                nxt = data[i + 1]
+                if nxt == 0xFF:
+                    i += 1
+                elif nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
+                    i += 2
+                else:
+                    break
+    return None
+
+
+def png_end(data: bytes) -> int | None:
+    """Bytes of a PNG up to and including its IEND chunk; None when cut or corrupt."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    i, n = 8, len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        end = i + 12 + length
+        if data[i + 4 : i + 8] == b"IEND":
+            return end if end <= n else None
+        i = end
+    return None
+
+
+def webp_end(data: bytes) -> int | None:
+    """Bytes of a WebP's RIFF container (its declared size); None when cut or corrupt."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    end = 8 + int.from_bytes(data[4:8], "little")
+    return end if 12 <= end <= len(data) else None
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:

@@ -8,6 +8,8 @@ Being shared, it shows no image the run would not publish: never one of an `nsfw
 and, when the run blurs faces (`[filters.safety] blur_faces` in the filter step's
 `_SETTINGS`), each dropped sample shown goes through the run's safety filter first (most
 were dropped before it, unblurred): faces blurred, or no image when the filter drops it.
+Images decode under the shared pixel cap (`ccurate.pixels.open_image`), and the blur is the
+safety filter's own re-encode, bounded by its `max_pixels`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
-from ccurate.pixels import to_rgb
+from ccurate.pixels import open_image, to_rgb, upright
 from ccurate.record import Sample
 from ccurate.shardio import iter_samples, list_shards
 
@@ -39,10 +40,10 @@ def _thumb(data: bytes | None, size: int = 128) -> str | None:
     if not data:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with open_image(data) as opened:  # the shared pixel cap, whatever the process
             opened.draft("RGB", (size, size))
             # upright as a viewer shows it, transparency on white (convert made it black)
-            im = to_rgb(ImageOps.exif_transpose(opened))
+            im = to_rgb(upright(opened))
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)

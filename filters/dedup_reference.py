@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import logging
 import os
 import stat
@@ -44,11 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
 from ccurate.filters.hamming import group_ids, near_pairs
 from ccurate.filters.hashing import hex_to_u64, image_hashes
-from ccurate.pixels import upright_rgb
+from ccurate.pixels import open_image, upright_rgb
 from ccurate.shards.release import is_release
 from ccurate.tario import iter_spans
 
@@ -87,7 +85,7 @@ def hash_image(data: bytes) -> tuple[str, str, str] | None:
     """(pixel_sha256, phash, dhash) of image bytes as ingest hashes them (upright RGB), None
     if they do not decode."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im.load()
             return tuple(image_hashes(upright_rgb(im)))  # type: ignore[return-value]
     except Exception:  # undecodable bytes: no perceptual hash, exact only on file bytes

@@ -9,6 +9,9 @@ a replaced `sample.image` (face blurring) is a new object and misses.
 Pixels come upright (EXIF orientation applied): a kept-original phone photo is stored
 sideways with an orientation tag, and a face detector, OCR or CLIP must see it as
 viewers do; the hashes ingest stored were taken from the upright pixels too.
+
+Images above `ccurate.pixels.MAX_PIXELS` are refused before decoding (`decode_error`),
+whatever Pillow's process-wide limit is (`open_image`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections import OrderedDict
 
 from PIL import Image
 
-from ccurate.pixels import upright_rgb
+from ccurate.pixels import open_image, upright_rgb
 
 MAX_CACHE_PIXELS = 64 * 1024 * 1024
 """Pixel budget of the cache (~192 MB RGB): a default batch of 64 at 1024^2 fits."""
@@ -34,7 +37,8 @@ class DecodeError(ValueError):
 
 
 def decode_rgb(data: bytes | None) -> Image.Image:
-    """The image as upright RGB (alpha composited on white). Shared: callers must not mutate it."""
+    """The image as upright RGB (alpha composited on white), without the file's metadata
+    (`info`). Shared: callers must not mutate it."""
     global _cache_pixels
     if not data:
         raise DecodeError("no image bytes")
@@ -45,9 +49,10 @@ def decode_rgb(data: bytes | None) -> Image.Image:
             _cache.move_to_end(key)
             return hit[1]
     try:
-        im = Image.open(io.BytesIO(data))
+        im = open_image(data)
         im.load()
-        rgb = upright_rgb(im)
+        rgb = upright_rgb(im)  # may be `im` itself: not closed
+        rgb.info = {}  # pixels only: the file's metadata must not ride into a re-encode
     except Exception as e:  # Pillow raises many types for bad input
         raise DecodeError(f"{type(e).__name__}: {e}") from e
     with _lock:

@@ -33,7 +33,10 @@ re-encoded (`safe_reencode`), faces or not, unless it is ccurate's own encode of
 resized pixels (no metadata) with no face; without it every multi-frame one is:
 the judged first frame only, upright, with descriptive EXIF (creator, copyright,
 camera) and an RGB colour profile, nothing else. Scores `reencoded` (1 when the
-stored bytes were replaced) and `frames` (when the file had more than one).
+stored bytes were replaced) and `frames` (when the file had more than one). A re-encode
+costs one full-size copy at most (the filters' decode is reused, boxes are blurred in
+place, a palette frame keeps its palette); an image above `max_pixels` is not re-encoded
+but dropped (`decompression_bomb`), so the memory `resources` declares holds.
 
 A BY-ND work whose faces would be blurred is dropped (`nd_needs_blur`): the blurred
 image is an adaptation, which ND does not allow to share.
@@ -45,18 +48,28 @@ import functools
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from ccurate.configbase import Section
 from ccurate.filters.images import DecodeError, decode_rgb
 from ccurate.filters.licenses import normalize
-from ccurate.pixels import ORIENTATION_TAG, exif_orientation, save_jpeg, to_rgb
+from ccurate.pixels import (
+    MAX_PIXELS,
+    ORIENTATION_TAG,
+    has_alpha,
+    open_image,
+    save_jpeg,
+    to_rgb,
+    to_rgba,
+    upright,
+)
 from ccurate.record import Decision, Sample
 from ccurate.stage import Filter, Resources
 
@@ -68,6 +81,8 @@ REASONS: dict[str, str] = {
     "safety.threshold with a face >= safety.person_min",
     "nd_needs_blur": "a no-derivatives (ND) licensed image with faces to blur (safety.blur_faces): "
     "the blurred image would be an adaptation, which ND does not allow to share",
+    "decompression_bomb": "an image the filter must re-encode (faces to blur, or a file kept as "
+    "downloaded with more than what was judged) has more than safety.max_pixels pixels",
 }
 
 LABELS: list[str] = [
@@ -104,6 +119,8 @@ class SafetyConfig(Section):
     face_detector: Literal["nudenet", "haar"] = "nudenet"
     face_min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.35
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95  # re-encoding after blurring
+    # an image to re-encode above this drops `decompression_bomb` (sizes `resources`)
+    max_pixels: Annotated[int, Field(gt=0)] = MAX_PIXELS
 
     @field_validator("classes")
     @classmethod
@@ -225,24 +242,46 @@ def haar_faces(rgb: np.ndarray) -> list[tuple[int, int, int, int, float]]:
     return [(int(x), int(y), int(w), int(h), 1.0) for x, y, w, h in found]
 
 
-def blur_regions(
-    arr: np.ndarray, boxes: list[tuple[int, int, int, int, float]]
-) -> tuple[np.ndarray, int]:
-    """Strong Gaussian blur over each box grown by 15% (colour channels only; alpha kept)."""
-    out = arr.copy()
-    n = 0
-    h, w = arr.shape[:2]
+def _blur_boxes(
+    w: int, h: int, boxes: list[tuple[int, int, int, int, float]]
+) -> Iterator[tuple[int, int, int, int, float]]:
+    """(x0, y0, x1, y1, sigma) of each box grown by 15%, clipped; boxes too thin skipped."""
     for x, y, bw, bh, _ in boxes:
         gx, gy = int(0.15 * bw), int(0.15 * bh)
         x0, y0 = max(0, x - gx), max(0, y - gy)
         x1, y1 = min(w, x + bw + gx), min(h, y + bh + gy)
         if x1 - x0 < 2 or y1 - y0 < 2:
             continue
-        roi = out[y0:y1, x0:x1, :3]
-        sigma = max(2.0, max(x1 - x0, y1 - y0) / 6.0)
-        out[y0:y1, x0:x1, :3] = cv2.GaussianBlur(roi, (0, 0), sigmaX=sigma, sigmaY=sigma)
+        yield x0, y0, x1, y1, max(2.0, max(x1 - x0, y1 - y0) / 6.0)
+
+
+def _blur(roi: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(roi, (0, 0), sigmaX=sigma, sigmaY=sigma)
+
+
+def blur_regions(
+    arr: np.ndarray, boxes: list[tuple[int, int, int, int, float]]
+) -> tuple[np.ndarray, int]:
+    """Strong Gaussian blur over each box grown by 15% (colour channels only; alpha kept),
+    on a copy of `arr`."""
+    out = arr.copy()
+    n = 0
+    for x0, y0, x1, y1, sigma in _blur_boxes(arr.shape[1], arr.shape[0], boxes):
+        out[y0:y1, x0:x1, :3] = _blur(out[y0:y1, x0:x1, :3], sigma)
         n += 1
     return out, n
+
+
+def blur_image(img: Image.Image, boxes: list[tuple[int, int, int, int, float]]) -> int:
+    """`blur_regions` in place on an RGB or RGBA image, box by box: memory of the boxes only,
+    not of another full-size copy. Returns the boxes blurred."""
+    n = 0
+    for x0, y0, x1, y1, sigma in _blur_boxes(img.width, img.height, boxes):
+        roi = np.array(img.crop((x0, y0, x1, y1)))
+        roi[..., :3] = _blur(roi[..., :3], sigma)
+        img.paste(Image.fromarray(roi, img.mode), (x0, y0))
+        n += 1
+    return n
 
 
 # EXIF tags a re-encoded image keeps: who made it and with what, in plain text. Everything
@@ -280,8 +319,17 @@ def frame_count(data: bytes) -> int:
         return int(getattr(im, "n_frames", 1) or 1)
 
 
+REENCODE_BYTES_PER_PIXEL = 16
+"""Peak memory of `safe_reencode` per pixel, over the decode the filters already hold
+(measured: 8-11 B on RGB/RGBA PNG and JPEG with a face blurred, 2 B on a palette GIF):
+what `SafetyFilter.resources` declares for `max_pixels`."""
+
+
 def safe_reencode(
-    data: bytes, boxes: list[tuple[int, int, int, int, float]], jpeg_quality: int = 95
+    data: bytes,
+    boxes: list[tuple[int, int, int, int, float]],
+    jpeg_quality: int = 95,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[bytes, str, int]:
     """The first frame, upright, `boxes` blurred, re-encoded in the image's own format with
     only safe metadata (see the module doc) -> (bytes, mime, boxes blurred).
@@ -289,13 +337,16 @@ def safe_reencode(
     Boxes are in the upright frame (the filters decode with EXIF orientation applied). Alpha
     is kept, but colour under fully transparent pixels, which the detector saw as white, is
     made white; a CMYK or grey colour profile no longer fits the RGB pixels and is dropped.
-    """
-    with Image.open(io.BytesIO(data)) as im:
+    16-bit greys are scaled as the filters judged them (`to_rgb`), opaque.
+
+    Memory: one full-size copy at most (`REENCODE_BYTES_PER_PIXEL`). An opaque image reuses
+    the filters' decode (`decode_rgb`), copied only to blur; a palette frame without boxes
+    keeps its palette (no quantising); boxes are blurred in place. Above `max_pixels` it
+    raises `DecompressionBombError` before decoding."""
+    im = open_image(data, max_pixels)
+    out: Image.Image | None = None
+    try:
         fmt = "JPEG" if im.format == "MPO" else im.format or "PNG"
-        im.load()  # the first frame
-        has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-        upright = ImageOps.exif_transpose(im) if exif_orientation(im) != 1 else im
-        src = upright.convert("RGBA") if has_alpha else to_rgb(upright)  # 16-bit scaled
         meta: dict[str, Any] = {}
         exif = _safe_exif(im)
         if exif:
@@ -303,16 +354,41 @@ def safe_reencode(
         icc = im.info.get("icc_profile")
         if icc and im.mode in ("RGB", "RGBA"):
             meta["icc_profile"] = icc
-    arr, n = blur_regions(np.asarray(src), boxes)
-    if has_alpha:
-        arr[arr[..., 3] == 0, :3] = 255
-    out = Image.fromarray(arr)
+        palette = not boxes and fmt in ("GIF", "PNG") and im.mode in ("P", "L")
+        palette = palette and not (im.mode == "L" and "transparency" in im.info)
+        if palette or has_alpha(im):
+            im.load()  # the first frame
+            out = upright(im)
+            if out is not im:
+                im.close()
+            if palette:
+                _whiten_palette(out)
+            else:
+                rgba = to_rgba(out)
+                if rgba is not out:
+                    out.close()
+                out = rgba
+    finally:
+        if out is not im:
+            im.close()
+    if out is None:  # opaque: the pixels the filters judged (their cached decode, shared)
+        out = decode_rgb(data)
+        if boxes:
+            out = out.copy()
+    n = blur_image(out, boxes)
+    if out.mode == "RGBA":  # the detector saw white under full transparency
+        mask = out.getchannel("A").point(lambda a: 255 if a == 0 else 0)
+        out.paste((255, 255, 255, 0), mask=mask)
+    # encoders read comments, XMP and profiles from `info` too: only `meta` may ship
+    if out.info:  # not the shared decode, whose info is empty
+        key = out.info.get("transparency") if out.mode in ("P", "L") else None
+        out.info = {} if key is None else {"transparency": key}
     buf = io.BytesIO()
     try:
         if fmt == "JPEG":
-            save_jpeg(out.convert("RGB"), buf, jpeg_quality, **meta)
+            save_jpeg(to_rgb(out), buf, jpeg_quality, **meta)
         elif fmt == "GIF":
-            out.convert("RGB").quantize(256).save(buf, "GIF")
+            (out if out.mode in ("P", "L") else to_rgb(out).quantize(256)).save(buf, "GIF")
         elif fmt == "WEBP":
             out.save(buf, "WEBP", quality=jpeg_quality, **meta)
         else:
@@ -322,6 +398,19 @@ def safe_reencode(
         buf = io.BytesIO()
         out.save(buf, "PNG", **meta)
     return buf.getvalue(), Image.MIME.get(fmt, "image/png"), n
+
+
+def _whiten_palette(im: Image.Image) -> None:
+    """Palette entries that are fully transparent made white (what the detector saw)."""
+    key = im.info.get("transparency")
+    palette = im.getpalette()
+    if key is None or not palette:
+        return
+    alphas = [key] if isinstance(key, int) else [i for i, a in enumerate(bytes(key)) if a == 0]
+    for i in alphas:
+        if 3 * i + 3 <= len(palette):
+            palette[3 * i : 3 * i + 3] = [255, 255, 255]
+    im.putpalette(palette)
 
 
 def reencode_blurred(
@@ -357,7 +446,9 @@ class SafetyFilter(Filter):
 
     @property
     def resources(self) -> Resources:
-        return Resources(cpus=float(max(1, self.cfg.threads)), memory_gb=0.5)
+        # the detector (~0.3 GB) plus one re-encode at the pixel cap
+        reencode = self.cfg.max_pixels * REENCODE_BYTES_PER_PIXEL / 2**30
+        return Resources(cpus=float(max(1, self.cfg.threads)), memory_gb=0.3 + reencode)
 
     def setup(self) -> None:
         if self.cfg.enabled and self._scorer is None:
@@ -446,7 +537,14 @@ class SafetyFilter(Filter):
             if self.cfg.blur_faces:
                 scores.update(faces=0.0, faces_blurred=0.0)
             return None  # ccurate's own encode (ingest resized it): no metadata, no face
-        data, mime, blurred = safe_reencode(sample.image, faces, self.cfg.jpeg_quality)
+        try:
+            data, mime, blurred = safe_reencode(
+                sample.image, faces, self.cfg.jpeg_quality, self.cfg.max_pixels
+            )
+        except Image.DecompressionBombError:
+            return "decompression_bomb"
+        except Exception:  # decoded once, failed now (Pillow raises many types): not shipped
+            return "decode_error"
         if self.cfg.blur_faces:
             scores.update(faces=float(len(faces)), faces_blurred=float(blurred))
         if blurred and no_derivatives(sample.license):

@@ -46,15 +46,15 @@ import hashlib
 import io
 import struct
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ccurate import pixels
 from ccurate.pixels import exif_orientation, save_jpeg, to_rgb, upright_rgb
 
 if TYPE_CHECKING:
@@ -142,18 +142,15 @@ def looks_like_image(data: bytes) -> bool:
 
 
 def configure_pillow(max_pixels: int) -> None:
-    """Make Pillow's own bomb check agree with ours (process-wide; call in `setup`, before
-    any decode thread starts: these are module globals, set once, only read afterwards).
-
-    Pillow raises `DecompressionBombError` above 2 x `MAX_IMAGE_PIXELS` (and only warns
-    above it), so half the cap makes its error fire at `max_pixels` (+1 when odd): also
-    where its plugins decode inside `Image.open` (ICO frames), before our own check."""
-    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    """Ingest's process-wide set-up (call in `setup`, before any decode thread starts):
+    Pillow's limit raised to `max_pixels` when above the shared default, never lowered
+    (`ccurate.pixels.configure_pillow`: other stages may share the process); a smaller cap
+    is ingest's own, checked on the headers before decoding (`_icon_pixels` for ICO/CUR,
+    whose frames Pillow decodes inside `Image.open`, and the size after opening)."""
+    pixels.configure_pillow(max_pixels)
     import cv2
 
     cv2.setNumThreads(1)  # our threads already fill the cores; nested pools only contend
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 _ICON_MAGIC = (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00")  # ICO, CUR

@@ -16,9 +16,18 @@ import math
 from typing import Any
 
 import pyarrow as pa
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ccurate.pixels import exif_orientation, save_jpeg
+from ccurate.pixels import (
+    jpeg_end,
+    open_image,
+    png_end,
+    save_jpeg,
+    to_rgb,
+    to_rgba,
+    upright,
+    webp_end,
+)
 from ccurate.record import Sample
 from ccurate.shardio import EXT_MIME, MIME_EXT
 
@@ -119,54 +128,55 @@ def prepare_image(
 ) -> tuple[bytes, str | None, tuple[int, int] | None]:
     """(member bytes, format re-encoded to or None, decoded size when we decoded it).
 
-    Stored bytes are copied untouched when their type is the configured one and they hold
-    one frame, so a release never loses quality to a needless re-encode. A file of more
-    frames (animated WebP/PNG, an MPO that ingest stores as image/jpeg) ships its
-    first frame only: the one the filters judged. A re-encode is written upright (EXIF
-    orientation applied), as the record's width and height describe it.
+    Stored bytes are copied when their type is the configured one and they hold one frame,
+    so a release never loses quality to a needless re-encode, but only up to the end of that
+    image (a JPEG's EOI, a PNG's IEND, a WebP's RIFF size): what a file carries after it (a
+    motion photo's MP4, an MPO's second picture without its index) was never judged, so it
+    never ships; a file whose end cannot be found is re-encoded. A file of more frames
+    (animated WebP/PNG, an MPO that ingest stores as image/jpeg) ships its first frame only:
+    the one the filters judged. A re-encode is written upright (EXIF orientation applied,
+    no EXIF kept), as the record's width and height describe it, with the pixels the filters
+    judged (`to_rgb` / `to_rgba`: 16-bit greys scaled, transparency on white for JPEG).
+
+    Refuses (`DecompressionBombError`) images above `ccurate.pixels.MAX_PIXELS`; any other
+    decode failure is a `ValueError` naming it (the release excludes the sample).
     """
-    with Image.open(io.BytesIO(data)) as src:
-        if MIME_EXT.get(mime or "") == cfg.image_format and getattr(src, "n_frames", 1) == 1:
-            return data, None, None
-        src.seek(0)
-        src.load()
-        im = ImageOps.exif_transpose(src) if exif_orientation(src) != 1 else src
-        size = im.size
-        out = io.BytesIO()
-        if cfg.image_format == "jpg":
-            rgb = _flatten(im)
-            save_jpeg(rgb, out, cfg.jpeg_quality)
-        elif cfg.image_format == "webp":
-            conv = (
-                im
-                if im.mode in ("RGB", "RGBA")
-                else im.convert("RGBA" if _has_alpha(im) else "RGB")
-            )
-            conv.save(out, format="WEBP", quality=cfg.webp_quality, method=4)
-        else:
-            conv = (
-                im
-                if im.mode in ("RGB", "RGBA", "L", "LA")
-                else im.convert("RGBA" if _has_alpha(im) else "RGB")
-            )
-            conv.save(out, format="PNG", optimize=False)
+    try:
+        with open_image(data) as src:
+            fmt = MIME_EXT.get(mime or "")
+            if fmt == cfg.image_format and getattr(src, "n_frames", 1) == 1:
+                end = _END[fmt](data) if fmt in _END else None
+                if end is not None:
+                    return data[:end], None, None
+            src.seek(0)
+            src.load()
+            im = upright(src)
+            size = im.size
+            out = io.BytesIO()
+            if cfg.image_format == "jpg":
+                save_jpeg(_bare(to_rgb(im)), out, cfg.jpeg_quality)
+            elif cfg.image_format == "webp":
+                _bare(to_rgba(im)).save(out, format="WEBP", quality=cfg.webp_quality, method=4)
+            else:
+                conv = im if im.mode in ("RGB", "RGBA", "L", "LA") else to_rgba(im)
+                _bare(conv).save(out, format="PNG", optimize=False)
+    except Image.DecompressionBombError:
+        raise
+    except Exception as e:  # Pillow raises many types on corrupt bytes (struct.error, ...)
+        raise ValueError(f"{type(e).__name__}: {e}") from e
     return out.getvalue(), cfg.image_format, size
 
 
-def _has_alpha(im: Image.Image) -> bool:
-    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+_END = {"jpg": jpeg_end, "png": png_end, "webp": webp_end}
 
 
-def _flatten(im: Image.Image) -> Image.Image:
-    """RGB for JPEG: transparent areas composited on white, not black."""
-    if im.mode == "RGB":
-        return im
-    if _has_alpha(im):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    return im.convert("RGB")
+def _bare(im: Image.Image) -> Image.Image:
+    """The image without the source's metadata, which encoders also read from `info` (a
+    JPEG comment, a PNG's colour profile that no longer fits converted pixels); a
+    transparency key stays. The image is the release's own (opened or converted here)."""
+    key = im.info.get("transparency") if im.mode in ("L", "RGB", "P") else None
+    im.info = {} if key is None else {"transparency": key}
+    return im
 
 
 def mime_of(fmt: str) -> str:

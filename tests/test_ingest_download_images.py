@@ -503,13 +503,23 @@ def test_favicons_still_decode() -> None:
     assert process_image(png_inside, OPT).original_width == 40
 
 
-def test_pillows_own_bomb_error_fires_at_max_pixels() -> None:
+def test_pillows_own_bomb_error_fires_at_max_pixels_never_below_the_shared_cap() -> None:
+    """Above the shared cap, Pillow's own error fires at ingest's `max_pixels` (+1 when odd);
+    below it the process-wide limit stays (other stages share the process) and ingest's own
+    header check drops the image."""
+    from ccurate.pixels import MAX_PIXELS
+
     try:
-        for cap in (1000, 1001):
+        for cap in (2 * MAX_PIXELS, 2 * MAX_PIXELS + 1):
             configure_pillow(cap)
             Image._decompression_bomb_check((cap, 1))  # at the cap: allowed
             with pytest.raises(Image.DecompressionBombError):
                 Image._decompression_bomb_check((cap + 2, 1))
+        configure_pillow(1000)
+        Image._decompression_bomb_check((MAX_PIXELS, 1))  # not lowered
+        with pytest.raises(ImageDrop) as e:
+            process_image(_save(photo(40, 40), "PNG"), ImageOptions(image_size=32, max_pixels=1000))
+        assert e.value.reason == "decompression_bomb"
     finally:
         configure_pillow(ImageOptions().max_pixels)
 
