@@ -56,6 +56,26 @@ ConfigArg = Annotated[Path, typer.Argument(help="pipeline config (TOML)", show_d
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", "-w", help="worker processes (overrides \\[run].workers)")
 ]
+RetryReasonOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--retry-reason",
+        help="with the retry step: also fetch again the ingest drops of this reason (repeat "
+        "for several), e.g. decode_error after an upgrade that decodes more images",
+    ),
+]
+
+
+def _retry_reasons(chosen: list[str] | None, retrying: bool) -> frozenset[str]:
+    """`--retry-reason` values checked before any step runs (a usage error, exit 2)."""
+    from ccurate.ingest.stage import retry_reasons
+
+    with usage_errors(ValueError):
+        if chosen and not retrying:
+            raise ValueError(
+                "--retry-reason needs the retry step (--retry-failed, or retry in --steps)"
+            )
+        return retry_reasons(chosen or [])
 
 
 def _version(value: bool) -> None:
@@ -86,6 +106,13 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except PipelineError as err:
         console.print(f"[red]cannot run[/red]: {escape(str(err))}")
         raise typer.Exit(EXIT_NOT_READY) from None
+    except Exception as err:  # the trainer's: a checkpoint or data set that does not fit
+        from ccurate.train.cli import input_errors
+
+        if not isinstance(err, input_errors()):
+            raise
+        console.print(f"[red]error[/red]: {escape(str(err))}")
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 @contextmanager
@@ -130,12 +157,16 @@ def load_run_config(
 
 
 def _pipeline(
-    config: Path, workers: int | None, executor: str | None = None, address: str | None = None
+    config: Path,
+    workers: int | None,
+    executor: str | None = None,
+    address: str | None = None,
+    retry_reasons: frozenset[str] = frozenset(),
 ) -> Any:
     from ccurate.pipeline import Pipeline
 
     cfg = load_run_config(config, workers, executor, address)
-    return Pipeline(cfg, make_executor(cfg))
+    return Pipeline(cfg, make_executor(cfg), retry_reasons)
 
 
 def make_executor(cfg: Any) -> Any:
@@ -183,6 +214,7 @@ def run(
         str | None, typer.Option(help="local, ray or slurm (overrides \\[run].executor)")
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    retry_reason: RetryReasonOpt = None,
 ) -> None:
     """Run every step (ingest, filter, dedup, caption, shard, train); resumes where it stopped."""
     from ccurate.pipeline import STEPS
@@ -194,7 +226,8 @@ def run(
                 raise ValueError(
                     f"--steps: unknown step {step!r}; expected one of {', '.join(STEPS)}, retry"
                 )
-    _run_steps(config, chosen, workers, executor=executor, address=address)
+    reasons = _retry_reasons(retry_reason, "retry" in chosen)
+    _run_steps(config, chosen, workers, executor=executor, address=address, retry_reasons=reasons)
 
 
 @app.command()
@@ -209,9 +242,11 @@ def ingest(
             "http_429, http_5xx) of the finished ingest; successes are not downloaded again",
         ),
     ] = False,
+    retry_reason: RetryReasonOpt = None,
 ) -> None:
     """Read sources (URL lists, pages, WARCs) and download images with licence evidence."""
-    _run_steps(config, ["retry"] if retry_failed else ["ingest"], workers)
+    reasons = _retry_reasons(retry_reason, retry_failed)
+    _run_steps(config, ["retry"] if retry_failed else ["ingest"], workers, retry_reasons=reasons)
 
 
 @app.command("filter")

@@ -77,9 +77,15 @@ class StepResult:
 class Pipeline:
     """Runs the steps of one config on one executor."""
 
-    def __init__(self, cfg: PipelineConfig, executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        executor: Executor | None = None,
+        retry_reasons: frozenset[str] = frozenset(),
+    ) -> None:
         self.cfg = cfg
         self.executor = executor or LocalExecutor(cfg.run.workers)
+        self.retry_reasons = retry_reasons  # `retry` step: drop reasons fetched again too
         self.work = Path(cfg.run.work_dir)
         self.results: list[StepResult] = []
         self.report_path: Path | None = None
@@ -107,8 +113,8 @@ class Pipeline:
             have, want = json.loads(settings.read_text()), self.step_settings(prev)
             if have != want:
                 raise PipelineError(
-                    f"step '{step}' needs '{prev}' redone: its settings changed since it ran "
-                    f"({', '.join(_changed_keys(have, want))}); rerun '{prev}'"
+                    f"step '{step}' needs '{prev}' redone: {self._changes(prev, have, want)} "
+                    f"since it ran; rerun '{prev}'"
                 )
         return [str(p) for p in done]
 
@@ -161,19 +167,55 @@ class Pipeline:
             write_json_atomic(complete, {**marker, name: passes})
         return self._record(StepResult(name or step, stats, time.perf_counter() - t0))
 
-    def step_settings(self, step: str) -> dict[str, Any]:
+    def step_settings(self, step: str, defaults: bool = False) -> dict[str, Any]:
         """What a step's outputs depend on: its config section without `PERF_KEYS`, and
         the settings of the steps before it (a changed filter threshold changes dedup's
-        input, so dedup's results go too)."""
-        section = getattr(self.cfg, SECTION[step]).model_dump(mode="json")
-        out = {SECTION[step]: _without_perf_keys(section)}
+        input, so dedup's results go too). `defaults`: this version's defaults instead."""
+        section = getattr(self.cfg, SECTION[step])
+        if defaults:
+            section = type(section)()
+        out = {SECTION[step]: _without_perf_keys(section.model_dump(mode="json"))}
         prev = PREVIOUS.get(step)
-        return {**self.step_settings(prev), **out} if prev in SECTION else out
+        return {**self.step_settings(prev, defaults), **out} if prev in SECTION else out
+
+    def _new_defaults(self, step: str, have: Any, want: Any) -> list[str]:
+        """Settings that `have` (recorded by an earlier version) lacks and that are now at
+        this version's default: new in this version, not changed by the user."""
+        from pydantic import ValidationError
+
+        try:
+            defaults = self.step_settings(step, defaults=True)
+        except ValidationError:  # a section without defaults: every change is the user's
+            return []
+        return [
+            k
+            for k in _changed_keys(have, want)
+            if _at(have, k) is _ABSENT and _at(want, k) == _at(defaults, k)
+        ]
+
+    def _changes(self, step: str, have: Any, want: Any) -> str:
+        """How a step's recorded settings differ from now, user changes apart from settings
+        new in this version (at their defaults), which are not the user's doing."""
+        changed = _changed_keys(have, want)
+        new = set(self._new_defaults(step, have, want))
+        user = [k for k in changed if k not in new]
+        parts = [f"settings changed ({', '.join(user)})"] if user else []
+        if new:
+            parts.append(
+                f"new settings in this version, at their defaults ({', '.join(sorted(new))})"
+            )
+        return "; ".join(parts)
 
     def _check_settings(self, step: str) -> None:
         """Results written under other settings are not reused: for filter, dedup and
         caption they are cleared and recomputed (captions come back from the cache);
-        ingest refuses, since recomputing it means downloading everything again."""
+        ingest refuses, since recomputing it means downloading everything again.
+
+        A setting new in this version, at its default, counts as a change of what the step
+        computes (its rules changed with the version), so filter, dedup and caption are
+        recomputed: the work directory then holds what this version gives, as a fresh run
+        would. The message says it is new, not the user's change. Ingest keeps its
+        downloads then (nothing to restore; deleting them is the user's call)."""
         out_dir = self.step_dir(step)
         path = out_dir / "_SETTINGS"
         want = self.step_settings(step)
@@ -182,17 +224,25 @@ class Pipeline:
             have = json.loads(path.read_text())
             if have == want:
                 return
-            changed = _changed_keys(have, want)
-            if step == "ingest":
-                raise PipelineError(
-                    f"ingest settings changed since {out_dir} was downloaded "
-                    f"({', '.join(changed)}); restore them, or delete {out_dir} to "
-                    "download again with the new ones"
-                )
-            log.warning(
-                "%s: settings changed (%s): its results are recomputed", step, ", ".join(changed)
+            changes = self._changes(step, have, want)
+            user_changed = len(self._new_defaults(step, have, want)) < len(
+                _changed_keys(have, want)
             )
-            _clear_step(out_dir)
+            if step == "ingest" and user_changed:
+                raise PipelineError(
+                    f"ingest {changes} since {out_dir} was downloaded; restore them, or "
+                    f"delete {out_dir} to download again with the new ones"
+                )
+            if step == "ingest":
+                log.warning(
+                    "ingest: %s: the downloads in %s are kept (delete it to download again "
+                    "under them)",
+                    changes,
+                    out_dir,
+                )
+            else:
+                log.warning("%s: %s: its results are recomputed", step, changes)
+                _clear_step(out_dir)
         # (a step dir from before settings were recorded is adopted as it is)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, want)
@@ -232,7 +282,8 @@ class Pipeline:
 
     def retry_failed(self) -> StepResult:
         """Fetch again the transient ingest failures (timeouts, connection errors, 408, 429,
-        5xx) of a finished ingest, without touching what was downloaded.
+        5xx) of a finished ingest, and its drops for `retry_reasons` (e.g. `decode_error`
+        after an upgrade that decodes more images), without touching what was downloaded.
 
         The records go to a new ingest shard `retry-NNNN`; the older drop rows of the same
         keys are then removed from their shards' side outputs and markers (the newest
@@ -256,7 +307,7 @@ class Pipeline:
         if pending:
             prefix = retry_dir / pending[0].name[: -len(".parquet")]
         else:
-            records = plan_retry(ing)
+            records = plan_retry(ing, self.retry_reasons)
             if not records:  # a killed retry may still have its drops to supersede
                 result = self._record(StepResult("retry", StageStats("retry"), 0.0))
                 self.ingest()
@@ -597,6 +648,18 @@ def _without_perf_keys(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_perf_keys(v) for v in value]
     return value
+
+
+_ABSENT = object()
+
+
+def _at(tree: Any, dotted: str) -> Any:
+    """The value at a dotted path of a settings tree (`_changed_keys`), `_ABSENT` if none."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -14,9 +14,11 @@ for the new work only:
     45_recheck/          opt-out re-check of released samples checked too long ago
     50_release_input/    the *gate*: last generation's release input + this one's
                          captioned shards, minus takedowns, opt-outs, superseded records;
-                         released samples judged under other safety settings are judged
-                         again (faces blurred, NSFW dropped: `SafetyRejudge`)
-    safety_judged.json   per release-input shard: the safety settings that judged it
+                         released samples judged under other safety settings or storing
+                         rules are judged again (faces blurred, NSFW dropped, files kept as
+                         downloaded re-encoded: `SafetyRejudge`)
+    safety_judged.json   per release-input shard: the safety settings (and, for files kept
+                         as downloaded, storing rules) that judged it
     ledger.parquet       per key: last outcome, when, attempts, last opt-out check
     retry.parquet        transient failures still to retry (full records)
     diff.json / .parquet added, removed (by reason), changed (which fields)
@@ -28,7 +30,7 @@ finishes on rerun, in the same generation. Stages run on any `Executor`
 hash and model), and a released sample is never re-filtered: only new or
 changed records go through the expensive stages. Two policies reach released samples
 without a refetch: the licence policy (`policy_withdrawals`) and the safety filter
-(`SafetyRejudge`, on the shards judged under other safety settings).
+(`SafetyRejudge`, on the shards judged under other safety settings or storing rules).
 
 Removed samples (takedowns, opt-outs) are persisted in the catalog directory
 (`ccurate.takedown`), so they never come back: later plans skip their keys and
@@ -65,6 +67,8 @@ from ccurate.configbase import Section
 from ccurate.executor import Executor, ShardTask
 from ccurate.rebuild_ledger import (
     Ledger,
+    asked_again,
+    dropped_records,
     fetch_due,
     fetch_outcomes,
     update_ledger,
@@ -73,6 +77,7 @@ from ccurate.record import Sample, samples_to_table
 from ccurate.release_diff import diff_release_inputs
 from ccurate.release_gate import (
     GATE_SCHEMA,
+    SAFETY_STORE_REVISION,
     ReleaseGateStage,
     SafetyRejudge,
     dropped_duplicates,
@@ -80,6 +85,7 @@ from ccurate.release_gate import (
     old_record_fate,
     policy_withdrawals,
     read_index,
+    rejudged_summary,
     released_hashes,
     superseded_keys,
 )
@@ -327,14 +333,17 @@ def plan_generation(
     ledger: Ledger,
     block: Blocklist,
     now: float,
+    retry_reasons: frozenset[str] = frozenset(),
 ) -> tuple[list[str], dict[str, Any]]:
     """This generation's partitions to fetch, and the counts behind the choice.
 
     From the full source plan: keys never attempted, transient failures whose
-    retry is due, records due a refetch; plus the pending retries of image
-    records found on pages (`retry.parquet` of the last generation). Removed
-    keys are skipped; records matching a URL, page or domain takedown are not
-    fetched at all (dropped here as `takedown`).
+    retry is due, records due a refetch, records last dropped for one of
+    `retry_reasons` (`--retry-reason`); plus the pending retries of image
+    records found on pages (`retry.parquet` of the last generation) and, for
+    `retry_reasons`, the dropped image records of the generations still on disk.
+    Removed keys are skipped; records matching a URL, page or domain takedown are
+    not fetched at all (dropped here as `takedown`).
     """
     from ccurate.ingest.sources import PLANNED_DROPPED, plan_sources
 
@@ -358,12 +367,16 @@ def plan_generation(
     def select(t: pa.Table, origin: str) -> pa.Table:
         idx = ledger.find(t.column("key"))
         new, retry, waiting, refetch = fetch_due(ledger, idx, rcfg, now)
+        again = asked_again(ledger, idx, retry_reasons) & ~(new | retry | refetch)
+        if planned_keys:
+            again &= np.array([k not in planned_keys for k in t.column("key").to_pylist()], bool)
         counts[f"{origin}_records"] += t.num_rows
         counts["new"] += int(new.sum())
         counts["retry_due"] += int(retry.sum())
         counts["retry_waiting_or_given_up"] += int(waiting.sum())
         counts["refetch_due"] += int(refetch.sum())
-        take = new | retry | refetch
+        counts["retry_reason"] += int(again.sum())
+        take = new | retry | refetch | again
         counts["already_done"] += int((~take & ~waiting).sum())
         if planned_keys:
             seen = np.array([k in planned_keys for k in t.column("key").to_pylist()], bool)
@@ -393,6 +406,11 @@ def plan_generation(
             t = select(t, "pending_retry")
             planned_keys.update(t.column("key").to_pylist())
             yield t
+        asked = dropped_records(generations(gen.dir.parent), retry_reasons)
+        if asked is not None:
+            t = select(asked, "dropped_record")
+            planned_keys.update(t.column("key").to_pylist())
+            yield t
 
     parts = _write_parts(out, source_tables(), cfg.run.partition_size)
     # plan-level drops of keys never seen before (bad_url, duplicate_url...), and takedowns
@@ -407,6 +425,18 @@ def plan_generation(
     )
     write_table_atomic(out / PLANNED_DROPPED, drop_table)
     counts["planned"] = sum(pq.read_metadata(f"{p}.parquet").num_rows for p in parts)
+    if retry_reasons:
+        everywhere = asked_again(ledger, np.arange(len(ledger)), retry_reasons)
+        lost = int(everywhere.sum()) - counts["retry_reason"]
+        if lost > 0:
+            counts["retry_reason_without_record"] = lost
+            log.warning(
+                "%d keys last dropped as %s have no record left to fetch again (no source "
+                "lists them and the generation that fetched them was deleted): set "
+                "refetch_after_days for one rebuild to fetch their pages again",
+                lost,
+                "/".join(sorted(retry_reasons)),
+            )
     counts["plan_dropped"] = drop_table.num_rows
     result = dict(sorted(counts.items()))
     write_json_atomic(marker, {"partitions": [Path(p).name for p in parts], "counts": result})
@@ -678,18 +708,36 @@ def _map_gate(
     return total
 
 
-def safety_digest(section: dict[str, Any]) -> str:
-    """Digest of the [filters.safety] settings that judge a record (`_judging`)."""
+def safety_digest(section: dict[str, Any], store_revision: int | None = None) -> str:
+    """Digest of the [filters.safety] settings that judge a record (`_judging`), with the
+    revision of its storing rules (`SAFETY_STORE_REVISION`) only where the stored bytes may
+    be files kept as downloaded (`[ingest] keep_original`): ingest's own encode holds no
+    metadata and one frame, which every revision stores alike, so a default configuration
+    judges nothing again when the rules change (a pass of NudeNet over the whole release)."""
     import hashlib
 
-    blob = json.dumps(_judging(section), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from ccurate.filters.safety import SafetyConfig
+
+    # a setting this version added is at its default in the settings an earlier one
+    # recorded: the same judgement, not a change (nor a pass over the whole release)
+    full = {**SafetyConfig().model_dump(mode="json"), **section}
+    blob = json.dumps(_judging(full), sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest if store_revision is None else f"{digest}/r{store_revision}"
+
+
+def current_safety_digest(cfg: PipelineConfig) -> str:
+    """`safety_digest` of the settings and storing rules this run judges under."""
+    revision = SAFETY_STORE_REVISION if cfg.ingest.keep_original else None
+    return safety_digest(cfg.filters.safety.model_dump(mode="json"), revision)
 
 
 def _safety_judged(work: Path, prev: Generation | None, old_inputs: list[str]) -> dict[str, str]:
-    """Release-input shard name -> digest of the safety settings its samples were judged
-    under ("" unknown): the last generation's `safety_judged.json`, else (a generation from
-    before it was written) the filter settings of the generation that made the shard."""
+    """Release-input shard name -> `safety_digest` its samples were judged under ("" unknown:
+    the generation that judged them is gone): the last generation's `safety_judged.json`,
+    else (a generation from before it was written) the filter settings of the generation
+    that made the shard, whose files kept as downloaded were stored under revision 1 of the
+    storing rules (`SAFETY_STORE_REVISION`)."""
     known: dict[str, str] = {}
     if prev is not None and (prev.dir / SAFETY_JUDGED).exists():
         known = json.loads((prev.dir / SAFETY_JUDGED).read_text())
@@ -699,38 +747,67 @@ def _safety_judged(work: Path, prev: Generation | None, old_inputs: list[str]) -
         if name not in known and name[:1] == "g" and name[1:5].isdigit():
             made = work / GEN_FMT.format(int(name[1:5])) / "20_filter" / "_SETTINGS"
             if made.exists():
-                section = json.loads(made.read_text()).get("filters", {}).get("safety")
-                known[name] = safety_digest(section) if isinstance(section, dict) else ""
+                settings = json.loads(made.read_text())
+                section = settings.get("filters", {}).get("safety")
+                kept = bool((settings.get("ingest") or {}).get("keep_original"))
+                known[name] = (
+                    safety_digest(section, 1 if kept else None) if isinstance(section, dict) else ""
+                )
         out[name] = known.get(name, "")
     return out
 
 
-def _rejudged_counts(gen: Generation, stale: frozenset[str], blur: bool) -> dict[str, Any]:
-    """What judging the `stale` shards again did, read back from the gate's output: samples
-    judged, dropped by reason, images whose faces were blurred (`blur`), and what became of
-    the captions made from their unblurred pixels."""
+def rejudge_cause(judged: str, now: str) -> str | None:
+    """Why a shard judged under digest `judged` is judged again under `now` (a key of
+    `REJUDGE_CAUSES`), None when it need not be."""
+    if judged == now:
+        return None
+    if not judged:
+        return "unknown"
+    if judged.split("/")[0] != now.split("/")[0]:
+        return "settings"
+    return "storing_rules"
+
+
+def _rejudged_counts(
+    gen: Generation, stale: dict[str, str], old_inputs: list[str], blur: bool
+) -> dict[str, Any]:
+    """What judging the `stale` shards (name -> cause) again did, read back from the gate's
+    output: samples judged (by cause), dropped by reason, images whose faces this judgement
+    blurred (`blur`: their `safety.faces_blurred` grew over the released record's), and
+    what became of the captions made from their unblurred pixels."""
     out = gen.step(RELEASE_INPUT)
+    source = {Path(p).name: p for p in old_inputs}
     counts: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
-    for name in sorted(stale):
+    because: Counter[str] = Counter()
+    for name, cause in sorted(stale.items()):
         side = out / f"{name}.dropped.parquet"
+        judged = 0
         if side.exists():
             d = pq.read_table(side, columns=["drop_reason", "dropped_by"]).to_pylist()
-            dropped.update(r["drop_reason"] for r in d if r["dropped_by"] == "safety")
-        kept = pq.read_table(out / f"{name}.parquet", columns=["scores", "caption_model"])
-        counts["judged"] += kept.num_rows
-        if not blur:
+            mine = [r["drop_reason"] for r in d if r["dropped_by"] == "safety"]
+            dropped.update(mine)
+            judged += len(mine)
+        kept = pq.read_table(out / f"{name}.parquet", columns=["key", "scores", "caption_model"])
+        judged += kept.num_rows
+        because[cause] += judged
+        counts["judged"] += judged
+        if not blur or name not in source:
             continue
+        was = pq.read_table(f"{source[name]}.parquet", columns=["key", "scores"]).to_pylist()
+        before = {r["key"]: dict(r["scores"] or []).get("safety.faces_blurred", 0.0) for r in was}
         for r in kept.to_pylist():
-            if dict(r["scores"] or []).get("safety.faces_blurred", 0.0) > 0:
+            now = dict(r["scores"] or []).get("safety.faces_blurred", 0.0)
+            if now > before.get(r["key"], 0.0):
                 counts["faces_blurred"] += 1
                 counts["captioned_again" if r["caption_model"] else "without_caption"] += 1
-    counts["judged"] += sum(dropped.values())
     return {
         "shards": len(stale),
         **{k: counts[k] for k in ("judged", "faces_blurred", "captioned_again")},
         "blurred_without_caption": counts["without_caption"],
         "dropped": dict(sorted(dropped.items())),
+        "because": dict(sorted(because.items())),
     }
 
 
@@ -774,9 +851,12 @@ def rebuild(
     rcfg: RebuildConfig | None = None,
     executor: Executor | None = None,
     now: float | None = None,
+    retry_reasons: frozenset[str] = frozenset(),
 ) -> RebuildResult:
     """Run one incremental rebuild (see the module doc). Raises `RebuildLocked` when another
-    rebuild of the same work directory is running, `PipelineError` when nothing can run."""
+    rebuild of the same work directory is running, `PipelineError` when nothing can run.
+    `retry_reasons`: ingest drop reasons whose records are fetched again (a new generation
+    only: a resumed one keeps its plan)."""
     from ccurate.executor import LocalExecutor
     from ccurate.pipeline import PipelineError
 
@@ -789,7 +869,7 @@ def rebuild(
         now = time.time() if now is None else now
         gen, prev = _open_generation(work, cfg, rcfg, now)
         now = gen.started_at  # a resumed generation keeps its clock: same plan, same answers
-        return _run_generation(cfg, rcfg, executor, gen, prev, now)
+        return _run_generation(cfg, rcfg, executor, gen, prev, now, retry_reasons)
 
 
 def _run_generation(
@@ -799,6 +879,7 @@ def _run_generation(
     gen: Generation,
     prev: Generation | None,
     now: float,
+    retry_reasons: frozenset[str] = frozenset(),
 ) -> RebuildResult:
     t0 = time.perf_counter()
     catalog = Path(cfg.run.catalog)
@@ -811,7 +892,7 @@ def _run_generation(
     block.add_removals(removals, rcfg.takedown_radius)
 
     # 1. plan and the pipeline on the new work only
-    planned, plan_counts = plan_generation(cfg, rcfg, gen, prev, ledger, block, now)
+    planned, plan_counts = plan_generation(cfg, rcfg, gen, prev, ledger, block, now, retry_reasons)
     old_inputs = [str(p) for p in list_shards(prev.step(RELEASE_INPUT))] if prev else []
     # released records the licence policy in force withdraws: one set for the gate and
     # dedup's `previous`, so an image is never withdrawn and its admitted copy deduped away
@@ -867,14 +948,20 @@ def _run_generation(
             released_hashes(last_release),
             policy,
         )
-    # released samples judged under other safety settings are judged again by the gate
+    # released samples judged under other safety settings or storing rules (or unknown
+    # ones: the generation that judged them was deleted) are judged again by the gate
     safety = cfg.filters.safety
-    now_safety = safety_digest(safety.model_dump(mode="json"))
+    now_safety = current_safety_digest(cfg)
     judged_by = _safety_judged(gen.dir.parent, prev, old_inputs)
-    stale = frozenset(n for n, d in judged_by.items() if d != now_safety and safety.enabled)
+    causes = {n: rejudge_cause(d, now_safety) for n, d in judged_by.items()}
+    stale = {n: c for n, c in causes.items() if c is not None and safety.enabled}
     rejudge = SafetyRejudge(safety, _caption_config(cfg)) if stale else None
-    gate_stats = _map_gate(executor, gen, decisions_path, old_inputs, new_inputs, rejudge, stale)
-    safety_counts = _rejudged_counts(gen, stale, safety.blur_faces)
+    gate_stats = _map_gate(
+        executor, gen, decisions_path, old_inputs, new_inputs, rejudge, frozenset(stale)
+    )
+    safety_counts = _rejudged_counts(gen, stale, old_inputs, safety.blur_faces)
+    if safety_counts["judged"]:
+        log.warning("%s", rejudged_summary(safety_counts))
     removal_path = _removals_from_gate(gen, catalog)
 
     # 3. diff, release, catalog, ledger
@@ -887,13 +974,12 @@ def _run_generation(
         prev.dir / "ledger.parquet" if prev else None,
         gen.dir,
     )
-    # blurring changes no field the diff compares: a release without it would leave the
-    # latest release holding the unblurred faces
-    changed = bool(
-        diff["added"] or diff["removed"] or diff["changed"] or safety_counts["faces_blurred"]
-    )
+    # a judgement made again changes no field the diff compares, but may change the stored
+    # bytes (faces blurred, a file kept as downloaded re-encoded): a release without it
+    # would leave the latest release holding what the safety filter has not judged
+    changed = bool(diff["added"] or diff["removed"] or diff["changed"] or safety_counts["judged"])
     digest = settings_digest(cfg)
-    judged = _judged_settings(gen, digest, release_inputs)
+    judged = _judged_settings(gen, digest, release_inputs, safety_counts["judged"])
     judged["safety_judged_again"] = safety_counts
     names = [Path(p).name for p in release_inputs]  # new shards: judged by this generation
     write_json_atomic(
@@ -981,8 +1067,11 @@ def settings_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _judged_settings(gen: Generation, digest: str, release_inputs: list[str]) -> dict[str, Any]:
-    """How many released samples were judged under other filter/caption settings than now.
+def _judged_settings(
+    gen: Generation, digest: str, release_inputs: list[str], safety_again: int
+) -> dict[str, Any]:
+    """How many released samples were judged under other filter/caption settings than now
+    (`safety_again`: how many of the released samples the safety filter judged again).
 
     A release-input shard keeps the name its generation gave it (`gNNNN-...`), and each
     finished generation records its digest in `rebuild.json`; a generation from before
@@ -1010,10 +1099,12 @@ def _judged_settings(gen: Generation, digest: str, release_inputs: list[str]) ->
     if earlier:
         log.warning(
             "filter/caption settings differ from earlier generations': %d released samples "
-            "were judged under earlier settings (the licence policy and the safety filter are "
-            "applied to them again; other filters and captions only on a refetch: set "
-            "refetch_after_days)",
+            "were judged under earlier settings (the licence policy is applied to them again, "
+            "%s; other filters and captions only on a refetch: set refetch_after_days)",
             earlier,
+            f"the safety filter judged {safety_again} released samples again"
+            if safety_again
+            else "the safety filter judged none of them again",
         )
     return out
 

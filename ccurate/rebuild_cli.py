@@ -113,15 +113,28 @@ def register(app: typer.Typer) -> None:
         ] = None,
         executor: Annotated[str | None, typer.Option(help="local, ray or slurm")] = None,
         address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+        retry_reason: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--retry-reason",
+                help="also fetch again the records last dropped by ingest for this reason "
+                "(repeat for several), e.g. decode_error after an upgrade that decodes more "
+                "images",
+            ),
+        ] = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Incremental rebuild: new or due work only, takedowns, opt-outs, release + diff.
 
         Safe to run from cron or a systemd timer (see docs/rebuilds.md)."""
+        from ccurate.cli import usage_errors
+        from ccurate.ingest.stage import retry_reasons
         from ccurate.pipeline import PipelineError
         from ccurate.rebuild import RebuildLocked, rebuild
         from ccurate.takedown import TakedownError
 
+        with usage_errors(ValueError):  # before the lock and the generation
+            reasons = retry_reasons(retry_reason or [])
         state: dict[str, Any] = {}
 
         def go() -> None:
@@ -130,7 +143,7 @@ def register(app: typer.Typer) -> None:
             cfg = load_run_config(config, workers, executor, address)
             handler, state["log"] = _log_to(Path(cfg.run.work_dir))
             try:
-                result = rebuild(cfg, cfg.rebuild, make_executor(cfg))
+                result = rebuild(cfg, cfg.rebuild, make_executor(cfg), retry_reasons=reasons)
             except (RebuildLocked, PipelineError, TakedownError) as e:
                 logging.getLogger("ccurate.rebuild").warning("rebuild not run: %s", e)
                 raise
@@ -314,7 +327,9 @@ def _print_result(info: dict[str, Any], as_json: bool) -> None:
     out.print(
         f"generation {info['generation']}: planned {plan.get('planned', 0)} "
         f"(new {plan.get('new', 0)}, retries {plan.get('retry_due', 0)}, refetch "
-        f"{plan.get('refetch_due', 0)}; already done {plan.get('already_done', 0)})"
+        f"{plan.get('refetch_due', 0)}"
+        + (f", asked again {plan['retry_reason']}" if plan.get("retry_reason") else "")
+        + f"; already done {plan.get('already_done', 0)})"
     )
     rc = info.get("recheck") or {}
     if rc:
@@ -324,11 +339,9 @@ def _print_result(info: dict[str, Any], as_json: bool) -> None:
         )
     again = (info.get("settings") or {}).get("safety_judged_again") or {}
     if again.get("judged"):
-        out.print(
-            f"safety settings changed: {again['judged']} released samples judged again, "
-            f"{again.get('faces_blurred', 0)} with faces blurred, "
-            f"dropped {again.get('dropped', {})}"
-        )
+        from ccurate.release_gate import rejudged_summary
+
+        out.print(escape(rejudged_summary(again)))
     out.print(
         f"diff: +{diff.get('added', 0)} added, -{diff.get('removed', 0)} removed "
         f"{diff.get('removed_by_reason', {})}, ~{diff.get('changed', 0)} changed "

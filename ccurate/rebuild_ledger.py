@@ -103,6 +103,46 @@ def fetch_due(
     return ~known, retry_due, transient & ~retry_due, refetch
 
 
+def asked_again(ledger: Ledger, idx: np.ndarray, reasons: frozenset[str]) -> np.ndarray:
+    """Mask of ledger rows `idx` whose last fetch was dropped for one of `reasons`: fetched
+    again on request (`ccurate rebuild --retry-reason`), e.g. `decode_error` after an
+    upgrade that decodes more images."""
+    if not reasons or not len(ledger):
+        return np.zeros(len(idx), bool)
+    safe = np.maximum(idx, 0)
+    chosen = np.isin(ledger.reason[safe].astype(str), sorted(reasons))
+    return (idx >= 0) & (ledger.outcome[safe] == "dropped") & chosen
+
+
+def dropped_records(gens: list[Generation], reasons: frozenset[str]) -> pa.Table | None:
+    """Ingest records dropped for one of `reasons` in the generations still on disk, newest
+    first and one per key, as planned input: an image found on a page is fetched again
+    directly, as a transient failure's is (`retry.parquet`), without its page."""
+    if not reasons:  # the usual rebuild reads no old generation
+        return None
+    tables: list[pa.Table] = []
+    for gen in reversed(gens):
+        d = gen.step("10_ingest")
+        for p in sorted(d.glob("*.dropped.parquet")) if d.exists() else []:
+            t = pq.read_table(p)
+            if not t.num_rows:
+                continue
+            mask = pc.and_(
+                pc.is_in(t.column("drop_reason"), value_set=pa.array(sorted(reasons), pa.string())),
+                pc.equal(t.column("dropped_by"), "ingest"),
+            )
+            t = t.filter(pc.fill_null(mask, False))
+            if t.num_rows:
+                tables.append(_as_planned(t))
+    if not tables:
+        return None
+    t = pa.concat_tables(tables, promote_options="permissive")
+    first: dict[str, int] = {}
+    for i, k in enumerate(t.column("key").to_pylist()):
+        first.setdefault(k, i)
+    return t.take(pa.array(sorted(first.values()), pa.int64()))
+
+
 FETCH_STEPS = ("10_ingest", "20_filter", "30_dedup", "40_caption")
 
 

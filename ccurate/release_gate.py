@@ -5,13 +5,16 @@ Decisions (takedown matches and their near copies, opt-outs found by the re-chec
 earlier removals, released records superseded by a fresh fetch) are computed once
 per generation on the driver (`gate_decisions`, written to a parquet file), then
 applied shard by shard by `ReleaseGateStage` on any executor. Released samples judged
-under other safety settings than now are judged again there (`SafetyRejudge`): their
+under other safety settings or storing rules than now are judged again there
+(`SafetyRejudge`): their
 stored bytes are at hand, so blurring faces or a stricter NSFW rule needs no refetch.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,20 +45,84 @@ REASONS: dict[str, str] = {
     "now configured does not admit (the policy changed since it was released)",
     **{
         reason: "also: an older record the safety filter now configured drops when it judges "
-        "the released bytes again (the safety settings changed since it was released; "
-        "`removed_because` says so)"
-        for reason in ("nsfw", "nd_needs_blur", "decode_error")
+        "the released bytes again (its settings or storing rules changed since it was "
+        "released, or the settings that judged it are unknown; `removed_because` says so)"
+        for reason in ("nsfw", "nd_needs_blur", "decode_error", "decompression_bomb")
     },
     "takedown": "see ccurate.takedown.REASONS",
 }
 
-REJUDGED = "judged again: the safety settings changed since it was released"
+REJUDGED = (
+    "judged again by the safety filter now configured: its settings or storing rules changed "
+    "since it was released, or the settings that judged it are unknown"
+)
+
+SAFETY_STORE_REVISION = 2
+"""Revision of the safety filter's storing rules (`ccurate.filters.safety`, "what ships is
+what was judged"): what it leaves of a file kept as downloaded. 1: EXIF thumbnails, GPS, XMP
+and later frames stayed; 2: the judged first frame only, with descriptive EXIF. Bump it when
+those rules change, so a rebuild judges released files kept as downloaded again once."""
+
+REJUDGE_CAUSES: dict[str, str] = {
+    "settings": "the safety settings changed since they were released",
+    "storing_rules": "they are stored as downloaded (`[ingest] keep_original`) and were "
+    "judged under earlier storing rules of the safety filter, or before keep_original was "
+    "switched",
+    "unknown": "the settings that judged them are unknown (the generation that judged them "
+    "is gone) or changed",
+}
+"""Why released samples are judged again (`ccurate.rebuild`): the words of the log, the
+command's summary and the card."""
+
+
+def rejudged_summary(again: dict[str, Any]) -> str:
+    """One line on what judging released samples again did (log, command, card)."""
+    because = again.get("because") or {}
+    why = "; ".join(f"{n} because {REJUDGE_CAUSES.get(c, c)}" for c, n in sorted(because.items()))
+    dropped = again.get("dropped") or {}
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
+    return (
+        f"{again.get('judged', 0)} released samples judged again by the safety filter"
+        + (f" ({why})" if why else "")
+        + f"; faces blurred in {again.get('faces_blurred', 0)}, withdrawn "
+        f"{sum(dropped.values())}" + (f" ({reasons})" if reasons else "")
+    )
+
+
+# scores that describe the stored bytes rather than the verdict: the bytes keep what an
+# earlier judgement did to them (a blurred face stays blurred), so a judgement made again
+# adds to them instead of forgetting them (the attribution states the blurring from them)
+_STORED: dict[str, Callable[[float, float], float]] = {
+    "faces_blurred": operator.add,
+    "reencoded": max,
+    "frames": max,
+}
+
+
+def judge_again(s: Sample, d: Decision) -> None:
+    """Record `d` in place of the sample's earlier decision and scores of the same filter
+    (one verdict per filter, where the first one stood), keeping what the stored bytes
+    carry of the earlier one (`_STORED`)."""
+    prefix = f"{d.filter}."
+    before = {k: v for k, v in s.scores.items() if k.startswith(prefix)}
+    for k in before:
+        del s.scores[k]
+    at = next((i for i, x in enumerate(s.decisions) if x.filter == d.filter), None)
+    s.decisions = [x for x in s.decisions if x.filter != d.filter]
+    s.record(d)
+    if at is not None:
+        s.decisions.insert(at, s.decisions.pop())
+    for name, merge in _STORED.items():
+        key = prefix + name
+        if key in before:
+            s.scores[key] = merge(before[key], s.scores.get(key, 0.0))
 
 
 class SafetyRejudge(Stage):
     """The safety filter now configured, run again on released samples judged under other
-    safety settings: a face-blurring or NSFW policy reaches every released sample, as the
-    licence policy does, without a refetch (the release input holds the bytes).
+    safety settings or storing rules (`REJUDGE_CAUSES`): a face-blurring or NSFW policy
+    reaches every released sample, as the licence policy does, without a refetch (the
+    release input holds the bytes). Its verdict replaces the earlier one (`judge_again`).
 
     A sample whose faces it blurs loses the caption made from the unblurred pixels (the
     caption cache is keyed by image bytes, so it cannot come back): captioned again from the
@@ -105,7 +172,7 @@ class SafetyRejudge(Stage):
             return batch
         stale: list[Sample] = []
         for s, d in zip(live, self.filter.decide_batch(live), strict=True):
-            s.record(d)
+            judge_again(s, d)
             if not s.kept:
                 s.extra["removed_because"] = REJUDGED
             elif d.scores.get("faces_blurred", 0.0) > 0 and s.caption_model is not None:

@@ -24,7 +24,9 @@ bounded by `max_bytes`.
 
 `plan_retry(out_dir)` re-plans the transient failures of a finished run
 (`timeout`, `connection_error`, `http_408`, `http_429`, `http_5xx`) that
-have not succeeded since, without touching what was downloaded.
+have not succeeded since, without touching what was downloaded, and the drops
+of other reasons the user names (`retry_reasons`: e.g. `decode_error` after an
+upgrade that fixed how images are decoded).
 """
 
 from __future__ import annotations
@@ -104,6 +106,31 @@ def is_transient(reason: str | None) -> bool:
     if reason in TRANSIENT_REASONS:
         return True
     return len(reason) == 8 and reason.startswith("http_5") and reason[5:].isdigit()
+
+
+def retry_reasons(chosen: list[str]) -> frozenset[str]:
+    """Ingest drop reasons the user asks to fetch again besides the transient ones
+    (`--retry-reason`), checked against `REASONS` (`http_<code>` as e.g. `http_404`).
+
+    Opt-outs are refused: the publisher's refusal is re-checked by rebuilds, never retried
+    on request. Raises ValueError naming the reasons that can be chosen."""
+    optouts = sorted(r for r in REASONS if r.startswith("optout_"))
+    allowed = sorted(r for r in REASONS if r not in optouts and r != "http_<code>")
+    out: set[str] = set()
+    for reason in chosen:
+        is_http = len(reason) == 8 and reason.startswith("http_") and reason[5:].isdigit()
+        if reason in optouts:
+            raise ValueError(
+                f"--retry-reason {reason}: an opt-out is the publisher's refusal and is not "
+                "fetched again on request"
+            )
+        if reason not in allowed and not is_http:
+            raise ValueError(
+                f"--retry-reason {reason!r}: not an ingest drop reason; expected one of "
+                f"{', '.join(allowed)}, or http_<code> (e.g. http_404)"
+            )
+        out.add(reason)
+    return frozenset(out)
 
 
 def _host(url: str) -> str:
@@ -499,8 +526,9 @@ def _resolve_page(last: dict[str, Sample | None], url: str, page_url: str | None
         last[make_key(page_url)] = None
 
 
-def plan_retry(ingest_out_dir: str | Path) -> list[Sample]:
-    """Records of a finished ingest output whose last outcome was a transient drop.
+def plan_retry(ingest_out_dir: str | Path, reasons: frozenset[str] = frozenset()) -> list[Sample]:
+    """Records of a finished ingest output whose last outcome was a transient drop, or a
+    drop for one of `reasons` (`retry_reasons`).
 
     Walks the finished shards oldest first (by completion marker time), so a
     key that failed, was retried and then succeeded or failed permanently is
@@ -520,7 +548,9 @@ def plan_retry(ingest_out_dir: str | Path) -> list[Sample]:
         for rb in read_dropped(prefix).to_batches(max_chunksize=1024):
             for row in rb.to_pylist():
                 s = Sample.from_row(row)
-                if s.dropped_by == STAGE and is_transient(s.drop_reason):
+                if s.dropped_by == STAGE and (
+                    is_transient(s.drop_reason) or s.drop_reason in reasons
+                ):
                     last[s.key] = s
                 else:
                     last[s.key] = None

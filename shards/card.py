@@ -295,24 +295,23 @@ def render_card(s: dict[str, Any]) -> str:
     filters = setting("filters")
     add("### Filters and thresholds\n")
     judged = (ri.get("rebuild") or {}).get("settings") or {}
+    again = judged.get("safety_judged_again") or {}
     if judged.get("released_under_earlier_settings"):
         add(
             f"Note: {judged['released_under_earlier_settings']} of the published samples were "
             "judged under earlier filter or caption settings than those below (released by an "
-            "earlier rebuild and not fetched again; the licence policy and the safety filter "
-            "below were applied to them again).\n"
+            "earlier rebuild and not fetched again); the licence policy below was applied to "
+            "them again, "
+            + (
+                "and the safety filter as said next.\n"
+                if again.get("judged")
+                else "the safety filter to none of them.\n"
+            )
         )
-    again = judged.get("safety_judged_again") or {}
     if again.get("judged"):
-        dropped = again.get("dropped") or {}
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
-        add(
-            f"Judged again by the safety filter (its settings changed since they were "
-            f"released): {again['judged']} samples; faces blurred in "
-            f"{again.get('faces_blurred', 0)}, withdrawn {sum(dropped.values())}"
-            + (f" ({why})" if why else "")
-            + ".\n"
-        )
+        from ccurate.release_gate import rejudged_summary
+
+        add(f"{rejudged_summary(again)}.\n")
     if filters:
         add(_json_block(filters))
     else:

@@ -100,8 +100,8 @@ class _FakePipeline:
 
     seen: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, cfg: Any, executor: Any) -> None:
-        self.seen.update(cfg=cfg, executor=executor)
+    def __init__(self, cfg: Any, executor: Any, retry_reasons: frozenset[str]) -> None:
+        self.seen.update(cfg=cfg, executor=executor, retry_reasons=retry_reasons)
         self.report_path = Path(cfg.run.work_dir) / "[gen 1]" / "report.html"
 
     def run(self, steps: list[str]) -> list[StepResult]:

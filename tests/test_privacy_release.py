@@ -238,6 +238,8 @@ def test_card_states_the_dedup_references_and_the_safety_rejudging(tmp_path: Pat
         'not read: {"undecodable_images": 2}.' in card
     )
     assert "Earlier releases (`[dedup] previous`): 5 usable of 5 reference rows." in card
-    assert "the licence policy and the safety filter below were applied to them again" in card
-    assert "Judged again by the safety filter" in card
-    assert "3 samples; faces blurred in 1, withdrawn 1 (nsfw: 1)." in card
+    assert "the licence policy below was applied to them again, and the safety filter" in card
+    assert (
+        "3 released samples judged again by the safety filter; faces blurred in 1, "
+        "withdrawn 1 (nsfw: 1)." in card
+    )

@@ -65,15 +65,23 @@ def build_config(config: Path | None, sets: list[str], **direct: Any) -> TrainCo
         raise typer.BadParameter(why, param_hint="train settings") from None
 
 
-def _input_errors() -> AbstractContextManager[None]:
-    """A checkpoint, data set or model that does not fit the settings: exit 2 with one line
-    naming it, not a traceback; divergence and other failures keep theirs."""
-    from ccurate.cli import usage_errors
+def input_errors() -> tuple[type[Exception], ...]:
+    """The trainer's errors that are the user's to fix (a checkpoint, data set or model that
+    does not fit the settings; each message says how): `ccurate train` and the tools below
+    print them as one line and exit 2, not as a traceback."""
     from ccurate.train.checkpoint import CheckpointError
     from ccurate.train.stream import DataError
     from ccurate.weights import WeightsNotFoundError
 
-    return usage_errors(CheckpointError, DataError, WeightsNotFoundError)
+    return CheckpointError, DataError, WeightsNotFoundError
+
+
+def _input_errors() -> AbstractContextManager[None]:
+    """`input_errors` as usage errors: exit 2 with one line naming it, not a traceback;
+    divergence and other failures keep theirs."""
+    from ccurate.cli import usage_errors
+
+    return usage_errors(*input_errors())
 
 
 ConfigOpt = Annotated[
