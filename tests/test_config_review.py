@@ -146,7 +146,7 @@ class _NoRun:
 
     ran: ClassVar[list[list[str]]] = []
 
-    def __init__(self, cfg: Any, executor: Any) -> None:
+    def __init__(self, cfg: Any, executor: Any, retry_reasons: Any = frozenset()) -> None:
         self.report_path = Path(cfg.run.work_dir) / "report.html"
 
     def run(self, steps: list[str]) -> list[Any]:

@@ -91,7 +91,7 @@ class _NoRun:
 
     configs: ClassVar[list[Any]] = []
 
-    def __init__(self, cfg, executor=None) -> None:
+    def __init__(self, cfg, executor=None, retry_reasons=frozenset()) -> None:
         self.configs.append(cfg)
         self.report_path = Path(cfg.run.work_dir) / "report.html"
 
