@@ -446,9 +446,13 @@ class SafetyFilter(Filter):
 
     @property
     def resources(self) -> Resources:
-        # the detector (~0.3 GB) plus one re-encode at the pixel cap
+        # the detector and its input (0.5 GB, as ever), plus with blur_faces one re-encode at
+        # the pixel cap: then every downloaded original is re-encoded. Without it only
+        # multi-frame originals are (keep_original), and declaring the worst case for every
+        # task would cut a node's parallel filter tasks by a third for a rare file
         reencode = self.cfg.max_pixels * REENCODE_BYTES_PER_PIXEL / 2**30
-        return Resources(cpus=float(max(1, self.cfg.threads)), memory_gb=0.3 + reencode)
+        memory = 0.5 + (reencode if self.cfg.blur_faces else 0.0)
+        return Resources(cpus=float(max(1, self.cfg.threads)), memory_gb=memory)
 
     def setup(self) -> None:
         if self.cfg.enabled and self._scorer is None:

@@ -117,9 +117,11 @@ def test_safety_refuses_to_reencode_above_its_pixel_cap_and_declares_the_memory(
     assert s.image is data  # nothing replaced
 
     # what Ray/Slurm size the task by covers a re-encode at the cap (>= 8 bytes a pixel)
+    # when blur_faces re-encodes every downloaded original; without it, the usual 0.5 GB
     for cap in (MAX_PIXELS, 4 * MAX_PIXELS):
-        memory = SafetyFilter(SafetyConfig(max_pixels=cap)).resources.memory_gb
+        memory = SafetyFilter(SafetyConfig(blur_faces=True, max_pixels=cap)).resources.memory_gb
         assert memory * 2**30 >= 8 * cap
+        assert SafetyFilter(SafetyConfig(max_pixels=cap)).resources.memory_gb == 0.5
 
 
 def test_blur_in_place_equals_the_array_blur_and_leaves_the_shared_decode_alone() -> None:
