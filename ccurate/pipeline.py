@@ -113,7 +113,8 @@ class Pipeline:
             have, want = json.loads(settings.read_text()), self.step_settings(prev)
             if have != want:
                 raise PipelineError(
-                    f"step '{step}' needs '{prev}' redone: {self._changes(prev, have, want)} "
+                    f"step '{step}' needs '{prev}' redone: "
+                    f"{self._describe(*self._split_changes(prev, have, want))} "
                     f"since it ran; rerun '{prev}'"
                 )
         return [str(p) for p in done]
@@ -178,32 +179,25 @@ class Pipeline:
         prev = PREVIOUS.get(step)
         return {**self.step_settings(prev, defaults), **out} if prev in SECTION else out
 
-    def _new_defaults(self, step: str, have: Any, want: Any) -> list[str]:
-        """Settings that `have` (recorded by an earlier version) lacks and that are now at
-        this version's default: new in this version, not changed by the user."""
+    def _split_changes(self, step: str, have: Any, want: Any) -> tuple[list[str], list[str]]:
+        """How a step's recorded settings `have` differ from `want`: (changed by the user,
+        new in this version), the latter being settings `have` (recorded by an earlier
+        version) lacks and that are now at this version's default."""
         from pydantic import ValidationError
 
+        changed = _changed_keys(have, want)
         try:
             defaults = self.step_settings(step, defaults=True)
         except ValidationError:  # a section without defaults: every change is the user's
-            return []
-        return [
-            k
-            for k in _changed_keys(have, want)
-            if _at(have, k) is _ABSENT and _at(want, k) == _at(defaults, k)
-        ]
+            return changed, []
+        new = {k for k in changed if _at(have, k) is _ABSENT and _at(want, k) == _at(defaults, k)}
+        return [k for k in changed if k not in new], sorted(new)
 
-    def _changes(self, step: str, have: Any, want: Any) -> str:
-        """How a step's recorded settings differ from now, user changes apart from settings
-        new in this version (at their defaults), which are not the user's doing."""
-        changed = _changed_keys(have, want)
-        new = set(self._new_defaults(step, have, want))
-        user = [k for k in changed if k not in new]
+    @staticmethod
+    def _describe(user: list[str], new: list[str]) -> str:
         parts = [f"settings changed ({', '.join(user)})"] if user else []
         if new:
-            parts.append(
-                f"new settings in this version, at their defaults ({', '.join(sorted(new))})"
-            )
+            parts.append(f"new settings in this version, at their defaults ({', '.join(new)})")
         return "; ".join(parts)
 
     def _check_settings(self, step: str) -> None:
@@ -224,11 +218,9 @@ class Pipeline:
             have = json.loads(path.read_text())
             if have == want:
                 return
-            changes = self._changes(step, have, want)
-            user_changed = len(self._new_defaults(step, have, want)) < len(
-                _changed_keys(have, want)
-            )
-            if step == "ingest" and user_changed:
+            user, new = self._split_changes(step, have, want)
+            changes = self._describe(user, new)
+            if step == "ingest" and user:
                 raise PipelineError(
                     f"ingest {changes} since {out_dir} was downloaded; restore them, or "
                     f"delete {out_dir} to download again with the new ones"
