@@ -180,6 +180,15 @@ def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
         i += 2 + length
 
 
+def bare(im: Image.Image) -> Image.Image:
+    """`im` without the source's metadata, which encoders also read from `info` (a JPEG
+    comment, XMP, a colour profile that no longer fits converted pixels); a transparency key
+    stays. For an image of the caller's own (opened or converted there): changed in place."""
+    key = im.info.get("transparency") if im.mode in ("L", "RGB", "P") else None
+    im.info = {} if key is None else {"transparency": key}
+    return im
+
+
 def jpeg_end(data: bytes) -> int | None:
     """Bytes of a JPEG up to and including the EOI that ends its (first) image; None when
     the structure is cut or corrupt (no EOI after a scan, another SOI or frame header). What

@@ -63,6 +63,7 @@ from ccurate.filters.licenses import normalize
 from ccurate.pixels import (
     MAX_PIXELS,
     ORIENTATION_TAG,
+    bare,
     has_alpha,
     open_image,
     save_jpeg,
@@ -381,8 +382,7 @@ def safe_reencode(
         out.paste((255, 255, 255, 0), mask=mask)
     # encoders read comments, XMP and profiles from `info` too: only `meta` may ship
     if out.info:  # not the shared decode, whose info is empty
-        key = out.info.get("transparency") if out.mode in ("P", "L") else None
-        out.info = {} if key is None else {"transparency": key}
+        bare(out)
     buf = io.BytesIO()
     try:
         if fmt == "JPEG":

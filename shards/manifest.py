@@ -19,6 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ccurate.pixels import (
+    bare,
     jpeg_end,
     open_image,
     png_end,
@@ -154,12 +155,12 @@ def prepare_image(
             size = im.size
             out = io.BytesIO()
             if cfg.image_format == "jpg":
-                save_jpeg(_bare(to_rgb(im)), out, cfg.jpeg_quality)
+                save_jpeg(bare(to_rgb(im)), out, cfg.jpeg_quality)
             elif cfg.image_format == "webp":
-                _bare(to_rgba(im)).save(out, format="WEBP", quality=cfg.webp_quality, method=4)
+                bare(to_rgba(im)).save(out, format="WEBP", quality=cfg.webp_quality, method=4)
             else:
                 conv = im if im.mode in ("RGB", "RGBA", "L", "LA") else to_rgba(im)
-                _bare(conv).save(out, format="PNG", optimize=False)
+                bare(conv).save(out, format="PNG", optimize=False)
     except Image.DecompressionBombError:
         raise
     except Exception as e:  # Pillow raises many types on corrupt bytes (struct.error, ...)
@@ -168,15 +169,6 @@ def prepare_image(
 
 
 _END = {"jpg": jpeg_end, "png": png_end, "webp": webp_end}
-
-
-def _bare(im: Image.Image) -> Image.Image:
-    """The image without the source's metadata, which encoders also read from `info` (a
-    JPEG comment, a PNG's colour profile that no longer fits converted pixels); a
-    transparency key stays. The image is the release's own (opened or converted here)."""
-    key = im.info.get("transparency") if im.mode in ("L", "RGB", "P") else None
-    im.info = {} if key is None else {"transparency": key}
-    return im
 
 
 def mime_of(fmt: str) -> str:
