@@ -714,15 +714,12 @@ def safety_digest(section: dict[str, Any], store_revision: int | None = None) ->
     be files kept as downloaded (`[ingest] keep_original`): ingest's own encode holds no
     metadata and one frame, which every revision stores alike, so a default configuration
     judges nothing again when the rules change (a pass of NudeNet over the whole release)."""
-    import hashlib
-
     from ccurate.filters.safety import SafetyConfig
 
     # a setting this version added is at its default in the settings an earlier one
     # recorded: the same judgement, not a change (nor a pass over the whole release)
     full = {**SafetyConfig().model_dump(mode="json"), **section}
-    blob = json.dumps(_judging(full), sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    digest = _json_digest(_judging(full))
     return digest if store_revision is None else f"{digest}/r{store_revision}"
 
 
@@ -1055,16 +1052,19 @@ def _judging(section: dict[str, Any]) -> dict[str, Any]:
 def settings_digest(cfg: PipelineConfig) -> str:
     """Digest of the settings that judge a record (filters, captioning): thread counts,
     devices and batch sizes, or the thresholds of a filter that is off, change nothing."""
-    import hashlib
-
-    blob = json.dumps(
+    return _json_digest(
         {
             "filters": _judging(cfg.filters.model_dump(mode="json")),
             "caption": _judging(cfg.caption.model_dump(mode="json")),
-        },
-        sort_keys=True,
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _json_digest(value: Any) -> str:
+    """16 hex digits of the SHA-256 of `value` as sorted-key JSON: a settings digest."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _judged_settings(
