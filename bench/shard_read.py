@@ -25,10 +25,14 @@ per pixel like real 256-px web JPEGs) with the real release writer, or reads
   shapes at 256 px, 8x32x32 posterior moments and a 77x1024 text embedding, float16),
   the input of training from latents.
   Both loaders run interleaved against a variant whose workers put every batch in a
-  new shared-memory segment (the design before the ring).
+  new shared-memory segment (the design before the ring). With a GPU (`--device-decode`,
+  default: cuda when there is one) the pixel loader runs once more with its JPEGs decoded
+  there by the loader's process (`[train] jpeg_decode = "device"`: nvJPEG); `--cores 2`
+  pins the bench and its workers to 2 cores of a larger GPU host.
 
 Ends with `RESULT shard_read ours_samples_s=… raw_samples_s=… ratio=… decode_aug_samples_s=…
-decode_aug_steady_samples_s=… loader_ring_vs_fresh=… latent_samples_s=… latent_ring_vs_fresh=…`
+decode_aug_steady_samples_s=… loader_ring_vs_fresh=… [device_decode_samples_s=… …] cores=…
+latent_samples_s=… latent_ring_vs_fresh=…`
 (the loaders with their reused batch buffers vs a new shared-memory segment per batch,
 interleaved in the same run; `steady`: the rate after the first batches, what a long
 training run sees once its workers are up).
@@ -65,6 +69,7 @@ from ccurate.shards.read import release_shards, tar_samples
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
 from ccurate.train.decode import Decoder, decode_resize_crop
+from ccurate.train.device_decode import DeviceJpegDecoder
 from ccurate.train.loader import ShardDataset, TrainLoader
 from ccurate.train.stream import MemberReader, StreamSpec, count_samples, iter_tar
 from ccurate.train.synthetic import write_latent_release
@@ -75,6 +80,7 @@ RATIO = (3 / 4, 4 / 3)
 FLOAT = False
 
 Aug = Callable[[bytes, random.Random], torch.Tensor]
+FINISH_S = [0.0, 0]  # wall seconds the loader's process spent finishing batches, batches
 
 
 def build_release(root: Path, n: int, per_shard: int) -> Path:
@@ -245,7 +251,13 @@ WARM_BATCHES = 8  # batches left out of the steady-state rate: worker start-up a
 
 
 def decode_loader(
-    urls: list[str], workers: int, batch: int, epochs: int, fresh: bool = False, mode: str = "image"
+    urls: list[str],
+    workers: int,
+    batch: int,
+    epochs: int,
+    fresh: bool = False,
+    mode: str = "image",
+    device: str | None = None,
 ) -> tuple[int, float, float, float]:
     """`epochs` passes of the trainer's own loader (`ShardDataset` + `TrainLoader`; random
     flip on for images): samples, wall seconds, the CPU seconds of all its processes, and
@@ -253,17 +265,39 @@ def decode_loader(
     long training run sees once its workers are up; a 3-epoch run here lasts ~2 s, of which
     starting the workers takes a few tenths).
     `fresh`: the workers put every batch in a new shared-memory segment instead of their
-    `BatchRing` (the design before it)."""
+    `BatchRing` (the design before it). `device`: JPEGs decoded there by the loader's
+    process (`[train] jpeg_decode = "device"`), the workers only read and copy bytes."""
     spec = StreamSpec(tuple(urls), seed=0, shuffle_shards=True, shuffle_buffer=256)
+    finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    if device:
+        dev = DeviceJpegDecoder(device)
+
+        def finish(batch: dict[str, Any]) -> dict[str, Any]:
+            t = time.perf_counter()
+            out = dev(batch)
+            FINISH_S[0] += time.perf_counter() - t
+            FINISH_S[1] += 1
+            return out
+
     if mode == "image":
-        decoder = Decoder("image", SIZE, SIZE, "alt_text", random_flip=True, fast_jpeg=True)
+        decoder = Decoder(
+            "image",
+            SIZE,
+            SIZE,
+            "alt_text",
+            random_flip=True,
+            fast_jpeg=True,
+            defer_jpeg=bool(device),
+        )
     else:
         decoder = Decoder("latent", SIZE, SIZE, "synthetic")
     n_total = sum(count_samples(u) for u in urls)
     steps = epochs * n_total // batch
     ds = ShardDataset(spec, decoder, batch, num_workers=workers)
     # as the trainer makes it: batches handed out in their ring buffers (copy_out=False)
-    loader = TrainLoader(ds, steps, prefetch_factor=4, reuse_buffers=not fresh, copy_out=False)
+    loader = TrainLoader(
+        ds, steps, prefetch_factor=4, reuse_buffers=not fresh, copy_out=False, finish=finish
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = time.process_time()
     t0 = time.perf_counter()
@@ -274,6 +308,8 @@ def decode_loader(
         n += b[key].shape[0]
         if i + 1 == WARM_BATCHES:
             n_warm, t_warm = n, time.perf_counter()
+    if device and device.startswith("cuda"):
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     loader.close()
     del loader
@@ -309,6 +345,32 @@ def loader_ab(
     return out
 
 
+def loader_on_device(
+    urls: list[str], args: argparse.Namespace, device: str
+) -> tuple[float, float, float]:
+    """The trainer's loader with JPEGs decoded on `device` by its process: (samples/s wall,
+    samples/s on the workers' cores by CPU time, steady-state samples/s), the best run."""
+    decode_loader(urls[:1], args.workers, 64, 1, device=device)  # device decoder start-up
+    FINISH_S[:] = [0.0, 0]
+    runs = [
+        decode_loader(urls, args.workers, 64, args.loader_epochs, device=device)
+        for _ in range(max(1, args.repeat - 1))
+    ]
+    print(
+        f"device decode        : {FINISH_S[0] / max(FINISH_S[1], 1) * 1e3:.2f} ms per batch of 64 "
+        "in the loader's process (batched decode to its end, crop, flip, stand-ins)"
+    )
+    m, wall_s, cpu, steady = min(runs, key=lambda r: r[1])
+    out = (m / wall_s, m / cpu * args.workers if cpu else 0.0, steady)
+    print(
+        f"{'decode on ' + device:21s}: {out[0]:9.0f} samples/s wall, {out[1]:.0f} samples/s "
+        f"on {args.workers} free cores (CPU time of all processes), {steady:.0f} samples/s "
+        f"steady state [trainer's TrainLoader, {args.workers} workers, batch 64, JPEGs decoded "
+        f"on {device} by the loader's process (jpeg_decode = 'device')]"
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     global FLOAT
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -322,7 +384,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--float", action="store_true", help="convert to float tensors in [0, 1]")
     ap.add_argument("--release", type=Path, help="read this release instead of building one")
+    ap.add_argument(
+        "--device-decode",
+        default="auto",
+        help="also run the loader with JPEGs decoded on this device (jpeg_decode = 'device'): "
+        "cuda, cpu, off; auto = cuda when there is one",
+    )
+    ap.add_argument(
+        "--cores",
+        type=int,
+        default=0,
+        help="pin the bench and its workers to this many CPU cores (0: as started); a GPU "
+        "host has many, the goal is for 2",
+    )
     args = ap.parse_args(argv)
+    if args.cores:
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[: args.cores])
+        print(f"pinned to CPU cores {allowed[: args.cores]}")
+    device = args.device_decode
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "off"
     FLOAT = args.float
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -358,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
         best = max(per_core, key=lambda k: per_core[k])
         loader = loader_ab(urls, args, "image", "decode+aug, loader")
         loader_wall, loader_cpu, loader_steady = loader[False]
+        dev: tuple[float, float, float] | None = None
+        if device != "off":
+            dev = loader_on_device(urls, args, device)
         lat: dict[bool, tuple[float, float, float]] = {}
         if args.latent_samples:
             lat_urls = write_latent_release(  # SD2-base shapes at 256 px
@@ -383,6 +468,13 @@ def main(argv: list[str] | None = None) -> None:
             f"decode_aug_1core_samples_s={per_core[best]:.0f} best_1core_decoder={best} "
             f"workers={args.workers} loader_fresh_segments_samples_s={loader[True][0]:.0f} "
             f"loader_ring_vs_fresh={loader_wall / max(loader[True][0], 1e-9):.3f}"
+            + (
+                f" device_decode_samples_s={dev[0]:.0f} device_decode_cpu_samples_s={dev[1]:.0f} "
+                f"device_decode_steady_samples_s={dev[2]:.0f} decode_device={device}"
+                if dev
+                else ""
+            )
+            + (f" cores={len(os.sched_getaffinity(0))}")
             + (
                 f" latent_samples_s={lat[False][0]:.0f} latent_fresh_segments_samples_s="
                 f"{lat[True][0]:.0f} latent_ring_vs_fresh={lat[False][0] / lat[True][0]:.3f}"

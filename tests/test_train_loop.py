@@ -16,6 +16,7 @@ from PIL import Image
 from ccurate.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    match_param_layout,
     optimizer_from_flat,
     optimizer_to_flat,
 )
@@ -206,6 +207,25 @@ def test_optimizer_state_round_trip():
     for i in range(2):
         for k, v in opt.state[p[i]].items():
             torch.testing.assert_close(opt2.state[opt2.param_groups[0]["params"][i]][k], v)
+
+
+def test_restored_moments_take_their_channels_last_weights_layout():
+    """Checkpoints store tensors contiguous; CUDA's fused AdamW refuses moments whose layout
+    differs from their channels-last conv weight (seen on an H200 at the first resumed step)."""
+    conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(conv.parameters())
+    conv(torch.randn(2, 4, 8, 8)).sum().backward()
+    opt.step()
+    tensors, structure = optimizer_to_flat(opt.state_dict())
+    opt2 = torch.optim.AdamW(conv.parameters())
+    opt2.load_state_dict(optimizer_from_flat(tensors, structure))
+    w = conv.weight
+    assert opt2.state[w]["exp_avg"].stride() != w.stride()  # as restored: contiguous
+    assert match_param_layout(opt2) == 2  # the weight's two moments; the bias's already fit
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert opt2.state[w][name].stride() == w.stride()
+        torch.testing.assert_close(opt2.state[w][name], opt.state[w][name], rtol=0, atol=0)
+    assert match_param_layout(opt2) == 0
 
 
 def test_missing_weights_name_the_path_and_the_fetch(tmp_path):

@@ -74,6 +74,26 @@ def optimizer_from_flat(
     return {"state": state, "param_groups": groups}
 
 
+def match_param_layout(optimizer: torch.optim.Optimizer) -> int:
+    """Give restored optimizer moments their parameter's memory layout; returns how many
+    were changed. A checkpoint stores every tensor contiguous, so after a resume the moments
+    of channels-last conv weights are contiguous while the weights are not, and CUDA's fused
+    AdamW refuses the mix on its first step ("must have same dtype, device, and layout")."""
+    changed = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, value in state.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == p.shape
+                    and value.stride() != p.stride()
+                ):
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    changed += 1
+    return changed
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,

@@ -57,6 +57,11 @@ class TrainConfig(Section):
     random_flip: bool = False  # flip half the images left-right (pixel mode only)
     # libjpeg-turbo's fast IDCT + upsampling: 11 % faster decode, 45 dB PSNR from accurate
     fast_jpeg: bool = True
+    # where JPEGs are decoded (pixel mode): "workers" (the loader processes, on the CPU),
+    # "device" (the training device: nvJPEG on a GPU, leaving the workers only the tar
+    # reading; see ccurate.train.device_decode), "auto" = "device" on CUDA, else "workers"
+    # (H200, 2 cores: 17,300 samples/s against the workers' 4,300; bench/shard_read.py)
+    jpeg_decode: Literal["auto", "workers", "device"] = "auto"
     shuffle_shards: bool = True
     shuffle_buffer: int = Field(1000, ge=0)
     num_workers: int = Field(2, ge=0)

@@ -291,6 +291,9 @@ class Decoder:
     random_flip: bool = False
     # libjpeg-turbo's fast IDCT and upsampling (see `decode_resize_crop`)
     fast_jpeg: bool = False
+    # leave device-decodable JPEGs undecoded, bytes in the batch, for the trainer's
+    # process to decode on its GPU (`ccurate.train.device_decode`)
+    defer_jpeg: bool = False
 
     def __post_init__(self) -> None:
         self._buffer = DecodeBuffer()  # per process: each loader worker has its own copy
@@ -306,13 +309,34 @@ class Decoder:
     def _image(
         self, raw: RawSample, reader: MemberReader, h: int, w: int, out: np.ndarray | None = None
     ) -> np.ndarray:
-        for ext in IMAGE_EXTS:
-            m = raw.members.get(ext)
-            if m is not None:
-                return decode_resize_crop(
-                    reader.read(m), h, w, fast=self.fast_jpeg, buffer=self._buffer, out=out
-                )
-        raise DataError(f"{raw.key}: no image member ({', '.join(raw.members)})")
+        m = find_image(raw)
+        if m is None:
+            raise DataError(f"{raw.key}: no image member ({', '.join(raw.members)})")
+        return decode_resize_crop(
+            reader.read(m),
+            h,
+            w,
+            fast=self.fast_jpeg,
+            buffer=self._buffer,
+            out=out,
+        )
+
+    def _captions(self, group: list[RawSample], prefix: str, reader: MemberReader) -> list[str]:
+        mix = self.caption_source == "mix"
+        captions = []
+        for raw in group:
+            rec = self.record(raw, reader)
+            # the draw decides only `mix` (a blake2b per sample is ~3 % of a worker's time)
+            u = _unit_of(f"{prefix}{raw.key}:caption") if mix else 0.0
+            captions.append(
+                pick_caption(rec, self.text(raw, reader), self.caption_source, self.caption_mix, u)[
+                    0
+                ]
+            )
+        return captions
+
+    def _flips(self, prefix: str, key: str) -> bool:
+        return self.random_flip and _unit_of(f"{prefix}{key}:flip") < 0.5
 
     def decode(
         self,
@@ -327,40 +351,17 @@ class Decoder:
         h, w = hw or (self.height, self.width)
         if self.mode == "latent":
             return self._decode_latent(group, epoch, reader, alloc)
+        prefix = f"{self.seed}:{epoch}:"  # unit_hash(seed, epoch, key, what), joined once
+        captions = self._captions(group, prefix, reader)
+        if self.defer_jpeg:
+            return self._decode_deferred(group, prefix, reader, h, w, alloc, captions)
         # one NHWC buffer filled in place; the batch is its NCHW view (channels-last
         # strides: no transposing copy here, the model's first conv takes either layout)
         batch = alloc(len(group) * h * w * 3).view(len(group), h, w, 3)
         pixels = batch.numpy()
-        ok: list[int] = []
-        bad_rows: list[int] = []
-        captions: list[str] = []
-        bad: list[str] = []
-        first_error = ""
-        mix = self.caption_source == "mix"
-        prefix = f"{self.seed}:{epoch}:"  # unit_hash(seed, epoch, key, what), joined once
-        for i, raw in enumerate(group):
-            rec = self.record(raw, reader)
-            # the draw decides only `mix` (a blake2b per sample is ~3 % of a worker's time)
-            u = _unit_of(f"{prefix}{raw.key}:caption") if mix else 0.0
-            captions.append(
-                pick_caption(rec, self.text(raw, reader), self.caption_source, self.caption_mix, u)[
-                    0
-                ]
-            )
-            try:
-                slot = pixels[i]
-                img = self._image(raw, reader, h, w, slot)
-                if img is not slot:
-                    slot[...] = img
-                if self.random_flip and _unit_of(f"{prefix}{raw.key}:flip") < 0.5:
-                    # in place on the contiguous slot: 3x faster than flipping the strided
-                    # crop across (numpy's copy of a mirrored view: 50x slower)
-                    cv2.flip(slot, 1, dst=slot)
-                ok.append(i)
-            except Exception as exc:  # undecodable image: keep the batch shape, count it
-                first_error = first_error or f"{raw.key}: {exc}"
-                bad.append(raw.key)
-                bad_rows.append(i)
+        ok, bad_rows, bad, first_error = self._fill(
+            group, list(range(len(group))), prefix, reader, pixels
+        )
         if bad_rows:
             if not ok:  # nothing to train on: no black images with real captions
                 raise BadBatch([r.key for r in group], first_error)
@@ -373,6 +374,102 @@ class Decoder:
             "keys": [r.key for r in group],
             "bad": bad,
             "empty": captions.count(""),  # trained unconditionally (see the module docstring)
+        }
+        if self.tokenizer is not None:
+            out["input_ids"] = self.tokenizer(captions)
+        out["captions"] = captions
+        return out
+
+    def _fill(
+        self,
+        group: list[RawSample],
+        rows: list[int],
+        prefix: str,
+        reader: MemberReader,
+        pixels: np.ndarray,
+    ) -> tuple[list[int], list[int], list[str], str]:
+        """Decode `group[rows[j]]` into `pixels[j]` (flipped per sample): (ok rows, bad
+        rows, bad keys, the first error)."""
+        ok: list[int] = []
+        bad_rows: list[int] = []
+        bad: list[str] = []
+        first_error = ""
+        h, w = int(pixels.shape[1]), int(pixels.shape[2])
+        for j, i in enumerate(rows):
+            raw = group[i]
+            try:
+                slot = pixels[j]
+                img = self._image(raw, reader, h, w, slot)
+                if img is not slot:
+                    slot[...] = img
+                if self._flips(prefix, raw.key):
+                    # in place on the contiguous slot: 3x faster than flipping the strided
+                    # crop across (numpy's copy of a mirrored view: 50x slower)
+                    cv2.flip(slot, 1, dst=slot)
+                ok.append(i)
+            except Exception as exc:  # undecodable image: keep the batch shape, count it
+                first_error = first_error or f"{raw.key}: {exc}"
+                bad.append(raw.key)
+                bad_rows.append(i)
+        return ok, bad_rows, bad, first_error
+
+    def _decode_deferred(
+        self,
+        group: list[RawSample],
+        prefix: str,
+        reader: MemberReader,
+        h: int,
+        w: int,
+        alloc: Callable[[int], torch.Tensor],
+        captions: list[str],
+    ) -> dict[str, Any]:
+        """A batch whose device-decodable JPEGs stay bytes (`DeviceJpegDecoder` finishes
+        it): one flat buffer holds the rows decoded here (NHWC) and then those bytes."""
+        from ccurate.train.device_decode import device_jpeg_size
+
+        jpeg_rows: list[int] = []
+        views: list[bytes | memoryview] = []
+        cpu_rows: list[int] = []
+        for i, raw in enumerate(group):
+            m = find_image(raw)
+            data = reader.view(m) if m is not None else None  # no member: bad (below)
+            if data is not None and device_jpeg_size(data) is not None:
+                jpeg_rows.append(i)
+                views.append(data)
+            else:  # no image member is decoded (and counted bad) by the workers' path
+                cpu_rows.append(i)
+        npix = len(cpu_rows) * h * w * 3
+        start = -(-npix // 64) * 64
+        flat = alloc(start + sum(len(v) for v in views))
+        pixels = flat[:npix].view(len(cpu_rows), h, w, 3)
+        ok, bad_rows, bad, first_error = self._fill(group, cpu_rows, prefix, reader, pixels.numpy())
+        if not ok and not jpeg_rows:  # nothing to train on (see `decode`)
+            raise BadBatch([r.key for r in group], first_error)
+        jpeg = flat[start:]
+        buf = jpeg.numpy()
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for v in views:
+            buf[pos : pos + len(v)] = np.frombuffer(v, np.uint8)
+            spans.append((pos, len(v)))
+            pos += len(v)
+        out: dict[str, Any] = {
+            "pixels": pixels.permute(0, 3, 1, 2),
+            "jpeg": jpeg,
+            "deferred": {
+                "hw": [h, w],
+                "pixel_rows": cpu_rows,
+                "bad_rows": bad_rows,
+                "jpeg_rows": jpeg_rows,
+                "jpeg_spans": spans,
+                "flip_rows": [i for i in jpeg_rows if self._flips(prefix, group[i].key)],
+                "error": first_error,
+            },
+            "keys": [r.key for r in group],
+            "bad": bad,
+            # stand-ins for bad rows are chosen (and `empty` recounted) once the device
+            # decode shows which rows are good
+            "empty": captions.count(""),
         }
         if self.tokenizer is not None:
             out["input_ids"] = self.tokenizer(captions)
@@ -445,6 +542,11 @@ def stack_into(
         np.stack(arrays, out=t.numpy())
         out.append(t)
     return out
+
+
+def find_image(raw: RawSample) -> Member | None:
+    """The sample's image member, by `IMAGE_EXTS` order; None when it has none."""
+    return next((raw.members[e] for e in IMAGE_EXTS if e in raw.members), None)
 
 
 def _need(raw: RawSample, ext: str) -> Member:

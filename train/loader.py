@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -259,13 +259,17 @@ class TrainLoader:
         state: dict[str, Any] | None = None,
         reuse_buffers: bool = True,
         copy_out: bool = True,
+        finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         """`reuse_buffers=False`: workers put every batch in a new shared-memory segment,
         the design before `BatchRing` (for comparisons). `copy_out=False`: a batch is
         handed out in its ring buffer, valid until the next `next()` (its buffer is
         released then), saving the copy (12.6 MB per 64 images at 256 px) in this
         process: for a consumer done with each batch when it asks for the next, as the
-        trainer is (it moves batches to the GPU, or steps on CPU, before asking again)."""
+        trainer is (it moves batches to the GPU, or steps on CPU, before asking again).
+        `finish(batch)` completes each batch in this process before it is handed out (the
+        device JPEG decode, `ccurate.train.device_decode`); a `BadBatch` it raises skips
+        the batch, counted with the next one."""
         self.epoch_batches = max(1, epoch_batches)
         self.reuse_buffers = reuse_buffers
         self.copy_out = copy_out
@@ -306,12 +310,40 @@ class TrainLoader:
         #   with no usable sample, not trained; bucket_padding: rows repeating a sample to
         #   fill an aspect bucket's last batch of a data epoch (`bucket_batches`)
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.finish = finish
+        # what batches that `finish` skipped carried, handed out with the next batch
+        self._skipped: list[str] = []
+        self._bad_shards: list[str] = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
     def __next__(self) -> dict[str, Any]:
         """The next batch; it counts as consumed only once passed to `mark`."""
+        if self.finish is None:
+            return self._receive()
+        for _ in range(self.MAX_FINISH_SKIPS):
+            batch = self._receive()
+            try:
+                batch = self.finish(batch)
+            except BadBatch as exc:  # not one usable sample: skipped, reported with the next
+                self._skipped.extend([*batch.get("skipped", ()), *exc.keys])
+                self._bad_shards.extend(batch.get("bad_shards", ()))
+                continue
+            if self._skipped or self._bad_shards:
+                batch["skipped"] = [*self._skipped, *batch.get("skipped", ())]
+                batch["bad_shards"] = [*self._bad_shards, *batch.get("bad_shards", ())]
+                self._skipped, self._bad_shards = [], []
+            return batch
+        raise DataError(
+            f"{self.MAX_FINISH_SKIPS} batches in a row without a usable sample "
+            f"({len(self._skipped)} samples skipped)"
+        )
+
+    # batches in a row that `finish` may skip before the stream is declared unusable
+    MAX_FINISH_SKIPS = 1000
+
+    def _receive(self) -> dict[str, Any]:
         if self._it is None:
             if self.reuse_buffers and self.dataset.num_workers > 0:
                 counters = torch.zeros(self.dataset.num_workers, dtype=torch.int64)

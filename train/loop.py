@@ -34,10 +34,12 @@ from ccurate.train.checkpoint import (
     CheckpointError,
     find_checkpoint,
     load_checkpoint,
+    match_param_layout,
     save_checkpoint,
 )
 from ccurate.train.config import TrainConfig
 from ccurate.train.decode import Decoder, load_npy
+from ccurate.train.device_decode import DeviceJpegDecoder, device_decode_error
 from ccurate.train.loader import ShardDataset, TrainLoader
 from ccurate.train.models import (
     TextEncoder,
@@ -194,10 +196,9 @@ class Prefetcher:
         }
 
     def _preload(self) -> None:
-        batch = next(self.it)
         assert self.stream is not None
-        with torch.cuda.stream(self.stream):
-            self.next_batch = self._move(batch)
+        with torch.cuda.stream(self.stream):  # a loader's `finish` (device decode) runs here too
+            self.next_batch = self._move(next(self.it))
 
     def __next__(self) -> dict[str, Any]:
         if self.stream is None:
@@ -408,6 +409,21 @@ class Trainer:
             elif cfg.latents == "yes":
                 raise DataError(f"latents = 'yes' but no latents.json next to {data}")
         self.latent_mode = self.manifest is not None
+        # JPEGs decoded on the training device (pixel mode; "auto": on CUDA)
+        self.device_decode = not self.latent_mode and (
+            cfg.jpeg_decode == "device" or (cfg.jpeg_decode == "auto" and self.cuda)
+        )
+        self.device_decode_note = ""
+        if self.device_decode and self.cuda:
+            why = device_decode_error(self.device)
+            if why is not None and cfg.jpeg_decode == "device":
+                raise DataError(
+                    f"jpeg_decode = 'device' but JPEGs do not decode on {self.device}: {why} "
+                    "(set jpeg_decode = 'workers')"
+                )
+            if why is not None:  # "auto": the workers decode, as on a CPU
+                self.device_decode = False
+                self.device_decode_note = f"JPEGs decoded by the loader workers: {why}"
         if self.latent_mode:
             assert self.manifest is not None
             if cfg.random_flip:
@@ -576,6 +592,7 @@ class Trainer:
             tokenizer,
             random_flip=cfg.random_flip,
             fast_jpeg=cfg.fast_jpeg,
+            defer_jpeg=self.device_decode,
         )
         buckets = (
             make_buckets(self.resolution, self.preset.size_multiple, cfg.max_aspect)
@@ -636,6 +653,7 @@ class Trainer:
             try:
                 unet.load_state_dict(ck.unet)
                 optimizer.load_state_dict(ck.optimizer)
+                match_param_layout(optimizer)  # channels-last weights: fused AdamW needs it
             except (RuntimeError, ValueError) as exc:  # torch's size / key mismatch report
                 was = ck.state.get("models", {}).get("unet")
                 lines = str(exc).strip().splitlines() or [type(exc).__name__]
@@ -699,7 +717,10 @@ class Trainer:
             # each batch is moved to the device (or stepped on, on CPU) and its backward done
             # before the next is asked for: no copy out of the workers' ring buffers
             copy_out=False,
+            finish=DeviceJpegDecoder(device) if self.device_decode else None,
         )
+        if self.device_decode_note:
+            self.log({"event": "jpeg_decode", "note": self.device_decode_note})
 
         # the model to step
         sched = make_noise_scheduler(cfg)
@@ -868,6 +889,10 @@ class Trainer:
             "batch_size": self.batch_size,
             "resolution": self.resolution,
             "latents": self.latent_mode,
+            # where the JPEGs were decoded (pixel mode): the loader workers or this device
+            "jpeg_decode": None
+            if self.latent_mode
+            else ("device" if self.device_decode else "workers"),
             "params": count_params(unet),
             "epoch_batches": epoch_batches,
             "bad_samples": bad,
