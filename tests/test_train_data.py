@@ -37,13 +37,7 @@ from ccurate.train.stream import (
 )
 from ccurate.train.synthetic import write_image_release, write_latent_release
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _loader(

@@ -23,13 +23,7 @@ from ccurate.train.models import ByteTokenizer
 from ccurate.train.stream import MemberReader, StreamSpec, count_samples, find_shards, iter_tar
 from ccurate.train.synthetic import write_image_release
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _photo(w: int = 40, h: int = 30, mode: str = "RGB") -> Image.Image:
