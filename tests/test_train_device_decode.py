@@ -16,7 +16,12 @@ from PIL import Image
 import ccurate.train.decode as decode_mod
 from ccurate.train.config import TrainConfig
 from ccurate.train.decode import Decoder
-from ccurate.train.device_decode import DeviceJpegDecoder, cover_crop_chw, device_jpeg_size
+from ccurate.train.device_decode import (
+    DeviceJpegDecoder,
+    cover_crop_chw,
+    defer_to_device,
+    device_jpeg_size,
+)
 from ccurate.train.loader import ShardDataset, TrainLoader
 from ccurate.train.loop import train
 from ccurate.train.models import ByteTokenizer
@@ -270,3 +275,95 @@ def test_a_device_that_cannot_decode_says_why_before_training(tmp_path, monkeypa
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", unsupported)
     assert "nvJPEG" in (device_decode_error("cpu") or "")
+
+
+def test_only_jpegs_near_the_training_size_are_left_to_the_device():
+    assert defer_to_device((256, 320), 256, 256)  # a release JPEG: crop only
+    assert defer_to_device((200, 300), 256, 256)  # enlarged: no DCT scaling helps either
+    assert not defer_to_device((768, 1024), 256, 256)  # the workers decode it at 1/2 scale
+    assert not defer_to_device((256, 100_000), 256, 256)  # a huge strip: its area
+    assert not defer_to_device(None, 256, 256)
+    raws = _raws_of([("big", _jpeg(_photo(160, 120))), ("fit", _jpeg(_photo(40, 30)))])
+    reader = MemberReader()
+    batch = Decoder("image", 30, 30, defer_jpeg=True).decode(raws, 0, reader)
+    reader.close()
+    assert batch["deferred"]["jpeg_rows"] == [1] and batch["deferred"]["pixel_rows"] == [0]
+
+
+def _raws_of(items: list[tuple[str, bytes]]) -> list:
+    import tempfile
+
+    from ccurate.tario import TarWriter
+
+    path = Path(tempfile.mkdtemp()) / "s.tar"
+    with TarWriter(path) as tf:
+        for key, data in items:
+            tf.add(f"{key}.jpg", data)
+            tf.add(f"{key}.json", json.dumps({"key": key, "caption": key}).encode())
+    return list(iter_tar(str(path)))
+
+
+def _cut_scan_release(root: Path) -> None:
+    """24 JPEG samples in two shards; samples 4 and 5 (one batch of 2) have their scan cut,
+    which passes the header check and decodes nowhere."""
+    from ccurate.tario import TarWriter
+
+    root.mkdir(parents=True)
+    for s in range(2):
+        with TarWriter(root / f"s-{s:05d}.tar") as tf:
+            for i in range(12 * s, 12 * s + 12):
+                data = _jpeg(_photo(16 + i % 3, 16))
+                if i in (4, 5):
+                    sos = data.index(b"\xff\xda")
+                    data = data[: sos + 8]
+                tf.add(f"{i:04d}.jpg", data)
+                tf.add(f"{i:04d}.json", json.dumps({"key": f"{i:04d}", "caption": "c"}).encode())
+
+
+def test_a_batch_skipped_after_its_device_decode_resumes_exactly(tmp_path):
+    """A batch `finish` skips took its worker's round-robin turn: the checkpoint records it
+    with the next batch, so a resumed run hands out the uninterrupted run's batches."""
+    root = tmp_path / "rel"
+    _cut_scan_release(root)
+    base = dict(
+        resolution=16, num_workers=2, shuffle_shards=False, shuffle_buffer=0, log_every=1,
+        sample_prompts=[], batch_size=2, log_keys=True, ema=False, device="cpu",
+        jpeg_decode="device",
+    )  # fmt: skip
+    full = train(TrainConfig(**base, steps=8), root, tmp_path / "a")
+    assert full["skipped_samples"] == 2 and full["skipped_batches"] == 1
+    for cut in (4, 5, 6):
+        out = tmp_path / f"b{cut}"
+        train(TrainConfig(**base, steps=cut), root, out)
+        train(TrainConfig(**base, steps=8, resume="latest"), root, out)
+
+        def keys(d: Path) -> list[list[str]]:
+            lines = (d / "keys-rank0.jsonl").read_text().splitlines()
+            return [json.loads(x)["keys"] for x in lines]
+
+        assert keys(out) == keys(tmp_path / "a"), cut
+    assert not {"0004", "0005"} & {k for b in keys(tmp_path / "a") for k in b}
+
+
+def test_exact_resume_refuses_another_jpeg_decode(tmp_path):
+    from ccurate.train.checkpoint import CheckpointError
+
+    root = tmp_path / "rel"
+    write_image_release(root, [6], resolution=16)
+    base = dict(
+        resolution=16, num_workers=0, shuffle_buffer=4, sample_prompts=[], batch_size=2,
+        ema=False, device="cpu",
+    )  # fmt: skip
+    train(TrainConfig(**base, steps=2, jpeg_decode="workers"), root, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="jpeg_decode='workers' \\(now 'device'\\)"):
+        train(
+            TrainConfig(**base, steps=4, jpeg_decode="device", resume="latest"),
+            root,
+            tmp_path / "run",
+        )
+    s = train(
+        TrainConfig(**base, steps=4, jpeg_decode="device", resume="latest", resume_data="restart"),
+        root,
+        tmp_path / "run",
+    )
+    assert s["steps"] == 4 and s["jpeg_decode"] == "device" and s["jpeg_device_decoded"] > 0

@@ -56,6 +56,7 @@ class TrainConfig(Section):
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # for classifier-free guidance
     random_flip: bool = False  # flip half the images left-right (pixel mode only)
     # libjpeg-turbo's fast IDCT + upsampling: 11 % faster decode, 45 dB PSNR from accurate
+    # (the loader workers' decode; nvJPEG's under jpeg_decode = "device" has no such switch)
     fast_jpeg: bool = True
     # where JPEGs are decoded (pixel mode): "workers" (the loader processes, on the CPU),
     # "device" (the training device: nvJPEG on a GPU, leaving the workers only the tar

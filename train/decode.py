@@ -425,7 +425,7 @@ class Decoder:
     ) -> dict[str, Any]:
         """A batch whose device-decodable JPEGs stay bytes (`DeviceJpegDecoder` finishes
         it): one flat buffer holds the rows decoded here (NHWC) and then those bytes."""
-        from ccurate.train.device_decode import device_jpeg_size
+        from ccurate.train.device_decode import defer_to_device, device_jpeg_size
 
         jpeg_rows: list[int] = []
         views: list[bytes | memoryview] = []
@@ -433,7 +433,7 @@ class Decoder:
         for i, raw in enumerate(group):
             m = find_image(raw)
             data = reader.view(m) if m is not None else None  # no member: bad (below)
-            if data is not None and device_jpeg_size(data) is not None:
+            if data is not None and defer_to_device(device_jpeg_size(data), h, w):
                 jpeg_rows.append(i)
                 views.append(data)
             else:  # no image member is decoded (and counted bad) by the workers' path

@@ -2,9 +2,10 @@
 
 With `[train] jpeg_decode = "device"` the loader workers leave every JPEG that the
 GPU's decoder takes as it is (baseline, 8-bit, grey or YCbCr, no EXIF rotation: what
-ccurate's releases store) and copy only its bytes into the batch; the rest (PNG,
-WebP, progressive or CMYK JPEG, rotated phone photos) they decode themselves as
-before. The trainer's process then finishes each batch (`DeviceJpegDecoder`):
+ccurate's releases store) and not much larger than the training size, and copy only
+its bytes into the batch; the rest (PNG, WebP, progressive or CMYK JPEG, rotated phone
+photos, large originals that a DCT-scaled decode shrinks cheaply) they decode
+themselves as before. The trainer's process then finishes each batch (`DeviceJpegDecoder`):
 one batched `torchvision.io.decode_jpeg` call (nvJPEG; on A100/H100/H200 its
 hardware JPEG engines), then the same covering resize + centre crop and flip as the
 workers' path, on the device, into one channels-last uint8 batch.
@@ -14,7 +15,8 @@ Why: decoding is ~85 % of a loader worker's time per 256-px sample
 GPU decodes a batch of 64 in about a millisecond. On a CPU (CI, tests) the same code
 runs with torchvision's libjpeg decoder: slower than the workers' path, never wrong.
 
-Pixels differ slightly from the workers' decode (another IDCT; antialiased bilinear
+Pixels differ slightly from the workers' decode (another IDCT, and `fast_jpeg` applies to
+the workers' decode only; antialiased bilinear
 instead of OpenCV's area filter when shrinking, bicubic either way when enlarging), as
 two JPEG decoders always do. Any image the device decoder refuses is decoded on the
 CPU here (the workers' path); an image neither decodes is a bad sample, trained as a
@@ -63,6 +65,23 @@ def device_jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
         elif marker == 0xDA:
             return size
     return None  # no scan: a cut or broken header
+
+
+# a deferred JPEG is at most this many times the training size in pixels: a larger one the
+# workers decode at a reduced DCT scale (1/2..1/8) far cheaper than the device decodes it
+# whole, and a header declaring a huge image must not size a device allocation
+MAX_DEFER_AREA = 16
+
+
+def defer_to_device(size: tuple[int, int] | None, height: int, width: int) -> bool:
+    """Whether a JPEG of `size` (from `device_jpeg_size`) is left to the device for a
+    (height, width) batch: the workers' decode could not shrink it in the DCT (it is less
+    than twice the size needed on one side) and its area is at most `MAX_DEFER_AREA` times
+    the batch's. Release JPEGs stored at the training size always are."""
+    if size is None:
+        return False
+    h0, w0 = size
+    return max(width / w0, height / h0) > 0.5 and h0 * w0 <= MAX_DEFER_AREA * height * width
 
 
 def cover_crop_chw(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -162,10 +181,7 @@ class DeviceJpegDecoder:
             if isinstance(ids, torch.Tensor):
                 ids[sorted(bad_set)] = ids[good].clone()
             batch["empty"] = captions.count("")
-            known = set(batch["bad"])
-            batch["bad"] = list(batch["bad"]) + [
-                batch["keys"][i] for i in sorted(bad_set) if batch["keys"][i] not in known
-            ]
+            batch["bad"] = [batch["keys"][i] for i in sorted(bad_set)]  # in row order
         batch["pixels"] = out.permute(0, 3, 1, 2)
         return batch
 
@@ -177,6 +193,11 @@ class DeviceJpegDecoder:
 
         on = "cuda" if self.device.type == "cuda" else "cpu"
         dev = self.device if on == "cuda" else "cpu"
+        if on == "cuda":
+            # torchvision decodes on a stream of its own into memory allocated on ours, without
+            # waiting for ours: memory just freed here (the last batch's resize temporaries)
+            # must be done with first (pytorch/vision#9606)
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
             self.decoded += len(datas)

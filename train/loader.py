@@ -4,7 +4,7 @@ Workers cut and decode batches themselves (`batch_size=None`) into a ring of reu
 shared-memory buffers (`BatchRing`). Positions come from the batches the trainer
 actually consumed, never from what workers prefetched; on resume the DataLoader's
 round-robin over workers is preserved by rotating worker ids by the number of
-batches consumed.
+worker batches consumed (trained, or skipped by the loader's `finish`).
 """
 
 from __future__ import annotations
@@ -275,12 +275,16 @@ class TrainLoader:
         self.copy_out = copy_out
         self._held: tuple[int, int] | None = None  # (worker, seq) handed out uncopied
         self.batches = 0
+        # worker batches consumed: the trained ones and those `finish` skipped (each took its
+        # worker's round-robin turn); what the resumed DataLoader's worker order follows
+        self.turns = 0
         self.positions: dict[int, Position] = {}
         if state:
             self.batches = int(state["batches"])
+            self.turns = int(state.get("turns", self.batches))
             self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["workers"].items()}
         dataset.start = dict(self.positions)
-        dataset.rotate = self.batches % dataset.n_logical
+        dataset.rotate = self.turns % dataset.n_logical
         self.dataset = dataset
         nw = dataset.num_workers
         # a worker is at most prefetch_factor batches ahead of what was handed out here;
@@ -314,6 +318,7 @@ class TrainLoader:
         # what batches that `finish` skipped carried, handed out with the next batch
         self._skipped: list[str] = []
         self._bad_shards: list[str] = []
+        self._skipped_pos: list[list[int]] = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -322,26 +327,28 @@ class TrainLoader:
         """The next batch; it counts as consumed only once passed to `mark`."""
         if self.finish is None:
             return self._receive()
-        for _ in range(self.MAX_FINISH_SKIPS):
+        # as the workers' rule: only a whole data epoch without a usable batch is fatal
+        for _ in range(self.epoch_batches + 1):
             batch = self._receive()
             try:
                 batch = self.finish(batch)
             except BadBatch as exc:  # not one usable sample: skipped, reported with the next
                 self._skipped.extend([*batch.get("skipped", ()), *exc.keys])
                 self._bad_shards.extend(batch.get("bad_shards", ()))
+                # consumed with the next batch handed out (`mark`): a checkpoint before that
+                # resumes before this batch, and skips it again in the same turn
+                self._skipped_pos.append(batch["pos"])
                 continue
-            if self._skipped or self._bad_shards:
+            if self._skipped_pos:
                 batch["skipped"] = [*self._skipped, *batch.get("skipped", ())]
                 batch["bad_shards"] = [*self._bad_shards, *batch.get("bad_shards", ())]
-                self._skipped, self._bad_shards = [], []
+                batch["skipped_pos"] = self._skipped_pos
+                self._skipped, self._bad_shards, self._skipped_pos = [], [], []
             return batch
         raise DataError(
-            f"{self.MAX_FINISH_SKIPS} batches in a row without a usable sample "
-            f"({len(self._skipped)} samples skipped)"
+            f"{self.epoch_batches + 1} batches in a row without a usable sample, a whole data "
+            f"epoch ({len(self._skipped)} samples skipped)"
         )
-
-    # batches in a row that `finish` may skip before the stream is declared unusable
-    MAX_FINISH_SKIPS = 1000
 
     def _receive(self) -> dict[str, Any]:
         if self._it is None:
@@ -385,9 +392,13 @@ class TrainLoader:
 
     def mark(self, batch: dict[str, Any]) -> None:
         """Record `batch` as consumed (the trainer calls this when the step uses it)."""
+        for slw, sepoch, sn in batch.pop("skipped_pos", ()):  # skipped by `finish` before it
+            self.positions[int(slw)] = (int(sepoch), int(sn))
+            self.turns += 1
         lw, epoch, n = batch.pop("pos")
         self.positions[int(lw)] = (int(epoch), int(n))
         self.batches += 1
+        self.turns += 1
         stats = self.stats
         stats["bad_samples"] += len(batch.get("bad", ()))
         stats["empty_captions"] += int(batch.get("empty", 0))
@@ -411,6 +422,7 @@ class TrainLoader:
     def state(self) -> dict[str, Any]:
         return {
             "batches": self.batches,
+            "turns": self.turns,
             "workers": {str(k): list(v) for k, v in sorted(self.positions.items())},
             "num_workers": self.dataset.num_workers,
             "batch_size": self.dataset.batch_size,

@@ -414,7 +414,7 @@ class Trainer:
             cfg.jpeg_decode == "device" or (cfg.jpeg_decode == "auto" and self.cuda)
         )
         self.device_decode_note = ""
-        if self.device_decode and self.cuda:
+        if self.device_decode and self.cuda:  # "device" on a CPU runs torchvision's CPU decoder
             why = device_decode_error(self.device)
             if why is not None and cfg.jpeg_decode == "device":
                 raise DataError(
@@ -424,6 +424,7 @@ class Trainer:
             if why is not None:  # "auto": the workers decode, as on a CPU
                 self.device_decode = False
                 self.device_decode_note = f"JPEGs decoded by the loader workers: {why}"
+        self.jpeg_decode = "device" if self.device_decode else "workers"
         if self.latent_mode:
             assert self.manifest is not None
             if cfg.random_flip:
@@ -614,6 +615,9 @@ class Trainer:
             "shards_digest": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
             "data_digest": self.data_digest,
             "mode": "latents" if self.latent_mode else "pixels",
+            # where JPEGs decode: a batch with no decodable image is skipped by the worker or
+            # after its worker's round-robin turn, so the two orders differ once one is skipped
+            "jpeg_decode": None if self.latent_mode else self.jpeg_decode,
             **self.models,
         }
         # the loader's cached counts (a broken shard without an index counts to its break);
@@ -708,6 +712,7 @@ class Trainer:
             buckets,
             factor,
         )
+        jpeg_device = DeviceJpegDecoder(device) if self.device_decode else None
         loader = TrainLoader(
             dataset,
             epoch_batches,
@@ -717,7 +722,7 @@ class Trainer:
             # each batch is moved to the device (or stepped on, on CPU) and its backward done
             # before the next is asked for: no copy out of the workers' ring buffers
             copy_out=False,
-            finish=DeviceJpegDecoder(device) if self.device_decode else None,
+            finish=jpeg_device,
         )
         if self.device_decode_note:
             self.log({"event": "jpeg_decode", "note": self.device_decode_note})
@@ -890,9 +895,11 @@ class Trainer:
             "resolution": self.resolution,
             "latents": self.latent_mode,
             # where the JPEGs were decoded (pixel mode): the loader workers or this device
-            "jpeg_decode": None
-            if self.latent_mode
-            else ("device" if self.device_decode else "workers"),
+            "jpeg_decode": None if self.latent_mode else self.jpeg_decode,
+            # JPEGs the device decoded, and those it refused (decoded the workers' way in this
+            # process, one image at a time: a slow path worth knowing about)
+            "jpeg_device_decoded": jpeg_device.decoded if jpeg_device else 0,
+            "jpeg_cpu_fallback": jpeg_device.cpu_fallback if jpeg_device else 0,
             "params": count_params(unet),
             "epoch_batches": epoch_batches,
             "bad_samples": bad,
