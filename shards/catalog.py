@@ -81,6 +81,34 @@ def _list(paths: list[str]) -> str:
 
 
 _QUERY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "MULTI"}  # what `ccurate query` may run
+# keywords that never appear in a query that only reads (checked in MULTI statements)
+_WRITING_KEYWORDS = frozenset(
+    [
+        "copy",
+        "insert",
+        "update",
+        "delete",
+        "create",
+        "drop",
+        "alter",
+        "attach",
+        "detach",
+        "install",
+        "load",
+        "export",
+        "import",
+        "set",
+        "reset",
+        "call",
+        "checkpoint",
+        "vacuum",
+        "truncate",
+        "use",
+        "pragma",
+        "merge",
+        "upsert",
+    ]
+)
 # PRAGMAs that only read (others set options, or import a database: a SQL file that runs)
 _READ_PRAGMAS = {
     "version",
@@ -130,6 +158,28 @@ def _check_query(sql: str) -> None:
                 "ccurate query runs PRAGMAs that only read ("
                 + ", ".join(sorted(_READ_PRAGMAS))
                 + ")"
+            )
+    elif kind == "MULTI":
+        # a PIVOT without an IN list expands to several statements: DuckDB types the whole
+        # as MULTI, whatever wraps it (a COPY of a PIVOT wrote the manifest it read). Its
+        # keywords decide: a query's first, and no keyword that writes or loads anywhere
+        tokens = duckdb.tokenize(text)
+        ends = [start for start, _ in tokens[1:]] + [len(text)]
+        words = [
+            text[start:end].strip().lower()
+            for (start, ttype), end in zip(tokens, ends, strict=True)
+            if ttype == duckdb.token_type.keyword
+        ]
+        bad = sorted(set(words) & _WRITING_KEYWORDS)
+        if not words or words[0] not in {"pivot", "unpivot", "with", "select", "from"} or bad:
+            raise ValueError(
+                "ccurate query runs queries only; refused: a multi-part statement (a PIVOT "
+                "without an IN list) "
+                + (
+                    f"with {', '.join(w.upper() for w in bad)} (quote a column of that name)"
+                    if bad
+                    else f"starting {words[:1]}"
+                )
             )
     elif kind not in _QUERY_STATEMENTS:
         raise ValueError(

@@ -447,10 +447,22 @@ def test_query_cannot_write_read_other_files_or_fetch(world: dict, tmp_path: Pat
         assert r.exit_code == 2 and says in " ".join(r.output.split()), (sql, r.output)
         assert "secret-value" not in r.output
     assert target.read_bytes() == b"precious"
+    # a PIVOT without an IN list parses as a MULTI statement, whatever wraps it: a COPY of
+    # one wrote a manifest the views read (inside the sandbox's allowed files)
+    manifest = Path(world["r1"]) / "manifest.parquet"
+    before = manifest.read_bytes()
+    pivot = "PIVOT samples ON status USING count(*)"
+    to = f"TO '{manifest}' (FORMAT parquet, USE_TMP_FILE false)"
+    for sql in (f"COPY ({pivot}) {to}", f"EXPLAIN ANALYZE COPY ({pivot}) {to}"):
+        r = runner.invoke(app, ["query", sql, "--catalog", cat])
+        assert r.exit_code == 2 and "with COPY" in " ".join(r.output.split()), (sql, r.output)
+    assert manifest.read_bytes() == before
     for sql in (
         "EXPLAIN ANALYZE SELECT count(*) FROM samples",
         "PRAGMA table_info('samples')",
         "PIVOT samples ON status USING count(*)",
+        "WITH p AS (PIVOT samples ON status USING count(*)) SELECT * FROM p",
+        "PIVOT (SELECT replace(status, 'a', 'b') AS s FROM samples) ON s USING count(*)",
         "SELECT count(*) AS n FROM manifests",
     ):
         r = runner.invoke(app, ["query", sql, "--catalog", cat])
