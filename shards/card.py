@@ -363,6 +363,13 @@ def render_card(s: dict[str, Any]) -> str:
         + (", `{key}.alt.txt`" if cfg["caption_source"] == "both" else "")
         + "; `.parquet` index (img2dataset columns) and `.stats.json` per shard."
     )
+    add(
+        "- Captions: the text to train on is `{key}.txt`. The `.parquet` index's `caption` is "
+        "that text (img2dataset's meaning) and its `synthetic_caption` the captioning model's "
+        "output; in `{key}.json`, `text` is that text, `caption` the model's output only "
+        '("" when the text came from alt text) and `alt_text` the page\'s; `caption_source` '
+        "says which one `.txt` holds."
+    )
     add("- `manifest.parquet`: every published sample with split, shard and byte offset.")
     add("- `excluded.parquet`: kept samples not published, with the reason.")
     add("- `release.json`: the numbers of this card. Verify with `sha256sum -c SHA256SUMS`.\n")
@@ -381,5 +388,18 @@ def render_card(s: dict[str, Any]) -> str:
     add("```python")
     add("import datasets")
     add('ds = datasets.load_dataset("path/to/this/release")')
+    add("```")
+    add(
+        "\nWith `data_files` (a list of shards), pass the features `release.json` declares: "
+        "without them `datasets` guesses the schema from the first 5 samples, and a score "
+        "null in all of them but set later fails the load.\n"
+    )
+    add("```python")
+    add("import datasets, json")
+    add('features = datasets.Features._from_yaml_list(json.load(open("release.json"))["features"])')
+    add(
+        'ds = datasets.load_dataset("webdataset", data_files={"train": shards}, '
+        'features=features, split="train")'
+    )
     add("```")
     return "\n".join(lines) + "\n"

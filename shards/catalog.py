@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .release import SUCCESS, is_release
+
+# a key's change between two releases, in the order `Catalog.diff` counts them
+CHANGES = ("added", "removed", "moved", "changed", "unchanged")
 
 LICENSE_REASONS = (
     "license_unknown",
@@ -462,7 +466,17 @@ class Catalog:
         return str(release), Path(row[0][0])
 
     def diff_table(self, release_a: str | Path, release_b: str | Path) -> pa.Table:
-        """Per key: change (added/removed/moved/unchanged), splits in a and b, and why.
+        """Per key: change (added/removed/moved/changed/unchanged), splits in a and b, why,
+        and detail.
+
+        A key both hold in the same splits is `changed` when its licence (a change within a
+        family too: CC BY -> CC BY-SA adds ShareAlike, CC0 -> CC BY attribution), its
+        published image bytes (`image_sha256`) or its `.txt` text (the shard indexes'
+        `caption`) differ; why lists them (`licence_changed,image_changed,caption_changed`)
+        and detail says what (`licence CC-BY-4.0 -> CC-BY-SA-4.0; image 1a2b.. -> 3c4d..;
+        caption changed`); a moved key's detail says the same. What a release lacks (an
+        older manifest without `image_sha256`, a copy without its shard indexes) is not
+        compared.
 
         A moved key's why is `licence_family_changed` when its licence family differs,
         `split_policy_changed` when only the splits holding it do (a release that also
@@ -494,10 +508,33 @@ class Catalog:
         name_b, db = self._release_files(release_b)
         run_a, run_b = _lit(name_a), _lit(name_b)
 
-        def family(d: Path) -> str:
-            # a manifest without the column (hand-made, or older): unknown, so 'changed'
+        def column(d: Path, name: str) -> str:
+            # a manifest without the column (hand-made, or older): unknown (a family then
+            # counts as changed; a licence or image hash as not compared)
             names = pq.read_schema(d / "manifest.parquet").names
-            return "any_value(license_family)" if "license_family" in names else "NULL::VARCHAR"
+            return f"any_value({name})" if name in names else "NULL::VARCHAR"
+
+        def texts(d: Path) -> str:
+            # the `.txt` text of each key: the `caption` column of the shard indexes (the
+            # manifest does not carry it); a release without them: not compared
+            man = d / "manifest.parquet"
+            shards = (
+                pq.read_table(man, columns=["shard"])["shard"].to_pylist()
+                if "shard" in pq.read_schema(man).names
+                else []
+            )
+            files = [
+                str(d / sh[: -len(".tar")]) + ".parquet"
+                for sh in sorted({str(x) for x in shards if x})
+                if sh.endswith(".tar")
+            ]
+            files = [f for f in files if Path(f).is_file()]
+            if not files:
+                return "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS text WHERE false"
+            return (
+                "SELECT key, any_value(md5(coalesce(caption, ''))) AS text "
+                f"FROM read_parquet({_list(files)}, union_by_name=true) GROUP BY key"
+            )
 
         def excluded(d: Path) -> str:
             # one row per key: a key met twice is excluded again as duplicate_key, and a
@@ -512,11 +549,26 @@ class Catalog:
 
         sql = f"""
         WITH a AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits,
-                          {family(da)} AS family
+                          {column(da, "license_family")} AS family,
+                          {column(da, "license")} AS license,
+                          {column(da, "image_sha256")} AS image
                    FROM read_parquet({_lit(da / "manifest.parquet")}) GROUP BY key),
              b AS (SELECT key, string_agg(split, ',' ORDER BY split) AS splits,
-                          {family(db)} AS family
+                          {column(db, "license_family")} AS family,
+                          {column(db, "license")} AS license,
+                          {column(db, "image_sha256")} AS image
                    FROM read_parquet({_lit(db / "manifest.parquet")}) GROUP BY key),
+             ta AS ({texts(da)}), tb AS ({texts(db)}),
+             -- what changed in a key both hold: its licence (any, not just its family), its
+             -- published image bytes, its `.txt` text; unknown on either side: not compared
+             c AS (SELECT a.key,
+                     coalesce(a.license <> b.license, false) AS lic,
+                     coalesce(a.image <> b.image, false) AS img,
+                     coalesce(ta.text <> tb.text, false) AS txt,
+                     a.license AS license_a, b.license AS license_b,
+                     a.image AS image_a, b.image AS image_b
+                   FROM a JOIN b ON a.key = b.key
+                     LEFT JOIN ta ON ta.key = a.key LEFT JOIN tb ON tb.key = a.key),
              ea AS ({excluded(da)}), eb AS ({excluded(db)}),
              ra AS (SELECT key, drop_reason AS reason FROM sample_runs
                     WHERE run_id = {run_a} AND status <> 'ok'),
@@ -543,8 +595,10 @@ class Catalog:
              j AS (SELECT coalesce(a.key, b.key) AS key, a.splits AS split_a, b.splits AS split_b,
                    coalesce(a.family <> b.family, true) AS family_changed,
                    CASE WHEN a.key IS NULL THEN 'added' WHEN b.key IS NULL THEN 'removed'
-                        WHEN a.splits <> b.splits THEN 'moved' ELSE 'unchanged' END AS change
-                   FROM a FULL OUTER JOIN b ON a.key = b.key),
+                        WHEN a.splits <> b.splits THEN 'moved'
+                        WHEN c.lic OR c.img OR c.txt THEN 'changed'
+                        ELSE 'unchanged' END AS change
+                   FROM a FULL OUTER JOIN b ON a.key = b.key LEFT JOIN c ON c.key = a.key),
              -- a key's membership of the releases between a and b
              jm AS (SELECT j.key, j.change, m.run_id, m.t,
                            EXISTS (SELECT 1 FROM release_samples rs
@@ -608,8 +662,18 @@ class Catalog:
             -- same family in other splits: the split policy changed (e.g. a superset split)
             WHEN j.change = 'moved' THEN CASE WHEN j.family_changed
               THEN 'licence_family_changed' ELSE 'split_policy_changed' END
-          END AS why
-        FROM j CROSS JOIN cut LEFT JOIN samples s ON s.key = j.key LEFT JOIN ea ON ea.key = j.key
+            WHEN j.change = 'changed' THEN concat_ws(',',
+              CASE WHEN c.lic THEN 'licence_changed' END,
+              CASE WHEN c.img THEN 'image_changed' END,
+              CASE WHEN c.txt THEN 'caption_changed' END)
+          END AS why,
+          CASE WHEN j.change IN ('moved', 'changed') THEN nullif(concat_ws('; ',
+            CASE WHEN c.lic THEN 'licence ' || c.license_a || ' -> ' || c.license_b END,
+            CASE WHEN c.img THEN 'image ' || left(c.image_a, 12) || ' -> '
+                                 || left(c.image_b, 12) END,
+            CASE WHEN c.txt THEN 'caption changed' END), '') END AS detail
+        FROM j CROSS JOIN cut LEFT JOIN c ON c.key = j.key
+          LEFT JOIN samples s ON s.key = j.key LEFT JOIN ea ON ea.key = j.key
           LEFT JOIN eb ON eb.key = j.key LEFT JOIN prior p ON p.key = j.key
           LEFT JOIN ra ON ra.key = j.key LEFT JOIN rb ON rb.key = j.key
           LEFT JOIN gone g ON g.key = j.key LEFT JOIN lacked l ON l.key = j.key
@@ -619,17 +683,29 @@ class Catalog:
         return self.con.sql(sql).to_arrow_table()
 
     def diff(self, release_a: str | Path, release_b: str | Path) -> dict[str, Any]:
-        """Summary of `diff_table`: counts per change and, for added/removed, per reason."""
+        """Summary of `diff_table`: counts per change; per reason for added, removed, moved
+        and changed (a changed key counts under each of its reasons); and
+        `licence_changes`, {"CC-BY-4.0 -> CC-BY-SA-4.0": n} over moved and changed keys."""
         name_a, _ = self._release_files(release_a)
         name_b, _ = self._release_files(release_b)
         rows = self.diff_table(release_a, release_b).to_pylist()
         out: dict[str, Any] = {"a": name_a, "b": name_b}
-        for change in ("added", "removed", "moved", "unchanged"):
+        for change in CHANGES:
             out[change] = sum(1 for r in rows if r["change"] == change)
-        for change in ("added", "removed"):
-            why: dict[str, int] = {}
+
+        def ranked(c: Counter[str]) -> dict[str, int]:
+            return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+        licences: Counter[str] = Counter()
+        for change in ("added", "removed", "moved", "changed"):
+            why: Counter[str] = Counter()
             for r in rows:
-                if r["change"] == change:
-                    why[r["why"]] = why.get(r["why"], 0) + 1
-            out[f"{change}_why"] = dict(sorted(why.items(), key=lambda kv: (-kv[1], kv[0])))
+                if r["change"] != change:
+                    continue
+                why.update(r["why"].split(",") if change == "changed" else [r["why"]])
+                for part in (r["detail"] or "").split("; "):
+                    if part.startswith("licence "):
+                        licences[part[len("licence ") :]] += 1
+            out[f"{change}_why"] = ranked(why)
+        out["licence_changes"] = ranked(licences)
         return out

@@ -10,6 +10,7 @@ without either `work/catalog` under the current directory.
 from __future__ import annotations
 
 import json
+import math
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
@@ -79,9 +80,26 @@ def _usage_errors() -> AbstractContextManager[None]:
     return usage_errors(FileNotFoundError, FileExistsError, ValueError, KeyError, duckdb.Error)
 
 
+def json_safe(v: Any) -> Any:
+    """`v` with NaN and +-Infinity as null: `--json` prints strict JSON (RFC 8259 has no
+    NaN), which JavaScript, Go and serde parse; a manifest's extra columns carried from
+    LAION-like inputs (`punsafe`, `pwatermark`) hold NaN."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def _dumps(v: Any, indent: int | None = None) -> str:
+    return json.dumps(json_safe(v), default=str, ensure_ascii=False, allow_nan=False, indent=indent)
+
+
 def _print_table(t: pa.Table, as_json: bool, title: str | None = None) -> None:
     if as_json:
-        typer.echo(json.dumps(t.to_pylist(), default=str, ensure_ascii=False))
+        typer.echo(_dumps(t.to_pylist()))
         return
     # cells are data (captions, URLs with [brackets]), never rich markup
     table = Table(title=title)
@@ -94,7 +112,7 @@ def _print_table(t: pa.Table, as_json: bool, title: str | None = None) -> None:
 
 def _print_dict(d: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(d, default=str, ensure_ascii=False, indent=1))
+        typer.echo(_dumps(d, indent=1))
         return
     table = Table(show_header=False)
     table.add_column("what")
@@ -115,7 +133,9 @@ def register(app: typer.Typer) -> None:
         ],
         config: ConfigOpt = None,
         catalog: CatalogOpt = None,
-        as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="print JSON rows (NaN and infinities as null)")
+        ] = False,
     ) -> None:
         """Run SQL against the catalog and the manifests of its recorded releases (read-only)."""
         with _usage_errors(), _open_catalog(config, catalog) as cat:
@@ -165,7 +185,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         keys: Annotated[bool, typer.Option("--keys", help="list every changed key")] = False,
     ) -> None:
-        """What was added to / removed from a release, and why."""
+        """What was added, removed, moved between splits or changed (licence, image, caption)
+        from one release to another, and why."""
         with _usage_errors(), _open_catalog(config, catalog) as cat:
             if keys:
                 t = cat.diff_table(release_a, release_b)

@@ -6,6 +6,14 @@ release is present, missing scores are null). Loaders that infer a schema from
 the first few rows (HF `datasets`' webdataset builder infers it from 5) then
 read every shard; with nulls in the first rows they fail on the first string.
 The parquet files keep real nulls under fixed Arrow schemas.
+
+Captions have two names, by what each file follows. The text to train on is
+`{key}.txt`. The shard's parquet index keeps img2dataset's meaning: `caption` is
+that text (with `status`, `error_message`, `exif` as img2dataset writes them), and
+`synthetic_caption` the captioning model's output. In `{key}.json`, `text` is the
+`.txt` text, `caption` the model's output only ("" when the text came from alt
+text; the trainer's `synthetic` policy reads it), `alt_text` the page's alt text,
+and `caption_source` says which of them `.txt` holds.
 """
 
 from __future__ import annotations

@@ -21,16 +21,47 @@ from typing import Any, TypeVar
 
 from ccurate.tario import iter_members
 
-from .release import is_release
+from .release import is_release, listed_files
 
 
 def release_shards(release_dir: str | Path, split: str | None = None) -> list[Path]:
-    """The tar shards of a release (one split or all), in deterministic order."""
+    """The tar shards of a release (one split or all), in deterministic order.
+
+    The shards SHA256SUMS lists, not every `*.tar` on disk: a stray tar (a copy, a
+    half-synced or injected file) is no part of the release (`verify` reports it)."""
     root = Path(release_dir)
     if not is_release(root):
         raise ValueError(f"{root} is not a complete release (no _SUCCESS)")
-    base = root / split if split else root
-    return sorted(base.rglob("*.tar"), key=lambda p: p.relative_to(root).as_posix())
+    prefix = f"{split}/" if split else ""
+    return sorted(
+        (
+            root / rel
+            for rel in listed_files(root)
+            if rel.endswith(".tar") and rel.startswith(prefix)
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+
+
+def hf_features(release_dir: str | Path) -> Any:
+    """The declared features of a release's samples, as `datasets.Features` (from
+    release.json, the same list the card's YAML header declares).
+
+    `datasets.load_dataset("<release dir>")` reads them from the card. The `data_files`
+    form does not: `datasets` then guesses the schema from the first 5 samples of the first
+    tar, and a score null in all of them but set later (`safety.frames`, say) fails the load
+    ("Couldn't cast array of type double to null"). Pass them:
+    `datasets.load_dataset("webdataset", data_files=..., features=hf_features(release))`.
+    """
+    import json
+
+    import datasets
+
+    path = Path(release_dir) / "release.json"
+    declared = json.loads(path.read_text(encoding="utf-8")).get("features")
+    if not declared:
+        raise ValueError(f"{path} declares no features (a release written before them)")
+    return datasets.Features._from_yaml_list(declared)
 
 
 # webdataset's rules (tariterators.base_plus_ext and the metadata skips of tar_file_iterator)

@@ -207,8 +207,26 @@ def next_version(out_root: str | Path) -> str:
     return f"v{best + 1}"
 
 
+# a key webdataset groups as one sample: its members are `{key}.{field}` and webdataset
+# ends the key at the first dot (a `.` in a key splits the sample), `/` makes a folder,
+# a leading `__` a metadata member; 64 characters keep `{key}.alt.txt` within the 100-byte
+# tar name field. Pipeline keys are 16 hex characters (`ccurate.record.make_key`).
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_key(key: object) -> None:
+    """ValueError unless `key` can name a sample in a webdataset shard (`KEY_PATTERN`)."""
+    if not isinstance(key, str) or KEY_PATTERN.fullmatch(key) is None:
+        raise ValueError(
+            f"sample key {key!r} cannot be published: a release key is 1-64 characters of "
+            "A-Z a-z 0-9 _ - starting with a letter or digit (webdataset splits a key at its "
+            "first dot, and tar names are limited); pipeline keys are 16 hex characters"
+        )
+
+
 def _scan_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """Score names and extra column names over all inputs (parquet only, no images)."""
+    """Score names and extra column names over all inputs (parquet only, no images); every
+    key is checked first (`check_key`), so a bad key fails before any shard is written."""
     scores: set[str] = set()
     extras: set[str] = set()
     base = set(METADATA_SCHEMA.names)
@@ -217,12 +235,28 @@ def _scan_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
             raise ValueError(f"input shard {prefix} is unfinished (no .done marker)")
         pf = pq.ParquetFile(f"{prefix}.parquet")
         extras.update(n for n in pf.schema_arrow.names if n not in base)
+        keys = pf.read(columns=["key"]).column("key")
+        ok = pc.match_substring_regex(keys, f"^{KEY_PATTERN.pattern}$")
+        bad = pc.invert(pc.fill_null(ok, False))
+        if pc.any(bad).as_py():
+            check_key(keys.filter(bad)[0].as_py())
         col = pf.read(columns=["scores"]).column("scores")
         for chunk in col.chunks:
             keys = chunk.keys if isinstance(chunk, pa.MapArray) else None
             if keys is not None and len(keys):
                 scores.update(str(k) for k in pc.unique(keys).to_pylist() if k is not None)
     return sorted(scores), sorted(extras)
+
+
+def input_labels(inputs: list[str]) -> dict[str, str]:
+    """Each input prefix relative to the folder that holds all of them (`shard-00001`, or
+    `40_caption/shard-00001` across stage folders): release files never name the builder's
+    own paths (they are published, and their bytes must not depend on the work dir)."""
+    if not inputs:
+        return {}
+    parents = [os.path.dirname(os.path.abspath(p)) for p in inputs]
+    common = os.path.commonpath(parents)
+    return {p: Path(os.path.relpath(os.path.abspath(p), common)).as_posix() for p in inputs}
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
@@ -346,6 +380,7 @@ def _build(
     run_info: dict[str, Any],
 ) -> None:
     score_names, extra_names = _scan_inputs(inputs)
+    input_names = input_labels(inputs)
     work = tmp / ".work"
     (work / "attribution").mkdir(parents=True)
     sinks: dict[tuple[str, str], _ShardSink] = {}
@@ -373,8 +408,8 @@ def _build(
             for batch in iter_samples(prefix):
                 for s in batch:
                     tally.seen += 1
-                    if s.key in seen:
-                        exclude(s, "duplicate_key", prefix)
+                    if s.key in seen:  # detail: the input, not where the builder's work lay
+                        exclude(s, "duplicate_key", input_names[prefix])
                         continue
                     seen.add(s.key)
                     family = release_split(s.license) if s.license else None
@@ -593,6 +628,14 @@ def _sum_stage_markers(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**t, "drops": dict(sorted(t["drops"].items()))} for t in total.values()]
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _sha256sums(root: Path) -> str:
     """`sha256sum -c` format over every file except SHA256SUMS and _SUCCESS, sorted paths."""
     lines = []
@@ -600,21 +643,40 @@ def _sha256sums(root: Path) -> str:
         rel = p.relative_to(root).as_posix()
         if not p.is_file() or rel in (SUMS, SUCCESS):
             continue
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        lines.append(f"{h.hexdigest()}  {rel}\n")
+        lines.append(f"{_file_sha256(p)}  {rel}\n")
     return "".join(lines)
 
 
+def listed_files(release_dir: str | Path) -> list[str]:
+    """The files SHA256SUMS lists (paths relative to the release, in its order): what the
+    release is. A file beside them that it does not list is no part of it."""
+    text = (Path(release_dir) / SUMS).read_text(encoding="utf-8")
+    return [line.split("  ", 1)[1] for line in text.splitlines() if "  " in line]
+
+
 def verify(release_dir: str | Path) -> list[str]:
-    """Paths whose hash differs from SHA256SUMS (empty list: the release is intact)."""
+    """What breaks the release's SHA256SUMS (empty list: the release is intact): a listed
+    path whose hash differs or that is missing, a file on disk that it does not list (a
+    copy, a half-synced or injected shard: `release_shards` and the exports skip it, but
+    the card's globs and other tools would read it), and SHA256SUMS itself when `_SUCCESS`
+    records another digest of it."""
     root = Path(release_dir)
     bad = []
-    for line in (root / SUMS).read_text().splitlines():
+    listed = set()
+    sums = (root / SUMS).read_bytes()
+    for line in sums.decode("utf-8").splitlines():
         digest, rel = line.split("  ", 1)
-        h = hashlib.sha256((root / rel).read_bytes()).hexdigest() if (root / rel).exists() else ""
-        if h != digest:
+        listed.add(rel)
+        if not (root / rel).is_file() or _file_sha256(root / rel) != digest:
+            bad.append(rel)
+    try:
+        recorded = json.loads((root / SUCCESS).read_text()).get("sha256sums")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is not None and recorded != hashlib.sha256(sums).hexdigest():
+        bad.append(SUMS)
+    for p in sorted(root.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in listed and rel not in (SUMS, SUCCESS):
             bad.append(rel)
     return bad

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ccurate.shards.config import ShardsConfig
 from ccurate.shards.mds import export_mds, read_mds
-from ccurate.shards.read import iter_tar, release_shards
+from ccurate.shards.read import hf_features, iter_tar, release_shards
 from ccurate.shards.release import write_release
 from ccurate.shards.synth import make_inputs
 
@@ -144,6 +144,25 @@ def test_hf_datasets_loads_a_score_the_first_samples_lack(tmp_path: Path) -> Non
     ds = datasets.load_dataset(str(rel), split="commercial", cache_dir=str(tmp_path / "hf"))
     got = {r["__key__"]: r["json"]["scores"]["license.complete"] for r in ds}
     assert sorted(got.values(), key=lambda v: v is None) == [1.0, 1.0] + [None] * 6
+    # the data_files form guesses the schema from the first 5 samples unless given the
+    # declared features: `hf_features(release)`, or the call the card shows (release.json)
+    urls = [str(p) for p in release_shards(rel, "commercial")]
+    features = hf_features(rel)
+    assert features == datasets.Features._from_yaml_list(
+        json.loads((rel / "release.json").read_text())["features"]
+    )
+    by_files = datasets.load_dataset(
+        "webdataset",
+        data_files={"train": urls},
+        features=features,
+        split="train",
+        cache_dir=str(tmp_path / "hf2"),
+    )
+    assert {r["__key__"]: r["json"]["scores"]["license.complete"] for r in by_files} == got
+    assert by_files.features == ds.features
+    card = (rel / "README.md").read_text()
+    assert 'features=features, split="train")' in card
+    assert '_from_yaml_list(json.load(open("release.json"))["features"])' in card
 
 
 def test_duckdb_reads_every_parquet(release: Path) -> None:

@@ -90,6 +90,23 @@ def test_find_shards_sorted_and_ignores_hidden(tmp_path):
         find_shards(tmp_path / "missing.tar")
 
 
+def test_a_stray_tar_beside_a_release_is_not_trained_on(tmp_path):
+    """A release is what its SHA256SUMS lists: a copied or injected tar in a split folder
+    is no part of it (`ccurate.shards.release.verify` reports it; the trainer skips it)."""
+    import hashlib
+
+    root = tmp_path / "rel"
+    write_image_release(root / "commercial", [3])
+    (root / "_SUCCESS").write_text("{}")
+    tar = next((root / "commercial").glob("*.tar"))
+    digest = hashlib.sha256(tar.read_bytes()).hexdigest()
+    (root / "SHA256SUMS").write_text(f"{digest}  commercial/{tar.name}\n")
+    (root / "commercial" / "stray-00000.tar").write_bytes(tar.read_bytes())
+    assert find_shards(root) == [str(tar)]
+    (root / "SHA256SUMS").unlink()  # no list: every tar of the split, as before
+    assert len(find_shards(root)) == 2
+
+
 def test_stream_is_deterministic_and_covers_each_epoch(release):
     root, keys = release
     shards = find_shards(root)

@@ -96,7 +96,13 @@ def _release_shards(root: Path, splits: Sequence[str]) -> list[str]:
             "(shards.noncommercial_includes_commercial): reading both would train each "
             "commercial sample twice; set train.splits = ['noncommercial'] to train on both"
         )
-    return sorted(t for s in dict.fromkeys(splits) for t in _tars_under(root / s))
+    tars = [t for s in dict.fromkeys(splits) for t in _tars_under(root / s)]
+    if (root / "SHA256SUMS").is_file():  # what the release is: a stray tar beside it is not
+        from ccurate.shards.release import listed_files
+
+        listed = {str(root / rel) for rel in listed_files(root)}
+        tars = [t for t in tars if t in listed]
+    return sorted(tars)
 
 
 def _check_split(path: Path, splits: Sequence[str]) -> None:
