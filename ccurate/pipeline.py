@@ -48,6 +48,9 @@ SECTION = {"ingest": "ingest", "filter": "filters", "dedup": "dedup", "caption":
 PERF_KEYS = frozenset({
     "threads", "decode_threads", "batch_size", "device", "cache_dir", "decode_pixel_budget",
     "user_agent",
+    # the rebuild's operational keys too (`ccurate.rebuild._OPERATIONAL`): captioning's
+    # batching, decode workers, CUDA graphs and cache flushing, the OCR's memory arena
+    "max_batch_size", "decode_workers", "cuda_graphs", "cache_flush_rows", "ocr_mem_arena",
     "per_host_connections", "per_host_rate", "retries", "backoff_base", "backoff_max",
     "max_retry_after", "connect_timeout", "read_timeout", "total_timeout",
 })  # fmt: skip
@@ -215,7 +218,8 @@ class Pipeline:
         want = self.step_settings(step)
         _remove_cleared(out_dir)
         if path.exists():
-            have = json.loads(path.read_text())
+            # recorded before a key became a performance one: that key is no change
+            have = _without_perf_keys(json.loads(path.read_text()))
             if have == want:
                 return
             user, new = self._split_changes(step, have, want)

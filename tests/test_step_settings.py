@@ -100,3 +100,44 @@ def test_changed_filter_settings_recompute_filter_and_everything_after(
         with pytest.raises(PipelineError, match=r"ingest settings changed"):
             p.retry_failed()
         assert _kept(work / "10_ingest") == 4
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("caption", "decode_workers", "8"),
+        ("caption", "max_batch_size", "64"),
+        ("caption", "cuda_graphs", "false"),
+        ("caption", "cache_flush_rows", "100"),
+        ("filters.watermark", "ocr_mem_arena", "false"),
+    ],
+)
+def test_operational_settings_keep_a_steps_results(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    """What the rebuild treats as operational (`rebuild._OPERATIONAL`: how fast a step runs,
+    never what it outputs) keeps the pipeline's results too; and a step recorded when such a
+    key still counted (its `_SETTINGS` holds it) is not recomputed after an upgrade."""
+    from ccurate.rebuild import _OPERATIONAL, settings_digest
+
+    assert key in _OPERATIONAL
+    base = "[run]\nwork_dir = 'w'\n[caption]\nmodel = 'm'\n"
+    (tmp_path / "a.toml").write_text(base)
+    if section == "caption":
+        (tmp_path / "b.toml").write_text(base + f"{key} = {value}\n")
+    else:
+        (tmp_path / "b.toml").write_text(base + f"[{section}]\n{key} = {value}\n")
+    a = Pipeline(load_config(tmp_path / "a.toml"))
+    b = Pipeline(load_config(tmp_path / "b.toml"))
+    assert a.step_settings("caption") == b.step_settings("caption")
+    assert settings_digest(a.cfg) == settings_digest(b.cfg)
+
+    out = a.step_dir("caption")
+    out.mkdir(parents=True)
+    want = a.step_settings("caption")
+    old = json.loads(json.dumps(want))
+    old["caption"][key] = "recorded-before"  # as an older version wrote it
+    (out / "_SETTINGS").write_text(json.dumps(old))
+    (out / "kept.txt").write_text("a result")
+    a._check_settings("caption")
+    assert (out / "kept.txt").exists()
