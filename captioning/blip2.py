@@ -10,8 +10,10 @@ of the GPU (PIL releases the GIL), uint8 pixels travel to the device pinned and
 are normalised there, the vision encoder + Q-Former run in sub-batches as soon
 as their images are decoded, and the language model decodes the whole GPU
 batch at once (`fastgen.GreedyOPT` for greedy OPT, HF `generate` otherwise).
-An out-of-memory error halves the batch size (sticky) and retries; a single
-image that still does not fit gets no caption, and the shard goes on.
+An out-of-memory error (cuBLAS/cuDNN allocation failures included) halves the
+batch size (sticky) and retries; a single image that still does not fit gets no
+caption and is listed in `Blip2Captioner.oom_lost`: the stage then leaves its shard
+unfinished, so a rerun captions it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 
 from ccurate.captioning.config import DEFAULT_MODEL, CaptionConfig
 from ccurate.executor import usable_cpus
-from ccurate.pixels import jpeg_size, to_rgb
+from ccurate.pixels import jpeg_size, upright_rgb
 from ccurate.weights import (
     WeightsNotFoundError,
     fetch_command,
@@ -52,6 +54,17 @@ MODEL_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ENCODE_BATCH = 128
 """Images per vision-encoder call: big enough for full GEMMs, small enough to start early."""
+OOM_MESSAGES = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "can't allocate memory",  # PyTorch's CPU allocator
+)
+"""Lower-cased parts of RuntimeError messages that mean an allocation failed: halving the
+batch helps (as accelerate's `should_reduce_batch_size` recognises them)."""
+OOM_GIVE_UP = 8
+"""Images in a row that do not fit alone before `caption` stops trying the rest of its call
+(they are `oom_lost` too): with the GPU held elsewhere, each try only costs time."""
 
 
 @dataclass(frozen=True)
@@ -71,30 +84,105 @@ def _has_weights(path: Path) -> bool:
     )
 
 
+def _missing_files(path: Path) -> list[str]:
+    """What a model folder with config and weights still lacks to load: the shards its
+    `*.index.json` lists, the image processor's config and the tokenizer's files (an
+    interrupted or `--include`-filtered download). Transformers' own errors for these point
+    at huggingface.co and name neither the folder nor a fetch command."""
+    missing: list[str] = []
+    for index in sorted(path.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            missing.append(f"a readable {index.name}")
+            continue
+        missing += sorted(str(f) for f in shards if not (path / str(f)).is_file())
+    if not any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("preprocessor_config.json or processor_config.json (the image processor)")
+    tokenizer = (
+        (path / "tokenizer.json").is_file()
+        or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+        or next(path.glob("*.model"), None) is not None  # sentencepiece (Flan-T5)
+    )
+    if not tokenizer:
+        missing.append("the tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    return missing
+
+
+def _git_blob_sha1(path: Path) -> str:
+    """Git's object id of a file: the etag the hub gives (and `hf download` records) for
+    files stored without LFS (configs, tokenizer files)."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def _downloaded_commit(path: Path, files: list[Path]) -> str | None:
+    """The commit `hf download --local-dir` recorded, if every one of `files` still holds
+    the bytes it downloaded; else None.
+
+    Each file's `.cache/huggingface/download/<name>.metadata` holds the commit and the
+    file's etag (the SHA-256 of an LFS file such as the weights, the git object id of
+    others). A model retrained or edited in place keeps the metadata but not the bytes, so
+    the commit is trusted only when every file's content matches its etag (the weights'
+    digests come from `files_sha256`, read once per machine)."""
+    meta = path / ".cache" / "huggingface" / "download"
+    if not meta.is_dir() or not files:
+        return None
+    commits: set[str] = set()
+    lfs: dict[Path, str] = {}
+    for f in files:
+        try:
+            lines = (meta / f"{f.name}.metadata").read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if len(lines) < 2 or not re.fullmatch(r"[0-9a-f]{40}", lines[0].strip()):
+            return None
+        commits.add(lines[0].strip())
+        etag = lines[1].strip().strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            lfs[f] = etag
+        elif not re.fullmatch(r"[0-9a-f]{40}", etag) or _git_blob_sha1(f) != etag:
+            return None
+    if len(commits) != 1:
+        return None
+    digests = files_sha256(sorted(lfs))
+    if any(digests[f] != etag for f, etag in lfs.items()):
+        return None
+    return commits.pop()
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files `from_pretrained` reads: configs, tokenizer, and the weights (safetensors
+    when there are any, as transformers prefers them)."""
+    files = {f for pat in MODEL_FILE_PATTERNS for f in path.glob(pat)}
+    for pat in WEIGHT_PATTERNS:
+        weights = set(path.glob(pat))
+        if weights:
+            files |= weights
+            break
+    return sorted(f for f in files if f.is_file())
+
+
 def _local_revision(path: Path) -> str:
-    """The commit a directory was downloaded at, or a short hash of its contents.
+    """The commit a directory was downloaded at (if its files are still those bytes), or a
+    short hash of its contents.
 
     The hash covers every byte of the model's files: a fine-tune has the same file
     names and sizes as its base, and must not be served the base's cached captions.
     It is the cache key on every node, so it depends on content only (not on paths
     or mtimes); `files_sha256` reads each file once per machine, not once per worker
-    and run, while the file stays the same.
+    and run, while the file stays the same. A folder from `hf download --local-dir` is
+    named by its commit only while every model file matches what was downloaded
+    (`_downloaded_commit`): retrained in place, it gets a content hash.
     """
-    meta = path / ".cache" / "huggingface" / "download" / "config.json.metadata"
-    if meta.is_file():
-        first = meta.read_text().splitlines()[:1]
-        if first and re.fullmatch(r"[0-9a-f]{40}", first[0].strip()):
-            return first[0].strip()
+    files = _model_files(path)
+    commit = _downloaded_commit(path, files)
+    if commit is not None:
+        return commit
     if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
         return path.name
     h = hashlib.sha256()
-    files = {f for pat in MODEL_FILE_PATTERNS for f in path.glob(pat)}
-    for pat in WEIGHT_PATTERNS:  # the weights `from_pretrained` loads: safetensors first
-        weights = set(path.glob(pat))
-        if weights:
-            files |= weights
-            break
-    digests = files_sha256(sorted(f for f in files if f.is_file()))
+    digests = files_sha256(files)
     for f, digest in digests.items():
         h.update(f"{f.name}:{digest}\n".encode())
     return "local-" + h.hexdigest()[:12]
@@ -127,6 +215,7 @@ def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
                 f"{fetch_command(hint, local_dir=local.resolve())}"
             )
         path = local.resolve()
+        _check_complete(path, fetch_command(cfg.model_id or DEFAULT_MODEL, local_dir=path))
         return ResolvedWeights(path, _local_model_id(path, cfg.model_id), _local_revision(path))
     if not HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
         raise WeightsNotFoundError(
@@ -159,34 +248,81 @@ def resolve_weights(cfg: CaptionConfig) -> ResolvedWeights:
             f"the cached snapshot {path} of {spec!r} has no safetensors weights; fetch them "
             f"with: {fetch_command(spec)}"
         )
+    _check_complete(path, fetch_command(spec))
     return ResolvedWeights(path, spec, _local_revision(path))
+
+
+def _check_complete(path: Path, fetch: str) -> None:
+    missing = _missing_files(path)
+    if missing:
+        raise WeightsNotFoundError(
+            f"incomplete BLIP-2 model folder {path}: it has config.json and weights but "
+            f"lacks {'; '.join(missing)} (an interrupted or filtered download?). Fetch the "
+            f"whole model with: {fetch}"
+        )
+
+
+def _num(x: float) -> str:
+    """A float setting exactly (`repr`: the shortest text that reads back as the same
+    float), so settings that differ in any digit never share a cache key."""
+    return repr(float(x))
 
 
 def decoding_tag(cfg: CaptionConfig) -> str:
     """The decoding settings as they appear in `caption_model` and the cache key."""
     parts: list[str] = []
     if cfg.do_sample:  # with num_beams > 1 too: HF then samples within beams
-        parts.append(f"sample(top_p={cfg.top_p:g},temp={cfg.temperature:g},seed={cfg.seed})")
+        parts.append(
+            f"sample(top_p={_num(cfg.top_p)},temp={_num(cfg.temperature)},seed={cfg.seed})"
+        )
     if cfg.num_beams > 1:
         parts.append(f"beam{cfg.num_beams}")
         if cfg.length_penalty != 1.0:
-            parts.append(f"lp{cfg.length_penalty:g}")
+            parts.append(f"lp{_num(cfg.length_penalty)}")
     if not parts:
         parts.append("greedy")
     parts.append(f"max{cfg.max_new_tokens}")
     if cfg.min_new_tokens:
         parts.append(f"min{cfg.min_new_tokens}")
     if cfg.repetition_penalty != 1.0:
-        parts.append(f"rep{cfg.repetition_penalty:g}")
+        parts.append(f"rep{_num(cfg.repetition_penalty)}")
     if cfg.num_captions > 1:
         parts.append(f"n{cfg.num_captions}")
     parts.append(f"prompt={cfg.prompt}")
     return "|".join(parts)
 
 
-def caption_model_tag(model_id: str, revision: str, cfg: CaptionConfig) -> str:
-    """E.g. "Salesforce/blip2-opt-2.7b@51572668...|greedy|max30|min1|prompt=a photo of"."""
-    return f"{model_id}@{revision}|{decoding_tag(cfg)}"
+def precision_tag(dtype: torch.dtype, device: torch.device) -> str:
+    """The precision captions are computed in, as `caption_model` records it: the model's
+    dtype ("fp32", "bf16", "fp16") and the process-wide settings that change its results -
+    on a GPU, TF32 convolutions ("-convtf32", PyTorch's default) and reduced-precision
+    float32 matmuls ("-mmhigh" = TF32, "-mmmedium" = bf16), and full-precision reductions
+    in fp16/bf16 matmuls ("-fullreduce"). `dtype = "auto"` is bf16/fp16 on a GPU and fp32 on
+    a CPU: their captions differ, so they must not share cache rows."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    tag = names.get(dtype, str(dtype).removeprefix("torch."))
+    if dtype == torch.float32:
+        mm = torch.get_float32_matmul_precision()
+        if mm != "highest":
+            tag += f"-mm{mm}"
+        if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+            tag += "-convtf32"
+    elif device.type == "cuda":
+        matmul = torch.backends.cuda.matmul
+        reduced = (
+            matmul.allow_bf16_reduced_precision_reduction
+            if dtype == torch.bfloat16
+            else matmul.allow_fp16_reduced_precision_reduction
+        )
+        if not reduced:
+            tag += "-fullreduce"
+    return tag
+
+
+def caption_model_tag(model_id: str, revision: str, cfg: CaptionConfig, precision: str) -> str:
+    """E.g. "Salesforce/blip2-opt-2.7b@51572668...|bf16|greedy|max30|min1|prompt=a photo of"
+    (`precision_tag`: the dtype in effect, not `[caption] dtype = "auto"`)."""
+    return f"{model_id}@{revision}|{precision}|{decoding_tag(cfg)}"
 
 
 def pick_device(spec: str) -> torch.device:
@@ -261,10 +397,11 @@ def load_image(data: bytes, height: int, width: int, resample: int) -> np.ndarra
     does not starve the launcher. The resize is PIL's antialiased bicubic, as in
     BLIP's image processor. Formats OpenCV lacks (GIF, ...) and images that are not
     plain 8-bit RGB or grey (alpha, transparency keys, palettes, 16-bit, CMYK) go through
-    PIL and `to_rgb`, the project's one rule (alpha over white): OpenCV would drop the
-    alpha and caption hidden pixels the filters never saw.
+    PIL and `upright_rgb`, the project's one rule (EXIF orientation, tolerant of malformed
+    tags, then alpha over white): OpenCV would drop the alpha and caption hidden pixels
+    the filters never saw.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         try:
@@ -278,7 +415,8 @@ def load_image(data: bytes, height: int, width: int, resample: int) -> np.ndarra
         else:
             with Image.open(io.BytesIO(data)) as im:
                 im.draft("RGB", (width * 2, height * 2))
-                rgb = to_rgb(ImageOps.exif_transpose(im))
+                im.load()  # `upright_rgb` returns an upright RGB image itself, still lazy
+                rgb = upright_rgb(im)
         rgb = rgb.resize((width, height), resample=resample)
         return np.asarray(rgb, dtype=np.uint8)
     except Exception as exc:  # corrupt or unsupported bytes: no caption, the run goes on
@@ -299,9 +437,22 @@ def _image_size(size: Any) -> tuple[int, int]:
 
 
 def _is_oom(exc: BaseException) -> bool:
+    """An allocation failure: `OutOfMemoryError`, or a RuntimeError whose message says so
+    (cuBLAS and cuDNN report a failed workspace allocation as `*_STATUS_ALLOC_FAILED`)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(m in text for m in OOM_MESSAGES)
+
+
+class _OutOfMemory:
+    """Marks, inside `Blip2Captioner.caption`, an image that did not fit even alone."""
+
+
+_OOM = _OutOfMemory()
+_Row = list[str] | None | _OutOfMemory
 
 
 class Blip2Captioner:
@@ -322,9 +473,10 @@ class Blip2Captioner:
         self.tokenizer = processor.tokenizer
         self.model_id = model_id
         self.revision = revision
-        self.tag = caption_model_tag(model_id, revision, cfg)
         self.device = device or next(model.parameters()).device
         self.dtype = next(model.language_model.parameters()).dtype
+        self.precision = precision_tag(self.dtype, self.device)
+        self.tag = caption_model_tag(model_id, revision, cfg, self.precision)
         mc = model.config
         self.decoder_only = bool(mc.use_decoder_only_language_model)
 
@@ -348,6 +500,7 @@ class Blip2Captioner:
         ids = [int(image_token)] * int(mc.num_query_tokens) + [int(t) for t in text_ids]
         self.prompt_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         self.image_pos = torch.nonzero(self.prompt_ids == int(image_token)).flatten()
+        self._check_length(mc)
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else mc.text_config.eos_token_id
         eos_list = [] if eos is None else eos if isinstance(eos, list) else [eos]
@@ -366,6 +519,11 @@ class Blip2Captioner:
         workers = cfg.decode_workers or max(1, min(12, usable_cpus() - 1))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-decode")
         self.failed = 0
+        self.oom_lost: list[int] = []
+        """Indices, in the last `caption` call, of images left without a caption because
+        they did not fit in memory even alone (not undecodable: a rerun may caption them)."""
+        self.oom_streak = 0
+        """Images in a row that did not fit alone in this `caption` call."""
 
     # ---- construction -----------------------------------------------------
     @classmethod
@@ -387,6 +545,24 @@ class Blip2Captioner:
         model.to(device=device, dtype=dtype).eval()
         processor = Blip2Processor.from_pretrained(weights.path, local_files_only=True)
         return cls(model, processor, cfg, weights.model_id, weights.revision, device)
+
+    def _check_length(self, mc: Any) -> None:
+        """Prompt + `max_new_tokens` must fit the decoder's learned positions (OPT: 2048):
+        beyond them both decode paths fail on every batch, so refuse it at load."""
+        if not self.decoder_only:
+            return  # T5's relative positions have no such limit
+        limit = getattr(mc.text_config, "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            return
+        prompt = len(self.prompt_ids)
+        if prompt + self.cfg.max_new_tokens > limit:
+            raise ValueError(
+                f"[caption] max_new_tokens = {self.cfg.max_new_tokens} does not fit the "
+                f"model: its language model has {limit} positions "
+                f"(max_position_embeddings) and the prompt takes {prompt} "
+                f"({int(mc.num_query_tokens)} image query tokens + the text prompt), so "
+                f"max_new_tokens must be <= {limit - prompt}"
+            )
 
     def _fast_possible(self) -> bool:
         from ccurate.captioning.fastgen import supports
@@ -439,9 +615,11 @@ class Blip2Captioner:
 
     # ---- the work ---------------------------------------------------------
     def caption(self, images: Sequence[bytes | None]) -> list[list[str] | None]:
-        """Captions (num_captions per image, best first) for encoded images; None = failed."""
+        """Captions (num_captions per image, best first) for encoded images; None = failed:
+        undecodable, or out of memory even alone (those are listed in `oom_lost`)."""
         n = len(images)
-        out: list[list[str] | None] = [None] * n
+        out: list[_Row] = [None] * n
+        self.oom_streak = 0  # each call tries again: memory may have come back
         futures: list[Future[np.ndarray | None] | None] = [None] * n
         submitted = 0
 
@@ -458,20 +636,25 @@ class Blip2Captioner:
         pos = 0
         with torch.inference_mode():
             while pos < n:
+                if self.oom_streak >= OOM_GIVE_UP:  # memory is not coming back soon
+                    log.error("caption: %d images in a row did not fit alone", self.oom_streak)
+                    out[pos:] = [_OOM] * (n - pos)
+                    break
                 end = min(n, pos + self.batch_size)
                 submit_until(end + 2 * self.batch_size)  # decode two batches ahead
                 chunk = futures[pos:end]
                 out[pos:end] = self._run_chunk(chunk)
                 pos = end
-        return out
+        self.oom_lost = [i for i, r in enumerate(out) if r is _OOM]
+        return [None if isinstance(r, _OutOfMemory) else r for r in out]
 
-    def _run_chunk(
-        self, futs: Sequence[Future[np.ndarray | None] | None]
-    ) -> list[list[str] | None]:
+    def _run_chunk(self, futs: Sequence[Future[np.ndarray | None] | None]) -> list[_Row]:
         """One GPU batch with OOM back-off: halve (sticky) and retry the two halves."""
         oom = False
         try:
-            return self._run_batch(futs)
+            result: list[_Row] = list(self._run_batch(futs))
+            self.oom_streak = 0
+            return result
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -484,13 +667,14 @@ class Blip2Captioner:
             torch.cuda.empty_cache()
         if len(futs) <= 1:
             self.failed += len(futs)
+            self.oom_streak += len(futs)
             log.error("caption: out of memory on a single image; left without caption")
-            return [None] * len(futs)
+            return [_OOM] * len(futs)
         half = len(futs) // 2
         if half < self.batch_size:
             log.warning("caption: out of memory at batch %d; retrying at %d", len(futs), half)
             self.batch_size = half
-        out: list[list[str] | None] = []
+        out: list[_Row] = []
         while len(out) < len(futs):  # pieces of the (possibly shrinking) batch size
             out += self._run_chunk(futs[len(out) : len(out) + self.batch_size])
         return out

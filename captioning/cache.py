@@ -6,6 +6,11 @@ part files, each written atomically by one worker (no cross-process locking;
 two workers captioning the same image just write the same row twice). Query
 them with DuckDB: `SELECT * FROM read_parquet('<cache_dir>/*.parquet')`.
 `load` reads the rows of one caption model into a dict, once per worker.
+
+Part names carry the writing host (`part-<ns>-<pid>-<id>@<host>.parquet`), so the
+temporary of a write a kill interrupted (`.<part>.tmp-<pid>-<id>`, see
+`ccurate.shardio.atomic_path`) can be told from a live writer's and removed
+(`clear_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +40,68 @@ CACHE_SCHEMA = pa.schema(
 )
 
 
+STALE_TMP_S = 3600.0
+"""A temporary untouched this long is stale whoever wrote it: a part is written in seconds
+(`compact` in minutes), and a live writer keeps touching its file."""
+
+
+def _host() -> str:
+    """This machine's name as part names carry it (no `-`, `@` or `/`)."""
+    name = "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname())
+    return name or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a pid we cannot probe): keep its files
+    return True
+
+
+def _stale_tmp(tmp: Path, now: float) -> bool:
+    """A temporary no live writer can still be filling: written on this host by a process
+    that is gone (or by this one, which writes parts one at a time and calls this before
+    it writes), or untouched for `STALE_TMP_S` (written elsewhere, or named before parts
+    carried their host). The rule of `train/checkpoint.py`'s `_stale_tmp`."""
+    final, _, suffix = tmp.name.partition(".tmp-")
+    pid = suffix.split("-", 1)[0]
+    host = final.rpartition("@")[2].removesuffix(".parquet") if "@" in final else None
+    ours = host == _host() and pid.isdigit()
+    if ours and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        return True
+    try:
+        return now - tmp.stat().st_mtime > STALE_TMP_S
+    except OSError:
+        return False
+
+
+def clear_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporaries of cache writes (`flush`, `compact`) a kill interrupted;
+    returns them. Safe while other workers write: only `_stale_tmp` ones go. Without this
+    they would pile up (`map_step` clears temporaries in step folders only)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    stale = [
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(".") and ".tmp-" in p.name and p.is_file() and _stale_tmp(p, now)
+    ]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("caption cache: removed %d stale temporaries in %s", len(stale), folder)
+    return stale
+
+
+def _part_name(stamp: str, middle: str) -> str:
+    return f"part-{stamp}-{middle}-{uuid.uuid4().hex[:8]}@{_host()}.parquet"
+
+
 class CaptionCache:
     """Captions of one caption model, loaded from and appended to a folder of parquet parts."""
 
@@ -49,8 +117,10 @@ class CaptionCache:
         return len(self._entries)
 
     def load(self) -> int:
-        """Read every part's rows for this caption model; unreadable parts are skipped loudly."""
+        """Read every part's rows for this caption model; unreadable parts are skipped loudly,
+        rows without a non-empty caption are not reused (captioned again)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        clear_stale_temporaries(self.directory)
         parts = sorted(self.directory.glob("*.parquet"))
         for part in parts:
             try:
@@ -65,8 +135,9 @@ class CaptionCache:
             shas = table.column("image_sha256").to_pylist()
             caps = table.column("captions").to_pylist()
             for sha, c in zip(shas, caps, strict=True):
-                if sha and c:
-                    self._entries[sha] = list(c)
+                kept = [x for x in c or [] if x]
+                if sha and kept:
+                    self._entries[sha] = kept
         if not self._registered:
             atexit.register(self.flush)  # pool workers exit without teardown
             self._registered = True
@@ -103,8 +174,7 @@ class CaptionCache:
             },
             schema=CACHE_SCHEMA,
         )
-        name = f"part-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        path = self.directory / name
+        path = self.directory / _part_name(str(time.time_ns()), str(os.getpid()))
         write_table_atomic(path, table)
         self._pending.clear()
         return path
@@ -150,7 +220,7 @@ def compact(directory: str | Path, min_parts: int = 64) -> int:
     newest = {key: i for i, key in enumerate(keys)}  # parts in name (time) order: last wins
     table = table.take(pa.array(sorted(newest.values()), pa.int64()))
     stamp = merged_parts[-1].name.split("-")[1]
-    write_table_atomic(folder / f"part-{stamp}-compact-{uuid.uuid4().hex[:8]}.parquet", table)
+    write_table_atomic(folder / _part_name(stamp, "compact"), table)
     for part in merged_parts:
         part.unlink(missing_ok=True)
     return len(merged_parts)

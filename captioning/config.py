@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ccurate.configbase import Section
 
@@ -32,7 +32,8 @@ class CaptionConfig(Section):
     """
 
     model: str | None = None
-    """Hub id (e.g. "Salesforce/blip2-opt-2.7b") or a local directory holding the weights."""
+    """Hub id (e.g. "Salesforce/blip2-opt-2.7b") or a local directory holding the weights;
+    unset or "" = captioning off (skipped, loudly)."""
     model_id: str | None = None
     """Name recorded in `caption_model` when `model` is a directory (default: from its config)."""
     revision: str | None = None
@@ -43,22 +44,31 @@ class CaptionConfig(Section):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """"auto" = bfloat16 on GPUs that have it, else float16; float32 on CPU."""
+    """"auto" = bfloat16 on GPUs that have it, else float16; float32 on CPU. The dtype in
+    effect (and TF32 for float32 on a GPU) is part of `caption_model` and the cache key:
+    captions made at another precision differ and are not reused."""
 
     prompt: str = "a photo of"
+    """Text the language model continues (LAVIS's default); it is not part of the caption."""
     num_beams: int = Field(default=1, ge=1)
+    """1 = greedy (or plain sampling); > 1 = beam search (beam sampling with do_sample)."""
     do_sample: bool = False
     top_p: float = Field(default=0.9, gt=0, le=1)
     temperature: float = Field(default=1.0, gt=0)
     seed: int = 0
     """Seed for sampling, so reruns give the same captions."""
     max_new_tokens: int = Field(default=30, ge=1)
+    """At most this many caption tokens; prompt + max_new_tokens must fit the language
+    model's positions (2048 for OPT; checked when the model loads)."""
     min_new_tokens: int = Field(default=1, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
     length_penalty: float = 1.0
+    """Beam search only (ignored, and not in the cache key, when num_beams = 1)."""
     num_captions: int = Field(default=1, ge=1)
     """Captions per image. The first goes to `caption`; when > 1, all of them (first
-    included, best first) go to `sample.extra["captions"]` as a list of strings."""
+    included; best first with beam search) go to `sample.extra["captions"]` as a list of
+    strings. Needs num_beams >= num_captions (beam search, also with do_sample) or
+    num_beams = 1 with do_sample = true (independent samples)."""
 
     batch_size: int | None = Field(default=None, ge=1)
     """Images per GPU batch; None = sized from free GPU memory (halved on OOM)."""
@@ -74,10 +84,34 @@ class CaptionConfig(Section):
     cache_flush_rows: int = Field(default=2048, ge=1)
     """New cache rows kept in memory before a part file is written (and at teardown/exit)."""
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_off(cls, value: object) -> object:
+        """`model = ""` means off, as omitting it does (TOML has no null), never the current
+        directory."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:
+        """Refuse here what `generate` would refuse on every batch, after the model loaded."""
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must be <= max_new_tokens")
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
         if self.num_captions > self.num_beams and not self.do_sample:
-            raise ValueError("num_captions > 1 needs num_beams >= num_captions or do_sample = true")
+            raise ValueError(
+                f"num_captions = {self.num_captions} needs num_beams >= num_captions (beam "
+                f"search returns the best num_captions beams) or do_sample = true with "
+                f"num_beams = 1 (independent samples); num_beams is {self.num_beams}"
+            )
+        if self.num_beams > 1 and self.num_captions > self.num_beams:
+            raise ValueError(
+                f"num_captions = {self.num_captions} with num_beams = {self.num_beams} and "
+                f"do_sample = true: beam sampling returns at most num_beams captions per "
+                f"image; set num_beams >= num_captions, or num_beams = 1 to draw "
+                f"num_captions independent samples"
+            )
         return self

@@ -43,14 +43,20 @@ _UNSUPPORTED_GENERATION_FIELDS = (
 
 
 def supports(model: Any) -> bool:
-    """True when `model.language_model` is an OPT decoder this module can run exactly."""
+    """True when `model.language_model` is an OPT decoder this module can run exactly (and
+    whose generation config asks for nothing it lacks)."""
     lm: Any = getattr(model, "language_model", None)
     cfg = getattr(lm, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) != "opt":
         return False
     if getattr(cfg, "is_encoder_decoder", False):
         return False
-    gen = getattr(model, "generation_config", None)
+    # the language model's own generation config: what the HF fallback
+    # (`language_model.generate`) applies. The checkpoint's top-level one
+    # (`model.generation_config`, from generation_config.json) is applied by neither path
+    # (HF's `Blip2ForConditionalGeneration.generate` ignores it too) beyond the EOS and pad
+    # ids `Blip2Captioner` takes from it, so its fields must not cost the fast path
+    gen = getattr(lm, "generation_config", None)
     if gen is not None:
         for name in _UNSUPPORTED_GENERATION_FIELDS:
             if getattr(gen, name, None):

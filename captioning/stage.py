@@ -3,10 +3,22 @@
 Each captioned sample gets `caption` (the best caption), `caption_model`
 ("<model id>@<revision>|<decoding settings>", see `blip2.caption_model_tag`) and,
 when `num_captions > 1`, `extra["captions"]`: the list of all captions, best
-first (so `captions[0] == caption`). Dropped samples pass through untouched;
-a sample whose image cannot be decoded keeps `caption = None`, counted in the
-log at teardown. With no model configured the stage says so once, at
-construction, and passes every sample through unchanged.
+first (so `captions[0] == caption`). Dropped samples pass through untouched.
+
+Failures, counted in the log at teardown (`counts`):
+- an image that cannot be decoded keeps `caption = None` (`failed`): decoding it again
+  gives the same result;
+- a caption that decodes to empty text is no caption (`empty`): the sample keeps
+  `caption = None` and nothing is cached, so a later run (another model or settings, or
+  an image captioned again) tries anew. Its shard still finishes: decoding is
+  deterministic, so a rerun with the same model and settings would only decode the same
+  empty text again, and leaving the shard unfinished would fail every rerun;
+- an image that does not fit in GPU memory even alone (`out_of_memory`) fails the shard
+  (`CaptionOutOfMemoryError`) once the captions made in the same call are cached: the
+  shard gets no completion marker, so a rerun redoes it, reusing those captions.
+
+With no model configured the stage says so once, at construction, and passes every
+sample through unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +32,12 @@ from ccurate.record import Sample
 from ccurate.stage import Resources, Stage
 
 log = logging.getLogger("ccurate.captioning")
+
+
+class CaptionOutOfMemoryError(RuntimeError):
+    """Images did not fit in memory even one at a time: the shard is left unfinished
+    (retried by a rerun) rather than finished with samples silently uncaptioned."""
+
 
 SKIP_MESSAGE = (
     "captioning skipped: [caption] model is not set, so no BLIP-2 weights are loaded and "
@@ -40,7 +58,14 @@ class CaptionStage(Stage):
         self._captioner: Any = None
         self._cache: Any = None
         self._attached = False
-        self.counts = {"captioned": 0, "cache_hits": 0, "failed": 0, "no_image": 0}
+        self.counts = {
+            "captioned": 0,
+            "cache_hits": 0,
+            "failed": 0,
+            "no_image": 0,
+            "empty": 0,
+            "out_of_memory": 0,
+        }
         if self.cfg.model is None:
             log.warning(SKIP_MESSAGE)
 
@@ -103,8 +128,9 @@ class CaptionStage(Stage):
     def prepare(self, inputs: list[str], scratch_dir: str) -> None:
         """Merge the cache's part files (one per captioned shard) before workers load it."""
         if self.cfg.cache_dir and not self.skipped:
-            from ccurate.captioning.cache import compact
+            from ccurate.captioning.cache import clear_stale_temporaries, compact
 
+            clear_stale_temporaries(self.cfg.cache_dir)
             n = compact(self.cfg.cache_dir)
             if n:
                 log.info("caption cache: merged %d part files", n)
@@ -136,15 +162,40 @@ class CaptionStage(Stage):
                 todo.append((s, sha))
         if todo:
             results = self._captioner.caption([s.image for s, _ in todo])
-            for (s, sha), caps in zip(todo, results, strict=True):
-                if not caps:
+            lost = set(getattr(self._captioner, "oom_lost", ()))  # attached stand-ins lack it
+            for i, ((s, sha), caps) in enumerate(zip(todo, results, strict=True)):
+                if i in lost:
+                    self.counts["out_of_memory"] += 1
+                    continue
+                if caps is None:
                     self.counts["failed"] += 1
+                    continue
+                caps = [c for c in caps if c]
+                if not caps:  # empty text is no caption: not applied, not cached
+                    self.counts["empty"] += 1
                     continue
                 self._apply(s, caps, tag)
                 self.counts["captioned"] += 1
                 if sha is not None:
                     self._cache.put(sha, caps)
+            if lost:
+                self._out_of_memory(len(lost))
         return batch
+
+    def _out_of_memory(self, n: int) -> None:
+        """Fail the shard: its marker would vouch for samples a rerun should caption."""
+        if self._cache is not None:
+            self._cache.flush()
+        made = (
+            "the captions made so far are cached, so the rerun captions only the rest"
+            if self._cache is not None
+            else "with no [caption] cache_dir, the rerun captions the whole shard again"
+        )
+        raise CaptionOutOfMemoryError(
+            f"caption: {n} image(s) did not fit in GPU memory even one at a time (another "
+            f"process holding the GPU? a fragmented allocator?). The shard is left "
+            f"unfinished: rerun the step when memory is free; {made} (counts: {self.counts})"
+        )
 
     def _apply(self, sample: Sample, captions: list[str], tag: str) -> None:
         sample.caption = captions[0]

@@ -114,7 +114,9 @@ def test_loads_local_dir_offline_and_captions(captioner, tiny_dir):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert captioner.model_id == "tiny-blip2"
     assert captioner.revision.startswith("local-")
-    assert captioner.tag == f"tiny-blip2@{captioner.revision}|greedy|max30|min1|prompt=a photo of"
+    assert captioner.precision == "fp32"  # CPU
+    tag = f"tiny-blip2@{captioner.revision}|fp32|greedy|max30|min1|prompt=a photo of"
+    assert captioner.tag == tag
     caps = captioner.caption([jpeg(1), jpeg(2), b"not an image", None])
     assert all(isinstance(c, list) and len(c) == 1 and c[0] for c in caps[:2])
     assert caps[2] is None and caps[3] is None
@@ -195,13 +197,13 @@ def test_caption_model_string():
     cfg = CaptionConfig(model="x")
     assert decoding_tag(cfg) == "greedy|max30|min1|prompt=a photo of"
     assert (
-        caption_model_tag("Salesforce/blip2-opt-2.7b", "abc123", cfg)
-        == "Salesforce/blip2-opt-2.7b@abc123|greedy|max30|min1|prompt=a photo of"
+        caption_model_tag("Salesforce/blip2-opt-2.7b", "abc123", cfg, "bf16")
+        == "Salesforce/blip2-opt-2.7b@abc123|bf16|greedy|max30|min1|prompt=a photo of"
     )
     beam = CaptionConfig(num_beams=5, num_captions=3, repetition_penalty=1.5, min_new_tokens=0)
     assert decoding_tag(beam) == "beam5|max30|rep1.5|n3|prompt=a photo of"
     sample = CaptionConfig(do_sample=True, top_p=0.8, num_captions=2, prompt="")
-    assert decoding_tag(sample).startswith("sample(top_p=0.8,temp=1,seed=0)|")
+    assert decoding_tag(sample).startswith("sample(top_p=0.8,temp=1.0,seed=0)|")
     with pytest.raises(ValueError):
         CaptionConfig(num_captions=2)  # greedy gives one caption per image
     with pytest.raises(ValueError):

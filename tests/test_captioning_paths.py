@@ -4,6 +4,7 @@ input accounting, cache files, stage lifecycle. Tiny random-init models, offline
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -62,11 +63,31 @@ def captioner(tiny_dir: Path) -> Iterator[Blip2Captioner]:
 
 
 def fake_weights(path: Path, config: str = "{}") -> Path:
-    """A directory `resolve_weights` accepts (config.json + a safetensors file); not loadable."""
+    """A directory `resolve_weights` accepts (config, safetensors, processor and tokenizer
+    files); not loadable."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(config)
     (path / "model.safetensors").write_bytes(b"weights")
+    (path / "processor_config.json").write_text("{}")
+    (path / "tokenizer.json").write_text("{}")
     return path
+
+
+def hf_download_metadata(d: Path, commit: str = COMMIT) -> None:
+    """What `hf download --local-dir d` leaves beside the files: per file its commit, its
+    etag (SHA-256 for LFS files such as the weights, the git object id for the others) and
+    the download time."""
+    meta = d / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True, exist_ok=True)
+    for f in d.iterdir():
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        if f.suffix == ".safetensors":
+            etag = hashlib.sha256(data).hexdigest()
+        else:
+            etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        (meta / f"{f.name}.metadata").write_text(f"{commit}\n{etag}\n1700000000.0\n")
 
 
 def use_hub_cache(monkeypatch: pytest.MonkeyPatch, hub: Path) -> None:
@@ -116,13 +137,21 @@ def test_model_id_of_a_local_directory(tmp_path):
 
 
 def test_hf_download_local_dir_records_its_commit(tmp_path):
-    """`hf download --local-dir` leaves the commit in .cache metadata: that is the revision."""
+    """`hf download --local-dir` leaves the commit in .cache metadata: that is the revision,
+    while every model file holds the bytes its etag names."""
     d = fake_weights(tmp_path / "dl")
-    meta = d / ".cache" / "huggingface" / "download"
-    meta.mkdir(parents=True)
-    (meta / "config.json.metadata").write_text(f'{COMMIT}\n"etag"\n1700000000.0\n')
+    hf_download_metadata(d)
     assert resolve_weights(CaptionConfig(model=str(d))).revision == COMMIT
+    meta = d / ".cache" / "huggingface" / "download"
     (meta / "config.json.metadata").write_text("garbage\n")
+    assert resolve_weights(CaptionConfig(model=str(d))).revision.startswith("local-")
+    hf_download_metadata(d, commit="f" * 40)
+    (meta / "tokenizer.json.metadata").write_text(
+        (meta / "tokenizer.json.metadata").read_text().replace("f" * 40, COMMIT)
+    )
+    assert resolve_weights(CaptionConfig(model=str(d))).revision.startswith("local-")  # mixed
+    hf_download_metadata(d)
+    (d / "generation_config.json").write_text("{}")  # added by hand: no metadata
     assert resolve_weights(CaptionConfig(model=str(d))).revision.startswith("local-")
 
 
@@ -546,7 +575,9 @@ def test_supports_only_plain_opt_decoders(captioner):
 
 
 def test_generation_fields_fast_path_lacks_fall_back_to_hf(captioner):
-    gen = captioner.model.generation_config
+    """A field of the language model's generation config (what HF `generate` applies) the
+    fast path lacks: decode through HF."""
+    gen = captioner.model.language_model.generation_config
     gen.no_repeat_ngram_size = 2
     try:
         assert not supports(captioner.model)

