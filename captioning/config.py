@@ -56,7 +56,9 @@ class CaptionConfig(Section):
     top_p: float = Field(default=0.9, gt=0, le=1)
     temperature: float = Field(default=1.0, gt=0)
     seed: int = 0
-    """Seed for sampling, so reruns give the same captions."""
+    """Seed for sampling, set once per batch: a rerun with the same batches (same shards,
+    batch size and cache hits) gives the same captions; another batch layout, or an OOM
+    halving, draws others (greedy and beam decoding are unaffected)."""
     max_new_tokens: int = Field(default=30, ge=1)
     """At most this many caption tokens; prompt + max_new_tokens must fit the language
     model's positions (2048 for OPT; checked when the model loads)."""
