@@ -130,7 +130,7 @@ class DeviceJpegDecoder:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.decoded = 0  # JPEGs decoded on the device
-        self.cpu_fallback = 0  # of those, refused by the device decoder, decoded on the CPU
+        self.cpu_fallback = 0  # JPEGs the device decoder refused, decoded on the CPU here
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         d = batch.pop("deferred", None)
@@ -146,7 +146,8 @@ class DeviceJpegDecoder:
         bad_rows: list[int] = list(d["bad_rows"])
         if cpu_rows:  # decoded by the workers: NCHW views of NHWC rows
             pixels = batch["pixels"].permute(0, 2, 3, 1)
-            ok_idx = [j for j, r in enumerate(cpu_rows) if r not in set(bad_rows)]
+            worker_bad = set(bad_rows)
+            ok_idx = [j for j, r in enumerate(cpu_rows) if r not in worker_bad]
             if ok_idx:
                 rows = torch.tensor([cpu_rows[j] for j in ok_idx], device=self.device)
                 out[rows] = pixels[ok_idx].to(self.device, non_blocking=True)
