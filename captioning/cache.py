@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ccurate.shardio import write_table_atomic
+from ccurate.shardio import host_name, pid_alive, write_table_atomic
 
 log = logging.getLogger("ccurate.captioning")
 
@@ -45,22 +44,6 @@ STALE_TMP_S = 3600.0
 (`compact` in minutes), and a live writer keeps touching its file."""
 
 
-def _host() -> str:
-    """This machine's name as part names carry it (no `-`, `@` or `/`)."""
-    name = "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname())
-    return name or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process (or a pid we cannot probe): keep its files
-    return True
-
-
 def _stale_tmp(tmp: Path, now: float) -> bool:
     """A temporary no live writer can still be filling: written on this host by a process
     that is gone (or by this one, which writes parts one at a time and calls this before
@@ -69,8 +52,8 @@ def _stale_tmp(tmp: Path, now: float) -> bool:
     final, _, suffix = tmp.name.partition(".tmp-")
     pid = suffix.split("-", 1)[0]
     host = final.rpartition("@")[2].removesuffix(".parquet") if "@" in final else None
-    ours = host == _host() and pid.isdigit()
-    if ours and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+    ours = host == host_name() and pid.isdigit()
+    if ours and (int(pid) == os.getpid() or not pid_alive(int(pid))):
         return True
     try:
         return now - tmp.stat().st_mtime > STALE_TMP_S
@@ -99,7 +82,7 @@ def clear_stale_temporaries(directory: str | Path) -> list[Path]:
 
 
 def _part_name(stamp: str, middle: str) -> str:
-    return f"part-{stamp}-{middle}-{uuid.uuid4().hex[:8]}@{_host()}.parquet"
+    return f"part-{stamp}-{middle}-{uuid.uuid4().hex[:8]}@{host_name()}.parquet"
 
 
 class CaptionCache:

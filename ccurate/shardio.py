@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,25 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def host_name() -> str:
+    """This machine's name as a temporary's name carries it (letters, digits, `.` and `_`
+    only: names are split on `-`, `@` and `/`), so a cleaner can tell its own host's
+    writers, whose liveness it can check (`pid_alive`), from other machines'."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with `pid` runs: True when it cannot be probed
+    (another user's process), so that its files are kept."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 @contextmanager

@@ -245,7 +245,8 @@ def test_stale_checkpoint_temporaries_are_removed(tmp_path):
     import sys
     import time
 
-    from ccurate.train.checkpoint import _host, save_checkpoint
+    from ccurate.shardio import host_name
+    from ccurate.train.checkpoint import save_checkpoint
 
     def save(step: int) -> Path:
         state = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
@@ -266,7 +267,7 @@ def test_stale_checkpoint_temporaries_are_removed(tmp_path):
         check=True,
     )
     dead_pid = int(dead.stdout)
-    host = _host()
+    host = host_name()
     save(1)
     killed = tmp(f".step-00000002.tmp-{host}-{dead_pid}-0123abcd")  # writer gone
     live = tmp(f".step-00000002.tmp-{host}-{os.getppid()}-0123abcd")  # a live writer's
@@ -299,7 +300,8 @@ def test_resume_latest_removes_a_killed_writers_temporary(tmp_path):
     import subprocess
     import sys
 
-    from ccurate.train.checkpoint import _host, find_checkpoint
+    from ccurate.shardio import host_name
+    from ccurate.train.checkpoint import find_checkpoint
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -308,7 +310,7 @@ def test_resume_latest_removes_a_killed_writers_temporary(tmp_path):
         check=True,
     )
     root = tmp_path / "checkpoints"
-    stale = root / f".step-00000004.tmp-{_host()}-{int(dead.stdout)}-0123abcd" / "unet"
+    stale = root / f".step-00000004.tmp-{host_name()}-{int(dead.stdout)}-0123abcd" / "unet"
     stale.mkdir(parents=True)
     assert find_checkpoint(tmp_path, "latest") is None
     assert not any(root.iterdir())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ccurate.shardio import write_json_atomic
+from ccurate.shardio import host_name, pid_alive, write_json_atomic
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 FORMAT = "ccurate-train-checkpoint/1"
@@ -109,7 +108,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     _recover(root)
     final = root / f"step-{step:08d}"
-    tmp = root / f".{final.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".{final.name}.tmp-{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         for sub, weights in (("unet", unet_state), ("unet_ema", ema_state)):
             if weights is None:
@@ -143,21 +142,6 @@ def save_checkpoint(
     return final
 
 
-def _host() -> str:
-    """This machine's name as it goes into a temporary's name (no `-`: the name is split on it)."""
-    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process (or a pid we cannot probe): keep its files
-    return True
-
-
 def _stale_tmp(tmp: Path, newest: float | None) -> bool:
     """A `.step-N.tmp-<host>-<pid>-<id>` temporary no live writer can still be filling: its
     writer ran on this machine and is gone (or was an earlier process with our pid: this one
@@ -165,9 +149,9 @@ def _stale_tmp(tmp: Path, newest: float | None) -> bool:
     the newest complete checkpoint (written after it, so its writer stopped; this is also
     the rule for names without a host, from before hosts were recorded)."""
     parts = tmp.name.split(".tmp-", 1)[-1].rsplit("-", 2)
-    if len(parts) == 3 and parts[0] == _host() and parts[1].isdigit():
+    if len(parts) == 3 and parts[0] == host_name() and parts[1].isdigit():
         pid = int(parts[1])
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             return True
     try:
         return newest is not None and tmp.stat().st_mtime < newest
