@@ -369,12 +369,15 @@ class Decoder:
             pixels[bad_rows] = pixels[ok[0]]
             for i in bad_rows:
                 captions[i] = captions[ok[0]]
-        out: dict[str, Any] = {
-            "pixels": batch.permute(0, 3, 1, 2),
-            "keys": [r.key for r in group],
-            "bad": bad,
-            "empty": captions.count(""),  # trained unconditionally (see the module docstring)
-        }
+        return self._with_text({"pixels": batch.permute(0, 3, 1, 2)}, group, bad, captions)
+
+    def _with_text(
+        self, out: dict[str, Any], group: list[RawSample], bad: list[str], captions: list[str]
+    ) -> dict[str, Any]:
+        """`out` completed with what every pixel batch carries: keys, bad keys, the count of
+        empty captions (trained unconditionally, see the module docstring), the captions and
+        their token ids."""
+        out.update(keys=[r.key for r in group], bad=bad, empty=captions.count(""))
         if self.tokenizer is not None:
             out["input_ids"] = self.tokenizer(captions)
         out["captions"] = captions
@@ -453,6 +456,8 @@ class Decoder:
             buf[pos : pos + len(v)] = np.frombuffer(v, np.uint8)
             spans.append((pos, len(v)))
             pos += len(v)
+        # stand-ins for bad rows are chosen (and `empty` recounted) once the device decode
+        # shows which rows are good
         out: dict[str, Any] = {
             "pixels": pixels.permute(0, 3, 1, 2),
             "jpeg": jpeg,
@@ -465,16 +470,8 @@ class Decoder:
                 "flip_rows": [i for i in jpeg_rows if self._flips(prefix, group[i].key)],
                 "error": first_error,
             },
-            "keys": [r.key for r in group],
-            "bad": bad,
-            # stand-ins for bad rows are chosen (and `empty` recounted) once the device
-            # decode shows which rows are good
-            "empty": captions.count(""),
         }
-        if self.tokenizer is not None:
-            out["input_ids"] = self.tokenizer(captions)
-        out["captions"] = captions
-        return out
+        return self._with_text(out, group, bad, captions)
 
     def _decode_latent(
         self,
