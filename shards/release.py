@@ -629,11 +629,8 @@ def _sum_stage_markers(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _sha256sums(root: Path) -> str:
