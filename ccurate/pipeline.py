@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from ccurate.config import PipelineConfig, portable, portable_dump
+from ccurate.configbase import PERF_KEYS
 from ccurate.executor import Executor, LocalExecutor, tasks_for
 from ccurate.shardio import clear_temporaries, list_shards, write_json_atomic
 from ccurate.stage import Stage, StageStats
@@ -45,15 +46,6 @@ PREVIOUS = {"filter": "ingest", "dedup": "filter", "caption": "dedup", "shard": 
 SECTION = {"ingest": "ingest", "filter": "filters", "dedup": "dedup", "caption": "caption"}
 # settings that change how fast or how politely a step runs, never what it outputs:
 # changing them keeps a step's results
-PERF_KEYS = frozenset({
-    "threads", "decode_threads", "batch_size", "device", "cache_dir", "decode_pixel_budget",
-    "user_agent",
-    # the rebuild's operational keys too (`ccurate.rebuild._OPERATIONAL`): captioning's
-    # batching, decode workers, CUDA graphs and cache flushing, the OCR's memory arena
-    "max_batch_size", "decode_workers", "cuda_graphs", "cache_flush_rows", "ocr_mem_arena",
-    "per_host_connections", "per_host_rate", "retries", "backoff_base", "backoff_max",
-    "max_retry_after", "connect_timeout", "read_timeout", "total_timeout",
-})  # fmt: skip
 
 
 # the keys of a step's `_COMPLETE` marker that are the step's own; others are its passes

@@ -63,7 +63,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from ccurate.configbase import Section
+from ccurate.configbase import PERF_KEYS, Section
 from ccurate.executor import Executor, ShardTask
 from ccurate.rebuild_ledger import (
     Ledger,
@@ -1022,22 +1022,6 @@ def _run_generation(
     return RebuildResult(gen.number, gen.dir, release, info)
 
 
-# how a filter or the captioner runs, not what it decides: changing one judges no record anew
-_OPERATIONAL = frozenset(
-    {
-        "threads",
-        "device",
-        "batch_size",
-        "max_batch_size",
-        "decode_workers",
-        "cuda_graphs",
-        "cache_dir",
-        "cache_flush_rows",
-        "ocr_mem_arena",
-    }
-)
-
-
 def _judging(section: dict[str, Any]) -> dict[str, Any]:
     """A settings table without its operational keys; a disabled one is just `enabled`."""
     if section.get("enabled") is False:
@@ -1045,7 +1029,7 @@ def _judging(section: dict[str, Any]) -> dict[str, Any]:
     return {
         k: _judging(v) if isinstance(v, dict) else v
         for k, v in section.items()
-        if k not in _OPERATIONAL
+        if k not in PERF_KEYS
     }
 
 

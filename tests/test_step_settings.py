@@ -115,12 +115,13 @@ def test_changed_filter_settings_recompute_filter_and_everything_after(
 def test_operational_settings_keep_a_steps_results(
     tmp_path: Path, section: str, key: str, value: str
 ) -> None:
-    """What the rebuild treats as operational (`rebuild._OPERATIONAL`: how fast a step runs,
+    """What the rebuild treats as operational (`configbase.PERF_KEYS`: how fast a step runs,
     never what it outputs) keeps the pipeline's results too; and a step recorded when such a
     key still counted (its `_SETTINGS` holds it) is not recomputed after an upgrade."""
-    from ccurate.rebuild import _OPERATIONAL, settings_digest
+    from ccurate.configbase import PERF_KEYS
+    from ccurate.rebuild import settings_digest
 
-    assert key in _OPERATIONAL
+    assert key in PERF_KEYS
     base = "[run]\nwork_dir = 'w'\n[caption]\nmodel = 'm'\n"
     (tmp_path / "a.toml").write_text(base)
     if section == "caption":
