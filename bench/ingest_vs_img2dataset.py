@@ -25,7 +25,10 @@ Usage: .venv/bin/python bench/ingest_vs_img2dataset.py [--n 2000] [--workers 2] 
        [--repeat R]
 Ends with: RESULT ingest ours_img_s=... anchor_img_s=... ratio=... ours_ok=... anchor_ok=...
 ours_rss_mb=... anchor_rss_mb=... cpu_ratio=... rounds=... ratio_min=... ratio_max=... (medians
-over the rounds; peak RSS the highest, ok counts the lowest)
+over the rounds; peak RSS the highest, ok counts the lowest) ours_cpu_ms=... anchor_cpu_ms=...
+(CPU per image, all-in) ours_image_ms=... anchor_image_ms=... (the image work alone, one
+thread: `image_floor`) ceiling=... (anchor_cpu_ms / ours_image_ms: the ratio ccurate would
+reach if everything but its image work were free)
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -454,6 +458,55 @@ def probe(urls: list[str], threads: int, image_size: int) -> dict[str, float]:
     return res
 
 
+# ------------------------------------------------------------------ floor: the image work alone
+def image_floor(images: list[bytes], image_size: int, reps: int = 3) -> dict[str, float]:
+    """CPU ms per image of the per-image work each tool cannot skip, one thread, no I/O.
+
+    Ours: `process_image` (DCT-scaled decode, area resize, q95 encode with optimised
+    Huffman tables, SHA-256 of the body) plus `image_hashes` (pixel SHA-256, pHash, dHash
+    for dedup). img2dataset's resizer: `cv2.imdecode`, `cv2.resize(INTER_AREA)`,
+    `cv2.imencode` q95, SHA-256 of the body (its default `compute_hash`). Set against the
+    anchor's measured CPU per image this gives a ceiling: the ratio ccurate would reach if
+    everything but its image work (HTTP, opt-out look-ups, records, writing) cost nothing."""
+    import hashlib
+
+    import cv2
+    import numpy as np
+
+    from ccurate.filters.hashing import image_hashes
+    from ccurate.ingest.images import ImageOptions, process_image
+
+    cv2.setNumThreads(1)
+    opt = ImageOptions(image_size=image_size, resize_mode="keep_ratio", encode_quality=95)
+
+    def ours_image(d: bytes) -> None:
+        process_image(d, opt)
+
+    def ours_hashes(d: bytes) -> None:
+        image_hashes(process_image(d, opt).image)
+
+    def anchor(d: bytes) -> None:
+        hashlib.sha256(d).hexdigest()
+        a = cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED)
+        h, w = a.shape[:2]
+        f = image_size / min(h, w)
+        a = cv2.resize(a, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+        cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+    def ms(fn: Any) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.thread_time()
+            for d in images:
+                fn(d)
+            best = min(best, (time.thread_time() - t0) / len(images))
+        return best * 1e3
+
+    image_ms = ms(ours_image)
+    return {"ours_image_ms": image_ms, "ours_image_hashes_ms": ms(ours_hashes),
+            "anchor_image_ms": ms(anchor)}  # fmt: skip
+
+
 # ------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -544,6 +597,17 @@ def main() -> None:
                 return float(statistics.median(g[k] for g in rounds))
 
             ratios = [g["ratio"] for g in rounds]
+            floor = image_floor(make_images(a.distinct_images), a.image_size)
+            ours_ms, anchor_ms = 1e3 / med("ours_cpu_img_s"), 1e3 / med("anchor_cpu_img_s")
+            ceiling = anchor_ms / floor["ours_image_hashes_ms"]
+            print(
+                f"CPU per image, all-in: ccurate {ours_ms:.2f} ms, img2dataset {anchor_ms:.2f} ms; "
+                f"image work alone (one thread): ccurate {floor['ours_image_ms']:.2f} ms "
+                f"+ dedup hashes = {floor['ours_image_hashes_ms']:.2f} ms, img2dataset's resizer "
+                f"{floor['anchor_image_ms']:.2f} ms; ceiling (all but ccurate's image work "
+                f"free) {ceiling:.2f}x",
+                flush=True,
+            )
             print(
                 f"RESULT ingest ours_img_s={med('ours_img_s'):.1f} "
                 f"anchor_img_s={med('anchor_img_s'):.1f} ratio={med('ratio'):.2f} "
@@ -552,7 +616,10 @@ def main() -> None:
                 f"ours_rss_mb={max(g['ours_rss_mb'] for g in rounds):.0f} "
                 f"anchor_rss_mb={max(g['anchor_rss_mb'] for g in rounds):.0f} "
                 f"cpu_ratio={med('cpu_ratio'):.2f} rounds={len(rounds)} "
-                f"ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f}",
+                f"ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "
+                f"ours_cpu_ms={ours_ms:.2f} anchor_cpu_ms={anchor_ms:.2f} "
+                f"ours_image_ms={floor['ours_image_hashes_ms']:.2f} "
+                f"anchor_image_ms={floor['anchor_image_ms']:.2f} ceiling={ceiling:.2f}",
                 flush=True,
             )
     finally:
