@@ -39,19 +39,28 @@ _WIKI_PRIMARY = ("LicenseUrl", "License")
 _WIKI_FALLBACK = ("LicenseShortName", "UsageTerms")
 
 
+# "4.0" / "9.00": a whole number as a float column prints it; "4.5", "4.0e1" stay refused
+_WHOLE_FLOAT = re.compile(r"([0-9]+)\.0+")
+
+
 def flickr_evidence(license_id: int | float | str) -> LicenseEvidence:
     """`LicenseEvidence("metadata", "flickr", "flickr:N")` for a Flickr API licence id.
 
     Raises ValueError for anything that is not a non-negative integer id, so a
     wrong column (a licence *name*, a URL) is caught where it is read. A whole
-    float (4.0: an integer column with gaps, as pandas stores it) is that integer;
-    only ASCII digits count (`str.isdigit` also takes "٤" and superscripts).
+    float (4.0: an integer column with gaps, as pandas stores it) is that integer, and
+    so is its text "4.0" (what `to_csv` writes for that column, so every CSV cell of it);
+    only ASCII digits count (`str.isdigit` also takes "٤" and superscripts). The range of
+    ids is the licence filter's to judge (Flickr has added ids before).
     """
     if isinstance(license_id, bool):
         raise ValueError(f"Flickr licence id must be an integer, got {license_id!r}")
     if isinstance(license_id, float) and license_id.is_integer():
         license_id = int(license_id)
     raw = str(license_id).strip()
+    whole = _WHOLE_FLOAT.fullmatch(raw)
+    if whole:
+        raw = whole.group(1)
     if not (raw.isascii() and raw.isdigit()):
         raise ValueError(
             f"Flickr licence id must be a non-negative integer (API field `license`), "

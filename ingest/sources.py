@@ -16,11 +16,29 @@ Conventions follow img2dataset: `url_col` (default "url"), `caption_col`
   `bad_url` (a JSON line that does not parse: `bad_row`), keyed by file and row
   so keys stay unique; `extra` gets `source_file` and `source_row`.
 - Reading is streamed: parquet by row batches, csv/tsv/jsonl (optionally
-  `.gz`) line by line.
+  `.gz`) line by line. A csv/tsv record is held to `MAX_RECORD_CHARS`
+  characters and `MAX_RECORD_LINES` physical lines (an unclosed quote would
+  otherwise swallow the rest of the file into one field): a record past either,
+  or a quoted field still open at the end of the file, is dropped as `bad_row`
+  and parsing resumes at the physical line after the one it started on. A jsonl
+  line past `MAX_RECORD_CHARS` is a `bad_row` too. Memory is bounded by the caps.
+- Text is decoded as the source's `encoding` (default utf-8, a BOM skipped),
+  strictly: a row holding bytes that do not decode is dropped as
+  `bad_encoding`, never kept with U+FFFD in its URL or caption.
+- A file that stops being readable part-way (a truncated or corrupt `.gz`, an
+  unreadable parquet row group) keeps the rows read before the damage and adds
+  one record dropped as `source_damaged` (`extra["error"]` says where); the
+  plan goes on with the next file and source. Damage before the header (or a
+  parquet footer) is read is a `SourceError`, as an unreadable file is.
+- Wikimedia Commons fields that limit use but are not licences (Restrictions,
+  AttributionRequired, UsageTerms, Copyrighted) are carried in `extra` as
+  `wikimedia_restrictions`, `wikimedia_attribution_required`,
+  `wikimedia_usage_terms`, `wikimedia_copyrighted` (when the row has them).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob as globmod
 import gzip
@@ -30,9 +48,10 @@ import json
 import re
 import shutil
 import sys
-from collections import Counter
+import zlib
+from collections import Counter, deque
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -40,7 +59,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ccurate.configbase import Section
 from ccurate.ingest.metadata import flickr_evidence, wikimedia_evidence
@@ -51,7 +70,11 @@ from ccurate.stage import StageStats
 
 REASONS: dict[str, str] = {
     "bad_url": "input row without a usable http(s) URL (empty, not a string, other scheme)",
-    "bad_row": "input line that could not be parsed (invalid JSON, not an object)",
+    "bad_row": "input line that could not be parsed (invalid JSON, not an object, a csv "
+    "record past MAX_RECORD_CHARS / MAX_RECORD_LINES or with a quote never closed)",
+    "bad_encoding": "input row with bytes that do not decode in the source's `encoding`",
+    "source_damaged": "the unreadable rest of a file (truncated or corrupt .gz, an unreadable "
+    "parquet row group): the rows before it are kept",
     "duplicate_url": "the same (url, page_url) again in the plan: the first one is kept",
 }
 
@@ -70,6 +93,16 @@ _FORMATS = {
     ".json": "jsonl",
 }
 _DEFAULT_CAPTION = "caption"
+# A csv/tsv record (all its fields) or a jsonl line, in characters. img2dataset captions
+# are a few hundred characters and one of 64 KiB is already absurd; 1 MiB leaves room for
+# wide rows (EXIF or extmetadata json columns) and bounds what one broken quote can hold.
+MAX_RECORD_CHARS = 1 << 20
+# Physical lines one csv/tsv record may span (a quoted caption with newlines): an unclosed
+# quote reaches this first in a list of short rows, and loses at most this many rows' parse
+MAX_RECORD_LINES = 256
+_SURROGATE = re.compile("[\ud800-\udfff]")  # an undecodable byte under surrogateescape
+# what reading a damaged file raises (zlib.error: corrupt deflate data inside a .gz)
+_READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException, UnicodeError)
 _WARC_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz")  # CC names WATs *.warc.wat.gz
 _WARC_WHAT = "a .warc[.gz] or .wat[.gz] file, a directory of them, or a glob"
 
@@ -99,6 +132,24 @@ class UrlListSource(Section):
     title_col: str | None = None
     page_url_col: str | None = None
     extra_cols: list[str] | None = None  # None: carry every other column; []: none
+    # text encoding of csv/tsv/jsonl files (e.g. "cp1252" for an Excel export); a row with
+    # bytes that do not decode in it is dropped as bad_encoding
+    encoding: str = "utf-8"
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        """An unknown name would only fail when the first file is opened, as a read error."""
+        try:
+            info = codecs.lookup(v)
+        except LookupError:
+            raise ValueError(
+                f"unknown text encoding {v!r}; use a Python codec name such as "
+                '"utf-8", "cp1252" or "latin-1"'
+            ) from None
+        if not getattr(info, "_is_text_encoding", True):  # e.g. "base64", "rot13"
+            raise ValueError(f"{v!r} is not a text encoding (bytes <-> str)")
+        return v
 
     @model_validator(mode="after")
     def _flickr_needs_its_column(self) -> UrlListSource:
@@ -203,12 +254,92 @@ def _format_of(label: str, path: Path, fmt: str) -> str:
     )
 
 
-def _open_text(path: Path) -> IO[str]:
+def _open_text(path: Path, encoding: str = "utf-8") -> IO[str]:
+    """Text of a (gzipped) file, undecodable bytes kept as lone surrogates
+    (surrogateescape) so each row can be checked and dropped, not silently mangled."""
+    if codecs.lookup(encoding).name == "utf-8":
+        encoding = "utf-8-sig"  # skip a BOM (Excel writes one)
     if path.name.lower().endswith(".gz"):
         return io.TextIOWrapper(
-            gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline=""
+            gzip.open(path, "rb"), encoding=encoding, errors="surrogateescape", newline=""
         )
-    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding=encoding, errors="surrogateescape", newline="")
+
+
+def _undecodable(value: Any) -> bool:
+    """True when a value read from text holds a lone surrogate (bytes that did not decode,
+    or a JSON `\\udXXX` escape that is not a pair): it cannot be a URL, a caption or a
+    parquet string."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_undecodable(k) or _undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_undecodable(v) for v in value)
+    return False
+
+
+@dataclass(frozen=True)
+class _BadRow:
+    """A row (or the unreadable rest of a file) that becomes one record dropped as `reason`."""
+
+    reason: str
+    error: str
+
+
+class _Overrun(Exception):
+    """A csv record past the caps, or a quoted field still open at the end of the file."""
+
+
+class _LineFeed:
+    """Physical lines for `csv.reader`, the lines of the record being read kept (bounded
+    by the caps), so a runaway record can be dropped and the lines after its first one
+    parsed again."""
+
+    def __init__(self, fh: IO[str]) -> None:
+        self.fh = fh
+        self.pending: deque[str] = deque()  # lines of a dropped record, to parse again
+        self.record: list[str] = []
+        self.chars = 0
+
+    def __iter__(self) -> _LineFeed:
+        return self
+
+    def __next__(self) -> str:
+        if self.pending:
+            line = self.pending.popleft()
+        else:
+            line = self.fh.readline(MAX_RECORD_CHARS + 1)  # a line of 10 GB is read in parts
+            if not line:
+                if self.record:  # csv would save the open field as it is: a silent swallow
+                    raise _Overrun("the file ends inside a quoted field (a quote never closed)")
+                raise StopIteration
+        self.record.append(line)
+        self.chars += len(line)
+        if self.chars > MAX_RECORD_CHARS:
+            raise _Overrun(f"record longer than {MAX_RECORD_CHARS} characters")
+        if len(self.record) > MAX_RECORD_LINES:
+            raise _Overrun(f"quoted field spans more than {MAX_RECORD_LINES} lines")
+        return line
+
+    def start(self) -> None:
+        """A new record begins."""
+        self.record, self.chars = [], 0
+
+    def drop(self) -> None:
+        """Forget the current record's first physical line; parse the rest again."""
+        rest = self.record[1:]
+        first_complete = self.record[0].endswith(("\n", "\r")) if self.record else True
+        while not first_complete:  # the first line was read in parts: skip all of it
+            if rest:
+                first_complete = rest.pop(0).endswith(("\n", "\r"))
+                continue
+            part = (
+                self.pending.popleft() if self.pending else self.fh.readline(MAX_RECORD_CHARS + 1)
+            )
+            first_complete = not part or part.endswith(("\n", "\r"))
+        self.pending.extendleft(reversed(rest))
+        self.start()
 
 
 # --------------------------------------------------------------------------- URL lists
@@ -242,60 +373,130 @@ class _Rows:
                     f"columns are {sorted(cols)[:50]}"
                 )
 
-    def __iter__(self) -> Generator[tuple[int, dict[str, Any] | None], None, None]:
-        """(row index, row) pairs; a row that cannot be parsed comes as (index, None)."""
-        try:
-            if self.fmt == "parquet":
-                yield from self._parquet()
-            elif self.fmt == "jsonl":
-                yield from self._jsonl()
-            else:
-                yield from self._csv("\t" if self.fmt == "tsv" else ",")
-        except (OSError, EOFError, pa.ArrowException, csv.Error, UnicodeError) as exc:
-            raise SourceError(
-                f"{self.label}: cannot read {self.path} as {self.fmt}: {exc}"
-            ) from exc
+    def __iter__(self) -> Generator[tuple[int, dict[str, Any] | _BadRow], None, None]:
+        """(row index, row) pairs; a row that cannot be used comes as (index, `_BadRow`).
 
-    def _parquet(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        Damage after the header (a truncated .gz, an unreadable row group) ends the file
+        with one `source_damaged` row, so the rows before it and the other sources stay;
+        damage before it is a `SourceError`, as for a file that cannot be read at all.
+        """
+        self._started = False
+        nxt = 0
+        rows = (
+            self._parquet()
+            if self.fmt == "parquet"
+            else self._jsonl()
+            if self.fmt == "jsonl"
+            else self._csv("\t" if self.fmt == "tsv" else ",")
+        )
+        try:
+            for i, row in rows:
+                self._started = True
+                nxt = i + 1
+                yield i, row
+        except (*_READ_ERRORS, csv.Error) as exc:
+            if not self._started:
+                raise SourceError(
+                    f"{self.label}: cannot read {self.path} as {self.fmt}: {exc}"
+                ) from exc
+            why = f"{type(exc).__name__}: {exc}; rows from {nxt} on not read"
+            yield nxt, _BadRow("source_damaged", why[:500])
+
+    def _parquet(self) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
         pf = pq.ParquetFile(self.path)
         self._check(pf.schema_arrow.names)
+        self._started = True
         columns = None
         if self.src.extra_cols is not None:
             wanted = [col for _, col in self.src.named_cols()] + self.src.extra_cols
             columns = [c for c in dict.fromkeys(wanted) if c in pf.schema_arrow.names]
         i = 0
-        for batch in pf.iter_batches(batch_size=4096, columns=columns):
-            for row in batch.to_pylist():
-                yield i, row
+        for group in range(pf.metadata.num_row_groups):
+            # row group by row group: an unreadable one is one drop, the next ones are read
+            first, n = i, pf.metadata.row_group(group).num_rows
+            try:
+                for batch in pf.iter_batches(batch_size=4096, row_groups=[group], columns=columns):
+                    for row in batch.to_pylist():
+                        yield i, row
+                        i += 1
+            except (pa.ArrowException, OSError) as exc:
+                why = f"row group {group} unreadable ({type(exc).__name__}: {exc}); "
+                why += f"rows {i} to {first + n - 1} not read"
+                yield i, _BadRow("source_damaged", why[:500])
+                i = max(i + 1, first + n)  # later rows keep their row numbers
+
+    def _csv(self, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the feed's caps bound records
+        with _open_text(self.path, self.src.encoding) as fh:
+            feed = _LineFeed(fh)
+            reader = csv.reader(feed, delimiter=delimiter)
+            try:
+                header = next(reader, None)
+            except (_Overrun, csv.Error) as exc:
+                raise SourceError(f"{self.label}: unreadable header in {self.path}: {exc}") from exc
+            if header is None:
+                return  # an empty file: no header, no rows
+            if _undecodable(header):
+                raise SourceError(
+                    f"{self.label}: the header of {self.path} does not decode as "
+                    f"{self.src.encoding!r}; set `encoding`"
+                )
+            self._check(header)
+            self._started = True
+            width = len(header)
+            i = 0
+            while True:
+                feed.start()
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except (_Overrun, csv.Error) as exc:
+                    feed.drop()
+                    yield i, _BadRow("bad_row", f"unparsable csv record: {exc}")
+                    i += 1
+                    continue
+                if not cells:
+                    continue  # a blank line (csv.DictReader skips them too)
+                if any(_undecodable(c) for c in cells):
+                    yield i, _BadRow("bad_encoding", f"bytes that are not {self.src.encoding}")
+                    i += 1
+                    continue
+                out: dict[str, Any] = dict(zip(header, cells, strict=False))
+                for name in header[len(cells) :]:
+                    out[name] = None  # a short row (DictReader's restval)
+                if len(cells) > width:
+                    out["csv_overflow"] = delimiter.join(cells[width:])
+                yield i, out
                 i += 1
 
-    def _csv(self, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | None]]:
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with _open_text(self.path) as fh:
-            reader = csv.DictReader(fh, delimiter=delimiter)
-            if reader.fieldnames is None:
-                return  # an empty file: no header, no rows
-            self._check(list(reader.fieldnames))
-            for i, row in enumerate(reader):
-                overflow = row.pop(None, None)
-                out: dict[str, Any] = dict(row)
-                if overflow:
-                    out["csv_overflow"] = delimiter.join(str(v) for v in overflow)
-                yield i, out
-
-    def _jsonl(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    def _jsonl(self) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
         checked = False
-        with _open_text(self.path) as fh:
+        with _open_text(self.path, self.src.encoding) as fh:
             i = 0
-            for line in fh:
+            while line := fh.readline(MAX_RECORD_CHARS + 1):
+                if len(line) > MAX_RECORD_CHARS:  # skip the rest of an over-long line
+                    while line and not line.endswith(("\n", "\r")):
+                        line = fh.readline(MAX_RECORD_CHARS + 1)
+                    yield i, _BadRow("bad_row", f"line longer than {MAX_RECORD_CHARS} characters")
+                    i += 1
+                    continue
                 if not line.strip():
+                    continue
+                if _undecodable(line):
+                    yield i, _BadRow("bad_encoding", f"bytes that are not {self.src.encoding}")
+                    i += 1
                     continue
                 try:
                     obj = json.loads(line)
                 except (ValueError, RecursionError):  # RecursionError: nested past the stack
                     obj = None
                 if not isinstance(obj, dict):
-                    yield i, None
+                    yield i, _BadRow("bad_row", "not a JSON object")
+                    i += 1
+                    continue
+                if "\\u" in line and _undecodable(obj):  # a `"\\udc80"` escape: no text
+                    yield i, _BadRow("bad_encoding", "a JSON string escape of a lone surrogate")
                     i += 1
                     continue
                 if not checked:
@@ -303,6 +504,15 @@ class _Rows:
                     checked = True
                 yield i, obj
                 i += 1
+
+
+# extra[key] <- wikimedia_evidence's attribution field: Commons' statements on use
+_WIKI_TERMS = {
+    "wikimedia_restrictions": "restrictions",
+    "wikimedia_attribution_required": "attribution_required",
+    "wikimedia_usage_terms": "usage_terms",
+    "wikimedia_copyrighted": "copyrighted",
+}
 
 
 def _carry(name: str) -> str:
@@ -323,7 +533,8 @@ def _row_licence(
     everywhere in ingest: the licence filter normalises. A Flickr id that is not one stays raw
     input evidence (the filter then drops it as unknown); unreadable extmetadata adds nothing.
     `credit` is the attribution the licensor requests (CC BY 4.0 §3(a)(1)(A)(i)): Commons'
-    `Attribution`, HTML stripped (its `Credit` is the file's source, e.g. "Own work")."""
+    `Attribution`, HTML stripped (its `Credit` is the file's source, e.g. "Own work").
+    `terms`: Commons' statements that limit use (`_WIKI_TERMS`), for `extra`."""
     evidence: list[LicenseEvidence] = []
     attribution: dict[str, Any] = {}
     if src.extmetadata_col:
@@ -336,7 +547,11 @@ def _row_licence(
         if isinstance(ext, dict):
             ev, wiki = wikimedia_evidence(ext)
             evidence += ev
+            # statements that limit use without being a licence (personality rights,
+            # trademarks, ...): raw in `extra`, so filters and the release can see them
+            terms = {k: wiki.get(f) for k, f in _WIKI_TERMS.items() if wiki.get(f) is not None}
             attribution = {
+                "terms": terms,
                 "author": wiki.get("author"),
                 "title": wiki.get("title"),
                 "credit": wiki.get("attribution"),
@@ -358,14 +573,14 @@ def _row_licence(
     return evidence, attribution
 
 
-def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | None) -> Sample:
-    if row is None:
+def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | _BadRow) -> Sample:
+    if isinstance(row, _BadRow):
         s = Sample(
             key=make_key(f"bad-row:{path}:{i}"),
             url="",
-            extra={"source_file": str(path), "source_row": i},
+            extra={"source_file": str(path), "source_row": i, "error": row.error},
         )
-        s.drop("bad_row", "ingest")
+        s.drop(row.reason, "ingest")
         return s
     used = {col for _, col in src.named_cols()}
     raw_url = row.get(src.url_col)
@@ -391,7 +606,7 @@ def _row_sample(src: UrlListSource, path: Path, i: int, row: dict[str, Any] | No
         title=attribution.get("title"),
         credit=attribution.get("credit"),
         source_url=page_url,
-        extra=extra,
+        extra={**extra, **attribution.get("terms", {})},
     )
     if not ok:
         s.extra.update(source_file=str(path), source_row=i)
@@ -413,6 +628,15 @@ def iter_url_list(src: UrlListSource) -> Iterator[Sample]:
 # --------------------------------------------------------------------------- pages, WARCs
 def _page_sample(url: str, where: str, i: int) -> Sample:
     url = url.strip()
+    if _undecodable(url):  # bytes that are not UTF-8: the URL is not known, not fetched
+        s = Sample(
+            key=make_key(f"bad-row:{where}:{i}"),
+            url=url.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+            mime="text/html",
+            extra={"source_file": where, "source_row": i, "error": "bytes that are not utf-8"},
+        )
+        s.drop("bad_encoding", "ingest")
+        return s
     if is_http_url(url):
         return Sample(key=make_key(url), url=url, page_url=url, source_url=url, mime="text/html")
     s = Sample(
@@ -435,17 +659,26 @@ def iter_pages(src: PageListSource) -> Iterator[Sample]:
             (".txt", ".txt.gz"),
             "a text file of page URLs (one a line), a directory or a glob",
         ):
+            i = 0
             try:
                 with _open_text(path) as fh:
-                    i = 0
                     for line in fh:
                         line = line.strip()
                         if not line or line.startswith("#"):
                             continue
                         yield _page_sample(line, str(path), i)
                         i += 1
-            except (OSError, EOFError, UnicodeError) as exc:
-                raise SourceError(f"{_label(src)}: cannot read {path}: {exc}") from exc
+            except _READ_ERRORS as exc:
+                if not i:
+                    raise SourceError(f"{_label(src)}: cannot read {path}: {exc}") from exc
+                s = Sample(  # a damaged tail: the lines before it stay, as for URL lists
+                    key=make_key(f"bad-row:{path}:{i}"),
+                    url="",
+                    mime="text/html",
+                    extra={"source_file": str(path), "source_row": i, "error": str(exc)[:500]},
+                )
+                s.drop("source_damaged", "ingest")
+                yield s
 
 
 def iter_warcs(src: WarcSource, stats: Counter[str] | None = None) -> Iterator[Sample]:
@@ -636,9 +869,18 @@ class _DroppedSink:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _source_spec(src: Section) -> dict[str, Any]:
+    """A source's settings for the plan fingerprint; `encoding` only when it is not the
+    default, so plans made before the setting existed still match their config."""
+    spec = src.model_dump(mode="json")
+    if isinstance(src, UrlListSource) and spec.get("encoding") == "utf-8":
+        del spec["encoding"]
+    return spec
+
+
 def _fingerprint(sources: Iterable[Section], partition_size: int) -> str:
     spec = json.dumps(
-        {"sources": [s.model_dump(mode="json") for s in sources], "partition_size": partition_size},
+        {"sources": [_source_spec(s) for s in sources], "partition_size": partition_size},
         sort_keys=True,
     )
     return hashlib.sha256(spec.encode()).hexdigest()[:16]

@@ -30,7 +30,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
@@ -71,6 +71,96 @@ _CHARSET = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
 
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_WARC_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
+_SCAN = 1 << 16  # bytes read (and inflated) at a time by the end-of-file checks
+_GZIP_MEMBER = b"\x1f\x8b\x08"
+
+
+def _drained(reader: Any, expected: int) -> int:
+    """Bytes of a record's payload left to read, up to `expected`, read in bounded chunks
+    and discarded: a skipped response is checked for truncation without holding it."""
+    n = 0
+    while n < expected:
+        chunk = reader.read(min(_SCAN, expected - n))
+        if not chunk:
+            break
+        n += len(chunk)
+    return n
+
+
+def _gzip_end_damage(fh: IO[bytes], start: int) -> tuple[int, str] | None:
+    """(offset, cause) when the gzip members from `start` on do not all end cleanly.
+
+    FastWARC stops without an error at a member cut short (an interrupted download), so
+    the members after the last record it gave are inflated here, output discarded.
+    """
+    fh.seek(start)
+    if fh.read(3) != _GZIP_MEMBER:
+        start = 0  # not a member start (one gzip member for the whole file): from the top
+    fh.seek(start)
+    member_at, pos = start, start
+    d: Any = None
+    buf = b""
+    while True:
+        if not buf:
+            buf = fh.read(_SCAN)
+            pos += len(buf)
+            if not buf:
+                break
+        if d is None:
+            if not buf.strip(b"\r\n\t \x00"):
+                buf = b""  # padding after the last member
+                continue
+            d = zlib.decompressobj(31)  # gzip only
+            member_at = pos - len(buf)
+        try:
+            d.decompress(buf, _SCAN)
+        except zlib.error as exc:
+            return member_at, f"corrupt gzip member: {exc}"
+        if d.eof:
+            buf, d = d.unused_data, None
+        else:
+            buf = d.unconsumed_tail
+    if d is not None:
+        while not d.eof:  # inflate what input is left: a member may end in the last read
+            tail = d.unconsumed_tail
+            if not d.decompress(tail, _SCAN) and not d.unconsumed_tail:
+                break
+        if not d.eof:
+            return member_at, "the file ends inside a gzip member (truncated download?)"
+    return None
+
+
+def _plain_end_damage(fh: IO[bytes], start: int, size: int) -> tuple[int, str] | None:
+    """(offset, cause) when the records of an uncompressed WARC from `start` on do not
+    fill the file exactly: a record cut short, or bytes after the last one FastWARC read."""
+    pos = start
+    while pos < size:
+        fh.seek(pos)
+        head = fh.read(_SCAN)
+        lead = len(head) - len(head.lstrip(b"\r\n"))
+        if lead == len(head):
+            return None  # blank lines at the end of the file
+        at = pos + lead
+        head = head[lead:]
+        end = head.find(b"\r\n\r\n")
+        m = _WARC_LENGTH.search(head, 0, end + 2) if end >= 0 else None
+        if not head.startswith(b"WARC/") or m is None:
+            return at, "unreadable bytes where a WARC record should start (truncated record?)"
+        block_end = at + end + 4 + int(m.group(1))  # the header, then its block
+        if block_end > size:
+            return at, "the file ends inside this record (truncated download?)"
+        pos = block_end + 4  # the CRLF CRLF after the block
+    return None
+
+
+def _end_damage(path: Path, start: int) -> tuple[int, str] | None:
+    """Where and why the file is damaged after offset `start` (the last record read)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+        if magic == b"\x1f\x8b":
+            return _gzip_end_damage(fh, start)
+        return _plain_end_damage(fh, start, path.stat().st_size)
 
 
 def _dechunk(data: bytes) -> bytes:
@@ -245,12 +335,23 @@ def iter_warc(
         raise ValueError(f"WARC file {path}: cannot open ({exc})") from exc
     offset: int | None = None
     page_url = path.resolve().as_uri()
+    reported: int | None = None  # offset of the last record already yielded as page_error
+    skipped: str | None = None  # the STATS counter the last record went to, if a skip
     try:
         records = ArchiveIterator(fh, record_types=_RECORD_TYPES[fmt], parse_http=True)
         while True:
             try:
                 record = next(records)
             except StopIteration:
+                # FastWARC ends quietly at a cut gzip member or record: check the file did
+                damage = _end_damage(path, offset or 0)
+                if damage is not None and (reported is None or reported != offset):
+                    at, why = damage
+                    if at == offset and skipped:  # the last record was clipped: not a skip
+                        st[skipped] -= 1
+                    st["page_error"] += 1
+                    where = f"{path.resolve().as_uri()}#offset={at}"
+                    yield _page_error(where, path, at, f"archive ends early: {why}")
                 break
             except Exception as exc:  # a corrupt archive ends this file only
                 st["page_error"] += 1
@@ -258,6 +359,7 @@ def iter_warc(
                 yield _page_error(where, path, offset, f"archive unreadable after record: {exc}")
                 break
             offset = record.stream_pos
+            skipped = None
             page_url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
             if not page_url:
                 page_url = f"{path.resolve().as_uri()}#offset={offset}"
@@ -265,36 +367,45 @@ def iter_warc(
                 ctype = (record.headers.get("Content-Type") or "").lower()
                 if fmt == "auto" and not ctype.startswith("application/json"):
                     continue  # a WARC's own metadata (application/warc-fields): not a WAT
-                yield from _wat_record(
+                for s in _wat_record(
                     record, path, offset, page_url, st, user_agent_token, max_page_bytes
-                )
+                ):
+                    if s.drop_reason == "page_error":
+                        reported = offset
+                    yield s
                 continue
             st["responses"] += 1
             try:
                 if not record.is_http:
                     st["non_html"] += 1  # dns:, whois: ... responses carry no HTTP message
+                    skipped = "non_html"
                     continue
                 http = record.http_headers
                 status = http.status_code if http is not None else None
                 ctype = (http.get("Content-Type") or "") if http is not None else ""
                 if status is None:  # e.g. a file clipped inside the HTTP header block
                     raise ValueError("unreadable HTTP status line or headers")
-                if not 200 <= int(status) < 300:
-                    st["non_2xx"] += 1
-                    continue
+                expected = int(record.content_length)
+                skip = None
                 mime = ctype.lower().split(";")[0].strip()
-                if mime not in _HTML_TYPES:
+                if not 200 <= int(status) < 300:
+                    skip = "non_2xx"
+                elif mime not in _HTML_TYPES:
                     ident = (record.headers.get("WARC-Identified-Payload-Type") or "").lower()
                     if mime or ident not in _HTML_TYPES:
-                        st["non_html"] += 1
-                        continue
-                expected = int(record.content_length)
+                        skip = "non_html"
+                if skip is not None:
+                    # a record clipped in its headers reads as a non-HTML or odd-status
+                    # response: its payload must be all there before it counts as a skip
+                    got = _drained(record.reader, expected)
+                    if got < expected:
+                        raise ValueError(f"truncated record: {got} of {expected} payload bytes")
+                    st[skip] += 1
+                    skipped = skip
+                    continue
                 body = record.reader.read(min(expected, max_page_bytes))
                 if len(body) < min(expected, max_page_bytes):
-                    st["page_error"] += 1
-                    why = f"truncated record: {len(body)} of {expected} payload bytes"
-                    yield _page_error(page_url, path, offset, why)
-                    continue
+                    raise ValueError(f"truncated record: {len(body)} of {expected} payload bytes")
                 assert http is not None
                 x_robots = list(http.get_multiple("X-Robots-Tag"))
                 tdm_header = {"tdm-reservation": list(http.get_multiple("tdm-reservation"))}
@@ -306,6 +417,7 @@ def iter_warc(
                 )
             except Exception as exc:  # one bad record must not end the file
                 st["page_error"] += 1
+                reported = offset
                 yield _page_error(page_url, path, offset, f"{type(exc).__name__}: {exc}")
                 continue
             m = _CHARSET.search(ctype)
@@ -317,6 +429,7 @@ def iter_warc(
             )
             if page.error:
                 st["page_error"] += 1
+                reported = offset
                 yield _page_error(page_url, path, offset, page.error)
                 continue
             yield from _emit(
