@@ -20,7 +20,10 @@ Attribution decisions (documented here because the shard writer relies on them):
   and only when it holds one image. A figcaption that is only a person's name ("Kofi
   Mensah", `_person_name`) is the author when nothing else names one, and never the title.
 - `<meta name="author">` names the page's author, not the photographer, so it
-  goes to `sample.extra["page_author"]`, never to `Sample.author`.
+  goes to `sample.extra["page_author"]`, never to `Sample.author`; so does, without one,
+  a `cc:attributionName` no image container owns (the CC licence chooser's "by Jane Doe").
+- Creative Commons licence badges (`_Page.is_badge`) are emitted like any image (the size
+  filters drop icons) but take no container's licence, author or title.
 - `Sample.title`: img `title`, else ccREL `dct:title` / figcaption of its
   container (without its licence links' words), else the page `<title>`.
 """
@@ -475,6 +478,15 @@ def meta_optout(name: str, content: str, user_agent_token: str = "ccurate") -> s
 _CONTAINER_TYPES = re.compile(
     r"stillimage|imageobject|photograph|visualartwork|mediaobject|cc:work|foaf:image", re.I
 )
+# `typeof` values that say the block's (new) subject is an image, not any work (`cc:Work`
+# types a blog post as well as a photo)
+_IMAGE_TYPES = re.compile(
+    r"stillimage|imageobject|photograph|visualartwork|mediaobject|foaf:image", re.I
+)
+# hosts that serve Creative Commons licence badges (the chooser's icons, the 88x31 buttons)
+_BADGE_HOSTS = re.compile(
+    r"^(?:i|mirrors)\.creativecommons\.org$|^(?:[a-z0-9-]+\.)*licensebuttons\.net$", re.I
+)
 _AUTHOR_TOKENS = {"author", "creator", "dc:creator", "dct:creator", "dcterms:creator"}
 _TITLE_TOKENS = {"dc:title", "dct:title", "dcterms:title"}
 
@@ -543,17 +555,23 @@ class _ImgIndex:
     image named X" by position (an `about` block around N images asked for each of them
     would cost N x N)."""
 
-    def __init__(self, tree: LexborHTMLParser, base: str) -> None:
+    def __init__(self, tree: LexborHTMLParser, base: str, page: _Page) -> None:
         self.pos: dict[int, int] = {}
         self.by_url: dict[str, list[int]] = {}
         self._end: dict[int, int] = {}
+        # content images in page order: (position, URL); licence badges left out
+        self.content: list[tuple[int, str]] = []
         root = tree.root
         nodes = root.traverse(include_text=True) if root is not None else iter(())
         for i, node in enumerate(nodes):
             self.pos[node.mem_id] = i
             if node.tag == "img":
-                for u in {u for c in _image_candidates(node) if (u := norm_url(c, base))}:
+                urls = [u for c in _image_candidates(node) if (u := norm_url(c, base))]
+                for u in set(urls):
                     self.by_url.setdefault(u, []).append(i)
+                if urls and not page.is_badge(node):
+                    self.content.append((i, urls[0]))
+        self._content_pos = [i for i, _ in self.content]
         self.size = len(self.pos)
 
     def end(self, node: LexborNode) -> int:
@@ -585,18 +603,43 @@ class _ImgIndex:
         i = bisect_right(at, start)
         return i < len(at) and at[i] < self.end(node)
 
+    def one_image(self, node: LexborNode) -> bool:
+        """Whether `node` holds exactly one content image (one URL: a lazy-load `<img>`
+        and its `<noscript>` copy are one image; licence badges do not count). A block
+        of many `<img>` is answered after a few of them."""
+        start = self.pos.get(node.mem_id)
+        if start is None:
+            return False
+        end = self.end(node)
+        i = bisect_right(self._content_pos, start)
+        urls: set[str] = set()
+        for pos, url in self.content[i : i + 64]:
+            if pos >= end:
+                return len(urls) == 1
+            urls.add(url)
+            if len(urls) > 1:
+                return False
+        if i + 64 < len(self.content) and self.content[i + 64][0] < end:
+            return False  # over 64 images of one URL: a page-wide block
+        return len(urls) == 1
+
 
 class _Page(PageFacts):
     """One parsed page: page-level facts and who owns each licence node, computed once.
 
     A *container* is an element that ties markup to the images inside it: a
-    `<figure>`, a WordPress/MediaWiki caption box, a ccREL block (`xmlns:cc`,
-    `typeof` cc:Work/StillImage, `about` naming an image inside it) or a
-    schema.org ImageObject/Photograph `itemscope`. Page-wide wrappers (an
-    `itemscope` WebPage, Drupal's `about="/node/1"`) are deliberately not
-    containers: their licence links are page evidence. A licence node belongs
-    to its nearest container that an image reaches (`MAX_CONTAINER_DEPTH`
-    levels up from the image); nodes with no owner are page evidence.
+    `<figure>`, a WordPress/MediaWiki caption box, an RDFa block whose subject is
+    an image inside it (`about`/`resource` naming it, or, without either, an image
+    `typeof` such as StillImage around one image) or a schema.org
+    ImageObject/Photograph `itemscope`. RDFa blocks whose subject is the document
+    (`about=""`, `about` naming the page, or no `about` at all: `xmlns:cc` alone,
+    `typeof="cc:Work"`, a block of several images) are deliberately not containers,
+    nor are page-wide wrappers (an `itemscope` WebPage, Drupal's `about="/node/1"`):
+    their licence links are page evidence, as RDFa says (a page licence recorded at
+    image level would pass an image-level-only policy). A licence node belongs to its
+    nearest container that a content image reaches (`MAX_CONTAINER_DEPTH` levels up
+    from the image; licence badges reach none, `is_badge`); nodes with no owner are
+    page evidence.
     """
 
     def __init__(self, tree: LexborHTMLParser, page_url: str, ua_token: str) -> None:
@@ -607,14 +650,25 @@ class _Page(PageFacts):
         super().__init__((norm_url(base_href, page_url) or page_url) if base_href else page_url)
         title_node = _document_title(tree)
         self.title = (clean_text(title_node.text()) or None) if title_node is not None else None
+        # what an RDFa `about` naming the document resolves to: the page, its <base>, its
+        # canonical URL (`_doc_key`: scheme, fragment and a trailing slash aside)
+        canon = tree.css_first("head link[rel=canonical][href]")
+        docs = [page_url, self.base, canon.attributes.get("href") if canon is not None else None]
+        self._documents = {_doc_key(u) for d in docs if (u := norm_url(d, self.base))}
+        self._badge: dict[int, bool] = {}
         self._is_box: dict[int, bool] = {}
         self._boxes: dict[int, _Box] = {}
         self._near: dict[int, _Near] = {}
         self._imgs_at: _ImgIndex | None = None
-        # containers some <img> looks up to (`containers_of(img)`): only these may own a
-        # licence node, else a node owned by a container no image reaches is lost
+        # containers some content <img> looks up to (`containers_of(img)`): only these may
+        # own a licence node, else a node owned by a container no image reaches is lost; a
+        # licence badge reaches none (the chooser's `<p>` around its licence link and icons
+        # would own the site's licence, lost to the page's images)
         self._reached: set[int] = {
-            box.mem_id for img in tree.css("img") for box in self.containers_of(img)
+            box.mem_id
+            for img in tree.css("img")
+            if not self.is_badge(img)
+            for box in self.containers_of(img)
         }
         # container mem_id -> marked nodes it owns (licence links, attribution, titles)
         self.owned: dict[int, list[LexborNode]] = {}
@@ -631,23 +685,77 @@ class _Page(PageFacts):
             self._is_box[mid] = hit
         return hit
 
+    def is_badge(self, img: LexborNode) -> bool:
+        """A licence badge, not content: an icon served by Creative Commons or
+        licensebuttons.net, or an image inside a licence link (`<a rel=license><img
+        88x31></a>`). It gets no container's licence or author (CC's icons are not the
+        blogger's work under the blogger's licence) and makes no block a container."""
+        hit = self._badge.get(img.mem_id)
+        if hit is None:
+            url = next((u for c in _image_candidates(img) if (u := norm_url(c, self.base))), "")
+            hit = bool(url) and bool(_BADGE_HOSTS.match(urlsplit(url).hostname or ""))
+            if not hit:
+                for a in _ancestors(img):
+                    if a.tag in ("a", "area"):
+                        la = a.attributes
+                        hit = is_license_rel(la.get("rel")) or is_cc_url(la.get("href") or "")
+                        break
+            self._badge[img.mem_id] = hit
+        return hit
+
+    def _index(self) -> _ImgIndex:
+        if self._imgs_at is None:
+            self._imgs_at = _ImgIndex(self.tree, self.base, self)
+        return self._imgs_at
+
+    def names_document(self, subject: str) -> bool:
+        """Whether an RDFa subject (`about`/`resource`) is the document: "" or the page's
+        URL (after resolution against the page/<base>; `#fragment`s of it included: in
+        doubt, the page)."""
+        target = norm_url(subject, self.base) if subject.strip() else self.base
+        return target is not None and _doc_key(target) in self._documents
+
+    def foreign_subject(self, node: LexborNode) -> bool:
+        """Whether the nearest RDFa subject over `node` (itself included) is a ccREL block
+        about a resource other than the document (a credit for another work): its licence
+        is that work's, never page evidence. A bare `about` (Drupal's page-wide node
+        wrappers) stays the page's."""
+        for a in [node, *_ancestors(node, depth=64)]:
+            attrs = a.attributes
+            subject = _rdfa_subject(attrs)
+            if subject is not None:
+                return _ccrel_marked(attrs) and not self.names_document(subject)
+        return False
+
     def _container_test(self, node: LexborNode) -> bool:
-        if node.tag == "figure":
-            return True
+        """Whether `node` ties its markup to the images inside it (see the class docstring).
+        RDFa decides first: a block whose subject is the document licenses the page,
+        whatever its tag."""
         attrs = node.attributes
-        if "xmlns:cc" in attrs or _CONTAINER_TYPES.search(attrs.get("typeof") or ""):
+        subject = _rdfa_subject(attrs)
+        if subject is not None and self.names_document(subject):
+            return False
+        if node.tag == "figure":
             return True
         if "itemscope" in attrs and _CONTAINER_TYPES.search(attrs.get("itemtype") or ""):
             return True
         if set((attrs.get("class") or "").lower().split()) & _CONTAINER_CLASSES:
             return True
-        about = attrs.get("about")
-        if about is not None:
-            target = norm_url(about, self.base)
-            if target:
-                if self._imgs_at is None:
-                    self._imgs_at = _ImgIndex(self.tree, self.base)
-                return self._imgs_at.holds(node, target)
+        if subject is not None:
+            # the block's subject is another resource: a container when it is an image inside
+            # it, or when a ccREL block about it holds one image (an embed: Flickr's `<div
+            # xmlns:cc about="flickr.com/photos/...">` around its thumbnail); a page-wide
+            # wrapper (Drupal's `about="/node/1"`) is not
+            target = norm_url(subject, self.base)
+            if target is not None and self._index().holds(node, target):
+                return True
+            return _ccrel_marked(attrs) and self._index().one_image(node)
+        if _IMAGE_TYPES.search(attrs.get("typeof") or ""):
+            # a new subject typed as an image (RDFa: a blank node): the one image inside;
+            # around several it is not known to be any one of them
+            return self._index().one_image(node)
+        # `xmlns:cc` alone or `typeof="cc:Work"` without `about`: the subject is the
+        # document (inherited), or a work that may be the whole post: page evidence
         return False
 
     def containers_of(self, node: LexborNode, depth: int = MAX_CONTAINER_DEPTH) -> list[LexborNode]:
@@ -685,8 +793,19 @@ class _Page(PageFacts):
             owner = self._owner(node)
             if owner is not None:
                 self.owned.setdefault(owner.mem_id, []).append(node)
+            elif self.foreign_subject(node):
+                continue  # about another resource no content image here reaches: not the page's
             elif kind in ("rel_license", "cc_link", "schema_license", "ccrel"):
                 self.add(LicenseEvidence("page", kind, abs_or_raw(_attr_value(node), self.base)))
+            elif (
+                kind == "attribution"
+                and self.page_author is None
+                and "cc:attributionname" in _tokens(node.attributes.get("property"))
+            ):
+                # the page licence's attribution (the CC chooser's "by <a
+                # property=cc:attributionName>Jane Doe</a>"): the page's author, after
+                # <meta name=author>; never an image's `Sample.author`
+                self.page_author = _node_text(node)
 
     def _read_footer(self) -> None:
         """The innermost footer matches that carry a rights mark: a match around another is
@@ -724,6 +843,30 @@ class _Page(PageFacts):
                 snip = rights_snippet(_text(body)[-1500:])
                 if snip:
                     self.add(LicenseEvidence("page", "text", snip))
+
+
+def _ccrel_marked(attrs: dict[str, str | None]) -> bool:
+    """A block that declares the ccREL vocabulary or a ccREL/image type."""
+    return "xmlns:cc" in attrs or bool(_CONTAINER_TYPES.search(attrs.get("typeof") or ""))
+
+
+def _rdfa_subject(attrs: dict[str, str | None]) -> str | None:
+    """The subject an element sets in RDFa: `about`, else `resource` when the element has
+    no `rel`/`rev`/`property` (with one, `resource` is the object); None when it sets none
+    (its statements are about its parent's subject, at the top the document)."""
+    about = attrs.get("about")
+    if about is not None:
+        return about
+    if not {"rel", "rev", "property"} & set(attrs):
+        return attrs.get("resource")
+    return None
+
+
+def _doc_key(url: str) -> tuple[str, str, str]:
+    """A URL as compared with the page's: host, path without a trailing slash, query
+    (http/https and the fragment aside)."""
+    p = urlsplit(url)
+    return (p.netloc.lower(), p.path.rstrip("/") or "/", p.query)
 
 
 def _marked_kind(node: LexborNode) -> str | None:
@@ -938,7 +1081,7 @@ def _near_facts(page: _Page, box: LexborNode) -> _Near:
         return hit
     caption_node = box.css_first("figcaption, .wp-caption-text, .thumbcaption")
     caption = _text(caption_node) if caption_node is not None else ""
-    n_img = len(box.css("img"))
+    n_img = sum(1 for img in box.css("img") if not page.is_badge(img))  # badges are no images
     credit: str | None = None
     if caption_node is not None:
         credit = _linked_credit(caption_node)
@@ -1015,12 +1158,13 @@ def _image_facts(
 
     author: str | None = None
     title: str | None = clean_text(attrs.get("title")) or None
-    boxes = page.containers_of(img)
+    # a licence badge takes nothing from its containers (their licence, author, caption)
+    boxes = [] if page.is_badge(img) else page.containers_of(img)
     own = {url} | {u for c in raw_cands if (u := norm_url(c, base))}
     # 2) containers, nearest first: licence nodes each owns, then attribution
     licensed = False  # a container licence read so far (this box or one inside it)
     for depth, box in enumerate(boxes):
-        about = box.attributes.get("about")
+        about = _rdfa_subject(box.attributes)
         about_is_img = about is not None and norm_url(about, base) in own
         scope = "image" if about_is_img else "container"
         facts = _box_facts(page, box)

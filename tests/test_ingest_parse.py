@@ -317,6 +317,12 @@ def test_figure_rel_license_is_container_and_comes_first():
 
 
 def test_ccrel_about_the_image_is_image_scope_with_attribution():
+    """`about` naming the image: image scope with its attribution. A one-image `xmlns:cc`
+    div *without* `about` (2.jpg) was once read as that image's container; in RDFa such a
+    block sets no subject, so its `cc:license` and `dct:title` are about the inherited
+    subject, the document: page evidence, and the title is not the image's (a page licence
+    at image level would pass an image-level-only policy). The block is the image's
+    container when its `typeof` makes a new subject typed as an image (3.jpg)."""
     html = """<body><div xmlns:cc="http://creativecommons.org/ns#" about="https://cdn.example.org/p/1.jpg">
       <img src="https://cdn.example.org/p/1.jpg">
       <a rel="cc:attributionURL" property="cc:attributionName"
@@ -325,15 +331,28 @@ def test_ccrel_about_the_image_is_image_scope_with_attribution():
     </div>
     <div xmlns:cc="http://creativecommons.org/ns#"><img src="2.jpg">
       <span property="cc:license" resource="http://creativecommons.org/licenses/by/2.0/"></span>
-      <span property="dct:title">Sunset</span></div></body>"""
+      <span property="dct:title">Sunset</span></div>
+    <div xmlns:cc="http://creativecommons.org/ns#" typeof="dcmitype:StillImage"><img src="3.jpg">
+      <span property="cc:license" resource="http://creativecommons.org/licenses/by/3.0/"></span>
+      <span property="dct:title">Dawn</span></div></body>"""
     imgs = by_url(one(html))
+    page_ev = [("page", "ccrel", "http://creativecommons.org/licenses/by/2.0/")]
     first = imgs["https://cdn.example.org/p/1.jpg"]
-    assert ev(first) == [("image", "ccrel", "http://creativecommons.org/licenses/by-sa/3.0/")]
+    assert ev(first) == [
+        ("image", "ccrel", "http://creativecommons.org/licenses/by-sa/3.0/"),
+        *page_ev,
+    ]
     assert first.author == "Ann Author"
     assert first.extra["attribution_url"] == "https://example.org/~ann"
     second = imgs["https://example.org/blog/2.jpg"]
-    assert ev(second) == [("container", "ccrel", "http://creativecommons.org/licenses/by/2.0/")]
-    assert second.title == "Sunset"
+    assert ev(second) == page_ev
+    assert second.title is None  # the document's dct:title; the page has no <title>
+    third = imgs["https://example.org/blog/3.jpg"]
+    assert ev(third) == [
+        ("container", "ccrel", "http://creativecommons.org/licenses/by/3.0/"),
+        *page_ev,
+    ]
+    assert third.title == "Dawn"
 
 
 def test_ccrel_attributes_on_the_img_element():
