@@ -17,8 +17,10 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
 from ccurate.progress import Progress
@@ -90,6 +92,9 @@ def _drop_repeat(sample: Sample, stats: StageStats, by: str, row: int) -> None:
 
 # -- worker-process state: one set-up stage per process, reused for every shard --
 _WORKER_STAGE: Stage | None = None
+_WORKER_SETUP_ERROR: Exception | None = None  # what stage.setup() raised in this worker
+_Note = tuple[int, str, bool]  # (worker pid, input shard, started: else finished)
+_WORKER_NOTES: SimpleQueue[_Note | None] | None = None
 _WORKER_CPUS: int | None = None  # this process's share of the cores, set by its executor
 
 
@@ -120,13 +125,26 @@ def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="ccurate-parent-watch", daemon=True).start()
 
 
-def _init_worker(stage: Stage, cpus: int, parent: int | None = None) -> None:
-    global _WORKER_STAGE
+def _init_worker(
+    stage: Stage,
+    cpus: int,
+    parent: int | None = None,
+    notes: SimpleQueue[_Note | None] | None = None,
+) -> None:
+    """Set the stage up once in a pool worker. A setup error is kept and raised by each of
+    the worker's tasks: raised here it would only break the pool, and the driver would see
+    a bare BrokenProcessPool instead of the stage's own error (missing weights, ...)."""
+    global _WORKER_STAGE, _WORKER_SETUP_ERROR, _WORKER_NOTES
     if parent is not None:
         _exit_with_parent(parent)
+    _WORKER_NOTES = notes
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     set_worker_cpus(cpus)
-    stage.setup()
+    try:
+        stage.setup()
+    except Exception as err:
+        _WORKER_SETUP_ERROR = err
+        return
     _WORKER_STAGE = stage
     # teardown when the pool shuts the worker down (multiprocessing runs its finalizers
     # there; atexit does not run in pool children): stages log their totals in it
@@ -134,8 +152,60 @@ def _init_worker(stage: Stage, cpus: int, parent: int | None = None) -> None:
 
 
 def _run_in_worker(task: ShardTask) -> StageStats:
+    if _WORKER_SETUP_ERROR is not None:
+        raise _WORKER_SETUP_ERROR
     assert _WORKER_STAGE is not None, "worker not initialised"
-    return run_task(_WORKER_STAGE, task)
+    if _WORKER_NOTES is None:
+        return run_task(_WORKER_STAGE, task)
+    # written before the shard starts (no feeder thread to lose it): a worker that dies
+    # on its first image is named too
+    _WORKER_NOTES.put((os.getpid(), task.src, True))
+    try:
+        return run_task(_WORKER_STAGE, task)
+    finally:
+        _WORKER_NOTES.put((os.getpid(), task.src, False))
+
+
+class WorkerDied(BrokenProcessPool):
+    """A local worker process ended abruptly (OOM killer, a crash in native code): names
+    the stage and the shards that were in flight, so the culprit input can be found."""
+
+
+def _read_notes(notes: SimpleQueue[_Note | None], in_flight: dict[str, int]) -> threading.Thread:
+    """A driver thread applying the workers' start/end notes to `in_flight` (input shard ->
+    worker pid) as they come, so the pipe never fills; a `None` note ends it."""
+
+    def read() -> None:
+        while True:
+            try:
+                note = notes.get()
+            except (OSError, EOFError, ValueError):
+                return
+            if note is None:
+                return
+            pid, src, started = note
+            if started:
+                in_flight[src] = pid
+            else:
+                in_flight.pop(src, None)
+
+    thread = threading.Thread(target=read, name="ccurate-worker-notes", daemon=True)
+    thread.start()
+    return thread
+
+
+def _died_message(stage: Stage, in_flight: dict[str, int], left: list[ShardTask]) -> str:
+    if in_flight:
+        shards = ", ".join(f"{src} (pid {pid})" for src, pid in sorted(in_flight.items()))
+        where = f"while on shard(s) {shards}"
+    else:  # no note came through: the unfinished shards, the culprit among them
+        names = ", ".join(t.src for t in left[:5]) + (" ..." if len(left) > 5 else "")
+        where = f"with {len(left)} shard(s) unfinished: {names}"
+    return (
+        f"stage '{stage.name}': a worker process died abruptly (killed by the OOM killer? "
+        f"a crash in native code?) {where}; finished shards are kept: rerun to resume, "
+        "with fewer workers if memory ran out"
+    )
 
 
 class Executor(ABC):
@@ -199,15 +269,36 @@ class LocalExecutor(Executor):
                 stage.teardown()
             return
         ctx = get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(stage, usable_cpus() // workers, os.getpid()),
-        ) as pool:
-            futures = [pool.submit(_run_in_worker, t) for t in todo]
-            for fut in as_completed(futures):
-                yield fut.result()
+        notes: SimpleQueue[_Note | None] = ctx.SimpleQueue()
+        in_flight: dict[str, int] = {}  # input shard -> the worker on it
+        reader = _read_notes(notes, in_flight)
+
+        def stop_reading() -> None:  # every note written before this one is read then
+            if reader.is_alive():
+                # from a thread: a worker killed inside its own put holds the queue's write
+                # lock for ever, and the driver must not wait on it
+                threading.Thread(target=notes.put, args=(None,), daemon=True).start()
+                reader.join(timeout=5)
+
+        try:
+            with ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(stage, usable_cpus() // workers, os.getpid(), notes),
+            ) as pool:
+                futures = [pool.submit(_run_in_worker, t) for t in todo]
+                for fut in as_completed(futures):
+                    try:
+                        stats = fut.result()
+                    except BrokenProcessPool as err:
+                        stop_reading()
+                        left = [t for t in todo if not is_done(t.dst)]
+                        raise WorkerDied(_died_message(stage, dict(in_flight), left)) from err
+                    yield stats
+        finally:
+            stop_reading()
+            notes.close()
 
     def _workers_for(self, stage: Stage, n_tasks: int) -> int:
         # GPU stages get one worker per visible GPU at most; CPU stages share the cores.

@@ -90,12 +90,15 @@ class Pipeline:
         return self.work / STEP_DIRS[step]
 
     def finished_inputs(self, step: str) -> list[str]:
-        """The previous step's shards; refuses to run on a half-finished step."""
+        """The previous step's shards; refuses to run on a half-finished step. A finished
+        step with no shards (every source row dropped at planning: bad URLs, opt-outs)
+        gives none: the next steps finish on the empty input like on any other, and the
+        summary and report state the drops that explain it."""
         prev = PREVIOUS[step]
         d = self.step_dir(prev)
         all_shards = list_shards(d, done_only=False)
         done = list_shards(d, done_only=True)
-        if not all_shards and not done:
+        if not all_shards and not done and _marker_shards(d) != 0:
             raise PipelineError(f"step '{step}' needs the output of '{prev}' in {d}: run it first")
         if len(done) != len(all_shards) or not (d / "_COMPLETE").exists():
             left = len(all_shards) - len(done)
@@ -261,11 +264,20 @@ class Pipeline:
         retries = _finished_retries(self.step_dir("plan"), self.step_dir("ingest"))
         if retries:
             _supersede_ingest_drops(self.step_dir("ingest"))
+        plan_drops = _plan_drops(self.step_dir("plan"))
+        if not planned and not retries:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(plan_drops.drops.items()))
+            log.warning(
+                "ingest: the sources planned no record to fetch (%d dropped: %s); the "
+                "next steps run on an empty input",
+                plan_drops.n_dropped,
+                reasons or "none read",
+            )
         return self.map_step(
             "ingest",
             IngestStage(self.cfg.ingest),
             [str(p) for p in planned] + retries,
-            also=_plan_drops(self.step_dir("plan")),
+            also=plan_drops,
         )
 
     def retry_failed(self) -> StepResult:
@@ -344,6 +356,16 @@ class Pipeline:
 
         t0 = time.perf_counter()
         inputs = self.finished_inputs("shard")
+        if not inputs:  # the sources planned nothing: no release of nothing (nor `vN+1`)
+            drops = _plan_drops(self.step_dir("plan"))
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(drops.drops.items()))
+            log.warning(
+                "shard: nothing to publish (the sources planned no record; %d dropped: %s): "
+                "no release written",
+                drops.n_dropped,
+                reasons or "none read",
+            )
+            return self._record(StepResult("shard", StageStats("shard"), 0.0))
         self._check_named_release()
         dropped = self.dropped_outputs()
         run_info = {**self.run_info(), "inputs_digest": _inputs_digest(inputs, dropped)}
@@ -471,6 +493,11 @@ class Pipeline:
                 raise PipelineError(f"unknown step {step!r}; expected one of {', '.join(STEPS)}")
             if step == "train" and not self.cfg.train.enabled:
                 continue
+            if step == "train" and any(
+                r.step == "shard" and "release" not in r.outputs for r in self.results
+            ):
+                log.warning("train: skipped, this run published no release (nothing to publish)")
+                continue
             getattr(self, "retry_failed" if step == "retry" else step)()
         self.write_summary()
         from ccurate.report import write_report
@@ -518,6 +545,15 @@ def _dedup_references(dedup_dir: Path) -> dict[str, Any]:
         for name in ("against", "previous")
         if summary.get(f"{name}_rows")
     }
+
+
+def _marker_shards(step_dir: Path) -> int | None:
+    """The shard count a finished step's `_COMPLETE` states; None when it has none."""
+    try:
+        shards = json.loads((step_dir / "_COMPLETE").read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return shards if isinstance(shards, int) else None
 
 
 def _plan_drops(plan_dir: Path) -> StageStats:

@@ -11,7 +11,11 @@ a bad shard raised), those shards are submitted again as a new array, up to
 
 The driver itself (`ccurate run --executor slurm`) stays on the submitting node and runs
 the global steps there (the dedup plan: memory, not cores, see docs/scale.md); for large
-runs, submit the driver as a job of its own. Interrupting the driver cancels the array.
+runs, submit the driver as a job of its own. Interrupting the driver cancels the array:
+Ctrl-C, and SIGTERM or SIGHUP (what Slurm sends a driver job at its time limit or on
+`scancel`, and `kill` by default) while an array is in flight: the driver runs `scancel`,
+then exits with 128 + the signal's number. A SIGHUP ignored when the driver started
+(`nohup`) stays ignored.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import pickle
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -87,12 +95,13 @@ class SlurmExecutor(Executor):
         left = list(todo)
         for attempt in range(self.cfg.max_retries + 1):
             job_dir = _job_dir(stage, left, attempt)
-            job_id = self._submit(stage, left, job_dir)
-            try:
-                left = yield from self._follow(job_id, left)
-            except BaseException:
-                _scancel(job_id)  # interrupted driver, or a stats read that failed
-                raise
+            with _signals_raise():
+                job_id = self._submit(stage, left, job_dir)
+                try:
+                    left = yield from self._follow(job_id, left)
+                except BaseException:
+                    _scancel(job_id)  # interrupted driver, or a stats read that failed
+                    raise
             if not left:
                 return
         logs = _jobs_root(stage, left)
@@ -260,6 +269,46 @@ def _in_queue(job_id: str) -> bool | None:
 
 def _scancel(job_id: str) -> None:
     subprocess.run(["scancel", job_id], capture_output=True, check=False)
+
+
+# the signals that end a driver without a Python exception by default (SIGINT already
+# raises KeyboardInterrupt, which unwinds through the same clean-up)
+CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While an array is in flight, SIGTERM/SIGHUP raise `SystemExit(128 + signum)` instead
+    of killing the driver outright, so the `except BaseException` around the array runs
+    `scancel` (otherwise the array runs on and a rerun submits a second one for the same
+    shards). Later signals, while that clean-up runs, are ignored: it finishes. Only the
+    main thread can set handlers; a signal ignored at entry (`nohup`) stays ignored; the
+    previous handlers come back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if fired:
+            return  # the first one is cancelling the array already
+        fired.append(signum)
+        log.warning("signal %d: cancelling the Slurm array before exiting", signum)
+        raise SystemExit(128 + signum)
+
+    previous: dict[signal.Signals, _Handler] = {}
+    try:
+        for sig in CANCEL_SIGNALS:
+            old = signal.getsignal(sig)
+            if old is signal.SIG_IGN or old is None:  # ignored, or set outside Python
+                continue
+            previous[sig] = old
+            signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def worker_cpus_from_env() -> int | None:
