@@ -17,9 +17,10 @@ defaults (det min side 736, cls on) on a subset (what the speed settings buy).
 Prints recall by overlay parameter (tiling, opacity, text height, angle, light/dark,
 font), the OCR pass that flagged each positive, and the missed overlays' texts.
 --no-achromatic runs the first OCR pass only; --no-tophat leaves out the third (top-hat).
+--no-ratio leaves out the fourth and fifth (log black-hat, dark then light: `ratio_map`).
 
 Usage: python bench/watermark_eval.py [--n-base 40] [--seed 0] [--threads 1] [--no-achromatic]
-       [--no-tophat]
+       [--no-tophat] [--no-ratio]
 Ends with: RESULT watermark_eval recall=... fpr=... n_pos=... n_neg=... img_s=... img_cpu_s=...
 (img_cpu_s: images per CPU-second of this process, the figure to compare on a shared machine,
 where wall-clock img_s moves with the other processes' load.)
@@ -382,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", default=None, help="folder to write the generated images to")
     ap.add_argument("--no-achromatic", action="store_true", help="first OCR pass only")
     ap.add_argument("--no-tophat", action="store_true", help="no third (top-hat) OCR pass")
+    ap.add_argument("--no-ratio", action="store_true", help="no 4th/5th (log black-hat) OCR pass")
     args = ap.parse_args(argv)
 
     nprng = np.random.default_rng(args.seed)
@@ -408,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, (im, lab, kind) in enumerate(items):
             im.save(Path(args.save) / f"{i:04d}_{'pos' if lab else 'neg'}_{kind}.jpg", quality=90)
 
+    ratio = [] if args.no_ratio else WatermarkConfig().ocr_ratio_passes
     cfg = WatermarkConfig(threads=args.threads, ocr_side=args.ocr_side,
                           ocr_achromatic_pass=not args.no_achromatic,
-                          ocr_tophat_pass=not args.no_tophat)  # fmt: skip
+                          ocr_tophat_pass=not args.no_tophat, ocr_ratio_passes=ratio)  # fmt: skip
     t0 = time.perf_counter()
     filt = WatermarkFilter(cfg)
     filt.setup()
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     print_breakdown(metas, flag)
     passes = np.array([d.scores.get("ocr_pass", 0.0) for d in decisions])
     hit = flag & (y == 1)
-    by_pass = "  ".join(f"{k}={int((hit & (passes == k)).sum())}" for k in (1, 2, 3))
+    by_pass = "  ".join(f"{k}={int((hit & (passes == k)).sum())}" for k in (1, 2, 3, 4, 5))
     print(f"flagged positives by the OCR pass that flagged them: {by_pass}")
     ar, af = rates(boxes > 0)
     print(f"\nanchor 'any text detected = watermark': recall={ar:.3f} fpr={af:.3f}")

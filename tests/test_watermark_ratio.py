@@ -1,0 +1,126 @@
+"""The OCR's fourth and fifth passes, on the log black-hat of the luminance (`ratio_map`).
+
+A dark semi-transparent overlay darkens every pixel under it by the same factor (1 - a):
+over a mid-grey or dark ground its linear contrast is small, and the three earlier passes
+(the image, its achromatic map, that map's white top-hat: light strokes only) read
+nothing. In the log of the luminance the overlay is one step of log(1 - a) wherever it
+lies, and the black-hat brings it out as bright strokes on black. One pure test checks that
+contrast invariance on the map; one checks the config field; the OCR tests check that a dark
+overlay the old passes miss is flagged, and that the clean ground stays clean.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import math
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import ValidationError
+
+from ccurate.filters.watermark import RATIO_PASS, WatermarkConfig, WatermarkFilter, ratio_map
+from ccurate.record import Sample
+
+SANS = sorted(glob.glob("/usr/share/fonts/**/DejaVuSans.ttf", recursive=True))
+
+
+def test_ratio_map_gives_a_dark_overlay_the_same_contrast_on_bright_and_dark_ground() -> None:
+    """A 4-px stroke darkened by opacity 0.4 over a ground of 200 (left) and 60 (right): the
+    linear black-hat sees it 3x stronger on the left; the log black-hat about the same."""
+    g = np.full((200, 400), 200.0, np.float32)
+    g[:, 200:] = 60.0
+    stroke = np.zeros(g.shape, bool)
+    stroke[95:99, 20:380] = True
+    g = np.where(stroke, 0.6 * g, g)
+    rgb = np.dstack([g] * 3).astype(np.uint8)
+    out, w, h = ratio_map(rgb, "dark", 384, 0.05)
+    assert (w, h) == (384, 192) and out.shape == (192, 384, 3) and out.dtype == np.uint8
+    m = out[:, :, 0].astype(float)
+    left, right = m[90:97, 40:170].max(), m[90:97, 220:350].max()
+    assert min(left, right) > 200 and abs(left - right) < 30, (left, right)
+    flat = np.r_[0:186, 198:384]  # the ground off the stroke and off the step between halves
+    assert m[20:60, flat].max() < 20 and m[140:180, flat].max() < 20  # flat ground: black
+    # the same stroke in the linear luminance's black-hat: 80 levels on the left, 24 on the right
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (10, 10))
+    lum = cv2.resize(g, (384, 192), interpolation=cv2.INTER_AREA)
+    bh = cv2.morphologyEx(lum, cv2.MORPH_BLACKHAT, disc)
+    assert bh[90:97, 40:170].max() > 2.5 * bh[90:97, 220:350].max()
+
+
+def test_ratio_passes_config_is_validated() -> None:
+    assert WatermarkConfig().ocr_ratio_passes == ["dark", "light"]
+    assert WatermarkConfig(ocr_ratio_passes=[]).ocr_ratio_passes == []
+    assert WatermarkConfig(ocr_ratio_passes=["light"]).ocr_ratio_passes == ["light"]
+    with pytest.raises(ValidationError):
+        WatermarkConfig.model_validate({"ocr_ratio_passes": ["grey"]})
+    with pytest.raises(ValidationError):
+        WatermarkConfig(ocr_ratio_passes=["dark", "light", "dark"])
+    assert RATIO_PASS == {"dark": 4.0, "light": 5.0}
+
+
+def gravel() -> Image.Image:
+    """400x320 of scikit-image's gravel photo: mid-grey stones, dark gaps between them."""
+    data = pytest.importorskip("skimage.data")
+    return Image.fromarray(data.gravel()).convert("RGB").crop((0, 0, 400, 320))
+
+
+def dark_overlay(im: Image.Image, text: str, font_file: str, size: int, opacity: float,
+                 angle: float) -> Image.Image:  # fmt: skip
+    """Near-black (20, 20, 20) text at `opacity`, centred, rotated by `angle` degrees."""
+    w, h = im.size
+    big = int(math.hypot(w, h)) + 2
+    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    f = ImageFont.truetype(font_file, size)
+    x0, y0, x1, y1 = (int(v) for v in d.textbbox((0, 0), text, font=f))
+    d.text((big // 2 - (x1 - x0) // 2 - x0, big // 2 - (y1 - y0) // 2 - y0), text, font=f,
+           fill=(20, 20, 20, int(255 * opacity)))  # fmt: skip
+    layer = layer.rotate(angle, resample=Image.Resampling.BICUBIC)
+    left, top = (big - w) // 2, (big - h) // 2
+    layer = layer.crop((left, top, left + w, top + h))
+    return Image.alpha_composite(im.convert("RGBA"), layer).convert("RGB")
+
+
+def sample(im: Image.Image) -> Sample:
+    """PNG bytes: the pixels as drawn (a JPEG's ringing around the strokes changes the reads)."""
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return Sample(key="k", url="https://example.org/k.jpg", image=buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def filters() -> tuple[WatermarkFilter, WatermarkFilter]:
+    """(the default filter, the same without the ratio passes), rapidocr loaded once each."""
+    new = WatermarkFilter(WatermarkConfig())
+    old = WatermarkFilter(WatermarkConfig(ocr_ratio_passes=[]))
+    new.setup()
+    old.setup()
+    return new, old
+
+
+def test_dark_overlay_on_gravel_is_read_by_the_dark_ratio_pass(
+    filters: tuple[WatermarkFilter, WatermarkFilter],
+) -> None:
+    if not SANS:
+        pytest.skip("DejaVu fonts are not installed")
+    new, old = filters
+    s = sample(dark_overlay(gravel(), "Getty Images", SANS[0], 18, 0.7, 15.0))
+    d_old = old.decide(s)
+    assert d_old.keep and d_old.scores["ocr_pass"] in (1.0, 2.0, 3.0), d_old.scores
+    d = new.decide(s)
+    assert not d.keep and d.reason == "watermark", d.scores
+    assert d.scores["ocr_pass"] == RATIO_PASS["dark"] and d.scores["ocr_brand"] == 1.0
+
+
+def test_clean_gravel_stays_clean_through_all_five_passes(
+    filters: tuple[WatermarkFilter, WatermarkFilter],
+) -> None:
+    new, _ = filters
+    d = new.decide(sample(gravel()))
+    assert d.keep and d.scores["pwatermark_ocr"] < new.cfg.ocr_threshold, d.scores
+    # a flat grey image: every map is flat, nothing is boxed by any pass
+    d = new.decide(sample(Image.new("RGB", (320, 240), (128, 128, 128))))
+    assert d.keep and d.scores["ocr_boxes"] == 0.0, d.scores
