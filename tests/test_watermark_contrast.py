@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import glob
 import io
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ccurate.filters.watermark import (
     OcrBox,
@@ -27,6 +26,7 @@ from ccurate.filters.watermark import (
 )
 from ccurate.record import Sample
 from tests.benchload import load_bench
+from tests.overlays import text_overlay as overlay
 
 SANS = sorted(glob.glob("/usr/share/fonts/**/DejaVuSans.ttf", recursive=True))
 SERIF = sorted(glob.glob("/usr/share/fonts/**/DejaVuSerif.ttf", recursive=True))
@@ -45,23 +45,6 @@ def terrain(x_frac: float, y_frac: float) -> Image.Image:
     x0, y0 = int(x_frac * (w - cw)), int(y_frac * (h - ch))
     im = im.crop((x0, y0, x0 + cw, y0 + ch))
     return im.resize((cw * 2, ch * 2), Image.Resampling.BICUBIC)
-
-
-def overlay(im: Image.Image, text: str, font_file: str, size: int, opacity: float,
-            angle: float) -> Image.Image:  # fmt: skip
-    """White text at `opacity`, centred, rotated by `angle` degrees."""
-    w, h = im.size
-    big = int(math.hypot(w, h)) + 2
-    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
-    d = ImageDraw.Draw(layer)
-    f = ImageFont.truetype(font_file, size)
-    x0, y0, x1, y1 = (int(v) for v in d.textbbox((0, 0), text, font=f))
-    d.text((big // 2 - (x1 - x0) // 2 - x0, big // 2 - (y1 - y0) // 2 - y0), text, font=f,
-           fill=(255, 255, 255, int(255 * opacity)))  # fmt: skip
-    layer = layer.rotate(angle, resample=Image.Resampling.BICUBIC)
-    left, top = (big - w) // 2, (big - h) // 2
-    layer = layer.crop((left, top, left + w, top + h))
-    return Image.alpha_composite(im.convert("RGBA"), layer).convert("RGB")
 
 
 def sample(im: Image.Image) -> Sample:

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import glob
 import io
-import math
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pydantic import ValidationError
 
 from ccurate.filters.watermark import RATIO_PASS, WatermarkConfig, WatermarkFilter, ratio_map
 from ccurate.record import Sample
+from tests.overlays import text_overlay
 
 SANS = sorted(glob.glob("/usr/share/fonts/**/DejaVuSans.ttf", recursive=True))
 
@@ -70,18 +70,7 @@ def gravel() -> Image.Image:
 def dark_overlay(im: Image.Image, text: str, font_file: str, size: int, opacity: float,
                  angle: float) -> Image.Image:  # fmt: skip
     """Near-black (20, 20, 20) text at `opacity`, centred, rotated by `angle` degrees."""
-    w, h = im.size
-    big = int(math.hypot(w, h)) + 2
-    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
-    d = ImageDraw.Draw(layer)
-    f = ImageFont.truetype(font_file, size)
-    x0, y0, x1, y1 = (int(v) for v in d.textbbox((0, 0), text, font=f))
-    d.text((big // 2 - (x1 - x0) // 2 - x0, big // 2 - (y1 - y0) // 2 - y0), text, font=f,
-           fill=(20, 20, 20, int(255 * opacity)))  # fmt: skip
-    layer = layer.rotate(angle, resample=Image.Resampling.BICUBIC)
-    left, top = (big - w) // 2, (big - h) // 2
-    layer = layer.crop((left, top, left + w, top + h))
-    return Image.alpha_composite(im.convert("RGBA"), layer).convert("RGB")
+    return text_overlay(im, text, font_file, size, opacity, angle, fill=(20, 20, 20))
 
 
 def sample(im: Image.Image) -> Sample:
