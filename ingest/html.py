@@ -715,6 +715,10 @@ class _Page(PageFacts):
         target = norm_url(subject, self.base) if subject.strip() else self.base
         return target is not None and _doc_key(target) in self._documents
 
+    def names_image_in(self, box: LexborNode, url: str) -> bool:
+        """Whether an image with candidate `url` is inside `box` (its RDFa subject)."""
+        return self._index().holds(box, url)
+
     def foreign_subject(self, node: LexborNode) -> bool:
         """Whether the nearest RDFa subject over `node` (itself included) is a ccREL block
         about a resource other than the document (a credit for another work): its licence
@@ -1165,7 +1169,10 @@ def _image_facts(
     licensed = False  # a container licence read so far (this box or one inside it)
     for depth, box in enumerate(boxes):
         about = _rdfa_subject(box.attributes)
-        about_is_img = about is not None and norm_url(about, base) in own
+        target = norm_url(about, base) if about is not None else None
+        about_is_img = target is not None and target in own
+        if target is not None and not about_is_img and page.names_image_in(box, target):
+            continue  # the block is about another image inside it: its licence is that one's
         scope = "image" if about_is_img else "container"
         facts = _box_facts(page, box)
         for kind, value in facts.licences:

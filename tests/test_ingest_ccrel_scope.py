@@ -237,3 +237,16 @@ def test_chooser_snippet_in_a_figure_caption_is_the_photo_not_the_badges() -> No
     assert ev(page) == []
     for url in BADGES:
         assert ev(imgs[url]) == [] and imgs[url].author is None
+
+
+def test_block_about_one_image_lends_its_licence_to_no_other_image_inside() -> None:
+    """RDFa: `about` names the subject of the block's `rel=license`; a second photo in the
+    same block is not that subject, so it gets no evidence from it (it had `container`)."""
+    html = f"""<html><head><title>Post</title></head><body>
+    <div about="/img/a.jpg"><img src="/img/a.jpg"><img src="/img/b.jpg">
+      <a rel="license" href="{BY_4}">CC BY</a> Photo by <a href="/u/jane">Jane Doe</a></div>
+    </body></html>"""
+    imgs = by_url(read(html))
+    assert ev(imgs["https://blog.example/img/a.jpg"]) == [("image", "ccrel", BY_4)]
+    assert ev(imgs["https://blog.example/img/b.jpg"]) == []
+    assert not image_only_keeps(imgs["https://blog.example/img/b.jpg"])
