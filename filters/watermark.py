@@ -838,12 +838,7 @@ class OcrReader:
     def tophat_copy(self, amap: np.ndarray, w: int, h: int) -> tuple[np.ndarray, int, int]:
         """The achromatic map `amap` (`w` x `h`) brought down to `ocr_tophat_side`, for the
         third pass: a small image's upscaled map too (strokes on black need no upscale)."""
-        side = self.cfg.ocr_tophat_side
-        if max(w, h) > side:
-            f = side / max(w, h)
-            w, h = max(1, round(w * f)), max(1, round(h * f))
-            amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_AREA)
-        return amap, w, h
+        return _at_most(amap, w, h, self.cfg.ocr_tophat_side)
 
     def scores(self, img: Image.Image) -> dict[str, float]:
         """Cues of the pass that scores highest: the image, then (below `ocr_threshold`) its
@@ -932,12 +927,30 @@ def tophat_map(gray: np.ndarray, frac: float) -> np.ndarray:
     'preview', 'Adobe Stock', 'Getty Images' over hill-shaded terrain, seen by no other
     pass). Stretched between its 0.5th and 99.5th percentiles to 0-255."""
     g = np.ascontiguousarray(gray[:, :, 0])
-    k = max(5, round(frac * min(g.shape)))
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    th = cv2.morphologyEx(g, cv2.MORPH_TOPHAT, disc).astype(np.float32)
-    lo, hi = (float(v) for v in np.percentile(th, [0.5, 99.5]))
-    t8 = np.clip((th - lo) * (255.0 / max(hi - lo, 1e-6)), 0.0, 255.0).astype(np.uint8)
-    return cv2.cvtColor(t8, cv2.COLOR_GRAY2BGR)
+    th = cv2.morphologyEx(g, cv2.MORPH_TOPHAT, _disc(frac, g.shape)).astype(np.float32)
+    return _stretched_bgr(th)
+
+
+def _at_most(img: np.ndarray, w: int, h: int, side: int) -> tuple[np.ndarray, int, int]:
+    """`img` (`w` x `h`) area-downscaled to `side` on its long side if it is longer."""
+    if max(w, h) > side:
+        f = side / max(w, h)
+        w, h = max(1, round(w * f)), max(1, round(h * f))
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    return img, w, h
+
+
+def _disc(frac: float, shape: tuple[int, ...]) -> np.ndarray:
+    """The morphology disc of the map passes: `frac` of the short side, 5 px at least."""
+    k = max(5, round(frac * min(shape[:2])))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+
+
+def _stretched_bgr(m: np.ndarray) -> np.ndarray:
+    """A float map stretched between its 0.5th and 99.5th percentiles to 0-255, grey BGR."""
+    lo, hi = (float(v) for v in np.percentile(m, [0.5, 99.5]))
+    m8 = np.clip((m - lo) * (255.0 / max(hi - lo, 1e-6)), 0.0, 255.0).astype(np.uint8)
+    return cv2.cvtColor(m8, cv2.COLOR_GRAY2BGR)
 
 
 RATIO_PASS: dict[str, float] = {"dark": 4.0, "light": 5.0}  # `ocr_pass` of each polarity
@@ -959,20 +972,12 @@ def ratio_map(
     ground barely shows. The black-hat (closing minus the map, disc `frac` of the short side)
     keeps the dips narrower than the disc; stretched like `tophat_map`."""
     g = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    h, w = g.shape
-    if max(w, h) > side:
-        f = side / max(w, h)
-        w, h = max(1, round(w * f)), max(1, round(h * f))
-        g = cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA)
+    g, w, h = _at_most(g, g.shape[1], g.shape[0], side)
     lum = g.astype(np.float32)
     dist = lum if polarity == "dark" else 255.0 - lum
     logd = np.log(dist + RATIO_EPS)
-    k = max(5, round(frac * min(h, w)))
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    bh = cv2.morphologyEx(logd, cv2.MORPH_BLACKHAT, disc)
-    lo, hi = (float(v) for v in np.percentile(bh, [0.5, 99.5]))
-    b8 = np.clip((bh - lo) * (255.0 / max(hi - lo, 1e-6)), 0.0, 255.0).astype(np.uint8)
-    return cv2.cvtColor(b8, cv2.COLOR_GRAY2BGR), w, h
+    bh = cv2.morphologyEx(logd, cv2.MORPH_BLACKHAT, _disc(frac, logd.shape))
+    return _stretched_bgr(bh), w, h
 
 
 # ---- LAION classifier --------------------------------------------------------------------
