@@ -751,7 +751,7 @@ class _Page(PageFacts):
             # xmlns:cc about="flickr.com/photos/...">` around its thumbnail); a page-wide
             # wrapper (Drupal's `about="/node/1"`) is not
             target = norm_url(subject, self.base)
-            if target is not None and self._index().holds(node, target):
+            if target is not None and self.names_image_in(node, target):
                 return True
             return _ccrel_marked(attrs) and self._index().one_image(node)
         if _IMAGE_TYPES.search(attrs.get("typeof") or ""):
