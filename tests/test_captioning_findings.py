@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +53,10 @@ from tests.test_captioning import (  # noqa: F401 - the autouse fixture applies 
     jpeg,
     samples,
 )
+from tests.test_captioning_paths import captioner as captioner  # fixtures
+from tests.test_captioning_paths import tiny_dir as tiny_dir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_blip2(tmp_path_factory.mktemp("weights") / "tiny-blip2")
-
-
-@pytest.fixture(scope="module")
-def captioner(tiny_dir: Path) -> Iterator[Blip2Captioner]:
-    cap = Blip2Captioner.load(CaptionConfig(model=str(tiny_dir), batch_size=8, max_new_tokens=8))
-    yield cap
-    cap.close()
 
 
 def shard(folder: Path, items: list) -> str:

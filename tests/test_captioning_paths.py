@@ -46,13 +46,9 @@ from tests.test_captioning import (  # noqa: F401 - the autouse fixture applies 
     load_bench,
     samples,
 )
+from tests.test_captioning import tiny_dir as tiny_dir  # a fixture
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_blip2(tmp_path_factory.mktemp("weights") / "tiny-blip2")
 
 
 @pytest.fixture(scope="module")
