@@ -149,7 +149,7 @@ import itertools
 import logging
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -840,50 +840,47 @@ class OcrReader:
         third pass: a small image's upscaled map too (strokes on black need no upscale)."""
         return _at_most(amap, w, h, self.cfg.ocr_tophat_side)
 
-    def scores(self, img: Image.Image) -> dict[str, float]:
-        """Cues of the pass that scores highest: the image, then (below `ocr_threshold`) its
-        achromatic map on a colourful image, then (still below) that map's top-hat, then the
-        `ocr_ratio_passes` (`ratio_map`: dark, then light).
+    def pass_maps(self, img: Image.Image) -> Iterator[tuple[float, np.ndarray, int, int]]:
+        """The OCR passes' inputs in order, built lazily: (`ocr_pass`, BGR map, width, height).
 
-        A pass runs only while the passes before it score below `ocr_threshold`, so an image
-        the first pass already flags costs one pass; a clean colour photo costs five."""
+        1: the resized image; 2: its achromatic map (a colourful image only); 3: that map's
+        top-hat; 4, 5: the `ocr_ratio_passes` (`ratio_map`: dark, then light). A consumer that
+        stops early (`scores`, once a pass reaches `ocr_threshold`) builds no further map."""
+        cfg = self.cfg
         img_in, img = img, self.resized(img)
         rgb = np.asarray(img)
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        w, h = img.size
-        boxes, n = self.read_bgr(bgr)
-        out = ocr_cues(boxes, w, h, self.cfg, n_detected=n)
-        out["ocr_pass"] = 1.0
-        cfg = self.cfg
+        yield 1.0, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), img.width, img.height
         if not cfg.ocr_achromatic_pass:
-            return out
+            return
         amap: tuple[np.ndarray, int, int] | None = None
-        if (
-            out["pwatermark_ocr"] < cfg.ocr_threshold
-            and chroma(rgb) >= cfg.ocr_achromatic_min_chroma
-        ):
+        if chroma(rgb) >= cfg.ocr_achromatic_min_chroma:
             amap = self.achromatic_copy(rgb, img_in.size)
-            boxes2, n2 = self.read_bgr(amap[0])
-            second = ocr_cues(boxes2, amap[1], amap[2], cfg, n_detected=n2)
-            if second["pwatermark_ocr"] > out["pwatermark_ocr"]:
-                out = {**second, "ocr_pass": 2.0}
-        if cfg.ocr_tophat_pass and out["pwatermark_ocr"] < cfg.ocr_threshold:
+            yield 2.0, *amap
+        if cfg.ocr_tophat_pass:
             # on a grey image the map is (about) the luminance: its top-hat is still new
             if amap is None:
                 amap = self.achromatic_copy(rgb, img_in.size)
             tmap, tw, th = self.tophat_copy(*amap)
-            boxes3, n3 = self.read_bgr(tophat_map(tmap, cfg.ocr_tophat_frac))
-            third = ocr_cues(boxes3, tw, th, cfg, n_detected=n3)
-            if third["pwatermark_ocr"] > out["pwatermark_ocr"]:
-                out = {**third, "ocr_pass": 3.0}
+            yield 3.0, tophat_map(tmap, cfg.ocr_tophat_frac), tw, th
         for polarity in cfg.ocr_ratio_passes:
-            if out["pwatermark_ocr"] >= cfg.ocr_threshold:
+            yield (
+                RATIO_PASS[polarity],
+                *ratio_map(rgb, polarity, cfg.ocr_tophat_side, cfg.ocr_tophat_frac),
+            )
+
+    def scores(self, img: Image.Image) -> dict[str, float]:
+        """Cues of the pass that scores highest, over the `pass_maps` in order while the
+        best so far scores below `ocr_threshold` (ties keep the earlier pass).
+
+        An image the first pass already flags costs one pass; a clean colour photo costs five."""
+        out: dict[str, float] = {}
+        for pass_id, bgr, w, h in self.pass_maps(img):
+            boxes, n = self.read_bgr(bgr)
+            cues = ocr_cues(boxes, w, h, self.cfg, n_detected=n)
+            if not out or cues["pwatermark_ocr"] > out["pwatermark_ocr"]:
+                out = {**cues, "ocr_pass": pass_id}
+            if out["pwatermark_ocr"] >= self.cfg.ocr_threshold:
                 break
-            rmap, rw, rh = ratio_map(rgb, polarity, cfg.ocr_tophat_side, cfg.ocr_tophat_frac)
-            boxes4, n4 = self.read_bgr(rmap)
-            fourth = ocr_cues(boxes4, rw, rh, cfg, n_detected=n4)
-            if fourth["pwatermark_ocr"] > out["pwatermark_ocr"]:
-                out = {**fourth, "ocr_pass": RATIO_PASS[polarity]}
         return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import io
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -20,7 +21,14 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from ccurate.filters.watermark import RATIO_PASS, WatermarkConfig, WatermarkFilter, ratio_map
+from ccurate.filters.watermark import (
+    RATIO_PASS,
+    OcrBox,
+    OcrReader,
+    WatermarkConfig,
+    WatermarkFilter,
+    ratio_map,
+)
 from ccurate.record import Sample
 from tests.overlays import text_overlay
 
@@ -113,3 +121,52 @@ def test_clean_gravel_stays_clean_through_all_five_passes(
     # a flat grey image: every map is flat, nothing is boxed by any pass
     d = new.decide(sample(Image.new("RGB", (320, 240), (128, 128, 128))))
     assert d.keep and d.scores["ocr_boxes"] == 0.0, d.scores
+
+
+def _pass_ids(cfg: WatermarkConfig, img: Image.Image) -> list[float]:
+    return [pass_id for pass_id, *_ in OcrReader(cfg).pass_maps(img)]
+
+
+def test_pass_maps_list_every_pass_that_applies_in_order() -> None:
+    """`scores` and the bench's read ceiling (`unread_misses`) walk the same maps: the
+    achromatic map only on a colourful image, "first pass only" without it, no ratio pass
+    when the list is empty."""
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    grey = colour.convert("L").convert("RGB")
+    cfg = WatermarkConfig()
+    assert _pass_ids(cfg, colour) == [1.0, 2.0, 3.0, RATIO_PASS["dark"], RATIO_PASS["light"]]
+    assert _pass_ids(cfg, grey) == [1.0, 3.0, RATIO_PASS["dark"], RATIO_PASS["light"]]
+    assert _pass_ids(WatermarkConfig(ocr_achromatic_pass=False), colour) == [1.0]
+    assert _pass_ids(WatermarkConfig(ocr_ratio_passes=[], ocr_tophat_pass=False), colour) == [
+        1.0,
+        2.0,
+    ]
+    for pass_id, bgr, w, h in OcrReader(cfg).pass_maps(colour):
+        assert bgr.dtype == np.uint8 and bgr.shape == (h, w, 3), pass_id
+
+
+def test_scores_build_no_map_past_the_pass_that_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean colour photo costs five passes; one the first pass flags costs one: the later
+    maps are built lazily and never for it."""
+    reader = OcrReader(WatermarkConfig())
+    built: list[float] = []
+    empty: list[OcrBox] = []
+    reads = iter([(empty, 0)] * 3)
+
+    def read(bgr: np.ndarray) -> tuple[list[OcrBox], int]:
+        return next(reads, ([OcrBox(np.zeros((4, 2), np.float32), "shutterstock", 0.99)], 1))
+
+    monkeypatch.setattr(reader, "read_bgr", read)
+    real = reader.pass_maps
+
+    def spy(img: Image.Image) -> Iterator[tuple[float, np.ndarray, int, int]]:
+        for item in real(img):
+            built.append(item[0])
+            yield item
+
+    monkeypatch.setattr(reader, "pass_maps", spy)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 120, 3), np.uint8))
+    out = reader.scores(img)
+    assert built == [1.0, 2.0, 3.0, RATIO_PASS["dark"]]  # the fourth flags: no fifth map
+    assert out["ocr_pass"] == RATIO_PASS["dark"] and out["pwatermark_ocr"] >= 0.5
