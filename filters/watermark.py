@@ -122,6 +122,15 @@ grass only at 1280 px (4x the pixels). 7 of the 39 have their only box dropped a
 than `ocr_max_line_frac`: the detector's probability map swells around the text into one
 blob (a 376-px-thick box around 'preview' on a bokeh photo), which no map above undoes.
 
+What bounds recall. The bench reruns every pass on each missed positive (`pass_maps`, none
+skipped) and counts the misses in which no pass reads a word of 2+ letters (garble counted
+as a word): 4/9/6/9/5 of the 11/15/9/19/10 misses on seeds 0-4, so even cue rules that
+flagged every other miss would stop at recall 0.950/0.887/0.925/0.887/0.938 (`read_ceiling`).
+Seeds 1 and 3 stay below 0.9 whatever the cues do: the rest is the text detector's (the
+shipped PP-OCRv6 small model) on faint text over grass, gravel, lit windows and terrain,
+and overlays no eye sees (a dark overlay on the Hubble deep field changes its strokes by 4-7
+grey levels: recall 0.00-0.67 below a stroke contrast of 20, 0.94-1.00 above 80).
+
 Speed. CPU seconds per image on the bench's seed 0, one thread: 0.546 -> 0.404 (1.83 -> 2.47
 images per CPU-second); what is left is the two models (detection ~55%, recognition ~40%).
 Besides the smaller third pass, all with the same outputs bit for bit: onnxruntime's CPU
