@@ -187,7 +187,9 @@ class PageExtract:
     reservation); `optouts` every one the page declares, for a caller that honours
     only some. Images are returned kept so the caller decides (`samples()` applies
     the drop). `skipped` counts `<img>` elements that produced no sample, by the
-    reasons in `SKIPS`.
+    reasons in `SKIPS`. The items of `page_license_evidence` are shared by every
+    image's `license_evidence` list (each image has its own list): edit a list, never
+    an item in place.
     """
 
     images: list[Sample]
@@ -1318,7 +1320,9 @@ def extract_images(
                 url=url,
                 page_url=page_url,
                 alt_text=_alt(img),
-                license_evidence=[*ev, *(LicenseEvidence(**vars(e)) for e in page.evidence)],
+                # the page's items, not copies (see PageExtract): one copy per image cost
+                # a page of many images and licence links gigabytes
+                license_evidence=[*ev, *page.evidence],
                 author=author,
                 title=title,
                 source_url=page_url,

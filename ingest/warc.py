@@ -12,15 +12,28 @@ so memory stays flat whatever the file size. Decisions:
   (key `make_key(page_url)`, `mime="text/html"`, the cause in
   `extra["error"]`) and iteration goes on with the next record. Pass a
   `Counter` as `stats` to also get per-file counts (see `STATS`).
+- Damage to the archive itself (a gzip member that does not inflate, junk
+  between records, a member or record cut short) is one `page_error` at the
+  damaged span's own offset, and reading resumes at the next record after it,
+  so one bad spot does not cost the rest of the file. In a `.gz` that is the next
+  gzip member header that inflates to `WARC/` (Common Crawl writes one member a
+  record); in an uncompressed WARC, the next line starting `WARC/` whose header
+  has a Content-Length (a record starting inside a damaged record's stated length
+  is lost with it; a payload quoting a WARC header could be misread as a record).
+  A file gzipped as one member cannot resume: the rest is skipped. The scan
+  reads `_SCAN` bytes at a time; `archive_resyncs` and `archive_bytes_skipped`
+  count what it did.
 - Responses that are not HTML or not 2xx are skipped and counted: they are not
   image candidates.
 - WAT files (`.warc.wat.gz`: `metadata` records whose JSON describes each
   capture, see `ingest.wat`) go through the same loop: `fmt="auto"` reads
   response records and `application/json` metadata records (so a WARC, a WAT,
-  or a file holding both works), `"warc"` only responses, `"wat"` only metadata
-  records. A WAT record of a response counts in the same `STATS` and yields
-  the same samples and drops as its page would; records of requests or
-  metadata are counted as `wat_other`. Unparsable JSON is a `page_error`.
+  or a file holding both works), `"warc"` only responses, `"wat"` only those
+  metadata records. Other metadata records (a WARC's own `application/warc-fields`)
+  are counted as `not_wat`, never read as WAT JSON. A WAT record of a response
+  counts in the same `STATS` and yields the same samples and drops as its page
+  would; WAT records of requests or metadata are counted as `wat_other`.
+  Unparsable JSON is a `page_error`.
 """
 
 from __future__ import annotations
@@ -58,6 +71,9 @@ STATS: dict[str, str] = {
     "img_skipped": "<img> elements without a usable URL or repeated on their page",
     "wat_records": "WAT (JSON metadata) records read",
     "wat_other": "WAT records of requests, metadata or warcinfo (no response to read)",
+    "not_wat": "metadata records skipped: not application/json (a WARC's own warc-fields)",
+    "archive_resyncs": "damaged spans of an archive skipped, reading resumed at the next record",
+    "archive_bytes_skipped": "bytes of damaged archive spans skipped (to a record or the end)",
 }
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
@@ -88,11 +104,13 @@ def _drained(reader: Any, expected: int) -> int:
     return n
 
 
-def _gzip_end_damage(fh: IO[bytes], start: int) -> tuple[int, str] | None:
-    """(offset, cause) when the gzip members from `start` on do not all end cleanly.
+def _gzip_members(fh: IO[bytes], start: int) -> Iterator[tuple[int, bytes, str | None]]:
+    """(offset, first inflated bytes, None) for each gzip member from `start` on that
+    inflates whole (CRC checked, output discarded), then (offset, b"", cause) for the
+    first that does not, where the walk ends.
 
-    FastWARC stops without an error at a member cut short (an interrupted download), so
-    the members after the last record it gave are inflated here, output discarded.
+    FastWARC stops without an error at a member cut short (an interrupted download) and
+    raises at one it cannot inflate without saying where: this finds the member.
     """
     fh.seek(start)
     if fh.read(3) != _GZIP_MEMBER:
@@ -100,6 +118,7 @@ def _gzip_end_damage(fh: IO[bytes], start: int) -> tuple[int, str] | None:
     fh.seek(start)
     member_at, pos = start, start
     d: Any = None
+    head = b""
     buf = b""
     while True:
         if not buf:
@@ -112,55 +131,131 @@ def _gzip_end_damage(fh: IO[bytes], start: int) -> tuple[int, str] | None:
                 buf = b""  # padding after the last member
                 continue
             d = zlib.decompressobj(31)  # gzip only
-            member_at = pos - len(buf)
+            member_at, head = pos - len(buf), b""
         try:
-            d.decompress(buf, _SCAN)
+            head += d.decompress(buf, _SCAN)[: 8 - len(head)]
         except zlib.error as exc:
-            return member_at, f"corrupt gzip member: {exc}"
+            yield member_at, b"", f"corrupt gzip member: {exc}"
+            return
         if d.eof:
+            yield member_at, head, None
             buf, d = d.unused_data, None
         else:
             buf = d.unconsumed_tail
     if d is not None:
-        while not d.eof:  # inflate what input is left: a member may end in the last read
-            tail = d.unconsumed_tail
-            if not d.decompress(tail, _SCAN) and not d.unconsumed_tail:
-                break
+        try:
+            while not d.eof:  # inflate what input is left: a member may end in the last read
+                out = d.decompress(d.unconsumed_tail, _SCAN)
+                head += out[: 8 - len(head)]
+                if not out and not d.unconsumed_tail:
+                    break
+        except zlib.error as exc:
+            yield member_at, b"", f"corrupt gzip member: {exc}"
+            return
         if not d.eof:
-            return member_at, "the file ends inside a gzip member (truncated download?)"
-    return None
+            yield member_at, b"", "the file ends inside a gzip member (truncated download?)"
+            return
+        yield member_at, head, None
 
 
-def _plain_end_damage(fh: IO[bytes], start: int, size: int) -> tuple[int, str] | None:
-    """(offset, cause) when the records of an uncompressed WARC from `start` on do not
-    fill the file exactly: a record cut short, or bytes after the last one FastWARC read."""
+def _plain_records(fh: IO[bytes], start: int, size: int) -> Iterator[tuple[int, bytes, str | None]]:
+    """(offset, b"WARC/", None) for each record of an uncompressed WARC from `start` on,
+    framed by its Content-Length, then (offset, b"", cause) for the first place where a
+    record does not start or is cut short, where the walk ends."""
     pos = start
     while pos < size:
         fh.seek(pos)
         head = fh.read(_SCAN)
         lead = len(head) - len(head.lstrip(b"\r\n"))
         if lead == len(head):
-            return None  # blank lines at the end of the file
+            return  # blank lines at the end of the file
         at = pos + lead
         head = head[lead:]
         end = head.find(b"\r\n\r\n")
         m = _WARC_LENGTH.search(head, 0, end + 2) if end >= 0 else None
         if not head.startswith(b"WARC/") or m is None:
-            return at, "unreadable bytes where a WARC record should start (truncated record?)"
+            yield at, b"", "unreadable bytes where a WARC record should start (truncated record?)"
+            return
         block_end = at + end + 4 + int(m.group(1))  # the header, then its block
         if block_end > size:
-            return at, "the file ends inside this record (truncated download?)"
+            yield at, b"", "the file ends inside this record (truncated download?)"
+            return
+        yield at, b"WARC/", None
         pos = block_end + 4  # the CRLF CRLF after the block
-    return None
 
 
-def _end_damage(path: Path, start: int) -> tuple[int, str] | None:
-    """Where and why the file is damaged after offset `start` (the last record read)."""
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-        if magic == b"\x1f\x8b":
-            return _gzip_end_damage(fh, start)
-        return _plain_end_damage(fh, start, path.stat().st_size)
+def _units(
+    fh: IO[bytes], start: int, gz: bool, size: int
+) -> Iterator[tuple[int, bytes, str | None]]:
+    """The gzip members (gz) or records (plain) of a file from `start` on, damage last."""
+    return _gzip_members(fh, start) if gz else _plain_records(fh, start, size)
+
+
+def _locate(
+    fh: IO[bytes], start: int, gz: bool, size: int, *, read: bool, raised: Exception | None
+) -> tuple[int, str] | None:
+    """Where the damage that ended FastWARC's reading begins, and why; None: no damage.
+
+    `start` is the last record the iterator gave (`read`) or where it began. The first
+    member that does not inflate (or record that is cut) is the damage. FastWARC also
+    ends quietly at an empty gzip member: one with members after it counts. When it
+    raised and every member inflates, it met a member holding no WARC record, else a
+    WARC header it could not frame: `start` itself (FastWARC may have misread the
+    record's length there), so the scan for the next record begins right after it.
+    """
+    empty: int | None = None
+    for at, head, why in _units(fh, start, gz, size):
+        if why is not None:
+            return at, why
+        if empty is not None:
+            return empty, "an empty gzip member, where FastWARC stops reading"
+        if read and at <= start:
+            continue  # the record read: FastWARC got past its header
+        if not head:
+            empty = at
+        elif raised is not None and not head.startswith(b"WARC/"):
+            return at, f"a gzip member that holds no WARC record ({raised})"
+    if raised is None:
+        return None
+    return start, f"unreadable WARC record at or after this offset ({raised})"
+
+
+def _starts_record(fh: IO[bytes], at: int, gz: bool) -> bool:
+    """Whether a WARC record begins at `at`: a gzip member inflating to `WARC/`, or
+    (plain) a `WARC/` line with a Content-Length in its header block."""
+    fh.seek(at)
+    data = fh.read(_SCAN)
+    if not gz:
+        end = data.find(b"\r\n\r\n")
+        return end >= 0 and _WARC_LENGTH.search(data, 0, end + 2) is not None
+    d = zlib.decompressobj(31)
+    try:
+        out = d.decompress(data, 8)
+        while len(out) < 5 and d.unconsumed_tail and not d.eof:
+            out += d.decompress(d.unconsumed_tail, 8)
+    except zlib.error:
+        return False
+    return out.startswith(b"WARC/")
+
+
+def _resync(fh: IO[bytes], start: int, gz: bool) -> int | None:
+    """The offset of the first record start (`_starts_record`) at or after `start`, found
+    in `_SCAN` chunks: a gzip member header `\\x1f\\x8b\\x08`, or (plain) `WARC/` at the
+    start of a line. None when there is none before the end of the file."""
+    magic = _GZIP_MEMBER if gz else b"\nWARC/"
+    skip = 0 if gz else 1  # plain: the match starts at the newline before the record
+    pos = start - skip
+    while True:
+        fh.seek(pos)
+        chunk = fh.read(_SCAN + len(magic) - 1)  # overlaps the next chunk: no match cut
+        if len(chunk) < len(magic):
+            return None
+        i = chunk.find(magic)
+        while 0 <= i < _SCAN:
+            if _starts_record(fh, pos + i + skip, gz):
+                return pos + i + skip
+            i = chunk.find(magic, i + 1)
+        pos += _SCAN
 
 
 def _dechunk(data: bytes) -> bytes:
@@ -337,36 +432,66 @@ def iter_warc(
     page_url = path.resolve().as_uri()
     reported: int | None = None  # offset of the last record already yielded as page_error
     skipped: str | None = None  # the STATS counter the last record went to, if a skip
+    since = 0  # where the current ArchiveIterator began reading
+    last: int | None = None  # offset of the last record it gave
     try:
+        size = path.stat().st_size
+        gz = fh.read(2) == b"\x1f\x8b"
+        fh.seek(0)
         records = ArchiveIterator(fh, record_types=_RECORD_TYPES[fmt], parse_http=True)
         while True:
             try:
                 record = next(records)
-            except StopIteration:
-                # FastWARC ends quietly at a cut gzip member or record: check the file did
-                damage = _end_damage(path, offset or 0)
-                if damage is not None and (reported is None or reported != offset):
+            except Exception as exc:  # StopIteration too: FastWARC ends quietly at a cut member
+                raised = None if isinstance(exc, StopIteration) else exc
+                with open(path, "rb") as scan:  # fh stays FastWARC's until it is reopened
+                    damage = _locate(
+                        scan,
+                        since if last is None else last,
+                        gz,
+                        size,
+                        read=last is not None,
+                        raised=raised,
+                    )
+                    if damage is None:
+                        break  # the file ended cleanly
                     at, why = damage
+                    frm = max(at, since if last is None else last) + 1  # never a record again
+                    resume = _resync(scan, frm, gz)
+                lost = (size if resume is None else resume) - at
+                st["archive_bytes_skipped"] += lost
+                if at != reported:  # a record cut short was reported as it was read
                     if at == offset and skipped:  # the last record was clipped: not a skip
                         st[skipped] -= 1
                     st["page_error"] += 1
                     where = f"{path.resolve().as_uri()}#offset={at}"
-                    yield _page_error(where, path, at, f"archive ends early: {why}")
-                break
-            except Exception as exc:  # a corrupt archive ends this file only
-                st["page_error"] += 1
-                where = f"{path.resolve().as_uri()}#offset={offset}"
-                yield _page_error(where, path, offset, f"archive unreadable after record: {exc}")
-                break
-            offset = record.stream_pos
+                    what = "archive ends early" if raised is None else "archive unreadable"
+                    tail = (
+                        f"{lost} bytes skipped, reading resumed at offset {resume}"
+                        if resume is not None
+                        else f"{lost} bytes to the end of the file skipped: no record after them"
+                    )
+                    yield _page_error(where, path, at, f"{what}: {why}; {tail}")
+                if resume is None:
+                    break
+                st["archive_resyncs"] += 1
+                fh.seek(resume)
+                records = ArchiveIterator(fh, record_types=_RECORD_TYPES[fmt], parse_http=True)
+                since, last = resume, None
+                continue
+            offset = last = record.stream_pos
             skipped = None
             page_url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
             if not page_url:
                 page_url = f"{path.resolve().as_uri()}#offset={offset}"
             if record.record_type == WarcRecordType.metadata:
-                ctype = (record.headers.get("Content-Type") or "").lower()
-                if fmt == "auto" and not ctype.startswith("application/json"):
-                    continue  # a WARC's own metadata (application/warc-fields): not a WAT
+                ctype = (record.headers.get("Content-Type") or "").strip().lower()
+                if not ctype.startswith("application/json"):
+                    # a WARC's own metadata (application/warc-fields), in "wat" mode too: a
+                    # folder may mix WARCs and WATs, and these records are no damage
+                    st["not_wat"] += 1
+                    skipped = "not_wat"
+                    continue
                 for s in _wat_record(
                     record, path, offset, page_url, st, user_agent_token, max_page_bytes
                 ):

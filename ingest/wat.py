@@ -19,9 +19,9 @@ cc2dataset) is::
 
 `extract_wat_images` turns `HTML-Metadata` into the same `PageExtract` that
 `ingest.html.extract_images` makes from the page, so `ingest.warc.iter_warc`
-applies opt-outs, stats and drops identically to both. webarchive-commons copies
-attribute values raw, so they are entity-decoded here (`unescape_attr`) as the
-HTML parser decodes them. What a WAT cannot tell,
+applies opt-outs, stats and drops identically to both. Attribute values and the
+title are raw in some WATs and already decoded in others: only complete
+character references are decoded (`unescape_attr`). What a WAT cannot tell,
 by construction: `srcset`/lazy-load candidates (only `IMG@/src` is kept),
 containers (figure, ccREL blocks: all licence evidence is page scope), footer
 rights text, and RDFa/microdata `property`/`itemprop` licences; with several
@@ -94,28 +94,30 @@ def _str(value: object) -> str:
     return value if value.isascii() else _SURROGATE.sub("", value)
 
 
-_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
+_CHARREF = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
 
 
 def unescape_attr(value: str) -> str:
-    """An attribute value as an HTML parser reads it: character references decoded.
+    """A WAT attribute or text value with its complete character references decoded.
 
-    webarchive-commons copies attribute values raw (`a.jpg?w=1&amp;h=2`,
-    `&quot;Keep calm&quot;`), where `ingest.html` (lexbor) decodes them: without
-    this, URLs, keys and alt text differ from the HTML path's. Attribute rules
-    (WHATWG): a legacy reference without `;` followed by `=` or an alphanumeric
-    stays raw, so query strings such as `?a=1&copy=2` keep their `&copy`.
+    Writers differ, and a WAT does not say which wrote it: webarchive-commons (and
+    Common Crawl before Aug 2019) copy values raw (`a.jpg?w=1&amp;h=2`), CC's writer
+    since decodes them itself (ia-web-commons #14, #19: jsoup `unescapeEntities`), so
+    decoding like an HTML parser would decode those twice (`?id=7&reg_no=3` -> `®_no=3`).
+    Only complete references are decoded (`&name;` with its `;`, `&#...;`, `&#x...;`),
+    never legacy ones without `;`: raw values read as the HTML path reads them (`&amp;`,
+    `&quot;`, `&#x3D;`), decoded ones stay as they are. Left over, both rare: a decoded
+    value holding literal `&name;` text (`&amp;lt;` in the HTML) loses one more level,
+    and a raw legacy reference (`&copy 2020`) stays raw where the HTML path decodes it.
     """
     if "&" not in value:
         return value
 
     def sub(m: re.Match[str]) -> str:
-        ref = m.group(1)
-        if ref.startswith("#") or (ref.endswith(";") and ref in _HTML5):
-            return _html.unescape(m.group(0))
-        if not ref.endswith(";") and ref in _HTML5 and value[m.end() : m.end() + 1] != "=":
-            return _HTML5[ref]  # a legacy name (`&amp`, `&copy`) that ends the reference
-        return m.group(0)
+        ref = m.group(0)
+        if ref[1] == "#" or ref[1:] in _HTML5:
+            return _html.unescape(ref)
+        return ref  # `&name;` that HTML does not define: text
 
     return _CHARREF.sub(sub, value)
 
@@ -189,7 +191,7 @@ def extract_wat_images(
         head = _obj(html.get("Head"))
         base_raw = unescape_attr(_str(head.get("Base")))
         base = (norm_url(base_raw, page_url) or page_url) if base_raw.strip() else page_url
-        title_text = _html.unescape(_str(head.get("Title")))  # text, not attribute, rules
+        title_text = unescape_attr(_str(head.get("Title")))  # CC's writer decodes it too
         out = PageExtract(images=[], title=clean_text(title_text) or None)
         facts = PageFacts(base)  # opt-outs, author and page evidence as ingest.html reads them
 
@@ -241,7 +243,7 @@ def extract_wat_images(
             title = clean_text(_attr(link, "title")) or None
             own: list[LicenseEvidence] = []
             for text in (title, alt):
-                snip = rights_snippet(text or "")
+                snip = rights_snippet(text) if text else None
                 if snip and all(e.value != snip for e in own):
                     own.append(LicenseEvidence("image", "text", snip))
             seen[img_url] = sample = Sample(
@@ -249,10 +251,7 @@ def extract_wat_images(
                 url=img_url,
                 page_url=page_url,
                 alt_text=alt,
-                license_evidence=[
-                    *own,
-                    *(LicenseEvidence(**vars(e)) for e in out.page_license_evidence),
-                ],
+                license_evidence=[*own, *out.page_license_evidence],  # shared items
                 title=title or out.title,
                 source_url=page_url,
                 extra={"page_author": page_author} if page_author else {},
