@@ -183,9 +183,14 @@ class ClipModel:
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings, float32 [n, d]."""
-        if not images:
+        return self._encode([self.preprocess(im) for im in images])
+
+    @torch.inference_mode()
+    def _encode(self, inputs: list[torch.Tensor]) -> np.ndarray:
+        """Embeddings of preprocessed images (the model's small inputs), one batch."""
+        if not inputs:
             return np.zeros((0, self.embed_dim), np.float32)
-        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        batch = torch.stack(inputs).to(self.device)
         feats = self.model.encode_image(batch)  # type: ignore[operator]
         feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy().astype(np.float32)
@@ -203,9 +208,14 @@ class ClipModel:
     def image_embeddings(
         self, datas: list[bytes | None], batch_size: int = 32
     ) -> list[np.ndarray | None]:
-        """Embeddings of encoded images (None where undecodable), cached per image content."""
+        """Embeddings of encoded images (None where undecodable), cached per image content.
+
+        Each image is decoded and preprocessed on its own, and only its small model input
+        waits for the batch: holding the decodes would grow memory with batch size times
+        image size. A batch is `batch_size` cache misses that decode, in order, whatever
+        their size (the batch's makeup can change an embedding's last bits)."""
         out: list[np.ndarray | None] = [None] * len(datas)
-        todo: list[tuple[int, bytes, Image.Image]] = []
+        todo: list[tuple[int, bytes]] = []  # all lookups first: misses alone form the batches
         for i, data in enumerate(datas):
             if not data:
                 continue
@@ -216,21 +226,32 @@ class ClipModel:
                     self._emb_cache.move_to_end(digest)
             if hit is not None:
                 out[i] = hit
-                continue
+            else:
+                todo.append((i, digest))
+        chunk: list[tuple[int, bytes, torch.Tensor]] = []
+        for i, digest in todo:
             try:
-                todo.append((i, digest, decode_rgb(data)))
+                chunk.append((i, digest, self.preprocess(decode_rgb(datas[i]))))
             except DecodeError:
                 continue
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            embs = self.encode_images([im for _, _, im in chunk])
-            with self._lock:
-                for (i, digest, _), emb in zip(chunk, embs, strict=True):
-                    out[i] = emb
-                    self._emb_cache[digest] = emb
-                while len(self._emb_cache) > self.cache_size:
-                    self._emb_cache.popitem(last=False)
+            if len(chunk) == batch_size:
+                self._store(chunk, out)
+                chunk = []
+        if chunk:
+            self._store(chunk, out)
         return out
+
+    def _store(
+        self, chunk: list[tuple[int, bytes, torch.Tensor]], out: list[np.ndarray | None]
+    ) -> None:
+        """Encode one batch of preprocessed inputs; record and cache the embeddings."""
+        embs = self._encode([x for _, _, x in chunk])
+        with self._lock:
+            for (i, digest, _), emb in zip(chunk, embs, strict=True):
+                out[i] = emb
+                self._emb_cache[digest] = emb
+            while len(self._emb_cache) > self.cache_size:
+                self._emb_cache.popitem(last=False)
 
 
 def _cached_snapshot(repo: str) -> str:

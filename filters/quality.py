@@ -77,7 +77,13 @@ _CAMERA_RE = re.compile(
     r"[_\- ]?\d{3,}[\w\-]*$",  # one token after the number: "DSC 1234 at dusk" is prose
     re.IGNORECASE,
 )
-_NON_WORD_RE = re.compile(r"[\W\d_]+", re.UNICODE)
+_NON_WORD_RE = re.compile(r"[\W_]+", re.UNICODE)
+_DIGITS_RE = re.compile(r"\d+", re.UNICODE)
+NUMBERED_WORDS = frozenset(
+    {"image", "img", "photo", "photograph", "picture", "pic", "untitled", "thumbnail"}
+)
+"""Generic image words that stay boilerplate with a number ('image 1', 'Photo #3'). Other
+listed words with a number name something ('Pixel 7', 'Avatar 2', 'AD 1066')."""
 
 
 class QualityConfig(Section):
@@ -149,17 +155,27 @@ def alt_is_filename(alt: str) -> bool:
     return bool(a) and (_FILENAME_RE.match(a) is not None or _CAMERA_RE.match(a) is not None)
 
 
-def alt_is_boilerplate(alt: str, phrases: set[str]) -> bool:
-    """The whole alt text, without digits, punctuation and an image extension, is a phrase.
+def _words(text: str) -> list[str]:
+    return _NON_WORD_RE.sub(" ", text).split()
 
+
+def alt_is_boilerplate(alt: str, phrases: set[str]) -> bool:
+    """The whole alt text, without punctuation and an image extension, is a phrase; or,
+    without its numbers too, a phrase of `NUMBERED_WORDS` only ('image 1', 'Photo #3').
+
+    Numbers are not dropped for every phrase: 'Pixel 7' is a phone, not a tracking pixel.
     Camera file names ('IMG_1234.jpg') are not boilerplate: they label real photos.
     """
-    a = _norm_alt(alt).lower()
-    if _CAMERA_RE.match(re.sub(rf"\.{_IMAGE_EXT}$", "", a)):
+    a = re.sub(rf"\.{_IMAGE_EXT}$", "", _norm_alt(alt).lower())
+    if _CAMERA_RE.match(a):
         return False
-    a = re.sub(rf"\.{_IMAGE_EXT}$", "", a)
-    words = _NON_WORD_RE.sub(" ", a).split()
-    return bool(words) and " ".join(words) in phrases
+    words = _words(a)
+    if not words:
+        return False
+    if " ".join(words) in phrases:
+        return True
+    bare = _DIGITS_RE.sub(" ", " ".join(words)).split()
+    return bool(bare) and set(bare) <= NUMBERED_WORDS and " ".join(bare) in phrases
 
 
 class QualityFilter(Filter):
@@ -169,9 +185,7 @@ class QualityFilter(Filter):
 
     def __init__(self, cfg: QualityConfig | None = None) -> None:
         self.cfg = cfg or QualityConfig()
-        self._phrases = {
-            " ".join(_NON_WORD_RE.sub(" ", p.lower()).split()) for p in self.cfg.alt_boilerplate
-        }
+        self._phrases = {" ".join(_words(p.lower())) for p in self.cfg.alt_boilerplate}
 
     def alt_scores(self, alt: str | None) -> dict[str, float]:
         text = _norm_alt(alt or "")

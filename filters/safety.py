@@ -48,9 +48,10 @@ import functools
 import hashlib
 import io
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -113,7 +114,8 @@ class SafetyConfig(Section):
     person_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.4  # face score that is a person
     classes: list[str] = Field(default_factory=lambda: list(EXPOSED))
     model_path: str | None = None  # default: the 320n.onnx inside the nudenet wheel
-    resolution: Annotated[int, Field(ge=32, le=2048)] = 320  # the model's input side
+    # the model's input side; a multiple of 32 (the detector's stride)
+    resolution: Annotated[int, Field(ge=32, le=2048)] = 320
     threads: Annotated[int, Field(ge=0)] = 1  # onnxruntime intra-op threads; 0 = all cores
     batch_size: Annotated[int, Field(ge=1)] = 8
     blur_faces: bool = False
@@ -126,10 +128,43 @@ class SafetyConfig(Section):
     @field_validator("classes")
     @classmethod
     def _known_classes(cls, v: list[str]) -> list[str]:
+        # no classes would score every image `nsfw = 0`: the filter keeps everything while
+        # the recorded settings say it is on
+        if not v:
+            raise ValueError(
+                "[filters.safety] classes = []: no class could ever make an image NSFW, so "
+                "nothing would be dropped while the filter reads as enabled; list at least one "
+                f"class (default {EXPOSED}), or set enabled = false to turn NSFW filtering off"
+            )
         unknown = sorted(set(v) - set(LABELS))
         if unknown:
             raise ValueError(f"unknown NudeNet classes {unknown}; known: {LABELS}")
         return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_fits_the_model(cls, v: int) -> int:
+        # the YOLO detector downsamples by 32 and concatenates feature maps: another side
+        # validates here but fails in onnxruntime on the first batch, mid-run
+        if v % 32:
+            raise ValueError(
+                f"[filters.safety] resolution = {v}: NudeNet's detector needs a multiple of 32 "
+                f"(default 320; e.g. {max(32, v // 32 * 32)} or {v // 32 * 32 + 32})"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _alone_is_the_stricter_rule(self) -> SafetyConfig:
+        # `threshold_alone` drops without a person, so it must ask for at least as much as
+        # `threshold` does with one; below it, `threshold` and `person_min` could never matter
+        if self.threshold_alone < self.threshold:
+            raise ValueError(
+                f"[filters.safety] threshold_alone = {self.threshold_alone} is below threshold "
+                f"= {self.threshold}: then threshold and person_min never matter (any score >= "
+                "threshold_alone drops, person or not). Set threshold_alone >= threshold; "
+                "threshold_alone = threshold gives the plain single-threshold rule"
+            )
+        return self
 
     @model_validator(mode="after")
     def _blur_needs_the_filter(self) -> SafetyConfig:
@@ -148,6 +183,35 @@ def default_model_path() -> Path:
     import nudenet
 
     return Path(nudenet.__file__).resolve().parent / "320n.onnx"
+
+
+_BAND_ROWS = 256
+"""Rows of a Pillow image copied at a time into the detector's input (`NudeNetScorer.blob`)."""
+
+DETECTOR_COPY_BYTES_PER_PIXEL = 3
+"""Transient memory of `NudeNetScorer.blob` per image pixel: one uint8 RGB copy, padded."""
+
+DETECTOR_BYTES_PER_INPUT_PIXEL = 100
+"""onnxruntime's working memory per pixel of a detector run (batch x resolution^2), measured
+96 B: 70 MB for a chunk of 8 at 320, 3.2 GB for 8 at 2048 (`SafetyFilter.resources`)."""
+
+
+def _row_bands(rgb: np.ndarray | Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, pixels) of an image, `_BAND_ROWS` rows at a time: a band copied at most."""
+    if isinstance(rgb, np.ndarray):
+        for y0 in range(0, rgb.shape[0], _BAND_ROWS):
+            yield y0, rgb[y0 : y0 + _BAND_ROWS]
+    else:
+        for y0 in range(0, rgb.height, _BAND_ROWS):
+            yield y0, np.asarray(rgb.crop((0, y0, rgb.width, min(rgb.height, y0 + _BAND_ROWS))))
+
+
+class Blob(NamedTuple):
+    """One image as the detector takes it ([3, r, r] float32, 1.2 MB at 320) and the scale
+    back to its pixels: what a batch keeps of each image instead of its full-size decode."""
+
+    tensor: np.ndarray
+    scale: float
 
 
 class NudeNetScorer:
@@ -178,21 +242,38 @@ class NudeNetScorer:
         )
         self._input = self._session.get_inputs()[0].name
 
-    def _blob(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
-        h, w = rgb.shape[:2]
-        side = max(h, w)
-        square = np.zeros((side, side, 3), np.uint8)
-        square[:h, :w] = rgb[:, :, ::-1]  # BGR, as NudeDetector feeds it (see module doc)
-        r = self.resolution
-        small = cv2.resize(square, (r, r), interpolation=cv2.INTER_LINEAR)
-        return small.transpose(2, 0, 1).astype(np.float32) / 255.0, side / r
+    def blob(self, rgb: np.ndarray | Image.Image) -> Blob:
+        """The detector's input of an RGB image (array or Pillow image): NudeDetector's
+        zero-pad to a square at the bottom/right, INTER_LINEAR resize to `resolution`, BGR.
 
-    def raw(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
-        """Per image: (anchors [N, 4 + classes] in model coordinates, scale to pixels)."""
+        Bit-identical to resizing the padded square, without allocating it (a panorama's
+        square is many times its size): the image, with a zero margin wider than one source
+        step where the square is padded, is resized at the square's scale (`fx`), so cv2
+        samples the same pixels or zeros; the rest of the square is zero. The channel swap
+        commutes with the resize. Memory: one copy of the image (3 B/px), filled in bands."""
+        w, h = rgb.size if isinstance(rgb, Image.Image) else (rgb.shape[1], rgb.shape[0])
+        side, r = max(h, w), self.resolution
+        margin = math.ceil(side / r) + 2
+        ph, pw = (h + (margin if h < side else 0), w + (margin if w < side else 0))
+        padded = np.zeros((ph, pw, 3), np.uint8)
+        for y0, band in _row_bands(rgb):
+            padded[y0 : y0 + len(band), :w] = band
+        small = cv2.resize(padded, (0, 0), fx=r / side, fy=r / side, interpolation=cv2.INTER_LINEAR)
+        del padded
+        square = np.zeros((r, r, 3), np.uint8)
+        sh, sw = min(r, small.shape[0]), min(r, small.shape[1])
+        square[:sh, :sw] = small[:sh, :sw, ::-1]  # BGR, as NudeDetector feeds it (module doc)
+        return Blob(square.transpose(2, 0, 1).astype(np.float32) / 255.0, side / r)
+
+    def raw(
+        self, images: Sequence[np.ndarray | Image.Image | Blob]
+    ) -> list[tuple[np.ndarray, float]]:
+        """Per image (or its `blob`, made beforehand): (anchors [N, 4 + classes] in model
+        coordinates, scale to pixels)."""
         self.setup()
-        blobs = [self._blob(im) for im in images]
-        out = self._session.run(None, {self._input: np.stack([b for b, _ in blobs])})[0]
-        return [(out[i].T, blobs[i][1]) for i in range(len(images))]
+        blobs = [im if isinstance(im, Blob) else self.blob(im) for im in images]
+        out = self._session.run(None, {self._input: np.stack([b.tensor for b in blobs])})[0]
+        return [(out[i].T, blobs[i].scale) for i in range(len(blobs))]
 
     @staticmethod
     def class_max(anchors: np.ndarray) -> dict[str, float]:
@@ -337,7 +418,8 @@ def safe_reencode(
 
     Boxes are in the upright frame (the filters decode with EXIF orientation applied). Alpha
     is kept, but colour under fully transparent pixels, which the detector saw as white, is
-    made white; a CMYK or grey colour profile no longer fits the RGB pixels and is dropped.
+    made white, before blurring so that it cannot bleed into visible pixels; a CMYK or grey
+    colour profile no longer fits the RGB pixels and is dropped.
     16-bit greys are scaled as the filters judged them (`to_rgb`), opaque.
 
     Memory: one full-size copy at most (`REENCODE_BYTES_PER_PIXEL`). An opaque image reuses
@@ -376,10 +458,13 @@ def safe_reencode(
         out = decode_rgb(data)
         if boxes:
             out = out.copy()
+    if out.mode == "RGBA":
+        # white under full transparency (what the detector saw) before blurring: blurred
+        # first, the hidden never-judged colour would bleed into the visible box pixels
+        _whiten_transparent(out)
     n = blur_image(out, boxes)
-    if out.mode == "RGBA":  # the detector saw white under full transparency
-        mask = out.getchannel("A").point(lambda a: 255 if a == 0 else 0)
-        out.paste((255, 255, 255, 0), mask=mask)
+    if n and out.mode == "RGBA":  # the blur spread visible colour under transparent pixels
+        _whiten_transparent(out)
     # encoders read comments, XMP and profiles from `info` too: only `meta` may ship
     if out.info:  # not the shared decode, whose info is empty
         bare(out)
@@ -398,6 +483,12 @@ def safe_reencode(
         buf = io.BytesIO()
         out.save(buf, "PNG", **meta)
     return buf.getvalue(), Image.MIME.get(fmt, "image/png"), n
+
+
+def _whiten_transparent(im: Image.Image) -> None:
+    """RGB under fully transparent pixels of an RGBA image made white, in place."""
+    mask = im.getchannel("A").point(lambda a: 255 if a == 0 else 0)
+    im.paste((255, 255, 255, 0), mask=mask)
 
 
 def _whiten_palette(im: Image.Image) -> None:
@@ -446,13 +537,19 @@ class SafetyFilter(Filter):
 
     @property
     def resources(self) -> Resources:
-        # the detector and its input (0.5 GB, as ever), plus with blur_faces one re-encode at
-        # the pixel cap: then every downloaded original is re-encoded. Without it only
-        # multi-frame originals are (keep_original), and declaring the worst case for every
-        # task would cut a node's parallel filter tasks by a third for a rare file
-        reencode = self.cfg.max_pixels * REENCODE_BYTES_PER_PIXEL / 2**30
-        memory = 0.5 + (reencode if self.cfg.blur_faces else 0.0)
-        return Resources(cpus=float(max(1, self.cfg.threads)), memory_gb=memory)
+        # the detector: its session, one chunk's run (grows with batch_size x resolution^2)
+        # and one image's padded copy for its input, at the decode cap (images are detected
+        # one at a time; the decode is the shared cache's). 0.5 GB at least, as ever: 0.4 GB
+        # at the defaults. Plus with blur_faces one re-encode at the pixel cap: then every
+        # downloaded original is re-encoded. Without it only multi-frame originals are
+        # (keep_original), and declaring the worst case for every task would cut a node's
+        # parallel filter tasks by a third for a rare file
+        c = self.cfg
+        run = c.batch_size * c.resolution**2 * DETECTOR_BYTES_PER_INPUT_PIXEL
+        detector = 0.1 + (run + MAX_PIXELS * DETECTOR_COPY_BYTES_PER_PIXEL) / 2**30
+        reencode = c.max_pixels * REENCODE_BYTES_PER_PIXEL / 2**30
+        memory = max(0.5, detector) + (reencode if c.blur_faces else 0.0)
+        return Resources(cpus=float(max(1, c.threads)), memory_gb=memory)
 
     def setup(self) -> None:
         if self.cfg.enabled and self._scorer is None:
@@ -476,45 +573,54 @@ class SafetyFilter(Filter):
         return self.decide_batch([sample])[0]
 
     def decide_batch(self, samples: list[Sample]) -> list[Decision]:
+        """Chunk by chunk (`batch_size` decodable samples), keeping only each image's small
+        detector input: a full-size decode lives for one image at a time, so memory does not
+        grow with the stage batch (64) beyond the decode cache's budget and `resources`."""
         if not self.cfg.enabled:
             return [self.keep() for _ in samples]
         self.setup()
+        out: dict[int, Decision] = {}
+        pending: list[tuple[int, Blob]] = []
+        for i, s in enumerate(samples):
+            try:
+                blob = self._blob_of(s)
+            except DecodeError:
+                out[i] = self.reject("decode_error")
+                continue
+            pending.append((i, blob))
+            if len(pending) == self.cfg.batch_size:
+                self._judge(samples, pending, out)
+                pending = []
+        if pending:
+            self._judge(samples, pending, out)
+        return [out[i] for i in range(len(samples))]
+
+    def _blob_of(self, sample: Sample) -> Blob:
+        """The detector's input; the decode is the shared cache's (bounded), not kept here."""
+        assert self._scorer is not None
+        return self._scorer.blob(decode_rgb(sample.image))
+
+    def _judge(
+        self, samples: list[Sample], chunk: list[tuple[int, Blob]], out: dict[int, Decision]
+    ) -> None:
+        """Detect on one chunk's blobs, then decide and store each sample in turn."""
         scorer = self._scorer
         assert scorer is not None
-        arrays: list[np.ndarray | None] = []
-        for s in samples:
-            try:
-                arrays.append(np.asarray(decode_rgb(s.image)))
-            except DecodeError:
-                arrays.append(None)
-        ok = [i for i, a in enumerate(arrays) if a is not None]
-        raw: dict[int, tuple[np.ndarray, float]] = {}
-        for start in range(0, len(ok), self.cfg.batch_size):
-            idx = ok[start : start + self.cfg.batch_size]
-            for i, r in zip(idx, scorer.raw([arrays[i] for i in idx]), strict=True):  # type: ignore[misc]
-                raw[i] = r
-        out: list[Decision] = []
-        for i, s in enumerate(samples):
-            arr = arrays[i]
-            if arr is None:
-                out.append(self.reject("decode_error"))
-                continue
-            anchors, scale = raw[i]
+        raw = scorer.raw([b for _, b in chunk])
+        for (i, _), (anchors, scale) in zip(chunk, raw, strict=True):
             class_max = scorer.class_max(anchors)
             nsfw = self.nsfw_score(class_max)
             person = max(class_max.get(f, 0.0) for f in FACES)
             scores = {"nsfw": nsfw, "person": person}
             if self.is_nsfw(nsfw, person):
-                out.append(self.reject("nsfw", **scores))
+                out[i] = self.reject("nsfw", **scores)
                 continue
-            reason = self._store_judged(s, arr, anchors, scale, scores)
-            out.append(self.reject(reason, **scores) if reason else self.keep(**scores))
-        return out
+            reason = self._store_judged(samples[i], anchors, scale, scores)
+            out[i] = self.reject(reason, **scores) if reason else self.keep(**scores)
 
     def _store_judged(
         self,
         sample: Sample,
-        arr: np.ndarray,
         anchors: np.ndarray,
         scale: float,
         scores: dict[str, float],
@@ -534,7 +640,10 @@ class SafetyFilter(Filter):
         faces: list[tuple[int, int, int, int, float]] = []
         if self.cfg.blur_faces:
             if self.cfg.face_detector == "haar":
-                faces = haar_faces(arr)
+                try:  # the full-size pixels again, one sample at a time (likely still cached)
+                    faces = haar_faces(np.asarray(decode_rgb(sample.image)))
+                except DecodeError:
+                    return "decode_error"
             else:
                 faces = NudeNetScorer.boxes(anchors, scale, FACES, self.cfg.face_min_score)
         if not faces and frames == 1 and not _as_downloaded(sample):

@@ -109,7 +109,7 @@ def test_a_stricter_nsfw_rule_withdraws_released_samples(tmp_path: Path) -> None
     pages = ["/pages/land.jpg.html"]
     try:
         g1 = rebuild(_cfg(tmp_path, base, pages), RC, EX)
-        g2 = rebuild(_cfg(tmp_path, base, pages, threshold_alone=0.0), RC, EX)
+        g2 = rebuild(_cfg(tmp_path, base, pages, threshold=0.0, threshold_alone=0.0), RC, EX)
     finally:
         server.shutdown()
         server.server_close()
