@@ -17,7 +17,6 @@ Work directory layout::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -352,7 +351,7 @@ class Pipeline:
 
     def shard(self) -> StepResult:
         from ccurate.shards.catalog import Catalog
-        from ccurate.shards.release import write_release
+        from ccurate.shards.release import inputs_digest, write_release
 
         t0 = time.perf_counter()
         inputs = self.finished_inputs("shard")
@@ -366,9 +365,9 @@ class Pipeline:
                 reasons or "none read",
             )
             return self._record(StepResult("shard", StageStats("shard"), 0.0))
-        self._check_named_release()
         dropped = self.dropped_outputs()
-        run_info = {**self.run_info(), "inputs_digest": _inputs_digest(inputs, dropped)}
+        run_info = {**self.run_info(), "inputs_digest": inputs_digest(inputs, dropped)}
+        self._check_named_release(run_info["inputs_digest"])
         release = write_release(
             inputs,
             dropped,
@@ -399,26 +398,34 @@ class Pipeline:
             StepResult("shard", stats, time.perf_counter() - t0, {"release": str(release)})
         )
 
-    def _check_named_release(self) -> None:
+    def _check_named_release(self, inputs_digest: str) -> None:
         """A complete release is immutable and a rerun returns it untouched: refuse when the
-        named one was built with other settings than this run's, rather than hand it back."""
+        named one was built with other settings or from other inputs than this run's (a
+        retry's new samples, a takedown's removed ones), rather than hand it back."""
         name = self.cfg.run.release_name
         info = Path(self.cfg.run.release_dir) / name / "release.json" if name else None
         if info is None or not info.exists():
             return
-        built = json.loads(info.read_text()).get("run_info", {}).get("config", {})
-        built = portable(built, self.cfg.base_dir)  # a release from before portable_dump
+        built_info = json.loads(info.read_text()).get("run_info", {})
+        built = portable(built_info.get("config", {}), self.cfg.base_dir)  # pre-portable_dump
         now = portable_dump(self.cfg)
         keys = [*SECTION.values(), "shards"]
         changed = _changed_keys(
             {k: _without_perf_keys(built.get(k)) for k in keys},
             {k: _without_perf_keys(now.get(k)) for k in keys},
         )
-        if changed:
+        reasons = [f"with other settings ({', '.join(changed)})"] if changed else []
+        was = built_info.get("inputs_digest")
+        if was is not None and was != inputs_digest:  # a release from before it recorded one
+            reasons.append(
+                "from other inputs (samples were added, removed or changed since: a retry, "
+                "a takedown or opt-out, a licence fix, a caption rerun)"
+            )
+        if reasons:
             raise PipelineError(
-                f"release '{name}' exists and was built with other settings "
-                f"({', '.join(changed)}); releases are immutable: set another "
-                "run.release_name, or leave it empty for the next version"
+                f"release '{name}' exists and was built {' and '.join(reasons)}; releases are "
+                "immutable: set another run.release_name (or leave it empty for the next "
+                "version), or remove the old release if it was never shared"
             )
 
     def _same_latest_release(self, run_info: dict[str, Any]) -> str | None:
@@ -649,21 +656,6 @@ def _restate_ingest_marker(prefix: Path, dropped: pa.Table) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(restated, indent=1, sort_keys=True))
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _inputs_digest(inputs: list[str], dropped: list[str]) -> str:
-    """SHA-256 over what a release is built from: each kept shard's parquet index (it holds
-    every record's hashes) and tar size, and each side output of dropped samples."""
-    h = hashlib.sha256()
-    for path in [*(f"{p}.parquet" for p in inputs), *dropped]:
-        h.update(f"{Path(path).name}\0".encode())
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    for p in inputs:
-        tar = Path(f"{p}.tar")
-        h.update(f"{tar.name}:{tar.stat().st_size if tar.exists() else -1}\0".encode())
-    return h.hexdigest()
 
 
 def _without_perf_keys(value: Any) -> Any:

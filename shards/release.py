@@ -17,10 +17,14 @@ Publishing is atomic: everything is built in `out_root/.tmp-<name>-<pid>` and
 renamed to `out_root/<name>` only when complete, so the final name never holds
 a half release. A lock file (`out_root/.release.lock`, flock) makes one writer
 per out_root; the kernel drops it when a writer dies, so the next writer knows any
-`.tmp-<name>-*` left behind is stale and removes it (those of other names too: a
+build folder left behind is stale and removes it (those of other names too: a
 scheduled rebuild names each generation anew), then builds. Output bytes
 depend only on the inputs, the config, the name and run_info (no timestamps in
 tar members, no timings in files), so a rerun gives the same SHA256SUMS.
+
+A published release is immutable: `_SUCCESS` records the digest of the inputs it was
+built from, and asking for an existing name with other inputs or settings is an error
+(with the same ones it is a no-op that returns the release).
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -73,6 +78,13 @@ LOCK = ".release.lock"
 PAUSE_ENV = "CCURATE_SHARDS_PAUSE_AFTER_SHARD"
 _BLOCK = 512
 _MANIFEST_BATCH = 10_000  # manifest rows buffered per parquet write (memory bound)
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # an object's memory address in an error
+# excluded rows held as Python dicts before they become a compact Arrow batch
+_EXCLUDED_CHUNK = 1024
+# characters of credit lines buffered (all licences together) before they are appended
+_CREDIT_BUFFER = 4 << 20
+# in a build folder from `mkdir` until just before the rename: marks it as a release build
+BUILD_MARKER = ".ccurate-release-build"
 
 
 def is_release(path: str | Path) -> bool:
@@ -277,17 +289,93 @@ def _release_date(run_info: dict[str, Any]) -> str:
 
 
 def _stale_builds(out_root: Path, name: str) -> list[Path]:
-    """Temporary folders that killed writers left, whatever release they were building (a
-    scheduled rebuild names each generation anew, so a same-name rerun never comes): the
-    caller holds the writer lock, so no live writer owns one. Another tool's `.tmp-*`
-    (an MDS export) is left alone: a build's folder holds `.work` or is still empty."""
+    """Build folders that killed writers left, whatever release they were building (a
+    scheduled rebuild names each generation anew, so a same-name rerun never comes).
+
+    Every writer holds the flock from before it makes its folder until after the rename,
+    and the caller holds it now: no live writer owns any of them. A build's folder holds
+    `BUILD_MARKER` (from `mkdir` until just before the rename, so a kill while the whole
+    release is hashed and fsynced is covered), `.work` (a writer of an older version), is
+    empty, or holds the `_SUCCESS` of the release its name says (a kill between removing
+    the marker and the rename). Another tool's `.tmp-*` (an MDS export) is left alone."""
     out = []
     for p in out_root.glob(".tmp-*"):
         if not p.is_dir() or p.is_symlink():
             continue
-        if p.name.startswith(f".tmp-{name}-") or (p / ".work").is_dir() or not any(p.iterdir()):
+        if (
+            p.name.startswith(f".tmp-{name}-")
+            or (p / BUILD_MARKER).is_file()
+            or (p / ".work").is_dir()
+            or not any(p.iterdir())
+            or _success_name(p) == p.name[len(".tmp-") :].rpartition("-")[0]
+        ):
             out.append(p)
     return out
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when it is missing or holds something else."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _success_name(folder: Path) -> str | None:
+    """The release name in `folder/_SUCCESS`, None without a readable one."""
+    name = _json_object(folder / SUCCESS).get("release")
+    return name if isinstance(name, str) else None
+
+
+def inputs_digest(inputs: list[str], dropped: list[str]) -> str:
+    """SHA-256 over what a release is built from: each kept shard's parquet index (it holds
+    every record's hashes) and tar size, and each side output of dropped samples (the card
+    counts them). Names, not paths, take part: the same inputs elsewhere give the same
+    digest. The pipeline records it in release.json's run_info."""
+    h = hashlib.sha256()
+    for prefix in inputs:
+        if not is_done(prefix):
+            raise ValueError(f"input shard {prefix} is unfinished (no .done marker)")
+    drops = [p if str(p).endswith(".parquet") else f"{p}.dropped.parquet" for p in dropped]
+    for path in [*(f"{p}.parquet" for p in inputs), *drops]:
+        h.update(f"{Path(path).name}\0".encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    for p in inputs:
+        tar = Path(f"{p}.tar")
+        h.update(f"{tar.name}:{tar.stat().st_size if tar.exists() else -1}\0".encode())
+    return h.hexdigest()
+
+
+def _check_unchanged(final: Path, digest: str, cfg: ShardsConfig) -> None:
+    """FileExistsError unless the complete release `final` was built from inputs with this
+    digest and with these settings: handing it back would report as published what is not
+    (a retry's new samples) and keep published what must go (a takedown's). A release that
+    recorded no digest (an older version) is checked on its settings only."""
+    reasons = []
+    recorded = _json_object(final / SUCCESS).get("inputs_digest")
+    if recorded is not None and recorded != digest:
+        reasons.append(
+            f"other inputs (digest {str(recorded)[:12]}, now {digest[:12]}: samples were "
+            "added, removed or changed since, e.g. by a retry, a takedown or opt-out, a "
+            "licence fix or a caption rerun)"
+        )
+    built = _json_object(final / "release.json").get("config")
+    if isinstance(built, dict):
+        now = json.loads(json.dumps(cfg.model_dump(), default=str))
+        defaults = json.loads(json.dumps(type(cfg)().model_dump(), default=str))
+        # a setting the older writer did not have was at its default
+        changed = sorted(k for k in now if built.get(k, defaults.get(k)) != now[k])
+        if changed:
+            reasons.append(f"other [shards] settings ({', '.join(changed)})")
+    if reasons:
+        raise FileExistsError(
+            f"release {final.name!r} exists in {final.parent} and was built from "
+            f"{' and '.join(reasons)}; a published release is immutable: pick a new release "
+            f"name, or remove {final} first if it was never shared"
+        )
 
 
 def write_release(
@@ -305,7 +393,9 @@ def write_release(
     `dropped` the `.dropped.parquet` paths of every stage (drop counts for the
     card), `run_info` the run's settings (filters, thresholds, caption model,
     stage stats, dates) for the card. Returns `out_root/<name>`; an existing
-    complete release of that name is returned untouched. The card's date is
+    complete release of that name is returned untouched when it was built from the
+    same inputs (`inputs_digest`) and settings, else FileExistsError (releases are
+    immutable; run_info is not compared: it describes the run). The card's date is
     `run_info["release_date" | "date" | "finished_at"]`, else SOURCE_DATE_EPOCH,
     else today (UTC): pass one for byte-identical rebuilds on another day.
     """
@@ -315,9 +405,11 @@ def write_release(
         name = name or next_version(out_root)
         if "/" in name or name.startswith("."):
             raise ValueError(f"bad release name {name!r}")
+        digest = inputs_digest(inputs, dropped)
         final = out_root / name
         if final.exists():
             if is_release(final):
+                _check_unchanged(final, digest, cfg)
                 return final
             raise FileExistsError(f"{final} exists but is not a complete release (no {SUCCESS})")
         for stale in _stale_builds(out_root, name):
@@ -325,7 +417,10 @@ def write_release(
         tmp = out_root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
         try:
-            _build(tmp, inputs, dropped, cfg, name, stable_run_info(run_info or {}))
+            (tmp / BUILD_MARKER).touch()
+            _build(tmp, inputs, dropped, cfg, name, stable_run_info(run_info or {}), digest)
+            (tmp / BUILD_MARKER).unlink()
+            fsync_path(tmp)  # the marker must not come back inside the published release
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 leaves it: the next run removes it
             raise
@@ -371,6 +466,147 @@ class _Tally:
         self.image_bytes = 0
 
 
+_HEX_KEY = re.compile(r"[0-9a-f]{16}")
+_HEX_KEYS = re.compile(r"[0-9a-f]*")
+
+
+class _SeenKeys:
+    """The sample keys met so far, exact, in about 8 B a key (16 B while two runs merge): a
+    Python set of str costs ~100 B a key, ~10 GiB for a 100M-sample crawl.
+
+    A pipeline key (16 lower-case hex digits, `make_key`) is stored as the uint64 it spells
+    (one key, one number: exact, no hash) in sorted numpy runs merged like a binary
+    counter (O(log n) runs, each key copied O(log n) times). Other keys (inputs not made by
+    the pipeline; an upper-case hex key is another key) are kept as strings.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []  # sorted, disjoint; each over twice the next
+        self._other: set[str] = set()
+
+    def first_seen(self, keys: list[str]) -> list[bool]:
+        """For each key, in order: True where it was met neither earlier in `keys` nor in
+        an earlier call (what `if key not in seen: seen.add(key)` gives one by one)."""
+        new = [False] * len(keys)
+        joined = "".join(keys)
+        # all pipeline keys (each of 16: "a"*15 + "a"*17 would read as two such keys)
+        if all(len(k) == 16 for k in keys) and _HEX_KEYS.fullmatch(joined):
+            where: Sequence[int] = range(len(keys))
+            values = np.frombuffer(bytes.fromhex(joined), dtype=">u8").astype(np.uint64)
+        else:
+            where, parsed = [], []
+            for i, k in enumerate(keys):
+                if _HEX_KEY.fullmatch(k):
+                    where.append(i)
+                    parsed.append(int(k, 16))
+                elif k not in self._other:
+                    self._other.add(k)
+                    new[i] = True
+            values = np.array(parsed, dtype=np.uint64)
+        if len(values):
+            # first occurrence of each value in this batch, then those met in no earlier one
+            uniq, first = np.unique(values, return_index=True)
+            fresh = ~self._contains(uniq)
+            for j in first[fresh]:
+                new[where[j]] = True
+            if fresh.any():
+                self._add(uniq[fresh])
+        return new
+
+    def _contains(self, values: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(values), dtype=bool)
+        for run in self._runs:
+            i = np.minimum(np.searchsorted(run, values), len(run) - 1)
+            found |= run[i] == values
+        return found
+
+    def _add(self, run: np.ndarray) -> None:
+        self._runs.append(run)
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            b = self._runs.pop()
+            a = self._runs.pop()
+            merged = np.concatenate([a, b])
+            del a, b
+            merged.sort(kind="stable")  # two sorted runs: timsort merges them in O(n)
+            self._runs.append(merged)
+
+
+class _ExcludedRows:
+    """excluded.parquet written as the build goes, in row groups of `_MANIFEST_BATCH` rows:
+    a dict per excluded sample kept to the end cost ~400 B a sample. Rows wait as Python
+    dicts only `_EXCLUDED_CHUNK` at a time, then as compact Arrow batches. A small file's
+    bytes are those of one `pq.write_table` of all rows (one row group, no rows: one too)."""
+
+    def __init__(self, path: Path) -> None:
+        self._writer = pq.ParquetWriter(path, EXCLUDED_SCHEMA, compression="zstd")
+        self._rows: list[dict[str, Any]] = []
+        self._batches: list[pa.RecordBatch] = []
+        self._pending = 0
+        self._groups = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= _EXCLUDED_CHUNK:
+            self._to_arrow()
+            if self._pending >= _MANIFEST_BATCH:
+                self._write()
+
+    def _to_arrow(self) -> None:
+        if self._rows:
+            self._batches.append(pa.RecordBatch.from_pylist(self._rows, schema=EXCLUDED_SCHEMA))
+            self._pending += len(self._rows)
+            self._rows = []
+
+    def _write(self) -> None:
+        table = pa.Table.from_batches(self._batches, schema=EXCLUDED_SCHEMA).combine_chunks()
+        self._writer.write_table(table)
+        self._batches = []
+        self._pending = 0
+        self._groups += 1
+
+    def close(self) -> None:
+        """Write what is left and the footer."""
+        self._to_arrow()
+        if self._pending or not self._groups:
+            self._write()
+        self._writer.close()
+
+    def abandon(self) -> None:
+        """Close the file as it is (the build failed; its folder goes)."""
+        if self._writer.is_open:
+            self._writer.close()
+
+
+class _CreditSpool:
+    """ATTRIBUTION's entries per licence, spooled to one file each under `folder`, in order.
+
+    Lines are buffered (`_CREDIT_BUFFER` characters for all licences together) and
+    appended with one file open at a time: a file held open per licence id took a
+    descriptor each, and the licence filter emits over 2,000 ids, past the usual
+    1,024 limit (EMFILE near the end of a big build)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.paths: dict[str, Path] = {}
+        self._buf: dict[str, list[str]] = {}
+        self._size = 0
+
+    def add(self, lid: str, line: str) -> None:
+        if lid not in self.paths:
+            self.paths[lid] = self.folder / f"{len(self.paths):05d}.txt"
+        self._buf.setdefault(lid, []).append(line)
+        self._size += len(line)
+        if self._size >= _CREDIT_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        for lid, lines in self._buf.items():
+            with open(self.paths[lid], "a", encoding="utf-8") as fh:
+                fh.writelines(lines)
+        self._buf = {}
+        self._size = 0
+
+
 def _build(
     tmp: Path,
     inputs: list[str],
@@ -378,6 +614,7 @@ def _build(
     cfg: ShardsConfig,
     name: str,
     run_info: dict[str, Any],
+    digest: str,
 ) -> None:
     score_names, extra_names = _scan_inputs(inputs)
     input_names = input_labels(inputs)
@@ -385,9 +622,9 @@ def _build(
     (work / "attribution").mkdir(parents=True)
     sinks: dict[tuple[str, str], _ShardSink] = {}
     tally = _Tally()
-    seen: set[str] = set()
-    excluded_rows: list[dict[str, Any]] = []
-    attrib_files: dict[str, Any] = {}
+    seen = _SeenKeys()
+    excluded = _ExcludedRows(tmp / "excluded.parquet")
+    credits = _CreditSpool(work / "attribution")
     extra_cols = manifest_extras(
         [pq.read_schema(f"{p}.parquet") for p in inputs] if extra_names else [], extra_names
     )
@@ -399,19 +636,19 @@ def _build(
 
     def exclude(s: Sample, reason: str, detail: str = "") -> None:
         tally.excluded[reason] += 1
-        excluded_rows.append(
+        excluded.add(
             {"key": s.key, "url": s.url, "license": s.license, "reason": reason, "detail": detail}
         )
 
     try:
         for prefix in inputs:
             for batch in iter_samples(prefix):
-                for s in batch:
+                fresh = seen.first_seen([s.key for s in batch])
+                for s, is_new in zip(batch, fresh, strict=True):
                     tally.seen += 1
-                    if s.key in seen:  # detail: the input, not where the builder's work lay
+                    if not is_new:  # detail: the input, not where the builder's work lay
                         exclude(s, "duplicate_key", input_names[prefix])
                         continue
-                    seen.add(s.key)
                     family = release_split(s.license) if s.license else None
                     if family is None:
                         tally.not_releasable_license[s.license or "none"] += 1
@@ -435,7 +672,10 @@ def _build(
                             else decoded or _image_size(s.image)
                         )
                     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                        exclude(s, "image_error", f"{type(e).__name__}: {e}"[:300])
+                        # Pillow names the buffer by its address ('<_io.BytesIO object at
+                        # 0x7f..>'): without it, excluded.parquet is the same bytes every run
+                        why = _ADDRESS.sub("", f"{type(e).__name__}: {e}")
+                        exclude(s, "image_error", why[:300])
                         continue
                     text, text_source = choose_text(cfg.caption_source, s.caption, s.alt_text)
                     rec = build_record(
@@ -473,14 +713,7 @@ def _build(
                         )
                         manifest_buf = []
                     lid = rec["license"]
-                    fh = attrib_files.get(lid)
-                    if fh is None:
-                        fh = attrib_files[lid] = open(  # noqa: SIM115 - closed below
-                            work / "attribution" / f"{len(attrib_files):05d}.txt",
-                            "w",
-                            encoding="utf-8",
-                        )
-                    fh.write(f"- {one_line(rec['key'])}: {rec['attribution']}\n")
+                    credits.add(lid, f"- {one_line(rec['key'])}: {rec['attribution']}\n")
                     tally.published_keys += 1
                     tally.per_license[lid] += 1
                     tally.per_family[family] += 1
@@ -502,17 +735,13 @@ def _build(
             sink.close()
         if manifest_buf:
             manifest_writer.write_table(pa.Table.from_pylist(manifest_buf, schema=manifest_schema))
+        excluded.close()
+        credits.flush()
     finally:
         manifest_writer.close()
-        for fh in attrib_files.values():
-            fh.close()
+        excluded.abandon()
 
-    pq.write_table(
-        pa.Table.from_pylist(excluded_rows, schema=EXCLUDED_SCHEMA),
-        tmp / "excluded.parquet",
-        compression="zstd",
-    )
-    _write_attribution(tmp / "ATTRIBUTION", name, attrib_files, work / "attribution", tally)
+    _write_attribution(tmp / "ATTRIBUTION", name, credits.paths, tally)
     shutil.rmtree(work)
 
     shard_stats = [st for sink in sinks.values() for st in sink.closed]
@@ -527,6 +756,7 @@ def _build(
     sums = _sha256sums(tmp)
     (tmp / SUMS).write_text(sums)
     success = {
+        "inputs_digest": digest,
         "release": name,
         "samples": tally.published_keys,
         "sha256sums": hashlib.sha256(sums.encode()).hexdigest(),
@@ -539,9 +769,7 @@ def _build(
         fsync_path(d)
 
 
-def _write_attribution(
-    path: Path, name: str, files: dict[str, Any], folder: Path, tally: _Tally
-) -> None:
+def _write_attribution(path: Path, name: str, files: dict[str, Path], tally: _Tally) -> None:
     """Credits grouped by licence (sorted by licence id), entries in publication order."""
     with open(path, "w", encoding="utf-8") as out:  # authors' names: not the locale's charset
         out.write(f"ATTRIBUTION — release {name}\n\n")
@@ -558,7 +786,7 @@ def _write_attribution(
             n = tally.per_license[lid]
             out.write(f"Licence id: {one_line(lid)}; deed: {link or 'see each entry'}; ")
             out.write(f"{n} {'work' if n == 1 else 'works'}\n\n")
-            with open(files[lid].name, encoding="utf-8") as fh:
+            with open(files[lid], encoding="utf-8") as fh:
                 shutil.copyfileobj(fh, out)
 
 
@@ -638,7 +866,7 @@ def _sha256sums(root: Path) -> str:
     lines = []
     for p in sorted(root.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
         rel = p.relative_to(root).as_posix()
-        if not p.is_file() or rel in (SUMS, SUCCESS):
+        if not p.is_file() or rel in (SUMS, SUCCESS, BUILD_MARKER):
             continue
         lines.append(f"{_file_sha256(p)}  {rel}\n")
     return "".join(lines)

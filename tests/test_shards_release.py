@@ -185,7 +185,10 @@ def test_idempotent_and_versions(inputs, tmp_path: Path) -> None:
     v1 = write_release(inputs[0], inputs[1], tmp_path, cfg, run_info=RUN_INFO)
     assert v1.name == "v1" and next_version(tmp_path) == "v2"
     before = (v1 / "SHA256SUMS").stat().st_mtime_ns
-    assert write_release(inputs[0][:1], [], tmp_path, cfg, name="v1") == v1
+    assert write_release(inputs[0], inputs[1], tmp_path, cfg, name="v1") == v1  # same inputs
+    assert (v1 / "SHA256SUMS").stat().st_mtime_ns == before
+    with pytest.raises(FileExistsError, match=r"'v1' exists .* other inputs"):
+        write_release(inputs[0][:1], [], tmp_path, cfg, name="v1")  # a release is immutable
     assert (v1 / "SHA256SUMS").stat().st_mtime_ns == before
     assert write_release(inputs[0], inputs[1], tmp_path, cfg).name == "v2"
     (tmp_path / "v9").mkdir()  # not a release: never taken as one
