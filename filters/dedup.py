@@ -371,9 +371,11 @@ def _load_rows(inputs: list[str], cfg: DedupConfig) -> _Rows:
         shard.append(np.full(n, si, np.int64))
         row.append(np.arange(n, dtype=np.int64))
         lic.append(_license_ranks(t.column("license")))
-        w = np.maximum(_int_col(t, "original_width"), _int_col(t, "width"))
-        h = np.maximum(_int_col(t, "original_height"), _int_col(t, "height"))
-        pixels.append(w * h)
+        # the size as published, where recorded: ingest may upscale small images, and a crop
+        # (a smaller original) is upscaled more, so stored pixels preferred re-posted crops
+        # to the photo they were cut from
+        orig = _int_col(t, "original_width") * _int_col(t, "original_height")
+        pixels.append(np.where(orig > 0, orig, _int_col(t, "width") * _int_col(t, "height")))
         sha.append(sha_parts(t.column("sha256")))
         pix.append(sha_parts(t.column("pixel_sha256")))
         c_u, c_ok = hex_to_u64(t.column(cfg.hash))

@@ -336,6 +336,29 @@ def test_keep_policy_best_license_and_highest_resolution(tmp_path: Path) -> None
     assert d[mid_by.key]["action"] == "keep"
 
 
+def test_pixels_are_the_published_size_not_the_upscaled_copy(tmp_path: Path) -> None:
+    """Ingest brings small images up to `image_size`; a crop, smaller, is scaled up more and
+    stored a few pixels larger than the photo it was cut from. The keep rule took the larger
+    of stored and original size, so the demo published re-posted crops (credited to the
+    re-poster) and dropped their originals."""
+    a = photo(21, 376, 250)
+    crop = a.crop((4, 3, 372, 247))  # 368 x 244, a 2 % crop
+    up_a = a.resize((385, 256), Image.Resampling.BICUBIC)  # both at a 256-px short side
+    up_crop = crop.resize((386, 256), Image.Resampling.BICUBIC)
+    orig = sample("orig.jpg", encode(up_a, "JPEG"))
+    copy = sample("copy.jpg", encode(up_crop, "JPEG"))
+    orig.original_width, orig.original_height = 376, 250
+    copy.original_width, copy.original_height = 368, 244
+    assert copy.width * copy.height > orig.width * orig.height  # stored: the crop is larger
+    for keep in ("best_license", "highest_resolution"):
+        _, d = plan(tmp_path / keep, [[copy, orig]], keep=keep)
+        assert d[orig.key]["action"] == "keep", keep
+        assert d[copy.key]["duplicate_of"] == orig.key, keep
+    unrecorded = sample("plain.jpg", encode(up_crop, "JPEG"))  # no original size: stored size
+    _, d = plan(tmp_path / "plain", [[orig, unrecorded]], keep="highest_resolution")
+    assert d[unrecorded.key]["action"] == "keep"  # 386 x 256 stored > 376 x 250 published
+
+
 def test_decontamination_and_previous_runs(tmp_path: Path) -> None:
     ev, prev, fresh = photo(30), photo(31), photo(32)
     eval_dir = tmp_path / "evalset"
