@@ -93,13 +93,21 @@ def _main(
     """ccurate: ingest -> filter -> dedup -> caption -> shard -> train."""
 
 
-def _guard(fn: Callable[[], Any]) -> Any:
-    """Turn known failures into clear messages and exit codes instead of tracebacks."""
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
+
+def _guard(fn: Callable[[], Any], interrupted: str = INTERRUPTED) -> Any:
+    """Turn known failures into clear messages and exit codes instead of tracebacks.
+    Ctrl-C prints `interrupted` (what a rerun does) and exits 130: caught here, as typer
+    would end the command with a bare exit 130 and the message in `main` would not show."""
     from ccurate.config import ConfigError
     from ccurate.pipeline import PipelineError
 
     try:
         return fn()
+    except KeyboardInterrupt:
+        console.print(interrupted)
+        raise typer.Exit(130) from None
     except ConfigError as err:  # messages hold paths and [tables]: escaped, not markup
         console.print(f"[red]config error[/red]: {escape(str(err))}")
         raise typer.Exit(EXIT_CONFIG) from None
@@ -295,7 +303,7 @@ def demo(
     train_steps: Annotated[int, typer.Option(min=1, help="tiny-model training steps")] = 20,
 ) -> None:
     """Generate the embedded demo corpus, serve it on loopback, and run every step on it."""
-    from ccurate.demo.run import run_demo
+    from ccurate.demo.run import INTERRUPTED, run_demo
 
     _guard(
         lambda: run_demo(
@@ -304,7 +312,8 @@ def demo(
             caption_model=caption_model,
             train_steps=train_steps,
             console=out,
-        )
+        ),
+        interrupted=INTERRUPTED,
     )
 
 
@@ -328,7 +337,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        console.print("interrupted: rerun the same command to resume")
+        console.print(INTERRUPTED)
         sys.exit(130)
 
 

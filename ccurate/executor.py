@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing.util
 import os
+import signal
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -137,6 +138,9 @@ def _init_worker(
     global _WORKER_STAGE, _WORKER_SETUP_ERROR, _WORKER_NOTES
     if parent is not None:
         _exit_with_parent(parent)
+        # Ctrl-C reaches the whole process group: the driver stops the workers (`_stop_pool`);
+        # a worker acting on it itself would only abandon its shard and take the next one
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_NOTES = notes
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     set_worker_cpus(cpus)
@@ -164,6 +168,31 @@ def _run_in_worker(task: ShardTask) -> StageStats:
         return run_task(_WORKER_STAGE, task)
     finally:
         _WORKER_NOTES.put((os.getpid(), task.src, False))
+
+
+def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 1.0) -> None:
+    """Cancel the shards not started and end the pool's workers at once (SIGTERM, then
+    SIGKILL after `grace_s`), instead of `shutdown(wait=True)` running every queued shard.
+
+    A shard cut off mid-way is never half-published: its files go under temporary names
+    and its completion marker is written last (`ShardWriter.commit`), so a rerun clears and
+    redoes it, and keeps every shard that had finished."""
+    # the pool forgets its processes and manager thread in shutdown(): taken first
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(grace_s)
+    if manager is not None:  # it sees the workers gone, fails the futures left, and ends
+        manager.join(grace_s)
 
 
 class WorkerDied(BrokenProcessPool):
@@ -273,12 +302,18 @@ class LocalExecutor(Executor):
         in_flight: dict[str, int] = {}  # input shard -> the worker on it
         reader = _read_notes(notes, in_flight)
 
-        def stop_reading() -> None:  # every note written before this one is read then
+        stopped = False
+
+        def stop_reading(wait_s: float = 5) -> None:  # every note written before is read then
+            nonlocal stopped
+            if stopped:
+                return
+            stopped = True
             if reader.is_alive():
                 # from a thread: a worker killed inside its own put holds the queue's write
                 # lock for ever, and the driver must not wait on it
                 threading.Thread(target=notes.put, args=(None,), daemon=True).start()
-                reader.join(timeout=5)
+                reader.join(timeout=wait_s)
 
         try:
             with ProcessPoolExecutor(
@@ -287,15 +322,22 @@ class LocalExecutor(Executor):
                 initializer=_init_worker,
                 initargs=(stage, usable_cpus() // workers, os.getpid(), notes),
             ) as pool:
-                futures = [pool.submit(_run_in_worker, t) for t in todo]
-                for fut in as_completed(futures):
-                    try:
-                        stats = fut.result()
-                    except BrokenProcessPool as err:
-                        stop_reading()
-                        left = [t for t in todo if not is_done(t.dst)]
-                        raise WorkerDied(_died_message(stage, dict(in_flight), left)) from err
-                    yield stats
+                try:
+                    futures = [pool.submit(_run_in_worker, t) for t in todo]
+                    for fut in as_completed(futures):
+                        try:
+                            stats = fut.result()
+                        except BrokenProcessPool as err:
+                            stop_reading()
+                            left = [t for t in todo if not is_done(t.dst)]
+                            raise WorkerDied(_died_message(stage, dict(in_flight), left)) from err
+                        yield stats
+                except (KeyboardInterrupt, SystemExit, GeneratorExit):
+                    # Ctrl-C, a signal turned into SystemExit, or the caller giving up on
+                    # the results: stop now, not after every shard already handed out
+                    _stop_pool(pool)
+                    stop_reading(wait_s=0.5)  # the notes are not needed: no long wait
+                    raise
         finally:
             stop_reading()
             notes.close()

@@ -21,6 +21,10 @@ from ccurate.demo.server import serve_directory
 # between runs, or the same corpus would give another SHA256SUMS every time.
 DEMO_PORT = 18765
 
+# Printed on Ctrl-C: unlike a pipeline run, the demo does not resume (it remakes work/ and
+# releases/ every run), so "rerun to resume" would be untrue here.
+INTERRUPTED = "interrupted: `ccurate demo` starts afresh on every run: rerun it to start over"
+
 # What each planted problem may be dropped for; `keep` means it must survive.
 EXPECTED_REASONS: dict[str, set[str]] = {
     "license": {"license_unknown", "license_not_allowed", "license_conflict"},
