@@ -68,9 +68,15 @@ def test_ctrl_c_stops_the_local_workers_at_once_and_a_rerun_finishes(tmp_path: P
         sent.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=ctrl_c, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        LocalExecutor(2, progress=False).map(SlowStage(log, sleep_s=2.0), tasks)
+    # Python's own Ctrl-C handler, as an interactive CLI has it: a test run started in the
+    # background (`cmd &` from a script) inherits SIGINT ignored, and Python keeps it so
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            LocalExecutor(2, progress=False).map(SlowStage(log, sleep_s=2.0), tasks)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     took = time.monotonic() - sent[0]
     assert took < 3.0, f"Ctrl-C took {took:.1f}s: the step ran on"
 
