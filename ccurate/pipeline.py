@@ -375,6 +375,7 @@ class Pipeline:
             self.cfg.shards,
             name=self.cfg.run.release_name or self._same_latest_release(run_info),
             run_info=run_info,
+            digest=run_info["inputs_digest"],
         )
         catalog = Catalog(self.cfg.run.catalog)
         try:

@@ -386,6 +386,7 @@ def write_release(
     *,
     name: str | None = None,
     run_info: dict[str, Any] | None = None,
+    digest: str | None = None,
 ) -> Path:
     """Build a release from the final kept shards and publish it atomically.
 
@@ -398,6 +399,8 @@ def write_release(
     immutable; run_info is not compared: it describes the run). The card's date is
     `run_info["release_date" | "date" | "finished_at"]`, else SOURCE_DATE_EPOCH,
     else today (UTC): pass one for byte-identical rebuilds on another day.
+    `digest` is `inputs_digest(inputs, dropped)` when the caller has it already (it reads
+    every input index: the pipeline records it in run_info first).
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -405,7 +408,7 @@ def write_release(
         name = name or next_version(out_root)
         if "/" in name or name.startswith("."):
             raise ValueError(f"bad release name {name!r}")
-        digest = inputs_digest(inputs, dropped)
+        digest = digest or inputs_digest(inputs, dropped)
         final = out_root / name
         if final.exists():
             if is_release(final):
