@@ -444,19 +444,13 @@ def iter_warc(
                 record = next(records)
             except Exception as exc:  # StopIteration too: FastWARC ends quietly at a cut member
                 raised = None if isinstance(exc, StopIteration) else exc
+                good = since if last is None else last  # the last record read, or the start
                 with open(path, "rb") as scan:  # fh stays FastWARC's until it is reopened
-                    damage = _locate(
-                        scan,
-                        since if last is None else last,
-                        gz,
-                        size,
-                        read=last is not None,
-                        raised=raised,
-                    )
+                    damage = _locate(scan, good, gz, size, read=last is not None, raised=raised)
                     if damage is None:
                         break  # the file ended cleanly
                     at, why = damage
-                    frm = max(at, since if last is None else last) + 1  # never a record again
+                    frm = max(at, good) + 1  # never a record again
                     resume = _resync(scan, frm, gz)
                 lost = (size if resume is None else resume) - at
                 st["archive_bytes_skipped"] += lost
